@@ -1,0 +1,147 @@
+"""The bounded priority queue a scheduler draws its batches from.
+
+One FIFO per priority level (index 0 is the highest) plus one for requests whose timeout passed
+under the DELAY action, which wait behind everything else. Requests that leave early (cancelled,
+expired) are discarded lazily: their slot is freed at once, the entry is skipped when reached.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable
+
+from convoy.types import Request, RequestState
+
+
+def _live(request: Request) -> bool:
+    return request.state is RequestState.QUEUED and not request.future.done()
+
+
+class PriorityQueue:
+    def __init__(self, capacities: list[int]) -> None:
+        """`capacities[i]`: most live requests level i may hold."""
+        self._levels = [deque() for _ in capacities]
+        self._delayed: deque[Request] = deque()
+        self._capacities = capacities
+        self._counts = [0] * len(capacities)
+        self._delayed_count = 0
+        #: Live requests and their rows over all levels.
+        self.size = 0
+        self.rows = 0
+
+    @property
+    def level_count(self) -> int:
+        return len(self._levels)
+
+    def depth(self, level: int) -> int:
+        return self._counts[level]
+
+    def has_room(self, level: int) -> bool:
+        return self._counts[level] < self._capacities[level]
+
+    def push(self, request: Request) -> None:
+        """Append to its level (the caller checked `has_room`)."""
+        self._levels[request.level].append(request)
+        self._counts[request.level] += 1
+        self.size += 1
+        self.rows += request.rows
+
+    def discard(self, request: Request) -> None:
+        """Account for a queued request leaving early; its entry is skipped later."""
+        if request.delayed:
+            self._delayed_count -= 1
+        else:
+            self._counts[request.level] -= 1
+        self.size -= 1
+        self.rows -= request.rows
+
+    def delay(self, request: Request) -> None:
+        """Move a request behind everything else (timeout_action DELAY)."""
+        self._counts[request.level] -= 1
+        request.delayed = True
+        self._delayed.append(request)
+        self._delayed_count += 1
+
+    def _queues(self):
+        yield from self._levels
+        yield self._delayed
+
+    def _clean_head(self, fifo: deque, delayed: bool) -> Request | None:
+        """Drop entries that left or moved until a live one heads the FIFO."""
+        while fifo:
+            head = fifo[0]
+            if head.delayed is delayed and _live(head):
+                return head
+            fifo.popleft()
+            if head.state is RequestState.QUEUED and head.delayed is delayed:
+                # Its future was cancelled without the scheduler being told: free the slot.
+                head.state = RequestState.FINISHED
+                self.discard(head)
+        return None
+
+    def oldest(self) -> Request | None:
+        """The request the next batch starts with: the head of the highest non-empty level."""
+        for fifo in self._levels:
+            head = self._clean_head(fifo, False)
+            if head is not None:
+                return head
+        return self._clean_head(self._delayed, True)
+
+    def take(
+        self,
+        max_rows: int,
+        max_requests: int,
+        key: Callable[[Request], Hashable],
+        scan_limit: int = 256,
+    ) -> list[Request]:
+        """Remove and return a batch of live, mutually compatible requests in priority order.
+
+        Compatibility is `key` equality with the first request taken. Requests that do not fit
+        (incompatible, or too many rows) are passed over and keep their place; at most
+        `scan_limit` are passed over, which bounds the cost of one batch.
+        """
+        batch: list[Request] = []
+        rows = 0
+        batch_key = None
+        passed_over = 0
+        for index, fifo in enumerate(self._queues()):
+            delayed = index == len(self._levels)
+            skipped: list[Request] = []
+            while fifo and len(batch) < max_requests and rows < max_rows:
+                request = fifo.popleft()
+                if request.delayed is not delayed or not _live(request):
+                    if request.state is RequestState.QUEUED and request.delayed is delayed:
+                        request.state = RequestState.FINISHED
+                        self.discard(request)
+                    continue
+                request_key = key(request)
+                if batch_key is None:
+                    batch_key = request_key
+                if request_key != batch_key or rows + request.rows > max_rows:
+                    skipped.append(request)
+                    passed_over += 1
+                    if passed_over >= scan_limit:
+                        break
+                    continue
+                batch.append(request)
+                rows += request.rows
+                request.state = RequestState.RUNNING
+                self.discard(request)
+            if skipped:
+                fifo.extendleft(reversed(skipped))
+            if len(batch) >= max_requests or rows >= max_rows or passed_over >= scan_limit:
+                break
+        return batch
+
+    def drain(self) -> list[Request]:
+        """Remove every live request (shutdown)."""
+        left: list[Request] = []
+        for index, fifo in enumerate(self._queues()):
+            delayed = index == len(self._levels)
+            while fifo:
+                request = fifo.popleft()
+                if request.delayed is delayed and request.state is RequestState.QUEUED:
+                    request.state = RequestState.FINISHED
+                    self.discard(request)
+                    left.append(request)
+        return left

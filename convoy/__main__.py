@@ -1,0 +1,3 @@
+from convoy.cli import main
+
+main()

@@ -1,0 +1,165 @@
+"""Typed model and server configuration, built once at start-up (or on a repository load).
+
+These mirror the parts of Triton's ModelConfig that Convoy honours; `server/model_config.py`
+builds them from config.pbtxt. Lower layers (batching, runtimes) see only these.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convoy.types import TensorSpec
+
+
+class TimeoutAction(enum.Enum):
+    REJECT = "REJECT"
+    DELAY = "DELAY"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    """How one priority level's queue behaves (Triton's ModelQueuePolicy)."""
+
+    timeout_action: TimeoutAction = TimeoutAction.REJECT
+    #: Queue timeout in µs applied to every request of this level; 0 means none.
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = False
+    #: Most requests this level may hold; 0 means the server-wide bound.
+    max_queue_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicBatching:
+    """The `dynamic_batching` block: when to dispatch a batch."""
+
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    default_queue_policy: QueuePolicy = QueuePolicy()
+    priority_queue_policy: dict[int, QueuePolicy] = field(default_factory=dict)
+    preserve_ordering: bool = False
+
+
+class InstanceKind(enum.Enum):
+    AUTO = "KIND_AUTO"
+    CPU = "KIND_CPU"
+    GPU = "KIND_GPU"
+    MODEL = "KIND_MODEL"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceGroup:
+    name: str
+    count: int = 1
+    kind: InstanceKind = InstanceKind.AUTO
+    gpus: tuple[int, ...] = ()
+
+
+class VersionPolicyKind(enum.Enum):
+    LATEST = "latest"
+    ALL = "all"
+    SPECIFIC = "specific"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    kind: VersionPolicyKind = VersionPolicyKind.LATEST
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of those present on disk, highest first."""
+        ordered = sorted(available, reverse=True)
+        if self.kind is VersionPolicyKind.ALL:
+            return ordered
+        if self.kind is VersionPolicyKind.SPECIFIC:
+            return [v for v in ordered if v in self.versions]
+        return ordered[: self.num_versions]
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupInput:
+    datatype: str
+    dims: tuple[int, ...]
+    #: "zero", "random" or "file" (input_data_file, relative to the version folder's warmup/ dir).
+    source: str
+    file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupSample:
+    name: str
+    batch_size: int
+    inputs: dict[str, WarmupInput]
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Everything Convoy needs to know about one model, validated."""
+
+    name: str
+    backend: str
+    platform: str = ""
+    #: 0: the model does not batch and inputs carry their full shape.
+    max_batch_size: int = 0
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    dynamic_batching: DynamicBatching | None = None
+    instance_groups: tuple[InstanceGroup, ...] = ()
+    version_policy: VersionPolicy = VersionPolicy()
+    warmup: tuple[WarmupSample, ...] = ()
+    parameters: dict[str, str] = field(default_factory=dict)
+    default_model_filename: str = ""
+
+    @property
+    def instance_count(self) -> int:
+        return sum(group.count for group in self.instance_groups) or 1
+
+    def input(self, name: str) -> TensorSpec | None:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    def output(self, name: str) -> TensorSpec | None:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersionSource:
+    """Where one version of a model lives on disk, handed to a runtime to load."""
+
+    config: ModelConfig
+    version: int
+    path: Path  # the version folder, e.g. models/add_sub/1
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Server-wide settings from the command line."""
+
+    model_repository: Path
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    #: Threads serving gRPC calls (each unary call holds one while it runs).
+    grpc_workers: int = 64
+    grpc_max_message_bytes: int = 256 * 1024 * 1024
+    http_max_body_bytes: int = 256 * 1024 * 1024
+    #: Bound on every model queue whose policy sets no max_queue_size.
+    max_queue_size: int = 8192
+    #: Seconds in-flight work gets to finish on SIGTERM/SIGINT.
+    shutdown_grace: float = 30.0
+    #: Load every model at start; with False only `load_models` are loaded (explicit mode).
+    load_all: bool = True
+    load_models: tuple[str, ...] = ()
+    strict_readiness: bool = True
+    log_level: str = "INFO"

@@ -1,0 +1,98 @@
+"""Every error Convoy raises on purpose, grouped by blast radius, and how each maps onto the wire.
+
+The core never imports a web or RPC framework: statuses are named here as plain strings (gRPC
+status-code names) and integers (HTTP codes); `server/` turns them into its transports' types.
+"""
+
+from __future__ import annotations
+
+
+class ConvoyError(Exception):
+    """Base class; its message is safe to send to a client."""
+
+
+# --- this request is bad -------------------------------------------------------------------
+class InvalidInput(ConvoyError):
+    """A request does not match the model's declared inputs or the protocol (name, type, shape, size)."""
+
+
+class ModelNotFound(ConvoyError):
+    """The named model or version is not in the repository."""
+
+
+class Unauthenticated(ConvoyError):
+    """The request carries no valid credentials."""
+
+
+class PermissionDenied(ConvoyError):
+    """The credentials are valid but do not cover this model or API."""
+
+
+class Unsupported(ConvoyError):
+    """The protocol feature exists but Convoy does not implement it (e.g. CUDA shared memory)."""
+
+
+# --- the repository / a model's configuration is bad ------------------------------------------
+class InvalidConfig(ConvoyError):
+    """A model's config.pbtxt or files are invalid; the message names the file and the field."""
+
+
+class ModelLoadFailed(ConvoyError):
+    """A model could not be loaded or warmed up; it stays NOT READY with this reason."""
+
+
+# --- try again later --------------------------------------------------------------------------
+class Overloaded(ConvoyError):
+    """The model's queue is full (or the request cannot meet its deadline): rejected at once."""
+
+
+class Unavailable(ConvoyError):
+    """The model is not ready, or the server is shutting down."""
+
+
+class DeadlineExceeded(ConvoyError):
+    """The request's timeout passed before it could be served."""
+
+
+class Cancelled(ConvoyError):
+    """The client went away or cancelled the request."""
+
+
+# --- this batch failed --------------------------------------------------------------------------
+class InferenceFailed(ConvoyError):
+    """The runtime raised while executing the batch this request rode in."""
+
+
+# --- the engine is gone ----------------------------------------------------------------------------
+class EngineDead(ConvoyError):
+    """A runtime's worker died; the model is being restarted and is unavailable meanwhile."""
+
+
+#: class -> (gRPC status-code name, HTTP status). Looked up along the MRO; anything else is INTERNAL/500.
+STATUS: dict[type[ConvoyError], tuple[str, int]] = {
+    InvalidInput: ("INVALID_ARGUMENT", 400),
+    ModelNotFound: ("NOT_FOUND", 404),
+    Unauthenticated: ("UNAUTHENTICATED", 401),
+    PermissionDenied: ("PERMISSION_DENIED", 403),
+    Unsupported: ("UNIMPLEMENTED", 501),
+    InvalidConfig: ("INVALID_ARGUMENT", 400),
+    ModelLoadFailed: ("INTERNAL", 400),
+    Overloaded: ("RESOURCE_EXHAUSTED", 429),
+    Unavailable: ("UNAVAILABLE", 503),
+    DeadlineExceeded: ("DEADLINE_EXCEEDED", 504),
+    Cancelled: ("CANCELLED", 499),
+    InferenceFailed: ("INTERNAL", 500),
+    EngineDead: ("UNAVAILABLE", 503),
+}
+
+INTERNAL_MESSAGE = "internal error (details are in the server log)"
+
+
+def status_of(exc: BaseException) -> tuple[str, int, str]:
+    """(gRPC status name, HTTP status, client-safe message) for any exception."""
+    if isinstance(exc, ConvoyError):
+        for cls in type(exc).__mro__:
+            found = STATUS.get(cls)  # type: ignore[arg-type]
+            if found is not None:
+                return found[0], found[1], str(exc)
+    return "INTERNAL", 500, INTERNAL_MESSAGE

@@ -1,0 +1,82 @@
+"""The small typed objects that travel between layers: a request, its outcome, a batch.
+
+A `Request` carries numpy views of the wire bytes and its own future; the scheduler resolves that
+future with the request's outputs or an error. The future may be an `asyncio.Future` (HTTP, same
+event loop) or a `concurrent.futures.Future` (gRPC handler threads): only ``done``, ``cancelled``,
+``set_result``, ``set_exception`` and ``add_done_callback`` are used.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class OutcomeFuture(Protocol):
+    def done(self) -> bool: ...
+    def cancelled(self) -> bool: ...
+    def set_result(self, result: Any) -> None: ...
+    def set_exception(self, exception: BaseException) -> None: ...
+
+
+class RequestState(enum.IntEnum):
+    QUEUED = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One inference request as the scheduler sees it (protocol already stripped away)."""
+
+    id: str
+    inputs: dict[str, np.ndarray]
+    #: Names of the outputs to return; empty means every output the model declares.
+    requested_outputs: tuple[str, ...]
+    #: Rows this request contributes to a batch (its first dimension; 1 for unbatched models).
+    rows: int
+    future: OutcomeFuture
+    #: Priority level, 1 is highest; 0 means the model's default level.
+    priority: int = 0
+    #: Queue timeout in microseconds from the request's `timeout` parameter; 0 means the policy's.
+    timeout_us: int = 0
+    #: Absolute deadline on the monotonic clock (seconds), from the client (gRPC deadline), or None.
+    deadline: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    #: Monotonic nanoseconds when the server received the request (stamped by the front end).
+    received_ns: int = 0
+    # --- owned by the scheduler -------------------------------------------------------------
+    state: RequestState = RequestState.QUEUED
+    #: When the request entered its queue (monotonic ns).
+    queued_ns: int = 0
+    #: Index of the priority queue holding it (0 = highest level).
+    level: int = 0
+    #: Its queue timeout passed under timeout_action DELAY: it now waits behind everything else.
+    delayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What a request's future resolves to: its outputs (views into the batch's outputs)."""
+
+    outputs: dict[str, np.ndarray]
+    model_name: str
+    model_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A declared model input or output."""
+
+    name: str
+    datatype: str  # V2 datatype name, e.g. "FP32"
+    #: Dims without the batch dimension when the model batches; -1 means variable.
+    dims: tuple[int, ...]
+    optional: bool = False
+    #: Shape the runtime receives instead of `dims` (config `reshape`), or None.
+    reshape: tuple[int, ...] | None = None
+    #: The tensor's `dims` describe a shape that may carry different rows (ragged batching).
+    allow_ragged_batch: bool = False

@@ -1,0 +1,94 @@
+"""The runtime contract: load -> warm up -> infer a batch -> close, and the backend registry.
+
+A runtime is one *instance* of a model version; `instance_group.count` creates that many. Its
+verbs block, so Convoy calls them on a thread the instance owns (see `RuntimeInstance`), never
+on the event loop. Runtimes see only numpy arrays and typed config: no protocol, no scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from convoy.config import ModelVersionSource
+from convoy.errors import InvalidConfig
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One loaded copy of a model version, executing batches on the calling thread."""
+
+    def load(self) -> None:
+        """Read the model files and get ready to execute (may take long)."""
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch: every declared input present, first dimension = batch rows when the
+        model batches. Returns every output the model produces for the batch."""
+
+    def close(self) -> None:
+        """Release the model's resources."""
+
+
+class RuntimeFactory(Protocol):
+    def __call__(self, source: ModelVersionSource, instance_index: int) -> Runtime: ...
+
+
+#: backend name -> "module:attribute" of its factory, imported on first use so a missing
+#: optional dependency (torch, onnxruntime) only matters to the models that need it.
+BACKENDS: dict[str, str] = {
+    "python": "convoy.runtimes.python:PythonRuntime",
+}
+
+#: Extra backends registered at run time (tests register fakes here through `register_backend`).
+_registered: dict[str, RuntimeFactory] = {}
+
+
+def register_backend(name: str, factory: RuntimeFactory) -> None:
+    _registered[name] = factory
+
+
+def runtime_factory(backend: str) -> RuntimeFactory:
+    if backend in _registered:
+        return _registered[backend]
+    target = BACKENDS.get(backend)
+    if target is None:
+        known = sorted(set(BACKENDS) | set(_registered))
+        raise InvalidConfig(f"backend '{backend}' is not available; expected one of {known}")
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidConfig(
+            f"backend '{backend}' needs a package that is not installed ({exc.name}); "
+            f"install convoy-inference with the matching extra"
+        ) from None
+    return getattr(module, attribute)
+
+
+class RuntimeInstance:
+    """Owns one runtime and the single thread it executes on."""
+
+    def __init__(self, runtime: Runtime, name: str) -> None:
+        self.runtime = runtime
+        self.name = name
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def call(self, function: Callable, *args):
+        """Run a blocking runtime verb on this instance's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self.runtime.infer, inputs
+        )
+
+    async def close(self) -> None:
+        try:
+            await self.call(self.runtime.close)
+        finally:
+            self._thread.shutdown(wait=False)

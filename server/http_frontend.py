@@ -1,0 +1,409 @@
+"""The Open Inference Protocol over HTTP/1.1: a bare ASGI app served by uvicorn (httptools).
+
+No web framework on the request path (DESIGN.md: Starlette routing cost ~40% of requests/s).
+JSON via orjson; the binary tensor data extension (`Inference-Header-Content-Length`) for
+inputs and outputs; gzip/deflate request and response bodies as tritonclient sends them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+import zlib
+from importlib import resources
+
+import numpy as np
+import orjson
+
+from convoy.datatypes import bf16_bits_to_float32, to_wire_bytes
+from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
+from convoy.types import Request
+
+from . import tensors
+from .service import InferenceService
+
+log = logging.getLogger("convoy.http")
+
+JSON = b"application/json"
+HEADER_LENGTH = b"inference-header-content-length"
+
+
+class BodyTooLarge(InvalidInput):
+    """The request body is over the server's limit."""
+
+
+def proto_to_dict(message) -> dict:
+    """A protobuf message as Triton's HTTP API writes it: proto field names, 64-bit integers as
+    JSON numbers, enums by name, scalar defaults included, unset sub-messages left out."""
+    out = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {k: _field_value(value_field, v) for k, v in value.items()}
+        elif field.label == field.LABEL_REPEATED:
+            out[field.name] = [_field_value(field, v) for v in value]
+        elif field.message_type is not None or field.containing_oneof is not None:
+            if message.HasField(field.name):
+                out[field.name] = _field_value(field, value)
+        else:
+            out[field.name] = _field_value(field, value)
+    return out
+
+
+def _field_value(field, value):
+    if field.message_type is not None:
+        return proto_to_dict(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name
+    return value
+
+
+def _json_data(array: np.ndarray, datatype: str):
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        return [
+            v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+            for v in flat
+        ]
+    if datatype == "BF16":
+        return bf16_bits_to_float32(flat)
+    return np.ascontiguousarray(flat)
+
+
+class HttpFrontend:
+    """ASGI application: routes by path segments, answers JSON errors, never a traceback."""
+
+    def __init__(self, service: InferenceService, max_body_bytes: int) -> None:
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+        self._openapi = resources.files("convoy.server").joinpath("openapi.json").read_bytes()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, receive, send)
+        except Exception as exc:
+            _, http_status, message = status_of(exc)
+            if not isinstance(exc, ConvoyError):
+                log.exception("HTTP %s %s failed", scope["method"], scope["path"])
+            headers = []
+            if http_status == 429:
+                headers.append((b"retry-after", b"1"))
+            await self._send(send, http_status, orjson.dumps({"error": message}), extra=headers)
+
+    @staticmethod
+    async def _send(send, status: int, body: bytes, content_type: bytes = JSON, extra=()) -> None:
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        headers.extend(extra)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _json(self, send, value, status: int = 200) -> None:
+        await self._send(send, status, orjson.dumps(value))
+
+    async def _read_body(self, receive) -> bytes:
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionResetError("client disconnected")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise BodyTooLarge(
+                        f"request body exceeds the server's limit of {self.max_body_bytes} bytes"
+                    )
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _route(self, scope, receive, send) -> None:
+        method = scope["method"]
+        parts = scope["path"].strip("/").split("/")
+        service = self.service
+        if parts[0] == "openapi.json" or parts == ["v2", "openapi.json"]:
+            return await self._send(send, 200, self._openapi)
+        if parts[0] != "v2":
+            raise ModelNotFound(f"no endpoint at {scope['path']}")
+        rest = parts[1:]
+        if not rest or rest == [""]:
+            self._expect(method, "GET", scope)
+            return await self._json(send, service.server_metadata())
+        head = rest[0]
+        if head == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+            self._expect(method, "GET", scope)
+            ok = service.live() if rest[1] == "live" else service.ready()
+            return await self._send(send, 200 if ok else 503, b"")
+        if head == "models":
+            if rest[1:] == ["stats"]:
+                self._expect(method, "GET", scope)
+                return await self._json(send, service.model_statistics())
+            if len(rest) >= 2:
+                return await self._model_route(scope, receive, send, rest[1], rest[2:])
+        if head == "repository":
+            self._expect(method, "POST", scope)
+            if rest[1:] == ["index"]:
+                body = await self._read_body(receive)
+                ready_only = bool(self._parse_json(body).get("ready", False)) if body else False
+                return await self._json(send, service.repository_index(ready_only))
+            if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
+                await self._read_body(receive)
+                if rest[3] == "load":
+                    await service.load_model(rest[2])
+                else:
+                    await service.unload_model(rest[2])
+                return await self._send(send, 200, b"")
+        raise ModelNotFound(f"no endpoint at {scope['path']}")
+
+    @staticmethod
+    def _expect(method: str, wanted: str, scope) -> None:
+        if method != wanted:
+            raise InvalidInput(f"{scope['path']} accepts {wanted}, got {method}")
+
+    async def _model_route(self, scope, receive, send, model: str, rest: list[str]) -> None:
+        version = ""
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+        method = scope["method"]
+        service = self.service
+        action = rest[0] if rest else ""
+        if len(rest) > 1:
+            raise ModelNotFound(f"no endpoint at {scope['path']}")
+        if action == "infer":
+            self._expect(method, "POST", scope)
+            return await self._infer(scope, receive, send, model, version)
+        self._expect(method, "GET", scope)
+        if action == "":
+            return await self._json(send, service.model_metadata(model, version))
+        if action == "ready":
+            ok = service.model_ready(model, version)
+            return await self._send(send, 200 if ok else 503, b"")
+        if action == "config":
+            return await self._json(send, proto_to_dict(service.model_config(model, version)))
+        if action == "stats":
+            return await self._json(send, service.model_statistics(model, version))
+        raise ModelNotFound(f"no endpoint at {scope['path']}")
+
+    @staticmethod
+    def _parse_json(body) -> dict:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise InvalidInput("request body must be a JSON object")
+        return document
+
+    # --- inference ---------------------------------------------------------------------------------
+    async def _infer(self, scope, receive, send, model: str, version: str) -> None:
+        received = time.monotonic_ns()
+        header_length = None
+        encoding = accept = b""
+        for key, value in scope["headers"]:
+            if key == HEADER_LENGTH:
+                header_length = value
+            elif key == b"content-encoding":
+                encoding = value.lower()
+            elif key == b"accept-encoding":
+                accept = value.lower()
+        body = await self._read_body(receive)
+        if encoding:
+            body = self._decompress(body, encoding)
+        if header_length is not None:
+            try:
+                split = int(header_length)
+            except ValueError:
+                raise InvalidInput(
+                    "header Inference-Header-Content-Length must be an integer"
+                ) from None
+            if not 0 <= split <= len(body):
+                raise InvalidInput(
+                    f"header Inference-Header-Content-Length is {split} but the body has "
+                    f"{len(body)} bytes"
+                )
+            document = self._parse_json(memoryview(body)[:split])
+            binary = memoryview(body)[split:]
+        else:
+            document = self._parse_json(body)
+            binary = memoryview(b"")
+
+        entry = self.service.repository.get(model, version)
+        config = entry.config
+        inputs, rows = self._decode_inputs(config, document, binary)
+        parameters = document.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be a JSON object")
+        requested, binary_outputs = self._requested_outputs(config, document, parameters)
+        future = self.service.loop.create_future()
+        request = Request(
+            id=str(document.get("id", "")),
+            inputs=inputs,
+            requested_outputs=requested,
+            rows=rows,
+            future=future,
+            priority=_non_negative(parameters, "priority"),
+            timeout_us=_non_negative(parameters, "timeout"),
+            parameters=parameters,
+            received_ns=received,
+        )
+        self.service.submit(entry, request)
+        result = await future
+        await self._respond(send, entry, request, result.outputs, binary_outputs, accept)
+
+    @staticmethod
+    def _decompress(body: bytes, encoding: bytes) -> bytes:
+        try:
+            if encoding == b"gzip":
+                return gzip.decompress(body)
+            if encoding == b"deflate":
+                return zlib.decompress(body)
+        except (OSError, zlib.error, EOFError) as exc:
+            raise InvalidInput(
+                f"request body is not valid {encoding.decode()} data: {exc}"
+            ) from None
+        raise InvalidInput(
+            f"Content-Encoding '{encoding.decode()}' is not supported; expected gzip or deflate"
+        )
+
+    @staticmethod
+    def _decode_inputs(config, document: dict, binary: memoryview):
+        items = document.get("inputs")
+        if not isinstance(items, list):
+            raise InvalidInput("'inputs' must be a JSON list of tensors")
+        inputs = {}
+        offset = 0
+        for position, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise InvalidInput(f"inputs[{position}] must be a JSON object")
+            name = item.get("name")
+            datatype = item.get("datatype")
+            shape = item.get("shape")
+            if not isinstance(name, str):
+                raise InvalidInput(f"inputs[{position}].name must be a string")
+            if name in inputs:
+                raise InvalidInput(f"input '{name}' appears more than once")
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) for d in shape
+            ):
+                raise InvalidInput(f"input '{name}': shape must be a list of integers")
+            spec = tensors.input_spec(config, name)
+            tensors.check_shape(config, spec, datatype, shape)
+            params = item.get("parameters") or {}
+            size = params.get("binary_data_size") if isinstance(params, dict) else None
+            if size is not None:
+                if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                    raise InvalidInput(
+                        f"input '{name}': binary_data_size must be a non-negative integer"
+                    )
+                if offset + size > len(binary):
+                    raise InvalidInput(
+                        f"input '{name}': binary_data_size {size} runs past the "
+                        f"{len(binary) - offset} binary bytes left in the body"
+                    )
+                array = tensors.from_raw(spec, datatype, shape, binary[offset : offset + size])
+                offset += size
+            else:
+                if "data" not in item:
+                    raise InvalidInput(
+                        f"input '{name}': needs 'data' or a binary_data_size parameter"
+                    )
+                data = item["data"]
+                if not isinstance(data, list):
+                    data = [data]
+                if datatype == "BYTES":
+                    data = _flatten(data)
+                array = tensors.from_values(spec, datatype, shape, data)
+            inputs[name] = tensors.apply_reshape(config, spec, array)
+        if offset != len(binary):
+            raise InvalidInput(
+                f"body holds {len(binary) - offset} binary bytes that no input claims"
+            )
+        return inputs, tensors.check_complete(config, inputs)
+
+    @staticmethod
+    def _requested_outputs(config, document: dict, parameters: dict):
+        default_binary = bool(parameters.get("binary_data_output", False))
+        items = document.get("outputs") or []
+        if not isinstance(items, list):
+            raise InvalidInput("'outputs' must be a JSON list")
+        names = []
+        binary = {}
+        for position, item in enumerate(items):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise InvalidInput(f"outputs[{position}] must be an object with a string 'name'")
+            params = item.get("parameters") or {}
+            if params.get("classification"):
+                raise InvalidInput(
+                    f"output '{item['name']}': the classification extension is not supported"
+                )
+            names.append(item["name"])
+            binary[item["name"]] = bool(params.get("binary_data", default_binary))
+        requested = tensors.check_requested_outputs(config, names)
+        return requested, (binary, default_binary)
+
+    async def _respond(self, send, entry, request, outputs, binary_outputs, accept: bytes) -> None:
+        per_output, default_binary = binary_outputs
+        described = []
+        blobs = []
+        for name, datatype, array in tensors.select_outputs(
+            entry.config, outputs, request.requested_outputs
+        ):
+            out = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+            if per_output.get(name, default_binary):
+                blob = to_wire_bytes(array, datatype)
+                out["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                out["data"] = _json_data(array, datatype)
+            described.append(out)
+        answer = {
+            "model_name": entry.config.name,
+            "model_version": str(entry.version),
+            "outputs": described,
+        }
+        if request.id:
+            answer["id"] = request.id
+        header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+        extra = []
+        if blobs:
+            body = b"".join([header, *blobs])
+            extra.append((HEADER_LENGTH, str(len(header)).encode()))
+            content_type = b"application/octet-stream"
+        else:
+            body = header
+            content_type = JSON
+        if accept and len(body) > 1024:
+            if b"gzip" in accept:
+                body = gzip.compress(body, compresslevel=1)
+                extra.append((b"content-encoding", b"gzip"))
+            elif b"deflate" in accept:
+                body = zlib.compress(body, 1)
+                extra.append((b"content-encoding", b"deflate"))
+        await self._send(send, 200, body, content_type, extra)
+
+
+def _flatten(values: list) -> list:
+    flat = []
+    stack = [iter(values)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            flat.append(value)
+        else:
+            stack.pop()
+    return flat
+
+
+def _non_negative(parameters: dict, name: str) -> int:
+    value = parameters.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"parameter '{name}': expected a non-negative integer, got {value!r}")
+    return value

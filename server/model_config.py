@@ -1,0 +1,285 @@
+"""config.pbtxt (Triton's ModelConfig in protobuf text format) -> a validated typed ModelConfig.
+
+Errors name the file and the field, e.g. ``models/x/config.pbtxt: input[0].dims: ...``.
+The parsed protobuf is kept beside the typed config for the ModelConfig API, which returns it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from convoy.config import (
+    DynamicBatching,
+    InstanceGroup,
+    InstanceKind,
+    ModelConfig,
+    QueuePolicy,
+    TimeoutAction,
+    VersionPolicy,
+    VersionPolicyKind,
+    WarmupInput,
+    WarmupSample,
+)
+from convoy.datatypes import CONFIG_TO_V2, V2_TO_CONFIG
+from convoy.errors import InvalidConfig
+from convoy.protos import model_config_pb2 as mc
+from convoy.types import TensorSpec
+
+#: Triton `platform` strings -> Convoy backend names.
+PLATFORM_TO_BACKEND = {
+    "onnxruntime_onnx": "onnxruntime",
+    "pytorch_libtorch": "pytorch",
+    "pytorch_torchscript": "pytorch",
+    "torch_export": "pytorch",
+}
+#: Default model file per backend; also how a backend is guessed from a version folder.
+DEFAULT_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "pytorch": "model.pt"}
+BACKEND_ALIASES = {"onnx": "onnxruntime", "torch": "pytorch", "libtorch": "pytorch"}
+
+
+def read_config_proto(config_path: Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt; a missing file yields an empty config (filled in later)."""
+    proto = mc.ModelConfig()
+    if not config_path.exists():
+        return proto
+    try:
+        text_format.Parse(config_path.read_text(), proto)
+    except text_format.ParseError as exc:
+        raise InvalidConfig(f"{config_path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidConfig(f"{config_path}: not UTF-8 text") from None
+    return proto
+
+
+def guess_backend(model_dir: Path) -> str:
+    """The backend a model folder's files imply (model.py, model.onnx, model.pt[2])."""
+    for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        for backend, filename in DEFAULT_FILES.items():
+            if (version_dir / filename).exists():
+                return backend
+        if (version_dir / "model.pt2").exists():
+            return "pytorch"
+    return ""
+
+
+def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
+    """Validate a ModelConfig proto (already completed) into the typed config."""
+    where = model_dir / "config.pbtxt"
+
+    def fail(field: str, message: str) -> InvalidConfig:
+        return InvalidConfig(f"{where}: {field}: {message}")
+
+    name = proto.name or model_dir.name
+    if name != model_dir.name:
+        raise fail("name", f"'{name}' must match the model folder name '{model_dir.name}'")
+    backend = BACKEND_ALIASES.get(proto.backend, proto.backend)
+    if not backend and proto.platform:
+        backend = PLATFORM_TO_BACKEND.get(proto.platform, "")
+        if not backend:
+            raise fail(
+                "platform",
+                f"'{proto.platform}' is not supported; expected one of "
+                f"{sorted(PLATFORM_TO_BACKEND)} or a backend (python, onnxruntime, pytorch)",
+            )
+    if not backend:
+        backend = guess_backend(model_dir)
+    if not backend:
+        raise fail("backend", "not set and no model.py / model.onnx / model.pt found to infer it")
+    if proto.max_batch_size < 0:
+        raise fail("max_batch_size", f"must be >= 0, got {proto.max_batch_size}")
+    batching = proto.max_batch_size > 0
+
+    inputs = tuple(
+        _tensor_spec(t, f"input[{i}]", fail, batching) for i, t in enumerate(proto.input)
+    )
+    outputs = tuple(
+        _tensor_spec(t, f"output[{i}]", fail, batching) for i, t in enumerate(proto.output)
+    )
+    for kind, specs in (("input", inputs), ("output", outputs)):
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise fail(kind, f"name '{spec.name}' appears more than once")
+            seen.add(spec.name)
+
+    dynamic = None
+    if proto.HasField("dynamic_batching"):
+        if not batching:
+            raise fail("dynamic_batching", "requires max_batch_size > 0")
+        dynamic = _dynamic_batching(proto.dynamic_batching, proto.max_batch_size, fail)
+
+    groups = []
+    for i, group in enumerate(proto.instance_group):
+        if group.count < 0:
+            raise fail(f"instance_group[{i}].count", f"must be >= 1, got {group.count}")
+        groups.append(
+            InstanceGroup(
+                name=group.name or f"{name}_{i}",
+                count=group.count or 1,
+                kind=InstanceKind(mc.ModelInstanceGroup.Kind.Name(group.kind)),
+                gpus=tuple(group.gpus),
+            )
+        )
+
+    return ModelConfig(
+        name=name,
+        backend=backend,
+        platform=proto.platform,
+        max_batch_size=proto.max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        dynamic_batching=dynamic,
+        instance_groups=tuple(groups) or (InstanceGroup(name=f"{name}_0"),),
+        version_policy=_version_policy(proto, fail),
+        warmup=tuple(_warmup(w, i, fail) for i, w in enumerate(proto.model_warmup)),
+        parameters={k: v.string_value for k, v in proto.parameters.items()},
+        default_model_filename=proto.default_model_filename,
+    )
+
+
+def _tensor_spec(tensor, field: str, fail, batching: bool) -> TensorSpec:
+    if not tensor.name:
+        raise fail(f"{field}.name", "must be set")
+    type_name = mc.DataType.Name(tensor.data_type)
+    datatype = CONFIG_TO_V2.get(type_name)
+    if datatype is None:
+        raise fail(f"{field}.data_type", f"expected one of {sorted(CONFIG_TO_V2)}, got {type_name}")
+    dims = tuple(int(d) for d in tensor.dims)
+    if not dims and not batching:
+        raise fail(f"{field}.dims", "must list at least one dimension")
+    if any(d < -1 for d in dims):
+        raise fail(
+            f"{field}.dims", f"each dimension must be -1 (variable) or >= 0, got {list(dims)}"
+        )
+    reshape = tuple(int(d) for d in tensor.reshape.shape) if tensor.HasField("reshape") else None
+    return TensorSpec(
+        name=tensor.name,
+        datatype=datatype,
+        dims=dims,
+        optional=bool(getattr(tensor, "optional", False)),
+        reshape=reshape,
+        allow_ragged_batch=bool(getattr(tensor, "allow_ragged_batch", False)),
+    )
+
+
+def _queue_policy(policy, field: str, fail) -> QueuePolicy:
+    if policy.max_queue_size < 0:
+        raise fail(f"{field}.max_queue_size", f"must be >= 0, got {policy.max_queue_size}")
+    return QueuePolicy(
+        timeout_action=TimeoutAction(mc.ModelQueuePolicy.TimeoutAction.Name(policy.timeout_action)),
+        default_timeout_us=policy.default_timeout_microseconds,
+        allow_timeout_override=policy.allow_timeout_override,
+        max_queue_size=policy.max_queue_size,
+    )
+
+
+def _dynamic_batching(block, max_batch_size: int, fail) -> DynamicBatching:
+    preferred = tuple(sorted(set(block.preferred_batch_size)))
+    for size in preferred:
+        if not 1 <= size <= max_batch_size:
+            raise fail(
+                "dynamic_batching.preferred_batch_size",
+                f"each size must be between 1 and max_batch_size ({max_batch_size}), got {size}",
+            )
+    levels = block.priority_levels
+    default_level = block.default_priority_level
+    if levels and not 1 <= default_level <= levels:
+        raise fail(
+            "dynamic_batching.default_priority_level",
+            f"must be between 1 and priority_levels ({levels}), got {default_level}",
+        )
+    per_level = {}
+    for level, policy in block.priority_queue_policy.items():
+        if not 1 <= level <= max(levels, 1):
+            raise fail(
+                "dynamic_batching.priority_queue_policy",
+                f"level {level} is outside 1..priority_levels ({levels})",
+            )
+        per_level[int(level)] = _queue_policy(
+            policy, f"dynamic_batching.priority_queue_policy[{level}]", fail
+        )
+    return DynamicBatching(
+        max_queue_delay_us=block.max_queue_delay_microseconds,
+        preferred_batch_sizes=preferred,
+        priority_levels=levels,
+        default_priority_level=default_level,
+        default_queue_policy=_queue_policy(
+            block.default_queue_policy, "dynamic_batching.default_queue_policy", fail
+        ),
+        priority_queue_policy=per_level,
+        preserve_ordering=block.preserve_ordering,
+    )
+
+
+def _version_policy(proto: mc.ModelConfig, fail) -> VersionPolicy:
+    if not proto.HasField("version_policy"):
+        return VersionPolicy()
+    which = proto.version_policy.WhichOneof("policy_choice")
+    if which == "all":
+        return VersionPolicy(kind=VersionPolicyKind.ALL)
+    if which == "specific":
+        versions = tuple(int(v) for v in proto.version_policy.specific.versions)
+        if not versions:
+            raise fail("version_policy.specific.versions", "must list at least one version")
+        return VersionPolicy(kind=VersionPolicyKind.SPECIFIC, versions=versions)
+    num = proto.version_policy.latest.num_versions if which == "latest" else 1
+    if num < 1:
+        raise fail("version_policy.latest.num_versions", f"must be >= 1, got {num}")
+    return VersionPolicy(kind=VersionPolicyKind.LATEST, num_versions=num)
+
+
+def _warmup(sample, index: int, fail) -> WarmupSample:
+    field = f"model_warmup[{index}]"
+    inputs = {}
+    for name, spec in sample.inputs.items():
+        datatype = CONFIG_TO_V2.get(mc.DataType.Name(spec.data_type))
+        if datatype is None:
+            raise fail(f"{field}.inputs[{name}].data_type", "must be a valid TYPE_*")
+        source = spec.WhichOneof("input_data_type")
+        if source is None:
+            raise fail(f"{field}.inputs[{name}]", "needs zero_data, random_data or input_data_file")
+        inputs[name] = WarmupInput(
+            datatype=datatype,
+            dims=tuple(int(d) for d in spec.dims),
+            source={"zero_data": "zero", "random_data": "random"}.get(source, "file"),
+            file=spec.input_data_file if source == "input_data_file" else "",
+        )
+    return WarmupSample(
+        name=sample.name or f"warmup_{index}",
+        batch_size=max(sample.batch_size, 1) if sample.batch_size else 1,
+        inputs=inputs,
+        count=max(sample.count, 1),
+    )
+
+
+def complete_proto(proto: mc.ModelConfig, config: ModelConfig) -> mc.ModelConfig:
+    """The proto the ModelConfig API returns: the user's config with what Convoy filled in."""
+    full = mc.ModelConfig()
+    full.CopyFrom(proto)
+    full.name = config.name
+    if not full.backend:
+        full.backend = config.backend
+    if not full.input:
+        for spec in config.inputs:
+            _fill_tensor(full.input.add(), spec)
+    if not full.output:
+        for spec in config.outputs:
+            _fill_tensor(full.output.add(), spec)
+    if not full.instance_group:
+        for group in config.instance_groups:
+            full.instance_group.add(
+                name=group.name,
+                count=group.count,
+                kind=mc.ModelInstanceGroup.Kind.Value(group.kind.value),
+            )
+    if not full.HasField("version_policy"):
+        full.version_policy.latest.num_versions = 1
+    return full
+
+
+def _fill_tensor(target, spec: TensorSpec) -> None:
+    target.name = spec.name
+    target.data_type = mc.DataType.Value(V2_TO_CONFIG[spec.datatype])
+    target.dims.extend(spec.dims)

@@ -1,0 +1,270 @@
+"""The model repository: which models exist on disk, their versions, and their lifetimes.
+
+Loading a model version = parse config -> create `count` runtime instances (loaded on their
+own threads) -> warm up -> start its scheduler -> READY. A failure leaves that model NOT READY
+with the reason and touches no other model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convoy.batching.scheduler import Scheduler
+from convoy.batching.stats import ModelStats
+from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
+from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
+from convoy.protos import model_config_pb2 as mc
+from convoy.runtimes.base import RuntimeInstance, runtime_factory
+from convoy.runtimes.warmup import run_warmup
+
+from .model_config import build_model_config, complete_proto, read_config_proto
+
+log = logging.getLogger("convoy.repository")
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(slots=True, eq=False)
+class ModelVersion:
+    """One served version of a model."""
+
+    config: ModelConfig
+    version: int
+    state: str = "LOADING"  # LOADING, READY, UNAVAILABLE, UNLOADING
+    reason: str = ""
+    stats: ModelStats = field(default_factory=ModelStats)
+    scheduler: Scheduler | None = None
+    instances: list[RuntimeInstance] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+
+@dataclass(slots=True, eq=False)
+class Model:
+    name: str
+    state: str = "UNAVAILABLE"
+    reason: str = ""
+    config: ModelConfig | None = None
+    #: The config as the ModelConfig API returns it (user's config + what Convoy filled in).
+    config_proto: mc.ModelConfig | None = None
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+
+    def latest_ready(self) -> ModelVersion | None:
+        for number in sorted(self.versions, reverse=True):
+            if self.versions[number].ready:
+                return self.versions[number]
+        return None
+
+
+class ModelRepository:
+    """Owns every loaded model; `async with` unloads them all on exit."""
+
+    def __init__(self, settings: ServerConfig) -> None:
+        self.root = settings.model_repository.resolve()
+        self._settings = settings
+        self.models: dict[str, Model] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def __aenter__(self) -> ModelRepository:
+        settings = self._settings
+        names = self.model_names() if settings.load_all else list(settings.load_models)
+        await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await asyncio.gather(
+            *(self.unload(name) for name in list(self.models)), return_exceptions=True
+        )
+
+    # --- queries (any thread: they only read dicts replaced whole) ---------------------------
+    def model_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The version to serve a request for (latest ready when `version` is empty)."""
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model '{name}' is not found in the repository")
+        if version:
+            try:
+                number = int(version)
+            except ValueError:
+                raise InvalidInput(f"model version must be an integer, got '{version}'") from None
+            found = model.versions.get(number)
+            if found is None:
+                raise ModelNotFound(f"model '{name}' has no version {version}")
+            if not found.ready:
+                raise Unavailable(
+                    f"model '{name}' version {version} is not ready: {found.reason or found.state}"
+                )
+            return found
+        found = model.latest_ready()
+        if found is None:
+            raise Unavailable(f"model '{name}' is not ready: {model.reason or model.state}")
+        return found
+
+    def model(self, name: str) -> Model:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model '{name}' is not found in the repository")
+        return model
+
+    def ready(self) -> bool:
+        """Server readiness: every model asked for is ready (none failed to load)."""
+        return all(m.state == "READY" for m in self.models.values())
+
+    def index(self) -> list[dict]:
+        rows = []
+        for name in sorted(set(self.model_names()) | set(self.models)):
+            model = self.models.get(name)
+            if model is None:
+                rows.append(
+                    {"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
+                )
+                continue
+            if not model.versions:
+                rows.append(
+                    {"name": name, "version": "", "state": model.state, "reason": model.reason}
+                )
+            for number in sorted(model.versions):
+                entry = model.versions[number]
+                rows.append(
+                    {
+                        "name": name,
+                        "version": str(number),
+                        "state": entry.state,
+                        "reason": entry.reason,
+                    }
+                )
+        return rows
+
+    # --- lifecycle (loop thread) ---------------------------------------------------------------
+    def _model_dir(self, name: str) -> Path:
+        if not _MODEL_NAME.match(name) or name in (".", ".."):
+            raise InvalidInput(
+                f"model name '{name}' may hold only letters, digits, '_', '.' and '-'"
+            )
+        path = (self.root / name).resolve()
+        if path.parent != self.root:
+            raise InvalidInput(f"model name '{name}' points outside the model repository")
+        if not path.is_dir():
+            raise ModelNotFound(f"model '{name}' is not found in the repository ({self.root})")
+        return path
+
+    async def load(self, name: str) -> Model:
+        """(Re)load a model from disk. The old versions keep serving until the new ones are up."""
+        model_dir = self._model_dir(name)
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            model = Model(name=name, state="LOADING")
+            previous = self.models.get(name)
+            if previous is None:
+                self.models[name] = model
+            try:
+                proto = read_config_proto(model_dir / "config.pbtxt")
+                config = build_model_config(proto, model_dir)
+                model.config = config
+                model.config_proto = complete_proto(proto, config)
+                available = [
+                    int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
+                ]
+                chosen = config.version_policy.select(available)
+                if not chosen:
+                    raise ModelNotFound(
+                        f"{model_dir}: no version folder matches the version policy "
+                        f"(found {sorted(available) or 'none'})"
+                    )
+                results = await asyncio.gather(
+                    *(self._load_version(config, model_dir, v) for v in chosen)
+                )
+                model.versions = {entry.version: entry for entry in results}
+                if any(entry.ready for entry in results):
+                    model.state, model.reason = "READY", ""
+                else:
+                    model.state = "UNAVAILABLE"
+                    model.reason = "; ".join(e.reason for e in results if e.reason)
+            except ConvoyError as exc:
+                model.state, model.reason = "UNAVAILABLE", str(exc)
+                log.error("model '%s' failed to load: %s", name, exc)
+            except Exception as exc:
+                model.state = "UNAVAILABLE"
+                model.reason = f"{type(exc).__name__}: {exc}"
+                log.exception("model '%s' failed to load", name)
+            self.models[name] = model
+            if previous is not None and previous is not model:
+                await self._stop(previous)
+            if model.state == "READY":
+                log.info(
+                    "model '%s' ready (versions %s, backend %s)",
+                    name,
+                    sorted(model.versions),
+                    model.config.backend,
+                )
+            return model
+
+    async def unload(self, name: str) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            model = self.models.pop(name, None)
+            if model is None:
+                raise ModelNotFound(f"model '{name}' is not loaded")
+            await self._stop(model)
+
+    async def _load_version(
+        self, config: ModelConfig, model_dir: Path, version: int
+    ) -> ModelVersion:
+        entry = ModelVersion(config=config, version=version)
+        source = ModelVersionSource(config=config, version=version, path=model_dir / str(version))
+        try:
+            factory = runtime_factory(config.backend)
+            for index in range(config.instance_count):
+                runtime = factory(source, index)
+                instance = RuntimeInstance(runtime, f"{config.name}-{version}-{index}")
+                entry.instances.append(instance)
+                await instance.call(runtime.load)
+            for instance in entry.instances:
+                await run_warmup(instance, config, source.path)
+            scheduler = Scheduler(
+                config, str(version), entry.instances, entry.stats, self._settings.max_queue_size
+            )
+            await scheduler.__aenter__()
+            entry.scheduler = scheduler
+            entry.state = "READY"
+        except Exception as exc:
+            entry.state = "UNAVAILABLE"
+            entry.reason = (
+                str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
+            )
+            if not isinstance(exc, ConvoyError):
+                log.exception("model '%s' version %d failed to load", config.name, version)
+            await self._close_instances(entry)
+        return entry
+
+    async def _stop(self, model: Model) -> None:
+        for entry in model.versions.values():
+            entry.state = "UNLOADING"
+            if entry.scheduler is not None:
+                await entry.scheduler.close(self._settings.shutdown_grace)
+                entry.scheduler = None
+            await self._close_instances(entry)
+            entry.state = "UNAVAILABLE"
+            entry.reason = "unloaded"
+
+    @staticmethod
+    async def _close_instances(entry: ModelVersion) -> None:
+        for instance in entry.instances:
+            try:
+                await instance.close()
+            except Exception:
+                log.exception("closing instance %s failed", instance.name)
+        entry.instances = []

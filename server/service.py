@@ -1,0 +1,172 @@
+"""What both front ends share: health, metadata, statistics, repository control, submission.
+
+Answers are plain dicts in the Open Inference Protocol's JSON shapes; the HTTP front end sends
+them as they are and the gRPC front end maps them onto its messages, so each answer is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+
+from convoy import __version__
+from convoy.errors import ConvoyError, ModelLoadFailed, ModelNotFound, Unavailable
+from convoy.types import Request
+
+from .repository import ModelRepository, ModelVersion
+
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "schedule_policy",
+    "statistics",
+]
+
+
+def _duration(d) -> dict:
+    return {"count": d.count, "ns": d.ns}
+
+
+class InferenceService:
+    def __init__(self, repository: ModelRepository, loop: asyncio.AbstractEventLoop) -> None:
+        self.repository = repository
+        self.loop = loop
+        #: False once shutdown starts: readiness goes false first, then new requests are refused.
+        self.accepting = True
+
+    # --- health and metadata ------------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.accepting and self.repository.ready()
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.repository.get(name, version)
+        except ConvoyError:
+            return False
+        return self.accepting
+
+    def server_metadata(self) -> dict:
+        return {"name": "convoy", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        model = self.repository.model(name)
+        if version and (not version.isdigit() or int(version) not in model.versions):
+            raise ModelNotFound(f"model '{name}' has no version {version}")
+        config = model.config
+        if config is None:
+            raise Unavailable(f"model '{name}' is not ready: {model.reason}")
+        batch = [-1] if config.max_batch_size > 0 else []
+
+        def describe(specs):
+            return [
+                {"name": s.name, "datatype": s.datatype, "shape": [*batch, *s.dims]} for s in specs
+            ]
+
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(model.versions)],
+            "platform": config.platform or config.backend,
+            "inputs": describe(config.inputs),
+            "outputs": describe(config.outputs),
+        }
+
+    def model_config(self, name: str, version: str = ""):
+        """The completed ModelConfig protobuf (callers serialise it for their transport)."""
+        model = self.repository.model(name)
+        if version and (not version.isdigit() or int(version) not in model.versions):
+            raise ModelNotFound(f"model '{name}' has no version {version}")
+        if model.config_proto is None:
+            raise Unavailable(f"model '{name}' has no valid configuration: {model.reason}")
+        return model.config_proto
+
+    def model_statistics(self, name: str = "", version: str = "") -> dict:
+        if name:
+            model = self.repository.model(name)
+            models = [model]
+            if version and (not version.isdigit() or int(version) not in model.versions):
+                raise ModelNotFound(f"model '{name}' has no version {version}")
+        else:
+            models = [self.repository.models[n] for n in sorted(self.repository.models)]
+        stats = []
+        for model in models:
+            for number in sorted(model.versions):
+                if version and str(number) != version:
+                    continue
+                stats.append(self._version_statistics(model.name, model.versions[number]))
+        return {"model_stats": stats}
+
+    @staticmethod
+    def _version_statistics(name: str, entry: ModelVersion) -> dict:
+        s = entry.stats
+        return {
+            "name": name,
+            "version": str(entry.version),
+            "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count,
+            "execution_count": s.execution_count,
+            "inference_stats": {
+                "success": _duration(s.success),
+                "fail": _duration(s.fail),
+                "queue": _duration(s.queue),
+                "compute_input": _duration(s.compute_input),
+                "compute_infer": _duration(s.compute_infer),
+                "compute_output": _duration(s.compute_output),
+                "cache_hit": {"count": 0, "ns": 0},
+                "cache_miss": {"count": 0, "ns": 0},
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": _duration(b.compute_input),
+                    "compute_infer": _duration(b.compute_infer),
+                    "compute_output": _duration(b.compute_output),
+                }
+                for size, b in sorted(s.batch_stats.items())
+            ],
+        }
+
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        rows = self.repository.index()
+        if ready_only:
+            rows = [r for r in rows if r["state"] == "READY"]
+        return rows
+
+    async def load_model(self, name: str) -> None:
+        model = await self.repository.load(name)
+        if model.state != "READY":
+            raise ModelLoadFailed(f"failed to load '{name}': {model.reason}")
+
+    async def unload_model(self, name: str) -> None:
+        await self.repository.unload(name)
+
+    # --- inference ------------------------------------------------------------------------------
+    def submit(self, entry: ModelVersion, request: Request) -> None:
+        """Queue a request on its model's scheduler (loop thread); errors go to its future."""
+        try:
+            if not self.accepting:
+                raise Unavailable("server is shutting down")
+            scheduler = entry.scheduler
+            if scheduler is None:
+                raise Unavailable(f"model '{entry.config.name}' is not ready")
+            scheduler.submit(request)
+        except ConvoyError as exc:
+            if not request.future.done():
+                request.future.set_exception(exc)
+
+    def submit_threadsafe(self, entry: ModelVersion, request: Request) -> None:
+        """Hand a request built on another thread (gRPC) to the loop."""
+        self.loop.call_soon_threadsafe(self.submit, entry, request)
+
+    def cancel_threadsafe(self, entry: ModelVersion, request: Request) -> None:
+        scheduler = entry.scheduler
+        if scheduler is not None:
+            self.loop.call_soon_threadsafe(scheduler.cancel, request)
+
+    def run_threadsafe(self, coroutine) -> Future:
+        """Run a control-plane coroutine (load/unload) on the loop from another thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)

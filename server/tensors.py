@@ -1,0 +1,177 @@
+"""Check wire tensors against a model's declared inputs and turn them into numpy views.
+
+Both front ends call these with what they parsed, so every protocol gets the same checks and
+the same messages: name, datatype, shape and byte size are verified before any allocation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convoy.config import ModelConfig
+from convoy.datatypes import (
+    ITEMSIZE,
+    NUMPY_DTYPE,
+    deserialize_bytes,
+    element_count,
+    float32_to_bf16_bits,
+    v2_datatype_of,
+)
+from convoy.errors import InferenceFailed, InvalidInput
+from convoy.types import TensorSpec
+
+#: Hard cap on elements of one tensor, whatever its declared shape says (forged shapes).
+MAX_ELEMENTS = 1 << 31
+
+
+def input_spec(config: ModelConfig, name: str) -> TensorSpec:
+    spec = config.input(name)
+    if spec is None:
+        expected = ", ".join(f"'{s.name}'" for s in config.inputs)
+        raise InvalidInput(
+            f"unexpected input '{name}' for model '{config.name}'; expected inputs: {expected}"
+        )
+    return spec
+
+
+def check_shape(config: ModelConfig, spec: TensorSpec, datatype: str, shape: list[int]) -> int:
+    """Validate datatype and shape; returns the batch rows the tensor carries."""
+    name = spec.name
+    if datatype != spec.datatype:
+        raise InvalidInput(
+            f"input '{name}': expected datatype {spec.datatype}, got {datatype or '(none)'}"
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
+    dims = spec.dims
+    if config.max_batch_size > 0:
+        expected = [-1, *dims]
+        if len(shape) != len(dims) + 1 or not _dims_match(shape[1:], dims):
+            raise InvalidInput(
+                f"input '{name}': expected shape {expected} (first dimension is the batch), "
+                f"got {shape}"
+            )
+        rows = shape[0]
+        if rows < 1:
+            raise InvalidInput(f"input '{name}': batch dimension must be >= 1, got {rows}")
+        if rows > config.max_batch_size:
+            raise InvalidInput(
+                f"input '{name}': batch size {rows} exceeds max_batch_size "
+                f"{config.max_batch_size} of model '{config.name}'"
+            )
+    else:
+        if len(shape) != len(dims) or not _dims_match(shape, dims):
+            raise InvalidInput(f"input '{name}': expected shape {list(dims)}, got {shape}")
+        rows = 1
+    if element_count(shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"input '{name}': shape {shape} has more than {MAX_ELEMENTS} elements")
+    return rows
+
+
+def _dims_match(shape, dims) -> bool:
+    return all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
+
+
+def from_raw(spec: TensorSpec, datatype: str, shape: list[int], raw) -> np.ndarray:
+    """A numpy view of raw little-endian bytes (or the decoded BYTES elements)."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        array = deserialize_bytes(raw, count, spec.name)
+    else:
+        expected = count * ITEMSIZE[datatype]
+        if len(raw) != expected:
+            raise InvalidInput(
+                f"input '{spec.name}': {datatype} {shape} needs {expected} bytes, got {len(raw)}"
+            )
+        # A view of the wire bytes: no copy until the batch buffer.
+        array = np.frombuffer(raw, dtype=NUMPY_DTYPE[datatype])
+    return array.reshape(shape)
+
+
+def from_values(spec: TensorSpec, datatype: str, shape: list[int], values) -> np.ndarray:
+    """An array from JSON values or typed protobuf contents, checked against the shape."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        array = np.empty(len(values), dtype=object)
+        for index, value in enumerate(values):
+            array[index] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    elif datatype == "BF16":
+        array = float32_to_bf16_bits(_numeric(values, np.float32, spec.name, datatype))
+    else:
+        array = _numeric(values, NUMPY_DTYPE[datatype], spec.name, datatype)
+    if array.size != count:
+        raise InvalidInput(
+            f"input '{spec.name}': shape {shape} needs {count} values, got {array.size}"
+        )
+    return array.reshape(shape)
+
+
+def _numeric(values, dtype, name: str, datatype: str) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"input '{name}': data is not a list of {datatype} values") from None
+    return array.reshape(-1)
+
+
+def apply_reshape(config: ModelConfig, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    if spec.reshape is None:
+        return array
+    if config.max_batch_size > 0:
+        return array.reshape((array.shape[0], *spec.reshape))
+    return array.reshape(spec.reshape)
+
+
+def check_complete(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
+    """Every required input present, all with the same batch rows; returns the rows."""
+    for spec in config.inputs:
+        if spec.name not in inputs and not spec.optional:
+            raise InvalidInput(f"missing required input '{spec.name}' for model '{config.name}'")
+    if config.max_batch_size <= 0:
+        return 1
+    rows = None
+    for name, array in inputs.items():
+        if rows is None:
+            rows = array.shape[0]
+        elif array.shape[0] != rows:
+            raise InvalidInput(
+                f"input '{name}': batch dimension {array.shape[0]} differs from the other "
+                f"inputs' {rows}"
+            )
+    return rows or 1
+
+
+def check_requested_outputs(config: ModelConfig, names) -> tuple[str, ...]:
+    if config.outputs:
+        for name in names:
+            if config.output(name) is None:
+                expected = ", ".join(f"'{s.name}'" for s in config.outputs)
+                raise InvalidInput(
+                    f"unexpected requested output '{name}' for model '{config.name}'; "
+                    f"expected outputs: {expected}"
+                )
+    return tuple(names)
+
+
+def select_outputs(
+    config: ModelConfig, outputs: dict[str, np.ndarray], requested: tuple[str, ...]
+) -> list[tuple[str, str, np.ndarray]]:
+    """(name, V2 datatype, array) for each output to send back, in a stable order."""
+    names = requested or (
+        tuple(s.name for s in config.outputs if s.name in outputs) or tuple(outputs)
+    )
+    selected = []
+    for name in names:
+        array = outputs.get(name)
+        if array is None:
+            raise InferenceFailed(f"model '{config.name}' did not produce output '{name}'")
+        spec = config.output(name)
+        if spec is not None:
+            datatype = spec.datatype
+            wanted = NUMPY_DTYPE[datatype]
+            if datatype != "BYTES" and array.dtype != wanted:
+                array = array.astype(wanted)
+        else:
+            datatype = v2_datatype_of(array)
+        selected.append((name, datatype, array))
+    return selected
