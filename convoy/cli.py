@@ -31,7 +31,6 @@ def _serve_parser(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002, help="-1 disables metrics")
-    p.add_argument("--grpc-workers", type=int, default=64, help="gRPC handler threads")
     p.add_argument(
         "--max-queue-size",
         type=int,
@@ -71,7 +70,6 @@ def _settings(args) -> ServerConfig:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        grpc_workers=args.grpc_workers,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         http_max_body_bytes=args.http_max_body_bytes,
         max_queue_size=args.max_queue_size,

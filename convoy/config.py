@@ -150,8 +150,6 @@ class ServerConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    #: Threads serving gRPC calls (each unary call holds one while it runs).
-    grpc_workers: int = 64
     grpc_max_message_bytes: int = 256 * 1024 * 1024
     http_max_body_bytes: int = 256 * 1024 * 1024
     #: Bound on every model queue whose policy sets no max_queue_size.

@@ -32,9 +32,7 @@ NUMPY_DTYPE: dict[str, np.dtype] = {
 }
 
 #: bytes per element, for fixed-size datatypes.
-ITEMSIZE: dict[str, int] = {
-    name: dt.itemsize for name, dt in NUMPY_DTYPE.items() if name != "BYTES"
-}
+ITEMSIZE: dict[str, int] = {name: dt.itemsize for name, dt in NUMPY_DTYPE.items() if name != "BYTES"}
 
 #: config.pbtxt's TYPE_* names -> V2 datatype.
 CONFIG_TO_V2: dict[str, str] = {
@@ -83,9 +81,16 @@ def element_count(shape: tuple[int, ...] | list[int]) -> int:
 def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray:
     """Decode `count` length-prefixed BYTES elements; the whole buffer must be consumed."""
     view = memoryview(buffer)
+    end = len(view)
+    # Every element takes at least its 4-byte length: check before allocating `count` slots,
+    # so a forged shape cannot make the server allocate for elements the data cannot hold.
+    if end < 4 * count:
+        raise InvalidInput(
+            f"input '{name}': BYTES data ({end} bytes) cannot hold the {count} elements its "
+            "shape declares (each needs at least 4 bytes)"
+        )
     items = np.empty(count, dtype=object)
     offset = 0
-    end = len(view)
     for index in range(count):
         if offset + 4 > end:
             raise InvalidInput(

@@ -62,12 +62,8 @@ class ConvoyServer:
         await self.repository.__aenter__()
         self.service = InferenceService(self.repository, loop)
         try:
-            self._grpc, self.grpc_port = start_grpc_server(
-                self.service,
-                settings.host,
-                settings.grpc_port,
-                settings.grpc_workers,
-                settings.grpc_max_message_bytes,
+            self._grpc, self.grpc_port = await start_grpc_server(
+                self.service, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
             )
             sock = _bind(settings.host, settings.http_port)
             self.http_port = sock.getsockname()[1]
@@ -126,8 +122,7 @@ class ConvoyServer:
         ):
             await asyncio.sleep(0.01)
         if self._grpc is not None:
-            stopped = self._grpc.stop(grace=max(deadline - time.monotonic(), 0.5))
-            await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
+            await self._grpc.stop(grace=max(deadline - time.monotonic(), 0.5))
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):

@@ -64,8 +64,7 @@ def _json_data(array: np.ndarray, datatype: str):
     flat = array.reshape(-1)
     if datatype == "BYTES":
         return [
-            v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
-            for v in flat
+            v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v) for v in flat
         ]
     if datatype == "BF16":
         return bf16_bits_to_float32(flat)
@@ -219,9 +218,7 @@ class HttpFrontend:
             try:
                 split = int(header_length)
             except ValueError:
-                raise InvalidInput(
-                    "header Inference-Header-Content-Length must be an integer"
-                ) from None
+                raise InvalidInput("header Inference-Header-Content-Length must be an integer") from None
             if not 0 <= split <= len(body):
                 raise InvalidInput(
                     f"header Inference-Header-Content-Length is {split} but the body has "
@@ -256,20 +253,35 @@ class HttpFrontend:
         result = await future
         await self._respond(send, entry, request, result.outputs, binary_outputs, accept)
 
-    @staticmethod
-    def _decompress(body: bytes, encoding: bytes) -> bytes:
-        try:
-            if encoding == b"gzip":
-                return gzip.decompress(body)
-            if encoding == b"deflate":
-                return zlib.decompress(body)
-        except (OSError, zlib.error, EOFError) as exc:
+    def _decompress(self, body: bytes, encoding: bytes) -> bytes:
+        """Inflate a gzip/deflate body, holding the result to the same limit as a plain body."""
+        wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
+        if wbits is None:
             raise InvalidInput(
-                f"request body is not valid {encoding.decode()} data: {exc}"
-            ) from None
-        raise InvalidInput(
-            f"Content-Encoding '{encoding.decode()}' is not supported; expected gzip or deflate"
-        )
+                f"Content-Encoding '{encoding.decode()}' is not supported; expected gzip or deflate"
+            )
+        limit = self.max_body_bytes
+        parts = []
+        size = 0
+        data = body
+        while data:  # one pass per gzip member (RFC 1952 allows several)
+            inflater = zlib.decompressobj(wbits)
+            try:
+                part = inflater.decompress(data, limit + 1 - size)
+            except zlib.error as exc:
+                raise InvalidInput(
+                    f"request body is not valid {encoding.decode()} data: {exc}"
+                ) from None
+            size += len(part)
+            if size > limit or inflater.unconsumed_tail:
+                raise BodyTooLarge(
+                    f"decompressed request body exceeds the server's limit of {limit} bytes"
+                )
+            if not inflater.eof:
+                raise InvalidInput(f"request body is truncated {encoding.decode()} data")
+            parts.append(part)
+            data = inflater.unused_data if encoding == b"gzip" else b""
+        return b"".join(parts)
 
     @staticmethod
     def _decode_inputs(config, document: dict, binary: memoryview):
@@ -310,20 +322,16 @@ class HttpFrontend:
                 offset += size
             else:
                 if "data" not in item:
-                    raise InvalidInput(
-                        f"input '{name}': needs 'data' or a binary_data_size parameter"
-                    )
+                    raise InvalidInput(f"input '{name}': needs 'data' or a binary_data_size parameter")
                 data = item["data"]
                 if not isinstance(data, list):
                     data = [data]
                 if datatype == "BYTES":
                     data = _flatten(data)
-                array = tensors.from_values(spec, datatype, shape, data)
+                array = tensors.from_json(spec, datatype, shape, data)
             inputs[name] = tensors.apply_reshape(config, spec, array)
         if offset != len(binary):
-            raise InvalidInput(
-                f"body holds {len(binary) - offset} binary bytes that no input claims"
-            )
+            raise InvalidInput(f"body holds {len(binary) - offset} binary bytes that no input claims")
         return inputs, tensors.check_complete(config, inputs)
 
     @staticmethod
@@ -338,6 +346,8 @@ class HttpFrontend:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidInput(f"outputs[{position}] must be an object with a string 'name'")
             params = item.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise InvalidInput(f"output '{item['name']}': 'parameters' must be a JSON object")
             if params.get("classification"):
                 raise InvalidInput(
                     f"output '{item['name']}': the classification extension is not supported"

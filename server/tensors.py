@@ -48,8 +48,7 @@ def check_shape(config: ModelConfig, spec: TensorSpec, datatype: str, shape: lis
         expected = [-1, *dims]
         if len(shape) != len(dims) + 1 or not _dims_match(shape[1:], dims):
             raise InvalidInput(
-                f"input '{name}': expected shape {expected} (first dimension is the batch), "
-                f"got {shape}"
+                f"input '{name}': expected shape {expected} (first dimension is the batch), got {shape}"
             )
         rows = shape[0]
         if rows < 1:
@@ -94,16 +93,71 @@ def from_values(spec: TensorSpec, datatype: str, shape: list[int], values) -> np
     if datatype == "BYTES":
         array = np.empty(len(values), dtype=object)
         for index, value in enumerate(values):
-            array[index] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            if isinstance(value, str):
+                array[index] = value.encode("utf-8")
+            elif isinstance(value, (bytes, bytearray)):
+                array[index] = bytes(value)
+            else:
+                raise InvalidInput(
+                    f"input '{spec.name}': BYTES data must hold strings, got "
+                    f"{type(value).__name__} at element {index}"
+                )
     elif datatype == "BF16":
         array = float32_to_bf16_bits(_numeric(values, np.float32, spec.name, datatype))
     else:
         array = _numeric(values, NUMPY_DTYPE[datatype], spec.name, datatype)
     if array.size != count:
-        raise InvalidInput(
-            f"input '{spec.name}': shape {shape} needs {count} values, got {array.size}"
-        )
+        raise InvalidInput(f"input '{spec.name}': shape {shape} needs {count} values, got {array.size}")
     return array.reshape(shape)
+
+
+#: numpy kind of a JSON-typed datatype -> kinds its JSON values may parse to (no strings, null,
+#: or booleans standing in for numbers; JSON integers are fine for floating-point types).
+#: One numpy probe decides, so a boolean mixed among numbers still passes as 0/1.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_JSON_TYPES = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float)}
+
+
+def from_json(spec: TensorSpec, datatype: str, shape: list[int], values: list) -> np.ndarray:
+    """`from_values` for JSON `data`, whose elements must be of the datatype's JSON type."""
+    if datatype != "BYTES" and values:
+        kind = "f" if datatype == "BF16" else NUMPY_DTYPE[datatype].kind
+        if not _json_kind_ok(values, kind):
+            raise InvalidInput(
+                f"input '{spec.name}': data is not a list of {datatype} values "
+                f"(expected JSON {'true/false' if kind == 'b' else 'numbers'})"
+            )
+    return from_values(spec, datatype, shape, values)
+
+
+def _json_kind_ok(values: list, kind: str) -> bool:
+    try:
+        probe_kind = np.asarray(values).dtype.kind
+    except (TypeError, ValueError, OverflowError):
+        return True  # ragged nesting and the like: from_values reports it
+    if probe_kind in _JSON_KINDS[kind]:
+        return True
+    if probe_kind not in "fO":  # strings, booleans for a number, numbers for BOOL
+        return False
+    # numpy widened what it could not unify (huge integers -> float64 or object, null -> object):
+    # look at the JSON values themselves.
+    allowed = _JSON_TYPES[kind]
+    return all(
+        isinstance(v, allowed) and (kind == "b" or not isinstance(v, bool)) for v in _leaves(values)
+    )
+
+
+def _leaves(values):
+    """The scalars of arbitrarily nested lists (iterative: no recursion limit to hit)."""
+    stack = [iter(values)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            yield value
+        else:
+            stack.pop()
 
 
 def _numeric(values, dtype, name: str, datatype: str) -> np.ndarray:
@@ -135,8 +189,7 @@ def check_complete(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
             rows = array.shape[0]
         elif array.shape[0] != rows:
             raise InvalidInput(
-                f"input '{name}': batch dimension {array.shape[0]} differs from the other "
-                f"inputs' {rows}"
+                f"input '{name}': batch dimension {array.shape[0]} differs from the other inputs' {rows}"
             )
     return rows or 1
 
@@ -157,9 +210,7 @@ def select_outputs(
     config: ModelConfig, outputs: dict[str, np.ndarray], requested: tuple[str, ...]
 ) -> list[tuple[str, str, np.ndarray]]:
     """(name, V2 datatype, array) for each output to send back, in a stable order."""
-    names = requested or (
-        tuple(s.name for s in config.outputs if s.name in outputs) or tuple(outputs)
-    )
+    names = requested or (tuple(s.name for s in config.outputs if s.name in outputs) or tuple(outputs))
     selected = []
     for name in names:
         array = outputs.get(name)

@@ -1,0 +1,64 @@
+"""Session fixtures: real `convoy serve` processes on generated model repositories, and clients.
+
+`server` serves models that all load (it must report ready); `broken_server` serves add_sub beside
+a model that fails to import and one with an invalid config.pbtxt. Both bind port 0, are waited
+for by polling their health endpoint with a deadline, and must exit 0 on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from helpers import (
+    ConvoyProcess,
+    Protocol,
+    build_broken_repository,
+    build_serving_repository,
+)
+
+
+def _run(process: ConvoyProcess, wait_until: str):
+    process.start(wait_until)
+    try:
+        yield process
+    finally:
+        code = process.stop()
+        assert code == 0, f"server exited with {code} on SIGTERM\n{process.log()}"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    process = ConvoyProcess(build_serving_repository(root / "models"), root / "server.log")
+    yield from _run(process, "ready")
+
+
+@pytest.fixture(scope="session")
+def broken_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    process = ConvoyProcess(build_broken_repository(root / "models"), root / "server.log")
+    # Readiness stays false while a model failed to load, so wait for liveness.
+    yield from _run(process, "live")
+
+
+@pytest.fixture(scope="session")
+def grpc_client(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def http_client(server):
+    client = httpclient.InferenceServerClient(server.http_url, concurrency=4)
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["grpc", "http"])
+def protocol(request, grpc_client, http_client) -> Protocol:
+    """Each test taking this runs once over gRPC and once over HTTP (ids: [grpc], [http])."""
+    if request.param == "grpc":
+        return Protocol("grpc", grpc_client, grpcclient)
+    return Protocol("http", http_client, httpclient)
