@@ -83,11 +83,7 @@ class Scheduler:
         )
         default_policy = batching.default_queue_policy if batching else QueuePolicy()
         self._policies = [
-            (
-                batching.priority_queue_policy.get(level, default_policy)
-                if batching
-                else default_policy
-            )
+            (batching.priority_queue_policy.get(level, default_policy) if batching else default_policy)
             for level in range(1, levels + 1)
         ]
         self._queue = PriorityQueue([p.max_queue_size or max_queue_size for p in self._policies])
@@ -187,9 +183,7 @@ class Scheduler:
         else:
             action = TimeoutAction.REJECT
         if expiry is not None:
-            self._loop.call_at(
-                self._loop.time() + (expiry - now / 1e9), self._expire, request, action
-            )
+            self._loop.call_at(self._loop.time() + (expiry - now / 1e9), self._expire, request, action)
         self._wake()
 
     def cancel(self, request: Request) -> None:
@@ -288,9 +282,7 @@ class Scheduler:
             self._executing_rows += rows
             sequence = self._next_sequence
             self._next_sequence += 1
-            task = self._loop.create_task(
-                self._execute(instance, batch, rows, reason, now, sequence)
-            )
+            task = self._loop.create_task(self._execute(instance, batch, rows, reason, now, sequence))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -323,9 +315,7 @@ class Scheduler:
         except ConvoyError as exc:
             outcome = [(request, None, exc) for request in batch]
         except Exception as exc:
-            log.exception(
-                "model '%s' version %s failed a batch of %d rows", name, self.version, rows
-            )
+            log.exception("model '%s' version %s failed a batch of %d rows", name, self.version, rows)
             error = InferenceFailed(
                 f"model '{name}' failed to execute the batch: {type(exc).__name__}: {exc}"
             )
@@ -333,7 +323,6 @@ class Scheduler:
         finally:
             self._executing_rows -= rows
             self._idle.append(instance)
-            self._wake()
         if self._preserve_ordering:
             self._held[sequence] = outcome
             while self._deliver_sequence in self._held:
@@ -341,6 +330,9 @@ class Scheduler:
                 self._deliver_sequence += 1
         else:
             self._deliver(outcome, dispatched_ns)
+        # Woken after delivering: the callbacks of the clients just answered run first, so
+        # requests they send straight back join the next batch instead of trailing it.
+        self._wake()
 
     def _deliver(self, outcome: list, dispatched_ns: int) -> None:
         stats = self.stats
