@@ -21,13 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import describe  # noqa: E402
+from machine import describe
 
-from convoy.batching.scheduler import Scheduler  # noqa: E402
-from convoy.batching.stats import ModelStats  # noqa: E402
-from convoy.config import DynamicBatching, ModelConfig  # noqa: E402
-from convoy.runtimes.base import RuntimeInstance  # noqa: E402
-from convoy.types import Request, TensorSpec  # noqa: E402
+from convoy.batching.scheduler import Scheduler
+from convoy.batching.stats import ModelStats
+from convoy.config import DynamicBatching, ModelConfig
+from convoy.runtimes.base import RuntimeInstance
+from convoy.types import Request, TensorSpec
 
 
 class NoOpRuntime:
