@@ -119,6 +119,19 @@ class ModelConfig:
     def instance_count(self) -> int:
         return sum(group.count for group in self.instance_groups) or 1
 
+    def placement(self, instance_index: int) -> tuple[InstanceKind, int | None]:
+        """(kind, GPU id or None) of the instance with this index, counting through the groups
+        in order; a GPU group's instances are spread round-robin over its `gpus` (GPU 0 if none)."""
+        index = instance_index
+        for group in self.instance_groups:
+            if index < group.count:
+                if group.kind is InstanceKind.GPU:
+                    gpus = group.gpus or (0,)
+                    return group.kind, gpus[index % len(gpus)]
+                return group.kind, None
+            index -= group.count
+        return InstanceKind.AUTO, None
+
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:
             if spec.name == name:

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from convoy.config import ModelVersionSource
+from convoy.config import ModelConfig, ModelVersionSource
 from convoy.errors import InvalidConfig
 
 
@@ -37,6 +37,16 @@ class Runtime(Protocol):
 
 class RuntimeFactory(Protocol):
     def __call__(self, source: ModelVersionSource, instance_index: int) -> Runtime: ...
+
+
+def autocomplete(factory: RuntimeFactory, source: ModelVersionSource) -> ModelConfig:
+    """The config with what the backend can read from the model file filled in.
+
+    A backend offers this by giving its factory a `complete_config(source) -> ModelConfig`
+    (ONNX Runtime reads inputs/outputs from the graph); others return the config unchanged.
+    """
+    complete = getattr(factory, "complete_config", None)
+    return source.config if complete is None else complete(source)
 
 
 #: backend name -> "module:attribute" of its factory, imported on first use so a missing

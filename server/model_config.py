@@ -259,6 +259,7 @@ def complete_proto(proto: mc.ModelConfig, config: ModelConfig) -> mc.ModelConfig
     full = mc.ModelConfig()
     full.CopyFrom(proto)
     full.name = config.name
+    full.max_batch_size = config.max_batch_size
     if not full.backend:
         full.backend = config.backend
     if not full.input:

@@ -18,7 +18,7 @@ from convoy.batching.stats import ModelStats
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
-from convoy.runtimes.base import RuntimeInstance, runtime_factory
+from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
 from convoy.runtimes.warmup import run_warmup
 
 from .model_config import build_model_config, complete_proto, read_config_proto
@@ -173,8 +173,6 @@ class ModelRepository:
             try:
                 proto = read_config_proto(model_dir / "config.pbtxt")
                 config = build_model_config(proto, model_dir)
-                model.config = config
-                model.config_proto = complete_proto(proto, config)
                 available = [
                     int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
                 ]
@@ -184,6 +182,11 @@ class ModelRepository:
                         f"{model_dir}: no version folder matches the version policy "
                         f"(found {sorted(available) or 'none'})"
                     )
+                # What the model file itself declares fills what config.pbtxt left out.
+                newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
+                config = autocomplete(runtime_factory(config.backend), newest)
+                model.config = config
+                model.config_proto = complete_proto(proto, config)
                 results = await asyncio.gather(
                     *(self._load_version(config, model_dir, v) for v in chosen)
                 )
