@@ -7,10 +7,12 @@ inputs and outputs; gzip/deflate request and response bodies as tritonclient sen
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import time
 import zlib
+from functools import partial
 from importlib import resources
 
 import numpy as np
@@ -250,7 +252,14 @@ class HttpFrontend:
             received_ns=received,
         )
         self.service.submit(entry, request)
-        result = await future
+        # A client that hangs up takes its request out of the queue: watch for the disconnect
+        # while the request waits, and stop watching once it is answered.
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(partial(_on_disconnect, entry, request))
+        try:
+            result = await future
+        finally:
+            watcher.cancel()
         await self._respond(send, entry, request, result.outputs, binary_outputs, accept)
 
     def _decompress(self, body: bytes, encoding: bytes) -> bytes:
@@ -396,6 +405,13 @@ class HttpFrontend:
                 body = zlib.compress(body, 1)
                 extra.append((b"content-encoding", b"deflate"))
         await self._send(send, 200, body, content_type, extra)
+
+
+def _on_disconnect(entry, request: Request, watcher: asyncio.Future) -> None:
+    if watcher.cancelled() or watcher.exception() is not None:
+        return
+    if watcher.result().get("type") == "http.disconnect" and entry.scheduler is not None:
+        entry.scheduler.cancel(request)
 
 
 def _flatten(values: list) -> list:
