@@ -53,6 +53,8 @@ def autocomplete(factory: RuntimeFactory, source: ModelVersionSource) -> ModelCo
 #: optional dependency (torch, onnxruntime) only matters to the models that need it.
 BACKENDS: dict[str, str] = {
     "python": "convoy.runtimes.python:PythonRuntime",
+    "pytorch": "convoy.runtimes.pytorch:TorchRuntime",
+    "onnxruntime": "convoy.runtimes.onnx:OnnxRuntime",
 }
 
 #: Extra backends registered at run time (tests register fakes here through `register_backend`).
@@ -110,19 +112,24 @@ class RuntimeInstance:
             job = self._jobs.get()
             if job is None:
                 return
-            loop, future, function, args = job
+            loop, callback, context, function, argument = job
             try:
-                result = function(*args)
-            except BaseException as exc:  # delivered to the awaiting coroutine
-                loop.call_soon_threadsafe(_settle, future, None, exc)
+                result = function(argument)
+            except BaseException as exc:  # handed to the callback on the loop
+                loop.call_soon_threadsafe(callback, *context, None, exc)
             else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                loop.call_soon_threadsafe(callback, *context, result, None)
+
+    def submit(self, callback: Callable, context: tuple, inputs: dict[str, np.ndarray]) -> None:
+        """Run `infer(inputs)` on this instance's thread, then `callback(*context, outputs,
+        error)` on the calling loop. Call it on the loop."""
+        self._jobs.put((asyncio.get_running_loop(), callback, context, self.runtime.infer, inputs))
 
     async def call(self, function: Callable, *args):
-        """Run a blocking runtime verb on this instance's thread."""
+        """Run a blocking runtime verb on this instance's thread and await its result."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((loop, future, function, args))
+        self._jobs.put((loop, _settle, (future,), lambda _: function(*args), None))
         return await future
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
