@@ -24,7 +24,6 @@ class PriorityQueue:
         self._delayed: deque[Request] = deque()
         self._capacities = capacities
         self._counts = [0] * len(capacities)
-        self._delayed_count = 0
         #: Live requests and their rows over all levels.
         self.size = 0
         self.rows = 0
@@ -48,19 +47,15 @@ class PriorityQueue:
 
     def discard(self, request: Request) -> None:
         """Account for a queued request leaving early; its entry is skipped later."""
-        if request.delayed:
-            self._delayed_count -= 1
-        else:
-            self._counts[request.level] -= 1
+        self._counts[request.level] -= 1
         self.size -= 1
         self.rows -= request.rows
 
     def delay(self, request: Request) -> None:
-        """Move a request behind everything else (timeout_action DELAY)."""
-        self._counts[request.level] -= 1
+        """Move a request behind everything else (timeout_action DELAY). It still counts
+        against its level's max_queue_size."""
         request.delayed = True
         self._delayed.append(request)
-        self._delayed_count += 1
 
     def _queues(self):
         yield from self._levels

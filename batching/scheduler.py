@@ -8,7 +8,10 @@ When to dispatch (the batcher's whole policy):
   nothing more will arrive before the delay runs out;
 - otherwise it waits for an arrival, a free instance or the delay, whichever comes first.
 
-Runs entirely on the event loop; `submit` and `cancel` are called on the loop thread.
+Runs entirely on the event loop, without a task of its own: a dispatch attempt runs when a
+request arrives, when a batch finishes (an instance frees) and when a delay timer fires. A batch
+is handed to its instance's thread and answers through a loop callback: no task or future per
+batch, which is most of what a batch of one used to cost.
 """
 
 from __future__ import annotations
@@ -89,9 +92,9 @@ class Scheduler:
         self._queue = PriorityQueue([p.max_queue_size or max_queue_size for p in self._policies])
         self._preserve_ordering = bool(batching and batching.preserve_ordering)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._dispatcher: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
-        self._wakeup: asyncio.Future | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at_ns = 0
+        self._dispatch_pending = False
         self._accepting = False
         self._executing_rows = 0
         self._last_arrival_ns = 0
@@ -100,15 +103,14 @@ class Scheduler:
         # preserve_ordering: batches deliver in the order they were formed.
         self._next_sequence = 0
         self._deliver_sequence = 0
-        self._held: dict[int, list] = {}
+        self._held: dict[int, tuple[list, int]] = {}
+        #: Batches on their instances, by sequence number (to answer them if shutdown cannot wait).
+        self._executing: dict[int, list[Request]] = {}
 
     # --- lifetime ---------------------------------------------------------------------------
     async def __aenter__(self) -> Scheduler:
         self._loop = asyncio.get_running_loop()
         self._accepting = True
-        self._dispatcher = asyncio.create_task(
-            self._dispatch_loop(), name=f"dispatch:{self.config.name}:{self.version}"
-        )
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -118,18 +120,21 @@ class Scheduler:
         """Stop accepting, let queued and running work finish within `grace`, fail the rest."""
         self._accepting = False
         deadline = time.monotonic() + grace
-        while (self._queue.size or self._running) and time.monotonic() < deadline:
-            self._wake()
+        while (self._queue.size or self._executing_rows) and time.monotonic() < deadline:
+            self._dispatch()
             await asyncio.sleep(0.005)
+        shutting_down = Unavailable(f"model '{self.config.name}' is shutting down")
         for request in self._queue.drain():
-            _resolve(request, error=Unavailable(f"model '{self.config.name}' is shutting down"))
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
-            self._dispatcher = None
-        for task in list(self._running):
-            task.cancel()
-        await asyncio.gather(*self._running, return_exceptions=True)
+            _resolve(request, error=shutting_down)
+        # Batches still on their instances after the grace period: answer their requests now
+        # (a late result finds the futures done and is dropped).
+        for batch in self._executing.values():
+            for request in batch:
+                request.state = RequestState.FINISHED
+                _resolve(request, error=shutting_down)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # --- entry points (loop thread) -------------------------------------------------------------
     @property
@@ -175,16 +180,21 @@ class Scheduler:
             gap = now - self._last_arrival_ns
             self._arrival_gap_ns += (gap - self._arrival_gap_ns) * _EWMA_WEIGHT
         self._last_arrival_ns = now
-        expiry = request.deadline
+        # The queue policy's timeout acts as the policy says (REJECT or DELAY); the client's own
+        # deadline always rejects.
+        to_loop_time = self._loop.time() - now / 1e9
         if timeout_us:
             timeout_at = now / 1e9 + timeout_us / 1e6
-            expiry = timeout_at if expiry is None else min(expiry, timeout_at)
-            action = policy.timeout_action
+            self._loop.call_at(to_loop_time + timeout_at, self._expire, request, policy.timeout_action)
+        if request.deadline is not None:
+            self._loop.call_at(
+                to_loop_time + request.deadline, self._expire, request, TimeoutAction.REJECT
+            )
+        if self._idle:
+            # On the next loop turn: requests arriving in the same turn share the batch.
+            self._dispatch_soon()
         else:
-            action = TimeoutAction.REJECT
-        if expiry is not None:
-            self._loop.call_at(self._loop.time() + (expiry - now / 1e9), self._expire, request, action)
-        self._wake()
+            self._waited_for_instance = True
 
     def cancel(self, request: Request) -> None:
         """The client went away: drop the request if it is still queued."""
@@ -195,12 +205,13 @@ class Scheduler:
             _resolve(request, error=Cancelled("request cancelled by the client"))
 
     def _expire(self, request: Request, action: TimeoutAction) -> None:
-        if request.state is not RequestState.QUEUED or request.delayed:
+        if request.state is not RequestState.QUEUED:
             return
         if request.future.done():
             return  # cancelled; the queue frees its slot when it reaches the entry
         if action is TimeoutAction.DELAY:
-            self._queue.delay(request)
+            if not request.delayed:
+                self._queue.delay(request)
             return
         request.state = RequestState.FINISHED
         self._queue.discard(request)
@@ -214,23 +225,6 @@ class Scheduler:
         )
 
     # --- dispatching ------------------------------------------------------------------------
-    def _wake(self) -> None:
-        waiter = self._wakeup
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _wait(self, until_ns: int | None = None) -> None:
-        waiter = self._wakeup = self._loop.create_future()
-        timer = None
-        if until_ns is not None:
-            timer = self._loop.call_later(max(until_ns - time.monotonic_ns(), 0) / 1e9, self._wake)
-        try:
-            await waiter
-        finally:
-            self._wakeup = None
-            if timer is not None:
-                timer.cancel()
-
     def _dispatch_decision(self, oldest: Request, now: int) -> tuple[str | None, int]:
         """(reason to dispatch now or None, batch row limit)."""
         rows = self._queue.rows
@@ -251,58 +245,77 @@ class Scheduler:
             return "queue_drained", self._max_rows
         return None, self._max_rows
 
-    async def _dispatch_loop(self) -> None:
+    def _dispatch(self) -> None:
+        """Start as many batches as there are free instances and reasons to go now."""
         queue = self._queue
-        while True:
-            if not queue.size:
-                self._waited_for_instance = False
-                await self._wait()
-                continue
-            if not self._idle:
-                self._waited_for_instance = True
-                await self._wait()
-                continue
+        while queue.size and self._idle:
             oldest = queue.oldest()
             if oldest is None:
-                continue
+                break
             now = time.monotonic_ns()
             reason, limit = self._dispatch_decision(oldest, now)
             if reason is None:
-                await self._wait(oldest.queued_ns + self._max_delay_ns)
-                continue
-            self._waited_for_instance = False
+                self._arm_timer(oldest.queued_ns + self._max_delay_ns)
+                return
             if self._dynamic:
                 batch = queue.take(limit, limit, batch_key)
             else:
                 batch = queue.take(self._max_rows, 1, batch_key)
-            if not batch:
-                continue
-            instance = self._idle.pop()
-            rows = sum(r.rows for r in batch)
-            self._executing_rows += rows
-            sequence = self._next_sequence
-            self._next_sequence += 1
-            task = self._loop.create_task(self._execute(instance, batch, rows, reason, now, sequence))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            if batch:
+                self._waited_for_instance = False
+                self._start(batch, reason, now)
+        if queue.size and not self._idle:
+            self._waited_for_instance = True
 
-    async def _execute(
-        self,
-        instance: RuntimeInstance,
-        batch: list[Request],
-        rows: int,
-        reason: str,
-        dispatched_ns: int,
-        sequence: int,
-    ) -> None:
-        name = self.config.name
-        outcome: list
+    def _dispatch_soon(self) -> None:
+        """Dispatch on the next loop turn, after the callbacks already queued (clients just
+        answered, resubmitting) have run, so their requests join the next batch."""
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            self._loop.call_soon(self._deferred_dispatch)
+
+    def _deferred_dispatch(self) -> None:
+        self._dispatch_pending = False
+        self._dispatch()
+
+    def _arm_timer(self, at_ns: int) -> None:
+        if self._timer is not None:
+            if self._timer_at_ns <= at_ns:
+                return
+            self._timer.cancel()
+        self._timer_at_ns = at_ns
+        self._timer = self._loop.call_later(max(at_ns - time.monotonic_ns(), 0) / 1e9, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _start(self, batch: list[Request], reason: str, dispatched_ns: int) -> None:
+        instance = self._idle.pop()
+        rows = 0
+        for request in batch:
+            rows += request.rows
+        self._executing_rows += rows
+        sequence = self._next_sequence
+        self._next_sequence += 1
+        context = (instance, batch, rows, reason, dispatched_ns, sequence)
+        self._executing[sequence] = batch
+        start = time.monotonic_ns()
         try:
-            start = time.monotonic_ns()
             inputs = merge(batch)
-            merged = time.monotonic_ns()
-            outputs = await instance.infer(inputs)
-            inferred = time.monotonic_ns()
+        except Exception as exc:
+            self._finished(context, start, start, None, exc)
+            return
+        instance.submit(self._finished, (context, start, time.monotonic_ns()), inputs)
+
+    def _finished(self, context, start: int, merged: int, outputs, error) -> None:
+        """A batch came back from its instance (on the loop): split, record, deliver."""
+        instance, batch, rows, reason, dispatched_ns, sequence = context
+        name = self.config.name
+        inferred = time.monotonic_ns()
+        try:
+            if error is not None:
+                raise error
             parts = split(outputs, batch, self._batched, name)
             done = time.monotonic_ns()
             self.stats.record_batch(
@@ -315,24 +328,25 @@ class Scheduler:
         except ConvoyError as exc:
             outcome = [(request, None, exc) for request in batch]
         except Exception as exc:
-            log.exception("model '%s' version %s failed a batch of %d rows", name, self.version, rows)
-            error = InferenceFailed(
+            log.error(
+                "model '%s' version %s failed a batch of %d rows", name, self.version, rows, exc_info=exc
+            )
+            failure = InferenceFailed(
                 f"model '{name}' failed to execute the batch: {type(exc).__name__}: {exc}"
             )
-            outcome = [(request, None, error) for request in batch]
-        finally:
-            self._executing_rows -= rows
-            self._idle.append(instance)
+            outcome = [(request, None, failure) for request in batch]
+        self._executing_rows -= rows
+        self._idle.append(instance)
+        del self._executing[sequence]
         if self._preserve_ordering:
-            self._held[sequence] = outcome
+            self._held[sequence] = (outcome, dispatched_ns)
             while self._deliver_sequence in self._held:
-                self._deliver(self._held.pop(self._deliver_sequence), dispatched_ns)
+                self._deliver(*self._held.pop(self._deliver_sequence))
                 self._deliver_sequence += 1
         else:
             self._deliver(outcome, dispatched_ns)
-        # Woken after delivering: the callbacks of the clients just answered run first, so
-        # requests they send straight back join the next batch instead of trailing it.
-        self._wake()
+        if self._queue.size:
+            self._dispatch_soon()
 
     def _deliver(self, outcome: list, dispatched_ns: int) -> None:
         stats = self.stats

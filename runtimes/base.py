@@ -135,8 +135,10 @@ class RuntimeInstance:
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self.call(self.runtime.infer, inputs)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 10.0) -> None:
+        """Close the runtime on its thread. A thread stuck in a hung batch is abandoned after
+        `timeout` (it is a daemon thread), so a hung model cannot stall shutdown."""
         try:
-            await self.call(self.runtime.close)
+            await asyncio.wait_for(self.call(self.runtime.close), timeout)
         finally:
             self._jobs.put(None)
