@@ -30,6 +30,16 @@ from machine import describe  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 ROOT = HERE.parent
+GPU_WORKLOADS = {"bert_base"}
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def find_perf_analyzer() -> str:
@@ -108,6 +118,7 @@ def perf_analyzer(
     shapes,
     quick: bool,
     out_csv: Path,
+    extra=(),
 ) -> dict:
     command = [
         binary,
@@ -134,9 +145,10 @@ def perf_analyzer(
             "100",
         ]
     else:
-        command += ["-p", "4000", "-r", "10", "-s", "15"]
+        command += ["-p", "3000", "-r", "8", "-s", "25"]
     for shape in shapes:
         command += ["--shape", shape]
+    command += list(extra)
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not out_csv.exists():
         return {"error": (done.stdout + done.stderr)[-800:]}
@@ -185,7 +197,13 @@ def markdown(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--workload", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument(
+        "--workload",
+        nargs="*",
+        default=None,
+        choices=list(WORKLOADS),
+        help="default: all (--quick: mlp only)",
+    )
     parser.add_argument("--concurrency", nargs="*", type=int, default=None)
     parser.add_argument("--protocol", nargs="*", default=["grpc", "http"], choices=["grpc", "http"])
     parser.add_argument("--quick", action="store_true", help="short windows; CI checks the files")
@@ -203,7 +221,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="convoy-bench-") as scratch:
         scratch = Path(scratch)
-        for name in args.workload:
+        default = [w for w in WORKLOADS if (w in GPU_WORKLOADS) == has_cuda()]
+        for name in args.workload or (["mlp"] if args.quick else default):
             workload = WORKLOADS[name]
             repository = scratch / name / "models"
             raw = workload.build(repository)
@@ -227,6 +246,7 @@ def main() -> int:
                             workload.shapes,
                             args.quick,
                             scratch / f"{name}-{protocol}-{concurrency}.csv",
+                            workload.perf_args,
                         )
                         run.update(protocol=protocol, concurrency=concurrency)
                         if "requests_per_s" in run:

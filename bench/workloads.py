@@ -6,7 +6,6 @@ that runs exactly what the server runs, so served and raw throughput compare lik
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +54,42 @@ class Workload:
     #: Best batch size for the raw in-process measurement.
     raw_batch: int
     build: Callable[[Path], Callable[[int], None]]
+    #: Extra perf_analyzer arguments (e.g. string data for BYTES inputs).
+    perf_args: tuple[str, ...] = ()
 
 
-def _load_python_model(version_dir: Path, name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", version_dir / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.Model()
-    if hasattr(model, "initialize"):
-        model.initialize({"path": str(version_dir), "name": name, "parameters": {}})
-    return model
+def load_runtime(repository: Path, name: str):
+    """The model as the server runs it: the same config parsing and backend, in-process."""
+    from convoy.config import ModelVersionSource
+    from convoy.runtimes.base import autocomplete, runtime_factory
+    from convoy.server.model_config import build_model_config, read_config_proto
+
+    model_dir = repository / name
+    config = build_model_config(read_config_proto(model_dir / "config.pbtxt"), model_dir)
+    source = ModelVersionSource(config, 1, model_dir / "1")
+    factory = runtime_factory(config.backend)
+    source = ModelVersionSource(autocomplete(factory, source), 1, model_dir / "1")
+    runtime = factory(source, 0)
+    runtime.load()
+    return runtime
+
+
+def mlp_weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for i, (fan_in, fan_out) in enumerate([(64, 256), (256, 256), (256, 16)]):
+        arrays[f"w{i}"] = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        arrays[f"b{i}"] = np.zeros(fan_out, dtype=np.float32)
+    return arrays
+
+
+def _random_rows(runtime, name: str):
+    rng = np.random.default_rng(1)
+
+    def raw(batch: int) -> None:
+        runtime.infer({name: rng.standard_normal((batch, 64)).astype(np.float32)})
+
+    return raw
 
 
 def build_mlp(repository: Path, name: str = "mlp") -> Callable[[int], None]:
@@ -72,17 +97,147 @@ def build_mlp(repository: Path, name: str = "mlp") -> Callable[[int], None]:
     version.mkdir(parents=True, exist_ok=True)
     (repository / name / "config.pbtxt").write_text(MLP_CONFIG.format(name=name))
     (version / "model.py").write_text(MLP_MODEL)
-    rng = np.random.default_rng(0)
-    sizes = [(64, 256), (256, 256), (256, 16)]
-    arrays = {}
-    for i, (fan_in, fan_out) in enumerate(sizes):
-        arrays[f"w{i}"] = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
-        arrays[f"b{i}"] = np.zeros(fan_out, dtype=np.float32)
-    np.savez(version / "weights.npz", **arrays)
-    model = _load_python_model(version, name)
+    np.savez(version / "weights.npz", **mlp_weights())
+    return _random_rows(load_runtime(repository, name), "INPUT0")
+
+
+ONNX_MLP_CONFIG = """
+name: "{name}"
+backend: "onnxruntime"
+max_batch_size: 256
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+"""
+
+
+def build_onnx_mlp(repository: Path, name: str = "onnx_mlp") -> Callable[[int], None]:
+    """The same MLP as an ONNX graph (Gemm/Relu); inputs and outputs come from autocomplete."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = mlp_weights()
+    nodes, current = [], "INPUT0"
+    for i in range(3):
+        out = "OUTPUT0" if i == 2 else f"h{i}"
+        gemm = out if i == 2 else f"g{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [gemm]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [gemm], [out]))
+        current = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 16])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    version = repository / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, version / "model.onnx")
+    (repository / name / "config.pbtxt").write_text(ONNX_MLP_CONFIG.format(name=name))
+    return _random_rows(load_runtime(repository, name), "INPUT0")
+
+
+TORCH_MLP_CONFIG = """
+name: "{name}"
+backend: "pytorch"
+max_batch_size: 256
+input [ {{ name: "INPUT0", data_type: TYPE_FP32, dims: [ 64 ] }} ]
+output [ {{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+"""
+
+
+def build_torch_mlp(repository: Path, name: str = "torch_mlp") -> Callable[[int], None]:
+    """The same MLP as TorchScript."""
+    import torch
+
+    weights = mlp_weights()
+    layers = []
+    for i in range(3):
+        linear = torch.nn.Linear(*weights[f"w{i}"].shape)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(weights[f"w{i}"].T.copy()))
+            linear.bias.copy_(torch.from_numpy(weights[f"b{i}"]))
+        layers.append(linear)
+        if i < 2:
+            layers.append(torch.nn.ReLU())
+    module = torch.jit.script(torch.nn.Sequential(*layers).eval())
+    version = repository / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    module.save(str(version / "model.pt"))
+    (repository / name / "config.pbtxt").write_text(TORCH_MLP_CONFIG.format(name=name))
+    return _random_rows(load_runtime(repository, name), "INPUT0")
+
+
+SENTENCES = [
+    b"Convoy batches requests from many clients into one forward pass.",
+    b"The weather in the mountains changed quickly that afternoon.",
+    b"A small team measured their service before they shipped it.",
+    b"Embeddings place similar sentences close together.",
+]
+
+
+def build_text_embedding(repository: Path, name: str = "text_embedding") -> Callable[[int], None]:
+    """The bundled all-MiniLM-L6-v2 demo model (python backend on torch), one sentence a request."""
+    import shutil
+
+    from convoy.cli import demo_repository
+
+    shutil.copytree(demo_repository() / "text_embedding", repository / name)
+    runtime = load_runtime(repository, name)
 
     def raw(batch: int) -> None:
-        model.execute({"INPUT0": rng.standard_normal((batch, 64)).astype(np.float32)})
+        texts = np.array([SENTENCES[i % len(SENTENCES)] for i in range(batch)], dtype=object)
+        runtime.infer({"TEXT": texts.reshape(batch, 1)})
+
+    return raw
+
+
+BERT_CONFIG = """
+name: "{name}"
+backend: "pytorch"
+max_batch_size: 256
+input [ {{ name: "INPUT_IDS", data_type: TYPE_INT64, dims: [ 128 ] }} ]
+output [ {{ name: "POOLED", data_type: TYPE_FP32, dims: [ 768 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ count: 1, kind: KIND_GPU }} ]
+parameters {{ key: "precision" value: {{ string_value: "fp16" }} }}
+parameters {{ key: "cuda_graphs" value: {{ string_value: "true" }} }}
+"""
+
+
+def build_bert_base(repository: Path, name: str = "bert_base") -> Callable[[int], None]:
+    """A BERT-base-shaped encoder (12 layers, hidden 768, 12 heads, seq 128) with random
+    weights, TorchScript, fp16 on the GPU with CUDA graphs: token ids in, mean-pooled vector out."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(30522, 768)
+            self.position = torch.nn.Parameter(torch.randn(1, 128, 768) * 0.02)
+            layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True, activation="gelu")
+            self.encoder = torch.nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.encoder(self.embed(input_ids) + self.position)
+            return hidden.mean(dim=1)
+
+    torch.manual_seed(0)
+    module = torch.jit.script(Encoder().eval())
+    version = repository / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    module.save(str(version / "model.pt"))
+    (repository / name / "config.pbtxt").write_text(BERT_CONFIG.format(name=name))
+    runtime = load_runtime(repository, name)
+    rng = np.random.default_rng(2)
+
+    def raw(batch: int) -> None:
+        runtime.infer({"INPUT_IDS": rng.integers(0, 30522, size=(batch, 128), dtype=np.int64)})
 
     return raw
 
@@ -94,5 +249,35 @@ WORKLOADS: dict[str, Workload] = {
         shapes=(),
         raw_batch=64,
         build=build_mlp,
+    ),
+    "onnx_mlp": Workload(
+        name="onnx_mlp",
+        description="the same MLP on ONNX Runtime (CPU provider), 1-row requests",
+        shapes=(),
+        raw_batch=64,
+        build=build_onnx_mlp,
+    ),
+    "torch_mlp": Workload(
+        name="torch_mlp",
+        description="the same MLP as TorchScript (CPU), 1-row requests",
+        shapes=(),
+        raw_batch=64,
+        build=build_torch_mlp,
+    ),
+    "bert_base": Workload(
+        name="bert_base",
+        description="BERT-base-shaped encoder, seq 128, fp16 + CUDA graphs, one sequence a request",
+        shapes=(),
+        raw_batch=256,
+        build=build_bert_base,
+        perf_args=("--input-data", "zero"),  # random int64 ids would index past the vocabulary
+    ),
+    "text_embedding": Workload(
+        name="text_embedding",
+        description="all-MiniLM-L6-v2 sentence embeddings (CPU), one sentence a request",
+        shapes=(),
+        raw_batch=64,
+        build=build_text_embedding,
+        perf_args=("--string-data", "Convoy batches requests from many clients into one pass."),
     ),
 }
