@@ -20,7 +20,16 @@ def describe() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
     return {
+        "gpu": gpu,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "cores_usable": affinity,

@@ -168,7 +168,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Convoy benchmark {report['started']}",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores (Python {machine['python']}); "
+        f"Machine: {machine.get('gpu') or 'no GPU'}; {machine['cpu']}, {machine['cores']} cores "
+        f"(Python {machine['python']}); "
         "client (perf_analyzer) and server share the machine.",
         f"Command: `{report['command']}`",
         "",
