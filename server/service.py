@@ -25,6 +25,10 @@ EXTENSIONS = [
 ]
 
 
+#: What Triton reports as a model's platform when its config names only the backend.
+DEFAULT_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch"}
+
+
 def _duration(d) -> dict:
     return {"count": d.count, "ns": d.ns}
 
@@ -70,7 +74,7 @@ class InferenceService:
         return {
             "name": name,
             "versions": [str(v) for v in sorted(model.versions)],
-            "platform": config.platform or config.backend,
+            "platform": config.platform or DEFAULT_PLATFORM.get(config.backend, config.backend),
             "inputs": describe(config.inputs),
             "outputs": describe(config.outputs),
         }
