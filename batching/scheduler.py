@@ -96,6 +96,7 @@ class Scheduler:
         self._timer_at_ns = 0
         self._dispatch_pending = False
         self._accepting = False
+        self._closed = False
         self._executing_rows = 0
         self._last_arrival_ns = 0
         self._arrival_gap_ns = float(1 << 40)
@@ -126,12 +127,16 @@ class Scheduler:
         shutting_down = Unavailable(f"model '{self.config.name}' is shutting down")
         for request in self._queue.drain():
             _resolve(request, error=shutting_down)
-        # Batches still on their instances after the grace period: answer their requests now
-        # (a late result finds the futures done and is dropped).
+        # Batches still on their instances after the grace period: answer their requests now;
+        # a late result is dropped (`_finished` after close only frees the instance).
+        self._closed = True
         for batch in self._executing.values():
             for request in batch:
                 request.state = RequestState.FINISHED
                 _resolve(request, error=shutting_down)
+        # preserve_ordering: finished batches held behind one that never came back go out now.
+        for sequence in sorted(self._held):
+            self._deliver(*self._held.pop(sequence))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -144,6 +149,12 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         return self._queue.size + self._executing_rows
+
+    @property
+    def queue_depths(self) -> tuple[int, ...]:
+        """Requests waiting at each priority level (index 0 is level 1), for the metrics."""
+        queue = self._queue
+        return tuple(queue.depth(level) for level in range(queue.level_count))
 
     def submit(self, request: Request) -> None:
         """Queue a request; its future gets the outcome. Raises when it cannot be queued."""
@@ -163,7 +174,7 @@ class Scheduler:
             )
         request.level = level - 1
         if not self._queue.has_room(request.level):
-            self.stats.record_failure("REJECTED", now - (request.received_ns or now))
+            self.stats.record_rejection("queue_full", now - (request.received_ns or now))
             raise Overloaded(
                 f"model '{self.config.name}' queue is full ({self._queue.depth(request.level)} "
                 f"requests at priority {level}); retry later"
@@ -216,7 +227,7 @@ class Scheduler:
         request.state = RequestState.FINISHED
         self._queue.discard(request)
         waited_us = (time.monotonic_ns() - request.queued_ns) // 1000
-        self.stats.record_failure("REJECTED", time.monotonic_ns() - request.received_ns)
+        self.stats.record_rejection("timeout", time.monotonic_ns() - request.received_ns)
         _resolve(
             request,
             error=DeadlineExceeded(
@@ -258,12 +269,15 @@ class Scheduler:
                 self._arm_timer(oldest.queued_ns + self._max_delay_ns)
                 return
             if self._dynamic:
+                # A request larger than the preferred size still goes (alone if it must).
+                limit = max(limit, oldest.rows)
                 batch = queue.take(limit, limit, batch_key)
             else:
                 batch = queue.take(self._max_rows, 1, batch_key)
-            if batch:
-                self._waited_for_instance = False
-                self._start(batch, reason, now)
+            if not batch:
+                break  # nothing live fits (cannot happen while `oldest` fits): never spin
+            self._waited_for_instance = False
+            self._start(batch, reason, now)
         if queue.size and not self._idle:
             self._waited_for_instance = True
 
@@ -338,6 +352,8 @@ class Scheduler:
         self._executing_rows -= rows
         self._idle.append(instance)
         del self._executing[sequence]
+        if self._closed:
+            return
         if self._preserve_ordering:
             self._held[sequence] = (outcome, dispatched_ns)
             while self._deliver_sequence in self._held:
@@ -350,13 +366,16 @@ class Scheduler:
 
     def _deliver(self, outcome: list, dispatched_ns: int) -> None:
         stats = self.stats
+        # The queue-wait and request-latency histograms (bound once per batch, not per request).
+        record_queue_wait = stats.queue.add
+        record_latency = stats.success.add
         now = time.monotonic_ns()
         for request, response, error in outcome:
             request.state = RequestState.FINISHED
-            stats.queue.add(dispatched_ns - request.queued_ns)
+            record_queue_wait(dispatched_ns - request.queued_ns)
             if error is None:
                 if _resolve(request, response):
-                    stats.success.add(now - request.received_ns)
+                    record_latency(now - request.received_ns)
                 else:
                     stats.record_failure("CANCELED", now - request.received_ns)
             else:

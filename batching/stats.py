@@ -1,13 +1,29 @@
-"""Per model-version counters behind the statistics API (and, later, the Prometheus metrics).
+"""Per model-version counters behind both the statistics API and the Prometheus metrics.
 
 Durations are cumulative nanoseconds, as Triton's ModelStatistics reports them. Everything here
-is updated on the event loop thread only, so plain ints suffice.
+is updated on the event loop thread only, so plain ints suffice; the metrics exporter reads them
+from its own thread at scrape time (int reads and dict copies are atomic under the GIL).
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from functools import partial
+
+#: Bucket upper bounds (inclusive) for request latency and compute time, in nanoseconds.
+LATENCY_BOUNDS_NS = tuple(
+    int(ms * 1_000_000)
+    for ms in (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+)
+#: Bucket upper bounds for time spent queued, in nanoseconds (finer at the low end).
+QUEUE_BOUNDS_NS = tuple(
+    int(ms * 1_000_000)
+    for ms in (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
+)
+#: Bucket upper bounds for rows per executed batch.
+BATCH_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass(slots=True)
@@ -21,6 +37,38 @@ class Duration:
 
 
 @dataclass(slots=True)
+class Histogram:
+    """Observations counted into fixed buckets (one bisect per add), plus their count and sum.
+
+    `buckets[i]` counts values <= `bounds[i]` and above the bound before it; the last slot
+    counts values above every bound. A histogram of durations stands in for a `Duration`
+    (`count`, `ns`), so the statistics API and the metrics' `_count`/`_sum` are the same numbers.
+    """
+
+    bounds: tuple[int, ...]
+    buckets: list[int] = field(default_factory=list)
+    total: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.buckets:
+            self.buckets = [0] * (len(self.bounds) + 1)
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+    @property
+    def ns(self) -> int:
+        return self.total
+
+    def add(self, value: int, _bisect=bisect_left) -> None:
+        # On the request path twice per request: the bucket and the sum only (the count is
+        # summed when read), and bisect bound as a default argument (no global lookup).
+        self.buckets[_bisect(self.bounds, value)] += 1
+        self.total += value
+
+
+@dataclass(slots=True)
 class BatchSizeStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
@@ -29,9 +77,11 @@ class BatchSizeStats:
 
 @dataclass(slots=True)
 class ModelStats:
-    success: Duration = field(default_factory=Duration)
+    #: Successful requests, receipt to response (the request-latency histogram).
+    success: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
     fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
+    #: Time each executed request waited in the queue (the queue-wait histogram).
+    queue: Histogram = field(default_factory=partial(Histogram, QUEUE_BOUNDS_NS))
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
@@ -46,6 +96,11 @@ class ModelStats:
     #: Why each batch was dispatched: full, preferred_size, delay_expired, queue_drained,
     #: instance_freed, unbatched.
     dispatch_reasons: dict[str, int] = field(default_factory=dict)
+    #: REJECTED failures by why: queue_full, timeout (queue policy timeout or client deadline).
+    rejections: dict[str, int] = field(default_factory=dict)
+    #: Compute time per executed batch (input + infer + output), and rows per executed batch.
+    batch_compute: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_size: Histogram = field(default_factory=partial(Histogram, BATCH_SIZE_BOUNDS))
 
     def record_batch(
         self,
@@ -69,7 +124,14 @@ class ModelStats:
         self.compute_output.add(output_ns * requests, requests)
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.dispatch_reasons[reason] = self.dispatch_reasons.get(reason, 0) + 1
+        self.batch_compute.add(input_ns + infer_ns + output_ns)
+        self.batch_size.add(rows)
 
     def record_failure(self, reason: str, duration_ns: int) -> None:
         self.fail.add(duration_ns)
         self.failures_by_reason[reason] = self.failures_by_reason.get(reason, 0) + 1
+
+    def record_rejection(self, reason: str, duration_ns: int) -> None:
+        """A request turned away by its queue: a REJECTED failure, counted by `reason` too."""
+        self.record_failure("REJECTED", duration_ns)
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1

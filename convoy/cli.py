@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from importlib import resources
 from pathlib import Path
 
 from convoy.config import ServerConfig
+from convoy.loadtests import cli as loadtests_cli
 
 
 def demo_repository() -> Path:
@@ -58,6 +58,21 @@ def _serve_parser(sub) -> None:
         help="model to load at start in explicit mode (repeatable)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="server log lines: text, or JSON objects (timestamp, level, logger, message, request_id)",
+    )
+    p.add_argument(
+        "--access-log",
+        nargs="?",
+        const="-",
+        default="",
+        metavar="FILE",
+        help="one line per inference request (protocol, model, version, status, duration, request "
+        "id) to FILE, or to standard error without one; off by default",
+    )
 
 
 def _settings(args) -> ServerConfig:
@@ -77,13 +92,15 @@ def _settings(args) -> ServerConfig:
         load_all=args.model_control_mode == "none",
         load_models=tuple(args.load_model),
         log_level=args.log_level,
+        log_format=args.log_format,
+        access_log=args.access_log,
     )
 
 
-async def _serve(settings: ServerConfig) -> None:
+async def _serve(settings: ServerConfig, log_control=None) -> None:
     from convoy.server.app import ConvoyServer
 
-    async with ConvoyServer(settings) as server:
+    async with ConvoyServer(settings, log_control) as server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
@@ -116,14 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convoy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    loadtests_cli.add_parsers(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    if args.command in loadtests_cli.COMMANDS:
+        sys.exit(loadtests_cli.main(args))
+    from convoy.server.logs import configure_logging
+
+    log_control = configure_logging(
+        getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text")
     )
     if args.command == "serve":
         try:
-            _run(_serve(_settings(args)))
+            _run(_serve(_settings(args), log_control))
         except OSError as exc:
             print(f"convoy: {exc}", file=sys.stderr)
             sys.exit(1)

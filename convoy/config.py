@@ -174,3 +174,7 @@ class ServerConfig:
     load_models: tuple[str, ...] = ()
     strict_readiness: bool = True
     log_level: str = "INFO"
+    #: "text" or "json" (one object per line).
+    log_format: str = "text"
+    #: Access log destination: "" off, "-" standard error, otherwise a file path.
+    access_log: str = ""

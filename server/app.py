@@ -16,8 +16,11 @@ import uvicorn
 
 from convoy.config import ServerConfig
 
+from .access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
 from .grpc_frontend import start_grpc_server
 from .http_frontend import HttpFrontend
+from .logs import LogControl
+from .metrics import Metrics
 from .repository import ModelRepository
 from .service import InferenceService
 
@@ -43,8 +46,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class ConvoyServer:
-    def __init__(self, settings: ServerConfig) -> None:
+    def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
+        """`log_control`: what the LogSettings API changes (the CLI's, from configure_logging);
+        without one, only the root logger's level follows the settings."""
         self.settings = settings
+        self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
         self.repository = ModelRepository(settings)
         self.service: InferenceService | None = None
         self.http_port = 0
@@ -53,7 +59,9 @@ class ConvoyServer:
         self._grpc = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
-        self._metrics = None
+        self.metrics: Metrics | None = None
+        self._metrics_server = None
+        self._access_log: AccessLog | None = None
         self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> ConvoyServer:
@@ -62,12 +70,25 @@ class ConvoyServer:
         await self.repository.__aenter__()
         self.service = InferenceService(self.repository, loop)
         try:
+            interceptors = []
+            if settings.access_log:
+                self._access_log = AccessLog(settings.access_log, settings.log_format)
+                self.log_control.follow_format(self._access_log.handler)
+                self._access_log.start()
+                interceptors.append(AccessLogInterceptor(self._access_log))
             self._grpc, self.grpc_port = await start_grpc_server(
-                self.service, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
+                self.service,
+                settings.host,
+                settings.grpc_port,
+                settings.grpc_max_message_bytes,
+                self.log_control,
+                interceptors,
             )
             sock = _bind(settings.host, settings.http_port)
             self.http_port = sock.getsockname()[1]
-            app = HttpFrontend(self.service, settings.http_max_body_bytes)
+            app = HttpFrontend(self.service, settings.http_max_body_bytes, self.log_control)
+            if self._access_log is not None:
+                app = AccessLogMiddleware(app, self._access_log)
             config = uvicorn.Config(
                 app,
                 lifespan="off",
@@ -92,12 +113,14 @@ class ConvoyServer:
         return self
 
     def _start_metrics(self) -> None:
+        """/metrics on its own thread, from this server's registry (read at scrape time)."""
         import prometheus_client
 
-        self._metrics, _thread = prometheus_client.start_http_server(
-            self.settings.metrics_port, addr=self.settings.host
+        self.metrics = Metrics(self.repository)
+        self._metrics_server, _thread = prometheus_client.start_http_server(
+            self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
         )
-        self.metrics_port = self._metrics.server_port
+        self.metrics_port = self._metrics_server.server_port
 
     async def __aexit__(self, *exc_info) -> None:
         await self._shutdown(self.settings.shutdown_grace)
@@ -127,7 +150,12 @@ class ConvoyServer:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, timeout=max(deadline - time.monotonic(), 1))
-        if self._metrics is not None:
-            self._metrics.shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.metrics is not None:
+            self.metrics.close()
         await self.repository.__aexit__(None, None, None)
+        if self._access_log is not None:
+            self._access_log.close()
         log.info("server stopped after %.2f s", time.monotonic() - started)

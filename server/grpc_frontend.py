@@ -23,6 +23,7 @@ from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.types import Request
 
 from . import tensors
+from .logs import LogControl
 from .repository import ModelVersion
 from .service import InferenceService
 
@@ -90,9 +91,7 @@ def decode_request(
                 raise InvalidInput(
                     f"input '{name}': {tensor.datatype} data must be sent in raw_input_contents"
                 )
-            array = tensors.from_values(
-                spec, tensor.datatype, shape, getattr(tensor.contents, field)
-            )
+            array = tensors.from_values(spec, tensor.datatype, shape, getattr(tensor.contents, field))
         inputs[name] = tensors.apply_reshape(config, spec, array)
     rows = tensors.check_complete(config, inputs)
     parameters = {k: _parameter(v) for k, v in message.parameters.items()}
@@ -127,8 +126,9 @@ def encode_response(entry: ModelVersion, request: Request, outputs) -> pb.ModelI
 class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     """Servicer: every handler maps ConvoyError onto its status, anything else onto INTERNAL."""
 
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, log_control: LogControl) -> None:
         self.service = service
+        self.log_control = log_control
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException):
@@ -283,7 +283,27 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             ),
         )
 
-    # --- not implemented: shared memory, tracing, logging -------------------------------------------
+    # --- logging ----------------------------------------------------------------------------------
+    async def LogSettings(self, request, context):
+        """No settings in the request reads them; any given are applied (all or nothing)."""
+
+        def build():
+            changes = {key: _parameter(value) for key, value in request.settings.items()}
+            current = self.log_control.update(changes) if changes else self.log_control.settings()
+            response = pb.LogSettingsResponse()
+            for key, value in current.items():
+                setting = response.settings[key]
+                if isinstance(value, bool):
+                    setting.bool_param = value
+                elif isinstance(value, int):
+                    setting.uint32_param = value
+                else:
+                    setting.string_param = str(value)
+            return response
+
+        return await self._answer(context, build)
+
+    # --- not implemented: shared memory, tracing ---------------------------------------------------
     async def _unsupported(self, context, what: str):
         await self._abort(context, Unsupported(f"{what} is not supported by Convoy"))
 
@@ -308,22 +328,25 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     async def TraceSetting(self, request, context):
         await self._unsupported(context, "trace settings")
 
-    async def LogSettings(self, request, context):
-        await self._unsupported(context, "log settings")
-
 
 async def start_grpc_server(
-    service: InferenceService, host: str, port: int, max_message_bytes: int
+    service: InferenceService,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    log_control: LogControl,
+    interceptors=(),
 ) -> tuple[grpc.aio.Server, int]:
     """Start the server on the running loop; returns it and the port it bound (0 = any free)."""
     server = grpc.aio.server(
+        interceptors=list(interceptors) or None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcFrontend(service), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcFrontend(service, log_control), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:

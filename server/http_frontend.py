@@ -23,6 +23,7 @@ from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
 from convoy.types import Request
 
 from . import tensors
+from .logs import LogControl
 from .service import InferenceService
 
 log = logging.getLogger("convoy.http")
@@ -44,7 +45,7 @@ def proto_to_dict(message) -> dict:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             value_field = field.message_type.fields_by_name["value"]
             out[field.name] = {k: _field_value(value_field, v) for k, v in value.items()}
-        elif field.label == field.LABEL_REPEATED:
+        elif _is_repeated(field):
             out[field.name] = [_field_value(field, v) for v in value]
         elif field.message_type is not None or field.containing_oneof is not None:
             if message.HasField(field.name):
@@ -52,6 +53,12 @@ def proto_to_dict(message) -> dict:
         else:
             out[field.name] = _field_value(field, value)
     return out
+
+
+def _is_repeated(field) -> bool:
+    # protobuf 7 removed FieldDescriptor.label; older releases lack is_repeated.
+    repeated = getattr(field, "is_repeated", None)
+    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _field_value(field, value):
@@ -76,9 +83,10 @@ def _json_data(array: np.ndarray, datatype: str):
 class HttpFrontend:
     """ASGI application: routes by path segments, answers JSON errors, never a traceback."""
 
-    def __init__(self, service: InferenceService, max_body_bytes: int) -> None:
+    def __init__(self, service: InferenceService, max_body_bytes: int, log_control: LogControl) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
+        self.log_control = log_control
         self._openapi = resources.files("convoy.server").joinpath("openapi.json").read_bytes()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -147,6 +155,12 @@ class HttpFrontend:
                 return await self._json(send, service.model_statistics())
             if len(rest) >= 2:
                 return await self._model_route(scope, receive, send, rest[1], rest[2:])
+        if head == "logging" and len(rest) == 1:
+            if method == "GET":
+                return await self._json(send, self.log_control.settings())
+            self._expect(method, "POST", scope)
+            changes = self._parse_json(await self._read_body(receive))
+            return await self._json(send, self.log_control.update(changes))
         if head == "repository":
             self._expect(method, "POST", scope)
             if rest[1:] == ["index"]:
@@ -251,6 +265,9 @@ class HttpFrontend:
             parameters=parameters,
             received_ns=received,
         )
+        # For the access log, when it is on (two dict stores otherwise unread).
+        scope["convoy.entry"] = entry
+        scope["convoy.request_id"] = request.id
         self.service.submit(entry, request)
         # A client that hangs up takes its request out of the queue: watch for the disconnect
         # while the request waits, and stop watching once it is answered.
