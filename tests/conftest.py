@@ -15,23 +15,15 @@ from helpers import (
     Protocol,
     build_broken_repository,
     build_serving_repository,
+    serve_until_stopped,
 )
-
-
-def _run(process: ConvoyProcess, wait_until: str):
-    process.start(wait_until)
-    try:
-        yield process
-    finally:
-        code = process.stop()
-        assert code == 0, f"server exited with {code} on SIGTERM\n{process.log()}"
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     process = ConvoyProcess(build_serving_repository(root / "models"), root / "server.log")
-    yield from _run(process, "ready")
+    yield from serve_until_stopped(process, "ready")
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +31,7 @@ def broken_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("broken")
     process = ConvoyProcess(build_broken_repository(root / "models"), root / "server.log")
     # Readiness stays false while a model failed to load, so wait for liveness.
-    yield from _run(process, "live")
+    yield from serve_until_stopped(process, "live")
 
 
 @pytest.fixture(scope="session")

@@ -331,3 +331,30 @@ def assert_same_tensor(result, expected, datatype: str) -> None:
         return
     assert result.dtype.itemsize == expected.dtype.itemsize
     assert result.tobytes() == expected.tobytes(), f"{result!r} != {expected!r}"
+
+
+def serve_until_stopped(process: ConvoyProcess, wait_until: str = "ready"):
+    """Fixture body: start the server, yield it, then SIGTERM it and require exit code 0."""
+    process.start(wait_until)
+    try:
+        yield process
+    finally:
+        code = process.stop()
+        assert code == 0, f"server exited with {code} on SIGTERM\n{process.log()}"
+
+
+def open_protocol(name: str, process: ConvoyProcess, http_concurrency: int = 8):
+    """Fixture body: a tritonclient of flavour `name` ("grpc" or "http") on the server."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    if name == "grpc":
+        client = grpcclient.InferenceServerClient(process.grpc_url)
+        module = grpcclient
+    else:
+        client = httpclient.InferenceServerClient(process.http_url, concurrency=http_concurrency)
+        module = httpclient
+    try:
+        yield Protocol(name, client, module)
+    finally:
+        client.close()

