@@ -32,7 +32,7 @@ from convoy.errors import (
     Unavailable,
 )
 from convoy.runtimes.base import RuntimeInstance
-from convoy.types import Request, RequestState, Response
+from convoy.types import Request, RequestState, Response, StageTimes
 
 from .assemble import batch_key, merge, split
 from .queue import PriorityQueue
@@ -335,8 +335,9 @@ class Scheduler:
             self.stats.record_batch(
                 rows, len(batch), merged - start, inferred - merged, done - inferred, reason
             )
+            timings = StageTimes(dispatched_ns, start, merged, inferred, done)
             outcome = [
-                (request, Response(part, name, self.version), None)
+                (request, Response(part, name, self.version, timings), None)
                 for request, part in zip(batch, parts, strict=True)
             ]
         except ConvoyError as exc:

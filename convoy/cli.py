@@ -73,6 +73,18 @@ def _serve_parser(sub) -> None:
         help="one line per inference request (protocol, model, version, status, duration, request "
         "id) to FILE, or to standard error without one; off by default",
     )
+    p.add_argument(
+        "--trace-otlp-endpoint",
+        default="",
+        metavar="URL",
+        help="send OpenTelemetry spans (one per request, with queue and compute children) over "
+        "OTLP/HTTP to URL, e.g. http://localhost:4318/v1/traces; needs the tracing extra",
+    )
+    p.add_argument(
+        "--trace-console",
+        action="store_true",
+        help="print the same spans to standard output, one JSON object a line",
+    )
 
 
 def _settings(args) -> ServerConfig:
@@ -94,6 +106,8 @@ def _settings(args) -> ServerConfig:
         log_level=args.log_level,
         log_format=args.log_format,
         access_log=args.access_log,
+        trace_otlp_endpoint=args.trace_otlp_endpoint,
+        trace_console=args.trace_console,
     )
 
 

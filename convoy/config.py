@@ -178,3 +178,7 @@ class ServerConfig:
     log_format: str = "text"
     #: Access log destination: "" off, "-" standard error, otherwise a file path.
     access_log: str = ""
+    #: OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); "" sends no traces there.
+    trace_otlp_endpoint: str = ""
+    #: Print every request's spans to standard output as JSON lines.
+    trace_console: bool = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -58,6 +58,19 @@ class Request:
     delayed: bool = False
 
 
+class StageTimes(NamedTuple):
+    """When a batch went through each stage (monotonic ns), shared by the batch's requests."""
+
+    dispatched_ns: int
+    #: Compute began: merging the requests' inputs into the batch.
+    compute_start_ns: int
+    #: The runtime's infer call began (inputs merged) and ended.
+    infer_start_ns: int
+    infer_end_ns: int
+    #: Outputs split back into per-request views.
+    done_ns: int
+
+
 @dataclass(frozen=True, slots=True)
 class Response:
     """What a request's future resolves to: its outputs (views into the batch's outputs)."""
@@ -65,6 +78,8 @@ class Response:
     outputs: dict[str, np.ndarray]
     model_name: str
     model_version: str
+    #: The batch's stage times (for tracing); the request's own queued_ns is on the Request.
+    timings: StageTimes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from .logs import LogControl
 from .metrics import Metrics
 from .repository import ModelRepository
 from .service import InferenceService
+from .tracing import Tracer
 
 log = logging.getLogger("convoy.server")
 
@@ -62,6 +63,7 @@ class ConvoyServer:
         self.metrics: Metrics | None = None
         self._metrics_server = None
         self._access_log: AccessLog | None = None
+        self.tracer: Tracer | None = None
         self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> ConvoyServer:
@@ -70,6 +72,8 @@ class ConvoyServer:
         await self.repository.__aenter__()
         self.service = InferenceService(self.repository, loop)
         try:
+            if settings.trace_otlp_endpoint or settings.trace_console:
+                self.tracer = Tracer(settings.trace_otlp_endpoint, settings.trace_console)
             interceptors = []
             if settings.access_log:
                 self._access_log = AccessLog(settings.access_log, settings.log_format)
@@ -83,10 +87,11 @@ class ConvoyServer:
                 settings.grpc_max_message_bytes,
                 self.log_control,
                 interceptors,
+                self.tracer,
             )
             sock = _bind(settings.host, settings.http_port)
             self.http_port = sock.getsockname()[1]
-            app = HttpFrontend(self.service, settings.http_max_body_bytes, self.log_control)
+            app = HttpFrontend(self.service, settings.http_max_body_bytes, self.log_control, self.tracer)
             if self._access_log is not None:
                 app = AccessLogMiddleware(app, self._access_log)
             config = uvicorn.Config(
@@ -158,4 +163,6 @@ class ConvoyServer:
         await self.repository.__aexit__(None, None, None)
         if self._access_log is not None:
             self._access_log.close()
+        if self.tracer is not None:
+            self.tracer.close()
         log.info("server stopped after %.2f s", time.monotonic() - started)

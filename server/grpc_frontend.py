@@ -26,6 +26,7 @@ from . import tensors
 from .logs import LogControl
 from .repository import ModelVersion
 from .service import InferenceService
+from .tracing import TRACEPARENT, Tracer
 
 log = logging.getLogger("convoy.grpc")
 
@@ -111,6 +112,14 @@ def decode_request(
     return entry, request
 
 
+def _traceparent(context) -> str | None:
+    """The client's W3C traceparent from the call's metadata, or None."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TRACEPARENT:
+            return value
+    return None
+
+
 def encode_response(entry: ModelVersion, request: Request, outputs) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=entry.config.name, model_version=str(entry.version), id=request.id
@@ -126,9 +135,12 @@ def encode_response(entry: ModelVersion, request: Request, outputs) -> pb.ModelI
 class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     """Servicer: every handler maps ConvoyError onto its status, anything else onto INTERNAL."""
 
-    def __init__(self, service: InferenceService, log_control: LogControl) -> None:
+    def __init__(
+        self, service: InferenceService, log_control: LogControl, tracer: Tracer | None = None
+    ) -> None:
         self.service = service
         self.log_control = log_control
+        self.tracer = tracer
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException):
@@ -209,7 +221,9 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             await self._abort(context, exc)
 
     # --- inference -------------------------------------------------------------------------------
-    async def _infer(self, message: pb.ModelInferRequest, deadline: float | None):
+    async def _infer(
+        self, message: pb.ModelInferRequest, deadline: float | None, traceparent: str | None = None
+    ):
         """Decode, queue and await one request; a cancelled await leaves the queue too."""
         future = self.service.loop.create_future()
         entry, request = decode_request(self.service, message, future, deadline)
@@ -220,11 +234,20 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             if entry.scheduler is not None:
                 entry.scheduler.cancel(request)
             raise
+        finally:
+            if self.tracer is not None:
+                self.tracer.record(
+                    "grpc", entry.config.name, str(entry.version), request, future, traceparent
+                )
         return encode_response(entry, request, result.outputs)
 
     async def ModelInfer(self, request, context):
         try:
-            return await self._infer(request, self._deadline(context))
+            return await self._infer(
+                request,
+                self._deadline(context),
+                None if self.tracer is None else _traceparent(context),
+            )
         except ConvoyError as exc:
             await self._abort(context, exc)
         except asyncio.CancelledError:
@@ -237,10 +260,11 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         answers: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
         deadline = self._deadline(context)
+        traceparent = None if self.tracer is None else _traceparent(context)
 
         async def serve_one(message) -> None:
             try:
-                response = await self._infer(message, deadline)
+                response = await self._infer(message, deadline, traceparent)
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
                 raise
@@ -336,6 +360,7 @@ async def start_grpc_server(
     max_message_bytes: int,
     log_control: LogControl,
     interceptors=(),
+    tracer: Tracer | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the server on the running loop; returns it and the port it bound (0 = any free)."""
     server = grpc.aio.server(
@@ -346,7 +371,8 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcFrontend(service, log_control), server)
+    frontend = GrpcFrontend(service, log_control, tracer)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(frontend, server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:

@@ -25,6 +25,7 @@ from convoy.types import Request
 from . import tensors
 from .logs import LogControl
 from .service import InferenceService
+from .tracing import Tracer
 
 log = logging.getLogger("convoy.http")
 
@@ -83,10 +84,17 @@ def _json_data(array: np.ndarray, datatype: str):
 class HttpFrontend:
     """ASGI application: routes by path segments, answers JSON errors, never a traceback."""
 
-    def __init__(self, service: InferenceService, max_body_bytes: int, log_control: LogControl) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        max_body_bytes: int,
+        log_control: LogControl,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.log_control = log_control
+        self.tracer = tracer
         self._openapi = resources.files("convoy.server").joinpath("openapi.json").read_bytes()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -277,7 +285,16 @@ class HttpFrontend:
             result = await future
         finally:
             watcher.cancel()
+            if self.tracer is not None:
+                self._trace(scope, entry, request, future)
         await self._respond(send, entry, request, result.outputs, binary_outputs, accept)
+
+    def _trace(self, scope, entry, request: Request, future) -> None:
+        traceparent = None
+        for key, value in scope["headers"]:
+            if key == b"traceparent":
+                traceparent = value.decode("latin-1")
+        self.tracer.record("http", entry.config.name, str(entry.version), request, future, traceparent)
 
     def _decompress(self, body: bytes, encoding: bytes) -> bytes:
         """Inflate a gzip/deflate body, holding the result to the same limit as a plain body."""

@@ -135,9 +135,7 @@ def test_messages_match(ours, triton):
             if mf.proto3_optional != rf.proto3_optional:
                 problems.append(f"{where}: proto3_optional differs")
             if _oneof_name(mine, mf) != _oneof_name(ref, rf):
-                problems.append(
-                    f"{where}: oneof {_oneof_name(mine, mf)!r} != {_oneof_name(ref, rf)!r}"
-                )
+                problems.append(f"{where}: oneof {_oneof_name(mine, mf)!r} != {_oneof_name(ref, rf)!r}")
     assert not problems, "\n".join(problems)
 
 
@@ -154,9 +152,7 @@ def test_enums_match(ours, triton):
             if rv.name not in by_name:
                 problems.append(f"enum {full} value {rv.name}: missing")
             elif by_name[rv.name] != rv.number:
-                problems.append(
-                    f"enum {full} value {rv.name}: number {by_name[rv.name]} != {rv.number}"
-                )
+                problems.append(f"enum {full} value {rv.name}: number {by_name[rv.name]} != {rv.number}")
     assert not problems, "\n".join(problems)
 
 

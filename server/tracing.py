@@ -1,0 +1,116 @@
+"""Optional OpenTelemetry tracing (the `tracing` extra): one span per inference request.
+
+Each request gets a span "infer {model}" from its arrival to its outcome, with children "queue"
+(waiting for a batch), "compute" (merge, run, split) and "compute_infer" (the runtime's call),
+built after the fact from the monotonic times the scheduler stamped, so nothing runs on the
+request path while tracing is off and only this record() call while it is on. The span's parent
+is the client's W3C `traceparent` (HTTP header or gRPC metadata). Spans leave through a
+BatchSpanProcessor on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from convoy.errors import status_of
+from convoy.types import Request
+
+TRACEPARENT = "traceparent"
+
+
+class Tracer:
+    """Turns finished requests into spans and exports them over OTLP/HTTP or to standard output."""
+
+    def __init__(self, otlp_endpoint: str = "", console: bool = False) -> None:
+        try:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+            from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        except ImportError as exc:
+            raise OSError(
+                "tracing needs OpenTelemetry: pip install 'convoy-inference[tracing]'"
+            ) from exc
+        from convoy import __version__
+
+        self._provider = TracerProvider(
+            resource=Resource.create({"service.name": "convoy", "service.version": __version__})
+        )
+        if otlp_endpoint:
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            except ImportError as exc:
+                raise OSError(
+                    "--trace-otlp-endpoint needs opentelemetry-exporter-otlp-proto-http: "
+                    "pip install 'convoy-inference[tracing]'"
+                ) from exc
+            self._provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint))
+            )
+        if console:
+            # One JSON object per line on standard output.
+            exporter = ConsoleSpanExporter(
+                out=sys.stdout, formatter=lambda span: span.to_json(indent=None) + os.linesep
+            )
+            self._provider.add_span_processor(BatchSpanProcessor(exporter))
+        self._tracer = self._provider.get_tracer("convoy")
+        self._propagator = TraceContextTextMapPropagator()
+        self._server_kind = SpanKind.SERVER
+        self._error = Status(StatusCode.ERROR)
+        self._in_context = set_span_in_context
+
+    def record(
+        self,
+        protocol: str,
+        model: str,
+        version: str,
+        request: Request,
+        future: asyncio.Future,
+        traceparent: str | None,
+    ) -> None:
+        """Emit the spans of one request whose future is resolved (or whose wait was abandoned)."""
+        end = time.monotonic_ns()
+        to_wall = time.time_ns() - end  # monotonic ns + to_wall = wall-clock ns
+        timings = None
+        if future.cancelled() or not future.done():
+            status = "CANCELLED"
+        elif (error := future.exception()) is not None:
+            status = status_of(error)[0]
+        else:
+            status = "OK"
+            timings = future.result().timings
+        parent = self._propagator.extract({TRACEPARENT: traceparent}) if traceparent else None
+        span = self._tracer.start_span(
+            f"infer {model}",
+            context=parent,
+            kind=self._server_kind,
+            start_time=(request.received_ns or request.queued_ns or end) + to_wall,
+            attributes={
+                "convoy.model": model,
+                "convoy.model_version": version,
+                "convoy.protocol": protocol,
+                "convoy.request_id": request.id,
+                "convoy.rows": request.rows,
+                "convoy.status": status,
+            },
+        )
+        if status != "OK":
+            span.set_status(self._error)
+        if timings is not None:
+            context = self._in_context(span)
+            for name, start_ns, end_ns in (
+                ("queue", request.queued_ns, timings.dispatched_ns),
+                ("compute", timings.compute_start_ns, timings.done_ns),
+                ("compute_infer", timings.infer_start_ns, timings.infer_end_ns),
+            ):
+                child = self._tracer.start_span(name, context=context, start_time=start_ns + to_wall)
+                child.end(end_time=end_ns + to_wall)
+        span.end(end_time=end + to_wall)
+
+    def close(self) -> None:
+        """Export what is still buffered, then stop the exporter threads."""
+        self._provider.shutdown()

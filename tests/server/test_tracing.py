@@ -1,0 +1,184 @@
+"""OpenTelemetry tracing on a real server: one "infer add_sub" span per request with "queue",
+"compute" and "compute_infer" children lying inside it, parented on the client's W3C
+traceparent over HTTP and gRPC. Spans are read from a local OTLP/HTTP receiver and from the
+console exporter's JSON lines. Every wait polls with a deadline."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import secrets
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from helpers import ConvoyProcess
+
+from convoy.cli import demo_repository
+
+pytest.importorskip("opentelemetry.sdk.trace")
+
+DEADLINE_S = 30.0
+CHILDREN = ("queue", "compute", "compute_infer")
+
+
+def _traceparent() -> tuple[str, str]:
+    """A fresh (trace id hex, traceparent header) pair."""
+    trace_id = secrets.token_hex(16)
+    return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+def _infer(protocol: str, server: ConvoyProcess, traceparent: str) -> None:
+    module = httpclient if protocol == "http" else grpcclient
+    url = server.http_url if protocol == "http" else server.grpc_url
+    client = module.InferenceServerClient(url)
+    a = np.arange(16, dtype=np.float32).reshape(1, 16)
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = module.InferInput(name, [1, 16], "FP32")
+        tensor.set_data_from_numpy(a)
+        inputs.append(tensor)
+    result = client.infer("add_sub", inputs, headers={"traceparent": traceparent})
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + a)
+    client.close()
+
+
+def _wait_for(spans_of, trace_ids: set[str]) -> dict[str, list[dict]]:
+    """{trace id: its spans} once every trace holds a parent and its three children."""
+    deadline = time.monotonic() + DEADLINE_S
+    pause = threading.Event()  # never set: wait() paces the polling
+    while True:
+        by_trace: dict[str, list[dict]] = {}
+        for span in spans_of():
+            by_trace.setdefault(span["trace_id"], []).append(span)
+        if all(len(by_trace.get(t, ())) >= 1 + len(CHILDREN) for t in trace_ids):
+            return by_trace
+        if time.monotonic() > deadline:
+            raise AssertionError(f"spans for {trace_ids} not exported in time: {by_trace}")
+        pause.wait(0.05)
+
+
+def _check_trace(spans: list[dict], protocol: str, remote_parent: str) -> None:
+    parents = [s for s in spans if s["name"] == "infer add_sub"]
+    assert len(parents) == 1, spans
+    parent = parents[0]
+    assert parent["parent_id"] == remote_parent
+    assert parent["attributes"]["convoy.protocol"] == protocol
+    assert parent["attributes"]["convoy.model"] == "add_sub"
+    assert parent["attributes"]["convoy.status"] == "OK"
+    children = {s["name"]: s for s in spans if s is not parent}
+    assert sorted(children) == sorted(CHILDREN)
+    for child in children.values():
+        assert child["parent_id"] == parent["span_id"]
+        assert parent["start"] <= child["start"] <= child["end"] <= parent["end"], (parent, child)
+    compute, infer = children["compute"], children["compute_infer"]
+    assert compute["start"] <= infer["start"] <= infer["end"] <= compute["end"]
+    assert children["queue"]["end"] <= compute["start"]
+
+
+def _traced_requests(server: ConvoyProcess, spans_of) -> None:
+    sent = {protocol: _traceparent() for protocol in ("http", "grpc")}
+    for protocol, (_, header) in sent.items():
+        _infer(protocol, server, header)
+    by_trace = _wait_for(spans_of, {trace_id for trace_id, _ in sent.values()})
+    for protocol, (trace_id, header) in sent.items():
+        _check_trace(by_trace[trace_id], protocol, header.split("-")[2])
+
+
+@pytest.fixture
+def repository(tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(demo_repository() / "add_sub", root / "add_sub")
+    return root
+
+
+def test_console_spans_follow_traceparent(repository, tmp_path, monkeypatch):
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    server = ConvoyProcess(repository, tmp_path / "server.log", extra_args=("--trace-console",))
+    server.start()
+
+    def spans_of():
+        for line in list(server.stdout_lines):
+            if line.startswith("{"):
+                span = json.loads(line)
+                yield {
+                    "name": span["name"],
+                    "trace_id": span["context"]["trace_id"].removeprefix("0x"),
+                    "span_id": span["context"]["span_id"].removeprefix("0x"),
+                    "parent_id": (span["parent_id"] or "").removeprefix("0x"),
+                    "start": span["start_time"],  # ISO 8601 UTC, same width: sorts as time
+                    "end": span["end_time"],
+                    "attributes": span["attributes"],
+                }
+
+    try:
+        _traced_requests(server, spans_of)
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+class _OtlpReceiver(http.server.ThreadingHTTPServer):
+    """Stores the body of every POST (an OTLP ExportTraceServiceRequest) and answers 200."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                receiver.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_otlp_spans_follow_traceparent(repository, tmp_path, monkeypatch):
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    receiver = _OtlpReceiver()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{receiver.server_address[1]}/v1/traces"
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    server = ConvoyProcess(
+        repository, tmp_path / "server.log", extra_args=("--trace-otlp-endpoint", endpoint)
+    )
+    server.start()
+
+    def spans_of():
+        for body in list(receiver.bodies):
+            export = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in export.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        yield {
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_id": span.parent_span_id.hex(),
+                            "start": span.start_time_unix_nano,
+                            "end": span.end_time_unix_nano,
+                            "attributes": {
+                                a.key: getattr(a.value, a.value.WhichOneof("value"))
+                                for a in span.attributes
+                            },
+                        }
+
+    try:
+        _traced_requests(server, spans_of)
+    finally:
+        assert server.stop() == 0, server.log()
+        receiver.shutdown()
+        receiver.server_close()
