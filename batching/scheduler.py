@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import InvalidStateError as FutureInvalidState
 
 from convoy.config import ModelConfig, QueuePolicy, TimeoutAction
@@ -68,12 +69,22 @@ class Scheduler:
         instances: list[RuntimeInstance],
         stats: ModelStats,
         max_queue_size: int,
+        execution_timeout: float = 0.0,
+        replace_instance: Callable[[RuntimeInstance], Awaitable[RuntimeInstance]] | None = None,
     ) -> None:
+        """`execution_timeout` (seconds, 0 = none): a batch still running after it fails its
+        requests, and its instance (whose thread is stuck) is swapped for a fresh one made by
+        `replace_instance`; the model reports unready while it has no working instance."""
         self.config = config
         self.version = version
         self.stats = stats
-        self._instances = instances
+        self._instances = list(instances)
         self._idle = list(instances)
+        self._execution_timeout = execution_timeout
+        self._replace_instance = replace_instance
+        #: Instances being replaced after a hung batch (their threads are abandoned).
+        self.replacing = 0
+        self._replacements: set[asyncio.Task] = set()
         batching = config.dynamic_batching
         self._batched = config.max_batch_size > 0
         self._dynamic = batching is not None
@@ -140,6 +151,9 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for task in list(self._replacements):
+            task.cancel()
+        await asyncio.gather(*self._replacements, return_exceptions=True)
 
     # --- entry points (loop thread) -------------------------------------------------------------
     @property
@@ -314,6 +328,8 @@ class Scheduler:
         self._next_sequence += 1
         context = (instance, batch, rows, reason, dispatched_ns, sequence)
         self._executing[sequence] = batch
+        if self._execution_timeout:
+            self._loop.call_later(self._execution_timeout, self._timed_out, context)
         start = time.monotonic_ns()
         try:
             inputs = merge(batch)
@@ -325,6 +341,8 @@ class Scheduler:
     def _finished(self, context, start: int, merged: int, outputs, error) -> None:
         """A batch came back from its instance (on the loop): split, record, deliver."""
         instance, batch, rows, reason, dispatched_ns, sequence = context
+        if sequence not in self._executing:
+            return  # it timed out: its requests were answered and the instance replaced
         name = self.config.name
         inferred = time.monotonic_ns()
         try:
@@ -364,6 +382,69 @@ class Scheduler:
             self._deliver(outcome, dispatched_ns)
         if self._queue.size:
             self._dispatch_soon()
+
+    def _timed_out(self, context) -> None:
+        """A batch outlived the execution timeout: fail its requests, replace its instance."""
+        instance, batch, rows, _, dispatched_ns, sequence = context
+        if sequence not in self._executing:
+            return  # finished in time
+        del self._executing[sequence]
+        self._executing_rows -= rows
+        self._instances.remove(instance)
+        name = self.config.name
+        log.error(
+            "model '%s' version %s: a batch of %d rows ran past the %.3f s execution timeout on "
+            "%s; replacing the instance",
+            name,
+            self.version,
+            rows,
+            self._execution_timeout,
+            instance.name,
+        )
+        failure = InferenceFailed(
+            f"model '{name}' did not finish the batch within its execution timeout "
+            f"({self._execution_timeout * 1000:.0f} ms); the instance is being restarted"
+        )
+        outcome = [(request, None, failure) for request in batch]
+        if self._preserve_ordering:
+            self._held[sequence] = (outcome, dispatched_ns)
+            while self._deliver_sequence in self._held:
+                self._deliver(*self._held.pop(self._deliver_sequence))
+                self._deliver_sequence += 1
+        else:
+            self._deliver(outcome, dispatched_ns)
+        instance.abandon()
+        if self._replace_instance is not None and not self._closed:
+            self.replacing += 1
+            task = self._loop.create_task(self._replace(instance))
+            self._replacements.add(task)
+            task.add_done_callback(self._replacements.discard)
+
+    async def _replace(self, lost: RuntimeInstance) -> None:
+        try:
+            fresh = await self._replace_instance(lost)
+        except Exception:
+            log.exception("model '%s': replacing instance %s failed", self.config.name, lost.name)
+            return
+        finally:
+            self.replacing -= 1
+        if self._closed:
+            await fresh.close()
+            return
+        self._instances.append(fresh)
+        self._idle.append(fresh)
+        log.info("model '%s': instance %s replaced", self.config.name, lost.name)
+        if self._queue.size:
+            self._dispatch_soon()
+
+    @property
+    def available(self) -> bool:
+        """At least one working instance (none while every instance is being replaced)."""
+        return bool(self._instances)
+
+    @property
+    def instances(self) -> list[RuntimeInstance]:
+        return list(self._instances)
 
     def _deliver(self, outcome: list, dispatched_ns: int) -> None:
         stats = self.stats

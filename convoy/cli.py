@@ -40,6 +40,13 @@ def _serve_parser(sub) -> None:
     p.add_argument("--grpc-max-message-bytes", type=int, default=256 * 1024 * 1024)
     p.add_argument("--http-max-body-bytes", type=int, default=256 * 1024 * 1024)
     p.add_argument(
+        "--execution-timeout",
+        type=float,
+        default=0.0,
+        help="seconds a batch may run before its requests fail and its model instance is "
+        "replaced (0: no limit; the model parameter execution_timeout_ms overrides)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=float,
         default=30.0,
@@ -101,6 +108,7 @@ def _settings(args) -> ServerConfig:
         http_max_body_bytes=args.http_max_body_bytes,
         max_queue_size=args.max_queue_size,
         shutdown_grace=args.shutdown_grace,
+        execution_timeout=args.execution_timeout,
         load_all=args.model_control_mode == "none",
         load_models=tuple(args.load_model),
         log_level=args.log_level,

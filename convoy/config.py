@@ -169,6 +169,9 @@ class ServerConfig:
     max_queue_size: int = 8192
     #: Seconds in-flight work gets to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 30.0
+    #: Seconds a batch may run before its requests fail and its instance is replaced (0 = no
+    #: limit); a model's `execution_timeout_ms` parameter overrides it.
+    execution_timeout: float = 0.0
     #: Load every model at start; with False only `load_models` are loaded (explicit mode).
     load_all: bool = True
     load_models: tuple[str, ...] = ()

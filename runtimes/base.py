@@ -100,9 +100,11 @@ class RuntimeInstance:
     bulk of the hand-off cost for small batches).
     """
 
-    def __init__(self, runtime: Runtime, name: str) -> None:
+    def __init__(self, runtime: Runtime, name: str, index: int = 0) -> None:
         self.runtime = runtime
         self.name = name
+        #: Which instance of its model version this is (placement counts through the groups).
+        self.index = index
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -134,6 +136,10 @@ class RuntimeInstance:
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self.call(self.runtime.infer, inputs)
+
+    def abandon(self) -> None:
+        """Give up on a thread stuck in a batch: it exits once (if ever) the batch returns."""
+        self._jobs.put(None)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Close the runtime on its thread. A thread stuck in a hung batch is abandoned after

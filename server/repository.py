@@ -16,7 +16,7 @@ from pathlib import Path
 from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
-from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
+from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
 from convoy.runtimes.warmup import run_warmup
@@ -42,7 +42,8 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return self.state == "READY"
+        # A version whose every instance is being replaced (after a hung batch) is not ready.
+        return self.state == "READY" and (self.scheduler is None or self.scheduler.available)
 
 
 @dataclass(slots=True, eq=False)
@@ -78,17 +79,13 @@ class ModelRepository:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
-        await asyncio.gather(
-            *(self.unload(name) for name in list(self.models)), return_exceptions=True
-        )
+        await asyncio.gather(*(self.unload(name) for name in list(self.models)), return_exceptions=True)
 
     # --- queries (any thread: they only read dicts replaced whole) ---------------------------
     def model_names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version to serve a request for (latest ready when `version` is empty)."""
@@ -128,32 +125,22 @@ class ModelRepository:
         for name in sorted(set(self.model_names()) | set(self.models)):
             model = self.models.get(name)
             if model is None:
-                rows.append(
-                    {"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
-                )
+                rows.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"})
                 continue
             if not model.versions:
-                rows.append(
-                    {"name": name, "version": "", "state": model.state, "reason": model.reason}
-                )
+                rows.append({"name": name, "version": "", "state": model.state, "reason": model.reason})
             for number in sorted(model.versions):
                 entry = model.versions[number]
-                rows.append(
-                    {
-                        "name": name,
-                        "version": str(number),
-                        "state": entry.state,
-                        "reason": entry.reason,
-                    }
-                )
+                state, reason = entry.state, entry.reason
+                if state == "READY" and not entry.ready:
+                    state, reason = "UNAVAILABLE", "restarting an instance after a hung batch"
+                rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
         return rows
 
     # --- lifecycle (loop thread) ---------------------------------------------------------------
     def _model_dir(self, name: str) -> Path:
         if not _MODEL_NAME.match(name) or name in (".", ".."):
-            raise InvalidInput(
-                f"model name '{name}' may hold only letters, digits, '_', '.' and '-'"
-            )
+            raise InvalidInput(f"model name '{name}' may hold only letters, digits, '_', '.' and '-'")
         path = (self.root / name).resolve()
         if path.parent != self.root:
             raise InvalidInput(f"model name '{name}' points outside the model repository")
@@ -173,9 +160,7 @@ class ModelRepository:
             try:
                 proto = read_config_proto(model_dir / "config.pbtxt")
                 config = build_model_config(proto, model_dir)
-                available = [
-                    int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
-                ]
+                available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
                 chosen = config.version_policy.select(available)
                 if not chosen:
                     raise ModelNotFound(
@@ -223,41 +208,75 @@ class ModelRepository:
                 raise ModelNotFound(f"model '{name}' is not loaded")
             await self._stop(model)
 
-    async def _load_version(
-        self, config: ModelConfig, model_dir: Path, version: int
-    ) -> ModelVersion:
+    async def _load_version(self, config: ModelConfig, model_dir: Path, version: int) -> ModelVersion:
         entry = ModelVersion(config=config, version=version)
         source = ModelVersionSource(config=config, version=version, path=model_dir / str(version))
         try:
             factory = runtime_factory(config.backend)
             for index in range(config.instance_count):
-                runtime = factory(source, index)
-                instance = RuntimeInstance(runtime, f"{config.name}-{version}-{index}")
-                entry.instances.append(instance)
-                await instance.call(runtime.load)
-            for instance in entry.instances:
-                await run_warmup(instance, config, source.path)
+                entry.instances.append(await self._start_instance(factory, source, index))
+
+            async def replace(lost: RuntimeInstance) -> RuntimeInstance:
+                return await self._start_instance(factory, source, lost.index)
+
             scheduler = Scheduler(
-                config, str(version), entry.instances, entry.stats, self._settings.max_queue_size
+                config,
+                str(version),
+                entry.instances,
+                entry.stats,
+                self._settings.max_queue_size,
+                execution_timeout=self._execution_timeout(config),
+                replace_instance=replace,
             )
             await scheduler.__aenter__()
             entry.scheduler = scheduler
             entry.state = "READY"
         except Exception as exc:
             entry.state = "UNAVAILABLE"
-            entry.reason = (
-                str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
-            )
+            entry.reason = str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, ConvoyError):
                 log.exception("model '%s' version %d failed to load", config.name, version)
             await self._close_instances(entry)
         return entry
+
+    async def _start_instance(self, factory, source: ModelVersionSource, index: int) -> RuntimeInstance:
+        """Create, load and warm up instance `index` of a model version on its own thread."""
+        config = source.config
+        instance = RuntimeInstance(
+            factory(source, index), f"{config.name}-{source.version}-{index}", index
+        )
+        try:
+            await instance.call(instance.runtime.load)
+            await run_warmup(instance, config, source.path)
+        except BaseException:
+            await instance.close()
+            raise
+        return instance
+
+    def _execution_timeout(self, config: ModelConfig) -> float:
+        """Seconds a batch may run: the model's `execution_timeout_ms` parameter, else the
+        server's --execution-timeout (0 = none)."""
+        value = config.parameters.get("execution_timeout_ms", "").strip()
+        if not value:
+            return self._settings.execution_timeout
+        try:
+            milliseconds = float(value)
+        except ValueError:
+            milliseconds = -1
+        if milliseconds < 0:
+            raise InvalidConfig(
+                f"{self.root / config.name / 'config.pbtxt'}: parameters.execution_timeout_ms: "
+                f"expected a non-negative number of milliseconds, got '{value}'"
+            )
+        return milliseconds / 1000
 
     async def _stop(self, model: Model) -> None:
         for entry in model.versions.values():
             entry.state = "UNLOADING"
             if entry.scheduler is not None:
                 await entry.scheduler.close(self._settings.shutdown_grace)
+                # Close the instances working now (not those abandoned in a hung batch).
+                entry.instances = entry.scheduler.instances
                 entry.scheduler = None
             await self._close_instances(entry)
             entry.state = "UNAVAILABLE"
