@@ -91,12 +91,8 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         raise fail("max_batch_size", f"must be >= 0, got {proto.max_batch_size}")
     batching = proto.max_batch_size > 0
 
-    inputs = tuple(
-        _tensor_spec(t, f"input[{i}]", fail, batching) for i, t in enumerate(proto.input)
-    )
-    outputs = tuple(
-        _tensor_spec(t, f"output[{i}]", fail, batching) for i, t in enumerate(proto.output)
-    )
+    inputs = tuple(_tensor_spec(t, f"input[{i}]", fail, batching) for i, t in enumerate(proto.input))
+    outputs = tuple(_tensor_spec(t, f"output[{i}]", fail, batching) for i, t in enumerate(proto.output))
     for kind, specs in (("input", inputs), ("output", outputs)):
         seen: set[str] = set()
         for spec in specs:
@@ -150,9 +146,7 @@ def _tensor_spec(tensor, field: str, fail, batching: bool) -> TensorSpec:
     if not dims and not batching:
         raise fail(f"{field}.dims", "must list at least one dimension")
     if any(d < -1 for d in dims):
-        raise fail(
-            f"{field}.dims", f"each dimension must be -1 (variable) or >= 0, got {list(dims)}"
-        )
+        raise fail(f"{field}.dims", f"each dimension must be -1 (variable) or >= 0, got {list(dims)}")
     reshape = tuple(int(d) for d in tensor.reshape.shape) if tensor.HasField("reshape") else None
     return TensorSpec(
         name=tensor.name,

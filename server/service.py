@@ -67,9 +67,7 @@ class InferenceService:
         batch = [-1] if config.max_batch_size > 0 else []
 
         def describe(specs):
-            return [
-                {"name": s.name, "datatype": s.datatype, "shape": [*batch, *s.dims]} for s in specs
-            ]
+            return [{"name": s.name, "datatype": s.datatype, "shape": [*batch, *s.dims]} for s in specs]
 
         return {
             "name": name,
