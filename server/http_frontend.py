@@ -299,10 +299,9 @@ class HttpFrontend:
     def _decompress(self, body: bytes, encoding: bytes) -> bytes:
         """Inflate a gzip/deflate body, holding the result to the same limit as a plain body."""
         wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
+        name = encoding.decode("latin-1")  # a header may hold any byte
         if wbits is None:
-            raise InvalidInput(
-                f"Content-Encoding '{encoding.decode()}' is not supported; expected gzip or deflate"
-            )
+            raise InvalidInput(f"Content-Encoding '{name}' is not supported; expected gzip or deflate")
         limit = self.max_body_bytes
         parts = []
         size = 0
@@ -312,16 +311,14 @@ class HttpFrontend:
             try:
                 part = inflater.decompress(data, limit + 1 - size)
             except zlib.error as exc:
-                raise InvalidInput(
-                    f"request body is not valid {encoding.decode()} data: {exc}"
-                ) from None
+                raise InvalidInput(f"request body is not valid {name} data: {exc}") from None
             size += len(part)
             if size > limit or inflater.unconsumed_tail:
                 raise BodyTooLarge(
                     f"decompressed request body exceeds the server's limit of {limit} bytes"
                 )
             if not inflater.eof:
-                raise InvalidInput(f"request body is truncated {encoding.decode()} data")
+                raise InvalidInput(f"request body is truncated {name} data")
             parts.append(part)
             data = inflater.unused_data if encoding == b"gzip" else b""
         return b"".join(parts)
