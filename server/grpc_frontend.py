@@ -52,13 +52,6 @@ def _parameter(value: pb.InferParameter):
     return getattr(value, which) if which else None
 
 
-def _int_parameter(parameters: dict, name: str) -> int:
-    value = parameters.get(name, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"parameter '{name}': expected a non-negative integer, got {value!r}")
-    return value
-
-
 def decode_request(
     service: InferenceService, message: pb.ModelInferRequest, future, deadline: float | None
 ) -> tuple[ModelVersion, Request]:
@@ -103,8 +96,8 @@ def decode_request(
         requested_outputs=requested,
         rows=rows,
         future=future,
-        priority=_int_parameter(parameters, "priority"),
-        timeout_us=_int_parameter(parameters, "timeout"),
+        priority=tensors.non_negative_parameter(parameters, "priority"),
+        timeout_us=tensors.non_negative_parameter(parameters, "timeout"),
         deadline=deadline,
         parameters=parameters,
         received_ns=received,

@@ -268,8 +268,8 @@ class HttpFrontend:
             requested_outputs=requested,
             rows=rows,
             future=future,
-            priority=_non_negative(parameters, "priority"),
-            timeout_us=_non_negative(parameters, "timeout"),
+            priority=tensors.non_negative_parameter(parameters, "priority"),
+            timeout_us=tensors.non_negative_parameter(parameters, "timeout"),
             parameters=parameters,
             received_ns=received,
         )
@@ -457,10 +457,3 @@ def _flatten(values: list) -> list:
         else:
             stack.pop()
     return flat
-
-
-def _non_negative(parameters: dict, name: str) -> int:
-    value = parameters.get(name, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"parameter '{name}': expected a non-negative integer, got {value!r}")
-    return value

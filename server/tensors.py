@@ -226,3 +226,11 @@ def select_outputs(
             datatype = v2_datatype_of(array)
         selected.append((name, datatype, array))
     return selected
+
+
+def non_negative_parameter(parameters: dict, name: str) -> int:
+    """A request parameter that must be a non-negative integer (priority, timeout); 0 if absent."""
+    value = parameters.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"parameter '{name}': expected a non-negative integer, got {value!r}")
+    return value
