@@ -358,3 +358,16 @@ def open_protocol(name: str, process: ConvoyProcess, http_concurrency: int = 8):
         yield Protocol(name, client, module)
     finally:
         client.close()
+
+
+def poll(condition, what: str, timeout: float = 30.0):
+    """Call `condition` until it returns something truthy (returned), or fail after `timeout`
+    seconds naming `what`. The only way tests wait: never a fixed sleep."""
+    pause = threading.Event()  # never set: wait() paces the polling
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        pause.wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import ConvoyProcess
+from helpers import ConvoyProcess, poll
 from tritonclient.utils import InferenceServerException
 
 GATE_MODEL = '''
@@ -47,16 +46,6 @@ dynamic_batching {
   default_queue_policy { max_queue_size: 2 }
 }
 """
-
-
-def poll(condition, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -96,7 +85,7 @@ def start_blocking_request(process: ConvoyProcess, model: Path) -> threading.Thr
     thread = threading.Thread(target=call, daemon=True)
     thread.start()
     thread.result = result
-    poll(lambda: (model / "started").exists(), "the first batch to start")
+    poll(lambda: (model / "started").exists(), "the first batch to start", timeout=20.0)
     return thread
 
 
@@ -111,7 +100,9 @@ def test_http_client_disconnect_removes_request_from_queue(gate_server):
             + body
         )
     # The hung-up request is counted as failed (cancelled) while the gate is still closed.
-    poll(lambda: stats(process)["inference_stats"]["fail"]["count"] == 1, "the cancellation")
+    poll(
+        lambda: stats(process)["inference_stats"]["fail"]["count"] == 1, "the cancellation", timeout=20.0
+    )
     (model / "open").touch()
     first.join(timeout=30)
     assert first.result["response"].status_code == 200
@@ -129,7 +120,9 @@ def test_grpc_deadline_removes_request_from_queue(gate_server):
     with pytest.raises(InferenceServerException) as raised:
         client.infer("gate", [tensor], client_timeout=0.3)
     assert "DEADLINE_EXCEEDED" in str(raised.value.status())
-    poll(lambda: stats(process)["inference_stats"]["fail"]["count"] == 1, "the cancellation")
+    poll(
+        lambda: stats(process)["inference_stats"]["fail"]["count"] == 1, "the cancellation", timeout=20.0
+    )
     (model / "open").touch()
     first.join(timeout=30)
     assert stats(process)["execution_count"] == 1
@@ -148,7 +141,7 @@ def test_full_queue_rejects_with_resource_exhausted_and_429(gate_server):
         )
         thread.start()
         threads.append(thread)
-    poll(lambda: len(answers) >= 3, "three immediate rejections")
+    poll(lambda: len(answers) >= 3, "three immediate rejections", timeout=20.0)
     assert [a.status_code for a in answers] == [429, 429, 429]
     for answer in answers:
         assert answer.headers.get("Retry-After")

@@ -4,13 +4,12 @@ replaced (the model reports unready meanwhile) and the model serves again."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import ConvoyProcess, serve_until_stopped
+from helpers import ConvoyProcess, poll, serve_until_stopped
 from tritonclient.utils import InferenceServerException
 
 HANG_MODEL = '''
@@ -60,15 +59,6 @@ def hang_server(tmp_path):
 def infer(process: ConvoyProcess, value: float) -> requests.Response:
     body = {"inputs": [{"name": "IN", "datatype": "FP32", "shape": [1, 2], "data": [value, value]}]}
     return requests.post(f"{process.base_url}/v2/models/hang/infer", data=json.dumps(body), timeout=60)
-
-
-def poll(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_hung_batch_fails_its_requests_and_the_instance_is_replaced(hang_server):

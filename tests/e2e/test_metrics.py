@@ -12,14 +12,13 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import REPO_ROOT, ConvoyProcess, copy_model
+from helpers import REPO_ROOT, ConvoyProcess, copy_model, poll
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
@@ -62,17 +61,6 @@ dynamic_batching {
   default_queue_policy { max_queue_size: 1 }
 }
 """
-
-
-def poll(condition, what: str):
-    pause = threading.Event()  # never set: wait() paces the polling
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        pause.wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

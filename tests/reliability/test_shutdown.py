@@ -18,7 +18,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from conftest import write_capacity_model
-from helpers import ConvoyProcess
+from helpers import ConvoyProcess, poll
 from tritonclient.utils import InferenceServerException
 
 LOAD_THREADS = 6
@@ -30,15 +30,6 @@ SHUTDOWN_ATTEMPTS = 5
 #: connection refused (listener closed), and the two cut-offs at listener close that the xfail
 #: test below pins down as a bug (gRPC CANCELLED, HTTP reset after the request was sent).
 ACCEPTED_AFTER_SIGTERM = {"ok", "unavailable", "refused", "dropped", "cancelled"}
-
-
-def poll(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def http_call(process: ConvoyProcess, request_id: int) -> str:
