@@ -17,7 +17,14 @@ import grpc
 from google.protobuf import json_format
 
 from convoy.datatypes import to_wire_bytes
-from convoy.errors import ConvoyError, InvalidInput, Overloaded, Unsupported, status_of
+from convoy.errors import (
+    ConvoyError,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+    Unsupported,
+    status_of,
+)
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.types import Request
@@ -135,8 +142,12 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         self.log_control = log_control
         self.tracer = tracer
 
-    @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException):
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
+        held = self.service.held_rejections
+        if held is not None and isinstance(exc, Unavailable):
+            # The server is about to stop listening: answer once it has (see ConvoyServer).
+            self.service.held_count += 1
+            await held.wait()
         code, _, message = status_of(exc)
         if not isinstance(exc, ConvoyError):
             log.error("gRPC handler failed", exc_info=exc)

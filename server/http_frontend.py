@@ -112,6 +112,9 @@ class HttpFrontend:
                 # Whole seconds (RFC 9110), at least 1: the scheduler's estimate of the drain.
                 wait = math.ceil(getattr(exc, "retry_after", 1.0))
                 headers.append((b"retry-after", str(max(wait, 1)).encode()))
+            elif http_status == 503 and not self.service.accepting:
+                # Shutting down: this connection will not be served again; say so.
+                headers.append((b"connection", b"close"))
             await self._send(send, http_status, orjson.dumps({"error": message}), extra=headers)
 
     @staticmethod
