@@ -185,3 +185,7 @@ class ServerConfig:
     trace_otlp_endpoint: str = ""
     #: Print every request's spans to standard output as JSON lines.
     trace_console: bool = False
+    #: Showback ledger: per API key x model x version usage appended as JSON lines every
+    #: `usage_interval` seconds (None: no ledger; the Prometheus usage counters need only keys).
+    usage_ledger: Path | None = None
+    usage_interval: float = 60.0

@@ -16,6 +16,7 @@ import time
 
 import uvicorn
 
+from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
 
 from .access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
@@ -26,6 +27,7 @@ from .metrics import Metrics
 from .repository import ModelRepository
 from .service import InferenceService
 from .tracing import Tracer
+from .usage import UsageLedger
 
 log = logging.getLogger("convoy.server")
 
@@ -79,7 +81,11 @@ class ConvoyServer:
         without one, only the root logger's level follows the settings."""
         self.settings = settings
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
-        self.repository = ModelRepository(settings)
+        #: Showback: per-principal usage, metered when callers are identified (API keys) or a
+        #: usage ledger is asked for.
+        self.usage = UsageMeter() if settings.usage_ledger is not None else None
+        self._ledger: UsageLedger | None = None
+        self.repository = ModelRepository(settings, self.usage)
         self.service: InferenceService | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -98,6 +104,9 @@ class ConvoyServer:
         settings = self.settings
         loop = asyncio.get_running_loop()
         await self.repository.__aenter__()
+        if settings.usage_ledger is not None and self.usage is not None:
+            self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
+            self._ledger.start()
         self.service = InferenceService(self.repository, loop)
         try:
             if settings.trace_otlp_endpoint or settings.trace_console:
@@ -194,7 +203,7 @@ class ConvoyServer:
         """/metrics on its own thread, from this server's registry (read at scrape time)."""
         import prometheus_client
 
-        self.metrics = Metrics(self.repository)
+        self.metrics = Metrics(self.repository, self.usage)
         self._metrics_server, _thread = prometheus_client.start_http_server(
             self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
         )
@@ -235,6 +244,8 @@ class ConvoyServer:
         if self.metrics is not None:
             self.metrics.close()
         await self.repository.__aexit__(None, None, None)
+        if self._ledger is not None:
+            self._ledger.close()  # the last interval, up to the final answers
         if self._access_log is not None:
             self._access_log.close()
         if self.tracer is not None:
