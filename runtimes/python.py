@@ -91,9 +91,7 @@ class PythonRuntime:
         return {name: np.asarray(value) for name, value in outputs.items()}
 
     def is_fatal(self, error: BaseException) -> bool:
-        return (
-            isinstance(error, (InstanceLost, *self._fatal_errors)) or cuda_context_lost(error)
-        )
+        return isinstance(error, (InstanceLost, *self._fatal_errors)) or cuda_context_lost(error)
 
     def close(self) -> None:
         finalize = getattr(self._model, "finalize", None)
