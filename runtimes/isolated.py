@@ -190,6 +190,8 @@ class IsolatedRuntime:
             raise ModelLoadFailed(header["error"]["message"])
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._process.poll() is not None:
+            self._restart_idle()
         try:
             _send(self._sock, {"op": "infer"}, inputs)
             header, outputs = _receive(self._reader)
@@ -201,6 +203,24 @@ class IsolatedRuntime:
         if "error" in header:
             raise _error_from(header["error"], self._name)
         return outputs
+
+    def _restart_idle(self) -> None:
+        """The worker died between batches (the OOM killer picks big idle processes too): start
+        a fresh one for this batch, which has not run anywhere yet, instead of failing it."""
+        code = self._reap()
+        log.warning(
+            "model '%s' instance %d: worker %s while idle; starting a fresh one",
+            self._name,
+            self._instance_index,
+            _describe_exit(code),
+        )
+        try:
+            self.load()
+        except ModelLoadFailed as exc:
+            raise InstanceLost(
+                f"model '{self._name}' worker {_describe_exit(code)} while idle and could not "
+                f"be restarted: {exc}"
+            ) from None
 
     def is_fatal(self, error: BaseException) -> bool:
         # The worker already applied its backend's own hook; InstanceLost carries the verdict.
