@@ -21,8 +21,9 @@ it is busy in a batch.
 from __future__ import annotations
 
 import ctypes
-import json
+import functools
 import logging
+import math
 import os
 import pickle
 import signal
@@ -33,6 +34,7 @@ import sys
 import threading
 
 import numpy as np
+import orjson
 
 from convoy import errors
 from convoy.config import ModelVersionSource
@@ -73,8 +75,8 @@ def _send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | No
         specs.append([name, dtype, list(array.shape), len(data)])
         buffers.append(data)
         payload += len(data)
-    header = dict(header, tensors=specs)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
+    header["tensors"] = specs
+    encoded = orjson.dumps(header)
     parts = [_PREFIX.pack(len(encoded), payload) + encoded, *(b for b in buffers if len(b))]
     while parts:
         sent = sock.sendmsg(parts)
@@ -100,21 +102,21 @@ def _receive(reader) -> tuple[dict, dict[str, np.ndarray]]:
     if len(prefix) != _PREFIX.size:
         raise WorkerGone("channel closed")
     header_size, payload_size = _PREFIX.unpack(prefix)
-    header = json.loads(_read_exact(reader, header_size))
+    header = orjson.loads(_read_exact(reader, header_size))
     payload = _read_exact(reader, payload_size)
     tensors = {}
     offset = 0
     for name, dtype, shape, size in header.pop("tensors"):
         view = memoryview(payload)[offset : offset + size]
         offset += size
-        count = int(np.prod(shape, dtype=np.int64))
         if dtype == _BYTES:
-            tensors[name] = deserialize_bytes(view, count, name).reshape(shape)
+            tensors[name] = deserialize_bytes(view, math.prod(shape), name).reshape(shape)
         else:
-            tensors[name] = np.frombuffer(view, dtype=_dtype(dtype), count=count).reshape(shape)
+            tensors[name] = np.frombuffer(view, dtype=_dtype(dtype)).reshape(shape)
     return header, tensors
 
 
+@functools.cache
 def _dtype(name: str) -> np.dtype:
     try:
         return np.dtype(name)
