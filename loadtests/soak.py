@@ -56,6 +56,9 @@ class Drift:
     #: Last window's RSS minus the idle RSS before the load.
     rss_growth_mb: float | None
     rss_slope_mb_per_hour: float | None
+    #: The slope over the second half of the windows only: a leak keeps climbing there, while
+    #: warm-up growth (allocator arenas, connections, caches) has levelled off.
+    rss_slope_last_half_mb_per_hour: float | None
     p50_slope_ms_per_hour: float | None
     p99_slope_ms_per_hour: float | None
     #: Last window's percentile over the first's (1.0: no drift).
@@ -92,8 +95,8 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
 def drift(windows: list[WindowRow], idle_before: float | None, idle_after: float | None) -> Drift:
     fitted = windows[WARMUP_WINDOWS:] if len(windows) > WARMUP_WINDOWS + 1 else windows
 
-    def fit(attribute: str) -> float | None:
-        points = [(w.at_s, getattr(w, attribute)) for w in fitted if getattr(w, attribute) is not None]
+    def fit(attribute: str, rows: list[WindowRow] = fitted) -> float | None:
+        points = [(w.at_s, getattr(w, attribute)) for w in rows if getattr(w, attribute) is not None]
         return slope_per_hour(points)
 
     def ratio(attribute: str) -> float | None:
@@ -107,6 +110,7 @@ def drift(windows: list[WindowRow], idle_before: float | None, idle_after: float
         rss_idle_after_mb=idle_after,
         rss_growth_mb=growth,
         rss_slope_mb_per_hour=fit("rss_mb"),
+        rss_slope_last_half_mb_per_hour=fit("rss_mb", windows[len(windows) // 2 :]),
         p50_slope_ms_per_hour=fit("p50_ms"),
         p99_slope_ms_per_hour=fit("p99_ms"),
         p50_ratio=ratio("p50_ms"),
@@ -335,6 +339,7 @@ def markdown(report: SoakReport) -> str:
         f"{_fmt(d.rss_idle_after_mb, 1)} |",
         f"| RSS growth, last window minus idle before (MB) | {_fmt(d.rss_growth_mb, 1)} |",
         f"| RSS slope (MB/hour, {d.windows_fitted} windows) | {_fmt(d.rss_slope_mb_per_hour, 1)} |",
+        f"| RSS slope over the second half (MB/hour) | {_fmt(d.rss_slope_last_half_mb_per_hour, 1)} |",
         f"| p50 slope (ms/hour) / last ÷ first | {_fmt(d.p50_slope_ms_per_hour)} / "
         f"{_fmt(d.p50_ratio)} |",
         f"| p99 slope (ms/hour) / last ÷ first | {_fmt(d.p99_slope_ms_per_hour)} / "

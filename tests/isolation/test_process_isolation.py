@@ -200,3 +200,24 @@ def test_server_flag_isolates_models_without_the_parameter(tmp_path):
         pid = worker_pid(running)
         assert pid != running.pid
     assert gone(pid)
+
+
+def test_hung_worker_is_killed_at_the_execution_timeout(tmp_path):
+    repository = tmp_path / "models"
+    repository.mkdir()
+    copy_model(repository, MODEL)
+    config = repository / MODEL / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        + 'parameters { key: "execution_timeout_ms" value: { string_value: "300" } }\n'
+    )
+    process = ConvoyProcess(repository, tmp_path / "server.log")
+    for running in serve_until_stopped(process, "ready"):
+        before = worker_pid(running)
+        hung = infer(running, 5)
+        assert hung.status_code == 500
+        assert "execution timeout (300 ms)" in hung.json()["error"]
+        # A hung thread can only be abandoned; a hung worker process is killed.
+        poll(lambda pid=before: gone(pid), "the hung worker to be killed")
+        wait_ready(running)
+        assert worker_pid(running) != before

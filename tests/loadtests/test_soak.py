@@ -107,7 +107,7 @@ def test_soak_drift_agrees_with_its_windows(healthy_run):
     assert isinstance(found["rss_slope_mb_per_hour"], float)
     markdown = report["markdown"]
     assert markdown.startswith("# convoy soak: add_sub")
-    assert markdown.count("\n| ") >= 3 + 5  # three window rows and five drift rows
+    assert markdown.count("\n| ") >= 3 + 6  # three window rows and six drift rows
     assert "within the thresholds" in markdown
 
 
@@ -147,6 +147,7 @@ def test_drift_leaves_out_the_warmup_window_and_checks_thresholds():
     found = drift(windows, idle_before=100.0, idle_after=190.0)
     assert found.windows_fitted == 3
     assert found.rss_slope_mb_per_hour == pytest.approx(60.0)
+    assert found.rss_slope_last_half_mb_per_hour == pytest.approx(60.0)
     assert found.rss_growth_mb == pytest.approx(102.0)
     assert found.p99_ratio == pytest.approx(0.75)
     assert exceeded(found, max_growth_mb=150, max_slope=None) == []
