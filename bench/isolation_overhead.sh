@@ -14,10 +14,11 @@ mkdir -p "$work/models" && cp -r "$repo/add_sub" "$work/models/"
 printf "mode,round,c1_p50_us,c1_infer_per_s,c32_infer_per_s,c32_p50_us\n"
 for round in $(seq 1 "$rounds"); do
   for mode in thread process; do
+    rm -f "$work/out"  # never read the previous server's line
     $py -m convoy serve --model-repository "$work/models" --isolation "$mode" --host 127.0.0.1 \
       --http-port 0 --grpc-port 0 --metrics-port -1 >"$work/out" 2>"$work/err" &
     server=$!
-    until grep -q "^convoy: serving" "$work/out"; do sleep 0.1; done
+    until grep -qs "^convoy: serving" "$work/out"; do sleep 0.1; done
     grpc=$(sed -n 's/.* grpc=\([0-9]*\).*/\1/p' "$work/out")
     row="$mode,$round"
     for c in 1 32; do
