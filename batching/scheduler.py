@@ -88,9 +88,14 @@ class Scheduler:
         #: Showback (per-principal usage), when API keys are configured.
         self._usage = usage
         self._replace_instance = replace_instance
-        #: Instances being replaced after a hung batch (their threads are abandoned).
+        #: Instances being replaced after a hung batch (their threads are abandoned) or a fatal
+        #: runtime error.
         self.replacing = 0
         self._replacements: set[asyncio.Task] = set()
+        #: Busy instances to retire when their batch returns (a fatal error took their process).
+        self._retiring: set[RuntimeInstance] = set()
+        #: Why the model is unready while it has no working instance.
+        self.restart_reason = ""
         batching = config.dynamic_batching
         self._batched = config.max_batch_size > 0
         self._dynamic = batching is not None
@@ -396,6 +401,9 @@ class Scheduler:
         instance, batch, rows, reason, dispatched_ns, sequence = context
         if sequence not in self._executing:
             return  # it timed out: its requests were answered and the instance replaced
+        if error is not None and instance.is_fatal(error):
+            self._fatal(context, error)
+            return
         name = self.config.name
         inferred = time.monotonic_ns()
         try:
@@ -432,7 +440,11 @@ class Scheduler:
                 name, self.version, batch, rows, inferred - start, dispatched_ns, failed
             )
         self._executing_rows -= rows
-        self._idle.append(instance)
+        if self._retiring and instance in self._retiring:
+            self._retiring.discard(instance)
+            self._retire(instance)
+        else:
+            self._idle.append(instance)
         del self._executing[sequence]
         if self._closed:
             return
@@ -468,6 +480,12 @@ class Scheduler:
             f"model '{name}' did not finish the batch within its execution timeout "
             f"({self._execution_timeout * 1000:.0f} ms); the instance is being restarted"
         )
+        self._fail_batch(batch, sequence, dispatched_ns, failure)
+        self.restart_reason = "restarting an instance after a hung batch"
+        instance.abandon()
+        self._start_replacement(instance, close_lost=False)
+
+    def _fail_batch(self, batch, sequence: int, dispatched_ns: int, failure: Exception) -> None:
         outcome = [(request, None, failure) for request in batch]
         if self._usage is not None:
             busy_ns = time.monotonic_ns() - dispatched_ns
@@ -479,21 +497,82 @@ class Scheduler:
                 self._deliver_sequence += 1
         else:
             self._deliver(outcome, dispatched_ns)
-        instance.abandon()
-        if self._replace_instance is not None and not self._closed:
-            self.replacing += 1
-            task = self._loop.create_task(self._replace(instance))
-            self._replacements.add(task)
-            task.add_done_callback(self._replacements.discard)
 
-    async def _replace(self, lost: RuntimeInstance) -> None:
+    def _fatal(self, context, error: BaseException) -> None:
+        """The runtime cannot be trusted after this batch's error (its worker process died, its
+        CUDA context is poisoned): fail the batch and replace the instance. In-process
+        instances share the server's process (and device contexts), so all of them are
+        replaced; an isolated instance only takes itself down. The model is unready until a
+        fresh instance is up; queued requests wait for it (bounded by their queue timeouts)."""
+        instance, batch, rows, _, dispatched_ns, sequence = context
+        del self._executing[sequence]
+        self._executing_rows -= rows
+        name = self.config.name
+        log.error(
+            "model '%s' version %s: fatal error on %s (%s: %s); replacing %s",
+            name,
+            self.version,
+            instance.name,
+            type(error).__name__,
+            error,
+            "its worker" if instance.isolated else "every instance",
+        )
+        failure = error
+        if not isinstance(error, ConvoyError):
+            failure = InferenceFailed(
+                f"model '{name}' hit a fatal error ({type(error).__name__}: {error}); reloading it"
+            )
+        self._fail_batch(batch, sequence, dispatched_ns, failure)
+        self.restart_reason = f"reloading after a fatal error: {failure}"
+        lost = [instance] if instance.isolated else list(self._instances)
+        for each in lost:
+            if each is instance or each in self._idle:
+                if each in self._idle:
+                    self._idle.remove(each)
+                self._retire(each)
+            else:
+                self._instances.remove(each)
+                self._retiring.add(each)  # busy: retired when its batch returns
+
+    def _retire(self, instance: RuntimeInstance) -> None:
+        """Take `instance` out of service, close it and start a fresh one in its place."""
+        if instance in self._instances:
+            self._instances.remove(instance)
+        self._start_replacement(instance, close_lost=True)
+
+    def _start_replacement(self, lost: RuntimeInstance, close_lost: bool) -> None:
+        if self._closed:
+            if close_lost:
+                task = self._loop.create_task(lost.close())
+                self._replacements.add(task)
+                task.add_done_callback(self._replacements.discard)
+            return
+        if self._replace_instance is None:
+            return
+        self.replacing += 1
+        task = self._loop.create_task(self._replace(lost, close_lost))
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
+
+    async def _replace(self, lost: RuntimeInstance, close_lost: bool = False) -> None:
+        if close_lost:
+            try:
+                await lost.close()
+            except Exception:
+                log.warning("model '%s': closing instance %s failed", self.config.name, lost.name)
         try:
             fresh = await self._replace_instance(lost)
         except Exception:
-            log.exception("model '%s': replacing instance %s failed", self.config.name, lost.name)
-            return
-        finally:
             self.replacing -= 1
+            log.exception("model '%s': replacing instance %s failed", self.config.name, lost.name)
+            if not self._instances and not self.replacing:
+                # Nothing will come to serve the queue: answer it now rather than at its timeouts.
+                gone = Unavailable(f"model '{self.config.name}' could not restart its instances")
+                for request in self._queue.drain():
+                    request.state = RequestState.FINISHED
+                    _resolve(request, error=gone)
+            return
+        self.replacing -= 1
         if self._closed:
             await fresh.close()
             return

@@ -47,6 +47,13 @@ def _serve_parser(sub) -> None:
         "replaced (0: no limit; the model parameter execution_timeout_ms overrides)",
     )
     p.add_argument(
+        "--isolation",
+        choices=["thread", "process"],
+        default="thread",
+        help="where model code runs: in the server's process, or in a worker process per "
+        "instance that is restarted if it crashes (a model's 'isolation' parameter overrides)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=float,
         default=30.0,
@@ -186,6 +193,7 @@ def _settings(args) -> ServerConfig:
         max_queue_size=args.max_queue_size,
         shutdown_grace=args.shutdown_grace,
         execution_timeout=args.execution_timeout,
+        isolation=args.isolation,
         load_all=args.model_control_mode == "none",
         load_models=tuple(args.load_model),
         log_level=args.log_level,

@@ -172,6 +172,9 @@ class ServerConfig:
     #: Seconds a batch may run before its requests fail and its instance is replaced (0 = no
     #: limit); a model's `execution_timeout_ms` parameter overrides it.
     execution_timeout: float = 0.0
+    #: Where model code runs unless a model's `isolation` parameter says otherwise: "thread"
+    #: (in this process) or "process" (a worker process per instance).
+    isolation: str = "thread"
     #: Load every model at start; with False only `load_models` are loaded (explicit mode).
     load_all: bool = True
     load_models: tuple[str, ...] = ()

@@ -68,6 +68,11 @@ class InferenceFailed(ConvoyError):
     """The runtime raised while executing the batch this request rode in."""
 
 
+class InstanceLost(InferenceFailed):
+    """The batch's runtime instance is unusable after it (its worker process died, its CUDA
+    context is poisoned); the model restarts the instance and is unready meanwhile."""
+
+
 # --- the engine is gone ----------------------------------------------------------------------------
 class EngineDead(ConvoyError):
     """A runtime's worker died; the model is being restarted and is unavailable meanwhile."""

@@ -1,4 +1,4 @@
-"""`convoy loadtest` and `convoy capacity`: argument parsing and entry points.
+"""`convoy loadtest`, `convoy capacity` and `convoy soak`: argument parsing and entry points.
 
 convoy/cli.py registers these with `add_parsers(sub)` and hands parsed arguments of a command
 in COMMANDS to `main(args)`. Importing this module is cheap; locust (and its gevent
@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-COMMANDS = ("loadtest", "capacity")
+COMMANDS = ("loadtest", "capacity", "soak")
 PROTOCOL_NAMES = ("http-json", "http-binary", "grpc", "grpc-stream")
 DEFAULT_METRICS_URL = "http://localhost:8002/metrics"
 
@@ -57,15 +57,28 @@ def _headroom(text: str) -> float:
     return value
 
 
-def _target_arguments(p: argparse.ArgumentParser) -> None:
+def _target_arguments(p: argparse.ArgumentParser, own_server: bool = False) -> None:
+    """`own_server`: with neither URL given, the command starts a Convoy server itself."""
     g = p.add_argument_group("target (any Open Inference Protocol server: Convoy, Triton)")
-    g.add_argument("--model", required=True, help="model to load-test")
+    if own_server:
+        g.add_argument("--model", default="add_sub", help="model to load (default add_sub)")
+    else:
+        g.add_argument("--model", required=True, help="model to load-test")
     g.add_argument("--model-version", default="", help="version (default: the server's choice)")
-    g.add_argument("--http-url", default="localhost:8000", help="HTTP endpoint (default localhost:8000)")
-    g.add_argument("--grpc-url", default="localhost:8001", help="gRPC endpoint (default localhost:8001)")
+    fallback = "; with neither URL, a server is started" if own_server else ""
+    g.add_argument(
+        "--http-url",
+        default=None if own_server else "localhost:8000",
+        help=f"HTTP endpoint (default localhost:8000{fallback})",
+    )
+    g.add_argument(
+        "--grpc-url",
+        default=None if own_server else "localhost:8001",
+        help=f"gRPC endpoint (default localhost:8001{fallback})",
+    )
     g.add_argument(
         "--metrics-url",
-        default=DEFAULT_METRICS_URL,
+        default=None if own_server else DEFAULT_METRICS_URL,
         help=f"Prometheus endpoint scraped around each run; '' to skip (default {DEFAULT_METRICS_URL})",
     )
     g = p.add_argument_group("payload (generated from the model metadata)")
@@ -159,17 +172,96 @@ def add_parsers(sub) -> None:
     p.add_argument("--headroom", type=_headroom, default=0.3, help="capacity kept spare (default 0.3)")
     p.add_argument("--out", type=Path, default=Path("capacity-report"), help="report folder")
 
+    p = sub.add_parser(
+        "soak",
+        help="hold a bounded load for a long time and report RSS and latency drift",
+        description="Runs --duration seconds of closed-loop load in --window second windows "
+        "(starting a Convoy server itself when no URL is given), samples the server's resident "
+        "memory before, during and after, and writes soak.json and soak.md into --out. Exits 1 "
+        "when RSS grew past a threshold, on any mismatch, or if nothing succeeded.",
+    )
+    _target_arguments(p, own_server=True)
+    p.add_argument("--protocol", type=_protocol_list, default=("grpc",), help="as for loadtest")
+    p.add_argument("--users", type=_positive_int, default=8, help="concurrent users (default 8)")
+    p.add_argument(
+        "--duration", type=_positive_float, default=600.0, help="seconds of load (default 600)"
+    )
+    p.add_argument("--window", type=_positive_float, default=30.0, help="seconds per window (30)")
+    p.add_argument(
+        "--max-requests",
+        type=_positive_int,
+        default=10_000_000,
+        help="request budget per window (default 10000000)",
+    )
+    p.add_argument(
+        "--max-rss-growth-mb",
+        type=float,
+        default=100.0,
+        help="fail when the last window's RSS exceeds the idle RSS before the load by more (100)",
+    )
+    p.add_argument(
+        "--max-rss-slope-mb-per-hour",
+        type=float,
+        default=None,
+        help="fail when the fitted RSS slope exceeds this (default: not checked)",
+    )
+    p.add_argument(
+        "--server-pid",
+        type=_positive_int,
+        default=None,
+        help="pid of the server given by URL, to read its RSS (and its workers') from /proc; "
+        "otherwise process_resident_memory_bytes from --metrics-url",
+    )
+    g = p.add_argument_group("server started by the run (no URL given)")
+    g.add_argument("--model-repository", type=Path, default=None, help="default: the demo models")
+    g.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `convoy serve` argument, e.g. --server-arg=--isolation=process (repeatable)",
+    )
+    p.add_argument("--out", type=Path, default=Path("soak-report"), help="report folder")
+
 
 def main(args: argparse.Namespace) -> int:
-    """Run a parsed `loadtest` or `capacity` command; returns the process exit code."""
+    """Run a parsed `loadtest`, `capacity` or `soak` command; returns the process exit code."""
     from rich.console import Console
 
+    console = Console(stderr=True)
+    started = None
+    if args.command == "soak":
+        if args.http_url is None and args.grpc_url is None:
+            from convoy.cli import demo_repository
+
+            from .soak import StartedServer
+
+            repository = args.model_repository or demo_repository()
+            try:
+                started = StartedServer.start(repository, args.server_arg, args.out / "server")
+            except (RuntimeError, OSError) as exc:
+                _error(console, f"convoy soak: {exc}")
+                return 2
+            args.http_url, args.grpc_url = started.http_url, started.grpc_url
+            args.metrics_url = started.metrics_url
+            args.server_pid = started.process.pid
+        args.http_url = args.http_url or "localhost:8000"
+        args.grpc_url = args.grpc_url or "localhost:8001"
+        if args.metrics_url is None:
+            args.metrics_url = DEFAULT_METRICS_URL
+    try:
+        return _run_command(args, console)
+    finally:
+        if started is not None:
+            started.stop()
+
+
+def _run_command(args: argparse.Namespace, console) -> int:
     from .checks import choose_oracle
     from .payloads import ModelSpecError, PayloadGenerator, PayloadOptions, parse_shape_option
     from .runner import fetch_model_spec  # imports locust: monkey-patches this process for gevent
     from .users import Target
 
-    console = Console(stderr=True)
     protocols = args.protocol if isinstance(args.protocol, tuple) else (args.protocol,)
     family = "http" if any(p.startswith("http") for p in protocols) else "grpc"
     url = args.http_url if family == "http" else args.grpc_url
@@ -196,6 +288,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.command == "loadtest":
         return _loadtest(args, target, console)
+    if args.command == "soak":
+        return _soak(args, target, console)
     return _capacity(args, target, console)
 
 
@@ -257,6 +351,65 @@ def _loadtest(args, target, console) -> int:
         }
         args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 1 if result.summary.mismatches or not result.summary.successes else 0
+
+
+def _soak(args, target, console) -> int:
+    from .soak import RssProbe, SoakReport, drift, exceeded, markdown, run_soak, write_report
+
+    probe = RssProbe(args.server_pid, args.metrics_url or None)
+
+    def on_window(row, count) -> None:
+        console.print(
+            f"window {row.index + 1}/{count}: {row.throughput_rps:,.0f} req/s, p50 "
+            f"{row.p50_ms or 0:.2f} ms, p99 {row.p99_ms or 0:.2f} ms, RSS {row.rss_mb or 0:.1f} MB",
+            markup=False,
+        )
+
+    windows, idle_before, idle_after, failures = run_soak(
+        target,
+        args.protocol,
+        args.users,
+        args.duration,
+        args.window,
+        probe,
+        args.max_requests,
+        on_window,
+    )
+    result = drift(windows, idle_before, idle_after)
+    report = SoakReport(
+        target={
+            "model": target.model.name,
+            "http_url": args.http_url,
+            "grpc_url": args.grpc_url,
+            "server_pid": args.server_pid,
+            "rss_source": probe.source,
+        },
+        plan={
+            "protocols": list(args.protocol),
+            "users": args.users,
+            "duration_s": args.duration,
+            "window_s": args.window,
+            "windows": len(windows),
+        },
+        windows=windows,
+        drift=result,
+        thresholds={
+            "max_rss_growth_mb": args.max_rss_growth_mb,
+            "max_rss_slope_mb_per_hour": args.max_rss_slope_mb_per_hour,
+        },
+        exceeded=exceeded(result, args.max_rss_growth_mb, args.max_rss_slope_mb_per_hour),
+        failures=failures,
+    )
+    paths = write_report(report, args.out)
+    print(markdown(report))
+    print(f"report: {paths['markdown']} ({paths['json'].name})")
+    for message, count in failures.items():
+        _error(console, f"{count} x {message}", style="yellow")
+    if report.exceeded:
+        _error(console, "convoy soak: " + "; ".join(report.exceeded))
+        return 1
+    mismatches = sum(w.mismatches for w in windows)
+    return 1 if mismatches or not sum(w.successes for w in windows) else 0
 
 
 def _capacity(args, target, console) -> int:

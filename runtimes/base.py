@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -17,7 +18,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from convoy.config import ModelConfig, ModelVersionSource
-from convoy.errors import InvalidConfig
+from convoy.errors import InstanceLost, InvalidConfig
+
+log = logging.getLogger("convoy.runtimes")
 
 
 @runtime_checkable
@@ -33,6 +36,31 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """Release the model's resources."""
+
+    # Optional: `is_fatal(error) -> bool`, True when the instance cannot be trusted after
+    # `error` (see `is_fatal` below for the default).
+
+
+def cuda_context_lost(error: BaseException) -> bool:
+    """A CUDA error that poisons the process's CUDA context (a device-side assert, an illegal
+    address): every later call on that device fails until the process exits."""
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error)
+    return "CUDA error" in text or "device-side assert" in text
+
+
+def is_fatal(runtime: Runtime, error: BaseException) -> bool:
+    """Whether `runtime` must be replaced after `error` (rather than failing only the batch):
+    the runtime's own `is_fatal` hook where it has one, else InstanceLost or a lost CUDA context."""
+    check = getattr(runtime, "is_fatal", None)
+    if check is None:
+        return isinstance(error, InstanceLost) or cuda_context_lost(error)
+    try:
+        return bool(check(error))
+    except Exception:
+        log.exception("is_fatal hook of %s raised; treating the error as not fatal", type(runtime))
+        return False
 
 
 class RuntimeFactory(Protocol):
@@ -105,6 +133,9 @@ class RuntimeInstance:
         self.name = name
         #: Which instance of its model version this is (placement counts through the groups).
         self.index = index
+        #: The runtime executes in a process of its own (see runtimes/isolated.py): a fatal
+        #: error then poisons only this instance, not the others sharing the server's process.
+        self.isolated = bool(getattr(runtime, "isolated", False))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -137,9 +168,16 @@ class RuntimeInstance:
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self.call(self.runtime.infer, inputs)
 
+    def is_fatal(self, error: BaseException) -> bool:
+        return is_fatal(self.runtime, error)
+
     def abandon(self) -> None:
-        """Give up on a thread stuck in a batch: it exits once (if ever) the batch returns."""
+        """Give up on a thread stuck in a batch: it exits once (if ever) the batch returns. An
+        isolated runtime's worker process is killed, which also ends the batch."""
         self._jobs.put(None)
+        kill = getattr(self.runtime, "kill", None)
+        if kill is not None:
+            kill()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Close the runtime on its thread. A thread stuck in a hung batch is abandoned after

@@ -8,6 +8,10 @@
 `execute` receives a whole batch (first dimension = rows when the model batches) and returns
 every output for it. `config` holds the model's name, version, folder, max_batch_size, the
 declared inputs/outputs and the config's `parameters`.
+
+A `Model` may list exception types after which it cannot be trusted (a poisoned device, a
+corrupt native state) as `fatal_errors = (SomeError, ...)`: such an error fails its batch and
+the model version is reloaded with fresh instances; any other exception fails only its batch.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from dataclasses import asdict
 import numpy as np
 
 from convoy.config import ModelVersionSource
-from convoy.errors import InferenceFailed, ModelLoadFailed
+from convoy.errors import InferenceFailed, InstanceLost, ModelLoadFailed
+
+from .base import cuda_context_lost
 
 _module_ids = itertools.count()
 
@@ -30,6 +36,7 @@ class PythonRuntime:
         self._source = source
         self._instance_index = instance_index
         self._model = None
+        self._fatal_errors: tuple[type[BaseException], ...] = ()
 
     def load(self) -> None:
         config = self._source.config
@@ -52,6 +59,10 @@ class PythonRuntime:
         model_class = getattr(module, "Model", None)
         if model_class is None or not hasattr(model_class, "execute"):
             raise ModelLoadFailed(f"{path}: must define a class `Model` with an `execute` method")
+        fatal_errors = getattr(model_class, "fatal_errors", ())
+        fatal_errors = (fatal_errors,) if isinstance(fatal_errors, type) else tuple(fatal_errors)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in fatal_errors):
+            raise ModelLoadFailed(f"{path}: Model.fatal_errors must be a tuple of exception types")
         model = model_class()
         initialize = getattr(model, "initialize", None)
         if initialize is not None:
@@ -68,6 +79,7 @@ class PythonRuntime:
                 }
             )
         self._model = model
+        self._fatal_errors = fatal_errors
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self._model.execute(inputs)
@@ -77,6 +89,9 @@ class PythonRuntime:
                 f"output name -> numpy array, got {type(outputs).__name__}"
             )
         return {name: np.asarray(value) for name, value in outputs.items()}
+
+    def is_fatal(self, error: BaseException) -> bool:
+        return isinstance(error, (InstanceLost, *self._fatal_errors)) or cuda_context_lost(error)
 
     def close(self) -> None:
         finalize = getattr(self._model, "finalize", None)

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from convoy.config import InstanceKind, ModelConfig, ModelVersionSource
-from convoy.errors import ConvoyError, InferenceFailed, ModelLoadFailed
+from convoy.errors import ConvoyError, InferenceFailed, InstanceLost, ModelLoadFailed
 from convoy.types import TensorSpec
 
+from .base import cuda_context_lost
 from .cuda_graphs import CudaGraphs, StaticInput, bucket_sizes
 
 log = logging.getLogger("convoy.runtimes.pytorch")
@@ -146,6 +147,12 @@ class TorchRuntime:
         except ConvoyError:
             raise
         except Exception as exc:
+            if cuda_context_lost(exc):
+                log.error("model '%s' lost its CUDA context", self._config.name, exc_info=exc)
+                raise InstanceLost(
+                    f"model '{self._config.name}' hit a fatal CUDA error ({_reason(exc)}); "
+                    "reloading the model"
+                ) from None
             if not _out_of_memory(exc):
                 log.error("model '%s' failed a batch", self._config.name, exc_info=exc)
                 raise InferenceFailed(

@@ -20,6 +20,7 @@ from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
+from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
 
 from .model_config import build_model_config, complete_proto, read_config_proto
@@ -136,7 +137,7 @@ class ModelRepository:
                 entry = model.versions[number]
                 state, reason = entry.state, entry.reason
                 if state == "READY" and not entry.ready:
-                    state, reason = "UNAVAILABLE", "restarting an instance after a hung batch"
+                    state, reason = "UNAVAILABLE", entry.scheduler.restart_reason
                 rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
         return rows
 
@@ -216,6 +217,8 @@ class ModelRepository:
         source = ModelVersionSource(config=config, version=version, path=model_dir / str(version))
         try:
             factory = runtime_factory(config.backend)
+            if self._isolation(config) == "process":
+                factory = isolated_factory(config.backend)
             for index in range(config.instance_count):
                 entry.instances.append(await self._start_instance(factory, source, index))
 
@@ -273,6 +276,18 @@ class ModelRepository:
                 f"expected a non-negative number of milliseconds, got '{value}'"
             )
         return milliseconds / 1000
+
+    def _isolation(self, config: ModelConfig) -> str:
+        """Where the model's code runs: "thread" (in the server's process) or "process" (a worker
+        process per instance, see runtimes/isolated.py); the model's `isolation` parameter, else
+        the server's --isolation."""
+        value = config.parameters.get("isolation", "").strip() or self._settings.isolation
+        if value not in ("thread", "process"):
+            raise InvalidConfig(
+                f"{self.root / config.name / 'config.pbtxt'}: parameters.isolation: expected "
+                f"'thread' or 'process', got '{value}'"
+            )
+        return value
 
     async def _stop(self, model: Model) -> None:
         for entry in model.versions.values():

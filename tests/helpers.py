@@ -123,6 +123,10 @@ class ConvoyProcess:
     def base_url(self) -> str:
         return f"http://{self.http_url}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def start(self, wait_until: str = "ready") -> None:
         """Start and wait for the `serving` line, then for /v2/health/<wait_until> to answer 200."""
         self._log = self.log_path.open("w")

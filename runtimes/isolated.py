@@ -1,0 +1,360 @@
+"""Process isolation: a runtime whose model code executes in a worker process of its own.
+
+Chosen per model with `parameters { key: "isolation" value { string_value: "process" } }` (or
+the server's `--isolation process`). The server keeps an `IsolatedRuntime` per instance; its
+worker (`python -m convoy.runtimes.isolated`) loads the real backend and executes batches. A
+worker that crashes (segfault, os._exit, OOM kill) fails only the batch it was executing: the
+instance raises InstanceLost, which the scheduler answers by starting a fresh worker.
+
+The channel is a private Unix socket pair. Each message is a fixed prefix (header length,
+payload length), a small JSON header (op, and per tensor: name, dtype, shape, byte count) and
+the tensors' raw bytes back to back; BYTES tensors travel length-prefixed as on the V2 wire.
+Request data is never pickled. The one pickle is the load message, server -> worker: the
+model's typed config (our own frozen dataclasses, not network data) on a socket only the two
+processes hold. The server never unpickles anything the worker sends.
+
+The worker exits when the server does, however it ends: it reads EOF when the server's end
+of the socket closes, and it asks the kernel for SIGKILL when its parent dies (prctl) in case
+it is busy in a batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import orjson
+
+from convoy import errors
+from convoy.config import ModelVersionSource
+from convoy.datatypes import deserialize_bytes, serialize_bytes
+from convoy.errors import ConvoyError, InferenceFailed, InstanceLost, ModelLoadFailed
+
+log = logging.getLogger("convoy.runtimes.isolated")
+
+#: (header bytes, payload bytes) before every message.
+_PREFIX = struct.Struct("<IQ")
+#: Seconds a worker gets to finish `close` (the model's finalize) before it is killed.
+CLOSE_TIMEOUT_S = 10.0
+#: The dtype name a BYTES (numpy object) tensor travels under.
+_BYTES = "bytes"
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerGone(Exception):
+    """The other end of the channel closed (the worker exited, or the server did)."""
+
+
+# --- the channel ---------------------------------------------------------------------------------
+def _send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
+    """One message: prefix, JSON header, then each tensor's bytes (sent from the arrays'
+    own memory where they are contiguous: no copy on this side)."""
+    specs = []
+    buffers: list = []
+    payload = 0
+    for name, array in (tensors or {}).items():
+        array = np.asarray(array)
+        if array.dtype.kind == "O":
+            data = serialize_bytes(array)
+            dtype = _BYTES
+        else:
+            array = np.ascontiguousarray(array)
+            data = memoryview(array.reshape(-1).view(np.uint8))
+            dtype = array.dtype.name if array.dtype.kind == "V" else array.dtype.str
+        specs.append([name, dtype, list(array.shape), len(data)])
+        buffers.append(data)
+        payload += len(data)
+    header["tensors"] = specs
+    encoded = orjson.dumps(header)
+    parts = [_PREFIX.pack(len(encoded), payload) + encoded, *(b for b in buffers if len(b))]
+    while parts:
+        sent = sock.sendmsg(parts)
+        # Partial send (large payloads): drop what went, keep the rest of the part in flight.
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = memoryview(parts[0])[sent:]
+
+
+def _read_exact(reader, size: int) -> bytearray:
+    buffer = bytearray(size)
+    if size and reader.readinto(buffer) != size:
+        raise WorkerGone("channel closed")
+    return buffer
+
+
+def _receive(reader) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, tensors): tensors are views of one received buffer (the copy out of the socket
+    is the only one)."""
+    prefix = reader.read(_PREFIX.size)
+    if len(prefix) != _PREFIX.size:
+        raise WorkerGone("channel closed")
+    header_size, payload_size = _PREFIX.unpack(prefix)
+    header = orjson.loads(_read_exact(reader, header_size))
+    payload = _read_exact(reader, payload_size)
+    tensors = {}
+    offset = 0
+    for name, dtype, shape, size in header.pop("tensors"):
+        view = memoryview(payload)[offset : offset + size]
+        offset += size
+        if dtype == _BYTES:
+            tensors[name] = deserialize_bytes(view, math.prod(shape), name).reshape(shape)
+        else:
+            tensors[name] = np.frombuffer(view, dtype=_dtype(dtype)).reshape(shape)
+    return header, tensors
+
+
+@functools.cache
+def _dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # bfloat16 and friends are named, not coded, dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "closed its channel"
+    if code < 0:
+        try:
+            return f"exited with signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"exited with signal {-code}"
+    return f"exited with code {code}"
+
+
+# --- the server's side ---------------------------------------------------------------------------
+class IsolatedRuntime:
+    """A runtime that forwards load / infer / close to `backend` running in a worker process.
+
+    Called on its instance's thread, like any runtime; `kill` may come from any thread.
+    """
+
+    isolated = True
+
+    def __init__(self, backend: str, source: ModelVersionSource, instance_index: int) -> None:
+        self._backend = backend
+        self._source = source
+        self._instance_index = instance_index
+        self._name = source.config.name
+        self._process: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._reader = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def load(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "convoy.runtimes.isolated",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._reader = ours.makefile("rb")
+        setup = pickle.dumps((self._backend, self._source, self._instance_index))
+        try:
+            _send(self._sock, {"op": "load"}, {"setup": np.frombuffer(setup, dtype=np.uint8)})
+            header, _ = _receive(self._reader)
+        except (WorkerGone, OSError):
+            code = self._reap()
+            raise ModelLoadFailed(
+                f"model '{self._name}' worker {_describe_exit(code)} while loading"
+            ) from None
+        if "error" in header:
+            self._reap()
+            raise ModelLoadFailed(header["error"]["message"])
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._process.poll() is not None:
+            self._restart_idle()
+        try:
+            _send(self._sock, {"op": "infer"}, inputs)
+            header, outputs = _receive(self._reader)
+        except (WorkerGone, OSError):
+            code = self._reap()
+            raise InstanceLost(
+                f"model '{self._name}' worker {_describe_exit(code)} while executing; restarting"
+            ) from None
+        if "error" in header:
+            raise _error_from(header["error"], self._name)
+        return outputs
+
+    def _restart_idle(self) -> None:
+        """The worker died between batches (the OOM killer picks big idle processes too): start
+        a fresh one for this batch, which has not run anywhere yet, instead of failing it."""
+        code = self._reap()
+        log.warning(
+            "model '%s' instance %d: worker %s while idle; starting a fresh one",
+            self._name,
+            self._instance_index,
+            _describe_exit(code),
+        )
+        try:
+            self.load()
+        except ModelLoadFailed as exc:
+            raise InstanceLost(
+                f"model '{self._name}' worker {_describe_exit(code)} while idle and could not "
+                f"be restarted: {exc}"
+            ) from None
+
+    def is_fatal(self, error: BaseException) -> bool:
+        # The worker already applied its backend's own hook; InstanceLost carries the verdict.
+        return isinstance(error, InstanceLost)
+
+    def close(self) -> None:
+        if self._process is None:
+            return
+        try:
+            _send(self._sock, {"op": "close"})
+            _receive(self._reader)
+        except (WorkerGone, OSError):
+            pass  # already gone: nothing to finalize
+        self._reap(CLOSE_TIMEOUT_S)
+
+    def kill(self) -> None:
+        """End the worker now (a hung batch): the thread waiting on it sees the channel close."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+
+    def _reap(self, timeout: float = 5.0) -> int | None:
+        """Close our end, wait for the worker (killed after `timeout`); its exit code."""
+        with self._lock:
+            process, self._process = self._process, None
+            if self._sock is not None:
+                self._reader.close()
+                self._sock.close()
+                self._sock = self._reader = None
+        if process is None:
+            return None
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+
+def _error_from(error: dict, model: str) -> ConvoyError:
+    """The exception the server raises for an error the worker reported."""
+    if error.get("fatal"):
+        return InstanceLost(
+            f"model '{model}' hit a fatal error ({error['type']}: {error['message']}); "
+            "restarting its worker"
+        )
+    cls = getattr(errors, error["type"], None)
+    if isinstance(cls, type) and issubclass(cls, ConvoyError):
+        return cls(error["message"])
+    return InferenceFailed(
+        f"model '{model}' failed to execute the batch: {error['type']}: {error['message']}"
+    )
+
+
+def isolated_factory(backend: str):
+    """A RuntimeFactory making IsolatedRuntimes of `backend`."""
+
+    def factory(source: ModelVersionSource, instance_index: int) -> IsolatedRuntime:
+        return IsolatedRuntime(backend, source, instance_index)
+
+    return factory
+
+
+# --- the worker's side ---------------------------------------------------------------------------
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: EOF on the channel still ends an idle worker
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the server died before the request above took effect
+
+
+def _error_header(exc: BaseException, fatal: bool) -> dict:
+    return {"error": {"type": type(exc).__name__, "message": str(exc), "fatal": fatal}}
+
+
+def serve(sock: socket.socket) -> int:
+    """The worker loop: load, then execute batches until `close` or EOF."""
+    from convoy.runtimes.base import is_fatal, runtime_factory
+
+    reader = sock.makefile("rb")
+    try:
+        header, tensors = _receive(reader)
+    except WorkerGone:
+        return 0
+    backend, source, index = pickle.loads(tensors["setup"].tobytes())  # from the server: trusted
+    try:
+        runtime = runtime_factory(backend)(source, index)
+        runtime.load()
+    except Exception as exc:
+        if not isinstance(exc, ConvoyError):
+            log.exception("model '%s' worker failed to load", source.config.name)
+            exc = ModelLoadFailed(f"model '{source.config.name}': {type(exc).__name__}: {exc}")
+        _send(sock, _error_header(exc, False))
+        return 1
+    _send(sock, {"ok": True})
+    while True:
+        try:
+            header, inputs = _receive(reader)
+        except WorkerGone:
+            return 0
+        if header["op"] == "close":
+            try:
+                runtime.close()
+            finally:
+                _send(sock, {"ok": True})
+            return 0
+        try:
+            outputs = runtime.infer(inputs)
+        except Exception as exc:
+            fatal = is_fatal(runtime, exc)
+            if not isinstance(exc, ConvoyError) or fatal:
+                log.error("model '%s' failed a batch", source.config.name, exc_info=exc)
+            _send(sock, _error_header(exc, fatal))
+            if fatal:
+                return 1  # this process cannot be trusted any more; the server starts another
+            continue
+        _send(sock, {"ok": True}, outputs)
+
+
+def main(argv: list[str]) -> int:
+    fd, parent_pid = int(argv[0]), int(argv[1])
+    _die_with_parent(parent_pid)
+    # SIGINT goes to the whole process group on Ctrl-C: the server decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The server's standard output is for its own lines; what a model prints goes to stderr.
+    os.dup2(2, 1)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [worker] %(message)s")
+    with socket.socket(fileno=fd) as sock:
+        return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
