@@ -489,7 +489,10 @@ class Scheduler:
         outcome = [(request, None, failure) for request in batch]
         if self._usage is not None:
             busy_ns = time.monotonic_ns() - dispatched_ns
-            self._usage.record_batch(name, self.version, batch, rows, busy_ns, dispatched_ns, True)
+            rows = sum(request.rows for request in batch)
+            self._usage.record_batch(
+                self.config.name, self.version, batch, rows, busy_ns, dispatched_ns, True
+            )
         if self._preserve_ordering:
             self._held[sequence] = (outcome, dispatched_ns)
             while self._deliver_sequence in self._held:
