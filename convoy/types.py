@@ -48,6 +48,8 @@ class Request:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: Monotonic nanoseconds when the server received the request (stamped by the front end).
     received_ns: int = 0
+    #: Name of the API key the caller presented (its identity), or None when keys are off.
+    principal: str | None = None
     # --- owned by the scheduler -------------------------------------------------------------
     state: RequestState = RequestState.QUEUED
     #: When the request entered its queue (monotonic ns).
