@@ -26,14 +26,16 @@ KEY_SCOPES = {
 }
 
 
-def convoy_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def convoy_cli(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m convoy ARGS`, with CONVOY_API_KEYS_FILE only when `env` sets it."""
+    clean = {k: v for k, v in os.environ.items() if k != "CONVOY_API_KEYS_FILE"}
     done = subprocess.run(
         [sys.executable, "-m", "convoy", *args],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
         timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "CONVOY_API_KEYS_FILE"},
+        env={**clean, **(env or {})},
     )
     if check:
         assert done.returncode == 0, f"convoy {' '.join(args)}: {done.stdout}\n{done.stderr}"
