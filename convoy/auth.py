@@ -169,8 +169,12 @@ class Keyring:
 
     # --- the request path -----------------------------------------------------------------------
     def identify(self, authorization: str | None) -> ApiKey | None:
-        """The key an `Authorization: Bearer <key>` value presents, or None."""
-        if not authorization or authorization[:7].lower() != _BEARER:
+        """The key an `Authorization: Bearer <key>` value presents, or None. Surrounding blanks
+        are ignored: gRPC metadata arrives as sent (perf_analyzer's -H keeps the one after ':')."""
+        if not authorization:
+            return None
+        authorization = authorization.strip()
+        if authorization[:7].lower() != _BEARER:
             return None
         wanted = digest(authorization[7:].strip())
         found = self._keys.get(wanted)
