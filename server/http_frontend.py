@@ -182,9 +182,9 @@ class HttpFrontend:
         if head == "models":
             if rest[1:] == ["stats"]:
                 self._expect(method, "GET", scope)
+                key = None if self.keys is None else self._authorize(scope)
                 answer = service.model_statistics()
-                if self.keys is not None:  # only the models the key may use
-                    key = self._authorize(scope)
+                if key is not None:  # only the models the key may use
                     answer["model_stats"] = [s for s in answer["model_stats"] if key.allows(s["name"])]
                 return await self._json(send, answer)
             if len(rest) >= 2:
