@@ -24,6 +24,7 @@ class PriorityQueue:
         self._delayed: deque[Request] = deque()
         self._capacities = capacities
         self._counts = [0] * len(capacities)
+        self._level_rows = [0] * len(capacities)
         #: Live requests and their rows over all levels.
         self.size = 0
         self.rows = 0
@@ -35,6 +36,11 @@ class PriorityQueue:
     def depth(self, level: int) -> int:
         return self._counts[level]
 
+    def rows_through(self, level: int) -> int:
+        """Live rows at this priority level and every higher one: what a new request at
+        `level` queues behind."""
+        return sum(self._level_rows[: level + 1])
+
     def has_room(self, level: int) -> bool:
         return self._counts[level] < self._capacities[level]
 
@@ -42,12 +48,14 @@ class PriorityQueue:
         """Append to its level (the caller checked `has_room`)."""
         self._levels[request.level].append(request)
         self._counts[request.level] += 1
+        self._level_rows[request.level] += request.rows
         self.size += 1
         self.rows += request.rows
 
     def discard(self, request: Request) -> None:
         """Account for a queued request leaving early; its entry is skipped later."""
         self._counts[request.level] -= 1
+        self._level_rows[request.level] -= request.rows
         self.size -= 1
         self.rows -= request.rows
 

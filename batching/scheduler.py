@@ -42,6 +42,8 @@ from .stats import ModelStats
 log = logging.getLogger("convoy.batching")
 
 _EWMA_WEIGHT = 0.125
+#: Batches measured before the completion estimate is trusted for deadline-aware admission.
+_ESTIMATE_AFTER_BATCHES = 3
 
 
 def _resolve(request: Request, result=None, error: BaseException | None = None) -> bool:
@@ -112,6 +114,10 @@ class Scheduler:
         self._last_arrival_ns = 0
         self._arrival_gap_ns = float(1 << 40)
         self._waited_for_instance = False
+        #: Execution time of one batch (EWMA, ns) and how many batches it has seen: the cost
+        #: model behind deadline-aware admission and Retry-After.
+        self._batch_ns = 0.0
+        self._batches_measured = 0
         # preserve_ordering: batches deliver in the order they were formed.
         self._next_sequence = 0
         self._deliver_sequence = 0
@@ -191,12 +197,34 @@ class Scheduler:
             self.stats.record_rejection("queue_full", now - (request.received_ns or now))
             raise Overloaded(
                 f"model '{self.config.name}' queue is full ({self._queue.depth(request.level)} "
-                f"requests at priority {level}); retry later"
+                f"requests at priority {level}); retry later",
+                retry_after=self._completion_estimate(request)[0] or 1.0,
             )
         policy = self._policies[request.level]
         timeout_us = policy.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
+        # Deadline-aware admission: a request that cannot finish before its deadline, given the
+        # work queued ahead of it and the measured batch cost, is turned away now, not after it
+        # waited. The estimate is optimistic (a batch in flight counts as done), so only a
+        # request that is sure to miss is rejected; the queue timers still enforce the rest.
+        deadline = request.deadline
+        if timeout_us and policy.timeout_action is TimeoutAction.REJECT:
+            timeout_at = now / 1e9 + timeout_us / 1e6
+            if deadline is None or timeout_at < deadline:
+                deadline = timeout_at
+        if deadline is not None and self._batches_measured >= _ESTIMATE_AFTER_BATCHES:
+            expected, batches = self._completion_estimate(request)
+            left = deadline - now / 1e9
+            if expected > left:
+                self.stats.record_rejection("deadline", now - (request.received_ns or now))
+                raise Overloaded(
+                    f"model '{self.config.name}' cannot meet the request's deadline: "
+                    f"{max(left, 0) * 1000:.1f} ms left, about {expected * 1000:.1f} ms of work "
+                    f"until its batch completes ({batches} batches of ~"
+                    f"{self._batch_ns / 1e6:.1f} ms at priority {level} and above); retry later",
+                    retry_after=expected,
+                )
         request.state = RequestState.QUEUED
         request.queued_ns = now
         self._queue.push(request)
@@ -220,6 +248,21 @@ class Scheduler:
             self._dispatch_soon()
         else:
             self._waited_for_instance = True
+
+    def _completion_estimate(self, request: Request) -> tuple[float, int]:
+        """(seconds until a request arriving now would have its batch done, batches counted):
+        the rows queued at its priority and above, packed into batches, run on the instances
+        in parallel waves at the measured batch cost. (0, 0) before any batch was measured."""
+        if not self._batches_measured:
+            return 0.0, 0
+        queue = self._queue
+        if self._dynamic:
+            rows = queue.rows_through(request.level) + request.rows
+            batches = -(-rows // self._max_rows)
+        else:
+            batches = 1 + sum(queue.depth(level) for level in range(request.level + 1))
+        waves = -(-batches // max(len(self._instances), 1))
+        return waves * self._batch_ns / 1e9, batches
 
     def cancel(self, request: Request) -> None:
         """The client went away: drop the request if it is still queued."""
@@ -353,6 +396,11 @@ class Scheduler:
             self.stats.record_batch(
                 rows, len(batch), merged - start, inferred - merged, done - inferred, reason
             )
+            if self._batches_measured:
+                self._batch_ns += (done - start - self._batch_ns) * _EWMA_WEIGHT
+            else:
+                self._batch_ns = float(done - start)
+            self._batches_measured += 1
             timings = StageTimes(dispatched_ns, start, merged, inferred, done)
             outcome = [
                 (request, Response(part, name, self.version, timings), None)

@@ -45,6 +45,11 @@ class ModelLoadFailed(ConvoyError):
 class Overloaded(ConvoyError):
     """The model's queue is full (or the request cannot meet its deadline): rejected at once."""
 
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        #: Seconds the client should wait before retrying (HTTP Retry-After, gRPC pushback).
+        self.retry_after = retry_after
+
 
 class Unavailable(ConvoyError):
     """The model is not ready, or the server is shutting down."""

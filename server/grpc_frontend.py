@@ -18,7 +18,7 @@ from google.protobuf import json_format
 
 from convoy.auth import ApiKey, Keyring
 from convoy.datatypes import to_wire_bytes
-from convoy.errors import ConvoyError, InvalidInput, Unsupported, status_of
+from convoy.errors import ConvoyError, InvalidInput, Overloaded, Unsupported, status_of
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.types import Request
@@ -160,7 +160,11 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         code, _, message = status_of(exc)
         if not isinstance(exc, ConvoyError):
             log.error("gRPC handler failed", exc_info=exc)
-        await context.abort(grpc.StatusCode[code], message)
+        trailers = ()
+        if isinstance(exc, Overloaded):
+            # gRFC A6 server pushback: how long a retrying client should wait.
+            trailers = (("grpc-retry-pushback-ms", str(max(int(exc.retry_after * 1000), 1))),)
+        await context.abort(grpc.StatusCode[code], message, trailing_metadata=trailers)
 
     @staticmethod
     def _deadline(context) -> float | None:

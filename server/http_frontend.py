@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import math
 import time
 import zlib
 from functools import partial
@@ -112,7 +113,9 @@ class HttpFrontend:
                 log.exception("HTTP %s %s failed", scope["method"], scope["path"])
             headers = []
             if http_status == 429:
-                headers.append((b"retry-after", b"1"))
+                # Whole seconds (RFC 9110), at least 1: the scheduler's estimate of the drain.
+                wait = math.ceil(getattr(exc, "retry_after", 1.0))
+                headers.append((b"retry-after", str(max(wait, 1)).encode()))
             elif http_status == 401:
                 headers.append((b"www-authenticate", b"Bearer"))
             await self._send(send, http_status, orjson.dumps({"error": message}), extra=headers)

@@ -45,7 +45,7 @@ DISPATCH_REASONS = (
     "instance_freed",
     "unbatched",
 )
-REJECTION_REASONS = ("queue_full", "timeout")
+REJECTION_REASONS = ("queue_full", "timeout", "deadline")
 
 #: Triton's cumulative per-model counters: (name, help, value from the stats).
 _TRITON_COUNTERS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (

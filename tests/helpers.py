@@ -381,3 +381,16 @@ def poll(condition, what: str, timeout: float = 30.0):
             return value
         pause.wait(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric_value(process: ConvoyProcess, name: str, **labels: str) -> float:
+    """One sample from the server's /metrics (0 when the sample is absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=10).text
+    wanted = labels.items()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and wanted <= sample.labels.items():
+                return sample.value
+    return 0.0

@@ -599,6 +599,131 @@ def test_client_deadline_is_enforced_even_when_the_timeout_action_is_delay():
     asyncio.run(scenario())
 
 
+# --- deadline-aware admission ------------------------------------------------------------------
+
+#: Each fake batch sleeps this long, so the measured batch cost is at least this.
+BATCH_S = 0.05
+
+
+async def measured_busy_scheduler(scheduler, gate: Gate, queued: int) -> list:
+    """Run three ungated batches (the cost model needs them), then hold the instance on a gated
+    batch and queue `queued` one-row requests behind it (each allowed 30 s, so all are admitted)."""
+    for tag in (100, 101, 102):
+        warm = make_request(tag)
+        scheduler.submit(warm)
+        assert_served_correctly(warm, await outcome(warm))
+    scheduler.submit(make_request(0))
+    await gate.wait_entered()
+    waiting = [make_request(tag, timeout_us=30_000_000) for tag in range(1, 1 + queued)]
+    for request in waiting:
+        scheduler.submit(request)
+    return waiting
+
+
+@pytest.mark.parametrize("how", ["timeout parameter", "client deadline", "queue policy"])
+def test_request_that_cannot_meet_its_deadline_is_rejected_on_arrival(how):
+    async def scenario():
+        gate = Gate(0)
+        stats = ModelStats()
+        policy = QueuePolicy(
+            timeout_action=TimeoutAction.REJECT,
+            allow_timeout_override=True,
+            default_timeout_us=60_000 if how == "queue policy" else 0,
+        )
+        config = model_config(2, DynamicBatching(default_queue_policy=policy))
+        runtime = SlowRuntime("i0", BatchLog(), gate, work_s=BATCH_S)
+        async with serve(config, [runtime], gates=[gate], stats=stats) as scheduler:
+            # 6 rows ahead in batches of 2, plus its own: 4 batches of >= 50 ms > 60 ms.
+            waiting = await measured_busy_scheduler(scheduler, gate, queued=6)
+            if how == "timeout parameter":
+                doomed = make_request(50, timeout_us=60_000)
+            elif how == "client deadline":
+                doomed = make_request(50, deadline=time.monotonic() + 0.06)
+            else:
+                doomed = make_request(50)
+            with pytest.raises(Overloaded) as rejected:
+                scheduler.submit(doomed)
+            message = str(rejected.value)
+            assert "'fake'" in message and "deadline" in message and "4 batches" in message
+            # The client is told to come back once the work ahead has drained.
+            assert rejected.value.retry_after >= 4 * BATCH_S
+            assert stats.rejections == {"deadline": 1}
+            assert scheduler.queued == 6
+            gate.open()
+            for request in waiting:
+                assert_served_correctly(request, await outcome(request))
+
+    asyncio.run(scenario())
+
+
+def test_request_whose_deadline_can_be_met_is_admitted_behind_the_same_queue():
+    async def scenario():
+        gate = Gate(0)
+        policy = QueuePolicy(timeout_action=TimeoutAction.REJECT, allow_timeout_override=True)
+        config = model_config(2, DynamicBatching(default_queue_policy=policy))
+        runtime = SlowRuntime("i0", BatchLog(), gate, work_s=BATCH_S)
+        async with serve(config, [runtime], gates=[gate]) as scheduler:
+            await measured_busy_scheduler(scheduler, gate, queued=6)
+            patient = make_request(50, timeout_us=30_000_000)
+            scheduler.submit(patient)
+            gate.open()
+            assert_served_correctly(patient, await outcome(patient))
+
+    asyncio.run(scenario())
+
+
+def test_higher_priority_requests_are_judged_by_the_work_ahead_of_them_only():
+    async def scenario():
+        gate = Gate(0)
+        policy = QueuePolicy(timeout_action=TimeoutAction.REJECT, allow_timeout_override=True)
+        batching = DynamicBatching(
+            priority_levels=2, default_priority_level=2, default_queue_policy=policy
+        )
+        runtime = SlowRuntime("i0", BatchLog(), gate, work_s=BATCH_S)
+        async with serve(model_config(2, batching), [runtime], gates=[gate]) as scheduler:
+            await measured_busy_scheduler(scheduler, gate, queued=6)  # all at level 2
+            # At level 1 nothing is ahead: one batch, well inside 1 s.
+            urgent = make_request(50, priority=1, timeout_us=1_000_000)
+            scheduler.submit(urgent)
+            with pytest.raises(Overloaded):
+                scheduler.submit(make_request(51, priority=2, timeout_us=60_000))
+            gate.open()
+            assert_served_correctly(urgent, await outcome(urgent))
+
+    asyncio.run(scenario())
+
+
+def test_delay_action_timeouts_and_unmeasured_models_never_reject_on_arrival():
+    async def scenario():
+        gate = Gate(0)
+        delay = QueuePolicy(
+            timeout_action=TimeoutAction.DELAY, allow_timeout_override=True, default_timeout_us=1000
+        )
+        config = model_config(2, DynamicBatching(default_queue_policy=delay))
+        runtime = SlowRuntime("i0", BatchLog(), gate, work_s=BATCH_S)
+        async with serve(config, [runtime], gates=[gate]) as scheduler:
+            await measured_busy_scheduler(scheduler, gate, queued=6)
+            late = make_request(50, timeout_us=1000)  # DELAY: goes to the back, still served
+            scheduler.submit(late)
+            gate.open()
+            assert_served_correctly(late, await outcome(late))
+        # A fresh scheduler has no cost estimate yet: the queue timer alone judges.
+        gate = Gate(0)
+        reject = QueuePolicy(timeout_action=TimeoutAction.REJECT, allow_timeout_override=True)
+        config = model_config(2, DynamicBatching(default_queue_policy=reject))
+        runtime = SlowRuntime("i0", BatchLog(), gate, work_s=BATCH_S)
+        async with serve(config, [runtime], gates=[gate]) as scheduler:
+            scheduler.submit(make_request(0))
+            await gate.wait_entered()
+            for tag in range(1, 7):
+                scheduler.submit(make_request(tag))
+            tight = make_request(50, timeout_us=20_000)
+            scheduler.submit(tight)
+            assert isinstance(await outcome(tight), DeadlineExceeded)
+
+    asyncio.run(scenario())
+
+
 # --- when to dispatch ----------------------------------------------------------------------
 
 
