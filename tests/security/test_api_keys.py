@@ -13,8 +13,8 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import bearer
 from helpers import poll
+from security_helpers import bearer
 from tritonclient.utils import InferenceServerException
 
 #: A well-formed key that is in no key file.

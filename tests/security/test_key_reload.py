@@ -10,8 +10,8 @@ import signal
 
 import pytest
 import requests
-from conftest import bearer, convoy_cli, create_key, start_keyed
 from helpers import poll
+from security_helpers import bearer, convoy_cli, create_key, start_keyed
 
 from convoy.auth import digest
 

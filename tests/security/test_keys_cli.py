@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import stat
 
-from conftest import convoy_cli, create_key
+from security_helpers import convoy_cli, create_key
 
 from convoy.auth import KEY_PREFIX, digest
 

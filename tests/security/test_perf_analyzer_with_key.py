@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import start_keyed
 from helpers import REPO_ROOT
+from security_helpers import start_keyed
 
 RUN_DEADLINE_S = 120
 

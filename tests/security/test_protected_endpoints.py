@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import bearer, start_keyed
+from security_helpers import bearer, start_keyed
 from tritonclient.utils import InferenceServerException
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready", "/v2/models/add_sub/ready")

@@ -8,8 +8,8 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import build_repository
 from helpers import ConvoyProcess, serve_until_stopped
+from security_helpers import build_repository
 from tritonclient.utils import InferenceServerException
 
 
