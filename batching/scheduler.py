@@ -38,6 +38,7 @@ from convoy.types import Request, RequestState, Response, StageTimes
 from .assemble import batch_key, merge, split
 from .queue import PriorityQueue
 from .stats import ModelStats
+from .usage import UsageMeter
 
 log = logging.getLogger("convoy.batching")
 
@@ -73,6 +74,7 @@ class Scheduler:
         max_queue_size: int,
         execution_timeout: float = 0.0,
         replace_instance: Callable[[RuntimeInstance], Awaitable[RuntimeInstance]] | None = None,
+        usage: UsageMeter | None = None,
     ) -> None:
         """`execution_timeout` (seconds, 0 = none): a batch still running after it fails its
         requests, and its instance (whose thread is stuck) is swapped for a fresh one made by
@@ -83,6 +85,8 @@ class Scheduler:
         self._instances = list(instances)
         self._idle = list(instances)
         self._execution_timeout = execution_timeout
+        #: Showback (per-principal usage), when API keys are configured.
+        self._usage = usage
         self._replace_instance = replace_instance
         #: Instances being replaced after a hung batch (their threads are abandoned).
         self.replacing = 0
@@ -195,6 +199,8 @@ class Scheduler:
         request.level = level - 1
         if not self._queue.has_room(request.level):
             self.stats.record_rejection("queue_full", now - (request.received_ns or now))
+            if self._usage is not None:
+                self._usage.record_rejection(self.config.name, self.version, request)
             raise Overloaded(
                 f"model '{self.config.name}' queue is full ({self._queue.depth(request.level)} "
                 f"requests at priority {level}); retry later",
@@ -218,6 +224,8 @@ class Scheduler:
             left = deadline - now / 1e9
             if expected > left:
                 self.stats.record_rejection("deadline", now - (request.received_ns or now))
+                if self._usage is not None:
+                    self._usage.record_rejection(self.config.name, self.version, request)
                 raise Overloaded(
                     f"model '{self.config.name}' cannot meet the request's deadline: "
                     f"{max(left, 0) * 1000:.1f} ms left, about {expected * 1000:.1f} ms of work "
@@ -285,6 +293,8 @@ class Scheduler:
         self._queue.discard(request)
         waited_us = (time.monotonic_ns() - request.queued_ns) // 1000
         self.stats.record_rejection("timeout", time.monotonic_ns() - request.received_ns)
+        if self._usage is not None:
+            self._usage.record_rejection(self.config.name, self.version, request)
         _resolve(
             request,
             error=DeadlineExceeded(
@@ -416,6 +426,11 @@ class Scheduler:
                 f"model '{name}' failed to execute the batch: {type(exc).__name__}: {exc}"
             )
             outcome = [(request, None, failure) for request in batch]
+        if self._usage is not None:
+            failed = outcome[0][2] is not None if outcome else False
+            self._usage.record_batch(
+                name, self.version, batch, rows, inferred - start, dispatched_ns, failed
+            )
         self._executing_rows -= rows
         self._idle.append(instance)
         del self._executing[sequence]
@@ -454,6 +469,9 @@ class Scheduler:
             f"({self._execution_timeout * 1000:.0f} ms); the instance is being restarted"
         )
         outcome = [(request, None, failure) for request in batch]
+        if self._usage is not None:
+            busy_ns = time.monotonic_ns() - dispatched_ns
+            self._usage.record_batch(name, self.version, batch, rows, busy_ns, dispatched_ns, True)
         if self._preserve_ordering:
             self._held[sequence] = (outcome, dispatched_ns)
             while self._deliver_sequence in self._held:

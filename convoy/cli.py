@@ -126,6 +126,83 @@ def _serve_parser(sub) -> None:
         metavar="PEM",
         help="mutual TLS: clients must present a certificate signed by this CA",
     )
+    p.add_argument(
+        "--usage-ledger",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="append per API key x model usage (requests, rows, rejections, queue and compute "
+        "seconds, compute split by each key's share of every batch) to FILE as JSON lines; "
+        "summarise with `convoy usage FILE`",
+    )
+    p.add_argument(
+        "--usage-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often the usage ledger gets its lines (default 60)",
+    )
+
+
+def _usage_parser(sub) -> None:
+    p = sub.add_parser("usage", help="summarise usage ledgers (showback) per period and API key")
+    p.add_argument("ledger", type=Path, nargs="+", help="ledger files written by --usage-ledger")
+    p.add_argument("--period", choices=["hour", "day", "month", "all"], default="day")
+    p.add_argument(
+        "--by",
+        choices=["key", "model"],
+        default="model",
+        help="key: one row per key; model: one row per key and model (default)",
+    )
+    p.add_argument(
+        "--since", default="", help="first interval start to count (ISO, UTC), e.g. 2026-11-01"
+    )
+    p.add_argument("--until", default="", help="count intervals starting before this (ISO, UTC)")
+    p.add_argument(
+        "--cost-per-compute-second",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="price of one compute second: adds a cost column",
+    )
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+
+def _usage(args) -> int:
+    from convoy.server.usage import SUMMED, read_ledger, summarise
+
+    try:
+        rows = summarise(
+            read_ledger(args.ledger), args.period, args.by == "model", args.since, args.until
+        )
+    except (OSError, ValueError) as exc:
+        print(f"convoy usage: {exc}", file=sys.stderr)
+        return 2
+    rate = args.cost_per_compute_second
+    if args.json:
+        import orjson
+
+        document = [
+            {"period": r.period, "key": r.key, "model": r.model, **r.sums}
+            | ({"cost": r.cost(rate)} if rate else {})
+            for r in rows
+        ]
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Convoy usage" + (f" (cost at {rate:g} per compute second)" if rate else ""))
+    columns = ["period", "key", "model", *SUMMED] + (["cost"] if rate else [])
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="left" if column in columns[:3] else "right")
+    for r in rows:
+        numbers = [
+            f"{r.sums[n]:.3f}" if n.endswith("seconds") else f"{int(r.sums[n]):,}" for n in SUMMED
+        ]
+        table.add_row(r.period, r.key, r.model, *numbers, *([f"{r.cost(rate):.4f}"] if rate else []))
+    Console(width=200).print(table)
+    return 0
 
 
 def _settings(args) -> ServerConfig:
@@ -163,6 +240,8 @@ def _settings(args) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        usage_ledger=args.usage_ledger,
+        usage_interval=args.usage_interval,
     )
 
 
@@ -269,12 +348,15 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _keys_parser(sub)
+    _usage_parser(sub)
     loadtests_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command in loadtests_cli.COMMANDS:
         sys.exit(loadtests_cli.main(args))
     if args.command == "keys":
         sys.exit(_keys(args))
+    if args.command == "usage":
+        sys.exit(_usage(args))
     from convoy.server.logs import configure_logging
 
     log_control = configure_logging(

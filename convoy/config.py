@@ -195,3 +195,7 @@ class ServerConfig:
     tls_key: Path | None = None
     #: PEM CA bundle: clients must present a certificate it signed (mutual TLS).
     tls_client_ca: Path | None = None
+    #: Showback ledger: per API key x model x version usage appended as JSON lines every
+    #: `usage_interval` seconds (None: no ledger; the Prometheus usage counters need only keys).
+    usage_ledger: Path | None = None
+    usage_interval: float = 60.0

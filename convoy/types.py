@@ -48,7 +48,7 @@ class Request:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: Monotonic nanoseconds when the server received the request (stamped by the front end).
     received_ns: int = 0
-    #: Name of the API key the caller presented (its identity), or None when keys are off.
+    #: Who sent it: the API key's name when keys are configured, else None.
     principal: str | None = None
     # --- owned by the scheduler -------------------------------------------------------------
     state: RequestState = RequestState.QUEUED

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import socket
 import ssl
+import struct
 import time
 
 import grpc
 import uvicorn
 
 from convoy.auth import Keyring
+from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
 
 from .access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
@@ -28,8 +31,19 @@ from .metrics_server import start_metrics_server
 from .repository import ModelRepository
 from .service import InferenceService
 from .tracing import Tracer
+from .usage import UsageLedger
 
 log = logging.getLogger("convoy.server")
+
+#: At shutdown: time for the loop to accept the HTTP connections queued in the backlog, then for
+#: requests already sent on accepted connections to arrive and be answered.
+_ACCEPT_BACKLOG_S = 0.05
+_LATE_REQUEST_S = 0.1
+#: At shutdown: gRPC refusals are held until no new call has come for _HOLD_QUIET_S (at most
+#: _HOLD_MAX_S), then the gRPC server stops, and _STOP_BEGUN_S later they are answered.
+_HOLD_QUIET_S = 0.05
+_HOLD_MAX_S = 0.5
+_STOP_BEGUN_S = 0.01
 
 
 class _Uvicorn(uvicorn.Server):
@@ -38,6 +52,21 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+
+#: SO_ATTACH_FILTER, and a classic BPF program of one instruction, `ret #0`: drop every packet.
+_SO_ATTACH_FILTER = 26
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def _drop_new_connections(sock: socket.socket) -> None:
+    """Make a listening socket drop incoming SYNs (Linux), so no new connection can join its
+    accept queue while the connections already in it are accepted and answered. A client whose
+    SYN is dropped retries it after a second and then finds the port closed: refused, with its
+    request never sent, which it can safely retry elsewhere."""
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -87,7 +116,11 @@ class ConvoyServer:
         without one, only the root logger's level follows the settings."""
         self.settings = settings
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
-        self.repository = ModelRepository(settings)
+        #: Showback: per-principal usage, metered when callers are identified (API keys) or a
+        #: usage ledger is asked for.
+        self.usage = UsageMeter() if settings.usage_ledger is not None else None
+        self._ledger: UsageLedger | None = None
+        self.repository = ModelRepository(settings, self.usage)
         self.service: InferenceService | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -95,6 +128,7 @@ class ConvoyServer:
         self._grpc = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
+        self._http_socket: socket.socket | None = None
         self.metrics: Metrics | None = None
         self._metrics_server = None
         self._access_log: AccessLog | None = None
@@ -112,6 +146,9 @@ class ConvoyServer:
                 settings.api_keys_file, settings.protect_health, settings.protect_metrics
             )
         await self.repository.__aenter__()
+        if settings.usage_ledger is not None and self.usage is not None:
+            self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
+            self._ledger.start()
         self.service = InferenceService(self.repository, loop)
         try:
             if self.keys is not None:
@@ -135,7 +172,7 @@ class ConvoyServer:
                 self.keys,
                 _grpc_credentials(settings) if settings.tls_cert is not None else None,
             )
-            sock = _bind(settings.host, settings.http_port)
+            sock = self._http_socket = _bind(settings.host, settings.http_port)
             self.http_port = sock.getsockname()[1]
             app = HttpFrontend(
                 self.service, settings.http_max_body_bytes, self.log_control, self.tracer, self.keys
@@ -166,11 +203,56 @@ class ConvoyServer:
             raise
         return self
 
+    async def _stop_grpc(self, grace: float) -> None:
+        """Stop gRPC without cancelling calls that just arrived.
+
+        gRPC's core cancels (CANCELLED) every call it has received but not yet handed to the
+        application when the server stops. Closed-loop clients refused with UNAVAILABLE send
+        their next call at once, so there always are some. So for the last moment the refusals
+        are held instead of answered: the clients wait on them and send nothing new; the server
+        stops listening (GOAWAY: later calls fail over to a new connection and find it refused,
+        UNAVAILABLE on the client); then the held calls get their UNAVAILABLE within the grace."""
+        held = asyncio.Event()
+        service = self.service
+        if service is not None:
+            service.held_rejections = held
+            # Until the clients go quiet: no new call held for a while (slow clients are slow
+            # to send their next one), within bounds.
+            started = time.monotonic()
+            seen, quiet_since = -1, started
+            while time.monotonic() - started < _HOLD_MAX_S:
+                if service.held_count != seen:
+                    seen, quiet_since = service.held_count, time.monotonic()
+                elif time.monotonic() - quiet_since >= _HOLD_QUIET_S:
+                    break
+                await asyncio.sleep(0.005)
+        stopping = asyncio.ensure_future(self._grpc.stop(grace=grace))
+        await asyncio.sleep(_STOP_BEGUN_S)  # the stop has begun: nothing new is matched
+        held.set()
+        await stopping
+
+    async def _close_http_listener(self) -> None:
+        """Stop taking HTTP connections without resetting any the kernel already accepted.
+
+        Closing a listening socket resets the connections still in its accept queue, whose
+        clients may already have sent a request. So: drop new SYNs first, let the loop accept
+        what is queued, close the listener, and give the requests on those connections a moment
+        to arrive and be answered (503 + `Connection: close` while shutting down)."""
+        if self._http_socket is not None:
+            try:
+                _drop_new_connections(self._http_socket)
+            except OSError as exc:  # not Linux, or no BPF: plain close, as uvicorn would
+                log.debug("cannot filter the HTTP listener: %s", exc)
+            await asyncio.sleep(_ACCEPT_BACKLOG_S)
+        for server in self._http.servers:
+            server.close()
+        await asyncio.sleep(_LATE_REQUEST_S)
+
     def _start_metrics(self) -> None:
         """/metrics on its own thread, from this server's registry (read at scrape time), with
         the server's TLS settings and, when asked, behind an API key."""
         settings = self.settings
-        self.metrics = Metrics(self.repository)
+        self.metrics = Metrics(self.repository, self.usage)
         self._metrics_server, _thread = start_metrics_server(
             settings.host,
             settings.metrics_port,
@@ -208,8 +290,9 @@ class ConvoyServer:
         ):
             await asyncio.sleep(0.01)
         if self._grpc is not None:
-            await self._grpc.stop(grace=max(deadline - time.monotonic(), 0.5))
+            await self._stop_grpc(max(deadline - time.monotonic(), 0.5))
         if self._http is not None and self._http_task is not None:
+            await self._close_http_listener()
             self._http.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, timeout=max(deadline - time.monotonic(), 1))
@@ -223,6 +306,8 @@ class ConvoyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keys_watch
         await self.repository.__aexit__(None, None, None)
+        if self._ledger is not None:
+            self._ledger.close()  # the last interval, up to the final answers
         if self._access_log is not None:
             self._access_log.close()
         if self.tracer is not None:

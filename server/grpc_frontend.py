@@ -18,7 +18,14 @@ from google.protobuf import json_format
 
 from convoy.auth import ApiKey, Keyring
 from convoy.datatypes import to_wire_bytes
-from convoy.errors import ConvoyError, InvalidInput, Overloaded, Unsupported, status_of
+from convoy.errors import (
+    ConvoyError,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+    Unsupported,
+    status_of,
+)
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.types import Request
@@ -155,8 +162,12 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         #: API keys; None: every call is open (each handler's only cost is this one check).
         self.keys = keys
 
-    @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException):
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
+        held = self.service.held_rejections
+        if held is not None and isinstance(exc, Unavailable):
+            # The server is about to stop listening: answer once it has (see ConvoyServer).
+            self.service.held_count += 1
+            await held.wait()
         code, _, message = status_of(exc)
         if not isinstance(exc, ConvoyError):
             log.error("gRPC handler failed", exc_info=exc)

@@ -118,6 +118,9 @@ class HttpFrontend:
                 headers.append((b"retry-after", str(max(wait, 1)).encode()))
             elif http_status == 401:
                 headers.append((b"www-authenticate", b"Bearer"))
+            elif http_status == 503 and not self.service.accepting:
+                # Shutting down: this connection will not be served again; say so.
+                headers.append((b"connection", b"close"))
             await self._send(send, http_status, orjson.dumps({"error": message}), extra=headers)
 
     @staticmethod

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from convoy.batching.stats import Histogram, ModelStats
+from convoy.batching.usage import UsageMeter, UsageTotals
 
 from .repository import ModelRepository, ModelVersion
 
@@ -320,12 +321,44 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+#: Showback counters: (name, help, value from a principal's UsageTotals).
+_USAGE_COUNTERS: tuple[tuple[str, str, Callable[[UsageTotals], float]], ...] = (
+    ("convoy_usage_requests", "Requests per API key (admitted or rejected)", lambda u: u.requests),
+    ("convoy_usage_rows", "Rows (batch items) per API key", lambda u: u.rows),
+    ("convoy_usage_failures", "Admitted requests that failed, per API key", lambda u: u.failures),
+    ("convoy_usage_rejections", "Requests rejected by the queue, per API key", lambda u: u.rejections),
+    ("convoy_usage_queue_seconds", "Time queued, per API key", lambda u: u.queue_ns / 1e9),
+    (
+        "convoy_usage_compute_seconds",
+        "Compute time per API key: each batch's time split by the key's share of its rows",
+        lambda u: u.compute_ns / 1e9,
+    ),
+)
+
+
+class UsageCollector(Collector):
+    """Per key x model x version showback; the label sets are bounded by the key file."""
+
+    def __init__(self, meter: UsageMeter) -> None:
+        self.meter = meter
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.meter.snapshot()
+        for name, documentation, value_of in _USAGE_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=("key", *LABELS))
+            for (principal, model, version), totals in snapshot.items():
+                family.add_metric([principal, model, version], value_of(totals))
+            yield family
+
+
 class Metrics:
     """The server's own registry: model, host, GPU and process collectors."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, usage: UsageMeter | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ModelCollector(repository))
+        if usage is not None:
+            self.registry.register(UsageCollector(usage))
         self.registry.register(HostCollector())
         self._gpu = GpuCollector.open()
         if self._gpu is not None:

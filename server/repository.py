@@ -15,6 +15,7 @@ from pathlib import Path
 
 from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
+from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
@@ -66,9 +67,11 @@ class Model:
 class ModelRepository:
     """Owns every loaded model; `async with` unloads them all on exit."""
 
-    def __init__(self, settings: ServerConfig) -> None:
+    def __init__(self, settings: ServerConfig, usage: UsageMeter | None = None) -> None:
         self.root = settings.model_repository.resolve()
         self._settings = settings
+        #: Showback meter handed to every scheduler (None: not metered).
+        self.usage = usage
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -227,6 +230,7 @@ class ModelRepository:
                 self._settings.max_queue_size,
                 execution_timeout=self._execution_timeout(config),
                 replace_instance=replace,
+                usage=self.usage,
             )
             await scheduler.__aenter__()
             entry.scheduler = scheduler

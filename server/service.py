@@ -39,6 +39,11 @@ class InferenceService:
         self.loop = loop
         #: False once shutdown starts: readiness goes false first, then new requests are refused.
         self.accepting = True
+        #: Set during the last moments of shutdown: gRPC calls refused UNAVAILABLE then wait on
+        #: it, so the server stops listening while they are held rather than queued in gRPC's
+        #: core, which would cancel them (see ConvoyServer._stop_grpc).
+        self.held_rejections: asyncio.Event | None = None
+        self.held_count = 0
 
     # --- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:

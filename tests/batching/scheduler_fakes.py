@@ -20,6 +20,7 @@ import numpy as np
 
 from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
+from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig
 from convoy.errors import ConvoyError
 from convoy.runtimes.base import Runtime, RuntimeInstance
@@ -229,6 +230,7 @@ async def serve(
     gates: Iterable[Gate] = (),
     max_queue_size: int = 1024,
     stats: ModelStats | None = None,
+    usage: UsageMeter | None = None,
 ) -> AsyncIterator[Scheduler]:
     """A started scheduler over `runtimes`, each wrapped in its own RuntimeInstance.
 
@@ -240,7 +242,7 @@ async def serve(
     instances = [
         RuntimeInstance(runtime, f"{config.name}-{index}") for index, runtime in enumerate(runtimes)
     ]
-    scheduler = Scheduler(config, "1", instances, stats or ModelStats(), max_queue_size)
+    scheduler = Scheduler(config, "1", instances, stats or ModelStats(), max_queue_size, usage=usage)
     try:
         async with scheduler:
             try:

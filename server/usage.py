@@ -1,0 +1,151 @@
+"""The usage ledger: per-principal showback written as an append-only JSON-lines file, and the
+summary `convoy usage` prints from it.
+
+Every `interval` seconds a thread takes the usage meter's totals, subtracts what it wrote last
+time and appends one line per (key, model, version) that used anything in the interval. Lines are
+never rewritten, so the file can be shipped or tailed while the server runs; a restart starts a
+new run of intervals (the meter's totals start at zero again) and the sums stay right.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from convoy.batching.usage import UsageKey, UsageMeter, UsageTotals
+
+log = logging.getLogger("convoy.usage")
+
+#: Ledger fields summed by `convoy usage` (seconds are floats, the rest counts).
+SUMMED = ("requests", "rows", "failures", "rejections", "queue_seconds", "compute_seconds")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def ledger_line(start: str, end: str, key: UsageKey, used: UsageTotals) -> bytes:
+    principal, model, version = key
+    return (
+        orjson.dumps(
+            {
+                "start": start,
+                "end": end,
+                "key": principal,
+                "model": model,
+                "version": version,
+                "requests": used.requests,
+                "rows": used.rows,
+                "failures": used.failures,
+                "rejections": used.rejections,
+                "queue_seconds": used.queue_ns / 1e9,
+                "compute_seconds": used.compute_ns / 1e9,
+            }
+        )
+        + b"\n"
+    )
+
+
+class UsageLedger:
+    """Appends the meter's per-interval deltas to `path` from its own thread."""
+
+    def __init__(self, path: Path, meter: UsageMeter, interval: float = 60.0) -> None:
+        self.path = Path(path)
+        self.meter = meter
+        self.interval = interval
+        self._written: dict[UsageKey, UsageTotals] = {}
+        self._since = _now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="convoy-usage-ledger", daemon=True)
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def flush(self) -> int:
+        """Append the usage since the last flush; returns the lines written."""
+        end = _now()
+        lines = []
+        for key, totals in self.meter.snapshot().items():
+            used = totals.minus(self._written.get(key, UsageTotals()))
+            if used:
+                lines.append(ledger_line(self._since, end, key, used))
+            self._written[key] = totals
+        if lines:
+            try:
+                with self.path.open("ab") as out:
+                    out.write(b"".join(lines))
+            except OSError:
+                log.exception("cannot append to the usage ledger %s", self.path)
+                return 0
+        self._since = end
+        return len(lines)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.flush()
+
+
+# --- `convoy usage` ---------------------------------------------------------------------------
+
+PERIODS = {"hour": 13, "day": 10, "month": 7, "all": 0}
+
+
+@dataclass
+class UsageRow:
+    period: str
+    key: str
+    model: str
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMMED, 0))
+
+    def cost(self, rate: float) -> float:
+        return self.sums["compute_seconds"] * rate
+
+
+def read_ledger(paths: Iterable[Path]) -> Iterator[dict]:
+    for path in paths:
+        with Path(path).open("rb") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not a ledger line ({exc})") from exc
+
+
+def summarise(
+    entries: Iterable[dict],
+    period: str = "day",
+    by_model: bool = True,
+    since: str = "",
+    until: str = "",
+) -> list[UsageRow]:
+    """Sum ledger lines per period (of their interval's start, UTC), key and (optionally) model."""
+    width = PERIODS[period]
+    rows: dict[tuple[str, str, str], UsageRow] = {}
+    for entry in entries:
+        start = entry["start"]
+        if (since and start < since) or (until and start >= until):
+            continue
+        slot = start[:width] if width else "all"
+        model = entry["model"] if by_model else "*"
+        row = rows.get((slot, entry["key"], model))
+        if row is None:
+            row = rows[(slot, entry["key"], model)] = UsageRow(slot, entry["key"], model)
+        for name in SUMMED:
+            row.sums[name] += entry.get(name, 0)
+    return [rows[k] for k in sorted(rows)]
