@@ -118,7 +118,8 @@ class ConvoyServer:
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
         #: Showback: per-principal usage, metered when callers are identified (API keys) or a
         #: usage ledger is asked for.
-        self.usage = UsageMeter() if settings.usage_ledger is not None else None
+        metered = settings.usage_ledger is not None or settings.api_keys_file is not None
+        self.usage = UsageMeter() if metered else None
         self._ledger: UsageLedger | None = None
         self.repository = ModelRepository(settings, self.usage)
         self.service: InferenceService | None = None
