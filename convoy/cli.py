@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from importlib import resources
 from pathlib import Path
 
+from convoy import auth
 from convoy.config import ServerConfig
+from convoy.errors import ConvoyError
 from convoy.loadtests import cli as loadtests_cli
+
+#: Where the key file is when --api-keys / --file is not given.
+KEYS_FILE_ENV = "CONVOY_API_KEYS_FILE"
 
 
 def demo_repository() -> Path:
@@ -99,6 +105,34 @@ def _serve_parser(sub) -> None:
         action="store_true",
         help="print the same spans to standard output, one JSON object a line",
     )
+    security = p.add_argument_group("security")
+    security.add_argument(
+        "--api-keys",
+        type=Path,
+        default=os.environ.get(KEYS_FILE_ENV) or None,
+        metavar="FILE",
+        help=f"API key file (`convoy keys create` writes it; default ${KEYS_FILE_ENV}): every call "
+        "then needs 'Authorization: Bearer <key>' with a key whose scope covers the model (or the "
+        "management APIs); reread on SIGHUP and when the file changes. Without it all is open",
+    )
+    for what in ("health", "metrics"):
+        security.add_argument(
+            f"--auth-{what}",
+            choices=["open", "protected"],
+            default="open",
+            help=f"with --api-keys: whether the {what} endpoint{'s' if what == 'health' else ''} "
+            "need a valid key too (default open)",
+        )
+    security.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="serve gRPC, HTTP and metrics over TLS"
+    )
+    security.add_argument("--tls-key", type=Path, metavar="PEM", help="the --tls-cert's private key")
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="mutual TLS: clients must present a certificate signed by this CA",
+    )
     p.add_argument(
         "--usage-ledger",
         type=Path,
@@ -182,6 +216,13 @@ def _settings(args) -> ServerConfig:
     repository = args.model_repository or demo_repository()
     if not repository.is_dir():
         raise SystemExit(f"convoy: --model-repository {repository} is not a directory")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("convoy: --tls-cert and --tls-key go together; got only one")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise SystemExit("convoy: --tls-client-ca needs --tls-cert and --tls-key")
+    for flag in ("auth_health", "auth_metrics"):
+        if getattr(args, flag) == "protected" and args.api_keys is None:
+            raise SystemExit(f"convoy: --{flag.replace('_', '-')} protected needs --api-keys")
     return ServerConfig(
         model_repository=repository,
         host=args.host,
@@ -201,9 +242,79 @@ def _settings(args) -> ServerConfig:
         access_log=args.access_log,
         trace_otlp_endpoint=args.trace_otlp_endpoint,
         trace_console=args.trace_console,
+        api_keys_file=args.api_keys,
+        protect_health=args.auth_health == "protected",
+        protect_metrics=args.auth_metrics == "protected",
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         usage_ledger=args.usage_ledger,
         usage_interval=args.usage_interval,
     )
+
+
+def _keys_parser(sub) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys in a key file")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    default = os.environ.get(KEYS_FILE_ENV) or None
+    file_help = f"the key file (default ${KEYS_FILE_ENV})"
+    create = verbs.add_parser("create", help="make a key; prints it once, stores only its hash")
+    create.add_argument("--file", type=Path, default=default, help=file_help)
+    create.add_argument("--name", required=True, help="the key's identity, e.g. team-a")
+    create.add_argument(
+        "--models",
+        default="",
+        help="comma-separated model names or glob patterns it may call ('*' for all)",
+    )
+    create.add_argument(
+        "--manage", action="store_true", help="may load/unload models and change logging"
+    )
+    listing = verbs.add_parser("list", help="names and scopes (never keys)")
+    listing.add_argument("--file", type=Path, default=default, help=file_help)
+    revoke = verbs.add_parser("revoke", help="remove a key by name")
+    revoke.add_argument("--file", type=Path, default=default, help=file_help)
+    revoke.add_argument("--name", required=True)
+
+
+def _keys(args) -> int:
+    """`convoy keys ...`; a running server picks the change up within about a second."""
+    if args.file is None:
+        print(f"convoy keys: give --file or set ${KEYS_FILE_ENV}", file=sys.stderr)
+        return 2
+    try:
+        keys = list(auth.read_key_file(args.file).values()) if args.file.exists() else []
+        if args.verb == "list":
+            for key in keys:
+                scope = ",".join(key.models) or "(no models)"
+                print(f"{key.name}\tmodels={scope}\tmanage={'yes' if key.manage else 'no'}")
+            return 0
+        if args.verb == "revoke":
+            kept = [key for key in keys if key.name != args.name]
+            if len(kept) == len(keys):
+                print(f"convoy keys: no key named '{args.name}' in {args.file}", file=sys.stderr)
+                return 1
+            auth.write_key_file(args.file, kept)
+            print(f"revoked '{args.name}'")
+            return 0
+        if any(key.name == args.name for key in keys):
+            print(f"convoy keys: {args.file} already has a key named '{args.name}'", file=sys.stderr)
+            return 1
+        plaintext = auth.new_key()
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        created = auth.ApiKey(args.name, auth.digest(plaintext), models, args.manage)
+        auth.write_key_file(args.file, [*keys, created])
+    except ConvoyError as exc:
+        print(f"convoy keys: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"convoy keys: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(plaintext)
+    print(
+        f"(key '{args.name}' written to {args.file}; this is the only time it is shown)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 async def _serve(settings: ServerConfig, log_control=None) -> None:
@@ -213,6 +324,8 @@ async def _serve(settings: ServerConfig, log_control=None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
+        if server.keys is not None:
+            loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
         print(
             f"convoy: serving {settings.model_repository} "
             f"http={server.http_port} grpc={server.grpc_port} metrics={server.metrics_port}",
@@ -242,11 +355,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convoy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _keys_parser(sub)
     _usage_parser(sub)
     loadtests_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command in loadtests_cli.COMMANDS:
         sys.exit(loadtests_cli.main(args))
+    if args.command == "keys":
+        sys.exit(_keys(args))
     if args.command == "usage":
         sys.exit(_usage(args))
     from convoy.server.logs import configure_logging
@@ -257,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         try:
             _run(_serve(_settings(args), log_control))
-        except OSError as exc:
+        except (OSError, ConvoyError) as exc:
             print(f"convoy: {exc}", file=sys.stderr)
             sys.exit(1)
     sys.exit(0)

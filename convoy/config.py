@@ -188,6 +188,16 @@ class ServerConfig:
     trace_otlp_endpoint: str = ""
     #: Print every request's spans to standard output as JSON lines.
     trace_console: bool = False
+    #: JSON file of API keys (see convoy/auth.py); None: every endpoint is open.
+    api_keys_file: Path | None = None
+    #: With API keys on: health (live/ready) and /metrics answer only to a valid key.
+    protect_health: bool = False
+    protect_metrics: bool = False
+    #: PEM server certificate and key: gRPC, HTTP and metrics speak TLS when set.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: PEM CA bundle: clients must present a certificate it signed (mutual TLS).
+    tls_client_ca: Path | None = None
     #: Showback ledger: per API key x model x version usage appended as JSON lines every
     #: `usage_interval` seconds (None: no ledger; the Prometheus usage counters need only keys).
     usage_ledger: Path | None = None

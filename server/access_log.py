@@ -1,5 +1,7 @@
 """The access log (`--access-log`): one line per inference request, written off the event loop.
 
+With API keys on, each line names the caller by its key's name (never the key itself).
+
 The request path only stamps a tuple into a bounded queue; the log's own thread formats and
 writes it. Each front end gets a thin wrapper, installed only when the log is on, so a server
 without it pays nothing: an ASGI middleware for HTTP, a server interceptor for gRPC.
@@ -16,6 +18,9 @@ from collections import deque
 
 import grpc
 
+from convoy.auth import Keyring
+
+from .grpc_frontend import authorization
 from .logs import make_formatter
 
 log = logging.getLogger("convoy.access")
@@ -26,8 +31,9 @@ _GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 class AccessLog:
-    """protocol, model, version, status, duration (µs) and request id of each inference request,
-    to standard error ("-") or a file. `start` and `close` bound its writer thread."""
+    """protocol, model, version, status, duration (µs), request id and caller (API key name, "-"
+    without keys) of each inference request, to standard error ("-") or a file. `start` and
+    `close` bound its writer thread."""
 
     def __init__(self, destination: str, log_format: str, capacity: int = 65536) -> None:
         if destination == "-":
@@ -54,27 +60,36 @@ class AccessLog:
         self.handler.close()
 
     def write(
-        self, protocol: str, model: str, version: str, status: str, duration_us: int, request_id: str
+        self,
+        protocol: str,
+        model: str,
+        version: str,
+        status: str,
+        duration_us: int,
+        request_id: str,
+        principal: str | None = None,
     ) -> None:
         """Queue one line (loop thread; no formatting or I/O here)."""
         if self._queue.qsize() >= self._capacity:
             self.dropped += 1
             return
-        self._queue.put((time.time(), protocol, model, version, status, duration_us, request_id))
+        self._queue.put(
+            (time.time(), protocol, model, version, status, duration_us, request_id, principal)
+        )
 
     def _write_lines(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
-            created, protocol, model, version, status, duration_us, request_id = item
+            created, protocol, model, version, status, duration_us, request_id, principal = item
             record = logging.LogRecord(
                 log.name,
                 logging.INFO,
                 __file__,
                 0,
-                "%s %s %s %s %dus",
-                (protocol, model, version or "-", status, duration_us),
+                "%s %s %s %s %dus %s",
+                (protocol, model, version or "-", status, duration_us, principal or "-"),
                 None,
             )
             record.created = created
@@ -86,6 +101,7 @@ class AccessLog:
                 "version": version,
                 "status": status,
                 "duration_us": duration_us,
+                "principal": principal,
             }
             try:
                 self.handler.handle(record)
@@ -135,14 +151,23 @@ class AccessLogMiddleware:
                 str(status) if status else "-",
                 (time.monotonic_ns() - started) // 1000,
                 scope.get("convoy.request_id", ""),
+                scope.get("convoy.principal"),
             )
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """gRPC server interceptor: logs every ModelInfer call and every ModelStreamInfer response."""
+    """gRPC server interceptor: logs every ModelInfer call and every ModelStreamInfer response.
+    With `keys`, it names the caller from the call's metadata (a failed check logs "-")."""
 
-    def __init__(self, access_log: AccessLog) -> None:
+    def __init__(self, access_log: AccessLog, keys: Keyring | None = None) -> None:
         self.access_log = access_log
+        self.keys = keys
+
+    def _principal(self, context) -> str | None:
+        if self.keys is None:
+            return None
+        key = self.keys.identify(authorization(context))
+        return None if key is None else key.name
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -186,6 +211,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     status,
                     (time.monotonic_ns() - started) // 1000,
                     request.id,
+                    self._principal(context),
                 )
 
         return model_infer
@@ -196,6 +222,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         async def model_stream_infer(request_iterator, context):
             # Arrival times by request id, oldest first: responses may come out of order.
             arrivals: dict[str, deque[int]] = {}
+            principal = self._principal(context)
 
             async def stamped():
                 async for message in request_iterator:
@@ -215,6 +242,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     "ERROR" if response.error_message else "OK",
                     (time.monotonic_ns() - started) // 1000,
                     answer.id,
+                    principal,
                 )
                 yield response
 

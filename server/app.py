@@ -11,11 +11,14 @@ import contextlib
 import ctypes
 import logging
 import socket
+import ssl
 import struct
 import time
 
+import grpc
 import uvicorn
 
+from convoy.auth import Keyring
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
 
@@ -24,6 +27,7 @@ from .grpc_frontend import start_grpc_server
 from .http_frontend import HttpFrontend
 from .logs import LogControl
 from .metrics import Metrics
+from .metrics_server import start_metrics_server
 from .repository import ModelRepository
 from .service import InferenceService
 from .tracing import Tracer
@@ -75,6 +79,37 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _grpc_credentials(settings: ServerConfig) -> grpc.ServerCredentials:
+    """TLS for the gRPC port; with a client CA, clients must present a certificate it signed."""
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _uvicorn_tls(settings: ServerConfig) -> dict:
+    """uvicorn.Config's TLS settings (it builds the SSL context from the files)."""
+    if settings.tls_cert is None:
+        return {}
+    tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+    if settings.tls_client_ca is not None:
+        tls["ssl_ca_certs"] = str(settings.tls_client_ca)
+        tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return tls
+
+
+def _server_tls_context(settings: ServerConfig) -> ssl.SSLContext:
+    """The same TLS (and client-certificate) settings as an SSLContext, for /metrics."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca is not None:
+        context.load_verify_locations(cafile=settings.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class ConvoyServer:
     def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
         """`log_control`: what the LogSettings API changes (the CLI's, from configure_logging);
@@ -83,7 +118,8 @@ class ConvoyServer:
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
         #: Showback: per-principal usage, metered when callers are identified (API keys) or a
         #: usage ledger is asked for.
-        self.usage = UsageMeter() if settings.usage_ledger is not None else None
+        metered = settings.usage_ledger is not None or settings.api_keys_file is not None
+        self.usage = UsageMeter() if metered else None
         self._ledger: UsageLedger | None = None
         self.repository = ModelRepository(settings, self.usage)
         self.service: InferenceService | None = None
@@ -98,17 +134,26 @@ class ConvoyServer:
         self._metrics_server = None
         self._access_log: AccessLog | None = None
         self.tracer: Tracer | None = None
+        #: API keys (None: everything open), reread on `reload_keys` and when the file changes.
+        self.keys: Keyring | None = None
+        self._keys_watch: asyncio.Task | None = None
         self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> ConvoyServer:
         settings = self.settings
         loop = asyncio.get_running_loop()
+        if settings.api_keys_file is not None:  # a broken key file stops start-up, before models load
+            self.keys = Keyring(
+                settings.api_keys_file, settings.protect_health, settings.protect_metrics
+            )
         await self.repository.__aenter__()
         if settings.usage_ledger is not None and self.usage is not None:
             self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
             self._ledger.start()
         self.service = InferenceService(self.repository, loop)
         try:
+            if self.keys is not None:
+                self._keys_watch = loop.create_task(self.keys.watch(), name="convoy-keys-watch")
             if settings.trace_otlp_endpoint or settings.trace_console:
                 self.tracer = Tracer(settings.trace_otlp_endpoint, settings.trace_console)
             interceptors = []
@@ -116,7 +161,7 @@ class ConvoyServer:
                 self._access_log = AccessLog(settings.access_log, settings.log_format)
                 self.log_control.follow_format(self._access_log.handler)
                 self._access_log.start()
-                interceptors.append(AccessLogInterceptor(self._access_log))
+                interceptors.append(AccessLogInterceptor(self._access_log, self.keys))
             self._grpc, self.grpc_port = await start_grpc_server(
                 self.service,
                 settings.host,
@@ -125,10 +170,14 @@ class ConvoyServer:
                 self.log_control,
                 interceptors,
                 self.tracer,
+                self.keys,
+                _grpc_credentials(settings) if settings.tls_cert is not None else None,
             )
             sock = self._http_socket = _bind(settings.host, settings.http_port)
             self.http_port = sock.getsockname()[1]
-            app = HttpFrontend(self.service, settings.http_max_body_bytes, self.log_control, self.tracer)
+            app = HttpFrontend(
+                self.service, settings.http_max_body_bytes, self.log_control, self.tracer, self.keys
+            )
             if self._access_log is not None:
                 app = AccessLogMiddleware(app, self._access_log)
             config = uvicorn.Config(
@@ -139,6 +188,7 @@ class ConvoyServer:
                 http="httptools",
                 timeout_keep_alive=30,
                 backlog=2048,
+                **_uvicorn_tls(settings),
             )
             self._http = _Uvicorn(config)
             self._http_task = loop.create_task(self._http.serve(sockets=[sock]))
@@ -200,14 +250,23 @@ class ConvoyServer:
         await asyncio.sleep(_LATE_REQUEST_S)
 
     def _start_metrics(self) -> None:
-        """/metrics on its own thread, from this server's registry (read at scrape time)."""
-        import prometheus_client
-
+        """/metrics on its own thread, from this server's registry (read at scrape time), with
+        the server's TLS settings and, when asked, behind an API key."""
+        settings = self.settings
         self.metrics = Metrics(self.repository, self.usage)
-        self._metrics_server, _thread = prometheus_client.start_http_server(
-            self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+        self._metrics_server, _thread = start_metrics_server(
+            settings.host,
+            settings.metrics_port,
+            self.metrics.registry,
+            _server_tls_context(settings) if settings.tls_cert is not None else None,
+            self.keys if self.keys is not None and self.keys.protect_metrics else None,
         )
         self.metrics_port = self._metrics_server.server_port
+
+    def reload_keys(self) -> None:
+        """Reread the API key file now (SIGHUP); safe from a signal handler on the loop."""
+        if self.keys is not None:
+            self.keys.request_reload()
 
     async def __aexit__(self, *exc_info) -> None:
         await self._shutdown(self.settings.shutdown_grace)
@@ -243,6 +302,10 @@ class ConvoyServer:
             self._metrics_server.server_close()
         if self.metrics is not None:
             self.metrics.close()
+        if self._keys_watch is not None:
+            self._keys_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keys_watch
         await self.repository.__aexit__(None, None, None)
         if self._ledger is not None:
             self._ledger.close()  # the last interval, up to the final answers

@@ -16,6 +16,7 @@ import time
 import grpc
 from google.protobuf import json_format
 
+from convoy.auth import ApiKey, Keyring
 from convoy.datatypes import to_wire_bytes
 from convoy.errors import (
     ConvoyError,
@@ -60,7 +61,11 @@ def _parameter(value: pb.InferParameter):
 
 
 def decode_request(
-    service: InferenceService, message: pb.ModelInferRequest, future, deadline: float | None
+    service: InferenceService,
+    message: pb.ModelInferRequest,
+    future,
+    deadline: float | None,
+    principal: str | None = None,
 ) -> tuple[ModelVersion, Request]:
     """Validate a ModelInferRequest against its model and build the scheduler's Request."""
     received = time.monotonic_ns()
@@ -108,6 +113,7 @@ def decode_request(
         deadline=deadline,
         parameters=parameters,
         received_ns=received,
+        principal=principal,
     )
     return entry, request
 
@@ -116,6 +122,14 @@ def _traceparent(context) -> str | None:
     """The client's W3C traceparent from the call's metadata, or None."""
     for key, value in context.invocation_metadata() or ():
         if key == TRACEPARENT:
+            return value
+    return None
+
+
+def authorization(context) -> str | None:
+    """The call's `authorization` metadata (tritonclient's headers={...} sends it), or None."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
             return value
     return None
 
@@ -136,11 +150,17 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     """Servicer: every handler maps ConvoyError onto its status, anything else onto INTERNAL."""
 
     def __init__(
-        self, service: InferenceService, log_control: LogControl, tracer: Tracer | None = None
+        self,
+        service: InferenceService,
+        log_control: LogControl,
+        tracer: Tracer | None = None,
+        keys: Keyring | None = None,
     ) -> None:
         self.service = service
         self.log_control = log_control
         self.tracer = tracer
+        #: API keys; None: every call is open (each handler's only cost is this one check).
+        self.keys = keys
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
         held = self.service.held_rejections
@@ -162,6 +182,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
+    async def _authorize(self, context, model: str | None = None, manage: bool = False) -> ApiKey:
+        """The caller's key, in scope for `model` / management; aborts the call otherwise."""
+        try:
+            return self.keys.authorize(authorization(context), model, manage)
+        except ConvoyError as exc:
+            await self._abort(context, exc)
+
     async def _answer(self, context, build):
         try:
             return build()
@@ -170,18 +197,28 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- health / metadata -------------------------------------------------------------------
     async def ServerLive(self, request, context):
+        if self.keys is not None and self.keys.protect_health:
+            await self._authorize(context)
         return pb.ServerLiveResponse(live=self.service.live())
 
     async def ServerReady(self, request, context):
+        if self.keys is not None and self.keys.protect_health:
+            await self._authorize(context)
         return pb.ServerReadyResponse(ready=self.service.ready())
 
     async def ModelReady(self, request, context):
+        if self.keys is not None and self.keys.protect_health:
+            await self._authorize(context, request.name)
         return pb.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
+        if self.keys is not None:
+            await self._authorize(context)
         return json_format.ParseDict(self.service.server_metadata(), pb.ServerMetadataResponse())
 
     async def ModelMetadata(self, request, context):
+        if self.keys is not None:
+            await self._authorize(context, request.name)
         return await self._answer(
             context,
             lambda: json_format.ParseDict(
@@ -191,6 +228,8 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request, context):
+        if self.keys is not None:
+            await self._authorize(context, request.name)
         return await self._answer(
             context,
             lambda: pb.ModelConfigResponse(
@@ -199,22 +238,29 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelStatistics(self, request, context):
-        return await self._answer(
-            context,
-            lambda: json_format.ParseDict(
-                self.service.model_statistics(request.name, request.version),
-                pb.ModelStatisticsResponse(),
-            ),
-        )
+        key = None if self.keys is None else await self._authorize(context, request.name or None)
+
+        def build():
+            answer = self.service.model_statistics(request.name, request.version)
+            if key is not None:  # all models: only those the key may use
+                answer["model_stats"] = [s for s in answer["model_stats"] if key.allows(s["name"])]
+            return json_format.ParseDict(answer, pb.ModelStatisticsResponse())
+
+        return await self._answer(context, build)
 
     # --- repository ----------------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
+        key = None if self.keys is None else await self._authorize(context)
         rows = self.service.repository_index(request.ready)
+        if key is not None:  # only the models the key may use
+            rows = [row for row in rows if key.allows(row["name"])]
         return pb.RepositoryIndexResponse(
             models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows]
         )
 
     async def RepositoryModelLoad(self, request, context):
+        if self.keys is not None:
+            await self._authorize(context, request.model_name, manage=True)
         try:
             await self.service.load_model(request.model_name)
             return pb.RepositoryModelLoadResponse()
@@ -222,6 +268,8 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             await self._abort(context, exc)
 
     async def RepositoryModelUnload(self, request, context):
+        if self.keys is not None:
+            await self._authorize(context, request.model_name, manage=True)
         try:
             await self.service.unload_model(request.model_name)
             return pb.RepositoryModelUnloadResponse()
@@ -230,11 +278,15 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference -------------------------------------------------------------------------------
     async def _infer(
-        self, message: pb.ModelInferRequest, deadline: float | None, traceparent: str | None = None
+        self,
+        message: pb.ModelInferRequest,
+        deadline: float | None,
+        traceparent: str | None = None,
+        principal: str | None = None,
     ):
         """Decode, queue and await one request; a cancelled await leaves the queue too."""
         future = self.service.loop.create_future()
-        entry, request = decode_request(self.service, message, future, deadline)
+        entry, request = decode_request(self.service, message, future, deadline, principal)
         self.service.submit(entry, request)
         try:
             result = await future
@@ -250,11 +302,15 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         return encode_response(entry, request, result.outputs)
 
     async def ModelInfer(self, request, context):
+        principal = None
+        if self.keys is not None:
+            principal = (await self._authorize(context, request.model_name)).name
         try:
             return await self._infer(
                 request,
                 self._deadline(context),
                 None if self.tracer is None else _traceparent(context),
+                principal,
             )
         except ConvoyError as exc:
             await self._abort(context, exc)
@@ -264,7 +320,10 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             await self._abort(context, exc)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Responses go out as each request completes; an error answers that request only."""
+        """Responses go out as each request completes; an error answers that request only.
+        With API keys, the call needs a valid key and each request a model in its scope."""
+        key = None if self.keys is None else await self._authorize(context)
+        principal = None if key is None else key.name
         answers: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
         deadline = self._deadline(context)
@@ -272,7 +331,9 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(message) -> None:
             try:
-                response = await self._infer(message, deadline, traceparent)
+                if key is not None:
+                    key.require(message.model_name)
+                response = await self._infer(message, deadline, traceparent, principal)
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
                 raise
@@ -318,6 +379,8 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     # --- logging ----------------------------------------------------------------------------------
     async def LogSettings(self, request, context):
         """No settings in the request reads them; any given are applied (all or nothing)."""
+        if self.keys is not None:
+            await self._authorize(context, manage=True)
 
         def build():
             changes = {key: _parameter(value) for key, value in request.settings.items()}
@@ -340,9 +403,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         await self._abort(context, Unsupported(f"{what} is not supported by Convoy"))
 
     async def SystemSharedMemoryStatus(self, request, context):
+        if self.keys is not None:
+            await self._authorize(context)
         return pb.SystemSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryStatus(self, request, context):
+        if self.keys is not None:
+            await self._authorize(context)
         return pb.CudaSharedMemoryStatusResponse()
 
     async def SystemSharedMemoryRegister(self, request, context):
@@ -358,6 +425,8 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         await self._unsupported(context, "CUDA shared memory")
 
     async def TraceSetting(self, request, context):
+        if self.keys is not None:
+            await self._authorize(context, manage=True)
         await self._unsupported(context, "trace settings")
 
 
@@ -369,8 +438,11 @@ async def start_grpc_server(
     log_control: LogControl,
     interceptors=(),
     tracer: Tracer | None = None,
+    keys: Keyring | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the server on the running loop; returns it and the port it bound (0 = any free)."""
+    """Start the server on the running loop; returns it and the port it bound (0 = any free).
+    With `credentials` the port speaks TLS only."""
     server = grpc.aio.server(
         interceptors=list(interceptors) or None,
         options=[
@@ -379,10 +451,13 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    frontend = GrpcFrontend(service, log_control, tracer)
+    frontend = GrpcFrontend(service, log_control, tracer, keys)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(frontend, server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is not None:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:

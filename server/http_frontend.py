@@ -19,6 +19,7 @@ from importlib import resources
 import numpy as np
 import orjson
 
+from convoy.auth import ApiKey, Keyring
 from convoy.datatypes import bf16_bits_to_float32, to_wire_bytes
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
 from convoy.types import Request
@@ -91,11 +92,14 @@ class HttpFrontend:
         max_body_bytes: int,
         log_control: LogControl,
         tracer: Tracer | None = None,
+        keys: Keyring | None = None,
     ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.log_control = log_control
         self.tracer = tracer
+        #: API keys; None: every endpoint is open (each route's only cost is this one check).
+        self.keys = keys
         self._openapi = resources.files("convoy.server").joinpath("openapi.json").read_bytes()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -112,6 +116,8 @@ class HttpFrontend:
                 # Whole seconds (RFC 9110), at least 1: the scheduler's estimate of the drain.
                 wait = math.ceil(getattr(exc, "retry_after", 1.0))
                 headers.append((b"retry-after", str(max(wait, 1)).encode()))
+            elif http_status == 401:
+                headers.append((b"www-authenticate", b"Bearer"))
             elif http_status == 503 and not self.service.accepting:
                 # Shutting down: this connection will not be served again; say so.
                 headers.append((b"connection", b"close"))
@@ -123,6 +129,18 @@ class HttpFrontend:
         headers.extend(extra)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def _authorize(self, scope, model: str | None = None, manage: bool = False) -> ApiKey:
+        """The caller's key, in scope for `model` / management (raises otherwise); its name is
+        noted for the access log."""
+        authorization = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        found = self.keys.authorize(authorization, model, manage)
+        scope["convoy.principal"] = found.name
+        return found
 
     async def _json(self, send, value, status: int = 200) -> None:
         await self._send(send, status, orjson.dumps(value))
@@ -157,19 +175,29 @@ class HttpFrontend:
         rest = parts[1:]
         if not rest or rest == [""]:
             self._expect(method, "GET", scope)
+            if self.keys is not None:
+                self._authorize(scope)
             return await self._json(send, service.server_metadata())
         head = rest[0]
         if head == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
             self._expect(method, "GET", scope)
+            if self.keys is not None and self.keys.protect_health:
+                self._authorize(scope)
             ok = service.live() if rest[1] == "live" else service.ready()
             return await self._send(send, 200 if ok else 503, b"")
         if head == "models":
             if rest[1:] == ["stats"]:
                 self._expect(method, "GET", scope)
-                return await self._json(send, service.model_statistics())
+                key = None if self.keys is None else self._authorize(scope)
+                answer = service.model_statistics()
+                if key is not None:  # only the models the key may use
+                    answer["model_stats"] = [s for s in answer["model_stats"] if key.allows(s["name"])]
+                return await self._json(send, answer)
             if len(rest) >= 2:
                 return await self._model_route(scope, receive, send, rest[1], rest[2:])
         if head == "logging" and len(rest) == 1:
+            if self.keys is not None:
+                self._authorize(scope, manage=True)
             if method == "GET":
                 return await self._json(send, self.log_control.settings())
             self._expect(method, "POST", scope)
@@ -178,10 +206,16 @@ class HttpFrontend:
         if head == "repository":
             self._expect(method, "POST", scope)
             if rest[1:] == ["index"]:
+                key = None if self.keys is None else self._authorize(scope)
                 body = await self._read_body(receive)
                 ready_only = bool(self._parse_json(body).get("ready", False)) if body else False
-                return await self._json(send, service.repository_index(ready_only))
+                rows = service.repository_index(ready_only)
+                if key is not None:  # only the models the key may use
+                    rows = [row for row in rows if key.allows(row["name"])]
+                return await self._json(send, rows)
             if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
+                if self.keys is not None:
+                    self._authorize(scope, rest[2], manage=True)
                 await self._read_body(receive)
                 if rest[3] == "load":
                     await service.load_model(rest[2])
@@ -204,9 +238,12 @@ class HttpFrontend:
         action = rest[0] if rest else ""
         if len(rest) > 1:
             raise ModelNotFound(f"no endpoint at {scope['path']}")
+        principal = None
+        if self.keys is not None and (action != "ready" or self.keys.protect_health):
+            principal = self._authorize(scope, model).name
         if action == "infer":
             self._expect(method, "POST", scope)
-            return await self._infer(scope, receive, send, model, version)
+            return await self._infer(scope, receive, send, model, version, principal)
         self._expect(method, "GET", scope)
         if action == "":
             return await self._json(send, service.model_metadata(model, version))
@@ -230,7 +267,9 @@ class HttpFrontend:
         return document
 
     # --- inference ---------------------------------------------------------------------------------
-    async def _infer(self, scope, receive, send, model: str, version: str) -> None:
+    async def _infer(
+        self, scope, receive, send, model: str, version: str, principal: str | None = None
+    ) -> None:
         received = time.monotonic_ns()
         header_length = None
         encoding = accept = b""
@@ -278,6 +317,7 @@ class HttpFrontend:
             timeout_us=tensors.non_negative_parameter(parameters, "timeout"),
             parameters=parameters,
             received_ns=received,
+            principal=principal,
         )
         # For the access log, when it is on (two dict stores otherwise unread).
         scope["convoy.entry"] = entry

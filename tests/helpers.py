@@ -103,6 +103,10 @@ class ConvoyProcess:
     repository: Path
     log_path: Path
     extra_args: tuple[str, ...] = ()
+    #: "https" for a server started with --tls-cert; `health_request`: keyword arguments for
+    #: the start-up health poll's requests.get (headers= for a key, verify=/cert= for TLS).
+    scheme: str = "http"
+    health_request: dict = field(default_factory=dict)
     http_port: int = 0
     grpc_port: int = 0
     metrics_port: int = 0
@@ -121,7 +125,7 @@ class ConvoyProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.http_url}"
+        return f"{self.scheme}://{self.http_url}"
 
     @property
     def pid(self) -> int | None:
@@ -186,11 +190,13 @@ class ConvoyProcess:
             if self._process.poll() is not None:
                 raise AssertionError(f"server exited with {self._process.returncode}\n{self.log()}")
             try:
-                answer = requests.get(f"{self.base_url}/v2/health/{which}", timeout=2)
+                answer = requests.get(
+                    f"{self.base_url}/v2/health/{which}", timeout=2, **self.health_request
+                )
                 if answer.status_code == 200:
                     return
                 last = f"HTTP {answer.status_code}"
-            except requests.ConnectionError as exc:
+            except requests.ConnectionError as exc:  # includes requests.exceptions.SSLError
                 last = str(exc)
             pause.wait(0.05)
         self.kill()
@@ -208,6 +214,10 @@ class ConvoyProcess:
             code = -9
         self._log.close()
         return code
+
+    def send_signal(self, sig: int) -> None:
+        assert self._process is not None and self._process.poll() is None, "server not running"
+        self._process.send_signal(sig)
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
