@@ -114,6 +114,8 @@ class ModelConfig:
     warmup: tuple[WarmupSample, ...] = ()
     parameters: dict[str, str] = field(default_factory=dict)
     default_model_filename: str = ""
+    #: Fraction of requests the payload log records (parameter payload_log_sample_rate; 0 = off).
+    payload_log_sample_rate: float = 0.0
 
     @property
     def instance_count(self) -> int:
@@ -185,3 +187,14 @@ class ServerConfig:
     trace_otlp_endpoint: str = ""
     #: Print every request's spans to standard output as JSON lines.
     trace_console: bool = False
+    #: Where sampled request/response payloads go (models opt in); None: payload logging off.
+    payload_log_dir: Path | None = None
+    #: A model's payload log file is rotated past this size, keeping `payload_log_backups` old ones.
+    payload_log_max_bytes: int = 100 * 1024 * 1024
+    payload_log_backups: int = 5
+    #: Elements kept per logged tensor (the rest is cut and marked truncated); 0 keeps all.
+    payload_log_max_elements: int = 65536
+    #: Outcomes waiting for the payload log's writer; past it they are dropped and counted.
+    payload_log_queue_size: int = 1024
+    #: `convoy capacity` reports (capacity.json files or their folders) shown on /catalog.
+    capacity_reports: tuple[Path, ...] = ()

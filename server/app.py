@@ -21,6 +21,7 @@ from .grpc_frontend import start_grpc_server
 from .http_frontend import HttpFrontend
 from .logs import LogControl
 from .metrics import Metrics
+from .payload_log import PayloadLog
 from .repository import ModelRepository
 from .service import InferenceService
 from .tracing import Tracer
@@ -64,13 +65,23 @@ class ConvoyServer:
         self._metrics_server = None
         self._access_log: AccessLog | None = None
         self.tracer: Tracer | None = None
+        self.payload_log: PayloadLog | None = None
         self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> ConvoyServer:
         settings = self.settings
         loop = asyncio.get_running_loop()
+        if settings.payload_log_dir is not None:
+            self.payload_log = PayloadLog(
+                settings.payload_log_dir,
+                settings.payload_log_max_bytes,
+                settings.payload_log_backups,
+                settings.payload_log_max_elements,
+                settings.payload_log_queue_size,
+            )
+            self.payload_log.start()
         await self.repository.__aenter__()
-        self.service = InferenceService(self.repository, loop)
+        self.service = InferenceService(self.repository, loop, self.payload_log)
         try:
             if settings.trace_otlp_endpoint or settings.trace_console:
                 self.tracer = Tracer(settings.trace_otlp_endpoint, settings.trace_console)
@@ -121,7 +132,7 @@ class ConvoyServer:
         """/metrics on its own thread, from this server's registry (read at scrape time)."""
         import prometheus_client
 
-        self.metrics = Metrics(self.repository)
+        self.metrics = Metrics(self.repository, self.payload_log)
         self._metrics_server, _thread = prometheus_client.start_http_server(
             self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
         )
@@ -161,6 +172,9 @@ class ConvoyServer:
         if self.metrics is not None:
             self.metrics.close()
         await self.repository.__aexit__(None, None, None)
+        if self.payload_log is not None:
+            await asyncio.sleep(0)  # outcome callbacks scheduled by the last answers run first
+            self.payload_log.close()
         if self._access_log is not None:
             self._access_log.close()
         if self.tracer is not None:
