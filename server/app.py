@@ -17,6 +17,7 @@ import uvicorn
 from convoy.config import ServerConfig
 
 from .access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
+from .catalog import Catalog
 from .grpc_frontend import start_grpc_server
 from .http_frontend import HttpFrontend
 from .logs import LogControl
@@ -102,7 +103,10 @@ class ConvoyServer:
             )
             sock = _bind(settings.host, settings.http_port)
             self.http_port = sock.getsockname()[1]
-            app = HttpFrontend(self.service, settings.http_max_body_bytes, self.log_control, self.tracer)
+            catalog = Catalog(self.service, self.grpc_port, settings.capacity_reports)
+            app = HttpFrontend(
+                self.service, settings.http_max_body_bytes, self.log_control, self.tracer, catalog
+            )
             if self._access_log is not None:
                 app = AccessLogMiddleware(app, self._access_log)
             config = uvicorn.Config(
