@@ -45,6 +45,9 @@ from .repository import ModelVersion
 log = logging.getLogger("convoy.payload_log")
 
 _STOP = object()
+#: Most lines, and bytes, the writer takes off the queue and writes at once.
+_RUN_LINES = 512
+_RUN_BYTES = 1 << 20
 #: The per-model config.pbtxt parameter that turns payload logging on.
 SAMPLE_RATE_PARAMETER = "payload_log_sample_rate"
 
@@ -118,20 +121,46 @@ class PayloadLog:
 
     # --- writer thread ------------------------------------------------------------------------
     def _write_lines(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            model = item[2].name
-            try:
-                line = orjson.dumps(self._record(*item), option=orjson.OPT_SERIALIZE_NUMPY)
-            except Exception:
-                log.exception("payload log: could not serialise a request of model '%s'", model)
-                continue
-            record = logging.makeLogRecord({"msg": line.decode("utf-8")})
-            handler = self._handler(model)
-            handler.emit(record)  # reports a failed write (full disk) through handleError
-            self.written[model] = self.written.get(model, 0) + 1
+        """Drain the queue in runs: one write (and one rotation check) per run of lines, which
+        costs a fraction of a write per line."""
+        stopping = False
+        while not stopping:
+            run = [self._queue.get()]
+            while len(run) < _RUN_LINES:
+                try:
+                    run.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            lines: dict[str, list[bytes]] = {}
+            for item in run:
+                if item is _STOP:
+                    stopping = True
+                    continue
+                model = item[2].name
+                try:
+                    line = orjson.dumps(self._record(*item), option=orjson.OPT_SERIALIZE_NUMPY)
+                except Exception:
+                    log.exception("payload log: could not serialise a request of model '%s'", model)
+                    continue
+                lines.setdefault(model, []).append(line)
+            for model, model_lines in lines.items():
+                self._write(model, model_lines)
+
+    def _write(self, model: str, lines: list[bytes]) -> None:
+        handler = self._handler(model)
+        # Pieces no larger than a file may grow, so rotating before a piece keeps files in bounds.
+        limit = min(self.max_bytes - 1, _RUN_BYTES) if self.max_bytes > 1 else _RUN_BYTES
+        piece: list[bytes] = []
+        size = 0
+        for line in [*lines, None]:
+            if piece and (line is None or size + len(line) + 1 > limit):
+                record = logging.makeLogRecord({"msg": b"\n".join(piece).decode("utf-8")})
+                handler.emit(record)  # reports a failed write (full disk) through handleError
+                self.written[model] = self.written.get(model, 0) + len(piece)
+                piece, size = [], 0
+            if line is not None:
+                piece.append(line)
+                size += len(line) + 1
 
     def _handler(self, model: str) -> logging.handlers.RotatingFileHandler:
         handler = self._handlers.get(model)
