@@ -131,6 +131,8 @@ class Catalog:
             "outputs": [],
             "config": None,
             "payload_log_sample_rate": None,
+            #: Whether the server writes payload logs at all (--payload-log-dir).
+            "payload_log_on": service.payload_log is not None,
             "snippets": None,
             "capacity": capacity,
         }
@@ -300,6 +302,16 @@ def _live_cells(stats: dict | None) -> str:
     return "".join(f'<td data-field="{name}">{_fmt(value, d)}</td>' for name, value, d in cells)
 
 
+def _payload_note(model: dict) -> str:
+    rate = model["payload_log_sample_rate"]
+    if not rate:
+        return ""
+    note = f" &middot; payload log sample rate {_fmt(rate, 2)}"
+    if not model["payload_log_on"]:
+        note += " (not written: the server runs without --payload-log-dir)"
+    return note
+
+
 def _render_model(model: dict) -> str:
     name = escape(model["name"])
     state = escape(model["state"])
@@ -317,13 +329,7 @@ def _render_model(model: dict) -> str:
         reason,
         f"<p>platform <code>{escape(model['platform'] or '-')}</code> &middot; backend "
         f"<code>{escape(model['backend'] or '-')}</code> &middot; max_batch_size "
-        f"{_fmt(model['max_batch_size'])}"
-        + (
-            f" &middot; payload log sample rate {_fmt(model['payload_log_sample_rate'], 2)}"
-            if model["payload_log_sample_rate"]
-            else ""
-        )
-        + "</p>",
+        f"{_fmt(model['max_batch_size'])}" + _payload_note(model) + "</p>",
         '<table class="versions"><thead><tr><th>version</th><th>state</th><th>reason</th>'
         "<th>req/s</th><th>p50 ms</th><th>p99 ms</th><th>requests</th><th>failures</th></tr></thead>"
         f"<tbody>{versions}</tbody></table>",

@@ -235,6 +235,11 @@ def test_fractional_rate_logs_that_fraction_of_requests(logged_server):
     logged = [line["id"] for line in lines(logged_server.payload_dir / "sampled.jsonl")]
     # Count-based sampling at 0.25: every fourth request, exactly.
     assert logged == [str(i) for i in range(3, 40, 4)]
+    # The catalog shows the rate and that the server writes it.
+    document = requests.get(f"{logged_server.base_url}/catalog.json", timeout=5).json()
+    (model,) = [m for m in document["models"] if m["name"] == "sampled"]
+    assert model["payload_log_sample_rate"] == 0.25
+    assert model["payload_log_on"] is True
 
 
 def test_invalid_sample_rate_fails_the_model_naming_the_parameter(logged_server):
