@@ -11,6 +11,17 @@ Live figures: each document build takes a snapshot of every version's request-la
 (`ModelStats.success`); requests/s and p50/p99 come from the difference to the newest snapshot at
 least `window_s` old (or the oldest one kept), so they describe the last minute or so of traffic,
 as Prometheus' rate() and histogram_quantile() would over the same buckets.
+
+/catalog.json: {"server": {"name", "version", "http", "grpc"}, "window_s", "refresh_ms",
+"capacity_errors": [str], "models": [{"name", "state" (READY | UNAVAILABLE), "reason",
+"versions": [{"version", "state", "reason", "stats": {"requests", "failures", "p50_ms", "p99_ms",
+"window": {"seconds", "requests", "failures", "requests_per_s", "p50_ms", "p99_ms"} | null}}],
+"platform", "backend", "max_batch_size", "inputs", "outputs" (name, datatype, shape), "config"
+(the ModelConfig API's JSON), "payload_log_sample_rate", "payload_log_on", "example_inputs",
+"snippets": {"curl", "python_grpc", "python_http", "python_requests"} | null (not ready),
+"capacity": {...} | null}]}. Addresses: the HTTP host:port from the request's Host header (one
+that is not a plain host[:port] is replaced, so nothing odd reaches the shell snippets), the gRPC
+port the server actually bound.
 """
 
 from __future__ import annotations
