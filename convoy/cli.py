@@ -150,6 +150,47 @@ def _serve_parser(sub) -> None:
         help="how often the usage ledger gets its lines (default 60)",
     )
 
+    p.add_argument(
+        "--payload-log-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write sampled requests and responses of models whose config sets the parameter "
+        "payload_log_sample_rate (0..1) to DIR/<model>.jsonl, one JSON object a line; off by default",
+    )
+    p.add_argument(
+        "--payload-log-max-bytes",
+        type=int,
+        default=100 * 1024 * 1024,
+        help="rotate a model's payload log past this size (default 100 MiB; 0: never)",
+    )
+    p.add_argument(
+        "--payload-log-backups", type=int, default=5, help="rotated payload logs kept (default 5)"
+    )
+    p.add_argument(
+        "--payload-log-max-elements",
+        type=int,
+        default=65536,
+        help="elements kept per logged tensor; longer ones are cut and marked truncated "
+        "(default 65536; 0: keep all)",
+    )
+    p.add_argument(
+        "--payload-log-queue-size",
+        type=int,
+        default=1024,
+        help="outcomes waiting for the payload log writer before new ones are dropped and "
+        "counted (default 1024)",
+    )
+    p.add_argument(
+        "--capacity-report",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="a `convoy capacity` report (capacity.json or its folder) whose figures /catalog "
+        "shows for the model it measured (repeatable; read when the page is)",
+    )
+
 
 def _usage_parser(sub) -> None:
     p = sub.add_parser("usage", help="summarise usage ledgers (showback) per period and API key")
@@ -250,6 +291,12 @@ def _settings(args) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         usage_ledger=args.usage_ledger,
         usage_interval=args.usage_interval,
+        payload_log_dir=args.payload_log_dir,
+        payload_log_max_bytes=args.payload_log_max_bytes,
+        payload_log_backups=args.payload_log_backups,
+        payload_log_max_elements=args.payload_log_max_elements,
+        payload_log_queue_size=args.payload_log_queue_size,
+        capacity_reports=tuple(args.capacity_report),
     )
 
 

@@ -114,6 +114,8 @@ class ModelConfig:
     warmup: tuple[WarmupSample, ...] = ()
     parameters: dict[str, str] = field(default_factory=dict)
     default_model_filename: str = ""
+    #: Fraction of requests the payload log records (parameter payload_log_sample_rate; 0 = off).
+    payload_log_sample_rate: float = 0.0
 
     @property
     def instance_count(self) -> int:
@@ -202,3 +204,14 @@ class ServerConfig:
     #: `usage_interval` seconds (None: no ledger; the Prometheus usage counters need only keys).
     usage_ledger: Path | None = None
     usage_interval: float = 60.0
+    #: Where sampled request/response payloads go (models opt in); None: payload logging off.
+    payload_log_dir: Path | None = None
+    #: A model's payload log file is rotated past this size, keeping `payload_log_backups` old ones.
+    payload_log_max_bytes: int = 100 * 1024 * 1024
+    payload_log_backups: int = 5
+    #: Elements kept per logged tensor (the rest is cut and marked truncated); 0 keeps all.
+    payload_log_max_elements: int = 65536
+    #: Outcomes waiting for the payload log's writer; past it they are dropped and counted.
+    payload_log_queue_size: int = 1024
+    #: `convoy capacity` reports (capacity.json files or their folders) shown on /catalog.
+    capacity_reports: tuple[Path, ...] = ()

@@ -23,11 +23,13 @@ from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
 
 from .access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
+from .catalog import Catalog
 from .grpc_frontend import start_grpc_server
 from .http_frontend import HttpFrontend
 from .logs import LogControl
 from .metrics import Metrics
 from .metrics_server import start_metrics_server
+from .payload_log import PayloadLog
 from .repository import ModelRepository
 from .service import InferenceService
 from .tracing import Tracer
@@ -137,11 +139,21 @@ class ConvoyServer:
         #: API keys (None: everything open), reread on `reload_keys` and when the file changes.
         self.keys: Keyring | None = None
         self._keys_watch: asyncio.Task | None = None
+        self.payload_log: PayloadLog | None = None
         self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> ConvoyServer:
         settings = self.settings
         loop = asyncio.get_running_loop()
+        if settings.payload_log_dir is not None:
+            self.payload_log = PayloadLog(
+                settings.payload_log_dir,
+                settings.payload_log_max_bytes,
+                settings.payload_log_backups,
+                settings.payload_log_max_elements,
+                settings.payload_log_queue_size,
+            )
+            self.payload_log.start()
         if settings.api_keys_file is not None:  # a broken key file stops start-up, before models load
             self.keys = Keyring(
                 settings.api_keys_file, settings.protect_health, settings.protect_metrics
@@ -150,7 +162,7 @@ class ConvoyServer:
         if settings.usage_ledger is not None and self.usage is not None:
             self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
             self._ledger.start()
-        self.service = InferenceService(self.repository, loop)
+        self.service = InferenceService(self.repository, loop, self.payload_log)
         try:
             if self.keys is not None:
                 self._keys_watch = loop.create_task(self.keys.watch(), name="convoy-keys-watch")
@@ -175,8 +187,19 @@ class ConvoyServer:
             )
             sock = self._http_socket = _bind(settings.host, settings.http_port)
             self.http_port = sock.getsockname()[1]
+            catalog = Catalog(
+                self.service,
+                self.grpc_port,
+                settings.capacity_reports,
+                keys_required=self.keys is not None,
+            )
             app = HttpFrontend(
-                self.service, settings.http_max_body_bytes, self.log_control, self.tracer, self.keys
+                self.service,
+                settings.http_max_body_bytes,
+                self.log_control,
+                self.tracer,
+                self.keys,
+                catalog,
             )
             if self._access_log is not None:
                 app = AccessLogMiddleware(app, self._access_log)
@@ -253,7 +276,7 @@ class ConvoyServer:
         """/metrics on its own thread, from this server's registry (read at scrape time), with
         the server's TLS settings and, when asked, behind an API key."""
         settings = self.settings
-        self.metrics = Metrics(self.repository, self.usage)
+        self.metrics = Metrics(self.repository, self.usage, self.payload_log)
         self._metrics_server, _thread = start_metrics_server(
             settings.host,
             settings.metrics_port,
@@ -309,6 +332,9 @@ class ConvoyServer:
         await self.repository.__aexit__(None, None, None)
         if self._ledger is not None:
             self._ledger.close()  # the last interval, up to the final answers
+        if self.payload_log is not None:
+            await asyncio.sleep(0)  # outcome callbacks scheduled by the last answers run first
+            self.payload_log.close()
         if self._access_log is not None:
             self._access_log.close()
         if self.tracer is not None:

@@ -93,13 +93,16 @@ class HttpFrontend:
         log_control: LogControl,
         tracer: Tracer | None = None,
         keys: Keyring | None = None,
+        catalog=None,
     ) -> None:
+        """`catalog`: a server.catalog.Catalog answering /catalog and /catalog.json, or None."""
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.log_control = log_control
         self.tracer = tracer
         #: API keys; None: every endpoint is open (each route's only cost is this one check).
         self.keys = keys
+        self.catalog = catalog
         self._openapi = resources.files("convoy.server").joinpath("openapi.json").read_bytes()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -171,6 +174,9 @@ class HttpFrontend:
         if parts[0] == "openapi.json" or parts == ["v2", "openapi.json"]:
             return await self._send(send, 200, self._openapi)
         if parts[0] != "v2":
+            if self.catalog is not None and len(parts) == 1 and parts[0] in ("catalog", "catalog.json"):
+                self._expect(method, "GET", scope)
+                return await self._catalog(scope, send, parts[0] == "catalog.json")
             raise ModelNotFound(f"no endpoint at {scope['path']}")
         rest = parts[1:]
         if not rest or rest == [""]:
@@ -223,6 +229,20 @@ class HttpFrontend:
                     await service.unload_model(rest[2])
                 return await self._send(send, 200, b"")
         raise ModelNotFound(f"no endpoint at {scope['path']}")
+
+    async def _catalog(self, scope, send, as_json: bool) -> None:
+        host = ""
+        for key, value in scope["headers"]:
+            if key == b"host":
+                host = value.decode("latin-1")
+        server = scope.get("server") or ("", 0)
+        # With API keys the catalog needs one too, and lists only the models it may use.
+        allows = None if self.keys is None else self._authorize(scope).allows
+        document = self.catalog.document(host, server[1] or 0, allows)
+        if as_json:
+            return await self._json(send, document)
+        page = self.catalog.page(document).encode()
+        await self._send(send, 200, page, b"text/html; charset=utf-8", [(b"cache-control", b"no-store")])
 
     @staticmethod
     def _expect(method: str, wanted: str, scope) -> None:

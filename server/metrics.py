@@ -32,6 +32,7 @@ from prometheus_client.utils import floatToGoString
 from convoy.batching.stats import Histogram, ModelStats
 from convoy.batching.usage import UsageMeter, UsageTotals
 
+from .payload_log import PayloadLog
 from .repository import ModelRepository, ModelVersion
 
 log = logging.getLogger("convoy.metrics")
@@ -204,6 +205,27 @@ def _cumulative(histogram: Histogram, scale: float) -> tuple[list[tuple[str, int
     return buckets, total
 
 
+class PayloadLogCollector(Collector):
+    """Lines the payload log wrote and dropped (its queue was full), per model."""
+
+    def __init__(self, payload_log: PayloadLog) -> None:
+        self.payload_log = payload_log
+
+    def collect(self) -> Iterator[Metric]:
+        written = CounterMetricFamily(
+            "convoy_payload_log_written", "Sampled requests written to the payload log", labels=["model"]
+        )
+        dropped = CounterMetricFamily(
+            "convoy_payload_log_dropped",
+            "Sampled requests not logged because the payload log's queue was full",
+            labels=["model"],
+        )
+        for family, counts in ((written, self.payload_log.written), (dropped, self.payload_log.dropped)):
+            for model, count in sorted(counts.copy().items()):
+                family.add_metric([model], count)
+        yield from (written, dropped)
+
+
 class HostCollector(Collector):
     """Triton's host gauges from /proc: CPU utilisation since the last scrape, memory."""
 
@@ -354,11 +376,18 @@ class UsageCollector(Collector):
 class Metrics:
     """The server's own registry: model, host, GPU and process collectors."""
 
-    def __init__(self, repository: ModelRepository, usage: UsageMeter | None = None) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        usage: UsageMeter | None = None,
+        payload_log: PayloadLog | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ModelCollector(repository))
         if usage is not None:
             self.registry.register(UsageCollector(usage))
+        if payload_log is not None:
+            self.registry.register(PayloadLogCollector(payload_log))
         self.registry.register(HostCollector())
         self._gpu = GpuCollector.open()
         if self._gpu is not None:

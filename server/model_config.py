@@ -132,7 +132,26 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         warmup=tuple(_warmup(w, i, fail) for i, w in enumerate(proto.model_warmup)),
         parameters={k: v.string_value for k, v in proto.parameters.items()},
         default_model_filename=proto.default_model_filename,
+        payload_log_sample_rate=_sample_rate(proto, fail),
     )
+
+
+def _sample_rate(proto: mc.ModelConfig, fail) -> float:
+    """The `payload_log_sample_rate` parameter: a fraction of requests, 0 (default) to 1."""
+    parameter = proto.parameters.get("payload_log_sample_rate")
+    value = parameter.string_value.strip() if parameter is not None else ""
+    if not value:
+        return 0.0
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:
+        raise fail(
+            "parameters.payload_log_sample_rate",
+            f"expected a fraction of requests between 0 and 1, got '{value}'",
+        )
+    return rate
 
 
 def _tensor_spec(tensor, field: str, fail, batching: bool) -> TensorSpec:

@@ -13,6 +13,7 @@ from convoy import __version__
 from convoy.errors import ConvoyError, ModelLoadFailed, ModelNotFound, Unavailable
 from convoy.types import Request
 
+from .payload_log import PayloadLog
 from .repository import ModelRepository, ModelVersion
 
 EXTENSIONS = [
@@ -34,9 +35,16 @@ def _duration(d) -> dict:
 
 
 class InferenceService:
-    def __init__(self, repository: ModelRepository, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        loop: asyncio.AbstractEventLoop,
+        payload_log: PayloadLog | None = None,
+    ) -> None:
         self.repository = repository
         self.loop = loop
+        #: Sampled payloads of opted-in models (--payload-log-dir), or None.
+        self.payload_log = payload_log
         #: False once shutdown starts: readiness goes false first, then new requests are refused.
         self.accepting = True
         #: Set during the last moments of shutdown: gRPC calls refused UNAVAILABLE then wait on
@@ -164,6 +172,9 @@ class InferenceService:
         except ConvoyError as exc:
             if not request.future.done():
                 request.future.set_exception(exc)
+        # Both front ends submit here, and every outcome (errors too) reaches the future.
+        if self.payload_log is not None:
+            self.payload_log.offer(entry, request)
 
     def submit_threadsafe(self, entry: ModelVersion, request: Request) -> None:
         """Hand a request built on another thread (gRPC) to the loop."""
