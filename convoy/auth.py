@@ -10,7 +10,9 @@ Only the SHA-256 of each key is stored: keys are high-entropy random strings
 of what was sent (a dict lookup that compares digests, never secrets; `hmac.compare_digest`
 confirms the match). `name` is the caller's identity, the only thing logs ever show. `models`
 holds names or shell-style globs ("*" for all); `manage` allows the management APIs (repository
-load/unload, log settings).
+load/unload, log settings). Optional `rate_limit` (inference requests per second) and `burst`
+(requests allowed at once; default the rate rounded up) give the key a quota: a token bucket
+per key name, kept across reloads; past it, requests get RESOURCE_EXHAUSTED / 429.
 
 Framework-free like the rest of the core: the front ends pass the raw `Authorization` value and
 turn the errors raised here into their statuses through `convoy.errors`.
@@ -25,14 +27,16 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convoy.errors import InvalidConfig, PermissionDenied, Unauthenticated
+from convoy.errors import InvalidConfig, Overloaded, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("convoy.auth")
 
@@ -63,12 +67,17 @@ class ApiKey:
     sha256: str
     models: tuple[str, ...]
     manage: bool = False
+    #: Quota: inference requests per second (0: none) and the burst allowed at once.
+    rate_limit: float = 0.0
+    burst: int = 0
     #: All of `models` as one regex: a scope check is a single match per request.
     scope: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         pattern = "|".join(fnmatch.translate(p) for p in self.models) or r"(?!)"
         object.__setattr__(self, "scope", re.compile(pattern))
+        if self.rate_limit and not self.burst:
+            object.__setattr__(self, "burst", max(1, math.ceil(self.rate_limit)))
 
     def allows(self, model: str) -> bool:
         return self.scope.match(model) is not None
@@ -83,7 +92,7 @@ class ApiKey:
             "sha256": self.sha256,
             "models": list(self.models),
             "manage": self.manage,
-        }
+        } | ({"rate_limit": self.rate_limit, "burst": self.burst} if self.rate_limit else {})
 
 
 def parse_keys(text: str, source: str) -> dict[str, ApiKey]:
@@ -116,12 +125,18 @@ def parse_keys(text: str, source: str) -> dict[str, ApiKey]:
         manage = entry.get("manage", False)
         if not isinstance(manage, bool):
             raise InvalidConfig(f"{where}: manage must be true or false")
+        rate_limit = entry.get("rate_limit", 0)
+        if isinstance(rate_limit, bool) or not isinstance(rate_limit, int | float) or rate_limit < 0:
+            raise InvalidConfig(f"{where}: rate_limit must be requests per second >= 0")
+        burst = entry.get("burst", 0)
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
+            raise InvalidConfig(f"{where}: burst must be a whole number of requests >= 0")
         if name in names:
             raise InvalidConfig(f"{where}: the name appears more than once")
         if sha256 in keys:
             raise InvalidConfig(f"{where}: the same key is listed twice")
         names.add(name)
-        keys[sha256] = ApiKey(name, sha256, tuple(models), manage)
+        keys[sha256] = ApiKey(name, sha256, tuple(models), manage, float(rate_limit), burst)
     return keys
 
 
@@ -162,6 +177,10 @@ class Keyring:
         self._keys = read_key_file(path)  # a broken file at start-up stops the server
         self._stamp = self._file_stamp()
         self._reload_requested = asyncio.Event()
+        #: Quota token buckets by key name: [tokens, last refill (monotonic s)]; kept on reload.
+        self._buckets: dict[str, list[float]] = {}
+        #: Requests refused by a key's quota, by key name (for the metrics).
+        self.quota_rejections: dict[str, int] = {}
         log.info("loaded %d API keys from %s", len(self._keys), path)
 
     def __len__(self) -> int:
@@ -202,6 +221,27 @@ class Keyring:
         if manage and not key.manage:
             raise PermissionDenied(f"API key '{key.name}' may not use the management APIs")
         return key
+
+    def admit(self, key: ApiKey) -> None:
+        """Take one inference request off the key's quota; Overloaded when it has none left."""
+        rate = key.rate_limit
+        if not rate:
+            return
+        now = time.monotonic()
+        bucket = self._buckets.get(key.name)
+        if bucket is None:
+            bucket = self._buckets[key.name] = [float(key.burst), now]
+        tokens = min(float(key.burst), bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            self.quota_rejections[key.name] = self.quota_rejections.get(key.name, 0) + 1
+            raise Overloaded(
+                f"API key '{key.name}' is over its quota of {rate:g} requests/s "
+                f"(burst {key.burst}); retry later",
+                retry_after=(1.0 - tokens) / rate,
+            )
+        bucket[0] = tokens - 1.0
 
     # --- reloading ---------------------------------------------------------------------------------
     def _file_stamp(self) -> tuple[int, int, int] | None:

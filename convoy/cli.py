@@ -316,6 +316,16 @@ def _keys_parser(sub) -> None:
     create.add_argument(
         "--manage", action="store_true", help="may load/unload models and change logging"
     )
+    create.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        metavar="RPS",
+        help="quota: inference requests per second (default: none)",
+    )
+    create.add_argument(
+        "--burst", type=int, default=0, help="quota: requests allowed at once (default: the rate)"
+    )
     listing = verbs.add_parser("list", help="names and scopes (never keys)")
     listing.add_argument("--file", type=Path, default=default, help=file_help)
     revoke = verbs.add_parser("revoke", help="remove a key by name")
@@ -333,7 +343,8 @@ def _keys(args) -> int:
         if args.verb == "list":
             for key in keys:
                 scope = ",".join(key.models) or "(no models)"
-                print(f"{key.name}\tmodels={scope}\tmanage={'yes' if key.manage else 'no'}")
+                quota = f"\trate_limit={key.rate_limit:g}/s burst={key.burst}" if key.rate_limit else ""
+                print(f"{key.name}\tmodels={scope}\tmanage={'yes' if key.manage else 'no'}{quota}")
             return 0
         if args.verb == "revoke":
             kept = [key for key in keys if key.name != args.name]
@@ -348,7 +359,9 @@ def _keys(args) -> int:
             return 1
         plaintext = auth.new_key()
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-        created = auth.ApiKey(args.name, auth.digest(plaintext), models, args.manage)
+        created = auth.ApiKey(
+            args.name, auth.digest(plaintext), models, args.manage, args.rate_limit, args.burst
+        )
         auth.write_key_file(args.file, [*keys, created])
     except ConvoyError as exc:
         print(f"convoy keys: {exc}", file=sys.stderr)

@@ -276,7 +276,7 @@ class ConvoyServer:
         """/metrics on its own thread, from this server's registry (read at scrape time), with
         the server's TLS settings and, when asked, behind an API key."""
         settings = self.settings
-        self.metrics = Metrics(self.repository, self.usage, self.payload_log)
+        self.metrics = Metrics(self.repository, self.usage, self.payload_log, self.keys)
         self._metrics_server, _thread = start_metrics_server(
             settings.host,
             settings.metrics_port,

@@ -304,8 +304,11 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         principal = None
         if self.keys is not None:
-            principal = (await self._authorize(context, request.model_name)).name
+            key = await self._authorize(context, request.model_name)
+            principal = key.name
         try:
+            if principal is not None:
+                self.keys.admit(key)
             return await self._infer(
                 request,
                 self._deadline(context),
@@ -333,6 +336,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if key is not None:
                     key.require(message.model_name)
+                    self.keys.admit(key)
                 response = await self._infer(message, deadline, traceparent, principal)
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:

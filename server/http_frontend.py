@@ -260,7 +260,10 @@ class HttpFrontend:
             raise ModelNotFound(f"no endpoint at {scope['path']}")
         principal = None
         if self.keys is not None and (action != "ready" or self.keys.protect_health):
-            principal = self._authorize(scope, model).name
+            key = self._authorize(scope, model)
+            principal = key.name
+            if action == "infer":
+                self.keys.admit(key)
         if action == "infer":
             self._expect(method, "POST", scope)
             return await self._infer(scope, receive, send, model, version, principal)

@@ -373,6 +373,23 @@ class UsageCollector(Collector):
             yield family
 
 
+class QuotaCollector(Collector):
+    """Requests refused by an API key's quota, per key name."""
+
+    def __init__(self, keys) -> None:
+        self.keys = keys
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "convoy_quota_rejections",
+            "Inference requests refused by their API key's quota",
+            labels=("key",),
+        )
+        for name, count in self.keys.quota_rejections.copy().items():
+            family.add_metric([name], count)
+        yield family
+
+
 class Metrics:
     """The server's own registry: model, host, GPU and process collectors."""
 
@@ -381,13 +398,17 @@ class Metrics:
         repository: ModelRepository,
         usage: UsageMeter | None = None,
         payload_log: PayloadLog | None = None,
+        keys=None,
     ) -> None:
+        """`keys`: the server's convoy.auth.Keyring, for the quota counters."""
         self.registry = CollectorRegistry()
         self.registry.register(ModelCollector(repository))
         if usage is not None:
             self.registry.register(UsageCollector(usage))
         if payload_log is not None:
             self.registry.register(PayloadLogCollector(payload_log))
+        if keys is not None:
+            self.registry.register(QuotaCollector(keys))
         self.registry.register(HostCollector())
         self._gpu = GpuCollector.open()
         if self._gpu is not None:
