@@ -47,6 +47,14 @@ def _serve_parser(sub) -> None:
         "replaced (0: no limit; the model parameter execution_timeout_ms overrides)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="front-end processes sharing the HTTP and gRPC ports in front of one engine process "
+        "that holds the models (default 1: a single process)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=float,
         default=30.0,
@@ -98,6 +106,8 @@ def _settings(args) -> ServerConfig:
     repository = args.model_repository or demo_repository()
     if not repository.is_dir():
         raise SystemExit(f"convoy: --model-repository {repository} is not a directory")
+    if args.workers < 1:
+        raise SystemExit(f"convoy: --workers must be at least 1, got {args.workers}")
     return ServerConfig(
         model_repository=repository,
         host=args.host,
@@ -116,11 +126,15 @@ def _settings(args) -> ServerConfig:
         access_log=args.access_log,
         trace_otlp_endpoint=args.trace_otlp_endpoint,
         trace_console=args.trace_console,
+        workers=args.workers,
     )
 
 
 async def _serve(settings: ServerConfig, log_control=None) -> None:
-    from convoy.server.app import ConvoyServer
+    if settings.workers > 1:
+        from convoy.server.engine import Engine as ConvoyServer
+    else:
+        from convoy.server.app import ConvoyServer
 
     async with ConvoyServer(settings, log_control) as server:
         loop = asyncio.get_running_loop()

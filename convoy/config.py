@@ -185,3 +185,6 @@ class ServerConfig:
     trace_otlp_endpoint: str = ""
     #: Print every request's spans to standard output as JSON lines.
     trace_console: bool = False
+    #: Front-end processes: 1 serves everything from this process; N > 1 starts N workers
+    #: sharing the ports in front of this process, which keeps the models (server/engine.py).
+    workers: int = 1

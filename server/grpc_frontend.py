@@ -184,17 +184,18 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelStatistics(self, request, context):
-        return await self._answer(
-            context,
-            lambda: json_format.ParseDict(
-                self.service.model_statistics(request.name, request.version),
-                pb.ModelStatisticsResponse(),
-            ),
-        )
+        try:
+            stats = await self.service.model_statistics(request.name, request.version)
+            return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+        except Exception as exc:
+            await self._abort(context, exc)
 
     # --- repository ----------------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
-        rows = self.service.repository_index(request.ready)
+        try:
+            rows = await self.service.repository_index(request.ready)
+        except Exception as exc:
+            await self._abort(context, exc)
         return pb.RepositoryIndexResponse(
             models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows]
         )
@@ -354,14 +355,16 @@ async def start_grpc_server(
     log_control: LogControl,
     interceptors=(),
     tracer: Tracer | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the server on the running loop; returns it and the port it bound (0 = any free)."""
+    """Start the server on the running loop; returns it and the port it bound (0 = any free).
+    `reuse_port`: share the port with the other --workers processes (SO_REUSEPORT)."""
     server = grpc.aio.server(
         interceptors=list(interceptors) or None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     frontend = GrpcFrontend(service, log_control, tracer)

@@ -160,7 +160,7 @@ class HttpFrontend:
         if head == "models":
             if rest[1:] == ["stats"]:
                 self._expect(method, "GET", scope)
-                return await self._json(send, service.model_statistics())
+                return await self._json(send, await service.model_statistics())
             if len(rest) >= 2:
                 return await self._model_route(scope, receive, send, rest[1], rest[2:])
         if head == "logging" and len(rest) == 1:
@@ -174,7 +174,7 @@ class HttpFrontend:
             if rest[1:] == ["index"]:
                 body = await self._read_body(receive)
                 ready_only = bool(self._parse_json(body).get("ready", False)) if body else False
-                return await self._json(send, service.repository_index(ready_only))
+                return await self._json(send, await service.repository_index(ready_only))
             if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
                 await self._read_body(receive)
                 if rest[3] == "load":
@@ -210,7 +210,7 @@ class HttpFrontend:
         if action == "config":
             return await self._json(send, proto_to_dict(service.model_config(model, version)))
         if action == "stats":
-            return await self._json(send, service.model_statistics(model, version))
+            return await self._json(send, await service.model_statistics(model, version))
         raise ModelNotFound(f"no endpoint at {scope['path']}")
 
     @staticmethod
