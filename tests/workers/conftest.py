@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from e2e.test_cancellation import GATE_CONFIG, GATE_MODEL
 from helpers import (
     ConvoyProcess,
     Protocol,
@@ -17,8 +18,7 @@ from helpers import (
     build_serving_repository,
     serve_until_stopped,
 )
-
-WORKERS = ("--workers", "2")
+from worker_metrics import WORKERS
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +48,23 @@ def http_client(server):
     client = httpclient.InferenceServerClient(server.http_url, concurrency=4)
     yield client
     client.close()
+
+
+@pytest.fixture
+def gate_server(tmp_path):
+    """test_cancellation's gate model (holds each batch until a file exists) behind two workers."""
+    model = tmp_path / "models" / "gate"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(GATE_CONFIG)
+    (model / "1" / "model.py").write_text(GATE_MODEL)
+    process = ConvoyProcess(tmp_path / "models", tmp_path / "server.log", WORKERS)
+    process.start("ready")
+    try:
+        yield process, model
+    finally:
+        (model / "open").touch()
+        code = process.stop()
+        assert code == 0, process.log()
 
 
 @pytest.fixture(params=["grpc", "http"])

@@ -14,27 +14,10 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from helpers import poll
-from prometheus_client.parser import text_string_to_metric_families
+from worker_metrics import per_worker_requests, scrape, worker_pids
 
 CLIENTS = 12
 REQUESTS_PER_CLIENT = 40
-
-
-def scrape(process) -> dict[tuple[str, frozenset], float]:
-    text = requests.get(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=10).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def per_worker_requests(process) -> dict[str, float]:
-    return {
-        dict(labels)["worker"]: value
-        for (name, labels), value in scrape(process).items()
-        if name == "convoy_worker_requests_total"
-    }
 
 
 def add_sub_successes(process) -> float:
@@ -175,14 +158,6 @@ def test_both_workers_take_connections(server):
         return all(now[w] > before[w] for w in ("0", "1"))
 
     poll(both_served, "both workers to serve a request", timeout=60)
-
-
-def worker_pids(process) -> dict[str, int]:
-    return {
-        dict(labels)["worker"]: int(dict(labels)["pid"])
-        for (name, labels), value in scrape(process).items()
-        if name == "convoy_worker_up" and value == 1
-    }
 
 
 def test_each_worker_is_its_own_process(server):
