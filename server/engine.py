@@ -325,7 +325,7 @@ class Engine:
             worker.requests += 1
         try:
             entry = self.repository.get(model, str(version))
-        except ConvoyError as exc:
+        except Exception as exc:  # unloaded since the worker's catalog, or not ready any more
             self._send(identity, [ipc.ERROR, ipc.error_header(call_id, exc)])
             return
         self._in_flight[identity, call_id] = (entry, request)
