@@ -287,28 +287,28 @@ class Engine:
     # --- messages from workers ---------------------------------------------------------------------
     def _on_message(self, frames) -> None:
         identity = frames[0].bytes
-        kind = frames[1].bytes
+        kind, header, frames = ipc.parse(frames[1:])
         if kind == ipc.INFER:
-            self._infer(identity, frames[2:])
+            self._infer(identity, header, frames)
         elif kind == ipc.CANCEL:
-            found = self._in_flight.get((identity, ipc.unpack(frames[2])))
+            found = self._in_flight.get((identity, header))
             if found is not None and found[0].scheduler is not None:
                 found[0].scheduler.cancel(found[1])
         elif kind == ipc.CALL:
-            self._own(self._call(identity, *ipc.unpack(frames[2])))
+            self._own(self._call(identity, *header))
         elif kind == ipc.ACK:
             worker = self._worker(identity)
             if worker is not None:
-                worker.acked = max(worker.acked, ipc.unpack(frames[2]))
+                worker.acked = max(worker.acked, header)
         elif kind == ipc.UP:
             worker = self._worker(identity)
             if worker is not None:
                 worker.serving = True
                 log.info("worker %d (pid %d) serving", worker.index, worker.pid)
         elif kind == ipc.HELLO:
-            self._hello(identity, *ipc.unpack(frames[2]))
+            self._hello(identity, *header)
         elif kind == ipc.LOG:
-            self._log_settings(identity, frames[2])
+            self._log_settings(identity, header)
 
     def _hello(self, identity: bytes, index: int, pid: int) -> None:
         if not 0 <= index < len(self.workers) or self.workers[index].pid != pid:
@@ -317,16 +317,16 @@ class Engine:
         self.workers[index].identity = identity
         self._send(identity, self._catalog_message())
 
-    def _infer(self, identity: bytes, frames) -> None:
+    def _infer(self, identity: bytes, header, frames) -> None:
         future = self._loop.create_future()
-        call_id, model, version, request = ipc.decode_infer(frames, future)
+        call_id, model, version, request = ipc.decode_infer(header, frames, future)
         worker = self._worker(identity)
         if worker is not None:
             worker.requests += 1
         try:
             entry = self.repository.get(model, str(version))
         except Exception as exc:  # unloaded since the worker's catalog, or not ready any more
-            self._send(identity, [ipc.ERROR, ipc.error_header(call_id, exc)])
+            self._send(identity, ipc.encode_error(call_id, exc))
             return
         self._in_flight[identity, call_id] = (entry, request)
         future.add_done_callback(partial(self._answer, identity, call_id, entry, request))
@@ -349,7 +349,7 @@ class Engine:
         if error is not None:
             if not isinstance(error, ConvoyError):
                 log.error("request to model '%s' failed", entry.config.name, exc_info=error)
-            frames = [ipc.ERROR, ipc.error_header(call_id, error)]
+            frames = ipc.encode_error(call_id, error)
         self._send(identity, frames)
 
     async def _call(self, identity: bytes, call_id: int, method: str, args: tuple) -> None:
@@ -362,15 +362,14 @@ class Engine:
                 if method in ("load_model", "unload_model"):
                     # Every worker sees the new models before the caller hears it is done.
                     await self._publish(wait=True)
-            frames = [ipc.REPLY, ipc.pack((call_id, result))]
+            frames = ipc.message(ipc.REPLY, (call_id, result))
         except Exception as exc:
             if not isinstance(exc, ConvoyError):
                 log.exception("engine call %s failed", method)
-            frames = [ipc.ERROR, ipc.error_header(call_id, exc)]
+            frames = ipc.encode_error(call_id, exc)
         self._send(identity, frames)
 
-    def _log_settings(self, sender: bytes, frame) -> None:
-        changes = ipc.unpack(frame)
+    def _log_settings(self, sender: bytes, changes: dict) -> None:
         try:
             self.log_control.update(changes)  # the sender validated them already
         except ConvoyError as exc:
@@ -378,7 +377,7 @@ class Engine:
             return
         for worker in self.workers:
             if worker.identity and worker.identity != sender:
-                self._send(worker.identity, [ipc.LOG, ipc.pack(changes)])
+                self._send(worker.identity, ipc.message(ipc.LOG, changes))
 
     # --- the catalog: models as the workers' front ends see them ------------------------------------
     def _catalog_fingerprint(self):
@@ -406,7 +405,7 @@ class Engine:
             ]
             catalog.append((name, model.state, model.reason, model.config, proto, versions))
         ports = (self.http_port, self.grpc_port)
-        return [ipc.CATALOG, ipc.pack((self._sequence, catalog, self.settings, ports))]
+        return ipc.message(ipc.CATALOG, (self._sequence, catalog, self.settings, ports))
 
     async def _publish(self, wait: bool) -> None:
         self._sequence += 1

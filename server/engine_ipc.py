@@ -1,9 +1,10 @@
-"""The wire between --workers front-end processes and the engine process (ZeroMQ multipart).
+"""The wire between --workers front-end processes and the engine process (ZeroMQ).
 
-Every message is `[kind, header, *tensor frames]`: `kind` one byte, `header` a pickled tuple,
-then one frame per tensor holding its bytes as they are in memory, sent and received without a
-copy (numpy views of the zmq frames). Both ends are Convoy processes of one user on a socket in a
-private (0700) directory, so pickle carries the small headers; tensor data never goes through it.
+A message is one frame, `kind` (one byte) followed by a pickled header, plus one more frame per
+large tensor. Tensors under ZERO_COPY_BYTES ride inside the header (a copy of a few hundred bytes
+costs less than a frame: every frame is a zmq call); larger ones go as their own frames, sent
+from and received into memory without a copy (numpy views of the zmq frames). Both ends are
+Convoy processes of one user on a socket in a private (0700) directory, so pickle is safe here.
 
 Worker -> engine:  HELLO, UP (serving), INFER, CANCEL, CALL (control plane), ACK (a catalog), LOG.
 Engine -> worker:  CATALOG (models as the front ends see them), RESULT, ERROR, REPLY, LOG.
@@ -38,47 +39,62 @@ ERROR = b"E"
 REPLY = b"A"
 
 _OBJECT = "|O"
+#: Tensors at least this large travel as frames of their own, without a copy.
+ZERO_COPY_BYTES = 64 * 1024
 
 
-def pack(value) -> bytes:
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+def message(kind: bytes, header, frames=()) -> list:
+    """The frames of one message: kind + pickled header, then any tensor frames."""
+    return [kind + pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL), *frames]
 
 
-def unpack(frame) -> object:
-    return pickle.loads(frame.buffer if hasattr(frame, "buffer") else frame)
+def parse(frames) -> tuple[bytes, object, list]:
+    """(kind, header, tensor frames) of a received message (zmq Frames or bytes)."""
+    first = frames[0]
+    buffer = first.buffer if hasattr(first, "buffer") else memoryview(first)
+    return bytes(buffer[:1]), pickle.loads(buffer[1:]), frames[1:]
 
 
-def _tensor_frames(arrays: dict[str, np.ndarray]) -> tuple[list, list]:
-    """(descriptions, frames): each array's (name, dtype, shape) and its bytes (no copy when
-    contiguous; BYTES elements are length-prefixed as on the protocol wire)."""
+def _pack_tensors(arrays: dict[str, np.ndarray]) -> tuple[list, list]:
+    """(descriptions, frames): each array as (name, dtype, shape, inline bytes or None), the
+    large ones' memory as frames (BYTES elements length-prefixed as on the protocol wire)."""
     described = []
     frames = []
     for name, array in arrays.items():
         if array.dtype.kind == "O":
-            described.append((name, _OBJECT, array.shape))
-            frames.append(serialize_bytes(array))
+            dtype, data = _OBJECT, serialize_bytes(array)
+            size = len(data)
         else:
             array = np.ascontiguousarray(array)
-            described.append((name, array.dtype.str, array.shape))
-            frames.append(array.data if array.size else b"")
+            dtype, data, size = array.dtype.str, array, array.nbytes
+        if size >= ZERO_COPY_BYTES:
+            described.append((name, dtype, array.shape, None))
+            frames.append(data.data if isinstance(data, np.ndarray) else data)
+        else:
+            inline = data.tobytes() if isinstance(data, np.ndarray) else data
+            described.append((name, dtype, array.shape, inline))
     return described, frames
 
 
-def _tensors(described, frames) -> dict[str, np.ndarray]:
-    """Arrays viewing the received frames (read-only, as the protocol front ends give them)."""
+def _unpack_tensors(described, frames) -> dict[str, np.ndarray]:
+    """Arrays viewing the header's bytes or the received frames (read-only, as the protocol
+    front ends give them)."""
     arrays = {}
-    for (name, dtype, shape), frame in zip(described, frames, strict=True):
-        buffer = frame.buffer if hasattr(frame, "buffer") else frame
+    large = iter(frames)
+    for name, dtype, shape, inline in described:
+        if inline is None:
+            frame = next(large)
+            inline = frame.buffer if hasattr(frame, "buffer") else frame
         if dtype == _OBJECT:
-            arrays[name] = deserialize_bytes(buffer, element_count(shape), name).reshape(shape)
+            arrays[name] = deserialize_bytes(inline, element_count(shape), name).reshape(shape)
         else:
-            arrays[name] = np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
+            arrays[name] = np.frombuffer(inline, dtype=np.dtype(dtype)).reshape(shape)
     return arrays
 
 
 # --- requests (worker -> engine) -------------------------------------------------------------------
 def encode_infer(call_id: int, model: str, version: int, request: Request) -> list:
-    described, frames = _tensor_frames(request.inputs)
+    described, frames = _pack_tensors(request.inputs)
     header = (
         call_id,
         model,
@@ -94,16 +110,16 @@ def encode_infer(call_id: int, model: str, version: int, request: Request) -> li
         request.received_ns,
         described,
     )
-    return [INFER, pack(header), *frames]
+    return message(INFER, header, frames)
 
 
-def decode_infer(frames, future) -> tuple[int, str, int, Request]:
-    """(call id, model, version, Request) from an INFER message's frames after the kind."""
+def decode_infer(header, frames, future) -> tuple[int, str, int, Request]:
+    """(call id, model, version, Request) from an INFER message."""
     (call_id, model, version, request_id, requested, rows, priority, timeout_us, deadline,
-     parameters, received_ns, described) = unpack(frames[0])  # fmt: skip
+     parameters, received_ns, described) = header  # fmt: skip
     request = Request(
         id=request_id,
-        inputs=_tensors(described, frames[1:]),
+        inputs=_unpack_tensors(described, frames),
         requested_outputs=requested,
         rows=rows,
         future=future,
@@ -118,27 +134,27 @@ def decode_infer(frames, future) -> tuple[int, str, int, Request]:
 
 # --- outcomes (engine -> worker) -------------------------------------------------------------------
 def encode_result(call_id: int, response: Response, outputs: dict[str, np.ndarray]) -> list:
-    described, frames = _tensor_frames(outputs)
+    described, frames = _pack_tensors(outputs)
     timings = tuple(response.timings) if response.timings is not None else None
     header = (call_id, response.model_name, response.model_version, timings, described)
-    return [RESULT, pack(header), *frames]
+    return message(RESULT, header, frames)
 
 
-def decode_result(frames) -> tuple[int, Response]:
-    call_id, model, version, timings, described = unpack(frames[0])
-    outputs = _tensors(described, frames[1:])
+def decode_result(header, frames) -> tuple[int, Response]:
+    call_id, model, version, timings, described = header
+    outputs = _unpack_tensors(described, frames)
     stage_times = StageTimes(*timings) if timings is not None else None
     return call_id, Response(outputs, model, version, stage_times)
 
 
-def error_header(call_id: int, exc: BaseException) -> bytes:
+def encode_error(call_id: int, exc: BaseException) -> list:
     """(call id, error class name, message): a ConvoyError keeps its class (hence its status);
     anything else was logged by the engine and travels as INTERNAL without details."""
     if isinstance(exc, ConvoyError):
         for cls in type(exc).__mro__:
             if getattr(errors, cls.__name__, None) is cls:
-                return pack((call_id, cls.__name__, str(exc)))
-    return pack((call_id, "", errors.INTERNAL_MESSAGE))
+                return message(ERROR, (call_id, cls.__name__, str(exc)))
+    return message(ERROR, (call_id, "", errors.INTERNAL_MESSAGE))
 
 
 def rebuild_error(name: str, message: str) -> BaseException:

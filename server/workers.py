@@ -115,7 +115,7 @@ class ForwardingLogControl:
 
     def update(self, changes: dict[str, object]) -> dict[str, object]:
         current = self._local.update(changes)  # validates: a bad change raises before it spreads
-        self._client.send([ipc.LOG, ipc.pack(changes)])
+        self._client.send(ipc.message(ipc.LOG, changes))
         return current
 
     def follow_format(self, handler: logging.Handler) -> None:
@@ -147,7 +147,7 @@ class EngineClient:
 
     async def hello(self, index: int) -> None:
         """Register with the engine and wait for the first catalog (settings, ports, models)."""
-        self.send([ipc.HELLO, ipc.pack((index, os.getpid()))])
+        self.send(ipc.message(ipc.HELLO, (index, os.getpid())))
         await self._first_catalog
 
     def send(self, frames: list) -> None:
@@ -167,7 +167,7 @@ class EngineClient:
         call_id = self._call_of.get(request)
         if call_id is not None:
             with contextlib.suppress(Overloaded):
-                self.send([ipc.CANCEL, ipc.pack(call_id)])
+                self.send(ipc.message(ipc.CANCEL, call_id))
 
     def _finish(self, call_id: int) -> Request | None:
         request = self.in_flight.pop(call_id, None)
@@ -192,21 +192,21 @@ class EngineClient:
         future = self.loop.create_future()
         self._calls[call_id] = future
         try:
-            self.send([ipc.CALL, ipc.pack((call_id, method, args))])
+            self.send(ipc.message(ipc.CALL, (call_id, method, args)))
             return await future
         finally:
             self._calls.pop(call_id, None)
 
     # --- messages from the engine ---------------------------------------------------------------
     def _on_message(self, frames) -> None:
-        kind = frames[0].bytes
+        kind, header, frames = ipc.parse(frames)
         if kind == ipc.RESULT:
-            call_id, response = ipc.decode_result(frames[1:])
+            call_id, response = ipc.decode_result(header, frames)
             request = self._finish(call_id)
             if request is not None and not request.future.done():
                 request.future.set_result(response)
         elif kind == ipc.ERROR:
-            call_id, name, message = ipc.unpack(frames[1])
+            call_id, name, message = header
             error = ipc.rebuild_error(name, message)
             request = self._finish(call_id)
             if request is not None:
@@ -217,21 +217,21 @@ class EngineClient:
                 if future is not None and not future.done():
                     future.set_exception(error)
         elif kind == ipc.REPLY:
-            call_id, value = ipc.unpack(frames[1])
+            call_id, value = header
             future = self._calls.get(call_id)
             if future is not None and not future.done():
                 future.set_result(value)
         elif kind == ipc.CATALOG:
-            self._on_catalog(*ipc.unpack(frames[1]))
+            self._on_catalog(*header)
         elif kind == ipc.LOG and self.log_control is not None:
-            self.log_control.update(ipc.unpack(frames[1]))
+            self.log_control.update(header)
 
     def _on_catalog(self, sequence: int, catalog: list, settings, ports) -> None:
         self.repository.apply(self, catalog)
         if not self._first_catalog.done():
             self.settings, self.ports = settings, ports
             self._first_catalog.set_result(None)
-        self.send([ipc.ACK, ipc.pack(sequence)])
+        self.send(ipc.message(ipc.ACK, sequence))
 
     def close(self) -> None:
         self._channel.close()
@@ -284,7 +284,7 @@ async def serve(address: str, index: int, engine_pid: int) -> int:
     )
     try:
         await front_ends.start(*client.ports)
-        client.send([ipc.UP, b""])
+        client.send(ipc.message(ipc.UP, None))
         await stopped.wait()
         service.accepting = False
         deadline = time.monotonic() + settings.shutdown_grace

@@ -255,3 +255,24 @@ def test_many_requests_in_flight_on_one_worker_connection_pool(server):
     finally:
         client.close()
     assert not problems, problems[:10]
+
+
+@pytest.mark.parametrize(("model", "datatype"), [("identity_fp32", "FP32"), ("identity_bytes", "BYTES")])
+def test_large_tensors_cross_the_engine_intact(protocol, model, datatype):
+    """Tensors of ~100 KiB and more travel to the engine and back as frames of their own."""
+    rng = np.random.default_rng(7)
+    if datatype == "BYTES":
+        array = np.array(
+            [rng.bytes(int(n)) for n in rng.integers(0, 64, 8 * 4000)], dtype=object
+        ).reshape(8, 4000)
+    else:
+        array = rng.standard_normal((8, 20_000)).astype(np.float32)
+    result = protocol.client.infer(
+        model, [protocol.input("INPUT0", array, datatype)], outputs=[protocol.output("OUTPUT0")]
+    )
+    out = result.as_numpy("OUTPUT0")
+    assert out.shape == array.shape
+    if datatype == "BYTES":
+        assert [bytes(v) for v in out.reshape(-1)] == list(array.reshape(-1))
+    else:
+        assert out.tobytes() == array.tobytes()
