@@ -87,6 +87,7 @@ class InferenceService:
         return model.config_proto
 
     async def model_statistics(self, name: str = "", version: str = "") -> dict:
+        # Async (like repository_index): a --workers front end asks the engine for them.
         if name:
             model = self.repository.model(name)
             models = [model]
