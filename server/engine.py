@@ -130,6 +130,7 @@ class Engine:
         self._channel: ipc.Channel | None = None
         #: (worker identity, call id) -> the engine-side request, for cancels and dead workers.
         self._in_flight: dict[tuple[bytes, int], tuple[ModelVersion, Request]] = {}
+        self._by_identity: dict[bytes, WorkerProcess] = {}
         self._tasks: set[asyncio.Task] = set()
         self._sequence = 0
         self._fingerprint = None
@@ -255,6 +256,7 @@ class Engine:
         code = await process.wait()
         worker.serving = False
         self._forget(worker.identity)
+        self._by_identity.pop(worker.identity, None)
         worker.identity = b""
         if self._stopping:
             return
@@ -273,10 +275,7 @@ class Engine:
                 entry.scheduler.cancel(request)
 
     def _worker(self, identity: bytes) -> WorkerProcess | None:
-        for worker in self.workers:
-            if worker.identity == identity:
-                return worker
-        return None
+        return self._by_identity.get(identity)
 
     def _send(self, identity: bytes, frames: list) -> None:
         try:
@@ -315,6 +314,7 @@ class Engine:
             log.warning("ignoring a hello from an unknown worker (index %s, pid %s)", index, pid)
             return
         self.workers[index].identity = identity
+        self._by_identity[identity] = self.workers[index]
         self._send(identity, self._catalog_message())
 
     def _infer(self, identity: bytes, header, frames) -> None:
