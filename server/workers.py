@@ -15,6 +15,7 @@ import ctypes
 import itertools
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -301,6 +302,8 @@ async def serve(address: str, index: int, engine_pid: int) -> int:
         client.close()
     if engine_gone:
         log.error("worker %d: the engine process is gone; exiting", index)
+        # The engine could not remove its socket's private directory: the last one out does.
+        shutil.rmtree(os.path.dirname(address.removeprefix("ipc://")), ignore_errors=True)
         return 1
     return 0
 
