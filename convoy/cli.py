@@ -60,6 +60,14 @@ def _serve_parser(sub) -> None:
         "instance that is restarted if it crashes (a model's 'isolation' parameter overrides)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="front-end processes sharing the HTTP and gRPC ports in front of one engine process "
+        "that holds the models (default 1: a single process)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=float,
         default=30.0,
@@ -264,6 +272,8 @@ def _settings(args) -> ServerConfig:
     for flag in ("auth_health", "auth_metrics"):
         if getattr(args, flag) == "protected" and args.api_keys is None:
             raise SystemExit(f"convoy: --{flag.replace('_', '-')} protected needs --api-keys")
+    if args.workers < 1:
+        raise SystemExit(f"convoy: --workers must be at least 1, got {args.workers}")
     return ServerConfig(
         model_repository=repository,
         host=args.host,
@@ -297,6 +307,7 @@ def _settings(args) -> ServerConfig:
         payload_log_max_elements=args.payload_log_max_elements,
         payload_log_queue_size=args.payload_log_queue_size,
         capacity_reports=tuple(args.capacity_report),
+        workers=args.workers,
     )
 
 
@@ -378,7 +389,10 @@ def _keys(args) -> int:
 
 
 async def _serve(settings: ServerConfig, log_control=None) -> None:
-    from convoy.server.app import ConvoyServer
+    if settings.workers > 1:
+        from convoy.server.engine import Engine as ConvoyServer
+    else:
+        from convoy.server.app import ConvoyServer
 
     async with ConvoyServer(settings, log_control) as server:
         loop = asyncio.get_running_loop()

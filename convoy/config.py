@@ -215,3 +215,6 @@ class ServerConfig:
     payload_log_queue_size: int = 1024
     #: `convoy capacity` reports (capacity.json files or their folders) shown on /catalog.
     capacity_reports: tuple[Path, ...] = ()
+    #: Front-end processes: 1 serves everything from this process; N > 1 starts N workers
+    #: sharing the ports in front of this process, which keeps the models (server/engine.py).
+    workers: int = 1

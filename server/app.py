@@ -71,10 +71,13 @@ def _drop_new_connections(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        # --workers: every worker listens on the same port and the kernel spreads connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
@@ -112,120 +115,106 @@ def _server_tls_context(settings: ServerConfig) -> ssl.SSLContext:
     return context
 
 
-class ConvoyServer:
-    def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
-        """`log_control`: what the LogSettings API changes (the CLI's, from configure_logging);
-        without one, only the root logger's level follows the settings."""
+class FrontEnds:
+    """The gRPC and HTTP front ends over one InferenceService, with the access log and tracer
+    they feed: what a single-process server and each --workers front-end process both run."""
+
+    def __init__(
+        self,
+        service: InferenceService,
+        settings: ServerConfig,
+        log_control: LogControl,
+        reuse_port: bool = False,
+        keys: Keyring | None = None,
+        catalog: bool = True,
+    ) -> None:
+        """`keys`: API keys (None: open). `catalog`: serve /catalog (needs the models' statistics
+        in this process, so not in --workers front ends)."""
+        self.service = service
         self.settings = settings
-        self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
-        #: Showback: per-principal usage, metered when callers are identified (API keys) or a
-        #: usage ledger is asked for.
-        metered = settings.usage_ledger is not None or settings.api_keys_file is not None
-        self.usage = UsageMeter() if metered else None
-        self._ledger: UsageLedger | None = None
-        self.repository = ModelRepository(settings, self.usage)
-        self.service: InferenceService | None = None
+        self.log_control = log_control
+        self.reuse_port = reuse_port
+        self.keys = keys
+        self.catalog = catalog
         self.http_port = 0
         self.grpc_port = 0
-        self.metrics_port = 0
         self._grpc = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
         self._http_socket: socket.socket | None = None
-        self.metrics: Metrics | None = None
-        self._metrics_server = None
         self._access_log: AccessLog | None = None
         self.tracer: Tracer | None = None
-        #: API keys (None: everything open), reread on `reload_keys` and when the file changes.
-        self.keys: Keyring | None = None
-        self._keys_watch: asyncio.Task | None = None
-        self.payload_log: PayloadLog | None = None
-        self._stopped = asyncio.Event()
 
-    async def __aenter__(self) -> ConvoyServer:
+    async def start(self, http_port: int, grpc_port: int) -> None:
         settings = self.settings
-        loop = asyncio.get_running_loop()
-        if settings.payload_log_dir is not None:
-            self.payload_log = PayloadLog(
-                settings.payload_log_dir,
-                settings.payload_log_max_bytes,
-                settings.payload_log_backups,
-                settings.payload_log_max_elements,
-                settings.payload_log_queue_size,
-            )
-            self.payload_log.start()
-        if settings.api_keys_file is not None:  # a broken key file stops start-up, before models load
-            self.keys = Keyring(
-                settings.api_keys_file, settings.protect_health, settings.protect_metrics
-            )
-        await self.repository.__aenter__()
-        if settings.usage_ledger is not None and self.usage is not None:
-            self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
-            self._ledger.start()
-        self.service = InferenceService(self.repository, loop, self.payload_log)
-        try:
-            if self.keys is not None:
-                self._keys_watch = loop.create_task(self.keys.watch(), name="convoy-keys-watch")
-            if settings.trace_otlp_endpoint or settings.trace_console:
-                self.tracer = Tracer(settings.trace_otlp_endpoint, settings.trace_console)
-            interceptors = []
-            if settings.access_log:
-                self._access_log = AccessLog(settings.access_log, settings.log_format)
-                self.log_control.follow_format(self._access_log.handler)
-                self._access_log.start()
-                interceptors.append(AccessLogInterceptor(self._access_log, self.keys))
-            self._grpc, self.grpc_port = await start_grpc_server(
-                self.service,
-                settings.host,
-                settings.grpc_port,
-                settings.grpc_max_message_bytes,
-                self.log_control,
-                interceptors,
-                self.tracer,
-                self.keys,
-                _grpc_credentials(settings) if settings.tls_cert is not None else None,
-            )
-            sock = self._http_socket = _bind(settings.host, settings.http_port)
-            self.http_port = sock.getsockname()[1]
+        if settings.trace_otlp_endpoint or settings.trace_console:
+            self.tracer = Tracer(settings.trace_otlp_endpoint, settings.trace_console)
+        interceptors = []
+        if settings.access_log:
+            self._access_log = AccessLog(settings.access_log, settings.log_format)
+            self.log_control.follow_format(self._access_log.handler)
+            self._access_log.start()
+            interceptors.append(AccessLogInterceptor(self._access_log, self.keys))
+        self._grpc, self.grpc_port = await start_grpc_server(
+            self.service,
+            settings.host,
+            grpc_port,
+            settings.grpc_max_message_bytes,
+            self.log_control,
+            interceptors,
+            self.tracer,
+            self.keys,
+            _grpc_credentials(settings) if settings.tls_cert is not None else None,
+            reuse_port=self.reuse_port,
+        )
+        sock = self._http_socket = _bind(settings.host, http_port, self.reuse_port)
+        self.http_port = sock.getsockname()[1]
+        catalog = None
+        if self.catalog:
             catalog = Catalog(
                 self.service,
                 self.grpc_port,
                 settings.capacity_reports,
                 keys_required=self.keys is not None,
             )
-            app = HttpFrontend(
-                self.service,
-                settings.http_max_body_bytes,
-                self.log_control,
-                self.tracer,
-                self.keys,
-                catalog,
-            )
-            if self._access_log is not None:
-                app = AccessLogMiddleware(app, self._access_log)
-            config = uvicorn.Config(
-                app,
-                lifespan="off",
-                access_log=False,
-                log_level="warning",
-                http="httptools",
-                timeout_keep_alive=30,
-                backlog=2048,
-                **_uvicorn_tls(settings),
-            )
-            self._http = _Uvicorn(config)
-            self._http_task = loop.create_task(self._http.serve(sockets=[sock]))
-            while not self._http.started:
-                if self._http_task.done():
-                    self._http_task.result()
-                    raise OSError("HTTP server stopped during start-up")
-                await asyncio.sleep(0.01)
-            if settings.metrics_port >= 0:
-                self._start_metrics()
-        except BaseException:
-            await self._shutdown(grace=0)
-            raise
-        return self
+        app = HttpFrontend(
+            self.service,
+            settings.http_max_body_bytes,
+            self.log_control,
+            self.tracer,
+            self.keys,
+            catalog,
+        )
+        if self._access_log is not None:
+            app = AccessLogMiddleware(app, self._access_log)
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            http="httptools",
+            timeout_keep_alive=30,
+            backlog=2048,
+            **_uvicorn_tls(settings),
+        )
+        self._http = _Uvicorn(config)
+        self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise OSError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    async def stop(self, deadline: float) -> None:
+        """Stop accepting without cutting off requests already sent; calls in flight get until
+        `deadline` (monotonic) to finish."""
+        if self._grpc is not None:
+            await self._stop_grpc(max(deadline - time.monotonic(), 0.5))
+        if self._http is not None and self._http_task is not None:
+            await self._close_http_listener()
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, timeout=max(deadline - time.monotonic(), 1))
 
     async def _stop_grpc(self, grace: float) -> None:
         """Stop gRPC without cancelling calls that just arrived.
@@ -272,17 +261,78 @@ class ConvoyServer:
             server.close()
         await asyncio.sleep(_LATE_REQUEST_S)
 
-    def _start_metrics(self) -> None:
-        """/metrics on its own thread, from this server's registry (read at scrape time), with
-        the server's TLS settings and, when asked, behind an API key."""
+    def close(self) -> None:
+        if self._access_log is not None:
+            self._access_log.close()
+        if self.tracer is not None:
+            self.tracer.close()
+
+
+class ConvoyServer:
+    def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
+        """`log_control`: what the LogSettings API changes (the CLI's, from configure_logging);
+        without one, only the root logger's level follows the settings."""
+        self.settings = settings
+        self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
+        #: Showback: per-principal usage, metered when callers are identified (API keys) or a
+        #: usage ledger is asked for.
+        metered = settings.usage_ledger is not None or settings.api_keys_file is not None
+        self.usage = UsageMeter() if metered else None
+        self._ledger: UsageLedger | None = None
+        self.repository = ModelRepository(settings, self.usage)
+        self.service: InferenceService | None = None
+        self.front_ends: FrontEnds | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self.metrics: Metrics | None = None
+        self._metrics_server = None
+        #: API keys (None: everything open), reread on `reload_keys` and when the file changes.
+        self.keys: Keyring | None = None
+        self._keys_watch: asyncio.Task | None = None
+        self.payload_log: PayloadLog | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def tracer(self) -> Tracer | None:
+        return None if self.front_ends is None else self.front_ends.tracer
+
+    async def __aenter__(self) -> ConvoyServer:
         settings = self.settings
-        self.metrics = Metrics(self.repository, self.usage, self.payload_log, self.keys)
-        self._metrics_server, _thread = start_metrics_server(
-            settings.host,
-            settings.metrics_port,
-            self.metrics.registry,
-            _server_tls_context(settings) if settings.tls_cert is not None else None,
-            self.keys if self.keys is not None and self.keys.protect_metrics else None,
+        loop = asyncio.get_running_loop()
+        if settings.payload_log_dir is not None:
+            self.payload_log = PayloadLog(
+                settings.payload_log_dir,
+                settings.payload_log_max_bytes,
+                settings.payload_log_backups,
+                settings.payload_log_max_elements,
+                settings.payload_log_queue_size,
+            )
+            self.payload_log.start()
+        self.keys = load_keys(settings)  # a broken key file stops start-up, before models load
+        await self.repository.__aenter__()
+        if settings.usage_ledger is not None and self.usage is not None:
+            self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
+            self._ledger.start()
+        self.service = InferenceService(self.repository, loop, self.payload_log)
+        try:
+            if self.keys is not None:
+                self._keys_watch = loop.create_task(self.keys.watch(), name="convoy-keys-watch")
+            self.front_ends = FrontEnds(self.service, settings, self.log_control, keys=self.keys)
+            await self.front_ends.start(settings.http_port, settings.grpc_port)
+            self.http_port = self.front_ends.http_port
+            self.grpc_port = self.front_ends.grpc_port
+            if settings.metrics_port >= 0:
+                self._start_metrics()
+        except BaseException:
+            await self._shutdown(grace=0)
+            raise
+        return self
+
+    def _start_metrics(self) -> None:
+        """/metrics on its own thread, from this server's registry (read at scrape time)."""
+        self.metrics, self._metrics_server = start_metrics(
+            self.repository, self.settings, self.usage, self.payload_log, self.keys
         )
         self.metrics_port = self._metrics_server.server_port
 
@@ -307,24 +357,10 @@ class ConvoyServer:
             # Readiness goes false and new requests get UNAVAILABLE; in-flight work continues.
             self.service.accepting = False
         deadline = started + grace
-        while time.monotonic() < deadline and any(
-            entry.scheduler is not None and entry.scheduler.in_flight
-            for model in self.repository.models.values()
-            for entry in model.versions.values()
-        ):
-            await asyncio.sleep(0.01)
-        if self._grpc is not None:
-            await self._stop_grpc(max(deadline - time.monotonic(), 0.5))
-        if self._http is not None and self._http_task is not None:
-            await self._close_http_listener()
-            self._http.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._http_task, timeout=max(deadline - time.monotonic(), 1))
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-        if self.metrics is not None:
-            self.metrics.close()
+        await drain_schedulers(self.repository, deadline)
+        if self.front_ends is not None:
+            await self.front_ends.stop(deadline)
+        stop_metrics(self.metrics, self._metrics_server)
         if self._keys_watch is not None:
             self._keys_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -335,8 +371,51 @@ class ConvoyServer:
         if self.payload_log is not None:
             await asyncio.sleep(0)  # outcome callbacks scheduled by the last answers run first
             self.payload_log.close()
-        if self._access_log is not None:
-            self._access_log.close()
-        if self.tracer is not None:
-            self.tracer.close()
+        if self.front_ends is not None:
+            self.front_ends.close()
         log.info("server stopped after %.2f s", time.monotonic() - started)
+
+
+def load_keys(settings: ServerConfig) -> Keyring | None:
+    """The API keys of --api-keys, or None (everything open)."""
+    if settings.api_keys_file is None:
+        return None
+    return Keyring(settings.api_keys_file, settings.protect_health, settings.protect_metrics)
+
+
+def start_metrics(
+    repository: ModelRepository,
+    settings: ServerConfig,
+    usage: UsageMeter | None = None,
+    payload_log: PayloadLog | None = None,
+    keys: Keyring | None = None,
+):
+    """The Prometheus endpoint on its own thread, with the server's TLS settings and, when
+    asked, behind an API key: (Metrics, its HTTP server)."""
+    metrics = Metrics(repository, usage, payload_log, keys)
+    server, _thread = start_metrics_server(
+        settings.host,
+        settings.metrics_port,
+        metrics.registry,
+        _server_tls_context(settings) if settings.tls_cert is not None else None,
+        keys if keys is not None and keys.protect_metrics else None,
+    )
+    return metrics, server
+
+
+def stop_metrics(metrics: Metrics | None, server) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    if metrics is not None:
+        metrics.close()
+
+
+async def drain_schedulers(repository: ModelRepository, deadline: float) -> None:
+    """Wait until no model has requests queued or executing, or until `deadline` (monotonic)."""
+    while time.monotonic() < deadline and any(
+        entry.scheduler is not None and entry.scheduler.in_flight
+        for model in repository.models.values()
+        for entry in model.versions.values()
+    ):
+        await asyncio.sleep(0.01)

@@ -239,19 +239,21 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request, context):
         key = None if self.keys is None else await self._authorize(context, request.name or None)
-
-        def build():
-            answer = self.service.model_statistics(request.name, request.version)
+        try:
+            answer = await self.service.model_statistics(request.name, request.version)
             if key is not None:  # all models: only those the key may use
                 answer["model_stats"] = [s for s in answer["model_stats"] if key.allows(s["name"])]
             return json_format.ParseDict(answer, pb.ModelStatisticsResponse())
-
-        return await self._answer(context, build)
+        except Exception as exc:
+            await self._abort(context, exc)
 
     # --- repository ----------------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
         key = None if self.keys is None else await self._authorize(context)
-        rows = self.service.repository_index(request.ready)
+        try:
+            rows = await self.service.repository_index(request.ready)
+        except Exception as exc:
+            await self._abort(context, exc)
         if key is not None:  # only the models the key may use
             rows = [row for row in rows if key.allows(row["name"])]
         return pb.RepositoryIndexResponse(
@@ -444,15 +446,17 @@ async def start_grpc_server(
     tracer: Tracer | None = None,
     keys: Keyring | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the server on the running loop; returns it and the port it bound (0 = any free).
-    With `credentials` the port speaks TLS only."""
+    With `credentials` the port speaks TLS only. `reuse_port`: share the port with the other
+    --workers processes (SO_REUSEPORT)."""
     server = grpc.aio.server(
         interceptors=list(interceptors) or None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     frontend = GrpcFrontend(service, log_control, tracer, keys)

@@ -195,7 +195,7 @@ class HttpFrontend:
             if rest[1:] == ["stats"]:
                 self._expect(method, "GET", scope)
                 key = None if self.keys is None else self._authorize(scope)
-                answer = service.model_statistics()
+                answer = await service.model_statistics()
                 if key is not None:  # only the models the key may use
                     answer["model_stats"] = [s for s in answer["model_stats"] if key.allows(s["name"])]
                 return await self._json(send, answer)
@@ -215,7 +215,7 @@ class HttpFrontend:
                 key = None if self.keys is None else self._authorize(scope)
                 body = await self._read_body(receive)
                 ready_only = bool(self._parse_json(body).get("ready", False)) if body else False
-                rows = service.repository_index(ready_only)
+                rows = await service.repository_index(ready_only)
                 if key is not None:  # only the models the key may use
                     rows = [row for row in rows if key.allows(row["name"])]
                 return await self._json(send, rows)
@@ -276,7 +276,7 @@ class HttpFrontend:
         if action == "config":
             return await self._json(send, proto_to_dict(service.model_config(model, version)))
         if action == "stats":
-            return await self._json(send, service.model_statistics(model, version))
+            return await self._json(send, await service.model_statistics(model, version))
         raise ModelNotFound(f"no endpoint at {scope['path']}")
 
     @staticmethod

@@ -99,7 +99,8 @@ class InferenceService:
             raise Unavailable(f"model '{name}' has no valid configuration: {model.reason}")
         return model.config_proto
 
-    def model_statistics(self, name: str = "", version: str = "") -> dict:
+    async def model_statistics(self, name: str = "", version: str = "") -> dict:
+        # Async (like repository_index): a --workers front end asks the engine for them.
         if name:
             model = self.repository.model(name)
             models = [model]
@@ -145,7 +146,7 @@ class InferenceService:
             ],
         }
 
-    def repository_index(self, ready_only: bool = False) -> list[dict]:
+    async def repository_index(self, ready_only: bool = False) -> list[dict]:
         rows = self.repository.index()
         if ready_only:
             rows = [r for r in rows if r["state"] == "READY"]
