@@ -3,10 +3,15 @@
     python bench/run.py                      # every workload, full measurement
     python bench/run.py --quick              # short windows (what CI runs; checks files, not numbers)
     python bench/run.py --workload mlp --concurrency 1 8 32
+    python bench/run.py --workload mlp --peers pytriton,mlserver   # Convoy against its peers
 
 For each workload: the raw model in-process at its best batch size (the ceiling), then Convoy
-serving it, driven by perf_analyzer with 1-row requests over gRPC and HTTP at each concurrency.
-Writes bench/results/<timestamp>.json and .md with ratios (served / raw) and the machine.
+serving it, driven by perf_analyzer with 1-row requests over gRPC, HTTP with binary tensors and
+HTTP JSON at each concurrency. For mlp, the peers installed under .peers/ (python -m bench.peers
+install) serve the same model with the same batching and are measured the same way, gRPC and
+HTTP JSON; MLServer, which perf_analyzer cannot drive, is measured with bench/loadgen.py, and
+so is Convoy beside it. Writes bench/results/<timestamp>.json and .md with ratios (served / raw,
+Convoy / peer), the targets of issue #8 and the machine, load average included.
 """
 
 from __future__ import annotations
@@ -27,10 +32,29 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from machine import describe  # noqa: E402
-from workloads import WORKLOADS  # noqa: E402
+from peers import PEERS, installed, missing_reason  # noqa: E402
+from peers import compare as peer_compare  # noqa: E402
+from peers.catalogue import PEERS_DIR  # noqa: E402
+from peers.launch import serve as serve_peer  # noqa: E402
+from workloads import (  # noqa: E402
+    MLP_MAX_BATCH_SIZE,
+    MLP_MAX_QUEUE_DELAY_US,
+    WORKLOADS,
+    mlp_weights_path,
+)
 
 ROOT = HERE.parent
 GPU_WORKLOADS = {"bert_base"}
+#: Workloads the peers can serve (bench/peers/ has the model for these only).
+PEER_WORKLOADS = {"mlp"}
+#: Protocols the peers are compared on: MLServer has no binary tensor extension over HTTP.
+PEER_PROTOCOLS = ("grpc", "http_json")
+#: perf_analyzer arguments for each protocol this benchmark names.
+PROTOCOL_ARGS = {
+    "grpc": ("-i", "grpc"),
+    "http": ("-i", "http"),
+    "http_json": ("-i", "http", "--input-tensor-format", "json", "--output-tensor-format", "json"),
+}
 
 
 def has_cuda() -> bool:
@@ -126,8 +150,7 @@ def perf_analyzer(
         model,
         "-u",
         f"127.0.0.1:{port}",
-        "-i",
-        protocol,
+        *PROTOCOL_ARGS[protocol],
         "--concurrency-range",
         str(concurrency),
         "-f",
@@ -163,6 +186,112 @@ def perf_analyzer(
     }
 
 
+def loadgen(protocol: str, port: int, concurrency: int, quick: bool, model: str = "mlp") -> dict:
+    """bench/loadgen.py in its own process (1-row FP32 requests; JSON over HTTP)."""
+    window = ["--seconds", "1.5", "--warmup", "0.5"] if quick else ["--seconds", "8", "--warmup", "2"]
+    command = [
+        sys.executable,
+        str(HERE / "loadgen.py"),
+        "--protocol",
+        "grpc" if protocol == "grpc" else "http",
+        "--url",
+        f"127.0.0.1:{port}",
+        "--model",
+        model,
+        "--concurrency",
+        str(concurrency),
+        *window,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": (done.stdout + done.stderr)[-800:]}
+    if done.returncode != 0:
+        return {"error": f"{result['errors']} failed requests, first: {result['first_error']}"}
+    return {key: result[key] for key in ("requests_per_s", "p50_us", "p99_us")}
+
+
+def select_peers(spec: str | None) -> list[str]:
+    """--peers value -> peer names; None (the default) means every peer, measured if installed."""
+    if spec is None:
+        return list(PEERS)
+    if spec.strip() == "none":
+        return []
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise SystemExit(
+            f"--peers: unknown peer {', '.join(unknown)}; expected some of {', '.join(PEERS)}"
+        )
+    return names
+
+
+def measure_peers(
+    names: list[str],
+    peers_dir: Path,
+    binary: str,
+    workload,
+    repository: Path,
+    args,
+    concurrencies: list[int],
+    scratch: Path,
+    convoy_runs: dict[str, list[dict]],
+) -> list[dict]:
+    """Start each installed peer on the workload's model and measure it as Convoy was measured."""
+    protocols = [p for p in PEER_PROTOCOLS if p in args.protocol]
+    entries = []
+    for name in names:
+        peer = PEERS[name]
+        entry = {"name": name, "description": peer.description}
+        entries.append(entry)
+        if not installed(peer, peers_dir):
+            entry["status"] = missing_reason(peer)
+            continue
+        entry["driver"] = "perf_analyzer" if peer.perf_analyzer else "loadgen"
+        runs = []
+        try:
+            with serve_peer(
+                peer,
+                mlp_weights_path(repository, workload.name),
+                MLP_MAX_BATCH_SIZE,
+                MLP_MAX_QUEUE_DELAY_US,
+                scratch / f"peer-{name}",
+                peers_dir,
+            ) as running:
+                for protocol in protocols:
+                    for concurrency in concurrencies:
+                        if peer.perf_analyzer:
+                            run = perf_analyzer(
+                                binary,
+                                running.model,
+                                protocol,
+                                running.port(protocol),
+                                concurrency,
+                                workload.shapes,
+                                args.quick,
+                                scratch / f"{name}-{protocol}-{concurrency}.csv",
+                                (*workload.perf_args, *running.perf_args(protocol)),
+                            )
+                        else:
+                            run = loadgen(protocol, running.port(protocol), concurrency, args.quick)
+                        run.update(protocol=protocol, concurrency=concurrency)
+                        runs.append(run)
+                        print(json.dumps({"peer": name, **run}), flush=True)
+        except RuntimeError as exc:  # the launcher's start-up failures name the log
+            entry["status"] = f"error: {exc}"
+            continue
+        entry["status"] = "measured"
+        entry["runs"] = runs
+        entry["pairs"] = peer_compare.pair(convoy_runs[entry["driver"]], runs)
+    return entries
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: other work on the machine skews every number here."""
+    return [round(value, 2) for value in os.getloadavg()]
+
+
 def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [
@@ -172,6 +301,8 @@ def markdown(report: dict) -> str:
         f"(Python {machine['python']}); "
         "client (perf_analyzer) and server share the machine.",
         f"Command: `{report['command']}`",
+        f"Load average (1/5/15 min) at start {report['load_average']['start']}, "
+        f"at end {report['load_average']['end']}: other processes share these cores.",
         "",
     ]
     for workload in report["workloads"]:
@@ -193,6 +324,8 @@ def markdown(report: dict) -> str:
                 f"{run['p50_us']} | {run['p99_us']} | {run['served_over_raw']:.4f} |"
             )
         lines.append("")
+        if workload.get("peers"):
+            lines += peer_compare.markdown(workload["peers"], workload.get("targets", []))
     return "\n".join(lines)
 
 
@@ -206,10 +339,20 @@ def main() -> int:
         help="default: all (--quick: mlp only)",
     )
     parser.add_argument("--concurrency", nargs="*", type=int, default=None)
-    parser.add_argument("--protocol", nargs="*", default=["grpc", "http"], choices=["grpc", "http"])
+    parser.add_argument(
+        "--protocol", nargs="*", default=list(PROTOCOL_ARGS), choices=list(PROTOCOL_ARGS)
+    )
+    parser.add_argument(
+        "--peers",
+        default=None,
+        help=f"comma-separated, from {','.join(PEERS)}; 'none' to skip (default: all, measured "
+        "where installed, reported as not installed elsewhere). mlp workload only",
+    )
+    parser.add_argument("--peers-dir", type=Path, default=PEERS_DIR, help="the peers' virtualenvs")
     parser.add_argument("--quick", action="store_true", help="short windows; CI checks the files")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    peer_names = select_peers(args.peers)
     concurrencies = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
     binary = find_perf_analyzer()
     started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -217,6 +360,7 @@ def main() -> int:
         "started": started,
         "command": " ".join(["python", *sys.argv]),
         "machine": describe(),
+        "load_average": {"start": load_average()},
         "workloads": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -254,13 +398,52 @@ def main() -> int:
                             run["served_over_raw"] = run["requests_per_s"] / result["raw"]["rows_per_s"]
                         result["served"].append(run)
                         print(json.dumps({"workload": name, **run}), flush=True)
+                with_peers = peer_names if name in PEER_WORKLOADS else []
+                if any(
+                    installed(PEERS[p], args.peers_dir) and not PEERS[p].perf_analyzer
+                    for p in with_peers
+                ):
+                    # The peers perf_analyzer cannot drive get compared with Convoy under loadgen.
+                    for protocol in (p for p in PEER_PROTOCOLS if p in args.protocol):
+                        for concurrency in concurrencies:
+                            port = server.grpc if protocol == "grpc" else server.http
+                            run = loadgen(protocol, port, concurrency, args.quick, name)
+                            run.update(protocol=protocol, concurrency=concurrency)
+                            result.setdefault("served_loadgen", []).append(run)
+                            print(json.dumps({"workload": name, "driver": "loadgen", **run}), flush=True)
             finally:
                 server.stop()
+            if with_peers:
+                convoy_runs = {
+                    "perf_analyzer": result["served"],
+                    "loadgen": result.get("served_loadgen", []),
+                }
+                result["peers"] = measure_peers(
+                    with_peers,
+                    args.peers_dir,
+                    binary,
+                    workload,
+                    repository,
+                    args,
+                    concurrencies,
+                    scratch,
+                    convoy_runs,
+                )
+                result["targets"] = peer_compare.check_targets(result["served"], result["peers"])
             report["workloads"].append(result)
+    report["load_average"]["end"] = load_average()
     (args.out / f"{started}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{started}.md").write_text(markdown(report))
     print(markdown(report))
-    failed = [r for w in report["workloads"] for r in w["served"] if "error" in r]
+    failed = [
+        r for w in report["workloads"] for r in w["served"] + w.get("served_loadgen", []) if "error" in r
+    ]
+    failed += [
+        p
+        for w in report["workloads"]
+        for p in w.get("peers", [])
+        if p["status"].startswith("error") or any("error" in r for r in p.get("runs", []))
+    ]
     return 1 if failed else 0
 
 
