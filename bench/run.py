@@ -17,10 +17,8 @@ Convoy / peer), the targets of issue #8 and the machine, load average included.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,10 +29,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from drivers import PROTOCOL_ARGS, find_perf_analyzer, loadgen, perf_analyzer  # noqa: E402
 from machine import describe  # noqa: E402
 from peers import PEERS, installed, missing_reason  # noqa: E402
 from peers import compare as peer_compare  # noqa: E402
-from peers.catalogue import PEERS_DIR  # noqa: E402
+from peers.catalogue import PEERS_DIR, installed_versions  # noqa: E402
 from peers.launch import serve as serve_peer  # noqa: E402
 from workloads import (  # noqa: E402
     MLP_MAX_BATCH_SIZE,
@@ -49,12 +48,6 @@ GPU_WORKLOADS = {"bert_base"}
 PEER_WORKLOADS = {"mlp"}
 #: Protocols the peers are compared on: MLServer has no binary tensor extension over HTTP.
 PEER_PROTOCOLS = ("grpc", "http_json")
-#: perf_analyzer arguments for each protocol this benchmark names.
-PROTOCOL_ARGS = {
-    "grpc": ("-i", "grpc"),
-    "http": ("-i", "http"),
-    "http_json": ("-i", "http", "--input-tensor-format", "json", "--output-tensor-format", "json"),
-}
 
 
 def has_cuda() -> bool:
@@ -64,17 +57,6 @@ def has_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
-
-
-def find_perf_analyzer() -> str:
-    candidates = [os.environ.get("PERF_ANALYZER", ""), str(ROOT / ".perf_analyzer" / "perf_analyzer")]
-    for candidate in candidates:
-        if candidate and Path(candidate).exists():
-            return candidate
-    found = shutil.which("perf_analyzer")
-    if found:
-        return found
-    raise SystemExit("perf_analyzer not found: run .ci/install_perf_analyzer.sh or set PERF_ANALYZER")
 
 
 def measure_raw(raw, batch: int, seconds: float) -> dict:
@@ -127,89 +109,13 @@ class Server:
         else:
             raise SystemExit(f"convoy did not start; see {log}")
 
+    def port(self, protocol: str) -> int:
+        return self.grpc if protocol == "grpc" else self.http
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
         self.log.close()
-
-
-def perf_analyzer(
-    binary: str,
-    model: str,
-    protocol: str,
-    port: int,
-    concurrency: int,
-    shapes,
-    quick: bool,
-    out_csv: Path,
-    extra=(),
-) -> dict:
-    command = [
-        binary,
-        "-m",
-        model,
-        "-u",
-        f"127.0.0.1:{port}",
-        *PROTOCOL_ARGS[protocol],
-        "--concurrency-range",
-        str(concurrency),
-        "-f",
-        str(out_csv),
-    ]
-    if quick:
-        command += [
-            "--measurement-mode",
-            "count_windows",
-            "--measurement-request-count",
-            "200",
-            "-r",
-            "10",
-            "-s",
-            "100",
-        ]
-    else:
-        command += ["-p", "3000", "-r", "8", "-s", "25"]
-    for shape in shapes:
-        command += ["--shape", shape]
-    command += list(extra)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0 or not out_csv.exists():
-        return {"error": (done.stdout + done.stderr)[-800:]}
-    with out_csv.open() as handle:
-        row = next(csv.DictReader(handle))
-    return {
-        "requests_per_s": round(float(row["Inferences/Second"]), 1),
-        "p50_us": int(row["p50 latency"]),
-        "p99_us": int(row["p99 latency"]),
-        "server_queue_us": int(row.get("Server Queue", 0) or 0),
-        "server_compute_us": int(row.get("Server Compute Infer", 0) or 0),
-    }
-
-
-def loadgen(protocol: str, port: int, concurrency: int, quick: bool, model: str = "mlp") -> dict:
-    """bench/loadgen.py in its own process (1-row FP32 requests; JSON over HTTP)."""
-    window = ["--seconds", "1.5", "--warmup", "0.5"] if quick else ["--seconds", "8", "--warmup", "2"]
-    command = [
-        sys.executable,
-        str(HERE / "loadgen.py"),
-        "--protocol",
-        "grpc" if protocol == "grpc" else "http",
-        "--url",
-        f"127.0.0.1:{port}",
-        "--model",
-        model,
-        "--concurrency",
-        str(concurrency),
-        *window,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        return {"error": (done.stdout + done.stderr)[-800:]}
-    if done.returncode != 0:
-        return {"error": f"{result['errors']} failed requests, first: {result['first_error']}"}
-    return {key: result[key] for key in ("requests_per_s", "p50_us", "p99_us")}
 
 
 def select_peers(spec: str | None) -> list[str]:
@@ -248,6 +154,7 @@ def measure_peers(
         if not installed(peer, peers_dir):
             entry["status"] = missing_reason(peer)
             continue
+        entry["versions"] = installed_versions(peer, peers_dir)
         entry["driver"] = "perf_analyzer" if peer.perf_analyzer else "loadgen"
         runs = []
         try:
@@ -285,6 +192,17 @@ def measure_peers(
         entry["runs"] = runs
         entry["pairs"] = peer_compare.pair(convoy_runs[entry["driver"]], runs)
     return entries
+
+
+def needs_loadgen(peer, peers_dir: Path) -> bool:
+    return installed(peer, peers_dir) and not peer.perf_analyzer
+
+
+def measure_loadgen(model: str, protocol: str, port: int, concurrency: int, quick: bool) -> dict:
+    run = loadgen(protocol, port, concurrency, quick, model)
+    run.update(protocol=protocol, concurrency=concurrency)
+    print(json.dumps({"workload": model, "driver": "loadgen", **run}), flush=True)
+    return run
 
 
 def load_average() -> list[float]:
@@ -377,10 +295,11 @@ def main() -> int:
                 "raw": measure_raw(raw, workload.raw_batch, 1.0 if args.quick else 5.0),
                 "served": [],
             }
+            with_peers = peer_names if name in PEER_WORKLOADS else []
             server = Server(repository, scratch / name / "server.log")
             try:
                 for protocol in args.protocol:
-                    port = server.grpc if protocol == "grpc" else server.http
+                    port = server.port(protocol)
                     for concurrency in concurrencies:
                         run = perf_analyzer(
                             binary,
@@ -398,19 +317,14 @@ def main() -> int:
                             run["served_over_raw"] = run["requests_per_s"] / result["raw"]["rows_per_s"]
                         result["served"].append(run)
                         print(json.dumps({"workload": name, **run}), flush=True)
-                with_peers = peer_names if name in PEER_WORKLOADS else []
-                if any(
-                    installed(PEERS[p], args.peers_dir) and not PEERS[p].perf_analyzer
-                    for p in with_peers
-                ):
-                    # The peers perf_analyzer cannot drive get compared with Convoy under loadgen.
-                    for protocol in (p for p in PEER_PROTOCOLS if p in args.protocol):
-                        for concurrency in concurrencies:
-                            port = server.grpc if protocol == "grpc" else server.http
-                            run = loadgen(protocol, port, concurrency, args.quick, name)
-                            run.update(protocol=protocol, concurrency=concurrency)
-                            result.setdefault("served_loadgen", []).append(run)
-                            print(json.dumps({"workload": name, "driver": "loadgen", **run}), flush=True)
+                if any(needs_loadgen(PEERS[p], args.peers_dir) for p in with_peers):
+                    # Peers perf_analyzer cannot drive are compared with Convoy under loadgen.
+                    result["served_loadgen"] = [
+                        measure_loadgen(name, protocol, server.port(protocol), concurrency, args.quick)
+                        for protocol in PEER_PROTOCOLS
+                        if protocol in args.protocol
+                        for concurrency in concurrencies
+                    ]
             finally:
                 server.stop()
             if with_peers:

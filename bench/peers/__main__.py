@@ -32,10 +32,13 @@ def install(peer: Peer, base: Path, python: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__)
     parser.add_argument("action", choices=["install", "list"])
-    parser.add_argument("names", nargs="*", choices=[[], *PEERS], help="default: every peer")
+    parser.add_argument("names", nargs="*", help=f"some of {', '.join(PEERS)} (default: all)")
     parser.add_argument("--dir", type=Path, default=PEERS_DIR, help="where the virtualenvs go")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the virtualenvs")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in PEERS]
+    if unknown:
+        parser.error(f"unknown peer {', '.join(unknown)}; expected some of {', '.join(PEERS)}")
     peers = [PEERS[name] for name in args.names or PEERS]
     if args.action == "list":
         for peer in peers:

@@ -99,8 +99,10 @@ def markdown(peers: list[dict], targets: list[dict]) -> list[str]:
         if entry["status"] != "measured":
             lines += [f"{title}: {entry['status']}.", ""]
             continue
+        versions = ", ".join(f"{name} {version}" for name, version in entry.get("versions", {}).items())
         lines += [
-            f"{title}, driven by {DRIVER_LABELS[entry['driver']]}; Convoy driven the same way:",
+            f"{title} [{versions}], driven by {DRIVER_LABELS[entry['driver']]}; "
+            "Convoy driven the same way:",
             "",
             "| protocol | concurrency | Convoy req/s | peer req/s | Convoy / peer "
             "| Convoy p50 / p99 µs | peer p50 / p99 µs | peer p50 / Convoy p50 |",

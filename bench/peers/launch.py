@@ -7,6 +7,7 @@ so no tritonserver or python-backend stub outlives the benchmark, even on error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -34,6 +35,8 @@ class RunningPeer:
     model: str
     http_port: int
     grpc_port: int
+    #: The peer's process group (its launcher's pid): gone once `serve` has returned.
+    pid: int = 0
     #: PyTriton guards the statistics API (which perf_analyzer reads) with a token.
     access_token: str = ""
 
@@ -125,8 +128,17 @@ def _ready(http_port: int, model: str) -> bool:
         return False
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _stop(process: subprocess.Popen) -> None:
-    """SIGINT the process group, then SIGKILL what is left of it after the deadline."""
+    """SIGINT the process group, SIGKILL what is left of it after the deadline, and return once
+    the group is empty (orphaned children are reaped by init a moment after they die)."""
     with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGINT)
     with suppress(subprocess.TimeoutExpired):
@@ -135,6 +147,9 @@ def _stop(process: subprocess.Popen) -> None:
     with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    deadline = time.monotonic() + STOP_DEADLINE_S
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @contextmanager
@@ -169,6 +184,6 @@ def serve(
                         f"{peer.name} not ready within {START_DEADLINE_S:.0f}s; see {log_path}"
                     )
                 time.sleep(pause)
-            yield running
+            yield dataclasses.replace(running, pid=process.pid)
         finally:
             _stop(process)
