@@ -84,6 +84,17 @@ def perf_analyzer(
         "p99_us": int(row["p99 latency"]),
         "server_queue_us": int(row.get("Server Queue", 0) or 0),
         "server_compute_us": int(row.get("Server Compute Infer", 0) or 0),
+        # Time inside the server per request as its statistics API reports it (queue + compute
+        # input/infer/output): p50 minus this is roughly transport and client cost.
+        "server_total_us": sum(
+            int(row.get(column, 0) or 0)
+            for column in (
+                "Server Queue",
+                "Server Compute Input",
+                "Server Compute Infer",
+                "Server Compute Output",
+            )
+        ),
     }
 
 

@@ -182,7 +182,7 @@ def measure_peers(
                             )
                         else:
                             run = loadgen(protocol, running.port(protocol), concurrency, args.quick)
-                        run.update(protocol=protocol, concurrency=concurrency)
+                        finish(run, protocol, concurrency)
                         runs.append(run)
                         print(json.dumps({"peer": name, **run}), flush=True)
         except RuntimeError as exc:  # the launcher's start-up failures name the log
@@ -194,13 +194,19 @@ def measure_peers(
     return entries
 
 
+def finish(run: dict, protocol: str, concurrency: int) -> dict:
+    """Label a measurement; the 1-minute load average says how busy the shared machine was."""
+    run.update(protocol=protocol, concurrency=concurrency, load_1m=round(os.getloadavg()[0], 2))
+    return run
+
+
 def needs_loadgen(peer, peers_dir: Path) -> bool:
     return installed(peer, peers_dir) and not peer.perf_analyzer
 
 
 def measure_loadgen(model: str, protocol: str, port: int, concurrency: int, quick: bool) -> dict:
     run = loadgen(protocol, port, concurrency, quick, model)
-    run.update(protocol=protocol, concurrency=concurrency)
+    finish(run, protocol, concurrency)
     print(json.dumps({"workload": model, "driver": "loadgen", **run}), flush=True)
     return run
 
@@ -312,7 +318,7 @@ def main() -> int:
                             scratch / f"{name}-{protocol}-{concurrency}.csv",
                             workload.perf_args,
                         )
-                        run.update(protocol=protocol, concurrency=concurrency)
+                        finish(run, protocol, concurrency)
                         if "requests_per_s" in run:
                             run["served_over_raw"] = run["requests_per_s"] / result["raw"]["rows_per_s"]
                         result["served"].append(run)
