@@ -58,27 +58,26 @@ def perf_analyzer(
         str(out_csv),
     ]
     if quick:
-        command += [
-            "--measurement-mode",
-            "count_windows",
-            "--measurement-request-count",
-            "200",
-            "-r",
-            "10",
-            "-s",
-            "100",
-        ]
+        window = ["--measurement-mode", "count_windows", "--measurement-request-count", "200"]
     else:
-        command += ["-p", "3000", "-r", "8", "-s", "25"]
+        window = ["-p", "3000"]
     for shape in shapes:
         command += ["--shape", shape]
     command += list(extra)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    stability = ["-r", "10", "-s", "100"] if quick else ["-r", "8", "-s", "25"]
+    done = subprocess.run([*command, *window, *stability], capture_output=True, text=True, timeout=600)
+    unstable = done.returncode != 0 and "Failed to obtain stable" in done.stdout + done.stderr
+    if unstable:
+        # On a shared machine the stability band can stay out of reach; measure the same windows
+        # once more with any spread accepted and flag the numbers, rather than report nothing.
+        relaxed = ["-r", "3", "-s", "1000"]
+        done = subprocess.run([*command, *window, *relaxed], capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not out_csv.exists():
         return {"error": (done.stdout + done.stderr)[-800:]}
     with out_csv.open() as handle:
         row = next(csv.DictReader(handle))
     return {
+        "unstable": unstable,
         "requests_per_s": round(float(row["Inferences/Second"]), 1),
         "p50_us": int(row["p50 latency"]),
         "p99_us": int(row["p99 latency"]),

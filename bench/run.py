@@ -226,7 +226,9 @@ def markdown(report: dict) -> str:
         "client (perf_analyzer) and server share the machine.",
         f"Command: `{report['command']}`",
         f"Load average (1/5/15 min) at start {report['load_average']['start']}, "
-        f"at end {report['load_average']['end']}: other processes share these cores.",
+        f"at end {report['load_average']['end']}: other processes share these cores. "
+        "(unstable): perf_analyzer found no 3 windows within 25% of each other, so the numbers "
+        "are from 3 windows taken with any spread.",
         "",
     ]
     for workload in report["workloads"]:
@@ -243,8 +245,9 @@ def markdown(report: dict) -> str:
             if "error" in run:
                 lines.append(f"| {run['protocol']} | {run['concurrency']} | error | | | |")
                 continue
+            unstable = " (unstable)" if run.get("unstable") else ""
             lines.append(
-                f"| {run['protocol']} | {run['concurrency']} | {run['requests_per_s']:,.0f} | "
+                f"| {run['protocol']} | {run['concurrency']} | {run['requests_per_s']:,.0f}{unstable} | "
                 f"{run['p50_us']} | {run['p99_us']} | {run['served_over_raw']:.4f} |"
             )
         lines.append("")

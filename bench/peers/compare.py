@@ -15,6 +15,10 @@ DRIVER_LABELS = {
 }
 
 
+#: What the pair keeps of each side's measurement.
+SIDE_FIELDS = ("requests_per_s", "p50_us", "p99_us", "unstable", "error")
+
+
 def _key(run: dict) -> tuple[str, int]:
     return run["protocol"], run["concurrency"]
 
@@ -29,8 +33,8 @@ def pair(convoy_runs: list[dict], peer_runs: list[dict]) -> list[dict]:
         row = {
             "protocol": peer["protocol"],
             "concurrency": peer["concurrency"],
-            "convoy": {k: convoy.get(k) for k in ("requests_per_s", "p50_us", "p99_us", "error")},
-            "peer": {k: peer.get(k) for k in ("requests_per_s", "p50_us", "p99_us", "error")},
+            "convoy": {k: convoy.get(k) for k in SIDE_FIELDS},
+            "peer": {k: peer.get(k) for k in SIDE_FIELDS},
             "convoy_over_peer": None,
             "peer_p50_over_convoy": None,
         }
@@ -129,7 +133,9 @@ def markdown(peers: list[dict], targets: list[dict]) -> list[str]:
 
 
 def _cell(side: dict, field: str) -> str:
-    return "error" if side.get("error") else _number(side.get(field))
+    if side.get("error"):
+        return "error"
+    return _number(side.get(field)) + (" (unstable)" if side.get("unstable") else "")
 
 
 def _latency(side: dict) -> str:

@@ -69,7 +69,11 @@ def test_targets_report_met_not_met_and_not_measured():
 
 
 def test_markdown_shows_ratio_columns_and_names_a_missing_peer_with_its_install_command():
-    pairs = pair([record("grpc", 32, 6000.0, 5000)], [record("grpc", 32, 2000.0, 15000)])
+    unstable = {**record("grpc", 1, 300.0, 4000), "unstable": True}
+    pairs = pair(
+        [record("grpc", 32, 6000.0, 5000), record("grpc", 1, 2000.0, 450)],
+        [record("grpc", 32, 2000.0, 15000), unstable],
+    )
     measured = {**peers_entry("pytriton", pairs), "driver": "perf_analyzer", "versions": {"x": "1"}}
     missing = {
         "name": "mlserver",
@@ -78,6 +82,7 @@ def test_markdown_shows_ratio_columns_and_names_a_missing_peer_with_its_install_
     }
     text = "\n".join(markdown([measured, missing], check_targets([], [measured])))
     assert "| gRPC | 32 | 6,000 | 2,000 | 3.00 | 5,000 / 900 | 15,000 / 900 | 3.0 |" in text
+    assert "| gRPC | 1 | 2,000 | 300 (unstable) | 6.67 |" in text
     assert "not installed (run `python -m bench.peers install mlserver`)" in text
     assert "gRPC c=32 throughput >= 1.5x PyTriton (aim 2x): 3.0 → met" in text
     assert "gRPC c=1 p50 <= 0.5 ms → not measured" in text
