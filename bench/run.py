@@ -9,9 +9,10 @@ For each workload: the raw model in-process at its best batch size (the ceiling)
 serving it, driven by perf_analyzer with 1-row requests over gRPC, HTTP with binary tensors and
 HTTP JSON at each concurrency. For mlp, the peers installed under .peers/ (python -m bench.peers
 install) serve the same model with the same batching and are measured the same way, gRPC and
-HTTP JSON; MLServer, which perf_analyzer cannot drive, is measured with bench/loadgen.py, and
-so is Convoy beside it. Writes bench/results/<timestamp>.json and .md with ratios (served / raw,
-Convoy / peer), the targets of issue #8 and the machine, load average included.
+HTTP JSON, each right after Convoy at the same point; MLServer, which perf_analyzer cannot
+drive, is measured with bench/loadgen.py, and so is Convoy beside it. Writes
+bench/results/<timestamp>.json and .md with ratios (served / raw, Convoy / peer), the targets of
+issue #8 and the machine, load average included.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -133,20 +136,13 @@ def select_peers(spec: str | None) -> list[str]:
     return names
 
 
-def measure_peers(
-    names: list[str],
-    peers_dir: Path,
-    binary: str,
-    workload,
-    repository: Path,
-    args,
-    concurrencies: list[int],
-    scratch: Path,
-    convoy_runs: dict[str, list[dict]],
-) -> list[dict]:
-    """Start each installed peer on the workload's model and measure it as Convoy was measured."""
-    protocols = [p for p in PEER_PROTOCOLS if p in args.protocol]
-    entries = []
+def start_peers(
+    names: list[str], peers_dir: Path, weights: Path, scratch: Path, stack: ExitStack
+) -> tuple[list[dict], list[tuple[dict, object, object]]]:
+    """Start every installed peer among `names` (stopped when `stack` closes). Returns one report
+    entry per name (status: measured / not installed / error) and (entry, peer, running) for
+    those that started."""
+    entries, started = [], []
     for name in names:
         peer = PEERS[name]
         entry = {"name": name, "description": peer.description}
@@ -156,42 +152,23 @@ def measure_peers(
             continue
         entry["versions"] = installed_versions(peer, peers_dir)
         entry["driver"] = "perf_analyzer" if peer.perf_analyzer else "loadgen"
-        runs = []
         try:
-            with serve_peer(
-                peer,
-                mlp_weights_path(repository, workload.name),
-                MLP_MAX_BATCH_SIZE,
-                MLP_MAX_QUEUE_DELAY_US,
-                scratch / f"peer-{name}",
-                peers_dir,
-            ) as running:
-                for protocol in protocols:
-                    for concurrency in concurrencies:
-                        if peer.perf_analyzer:
-                            run = perf_analyzer(
-                                binary,
-                                running.model,
-                                protocol,
-                                running.port(protocol),
-                                concurrency,
-                                workload.shapes,
-                                args.quick,
-                                scratch / f"{name}-{protocol}-{concurrency}.csv",
-                                (*workload.perf_args, *running.perf_args(protocol)),
-                            )
-                        else:
-                            run = loadgen(protocol, running.port(protocol), concurrency, args.quick)
-                        finish(run, protocol, concurrency)
-                        runs.append(run)
-                        print(json.dumps({"peer": name, **run}), flush=True)
+            running = stack.enter_context(
+                serve_peer(
+                    peer,
+                    weights,
+                    MLP_MAX_BATCH_SIZE,
+                    MLP_MAX_QUEUE_DELAY_US,
+                    scratch / f"peer-{name}",
+                    peers_dir,
+                )
+            )
         except RuntimeError as exc:  # the launcher's start-up failures name the log
             entry["status"] = f"error: {exc}"
             continue
-        entry["status"] = "measured"
-        entry["runs"] = runs
-        entry["pairs"] = peer_compare.pair(convoy_runs[entry["driver"]], runs)
-    return entries
+        entry.update(status="measured", runs=[])
+        started.append((entry, peer, running))
+    return entries, started
 
 
 def finish(run: dict, protocol: str, concurrency: int) -> dict:
@@ -200,15 +177,66 @@ def finish(run: dict, protocol: str, concurrency: int) -> dict:
     return run
 
 
-def needs_loadgen(peer, peers_dir: Path) -> bool:
-    return installed(peer, peers_dir) and not peer.perf_analyzer
+@dataclass(frozen=True)
+class Point:
+    """One measurement point of one workload: protocol x concurrency, driven the same way for
+    every server."""
+
+    binary: str
+    workload: object
+    protocol: str
+    concurrency: int
+    quick: bool
+    scratch: Path
+
+    def perf_analyzer(self, model: str, port: int, tag: str, extra: tuple[str, ...] = ()) -> dict:
+        csv_path = self.scratch / f"{tag}-{self.protocol}-{self.concurrency}.csv"
+        run = perf_analyzer(
+            self.binary,
+            model,
+            self.protocol,
+            port,
+            self.concurrency,
+            self.workload.shapes,
+            self.quick,
+            csv_path,
+            (*self.workload.perf_args, *extra),
+        )
+        return finish(run, self.protocol, self.concurrency)
+
+    def loadgen(self, port: int) -> dict:
+        run = loadgen(self.protocol, port, self.concurrency, self.quick)
+        return finish(run, self.protocol, self.concurrency)
 
 
-def measure_loadgen(model: str, protocol: str, port: int, concurrency: int, quick: bool) -> dict:
-    run = loadgen(protocol, port, concurrency, quick, model)
-    finish(run, protocol, concurrency)
-    print(json.dumps({"workload": model, "driver": "loadgen", **run}), flush=True)
-    return run
+def measure_point(point: Point, server: Server, result: dict, started: list) -> None:
+    """Convoy at `point`, then each started peer right after it (and, for peers perf_analyzer
+    cannot drive, Convoy and the peer under loadgen), so paired numbers share the machine's load."""
+    name = result["name"]
+    run = point.perf_analyzer(name, server.port(point.protocol), name)
+    if "requests_per_s" in run:
+        run["served_over_raw"] = run["requests_per_s"] / result["raw"]["rows_per_s"]
+    result["served"].append(run)
+    print(json.dumps({"workload": name, **run}), flush=True)
+    if point.protocol not in PEER_PROTOCOLS:
+        return
+    for entry, peer, running in started:
+        if peer.perf_analyzer:
+            extra = running.perf_args(point.protocol)
+            run = point.perf_analyzer(running.model, running.port(point.protocol), peer.name, extra)
+            entry["runs"].append(run)
+            print(json.dumps({"peer": peer.name, **run}), flush=True)
+    loadgen_peers = [
+        (entry, peer, running) for entry, peer, running in started if not peer.perf_analyzer
+    ]
+    if loadgen_peers:
+        run = point.loadgen(server.port(point.protocol))
+        result.setdefault("served_loadgen", []).append(run)
+        print(json.dumps({"workload": name, "driver": "loadgen", **run}), flush=True)
+    for entry, peer, running in loadgen_peers:
+        run = point.loadgen(running.port(point.protocol))
+        entry["runs"].append(run)
+        print(json.dumps({"peer": peer.name, "driver": "loadgen", **run}), flush=True)
 
 
 def load_average() -> list[float]:
@@ -305,54 +333,28 @@ def main() -> int:
                 "served": [],
             }
             with_peers = peer_names if name in PEER_WORKLOADS else []
-            server = Server(repository, scratch / name / "server.log")
-            try:
+            with ExitStack() as stack:
+                server = Server(repository, scratch / name / "server.log")
+                stack.callback(server.stop)
+                # Every server stays up for the whole run (idle, each costs next to nothing) so
+                # Convoy and the peers are measured back to back at each point: on a machine
+                # shared with other work, the load drifts within minutes.
+                weights = mlp_weights_path(repository, name)
+                peers, running_peers = start_peers(with_peers, args.peers_dir, weights, scratch, stack)
                 for protocol in args.protocol:
-                    port = server.port(protocol)
                     for concurrency in concurrencies:
-                        run = perf_analyzer(
-                            binary,
-                            name,
-                            protocol,
-                            port,
-                            concurrency,
-                            workload.shapes,
-                            args.quick,
-                            scratch / f"{name}-{protocol}-{concurrency}.csv",
-                            workload.perf_args,
-                        )
-                        finish(run, protocol, concurrency)
-                        if "requests_per_s" in run:
-                            run["served_over_raw"] = run["requests_per_s"] / result["raw"]["rows_per_s"]
-                        result["served"].append(run)
-                        print(json.dumps({"workload": name, **run}), flush=True)
-                if any(needs_loadgen(PEERS[p], args.peers_dir) for p in with_peers):
-                    # Peers perf_analyzer cannot drive are compared with Convoy under loadgen.
-                    result["served_loadgen"] = [
-                        measure_loadgen(name, protocol, server.port(protocol), concurrency, args.quick)
-                        for protocol in PEER_PROTOCOLS
-                        if protocol in args.protocol
-                        for concurrency in concurrencies
-                    ]
-            finally:
-                server.stop()
-            if with_peers:
+                        point = Point(binary, workload, protocol, concurrency, args.quick, scratch)
+                        measure_point(point, server, result, running_peers)
+            if peers:
                 convoy_runs = {
                     "perf_analyzer": result["served"],
                     "loadgen": result.get("served_loadgen", []),
                 }
-                result["peers"] = measure_peers(
-                    with_peers,
-                    args.peers_dir,
-                    binary,
-                    workload,
-                    repository,
-                    args,
-                    concurrencies,
-                    scratch,
-                    convoy_runs,
-                )
-                result["targets"] = peer_compare.check_targets(result["served"], result["peers"])
+                for entry in peers:
+                    if entry["status"] == "measured":
+                        entry["pairs"] = peer_compare.pair(convoy_runs[entry["driver"]], entry["runs"])
+                result["peers"] = peers
+                result["targets"] = peer_compare.check_targets(result["served"], peers)
             report["workloads"].append(result)
     report["load_average"]["end"] = load_average()
     (args.out / f"{started}.json").write_text(json.dumps(report, indent=2))
