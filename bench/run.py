@@ -76,7 +76,7 @@ def measure_raw(raw, batch: int, seconds: float) -> dict:
 class Server:
     """`convoy serve` in a subprocess on free ports."""
 
-    def __init__(self, repository: Path, log: Path) -> None:
+    def __init__(self, repository: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log.open("w")
         self.process = subprocess.Popen(
             [
@@ -100,6 +100,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 120
         for line in self.process.stdout:
@@ -137,7 +138,12 @@ def select_peers(spec: str | None) -> list[str]:
 
 
 def start_peers(
-    names: list[str], peers_dir: Path, weights: Path, scratch: Path, stack: ExitStack
+    names: list[str],
+    peers_dir: Path,
+    weights: Path,
+    scratch: Path,
+    stack: ExitStack,
+    env: dict[str, str],
 ) -> tuple[list[dict], list[tuple[dict, object, object]]]:
     """Start every installed peer among `names` (stopped when `stack` closes). Returns one report
     entry per name (status: measured / not installed / error) and (entry, peer, running) for
@@ -161,6 +167,7 @@ def start_peers(
                     MLP_MAX_QUEUE_DELAY_US,
                     scratch / f"peer-{name}",
                     peers_dir,
+                    env,
                 )
             )
         except RuntimeError as exc:  # the launcher's start-up failures name the log
@@ -253,6 +260,7 @@ def markdown(report: dict) -> str:
         f"(Python {machine['python']}); "
         "client (perf_analyzer) and server share the machine.",
         f"Command: `{report['command']}`",
+        f"Environment of every server: {report.get('server_env') or 'as inherited'}.",
         f"Load average (1/5/15 min) at start {report['load_average']['start']}, "
         f"at end {report['load_average']['end']}: other processes share these cores. "
         "(unstable): perf_analyzer found no 3 windows within 25% of each other, so the numbers "
@@ -304,10 +312,22 @@ def main() -> int:
         "where installed, reported as not installed elsewhere). mlp workload only",
     )
     parser.add_argument("--peers-dir", type=Path, default=PEERS_DIR, help="the peers' virtualenvs")
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        help="OPENBLAS_NUM_THREADS/OMP_NUM_THREADS for every server, Convoy and peers alike "
+        "(default: the libraries' own, one thread per core)",
+    )
     parser.add_argument("--quick", action="store_true", help="short windows; CI checks the files")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     peer_names = select_peers(args.peers)
+    server_env = {}
+    if args.blas_threads is not None:
+        server_env = {
+            name: str(args.blas_threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+        }
     concurrencies = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
     binary = find_perf_analyzer()
     started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -316,6 +336,7 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "machine": describe(),
         "load_average": {"start": load_average()},
+        "server_env": server_env,
         "workloads": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -334,13 +355,15 @@ def main() -> int:
             }
             with_peers = peer_names if name in PEER_WORKLOADS else []
             with ExitStack() as stack:
-                server = Server(repository, scratch / name / "server.log")
+                server = Server(repository, scratch / name / "server.log", server_env)
                 stack.callback(server.stop)
                 # Every server stays up for the whole run (idle, each costs next to nothing) so
                 # Convoy and the peers are measured back to back at each point: on a machine
                 # shared with other work, the load drifts within minutes.
                 weights = mlp_weights_path(repository, name)
-                peers, running_peers = start_peers(with_peers, args.peers_dir, weights, scratch, stack)
+                peers, running_peers = start_peers(
+                    with_peers, args.peers_dir, weights, scratch, stack, server_env
+                )
                 for protocol in args.protocol:
                     for concurrency in concurrencies:
                         point = Point(binary, workload, protocol, concurrency, args.quick, scratch)

@@ -160,12 +160,15 @@ def serve(
     max_queue_delay_us: int,
     workdir: Path,
     base: Path = PEERS_DIR,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[RunningPeer]:
-    """The peer serving the MLP from `weights` as model "mlp"; logs go to workdir/server.log."""
+    """The peer serving the MLP from `weights` as model "mlp"; logs go to workdir/server.log.
+    `extra_env` is added to its environment (the benchmark's BLAS thread count)."""
     workdir.mkdir(parents=True, exist_ok=True)
     command, env, running = LAUNCHERS[peer.name](
         peer, base, weights, max_batch_size, max_queue_delay_us, workdir
     )
+    env.update(extra_env or {})
     log_path = workdir / "server.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
