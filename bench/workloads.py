@@ -34,13 +34,17 @@ class Model:
         return {"OUTPUT0": x}
 '''
 
+#: The mlp workload's batching, which the peers (bench/peers/) are configured with too.
+MLP_MAX_BATCH_SIZE = 256
+MLP_MAX_QUEUE_DELAY_US = 2000
+
 MLP_CONFIG = """
 name: "{name}"
 backend: "python"
-max_batch_size: 256
+max_batch_size: {max_batch_size}
 input [ {{ name: "INPUT0", data_type: TYPE_FP32, dims: [ 64 ] }} ]
 output [ {{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}
 instance_group [ {{ count: 1, kind: KIND_CPU }} ]
 """
 
@@ -83,6 +87,11 @@ def mlp_weights() -> dict[str, np.ndarray]:
     return arrays
 
 
+def mlp_weights_path(repository: Path, name: str = "mlp") -> Path:
+    """Where build_mlp writes the weights; the peers load this same file."""
+    return repository / name / "1" / "weights.npz"
+
+
 def _random_rows(runtime, name: str):
     rng = np.random.default_rng(1)
 
@@ -95,9 +104,12 @@ def _random_rows(runtime, name: str):
 def build_mlp(repository: Path, name: str = "mlp") -> Callable[[int], None]:
     version = repository / name / "1"
     version.mkdir(parents=True, exist_ok=True)
-    (repository / name / "config.pbtxt").write_text(MLP_CONFIG.format(name=name))
+    config = MLP_CONFIG.format(
+        name=name, max_batch_size=MLP_MAX_BATCH_SIZE, max_queue_delay_us=MLP_MAX_QUEUE_DELAY_US
+    )
+    (repository / name / "config.pbtxt").write_text(config)
     (version / "model.py").write_text(MLP_MODEL)
-    np.savez(version / "weights.npz", **mlp_weights())
+    np.savez(mlp_weights_path(repository, name), **mlp_weights())
     return _random_rows(load_runtime(repository, name), "INPUT0")
 
 

@@ -1,5 +1,6 @@
 """The benchmark runner works end to end (`--quick`): it writes parseable JSON and Markdown with
-a served/raw ratio for each run. Numbers are not checked here; they live in bench/ reports."""
+a served/raw ratio for each run, and names each peer it could not measure with the command that
+installs it. Numbers are not checked here; they live in bench/ reports."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def test_quick_benchmark_writes_json_and_markdown_reports(tmp_path):
             "2",
             "--out",
             str(tmp_path),
+            # No peer virtualenvs there (as in CI): the report must say so, not skip them.
+            "--peers-dir",
+            str(tmp_path / "no-peers"),
         ],
         capture_output=True,
         text=True,
@@ -40,11 +44,18 @@ def test_quick_benchmark_writes_json_and_markdown_reports(tmp_path):
     for workload in report["workloads"]:
         assert workload["raw"]["rows_per_s"] > 0
         protocols = {run["protocol"] for run in workload["served"]}
-        assert protocols == {"grpc", "http"}
+        assert protocols == {"grpc", "http", "http_json"}
         for run in workload["served"]:
             assert run["requests_per_s"] > 0
             assert run["served_over_raw"] == pytest.approx(
                 run["requests_per_s"] / workload["raw"]["rows_per_s"]
             )
+        assert [(p["name"], p["status"]) for p in workload["peers"]] == [
+            ("pytriton", "not installed (run `python -m bench.peers install pytriton`)"),
+            ("mlserver", "not installed (run `python -m bench.peers install mlserver`)"),
+        ]
+        assert "served_loadgen" not in workload  # only measured beside a peer that needs it
     markdown = reports[0].with_suffix(".md").read_text()
     assert "served / raw" in markdown
+    assert "**mlserver** (Seldon MLServer 1.7" in markdown
+    assert "not installed (run `python -m bench.peers install mlserver`)" in markdown
