@@ -46,7 +46,7 @@ from workloads import (  # noqa: E402
 )
 
 ROOT = HERE.parent
-GPU_WORKLOADS = {"bert_base"}
+GPU_WORKLOADS = {"bert_base", "resnet50"}
 #: Workloads the peers can serve (bench/peers/ has the model for these only).
 PEER_WORKLOADS = {"mlp"}
 #: Protocols the peers are compared on: MLServer has no binary tensor extension over HTTP.

@@ -254,6 +254,85 @@ def build_bert_base(repository: Path, name: str = "bert_base") -> Callable[[int]
     return raw
 
 
+RESNET_CONFIG = """
+name: "{name}"
+backend: "pytorch"
+max_batch_size: 256
+input [ {{ name: "IMAGE", data_type: TYPE_FP32, dims: [ 3, 224, 224 ] }} ]
+output [ {{ name: "LOGITS", data_type: TYPE_FP32, dims: [ 1000 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ count: 1, kind: KIND_GPU }} ]
+parameters {{ key: "precision" value: {{ string_value: "fp16" }} }}
+parameters {{ key: "cuda_graphs" value: {{ string_value: "true" }} }}
+"""
+
+
+def resnet50_module():
+    """ResNet-50 (bottleneck blocks 3-4-6-3, 25.6M parameters) with random weights, written out
+    here (no torchvision); weights and activations in channels_last, as cuDNN runs it fastest."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin: int, width: int, stride: int) -> None:
+            super().__init__()
+            cout = width * 4
+            self.body = nn.Sequential(
+                *conv_bn(cin, width, 1), nn.ReLU(inplace=True),
+                *conv_bn(width, width, 3, stride), nn.ReLU(inplace=True),
+                *conv_bn(width, cout, 1),
+            )  # fmt: skip
+            self.shortcut = (
+                nn.Sequential(*conv_bn(cin, cout, 1, stride))
+                if stride != 1 or cin != cout
+                else nn.Identity()
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.body(x) + self.shortcut(x))
+
+    class ResNet50(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = [*conv_bn(3, 64, 7, 2), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(3, 2, 1))
+            cin = 64
+            for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+                for block in range(blocks):
+                    layers.append(Bottleneck(cin, width, stride if block == 0 else 1))
+                    cin = width * 4
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Linear(2048, 1000)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = self.features(image.contiguous(memory_format=torch.channels_last))
+            return self.head(torch.flatten(torch.mean(x, dim=(2, 3), keepdim=True), 1))
+
+    torch.manual_seed(0)
+    return ResNet50().eval().to(memory_format=torch.channels_last)
+
+
+def build_resnet50(repository: Path, name: str = "resnet50") -> Callable[[int], None]:
+    """ResNet-50 as TorchScript, fp16 on the GPU with CUDA graphs: one 224x224 image a request."""
+    import torch
+
+    module = torch.jit.script(resnet50_module())
+    version = repository / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    module.save(str(version / "model.pt"))
+    (repository / name / "config.pbtxt").write_text(RESNET_CONFIG.format(name=name))
+    runtime = load_runtime(repository, name)
+    rng = np.random.default_rng(3)
+
+    def raw(batch: int) -> None:
+        runtime.infer({"IMAGE": rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)})
+
+    return raw
+
+
 WORKLOADS: dict[str, Workload] = {
     "mlp": Workload(
         name="mlp",
@@ -283,6 +362,13 @@ WORKLOADS: dict[str, Workload] = {
         raw_batch=256,
         build=build_bert_base,
         perf_args=("--input-data", "zero"),  # random int64 ids would index past the vocabulary
+    ),
+    "resnet50": Workload(
+        name="resnet50",
+        description="ResNet-50, 224x224, channels_last, fp16 + CUDA graphs, one image a request",
+        shapes=(),
+        raw_batch=256,
+        build=build_resnet50,
     ),
     "text_embedding": Workload(
         name="text_embedding",
