@@ -66,7 +66,11 @@ dynamic_batching {
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory):
     """A server with `metered` and add_sub, a JSON log and an access log file."""
-    root = tmp_path_factory.mktemp("metrics")
+    yield from serve_metered(tmp_path_factory.mktemp("metrics"))
+
+
+def serve_metered(root, extra_args: tuple[str, ...] = ()):
+    """Fixture body: (server, the metered model's folder, the access log), stopped after."""
     repository = root / "models"
     model = repository / "metered"
     (model / "1").mkdir(parents=True)
@@ -78,7 +82,7 @@ def metered(tmp_path_factory):
     process = ConvoyProcess(
         repository,
         root / "server.log",
-        extra_args=("--log-format", "json", "--access-log", str(access_log)),
+        extra_args=("--log-format", "json", "--access-log", str(access_log), *extra_args),
     )
     process.start("ready")
     try:
