@@ -300,15 +300,7 @@ class ConvoyServer:
     async def __aenter__(self) -> ConvoyServer:
         settings = self.settings
         loop = asyncio.get_running_loop()
-        if settings.payload_log_dir is not None:
-            self.payload_log = PayloadLog(
-                settings.payload_log_dir,
-                settings.payload_log_max_bytes,
-                settings.payload_log_backups,
-                settings.payload_log_max_elements,
-                settings.payload_log_queue_size,
-            )
-            self.payload_log.start()
+        self.payload_log = start_payload_log(settings)
         self.keys = load_keys(settings)  # a broken key file stops start-up, before models load
         await self.repository.__aenter__()
         if settings.usage_ledger is not None and self.usage is not None:
@@ -374,6 +366,21 @@ class ConvoyServer:
         if self.front_ends is not None:
             self.front_ends.close()
         log.info("server stopped after %.2f s", time.monotonic() - started)
+
+
+def start_payload_log(settings: ServerConfig) -> PayloadLog | None:
+    """The payload log's writer when --payload-log-dir is set (models still opt in), else None."""
+    if settings.payload_log_dir is None:
+        return None
+    payload_log = PayloadLog(
+        settings.payload_log_dir,
+        settings.payload_log_max_bytes,
+        settings.payload_log_backups,
+        settings.payload_log_max_elements,
+        settings.payload_log_queue_size,
+    )
+    payload_log.start()
+    return payload_log
 
 
 def load_keys(settings: ServerConfig) -> Keyring | None:

@@ -36,9 +36,10 @@ from convoy.types import Request
 
 from . import engine_ipc as ipc
 from . import tensors
-from .app import drain_schedulers, load_keys, start_metrics, stop_metrics
+from .app import drain_schedulers, load_keys, start_metrics, start_payload_log, stop_metrics
 from .logs import LogControl
 from .metrics import Metrics
+from .payload_log import PayloadLog
 from .repository import ModelRepository, ModelVersion
 from .service import InferenceService
 from .usage import UsageLedger
@@ -124,6 +125,7 @@ class Engine:
         self.repository = ModelRepository(settings, self.usage)
         #: API keys: the workers check requests; the engine's copy guards /metrics.
         self.keys = load_keys(settings)
+        self.payload_log: PayloadLog | None = None
         self.service: InferenceService | None = None
         self.workers = [WorkerProcess(index) for index in range(settings.workers)]
         self.http_port = 0
@@ -150,11 +152,14 @@ class Engine:
     async def __aenter__(self) -> Engine:
         settings = self.settings
         self._loop = asyncio.get_running_loop()
+        # Every request reaches a scheduler through this process's InferenceService.submit, so
+        # payload logging happens here, as in a single process.
+        self.payload_log = start_payload_log(settings)
         await self.repository.__aenter__()
         if settings.usage_ledger is not None and self.usage is not None:
             self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
             self._ledger.start()
-        self.service = InferenceService(self.repository, self._loop)
+        self.service = InferenceService(self.repository, self._loop, self.payload_log)
         try:
             for port, what in ((settings.http_port, "HTTP"), (settings.grpc_port, "gRPC")):
                 self._reserved.append(_reserve_port(settings.host, port, what))
@@ -162,7 +167,7 @@ class Engine:
             if settings.metrics_port >= 0:
                 # Keys here only guard /metrics (--auth-metrics); the workers check requests.
                 self.metrics, self._metrics_server = start_metrics(
-                    self.repository, settings, self.usage, keys=self.keys
+                    self.repository, settings, self.usage, self.payload_log, self.keys
                 )
                 self.metrics.registry.register(WorkerCollector(self.workers))
                 self.metrics_port = self._metrics_server.server_port
@@ -247,6 +252,9 @@ class Engine:
         await self.repository.__aexit__(None, None, None)
         if self._ledger is not None:
             self._ledger.close()
+        if self.payload_log is not None:
+            await asyncio.sleep(0)  # outcome callbacks scheduled by the last answers run first
+            self.payload_log.close()
         if self._channel is not None:
             self._channel.close()
         if self._context is not None:

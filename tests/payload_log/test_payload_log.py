@@ -45,7 +45,11 @@ def add_sub_copy(repository, name: str, rate: str | None) -> None:
 
 @pytest.fixture(scope="module")
 def logged_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("payload_log")
+    yield from serve_logged(tmp_path_factory.mktemp("payload_log"))
+
+
+def serve_logged(root, extra_args: tuple[str, ...] = ()):
+    """Fixture body: a server whose models opt in to payload logging at various rates."""
     repository = root / "models"
     repository.mkdir()
     add_sub_copy(repository, "logged", "1")
@@ -72,6 +76,7 @@ def logged_server(tmp_path_factory):
             str(BACKUPS),
             "--payload-log-max-elements",
             str(MAX_ELEMENTS),
+            *extra_args,
         ),
     )
     process.payload_dir = root / "payloads"
@@ -235,7 +240,9 @@ def test_fractional_rate_logs_that_fraction_of_requests(logged_server):
     logged = [line["id"] for line in lines(logged_server.payload_dir / "sampled.jsonl")]
     # Count-based sampling at 0.25: every fourth request, exactly.
     assert logged == [str(i) for i in range(3, 40, 4)]
-    # The catalog shows the rate and that the server writes it.
+
+
+def test_catalog_shows_the_sample_rate_and_that_the_log_is_on(logged_server):
     document = requests.get(f"{logged_server.base_url}/catalog.json", timeout=5).json()
     (model,) = [m for m in document["models"] if m["name"] == "sampled"]
     assert model["payload_log_sample_rate"] == 0.25
