@@ -181,6 +181,8 @@ class Keyring:
         self._buckets: dict[str, list[float]] = {}
         #: Requests refused by a key's quota, by key name (for the metrics).
         self.quota_rejections: dict[str, int] = {}
+        #: False in --workers front ends: the engine keeps the quotas, so they hold server-wide.
+        self.enforce_quotas = True
         log.info("loaded %d API keys from %s", len(self._keys), path)
 
     def __len__(self) -> int:
@@ -225,7 +227,7 @@ class Keyring:
     def admit(self, key: ApiKey) -> None:
         """Take one inference request off the key's quota; Overloaded when it has none left."""
         rate = key.rate_limit
-        if not rate:
+        if not rate or not self.enforce_quotas:
             return
         now = time.monotonic()
         bucket = self._buckets.get(key.name)
@@ -242,6 +244,14 @@ class Keyring:
                 retry_after=(1.0 - tokens) / rate,
             )
         bucket[0] = tokens - 1.0
+
+    def admit_principal(self, name: str) -> None:
+        """`admit` for the key of this name (the engine, for requests a worker let through);
+        a key revoked meanwhile has no quota left to take."""
+        for key in self._keys.values():
+            if key.name == name:
+                return self.admit(key)
+        return None
 
     # --- reloading ---------------------------------------------------------------------------------
     def _file_stamp(self) -> tuple[int, int, int] | None:

@@ -361,6 +361,12 @@ class Engine:
         except Exception as exc:  # unloaded since the worker's catalog, or not ready any more
             self._send(identity, ipc.encode_error(call_id, exc))
             return
+        if self.keys is not None and request.principal is not None:
+            try:  # quotas are counted here, where every worker's requests meet
+                self.keys.admit_principal(request.principal)
+            except ConvoyError as exc:
+                self._send(identity, ipc.encode_error(call_id, exc))
+                return
         self._in_flight[identity, call_id] = (entry, request)
         future.add_done_callback(partial(self._answer, identity, call_id, entry, request))
         self.service.submit(entry, request)

@@ -150,17 +150,21 @@ def decode_result(header, frames) -> tuple[int, Response]:
 
 
 def encode_error(call_id: int, exc: BaseException) -> list:
-    """(call id, error class name, message): a ConvoyError keeps its class (hence its status);
-    anything else was logged by the engine and travels as INTERNAL without details."""
+    """(call id, error class name, message, retry hint): a ConvoyError keeps its class (hence
+    its status) and an Overloaded its Retry-After; anything else was logged by the engine and
+    travels as INTERNAL without details."""
     if isinstance(exc, ConvoyError):
         for cls in type(exc).__mro__:
             if getattr(errors, cls.__name__, None) is cls:
-                return message(ERROR, (call_id, cls.__name__, str(exc)))
-    return message(ERROR, (call_id, "", errors.INTERNAL_MESSAGE))
+                retry_after = getattr(exc, "retry_after", None)
+                return message(ERROR, (call_id, cls.__name__, str(exc), retry_after))
+    return message(ERROR, (call_id, "", errors.INTERNAL_MESSAGE, None))
 
 
-def rebuild_error(name: str, message: str) -> BaseException:
+def rebuild_error(name: str, message: str, retry_after: float | None = None) -> BaseException:
     cls = getattr(errors, name, None) if name else None
+    if isinstance(cls, type) and issubclass(cls, errors.Overloaded) and retry_after is not None:
+        return cls(message, retry_after=retry_after)
     if isinstance(cls, type) and issubclass(cls, ConvoyError):
         return cls(message)
     return RemoteInternalError(message)

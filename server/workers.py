@@ -207,8 +207,8 @@ class EngineClient:
             if request is not None and not request.future.done():
                 request.future.set_result(response)
         elif kind == ipc.ERROR:
-            call_id, name, message = header
-            error = ipc.rebuild_error(name, message)
+            call_id, name, message, retry_after = header
+            error = ipc.rebuild_error(name, message, retry_after)
             request = self._finish(call_id)
             if request is not None:
                 if not request.future.done():
@@ -281,6 +281,8 @@ async def serve(address: str, index: int, engine_pid: int) -> int:
     client.service = service
     deadline = time.monotonic()
     keys = load_keys(settings)  # each worker checks keys itself, and rereads the file itself
+    if keys is not None:
+        keys.enforce_quotas = False  # the engine counts them, across all workers
     keys_watch = None if keys is None else loop.create_task(keys.watch())
     if keys is not None:
         loop.add_signal_handler(signal.SIGHUP, keys.request_reload)

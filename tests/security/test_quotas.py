@@ -18,7 +18,11 @@ RATE, BURST = 0.2, 2
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quotas")
+    yield from serve_limited(tmp_path_factory.mktemp("quotas"))
+
+
+def serve_limited(root, extra_args: tuple[str, ...] = ()):
+    """Fixture body: (server, the metered key, the unlimited key)."""
     keys_file = root / "keys.json"
     args = ["keys", "create", "--file", str(keys_file), "--name", "metered", "--models", "*"]
     done = convoy_cli(*args, "--rate-limit", str(RATE), "--burst", str(BURST))
@@ -27,7 +31,9 @@ def limited(tmp_path_factory):
     listing = convoy_cli("keys", "list", "--file", str(keys_file)).stdout
     assert "rate_limit=0.2/s burst=2" in listing
     process = ConvoyProcess(
-        build_repository(root), root / "server.log", extra_args=("--api-keys", str(keys_file))
+        build_repository(root),
+        root / "server.log",
+        extra_args=("--api-keys", str(keys_file), *extra_args),
     )
     for server in serve_until_stopped(process):
         yield server, metered, unlimited

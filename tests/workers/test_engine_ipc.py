@@ -73,15 +73,19 @@ def test_a_result_arrives_with_outputs_and_stage_times():
         np.testing.assert_array_equal(response.outputs[name], array)
 
 
-@pytest.mark.parametrize("error", [InvalidInput("input 'X': bad"), Overloaded("queue is full")])
-def test_convoy_errors_keep_their_class_and_message(error):
-    kind, (call_id, name, message), _ = ipc.parse(sent(ipc.encode_error(9, error)))
-    rebuilt = ipc.rebuild_error(name, message)
+@pytest.mark.parametrize(
+    "error", [InvalidInput("input 'X': bad"), Overloaded("queue is full", retry_after=2.5)]
+)
+def test_convoy_errors_keep_their_class_message_and_retry_hint(error):
+    kind, (call_id, name, message, retry_after), _ = ipc.parse(sent(ipc.encode_error(9, error)))
+    rebuilt = ipc.rebuild_error(name, message, retry_after)
     assert (kind, call_id, type(rebuilt), str(rebuilt)) == (ipc.ERROR, 9, type(error), str(error))
+    if isinstance(error, Overloaded):
+        assert rebuilt.retry_after == 2.5
 
 
 def test_unexpected_errors_travel_without_their_details():
-    _, (_, name, message), _ = ipc.parse(sent(ipc.encode_error(1, KeyError("secret path"))))
+    _, (_, name, message, _), _ = ipc.parse(sent(ipc.encode_error(1, KeyError("secret path"))))
     rebuilt = ipc.rebuild_error(name, message)
     assert isinstance(rebuilt, RemoteInternalError)
     assert "secret" not in str(rebuilt)
