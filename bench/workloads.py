@@ -65,8 +65,8 @@ class Workload:
 def load_runtime(repository: Path, name: str):
     """The model as the server runs it: the same config parsing and backend, in-process."""
     from convoy.config import ModelVersionSource
+    from convoy.engine.model_config import build_model_config, read_config_proto
     from convoy.runtimes.base import autocomplete, runtime_factory
-    from convoy.server.model_config import build_model_config, read_config_proto
 
     model_dir = repository / name
     config = build_model_config(read_config_proto(model_dir / "config.pbtxt"), model_dir)

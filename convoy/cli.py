@@ -225,7 +225,7 @@ def _usage_parser(sub) -> None:
 
 
 def _usage(args) -> int:
-    from convoy.server.usage import SUMMED, read_ledger, summarise
+    from convoy.engine.ledger import SUMMED, read_ledger, summarise
 
     try:
         rows = summarise(
@@ -390,7 +390,7 @@ def _keys(args) -> int:
 
 async def _serve(settings: ServerConfig, log_control=None) -> None:
     if settings.workers > 1:
-        from convoy.server.engine import Engine as ConvoyServer
+        from convoy.engine.process import Engine as ConvoyServer
     else:
         from convoy.server.app import ConvoyServer
 
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_keys(args))
     if args.command == "usage":
         sys.exit(_usage(args))
-    from convoy.server.logs import configure_logging
+    from convoy.logs import configure_logging
 
     log_control = configure_logging(
         getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text")

@@ -216,5 +216,5 @@ class ServerConfig:
     #: `convoy capacity` reports (capacity.json files or their folders) shown on /catalog.
     capacity_reports: tuple[Path, ...] = ()
     #: Front-end processes: 1 serves everything from this process; N > 1 starts N workers
-    #: sharing the ports in front of this process, which keeps the models (server/engine.py).
+    #: sharing the ports in front of this process, which keeps the models (engine/process.py).
     workers: int = 1

@@ -21,19 +21,18 @@ import uvicorn
 from convoy.auth import Keyring
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
-
-from .access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
-from .catalog import Catalog
-from .grpc_frontend import start_grpc_server
-from .http_frontend import HttpFrontend
-from .logs import LogControl
-from .metrics import Metrics
-from .metrics_server import start_metrics_server
-from .payload_log import PayloadLog
-from .repository import ModelRepository
-from .service import InferenceService
-from .tracing import Tracer
-from .usage import UsageLedger
+from convoy.engine.ledger import UsageLedger
+from convoy.engine.metrics import Metrics
+from convoy.engine.payload_log import PayloadLog
+from convoy.engine.repository import ModelRepository
+from convoy.engine.service import InferenceService
+from convoy.logs import LogControl
+from convoy.server.catalog.page import Catalog
+from convoy.server.grpc_api.handlers import start_grpc_server
+from convoy.server.http_api.handlers import HttpFrontend
+from convoy.server.observability.access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
+from convoy.server.observability.metrics_server import start_metrics_server
+from convoy.server.observability.tracing import Tracer
 
 log = logging.getLogger("convoy.server")
 

@@ -22,15 +22,14 @@ import time
 
 import zmq
 
+from convoy.engine import ipc
+from convoy.engine.repository import Model, ModelRepository, ModelVersion
+from convoy.engine.service import InferenceService
 from convoy.errors import EngineDead, Overloaded
+from convoy.logs import configure_logging
 from convoy.protos import model_config_pb2 as mc
+from convoy.server.app import FrontEnds, load_keys
 from convoy.types import Request
-
-from . import engine_ipc as ipc
-from .app import FrontEnds, load_keys
-from .logs import configure_logging
-from .repository import Model, ModelRepository, ModelVersion
-from .service import InferenceService
 
 log = logging.getLogger("convoy.workers")
 

@@ -32,8 +32,8 @@ HEALTH_PATHS = {"/v2/health/live", "/v2/health/ready"}
 
 
 def _exported_metric_names() -> set[str]:
-    """Metric families server/metrics.py declares, plus the series a histogram adds."""
-    text = (ROOT / "server" / "metrics.py").read_text()
+    """Metric families engine/metrics.py declares, plus the series a histogram adds."""
+    text = (ROOT / "engine" / "metrics.py").read_text()
     names = set(re.findall(r'"((?:nv|convoy)_[a-z0-9_]+)"', text))
     return names | {f"{n}_{suffix}" for n in names for suffix in ("sum", "count", "bucket")}
 

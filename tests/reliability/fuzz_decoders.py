@@ -16,8 +16,8 @@ with atheris.instrument_imports():
     from convoy.config import ModelConfig
     from convoy.datatypes import deserialize_bytes
     from convoy.errors import ConvoyError
-    from convoy.server import tensors
-    from convoy.server.http_frontend import HttpFrontend
+    from convoy.server import codec as tensors
+    from convoy.server.http_api.handlers import HttpFrontend
     from convoy.types import TensorSpec
 
 DATATYPES = ["BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "BF16", "X"]

@@ -12,8 +12,8 @@ from sentence_transformers import SentenceTransformer
 
 from convoy.cli import demo_repository
 from convoy.config import ModelVersionSource
+from convoy.engine.model_config import build_model_config, read_config_proto
 from convoy.runtimes.python import PythonRuntime
-from convoy.server.model_config import build_model_config, read_config_proto
 
 SENTENCES = [
     "A man is playing a guitar.",

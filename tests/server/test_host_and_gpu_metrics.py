@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convoy.server.metrics import GpuCollector, HostCollector
+from convoy.engine.metrics import GpuCollector, HostCollector
 
 
 def _write_proc(root, busy: int, idle: int, available_kib: int) -> None:

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from convoy.errors import InvalidInput
-from convoy.server.logs import JsonFormatter, LogControl, TextFormatter
+from convoy.logs import JsonFormatter, LogControl, TextFormatter
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from convoy.config import VersionPolicy, VersionPolicyKind
+from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
 from convoy.errors import InvalidConfig
-from convoy.server.model_config import build_model_config, complete_proto, read_config_proto
 
 VALID = """
 name: "m"

@@ -19,7 +19,7 @@ from convoy.datatypes import (
     to_wire_bytes,
 )
 from convoy.errors import InvalidInput
-from convoy.server import tensors
+from convoy.server import codec as tensors
 from convoy.types import TensorSpec
 
 FIXED_SIZE = [d for d in NUMPY_DTYPE if d != "BYTES"]

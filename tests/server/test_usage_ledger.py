@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 
 from convoy.batching.usage import UsageMeter
-from convoy.server.usage import UsageLedger, read_ledger, summarise
+from convoy.engine.ledger import UsageLedger, read_ledger, summarise
 from convoy.types import Request
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from convoy.engine import ipc
+from convoy.engine.ipc import ZERO_COPY_BYTES, RemoteInternalError
 from convoy.errors import InvalidInput, Overloaded
-from convoy.server import engine_ipc as ipc
-from convoy.server.engine_ipc import ZERO_COPY_BYTES, RemoteInternalError
 from convoy.types import Request, Response, StageTimes
 
 

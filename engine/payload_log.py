@@ -36,11 +36,10 @@ import orjson
 
 from convoy.config import ModelConfig
 from convoy.datatypes import bf16_bits_to_float32, v2_datatype_of
+from convoy.engine.repository import ModelVersion
 from convoy.errors import status_of
+from convoy.server import codec as tensors
 from convoy.types import Request, TensorSpec
-
-from . import tensors
-from .repository import ModelVersion
 
 log = logging.getLogger("convoy.payload_log")
 

@@ -31,9 +31,8 @@ from prometheus_client.utils import floatToGoString
 
 from convoy.batching.stats import Histogram, ModelStats
 from convoy.batching.usage import UsageMeter, UsageTotals
-
-from .payload_log import PayloadLog
-from .repository import ModelRepository, ModelVersion
+from convoy.engine.payload_log import PayloadLog
+from convoy.engine.repository import ModelRepository, ModelVersion
 
 log = logging.getLogger("convoy.metrics")
 

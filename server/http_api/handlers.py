@@ -21,13 +21,12 @@ import orjson
 
 from convoy.auth import ApiKey, Keyring
 from convoy.datatypes import bf16_bits_to_float32, to_wire_bytes
+from convoy.engine.service import InferenceService
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
+from convoy.logs import LogControl
+from convoy.server import codec as tensors
+from convoy.server.observability.tracing import Tracer
 from convoy.types import Request
-
-from . import tensors
-from .logs import LogControl
-from .service import InferenceService
-from .tracing import Tracer
 
 log = logging.getLogger("convoy.http")
 
@@ -103,7 +102,7 @@ class HttpFrontend:
         #: API keys; None: every endpoint is open (each route's only cost is this one check).
         self.keys = keys
         self.catalog = catalog
-        self._openapi = resources.files("convoy.server").joinpath("openapi.json").read_bytes()
+        self._openapi = resources.files("convoy.server.http_api").joinpath("openapi.json").read_bytes()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

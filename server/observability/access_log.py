@@ -19,9 +19,8 @@ from collections import deque
 import grpc
 
 from convoy.auth import Keyring
-
-from .grpc_frontend import authorization
-from .logs import make_formatter
+from convoy.logs import make_formatter
+from convoy.server.grpc_api.handlers import authorization
 
 log = logging.getLogger("convoy.access")
 

@@ -37,11 +37,10 @@ from pathlib import Path
 
 from convoy import __version__
 from convoy.batching.stats import LATENCY_BOUNDS_NS
+from convoy.engine.service import DEFAULT_PLATFORM, InferenceService
 from convoy.errors import ConvoyError
-
-from .client_snippets import example_inputs, snippets
-from .http_frontend import proto_to_dict
-from .service import DEFAULT_PLATFORM, InferenceService
+from convoy.server.catalog.snippets import example_inputs, snippets
+from convoy.server.http_api.handlers import proto_to_dict
 
 log = logging.getLogger("convoy.catalog")
 
@@ -91,7 +90,7 @@ class Catalog:
         #: (model, version) -> snapshots (monotonic s, failures, latency bucket counts), oldest first.
         self._snapshots: dict[tuple[str, int], deque] = {}
         self._reports: dict[Path, tuple[float, dict | None, str]] = {}
-        self._template = resources.files("convoy.server").joinpath("catalog.html").read_text()
+        self._template = resources.files("convoy.server.catalog").joinpath("catalog.html").read_text()
 
     # --- the document ------------------------------------------------------------------------------
     def document(self, host_header: str, server_port: int, allows=None) -> dict:

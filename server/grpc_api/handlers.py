@@ -18,6 +18,8 @@ from google.protobuf import json_format
 
 from convoy.auth import ApiKey, Keyring
 from convoy.datatypes import to_wire_bytes
+from convoy.engine.repository import ModelVersion
+from convoy.engine.service import InferenceService
 from convoy.errors import (
     ConvoyError,
     InvalidInput,
@@ -26,15 +28,12 @@ from convoy.errors import (
     Unsupported,
     status_of,
 )
+from convoy.logs import LogControl
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
+from convoy.server import codec as tensors
+from convoy.server.observability.tracing import TRACEPARENT, Tracer
 from convoy.types import Request
-
-from . import tensors
-from .logs import LogControl
-from .repository import ModelVersion
-from .service import InferenceService
-from .tracing import TRACEPARENT, Tracer
 
 log = logging.getLogger("convoy.grpc")
 

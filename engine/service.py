@@ -10,11 +10,10 @@ import asyncio
 from concurrent.futures import Future
 
 from convoy import __version__
+from convoy.engine.payload_log import PayloadLog
+from convoy.engine.repository import ModelRepository, ModelVersion
 from convoy.errors import ConvoyError, ModelLoadFailed, ModelNotFound, Unavailable
 from convoy.types import Request
-
-from .payload_log import PayloadLog
-from .repository import ModelRepository, ModelVersion
 
 EXTENSIONS = [
     "binary_tensor_data",

@@ -31,18 +31,17 @@ from prometheus_client.registry import Collector
 
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
+from convoy.engine import ipc
+from convoy.engine.ledger import UsageLedger
+from convoy.engine.metrics import Metrics
+from convoy.engine.payload_log import PayloadLog
+from convoy.engine.repository import ModelRepository, ModelVersion
+from convoy.engine.service import InferenceService
 from convoy.errors import ConvoyError, InvalidInput
+from convoy.logs import LogControl
+from convoy.server import codec as tensors
+from convoy.server.app import drain_schedulers, load_keys, start_metrics, start_payload_log, stop_metrics
 from convoy.types import Request
-
-from . import engine_ipc as ipc
-from . import tensors
-from .app import drain_schedulers, load_keys, start_metrics, start_payload_log, stop_metrics
-from .logs import LogControl
-from .metrics import Metrics
-from .payload_log import PayloadLog
-from .repository import ModelRepository, ModelVersion
-from .service import InferenceService
-from .usage import UsageLedger
 
 log = logging.getLogger("convoy.workers")
 

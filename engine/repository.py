@@ -17,13 +17,12 @@ from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
+from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
 from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
-
-from .model_config import build_model_config, complete_proto, read_config_proto
 
 log = logging.getLogger("convoy.repository")
 
