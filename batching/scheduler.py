@@ -75,6 +75,7 @@ class Scheduler:
         execution_timeout: float = 0.0,
         replace_instance: Callable[[RuntimeInstance], Awaitable[RuntimeInstance]] | None = None,
         usage: UsageMeter | None = None,
+        on_available_change: Callable[[], None] | None = None,
     ) -> None:
         """`execution_timeout` (seconds, 0 = none): a batch still running after it fails its
         requests, and its instance (whose thread is stuck) is swapped for a fresh one made by
@@ -88,6 +89,8 @@ class Scheduler:
         #: Showback (per-principal usage), when API keys are configured.
         self._usage = usage
         self._replace_instance = replace_instance
+        #: Told when `available` may have changed (an instance lost or replaced).
+        self._on_available_change = on_available_change
         #: Instances being replaced after a hung batch (their threads are abandoned) or a fatal
         #: runtime error.
         self.replacing = 0
@@ -409,7 +412,7 @@ class Scheduler:
         try:
             if error is not None:
                 raise error
-            parts = split(outputs, batch, self._batched, name)
+            parts = split(outputs, batch, self._batched, self.config)
             done = time.monotonic_ns()
             self.stats.record_batch(
                 rows, len(batch), merged - start, inferred - merged, done - inferred, reason
@@ -421,7 +424,9 @@ class Scheduler:
             self._batches_measured += 1
             timings = StageTimes(dispatched_ns, start, merged, inferred, done)
             outcome = [
-                (request, Response(part, name, self.version, timings), None)
+                (request, None, part)
+                if isinstance(part, ConvoyError)
+                else (request, Response(part, name, self.version, timings), None)
                 for request, part in zip(batch, parts, strict=True)
             ]
         except ConvoyError as exc:
@@ -544,6 +549,7 @@ class Scheduler:
         self._start_replacement(instance, close_lost=True)
 
     def _start_replacement(self, lost: RuntimeInstance, close_lost: bool) -> None:
+        self._available_changed()  # `lost` has left self._instances
         if self._closed:
             if close_lost:
                 task = self._loop.create_task(lost.close())
@@ -581,9 +587,14 @@ class Scheduler:
             return
         self._instances.append(fresh)
         self._idle.append(fresh)
+        self._available_changed()
         log.info("model '%s': instance %s replaced", self.config.name, lost.name)
         if self._queue.size:
             self._dispatch_soon()
+
+    def _available_changed(self) -> None:
+        if self._on_available_change is not None:
+            self._on_available_change()
 
     @property
     def available(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,13 @@ class ModelRepository:
         self.usage = usage
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Called (on the loop) whenever a model or version changes state, e.g. to tell the
+        #: --workers front ends (engine/remote.py).
+        self.listeners: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     async def __aenter__(self) -> ModelRepository:
         settings = self._settings
@@ -160,6 +168,7 @@ class ModelRepository:
             previous = self.models.get(name)
             if previous is None:
                 self.models[name] = model
+                self.changed()
             try:
                 proto = read_config_proto(model_dir / "config.pbtxt")
                 config = build_model_config(proto, model_dir)
@@ -192,6 +201,7 @@ class ModelRepository:
                 model.reason = f"{type(exc).__name__}: {exc}"
                 log.exception("model '%s' failed to load", name)
             self.models[name] = model
+            self.changed()
             if previous is not None and previous is not model:
                 await self._stop(previous)
             if model.state == "READY":
@@ -209,6 +219,7 @@ class ModelRepository:
             model = self.models.pop(name, None)
             if model is None:
                 raise ModelNotFound(f"model '{name}' is not loaded")
+            self.changed()
             await self._stop(model)
 
     async def _load_version(self, config: ModelConfig, model_dir: Path, version: int) -> ModelVersion:
@@ -233,6 +244,7 @@ class ModelRepository:
                 execution_timeout=self._execution_timeout(config),
                 replace_instance=replace,
                 usage=self.usage,
+                on_available_change=self.changed,
             )
             await scheduler.__aenter__()
             entry.scheduler = scheduler
