@@ -75,9 +75,17 @@ def _serve_parser(sub) -> None:
     )
     p.add_argument(
         "--model-control-mode",
-        choices=["none", "explicit"],
+        choices=["none", "explicit", "poll"],
         default="none",
-        help="explicit: load only --load-model models at start",
+        help="explicit: load only --load-model models at start; poll: load every model, then "
+        "watch the repository and load added or changed models and versions, unload removed ones",
+    )
+    p.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="with --model-control-mode poll: seconds between repository scans (default 15)",
     )
     p.add_argument(
         "--load-model",
@@ -272,6 +280,10 @@ def _settings(args) -> ServerConfig:
     for flag in ("auth_health", "auth_metrics"):
         if getattr(args, flag) == "protected" and args.api_keys is None:
             raise SystemExit(f"convoy: --{flag.replace('_', '-')} protected needs --api-keys")
+    if args.model_control_mode == "poll" and args.repository_poll_secs <= 0:
+        raise SystemExit(
+            f"convoy: --repository-poll-secs must be positive, got {args.repository_poll_secs}"
+        )
     if args.workers < 1:
         raise SystemExit(f"convoy: --workers must be at least 1, got {args.workers}")
     return ServerConfig(
@@ -286,7 +298,8 @@ def _settings(args) -> ServerConfig:
         shutdown_grace=args.shutdown_grace,
         execution_timeout=args.execution_timeout,
         isolation=args.isolation,
-        load_all=args.model_control_mode == "none",
+        load_all=args.model_control_mode in ("none", "poll"),
+        repository_poll_secs=args.repository_poll_secs if args.model_control_mode == "poll" else 0.0,
         load_models=tuple(args.load_model),
         log_level=args.log_level,
         log_format=args.log_format,

@@ -10,6 +10,7 @@ import asyncio
 from concurrent.futures import Future
 
 from convoy import __version__
+from convoy.engine.overrides import parse_load_parameters
 from convoy.engine.payload_log import PayloadLog
 from convoy.engine.repository import ModelRepository, ModelVersion
 from convoy.errors import ConvoyError, ModelLoadFailed, ModelNotFound, Unavailable
@@ -151,10 +152,16 @@ class InferenceService:
             rows = [r for r in rows if r["state"] == "READY"]
         return rows
 
-    async def load_model(self, name: str) -> None:
-        model = await self.repository.load(name)
-        if model.state != "READY":
-            raise ModelLoadFailed(f"failed to load '{name}': {model.reason}")
+    async def load_model(
+        self, name: str, parameters: dict | None = None, base64_files: bool = False
+    ) -> None:
+        """Triton's RepositoryModelLoad: `parameters` may hold a JSON `config` and
+        `file:<version>/<name>` contents (see engine/overrides.py); `base64_files`: file
+        contents come base64-encoded (HTTP)."""
+        overrides = parse_load_parameters(name, parameters or {}, base64_files)
+        model = await self.repository.load(name, overrides)
+        if model.load_error or model.state != "READY":
+            raise ModelLoadFailed(f"failed to load '{name}', {model.load_error or model.reason}")
 
     async def unload_model(self, name: str) -> None:
         await self.repository.unload(name)

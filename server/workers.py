@@ -96,8 +96,10 @@ class RemoteInferenceService(InferenceService):
     async def repository_index(self, ready_only: bool = False) -> list[dict]:
         return await self.client.call("repository_index", ready_only)
 
-    async def load_model(self, name: str) -> None:
-        await self.client.call("load_model", name)
+    async def load_model(
+        self, name: str, parameters: dict | None = None, base64_files: bool = False
+    ) -> None:
+        await self.client.call("load_model", name, parameters, base64_files)
 
     async def unload_model(self, name: str) -> None:
         await self.client.call("unload_model", name)

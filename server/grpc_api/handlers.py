@@ -263,7 +263,8 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         if self.keys is not None:
             await self._authorize(context, request.model_name, manage=True)
         try:
-            await self.service.load_model(request.model_name)
+            parameters = {k: _parameter(v) for k, v in request.parameters.items()}
+            await self.service.load_model(request.model_name, parameters)
             return pb.RepositoryModelLoadResponse()
         except Exception as exc:
             await self._abort(context, exc)

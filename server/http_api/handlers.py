@@ -221,9 +221,12 @@ class HttpFrontend:
             if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
                 if self.keys is not None:
                     self._authorize(scope, rest[2], manage=True)
-                await self._read_body(receive)
+                body = await self._read_body(receive)
                 if rest[3] == "load":
-                    await service.load_model(rest[2])
+                    parameters = self._parse_json(body).get("parameters") if body else None
+                    if parameters is not None and not isinstance(parameters, dict):
+                        raise InvalidInput("'parameters' must be a JSON object")
+                    await service.load_model(rest[2], parameters, base64_files=True)
                 else:
                     await service.unload_model(rest[2])
                 return await self._send(send, 200, b"")
