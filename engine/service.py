@@ -7,12 +7,18 @@ them as they are and the gRPC front end maps them onto its messages, so each ans
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import Future
 
 from convoy import __version__
 from convoy.engine.overrides import parse_load_parameters
 from convoy.engine.payload_log import PayloadLog
 from convoy.engine.repository import ModelRepository, ModelVersion
+from convoy.engine.shared_memory import (
+    SharedMemoryRef,
+    SharedMemoryRegistry,
+    cuda_shared_memory_unavailable,
+)
 from convoy.errors import ConvoyError, ModelLoadFailed, ModelNotFound, Unavailable
 from convoy.types import Request
 
@@ -23,6 +29,8 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "schedule_policy",
     "statistics",
+    "system_shared_memory",
+    "cuda_shared_memory",
 ]
 
 
@@ -52,6 +60,8 @@ class InferenceService:
         #: core, which would cancel them (see ConvoyServer._stop_grpc).
         self.held_rejections: asyncio.Event | None = None
         self.held_count = 0
+        #: Registered system shared-memory regions (one registry per server).
+        self.shared_memory = SharedMemoryRegistry()
 
     # --- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:
@@ -165,6 +175,45 @@ class InferenceService:
 
     async def unload_model(self, name: str) -> None:
         await self.repository.unload(name)
+
+    # --- shared memory -------------------------------------------------------------------------
+    # Async like the other control calls, so a --workers front end can forward them.
+    async def register_system_shared_memory(
+        self, name: str, key: str, offset: int, byte_size: int
+    ) -> None:
+        self.shared_memory.register(name, key, offset, byte_size)
+
+    async def unregister_system_shared_memory(self, name: str = "") -> None:
+        self.shared_memory.unregister(name)
+
+    async def system_shared_memory_status(self, name: str = "") -> list[dict]:
+        return self.shared_memory.status(name)
+
+    async def register_cuda_shared_memory(self, name: str, *_) -> None:
+        raise cuda_shared_memory_unavailable(
+            "this server has no GPU"
+            if not os.path.exists("/dev/nvidiactl")
+            else "Convoy does not open CUDA IPC handles; use system shared memory"
+        )
+
+    async def unregister_cuda_shared_memory(self, name: str = "") -> None:
+        """Nothing can be registered, so there is nothing to unregister (not an error)."""
+
+    async def cuda_shared_memory_status(self, name: str = "") -> list[dict]:
+        if name:
+            raise ModelNotFound(f"no CUDA shared memory region named '{name}' is registered")
+        return []
+
+    def read_shared_memory(self, ref: SharedMemoryRef, what: str) -> bytes:
+        """A request tensor's bytes from a registered region (loop thread)."""
+        return self.shared_memory.read(ref, what)
+
+    def check_shared_memory(self, ref: SharedMemoryRef, what: str) -> None:
+        self.shared_memory.check(ref, what)
+
+    def write_shared_memory(self, ref: SharedMemoryRef, data, what: str) -> None:
+        """Put an output's bytes into a registered region, whole or not at all."""
+        self.shared_memory.write(ref, data, what)
 
     # --- inference ------------------------------------------------------------------------------
     def submit(self, entry: ModelVersion, request: Request) -> None:

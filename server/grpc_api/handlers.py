@@ -20,6 +20,7 @@ from convoy.auth import ApiKey, Keyring
 from convoy.datatypes import to_wire_bytes
 from convoy.engine.repository import ModelVersion
 from convoy.engine.service import InferenceService
+from convoy.engine.shared_memory import SharedMemoryRef
 from convoy.errors import (
     ConvoyError,
     InvalidInput,
@@ -71,25 +72,36 @@ def decode_request(
     entry = service.repository.get(message.model_name, message.model_version)
     config = entry.config
     raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
+    refs = [_shared_memory_ref(tensor, "input") for tensor in message.inputs]
+    on_wire = sum(ref is None for ref in refs)
+    if raw and len(raw) != on_wire:
         raise InvalidInput(
-            f"raw_input_contents holds {len(raw)} tensors for {len(message.inputs)} inputs; "
-            "expected one per input"
+            f"raw_input_contents holds {len(raw)} tensors for {on_wire} inputs not in shared "
+            "memory; expected one per input"
         )
     inputs = {}
-    for index, tensor in enumerate(message.inputs):
+    raw_index = 0
+    for tensor, ref in zip(message.inputs, refs, strict=True):
         name = tensor.name
         if name in inputs:
             raise InvalidInput(f"input '{name}' appears more than once")
         spec = tensors.input_spec(config, name)
         shape = list(tensor.shape)
         tensors.check_shape(config, spec, tensor.datatype, shape)
-        if raw:
+        if ref is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{name}': set either shared memory parameters or contents, not both"
+                )
+            data = service.read_shared_memory(ref, f"input '{name}'")
+            array = tensors.from_raw(spec, tensor.datatype, shape, data)
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"input '{name}': set either raw_input_contents or contents, not both"
                 )
-            array = tensors.from_raw(spec, tensor.datatype, shape, raw[index])
+            array = tensors.from_raw(spec, tensor.datatype, shape, raw[raw_index])
+            raw_index += 1
         else:
             field = CONTENTS_FIELD.get(tensor.datatype)
             if field is None:
@@ -117,6 +129,25 @@ def decode_request(
     return entry, request
 
 
+def _shared_memory_ref(tensor, kind: str) -> SharedMemoryRef | None:
+    """The region an input or requested output names in its parameters, or None."""
+    if not tensor.parameters:
+        return None
+    parameters = {k: _parameter(v) for k, v in tensor.parameters.items()}
+    return tensors.shared_memory_ref(parameters, f"{kind} '{tensor.name}'")
+
+
+def output_refs(service: InferenceService, message) -> dict[str, SharedMemoryRef]:
+    """Requested outputs to be written into shared memory, checked against their regions."""
+    refs = {}
+    for output in message.outputs:
+        ref = _shared_memory_ref(output, "output")
+        if ref is not None:
+            service.check_shared_memory(ref, f"output '{output.name}'")
+            refs[output.name] = ref
+    return refs
+
+
 def _traceparent(context) -> str | None:
     """The client's W3C traceparent from the call's metadata, or None."""
     for key, value in context.invocation_metadata() or ():
@@ -133,15 +164,35 @@ def authorization(context) -> str | None:
     return None
 
 
-def encode_response(entry: ModelVersion, request: Request, outputs) -> pb.ModelInferResponse:
+def encode_response(
+    entry: ModelVersion,
+    request: Request,
+    outputs,
+    service: InferenceService | None = None,
+    refs: dict[str, SharedMemoryRef] | None = None,
+) -> pb.ModelInferResponse:
+    """`refs`: outputs to write into shared memory (they carry no bytes in the response)."""
     response = pb.ModelInferResponse(
         model_name=entry.config.name, model_version=str(entry.version), id=request.id
     )
-    for name, datatype, array in tensors.select_outputs(
-        entry.config, outputs, request.requested_outputs
-    ):
-        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        response.raw_output_contents.append(to_wire_bytes(array, datatype))
+    selected = tensors.select_outputs(entry.config, outputs, request.requested_outputs)
+    blobs = []
+    for name, datatype, array in selected:
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        ref = refs.get(name) if refs else None
+        blob = to_wire_bytes(array, datatype)
+        if ref is None:
+            blobs.append(blob)
+            continue
+        service.write_shared_memory(ref, blob, f"output '{name}'")
+        tensor.parameters[tensors.SHM_REGION].string_param = ref.region
+        tensor.parameters[tensors.SHM_BYTE_SIZE].int64_param = memoryview(blob).nbytes
+        if ref.offset:
+            tensor.parameters[tensors.SHM_OFFSET].int64_param = ref.offset
+        blobs.append(b"")  # keeps raw_output_contents[i] beside outputs[i]
+    # One entry per output, empty for those in shared memory: clients index the two lists
+    # together (perf_analyzer's C++ client reads raw_output_contents[i] for outputs[i]).
+    response.raw_output_contents.extend(blobs)
     return response
 
 
@@ -289,6 +340,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         """Decode, queue and await one request; a cancelled await leaves the queue too."""
         future = self.service.loop.create_future()
         entry, request = decode_request(self.service, message, future, deadline, principal)
+        refs = output_refs(self.service, message) if message.outputs else None
         self.service.submit(entry, request)
         try:
             result = await future
@@ -301,7 +353,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 self.tracer.record(
                     "grpc", entry.config.name, str(entry.version), request, future, traceparent
                 )
-        return encode_response(entry, request, result.outputs)
+        return encode_response(entry, request, result.outputs, self.service, refs)
 
     async def ModelInfer(self, request, context):
         principal = None
@@ -404,31 +456,56 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._answer(context, build)
 
-    # --- not implemented: shared memory, tracing ---------------------------------------------------
+    # --- shared memory -----------------------------------------------------------------------------
     async def _unsupported(self, context, what: str):
         await self._abort(context, Unsupported(f"{what} is not supported by Convoy"))
 
-    async def SystemSharedMemoryStatus(self, request, context):
+    async def _control(self, context, call, build):
+        """A shared-memory call: any valid key may make it (its regions serve its requests)."""
         if self.keys is not None:
-            await self._authorize(context)
-        return pb.SystemSharedMemoryStatusResponse()
+            try:
+                await self._authorize(context)
+            except BaseException:
+                call.close()
+                raise
+        try:
+            return build(await call)
+        except Exception as exc:
+            await self._abort(context, exc)
 
-    async def CudaSharedMemoryStatus(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context)
-        return pb.CudaSharedMemoryStatusResponse()
+    async def SystemSharedMemoryStatus(self, request, context):
+        def build(rows):
+            response = pb.SystemSharedMemoryStatusResponse()
+            for row in rows:
+                response.regions[row["name"]].CopyFrom(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(**row)
+                )
+            return response
+
+        call = self.service.system_shared_memory_status(request.name)
+        return await self._control(context, call, build)
 
     async def SystemSharedMemoryRegister(self, request, context):
-        await self._unsupported(context, "system shared memory")
+        call = self.service.register_system_shared_memory(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return await self._control(context, call, lambda _: pb.SystemSharedMemoryRegisterResponse())
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        await self._unsupported(context, "system shared memory")
+        call = self.service.unregister_system_shared_memory(request.name)
+        return await self._control(context, call, lambda _: pb.SystemSharedMemoryUnregisterResponse())
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        call = self.service.cuda_shared_memory_status(request.name)
+        return await self._control(context, call, lambda _: pb.CudaSharedMemoryStatusResponse())
 
     async def CudaSharedMemoryRegister(self, request, context):
-        await self._unsupported(context, "CUDA shared memory")
+        call = self.service.register_cuda_shared_memory(request.name)
+        return await self._control(context, call, lambda _: pb.CudaSharedMemoryRegisterResponse())
 
     async def CudaSharedMemoryUnregister(self, request, context):
-        await self._unsupported(context, "CUDA shared memory")
+        call = self.service.unregister_cuda_shared_memory(request.name)
+        return await self._control(context, call, lambda _: pb.CudaSharedMemoryUnregisterResponse())
 
     async def TraceSetting(self, request, context):
         if self.keys is not None:
