@@ -25,7 +25,7 @@ import zmq
 from convoy.engine import ipc
 from convoy.engine.repository import Model, ModelRepository, ModelVersion
 from convoy.engine.service import InferenceService
-from convoy.errors import EngineDead, Overloaded
+from convoy.errors import EngineDead, Overloaded, Unsupported
 from convoy.logs import configure_logging
 from convoy.protos import model_config_pb2 as mc
 from convoy.server.app import FrontEnds, load_keys
@@ -103,6 +103,13 @@ class RemoteInferenceService(InferenceService):
 
     async def unload_model(self, name: str) -> None:
         await self.client.call("unload_model", name)
+
+    async def register_system_shared_memory(self, name: str, *_) -> None:
+        # A region registered here would be unknown to the other front ends (issue 19: the
+        # registry belongs in the engine); refuse rather than work from one worker only.
+        raise Unsupported(
+            "system shared memory is not supported with --workers > 1 yet; serve with --workers 1"
+        )
 
 
 class ForwardingLogControl:
