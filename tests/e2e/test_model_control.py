@@ -31,13 +31,13 @@ CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
-def control_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one-process", "two-workers"])
+def control_server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("control")
     repository = root / "models"
     repository.mkdir()
     copy_model(repository, "versioned_latest")
-    process = ConvoyProcess(repository, root / "server.log")
+    process = ConvoyProcess(repository, root / "server.log", ("--workers", request.param))
     yield from serve_until_stopped(process)
 
 
