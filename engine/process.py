@@ -122,6 +122,8 @@ class Engine:
         self.usage = UsageMeter() if metered else None
         self._ledger: UsageLedger | None = None
         self.repository = ModelRepository(settings, self.usage)
+        # Roll-out: every worker sees the new versions before the old ones stop (issue 19).
+        self.repository.on_switch = lambda: self._publish(wait=True)
         #: API keys: the workers check requests; the engine's copy guards /metrics.
         self.keys = load_keys(settings)
         self.payload_log: PayloadLog | None = None
@@ -356,7 +358,7 @@ class Engine:
         if worker is not None:
             worker.requests += 1
         try:
-            entry = self.repository.get(model, str(version))
+            entry = self.repository.route(model, str(version))
         except Exception as exc:  # unloaded since the worker's catalog, or not ready any more
             self._send(identity, ipc.encode_error(call_id, exc))
             return

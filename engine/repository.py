@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,10 @@ class ModelRepository:
         self.usage = usage
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Awaited after a roll-out switches to new versions and before the old ones stop taking
+        #: requests: a --workers engine publishes its catalog there, so no front end routes a
+        #: request to a retired version (engine/process.py sets it).
+        self.on_switch: Callable[[], Awaitable[None]] | None = None
         #: --model-control-mode poll: the watcher and its task (None otherwise).
         self._poller: RepositoryPoller | None = None
         self._poll_task: asyncio.Task | None = None
@@ -133,6 +138,16 @@ class ModelRepository:
         if found is None:
             raise Unavailable(f"model '{name}' is not ready: {model.reason or model.state}")
         return found
+
+    def route(self, name: str, version: str) -> ModelVersion:
+        """`get` for a request a --workers front end already resolved to `version`: a version
+        being retired by a roll-out still takes it while it drains."""
+        model = self.models.get(name)
+        if model is not None and version.isdigit():
+            entry = model.versions.get(int(version))
+            if entry is not None and entry.state == "UNLOADING" and entry.scheduler is not None:
+                return entry
+        return self.get(name, version)
 
     def model(self, name: str) -> Model:
         model = self.models.get(name)
@@ -259,14 +274,26 @@ class ModelRepository:
                 model.state = "UNAVAILABLE"
                 model.reason = "; ".join(e.reason for e in fresh if e.reason)
                 model.load_error = model.reason
-            # The switch: from here every lookup finds the new versions (no await in between).
-            self.models[name] = model
+            retired = []
             if previous is not None:
                 retired = [e for n, e in previous.versions.items() if kept.get(n) is not e]
+            if retired and self.on_switch is not None:
+                # The retired versions stay reachable, UNLOADING, to requests a --workers front
+                # end routed to them before it saw the switch (see `route`); never as latest.
                 for entry in retired:
-                    await self._stop_version(entry)
-                if previous.private_dir is not None and previous.private_dir != private:
-                    discard(previous.private_dir)
+                    if entry.state == "READY":
+                        entry.state = "UNLOADING"
+                lingering = {e.version: e for e in retired if e.version not in model.versions}
+                model.versions = dict(sorted({**lingering, **model.versions}.items()))
+            # The switch: from here every lookup finds the new versions.
+            self.models[name] = model
+            if retired and self.on_switch is not None:
+                await self.on_switch()
+                model.versions = {n: e for n, e in model.versions.items() if e not in retired}
+            for entry in retired:
+                await self._stop_version(entry)
+            if previous is not None and previous.private_dir not in (None, private):
+                discard(previous.private_dir)
             if model.state == "READY":
                 log.info(
                     "model '%s' ready (versions %s, backend %s)",
