@@ -293,6 +293,8 @@ def _check(args) -> int:
         results.extend(await check_repository(args.repository.resolve()))
 
     _run(run())
+    if not results:
+        print(f"convoy check: no model folders in {args.repository}", file=sys.stderr)
     if args.junit is not None:
         write_junit(results, args.junit)
     if args.json:

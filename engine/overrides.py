@@ -72,15 +72,18 @@ def _parse_config(name: str, value: object) -> mc.ModelConfig:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidInput("load parameter 'config': expected UTF-8 JSON text") from None
-    if not isinstance(value, str):
+    if isinstance(value, dict):  # an HTTP client that sent the object itself, not its text
+        document = value
+    elif isinstance(value, str):
+        try:
+            document = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"load parameter 'config': not valid JSON: {exc}") from None
+    else:
         raise InvalidInput(
             f"load parameter 'config': expected a JSON model configuration string, got "
             f"{type(value).__name__}"
         )
-    try:
-        document = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"load parameter 'config': not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidInput("load parameter 'config': expected a JSON object (a ModelConfig)")
     proto = mc.ModelConfig()

@@ -228,3 +228,34 @@ def test_perf_analyzer_runs_with_system_shared_memory(server, tmp_path, wire):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "Throughput" in done.stdout
+
+
+def test_bytes_tensors_travel_through_regions(protocol):
+    """BYTES elements in a region are length-prefixed, as tritonclient serialises them."""
+    from tritonclient.utils import serialize_byte_tensor, serialized_byte_size
+
+    values = np.array([[b"alpha", b"", b"\x00\xffbinary"]], dtype=np.object_)
+    serialized = serialize_byte_tensor(values)
+    size = serialized_byte_size(serialized)
+    tag = f"bytes_{protocol.name}_{os.getpid()}"
+    handles = [
+        shm.create_shared_memory_region(f"bin_{tag}", f"/convoy_bin_{tag}", size),
+        shm.create_shared_memory_region(f"bout_{tag}", f"/convoy_bout_{tag}", size + 64),
+    ]
+    client = protocol.client
+    try:
+        shm.set_shared_memory_region(handles[0], [serialized])
+        client.register_system_shared_memory(f"bin_{tag}", f"/convoy_bin_{tag}", size)
+        client.register_system_shared_memory(f"bout_{tag}", f"/convoy_bout_{tag}", size + 64)
+        tensor = protocol.module.InferInput("INPUT0", [1, 3], "BYTES")
+        tensor.set_shared_memory(f"bin_{tag}", size)
+        output = protocol.module.InferRequestedOutput("OUTPUT0")
+        output.set_shared_memory(f"bout_{tag}", size + 64)
+        client.infer("identity_bytes", [tensor], outputs=[output])
+        back = shm.get_contents_as_numpy(handles[1], np.object_, [1, 3])
+        assert [bytes(v) for v in back.reshape(-1)] == list(values.reshape(-1))
+    finally:
+        client.unregister_system_shared_memory(f"bin_{tag}")
+        client.unregister_system_shared_memory(f"bout_{tag}")
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
