@@ -160,6 +160,13 @@ def test_poll_mode_loads_added_models_and_unloads_removed_ones(polled):
     write_identity_model(staging, "arrived", "INT32")
     os.rename(staging / "arrived", polled.repository / "arrived")
     poll(lambda: client.is_model_ready("arrived"), "the added model to be ready", timeout=60)
+    config = polled.repository / "arrived" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size: 8", "max_batch_size: 4"))
+    poll(
+        lambda: client.get_model_config("arrived")["max_batch_size"] == 4,
+        "the changed config to be loaded",
+        timeout=60,
+    )
     shutil.rmtree(polled.repository / "arrived")
 
     def gone() -> bool:
