@@ -52,6 +52,15 @@ CATALOG_ACK_S = 5.0
 WORKER_START_S = 60.0
 #: Control-plane methods a worker may call on the engine's InferenceService.
 CONTROL_METHODS = frozenset({"model_statistics", "repository_index", "load_model", "unload_model"})
+#: Shared-memory control (issue 19): the engine's registry is the server's; every change is
+#: published with the catalog, and each worker opens the segments itself to read and write them.
+SHARED_MEMORY_CHANGES = frozenset({"register_system_shared_memory", "unregister_system_shared_memory"})
+CONTROL_METHODS |= SHARED_MEMORY_CHANGES | {
+    "system_shared_memory_status",
+    "register_cuda_shared_memory",
+    "unregister_cuda_shared_memory",
+    "cuda_shared_memory_status",
+}
 
 
 @dataclass(eq=False)
@@ -399,7 +408,7 @@ class Engine:
             try:
                 result = await getattr(self.service, method)(*args)
             finally:
-                if method in ("load_model", "unload_model"):
+                if method in ("load_model", "unload_model") or method in SHARED_MEMORY_CHANGES:
                     # Every worker sees the new models before the caller hears it is done.
                     await self._publish(wait=True)
             frames = ipc.message(ipc.REPLY, (call_id, result))
@@ -445,7 +454,8 @@ class Engine:
             ]
             catalog.append((name, model.state, model.reason, model.config, proto, versions))
         ports = (self.http_port, self.grpc_port)
-        return ipc.message(ipc.CATALOG, (self._sequence, catalog, self.settings, ports))
+        regions = self.service.shared_memory.status() if self.service is not None else []
+        return ipc.message(ipc.CATALOG, (self._sequence, catalog, self.settings, ports, regions))
 
     async def _publish(self, wait: bool) -> None:
         self._sequence += 1

@@ -125,6 +125,22 @@ class SharedMemoryRegistry:
     def close(self) -> None:
         self.unregister()
 
+    def mirror(self, regions: list[dict]) -> list[str]:
+        """Make this registry hold exactly `regions` (status rows of the registry that owns
+        them: a --workers front end follows the engine's). Returns the problems met (a segment
+        gone since the owner registered it), one line per region not mirrored."""
+        wanted = {row["name"]: RegionStatus(**row) for row in regions}
+        for name in [n for n, r in self._regions.items() if wanted.get(n) != r.status]:
+            self.unregister(name)
+        problems = []
+        for name, status in wanted.items():
+            if name not in self._regions:
+                try:
+                    self.register(name, status.key, status.offset, status.byte_size)
+                except InvalidInput as exc:
+                    problems.append(str(exc))
+        return problems
+
     # --- data -------------------------------------------------------------------------------------
     def check(self, ref: SharedMemoryRef, what: str) -> RegionStatus:
         """The region `ref` names, with `ref` inside its registered bounds."""

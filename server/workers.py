@@ -25,7 +25,8 @@ import zmq
 from convoy.engine import ipc
 from convoy.engine.repository import Model, ModelRepository, ModelVersion
 from convoy.engine.service import InferenceService
-from convoy.errors import EngineDead, Overloaded, Unsupported
+from convoy.engine.shared_memory import SharedMemoryRegistry
+from convoy.errors import EngineDead, Overloaded
 from convoy.logs import configure_logging
 from convoy.protos import model_config_pb2 as mc
 from convoy.server.app import FrontEnds, load_keys
@@ -89,6 +90,7 @@ class RemoteInferenceService(InferenceService):
     def __init__(self, repository: MirrorRepository, loop, client: EngineClient) -> None:
         super().__init__(repository, loop)  # type: ignore[arg-type]
         self.client = client
+        self.shared_memory = client.shared_memory
 
     async def model_statistics(self, name: str = "", version: str = "") -> dict:
         return await self.client.call("model_statistics", name, version)
@@ -104,12 +106,16 @@ class RemoteInferenceService(InferenceService):
     async def unload_model(self, name: str) -> None:
         await self.client.call("unload_model", name)
 
-    async def register_system_shared_memory(self, name: str, *_) -> None:
-        # A region registered here would be unknown to the other front ends (issue 19: the
-        # registry belongs in the engine); refuse rather than work from one worker only.
-        raise Unsupported(
-            "system shared memory is not supported with --workers > 1 yet; serve with --workers 1"
-        )
+    # Shared memory: the engine's registry decides; this worker's (client.shared_memory)
+    # mirrors it from each catalog, so a region registered through any worker works from all.
+    async def register_system_shared_memory(self, *args) -> None:
+        await self.client.call("register_system_shared_memory", *args)
+
+    async def unregister_system_shared_memory(self, name: str = "") -> None:
+        await self.client.call("unregister_system_shared_memory", name)
+
+    async def system_shared_memory_status(self, name: str = "") -> list[dict]:
+        return await self.client.call("system_shared_memory_status", name)
 
 
 class ForwardingLogControl:
@@ -148,6 +154,8 @@ class EngineClient:
         self._call_of: dict[Request, int] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self.repository = MirrorRepository()
+        #: The engine's shared-memory regions, opened in this process (from each catalog).
+        self.shared_memory = SharedMemoryRegistry()
         self.settings = None
         self.ports: tuple[int, int] = (0, 0)
         self.service: RemoteInferenceService | None = None
@@ -235,8 +243,10 @@ class EngineClient:
         elif kind == ipc.LOG and self.log_control is not None:
             self.log_control.update(header)
 
-    def _on_catalog(self, sequence: int, catalog: list, settings, ports) -> None:
+    def _on_catalog(self, sequence: int, catalog: list, settings, ports, regions=()) -> None:
         self.repository.apply(self, catalog)
+        for problem in self.shared_memory.mirror(list(regions)):
+            log.warning("worker: shared memory region not mirrored: %s", problem)
         if not self._first_catalog.done():
             self.settings, self.ports = settings, ports
             self._first_catalog.set_result(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -44,12 +45,12 @@ def test_references_past_the_region_are_refused_even_inside_the_segment(segment)
 def test_an_output_bigger_than_its_byte_size_writes_nothing(segment):
     registry, key, path = segment
     registry.register("r", key, 0, 1024)
-    before = open(path, "rb").read()
+    before = Path(path).read_bytes()
     with pytest.raises(InvalidInput, match="nothing was written"):
         registry.write(SharedMemoryRef("r", 4, 0), b"too long", "output 'y'")
-    assert open(path, "rb").read() == before
+    assert Path(path).read_bytes() == before
     registry.write(SharedMemoryRef("r", 8, 16), b"12345678", "output 'y'")
-    assert open(path, "rb").read()[16:24] == b"12345678"
+    assert Path(path).read_bytes()[16:24] == b"12345678"
 
 
 def test_a_truncated_segment_is_an_error_and_is_never_extended(segment):
