@@ -33,7 +33,7 @@ for round in $(seq 1 "$rounds"); do
         extra=()
         [ "$mode" = shm ] && extra=(--shared-memory system --output-shared-memory-size 1048576)
         "$pa" -m identity_1mib -u "127.0.0.1:$port" -i "$proto" --concurrency-range "$c" \
-          --measurement-interval 3000 --stability-percentage 50 "${extra[@]}" \
+          --measurement-interval 3000 --stability-percentage 100 --max-trials 20 "${extra[@]}" \
           -f "$work/pa.csv" >/dev/null
         read -r ips p50 < <(awk -F, 'NR==2 {print $2, $10}' "$work/pa.csv")
         echo "$proto,$c,$round,$mode,$ips,$p50"
