@@ -180,6 +180,8 @@ class ServerConfig:
     #: Load every model at start; with False only `load_models` are loaded (explicit mode).
     load_all: bool = True
     load_models: tuple[str, ...] = ()
+    #: --model-control-mode poll: seconds between scans of the repository (0: no polling).
+    repository_poll_secs: float = 0.0
     strict_readiness: bool = True
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).

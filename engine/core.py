@@ -21,15 +21,17 @@ from typing import Any
 from convoy.auth import Keyring
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
-from convoy.errors import ConvoyError, InvalidInput, ModelLoadFailed, Unavailable
+from convoy.errors import ConvoyError, ModelLoadFailed, Unavailable
 from convoy.logs import LogControl
 from convoy.types import Request
 
 from .client import EngineClient, ModelEntry, parse_version
 from .ledger import UsageLedger
 from .metrics import Metrics
+from .overrides import parse_load_parameters
 from .payload_log import PayloadLog
 from .repository import ModelRepository, ModelVersion
+from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("convoy.engine")
 
@@ -63,6 +65,7 @@ class Engine(EngineClient):
         self.metrics: Metrics | None = None
         self._ledger: UsageLedger | None = None
         self._keys_watch: asyncio.Task | None = None
+        self.shared_memory = SharedMemoryRegistry()
         #: Called (on the loop) after log settings change, e.g. to tell other processes.
         self.log_listeners: list[Callable[[dict], None]] = []
 
@@ -120,6 +123,7 @@ class Engine(EngineClient):
             self.payload_log.close()
         if self.metrics is not None:
             self.metrics.close()
+        self.shared_memory.close()
 
     # --- the model table -------------------------------------------------------------------------
     def models(self) -> Mapping[str, ModelEntry]:
@@ -170,15 +174,13 @@ class Engine(EngineClient):
             rows = [r for r in rows if r["state"] == "READY"]
         return rows
 
-    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
-        if parameters:
-            raise InvalidInput(
-                f"load parameter '{sorted(parameters)[0]}' is not supported; "
-                "expected a load request without parameters"
-            )
-        model = await self.repository.load(name)
-        if model.state != "READY":
-            raise ModelLoadFailed(f"failed to load '{name}': {model.reason}")
+    async def load_model(
+        self, name: str, parameters: dict[str, Any] | None = None, base64_files: bool = False
+    ) -> None:
+        overrides = parse_load_parameters(name, parameters or {}, base64_files)
+        model = await self.repository.load(name, overrides)
+        if model.load_error or model.state != "READY":
+            raise ModelLoadFailed(f"failed to load '{name}', {model.load_error or model.reason}")
 
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await self.repository.unload(name)
@@ -193,6 +195,21 @@ class Engine(EngineClient):
                     "failures": stats.fail.count,
                 }
         return {"payload_log_on": self.payload_log is not None, "versions": versions}
+
+    # --- shared memory -----------------------------------------------------------------------------
+    # Front ends in other processes get the regions with the model table (engine/remote.py).
+    async def register_system_shared_memory(
+        self, name: str, key: str, offset: int, byte_size: int
+    ) -> None:
+        self.shared_memory.register(name, key, offset, byte_size)
+        self.repository.changed()
+
+    async def unregister_system_shared_memory(self, name: str = "") -> None:
+        self.shared_memory.unregister(name)
+        self.repository.changed()
+
+    async def system_shared_memory_status(self, name: str = "") -> list[dict]:
+        return self.shared_memory.status(name)
 
     # --- log settings ------------------------------------------------------------------------------
     def log_settings(self) -> dict[str, object]:

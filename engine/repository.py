@@ -19,6 +19,8 @@ from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
 from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
+from convoy.engine.overrides import LoadOverrides, discard, materialise
+from convoy.engine.poller import RepositoryPoller, fingerprint
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
@@ -41,6 +43,8 @@ class ModelVersion:
     stats: ModelStats = field(default_factory=ModelStats)
     scheduler: Scheduler | None = None
     instances: list[RuntimeInstance] = field(default_factory=list)
+    #: The version folder's files as loaded (see engine/poller.py: fingerprint).
+    fingerprint: str = ""
 
     @property
     def ready(self) -> bool:
@@ -57,6 +61,11 @@ class Model:
     #: The config as the ModelConfig API returns it (user's config + what Convoy filled in).
     config_proto: mc.ModelConfig | None = None
     versions: dict[int, ModelVersion] = field(default_factory=dict)
+    #: Why the last load of this model failed ("" when it succeeded); the model may still serve
+    #: its older versions (a refused roll-out).
+    load_error: str = ""
+    #: The private directory the model was loaded from (load with file overrides), or None.
+    private_dir: Path | None = None
 
     def latest_ready(self) -> ModelVersion | None:
         for number in sorted(self.versions, reverse=True):
@@ -78,6 +87,9 @@ class ModelRepository:
         #: Called (on the loop) whenever a model or version changes state, e.g. to tell the
         #: --workers front ends (engine/remote.py).
         self.listeners: list[Callable[[], None]] = []
+        #: --model-control-mode poll: the watcher and its task (None otherwise).
+        self._poller: RepositoryPoller | None = None
+        self._poll_task: asyncio.Task | None = None
 
     def changed(self) -> None:
         for listener in self.listeners:
@@ -85,11 +97,20 @@ class ModelRepository:
 
     async def __aenter__(self) -> ModelRepository:
         settings = self._settings
+        if settings.repository_poll_secs > 0:
+            self._poller = RepositoryPoller(self, settings.repository_poll_secs)
+            await self._poller.baseline()
         names = self.model_names() if settings.load_all else list(settings.load_models)
         await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        if self._poller is not None:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poller.run())
         return self
 
     async def __aexit__(self, *exc_info) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            await asyncio.gather(self._poll_task, return_exceptions=True)
+            self._poll_task = None
         await asyncio.gather(*(self.unload(name) for name in list(self.models)), return_exceptions=True)
 
     # --- queries (any thread: they only read dicts replaced whole) ---------------------------
@@ -149,61 +170,117 @@ class ModelRepository:
         return rows
 
     # --- lifecycle (loop thread) ---------------------------------------------------------------
-    def _model_dir(self, name: str) -> Path:
+    @staticmethod
+    def _check_name(name: str) -> None:
         if not _MODEL_NAME.match(name) or name in (".", ".."):
             raise InvalidInput(f"model name '{name}' may hold only letters, digits, '_', '.' and '-'")
+
+    def _model_dir(self, name: str, loading: bool = False) -> Path:
+        self._check_name(name)
         path = (self.root / name).resolve()
         if path.parent != self.root:
             raise InvalidInput(f"model name '{name}' points outside the model repository")
         if not path.is_dir():
+            if loading:  # Triton's words, which clients and tools match on
+                raise ModelNotFound(
+                    f"failed to load '{name}', failed to poll from model repository: "
+                    f"no folder '{name}' in {self.root}"
+                )
             raise ModelNotFound(f"model '{name}' is not found in the repository ({self.root})")
         return path
 
-    async def load(self, name: str) -> Model:
-        """(Re)load a model from disk. The old versions keep serving until the new ones are up."""
-        model_dir = self._model_dir(name)
+    async def load(self, name: str, overrides: LoadOverrides | None = None) -> Model:
+        """(Re)load a model, from disk or from a load request's overrides. Roll-out: the new
+        versions are loaded and warmed while the old ones serve; then requests move to them
+        and the old versions drain and unload. Versions whose config is unchanged are kept as
+        they are. When a new version fails while an old one serves, nothing moves: the old
+        versions keep serving and `Model.load_error` says why (the failed version is listed
+        UNAVAILABLE with its reason)."""
+        overrides = overrides if overrides is not None and not overrides.empty else None
+        private = None
+        if overrides is not None and overrides.files:
+            self._check_name(name)
+            private = materialise(name, overrides)
+            model_dir = private
+        else:
+            model_dir = self._model_dir(name, loading=True)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            model = Model(name=name, state="LOADING")
             previous = self.models.get(name)
-            if previous is None:
-                self.models[name] = model
-                self.changed()
+            serving = previous is not None and previous.latest_ready() is not None
             try:
-                proto = read_config_proto(model_dir / "config.pbtxt")
-                config = build_model_config(proto, model_dir)
-                available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-                chosen = config.version_policy.select(available)
-                if not chosen:
-                    raise ModelNotFound(
-                        f"{model_dir}: no version folder matches the version policy "
-                        f"(found {sorted(available) or 'none'})"
-                    )
-                # What the model file itself declares fills what config.pbtxt left out.
-                newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
-                config = autocomplete(runtime_factory(config.backend), newest)
-                model.config = config
-                model.config_proto = complete_proto(proto, config)
-                results = await asyncio.gather(
-                    *(self._load_version(config, model_dir, v) for v in chosen)
-                )
-                model.versions = {entry.version: entry for entry in results}
-                if any(entry.ready for entry in results):
-                    model.state, model.reason = "READY", ""
-                else:
-                    model.state = "UNAVAILABLE"
-                    model.reason = "; ".join(e.reason for e in results if e.reason)
-            except ConvoyError as exc:
-                model.state, model.reason = "UNAVAILABLE", str(exc)
-                log.error("model '%s' failed to load: %s", name, exc)
+                proto, config, chosen = self._plan(model_dir, overrides)
+            except InvalidInput:
+                discard(private)
+                raise
             except Exception as exc:
+                discard(private)
+                reason = str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, ConvoyError):
+                    log.exception("model '%s' failed to load", name)
+                else:
+                    log.error("model '%s' failed to load: %s", name, reason)
+                if serving:
+                    previous.load_error = reason
+                    return previous
+                failed = Model(name=name, state="UNAVAILABLE", reason=reason, load_error=reason)
+                self.models[name] = failed
+                self.changed()
+                if previous is not None:
+                    await self._stop(previous)
+                return failed
+            model = Model(name=name, state="LOADING", config=config, private_dir=private)
+            model.config_proto = complete_proto(proto, config)
+            kept: dict[int, ModelVersion] = {}
+            if previous is not None and private is None and previous.private_dir is None:
+                for number in chosen:
+                    old = previous.versions.get(number)
+                    if (
+                        old is not None
+                        and old.ready
+                        and old.config == config
+                        and old.fingerprint == fingerprint(model_dir / str(number))
+                    ):
+                        kept[number] = old
+            fresh = await asyncio.gather(
+                *(self._load_version(config, model_dir, v) for v in chosen if v not in kept)
+            )
+            failed_new = [entry for entry in fresh if not entry.ready]
+            if failed_new and serving:
+                # Roll-out refused: the old versions keep every request.
+                reason = "; ".join(f"version {e.version}: {e.reason}" for e in failed_new)
+                for entry in fresh:
+                    if entry.ready:
+                        await self._stop_version(entry)
+                versions = dict(previous.versions)
+                for entry in failed_new:
+                    versions.setdefault(entry.version, entry)
+                previous.versions = versions
+                previous.load_error = reason
+                self.changed()
+                log.error("model '%s': new version failed, old versions keep serving: %s", name, reason)
+                discard(private)
+                return previous
+            model.versions = {**kept, **{entry.version: entry for entry in fresh}}
+            model.versions = dict(sorted(model.versions.items()))
+            if any(entry.ready for entry in model.versions.values()):
+                model.state, model.reason = "READY", ""
+            else:
                 model.state = "UNAVAILABLE"
-                model.reason = f"{type(exc).__name__}: {exc}"
-                log.exception("model '%s' failed to load", name)
+                model.reason = "; ".join(e.reason for e in fresh if e.reason)
+                model.load_error = model.reason
+            retired = []
+            if previous is not None:
+                retired = [e for n, e in previous.versions.items() if kept.get(n) is not e]
+            # The switch: from here every lookup finds the new versions.
             self.models[name] = model
+            # Front ends in other processes learn of it now; a request one of them already
+            # sent to a retired version of "latest" is routed by the engine to the new latest.
             self.changed()
-            if previous is not None and previous is not model:
-                await self._stop(previous)
+            for entry in retired:
+                await self._stop_version(entry)
+            if previous is not None and previous.private_dir not in (None, private):
+                discard(previous.private_dir)
             if model.state == "READY":
                 log.info(
                     "model '%s' ready (versions %s, backend %s)",
@@ -212,6 +289,33 @@ class ModelRepository:
                     model.config.backend,
                 )
             return model
+
+    def _plan(
+        self, model_dir: Path, overrides: LoadOverrides | None
+    ) -> tuple[mc.ModelConfig, ModelConfig, list[int]]:
+        """The config (completed from the model file) and the versions to serve."""
+        if overrides is not None and overrides.config is not None:
+            proto = mc.ModelConfig()
+            proto.CopyFrom(overrides.config)
+            try:
+                config = build_model_config(proto, model_dir)
+            except InvalidConfig as exc:
+                where = f"{model_dir / 'config.pbtxt'}: "
+                raise InvalidInput(f"load parameter 'config': {str(exc).removeprefix(where)}") from None
+        else:
+            proto = read_config_proto(model_dir / "config.pbtxt")
+            config = build_model_config(proto, model_dir)
+        available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        chosen = config.version_policy.select(available)
+        if not chosen:
+            raise ModelNotFound(
+                f"{model_dir}: no version folder matches the version policy "
+                f"(found {sorted(available) or 'none'})"
+            )
+        # What the model file itself declares fills what config.pbtxt left out.
+        newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
+        config = autocomplete(runtime_factory(config.backend), newest)
+        return proto, config, chosen
 
     async def unload(self, name: str) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())
@@ -223,7 +327,9 @@ class ModelRepository:
             await self._stop(model)
 
     async def _load_version(self, config: ModelConfig, model_dir: Path, version: int) -> ModelVersion:
-        entry = ModelVersion(config=config, version=version)
+        entry = ModelVersion(
+            config=config, version=version, fingerprint=fingerprint(model_dir / str(version))
+        )
         source = ModelVersionSource(config=config, version=version, path=model_dir / str(version))
         try:
             factory = runtime_factory(config.backend)
@@ -302,15 +408,20 @@ class ModelRepository:
 
     async def _stop(self, model: Model) -> None:
         for entry in model.versions.values():
-            entry.state = "UNLOADING"
-            if entry.scheduler is not None:
-                await entry.scheduler.close(self._settings.shutdown_grace)
-                # Close the instances working now (not those abandoned in a hung batch).
-                entry.instances = entry.scheduler.instances
-                entry.scheduler = None
-            await self._close_instances(entry)
-            entry.state = "UNAVAILABLE"
-            entry.reason = "unloaded"
+            await self._stop_version(entry)
+        discard(model.private_dir)
+
+    async def _stop_version(self, entry: ModelVersion) -> None:
+        """Drain a version (it finishes what it holds, new requests are refused), then unload."""
+        entry.state = "UNLOADING"
+        if entry.scheduler is not None:
+            await entry.scheduler.close(self._settings.shutdown_grace)
+            # Close the instances working now (not those abandoned in a hung batch).
+            entry.instances = entry.scheduler.instances
+            entry.scheduler = None
+        await self._close_instances(entry)
+        entry.state = "UNAVAILABLE"
+        entry.reason = "unloaded"
 
     @staticmethod
     async def _close_instances(entry: ModelVersion) -> None:

@@ -62,7 +62,9 @@ def _parse(frame: bytes, kind):
 def test_infer_message_round_trips_every_datatype(arrays, call):
     writer = FrameWriter()
     metas = writer.tensors(arrays)
-    writer.add(Infer(call, "m", 3, "id", ("OUT",), 1, 0, 0, None, {"p": 1, "s": "x"}, 5, None, metas))
+    writer.add(
+        Infer(call, "m", 3, True, "id", ("OUT",), 1, 0, 0, None, {"p": 1, "s": "x"}, 5, None, metas)
+    )
     [message], data = _parse(_frame_bytes(writer), ToEngine)
     assert isinstance(message, Infer) and message.call == call and message.parameters["s"] == "x"
     back = read_tensors(message.inputs, data)
