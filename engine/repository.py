@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convoy.batching.scheduler import Scheduler
+from convoy.batching.sequence import SequenceScheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
@@ -224,7 +225,9 @@ class ModelRepository:
             async def replace(lost: RuntimeInstance) -> RuntimeInstance:
                 return await self._start_instance(factory, source, lost.index)
 
-            scheduler = Scheduler(
+            # A model with sequence_batching gets the sequence batcher instead.
+            kind = SequenceScheduler if config.sequence_batching is not None else Scheduler
+            scheduler = kind(
                 config,
                 str(version),
                 entry.instances,
