@@ -455,7 +455,7 @@ def complete_proto(proto: mc.ModelConfig, config: ModelConfig) -> mc.ModelConfig
     full.CopyFrom(proto)
     full.name = config.name
     full.max_batch_size = config.max_batch_size
-    if not full.backend:
+    if not full.backend and config.ensemble is None:
         full.backend = config.backend
     if not full.input:
         for spec in config.inputs:
@@ -463,7 +463,7 @@ def complete_proto(proto: mc.ModelConfig, config: ModelConfig) -> mc.ModelConfig
     if not full.output:
         for spec in config.outputs:
             _fill_tensor(full.output.add(), spec)
-    if not full.instance_group:
+    if not full.instance_group and config.ensemble is None:
         for group in config.instance_groups:
             full.instance_group.add(
                 name=group.name,

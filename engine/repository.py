@@ -17,13 +17,15 @@ from convoy.batching.scheduler import Scheduler
 from convoy.batching.sequence import SequenceScheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
-from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
+from convoy.config import EnsembleStep, ModelConfig, ModelVersionSource, ServerConfig
+from convoy.engine.ensemble import EnsembleScheduler, plan_ensemble
 from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
 from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
+from convoy.types import Request
 
 log = logging.getLogger("convoy.repository")
 
@@ -75,12 +77,37 @@ class ModelRepository:
         self.usage = usage
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Loads started by `_ensure_loaded` (start-up, an ensemble's composing models).
+        self._loads: dict[str, asyncio.Task] = {}
+        #: How an ensemble submits its steps: the InferenceService replaces this with its own
+        #: submit, so step requests take the front ends' path.
+        self.submit_step = _submit_to_scheduler
 
     async def __aenter__(self) -> ModelRepository:
         settings = self._settings
         names = self.model_names() if settings.load_all else list(settings.load_models)
-        await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        await asyncio.gather(*(self._ensure_loaded(name) for name in names), return_exceptions=True)
         return self
+
+    async def _ensure_loaded(self, name: str, chain: tuple[str, ...] = ()) -> None:
+        """Load `name` unless it is loaded or being loaded (then wait for that load)."""
+        if name in chain:
+            raise InvalidConfig(
+                f"ensembles include each other in a cycle: {' -> '.join([*chain, name])}"
+            )
+        running = self._loads.get(name)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        if name in self.models and self.models[name].state != "LOADING":
+            return
+        task = asyncio.ensure_future(self.load(name, chain))
+        self._loads[name] = task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if self._loads.get(name) is task and task.done():
+                del self._loads[name]
 
     async def __aexit__(self, *exc_info) -> None:
         await asyncio.gather(*(self.unload(name) for name in list(self.models)), return_exceptions=True)
@@ -111,7 +138,11 @@ class ModelRepository:
             return found
         found = model.latest_ready()
         if found is None:
-            raise Unavailable(f"model '{name}' is not ready: {model.reason or model.state}")
+            reason = model.reason
+            for entry in model.versions.values():
+                if entry.state == "READY" and entry.scheduler is not None:
+                    reason = reason or entry.scheduler.restart_reason
+            raise Unavailable(f"model '{name}' is not ready: {reason or model.state}")
         return found
 
     def model(self, name: str) -> Model:
@@ -152,8 +183,9 @@ class ModelRepository:
             raise ModelNotFound(f"model '{name}' is not found in the repository ({self.root})")
         return path
 
-    async def load(self, name: str) -> Model:
-        """(Re)load a model from disk. The old versions keep serving until the new ones are up."""
+    async def load(self, name: str, _chain: tuple[str, ...] = ()) -> Model:
+        """(Re)load a model from disk. The old versions keep serving until the new ones are up.
+        An ensemble loads its composing models first (those not loaded yet)."""
         model_dir = self._model_dir(name)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -165,20 +197,27 @@ class ModelRepository:
                 proto = read_config_proto(model_dir / "config.pbtxt")
                 config = build_model_config(proto, model_dir)
                 available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+                if config.ensemble is not None and not available:
+                    available = [1]  # an ensemble has no files: its version folder is optional
                 chosen = config.version_policy.select(available)
                 if not chosen:
                     raise ModelNotFound(
                         f"{model_dir}: no version folder matches the version policy "
                         f"(found {sorted(available) or 'none'})"
                     )
-                # What the model file itself declares fills what config.pbtxt left out.
-                newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
-                config = autocomplete(runtime_factory(config.backend), newest)
-                model.config = config
-                model.config_proto = complete_proto(proto, config)
-                results = await asyncio.gather(
-                    *(self._load_version(config, model_dir, v) for v in chosen)
-                )
+                if config.ensemble is not None:
+                    model.config = config
+                    model.config_proto = complete_proto(proto, config)
+                    results = await self._load_ensemble(config, model_dir, chosen, (*_chain, name))
+                else:
+                    # What the model file itself declares fills what config.pbtxt left out.
+                    newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
+                    config = autocomplete(runtime_factory(config.backend), newest)
+                    model.config = config
+                    model.config_proto = complete_proto(proto, config)
+                    results = await asyncio.gather(
+                        *(self._load_version(config, model_dir, v) for v in chosen)
+                    )
                 model.versions = {entry.version: entry for entry in results}
                 if any(entry.ready for entry in results):
                     model.state, model.reason = "READY", ""
@@ -248,6 +287,54 @@ class ModelRepository:
             await self._close_instances(entry)
         return entry
 
+    async def _load_ensemble(
+        self, config: ModelConfig, model_dir: Path, versions: list[int], chain: tuple[str, ...]
+    ) -> list[ModelVersion]:
+        """Load the composing models not loaded yet, check the graph, start one executor per
+        version. The ensemble is unavailable whenever a composing model is (checked live)."""
+        where = model_dir / "config.pbtxt"
+        for index, step in enumerate(config.ensemble.steps):
+            try:
+                await self._ensure_loaded(step.model_name, chain)
+            except ConvoyError as exc:
+                raise InvalidConfig(
+                    f"{where}: ensemble_scheduling.step[{index}]: model '{step.model_name}': {exc}"
+                ) from None
+
+        def composing(index: int, step: EnsembleStep) -> ModelConfig:
+            field = f"{where}: ensemble_scheduling.step[{index}]"
+            model = self.models.get(step.model_name)
+            if model is None or model.config is None:
+                reason = model.reason if model is not None else "not loaded"
+                raise InvalidConfig(
+                    f"{field}: composing model '{step.model_name}' failed to load: {reason}"
+                )
+            if step.model_version != -1 and step.model_version not in model.versions:
+                raise InvalidConfig(
+                    f"{field}.model_version: model '{step.model_name}' has no version "
+                    f"{step.model_version} (served: {sorted(model.versions)})"
+                )
+            return model.config
+
+        plan = plan_ensemble(config, composing, str(where))
+        entries = []
+        for version in versions:
+            entry = ModelVersion(config=config, version=version)
+            scheduler = EnsembleScheduler(
+                config,
+                str(version),
+                plan,
+                self.get,
+                lambda target, request: self.submit_step(target, request),
+                entry.stats,
+                config.ensemble.max_inflight_requests or self._settings.max_queue_size,
+            )
+            await scheduler.__aenter__()
+            entry.scheduler = scheduler
+            entry.state = "READY"
+            entries.append(entry)
+        return entries
+
     async def _start_instance(self, factory, source: ModelVersionSource, index: int) -> RuntimeInstance:
         """Create, load and warm up instance `index` of a model version on its own thread."""
         config = source.config
@@ -311,3 +398,14 @@ class ModelRepository:
             except Exception:
                 log.exception("closing instance %s failed", instance.name)
         entry.instances = []
+
+
+def _submit_to_scheduler(entry: ModelVersion, request: Request) -> None:
+    """Queue a request on its model's scheduler; an error goes to its future."""
+    try:
+        if entry.scheduler is None:
+            raise Unavailable(f"model '{entry.config.name}' is not ready")
+        entry.scheduler.submit(request)
+    except ConvoyError as exc:
+        if not request.future.done():
+            request.future.set_exception(exc)

@@ -41,6 +41,8 @@ class InferenceService:
         payload_log: PayloadLog | None = None,
     ) -> None:
         self.repository = repository
+        # Ensemble steps reach their composing models through this service's submit.
+        repository.submit_step = self.submit
         self.loop = loop
         #: Sampled payloads of opted-in models (--payload-log-dir), or None.
         self.payload_log = payload_log

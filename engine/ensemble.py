@@ -1,0 +1,483 @@
+"""Ensembles (`platform: "ensemble"`): a graph of composing models served as one model.
+
+`plan_ensemble` checks the graph at load as Triton does (every composing input mapped, every
+ensemble output produced, no tensor written twice, no cycle, compatible datatypes and shapes)
+and orders its steps. `EnsembleScheduler` is the ensemble version's scheduler: the front ends
+submit to it like to any model, and it submits each step to its composing model through the
+same path (InferenceService.submit), as soon as the step's inputs exist, so independent
+branches run at once and every composing model batches ensemble and direct traffic together.
+Tensors pass from step to step as the arrays the composing model returned (no copy); an error
+or a cancellation ends the request and stops its remaining steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from convoy.batching.scheduler import _resolve
+from convoy.batching.stats import ModelStats
+from convoy.config import EnsembleStep, ModelConfig
+from convoy.datatypes import NUMPY_DTYPE
+from convoy.errors import (
+    Cancelled,
+    ConvoyError,
+    InferenceFailed,
+    InvalidConfig,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+)
+from convoy.types import Request, RequestState, Response, StepTiming, TensorSpec
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedStep:
+    index: int
+    step: EnsembleStep
+    #: Ensemble tensors the step reads and writes.
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EnsemblePlan:
+    steps: tuple[PlannedStep, ...]
+    #: Ensemble tensor -> steps that read it.
+    readers: dict[str, tuple[int, ...]]
+
+
+def _full_shape(spec: TensorSpec, batching: bool) -> tuple[int, ...]:
+    return (-1, *spec.dims) if batching else spec.dims
+
+
+def _compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b, strict=True))
+
+
+def plan_ensemble(
+    config: ModelConfig, composing: Callable[[int, EnsembleStep], ModelConfig], where: str
+) -> EnsemblePlan:
+    """Validate the ensemble's graph against its composing models' configs (`composing(index,
+    step)`); errors name the step and the tensor."""
+    assert config.ensemble is not None
+
+    def fail(message: str) -> InvalidConfig:
+        return InvalidConfig(f"{where}: ensemble_scheduling: {message}")
+
+    batching = config.max_batch_size > 0
+    #: Ensemble tensor -> (V2 datatype, full shape, who wrote it).
+    known: dict[str, tuple[str, tuple[int, ...], str]] = {
+        spec.name: (spec.datatype, _full_shape(spec, batching), "ensemble input")
+        for spec in config.inputs
+    }
+    optional_inputs = {spec.name for spec in config.inputs if spec.optional}
+    producers: dict[str, int] = {}
+    planned: list[PlannedStep] = []
+    models: list[ModelConfig] = []
+    for index, step in enumerate(config.ensemble.steps):
+        label = f"step[{index}] (model '{step.model_name}')"
+        model = composing(index, step)
+        models.append(model)
+        step_batching = model.max_batch_size > 0
+        if batching and model.max_batch_size < config.max_batch_size:
+            raise fail(
+                f"{label}: max_batch_size {model.max_batch_size} is less than the ensemble's "
+                f"{config.max_batch_size}"
+            )
+        for name in step.input_map:
+            if model.input(name) is None:
+                raise fail(
+                    f"{label}: input_map names '{name}', which is not an input of the model "
+                    f"(inputs: {[s.name for s in model.inputs]})"
+                )
+        for spec in model.inputs:
+            if spec.name not in step.input_map and not spec.optional:
+                raise fail(f"{label}: input '{spec.name}' is not mapped in input_map")
+        for name in step.output_map:
+            if model.output(name) is None:
+                raise fail(
+                    f"{label}: output_map names '{name}', which is not an output of the "
+                    f"model (outputs: {[s.name for s in model.outputs]})"
+                )
+        for output_name, tensor in step.output_map.items():
+            if tensor in known or tensor in producers:
+                first = known[tensor][2] if tensor in known else f"step[{producers[tensor]}]"
+                raise fail(
+                    f"{label}: output '{output_name}' writes ensemble tensor '{tensor}', "
+                    f"which {first} already writes"
+                )
+            producers[tensor] = index
+        planned.append(
+            PlannedStep(
+                index,
+                step,
+                tuple(dict.fromkeys(step.input_map.values())),
+                tuple(step.output_map.values()),
+            )
+        )
+    for tensor in {t for p in planned for t in p.reads}:
+        if tensor not in known and tensor not in producers:
+            readers = [f"step[{p.index}]" for p in planned if tensor in p.reads]
+            raise fail(
+                f"ensemble tensor '{tensor}' read by {', '.join(readers)} is neither an "
+                "ensemble input nor written by any step"
+            )
+    # Order the steps (Kahn): a step is ready once every tensor it reads is known.
+    order: list[int] = []
+    done: set[str] = set(known)
+    remaining = list(planned)
+    while remaining:
+        ready = [p for p in remaining if all(t in done for t in p.reads)]
+        if not ready:
+            cycle = ", ".join(f"step[{p.index}] (model '{p.step.model_name}')" for p in remaining)
+            raise fail(f"the steps form a cycle: {cycle} each wait for another's output")
+        for p in ready:
+            remaining.remove(p)
+            order.append(p.index)
+            model = models[p.index]
+            step_batching = model.max_batch_size > 0
+            label = f"step[{p.index}] (model '{p.step.model_name}')"
+            for input_name, tensor in p.step.input_map.items():
+                spec = model.input(input_name)
+                datatype, shape, writer = known[tensor]
+                if datatype != spec.datatype:
+                    raise fail(
+                        f"{label}: input '{input_name}' expects {spec.datatype}, but "
+                        f"ensemble tensor '{tensor}' ({writer}) is {datatype}"
+                    )
+                if not _compatible(shape, _full_shape(spec, step_batching)):
+                    raise fail(
+                        f"{label}: input '{input_name}' expects shape "
+                        f"{list(_full_shape(spec, step_batching))}, but ensemble tensor "
+                        f"'{tensor}' ({writer}) has shape {list(shape)}"
+                    )
+                if tensor in optional_inputs and not spec.optional:
+                    raise fail(
+                        f"{label}: input '{input_name}' is required, but ensemble input "
+                        f"'{tensor}' that feeds it is optional"
+                    )
+            for output_name, tensor in p.step.output_map.items():
+                spec = model.output(output_name)
+                known[tensor] = (spec.datatype, _full_shape(spec, step_batching), label)
+                done.add(tensor)
+    for spec in config.outputs:
+        if spec.name not in producers:
+            raise fail(f"ensemble output '{spec.name}' is not written by any step's output_map")
+        datatype, shape, writer = known[spec.name]
+        if datatype != spec.datatype:
+            raise fail(
+                f"ensemble output '{spec.name}' is declared {spec.datatype}, but {writer} "
+                f"writes {datatype}"
+            )
+        if not _compatible(shape, _full_shape(spec, batching)):
+            raise fail(
+                f"ensemble output '{spec.name}' is declared with shape "
+                f"{list(_full_shape(spec, batching))}, but {writer} writes {list(shape)}"
+            )
+    readers: dict[str, list[int]] = {}
+    for p in planned:
+        for tensor in p.reads:
+            readers.setdefault(tensor, []).append(p.index)
+    return EnsemblePlan(steps=tuple(planned), readers={k: tuple(v) for k, v in readers.items()})
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """One ensemble request in progress."""
+
+    request: Request
+    tensors: dict[str, np.ndarray]
+    #: Tensors each step still waits for.
+    waiting: list[int]
+    #: Steps submitted and not finished: step index -> (entry, step request).
+    running: dict[int, tuple] = field(default_factory=dict)
+    finished_steps: int = 0
+    done: bool = False
+    timings: list[StepTiming] = field(default_factory=list)
+
+
+class EnsembleScheduler:
+    """The scheduler of an ensemble version (same surface as batching.Scheduler)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        version: str,
+        plan: EnsemblePlan,
+        resolve: Callable[[str, str], object],
+        submit: Callable[[object, Request], None],
+        stats: ModelStats,
+        max_inflight: int,
+    ) -> None:
+        """`resolve(model, version)`: the composing model version to use now (raises when it is
+        not ready); `submit(entry, request)`: the engine's submit path."""
+        self.config = config
+        self.version = version
+        self.stats = stats
+        self.plan = plan
+        self.replacing = 0
+        self._resolve = resolve
+        self._submit = submit
+        self._max_inflight = max_inflight
+        self._runs: dict[Request, _Run] = {}
+        self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batching = config.max_batch_size > 0
+
+    async def __aenter__(self) -> EnsembleScheduler:
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        return self
+
+    async def close(self, grace: float = 30.0) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + grace
+        while self._runs and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for run in list(self._runs.values()):
+            self._fail(run, Unavailable(f"model '{self.config.name}' is shutting down"))
+
+    # --- state the repository reads -------------------------------------------------------------
+    def _unready(self) -> str:
+        for planned in self.plan.steps:
+            step = planned.step
+            try:
+                self._resolve(step.model_name, _version(step))
+            except ConvoyError as exc:
+                return f"composing model '{step.model_name}' (step[{planned.index}]) is not ready: {exc}"
+        return ""
+
+    @property
+    def available(self) -> bool:
+        return not self._unready()
+
+    @property
+    def restart_reason(self) -> str:
+        return self._unready()
+
+    @property
+    def instances(self) -> list:
+        return []
+
+    @property
+    def queued(self) -> int:
+        return 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._runs)
+
+    @property
+    def queue_depths(self) -> tuple[int, ...]:
+        return ()
+
+    # --- requests ---------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        name = self.config.name
+        if not self._accepting:
+            raise Unavailable(f"model '{name}' is not accepting requests")
+        if len(self._runs) >= self._max_inflight:
+            now = time.monotonic_ns()
+            self.stats.record_rejection("queue_full", now - (request.received_ns or now))
+            raise Overloaded(
+                f"ensemble '{name}' has {len(self._runs)} requests in progress "
+                f"(max_inflight_requests); retry later"
+            )
+        request.state = RequestState.RUNNING
+        request.queued_ns = time.monotonic_ns()
+        waiting = [len(p.reads) for p in self.plan.steps]
+        run = _Run(request, dict(request.inputs), waiting)
+        self._runs[request] = run
+        # Every ensemble input is known now (an optional one the request left out: absent).
+        for spec in self.config.inputs:
+            self._arrived(run, spec.name, launch=False)
+        add_done = getattr(request.future, "add_done_callback", None)
+        if add_done is not None:
+            # The caller gave up (cancelled its future): stop the remaining steps.
+            add_done(lambda _future: self._loop.call_soon_threadsafe(self._abandon, run))
+        for index, count in enumerate(run.waiting):
+            if run.done:
+                break
+            if count == 0:
+                self._launch(run, index)
+
+    def cancel(self, request: Request) -> None:
+        run = self._runs.get(request)
+        if run is not None:
+            self._fail(run, Cancelled("request cancelled by the client"), reason="CANCELED")
+
+    def _abandon(self, run: _Run) -> None:
+        if not run.done:
+            self._fail(run, Cancelled("request cancelled by the client"), reason="CANCELED")
+
+    def _arrived(self, run: _Run, tensor: str, launch: bool = True) -> None:
+        for index in self.plan.readers.get(tensor, ()):
+            run.waiting[index] -= 1
+            if launch and run.waiting[index] == 0 and not run.done:
+                self._launch(run, index)
+
+    def _launch(self, run: _Run, index: int) -> None:
+        planned = self.plan.steps[index]
+        step = planned.step
+        label = f"ensemble '{self.config.name}' step[{index}] (model '{step.model_name}')"
+        try:
+            entry = self._resolve(step.model_name, _version(step))
+            model: ModelConfig = entry.config
+            inputs = {}
+            for input_name, tensor in step.input_map.items():
+                array = run.tensors.get(tensor)
+                if array is None:
+                    continue  # an optional input the request left out
+                spec = model.input(input_name)
+                inputs[input_name] = _conform(array, spec, model, f"{label}: input '{input_name}'")
+            rows = 1
+            if model.max_batch_size > 0 and inputs:
+                rows = next(iter(inputs.values())).shape[0]
+        except ConvoyError as exc:
+            self._fail(run, _prefixed(exc, label))
+            return
+        except Exception as exc:
+            self._fail(run, InferenceFailed(f"{label}: {type(exc).__name__}: {exc}"))
+            return
+        parent = run.request
+        future = self._loop.create_future()
+        step_request = Request(
+            id=parent.id,
+            inputs=inputs,
+            requested_outputs=tuple(step.output_map),
+            rows=rows,
+            future=future,
+            timeout_us=parent.timeout_us,
+            deadline=parent.deadline,
+            parameters=parent.parameters,
+            received_ns=time.monotonic_ns(),
+            principal=parent.principal,
+        )
+        run.running[index] = (entry, step_request)
+        future.add_done_callback(lambda f: self._step_done(run, index, entry, step_request, f))
+        self._submit(entry, step_request)
+
+    def _step_done(self, run: _Run, index: int, entry, step_request: Request, future) -> None:
+        run.running.pop(index, None)
+        if run.done:
+            return
+        step = self.plan.steps[index].step
+        label = f"ensemble '{self.config.name}' step[{index}] (model '{step.model_name}')"
+        if future.cancelled():
+            self._fail(run, Cancelled(f"{label}: cancelled"), reason="CANCELED")
+            return
+        error = future.exception()
+        if error is not None:
+            self._fail(run, _prefixed(error, label))
+            return
+        response: Response = future.result()
+        model: ModelConfig = entry.config
+        run.timings.append(
+            StepTiming(
+                index,
+                model.name,
+                str(entry.version),
+                step_request.received_ns,
+                step_request.queued_ns,
+                time.monotonic_ns(),
+                response.timings,
+            )
+        )
+        for output_name, tensor in step.output_map.items():
+            array = response.outputs.get(output_name)
+            if array is None:
+                self._fail(run, InferenceFailed(f"{label}: did not produce output '{output_name}'"))
+                return
+            spec = model.output(output_name)
+            wanted = NUMPY_DTYPE[spec.datatype]
+            if spec.datatype != "BYTES" and array.dtype != wanted:
+                array = array.astype(wanted)
+            run.tensors[tensor] = array
+        run.finished_steps += 1
+        if run.finished_steps == len(self.plan.steps):
+            self._succeed(run)
+            return
+        for tensor in step.output_map.values():
+            self._arrived(run, tensor)
+            if run.done:
+                return
+
+    def _succeed(self, run: _Run) -> None:
+        run.done = True
+        request = run.request
+        self._runs.pop(request, None)
+        request.state = RequestState.FINISHED
+        outputs = {spec.name: run.tensors[spec.name] for spec in self.config.outputs}
+        response = Response(outputs, self.config.name, self.version, None, tuple(run.timings))
+        now = time.monotonic_ns()
+        stats = self.stats
+        rows = request.rows
+        if _resolve(request, response):
+            stats.success.add(now - request.received_ns)
+            stats.inference_count += rows
+            stats.execution_count += 1
+            stats.last_inference_ms = time.time_ns() // 1_000_000
+        else:
+            stats.record_failure("CANCELED", now - request.received_ns)
+
+    def _fail(self, run: _Run, error: BaseException, reason: str = "BACKEND") -> None:
+        if run.done:
+            return
+        run.done = True
+        request = run.request
+        self._runs.pop(request, None)
+        request.state = RequestState.FINISHED
+        # Stop what is still running: queued steps leave their queues; an executing step
+        # finishes and its answer is dropped.
+        for entry, step_request in list(run.running.values()):
+            scheduler = entry.scheduler
+            if scheduler is not None:
+                scheduler.cancel(step_request)
+            if not step_request.future.done():
+                step_request.future.cancel()
+        run.running.clear()
+        self.stats.record_failure(reason, time.monotonic_ns() - request.received_ns)
+        _resolve(request, None, error)
+
+
+def _version(step: EnsembleStep) -> str:
+    return "" if step.model_version == -1 else str(step.model_version)
+
+
+def _prefixed(error: BaseException, label: str) -> ConvoyError:
+    """The step's error as the ensemble's: same kind (so the same status), saying where."""
+    if isinstance(error, ConvoyError):
+        try:
+            wrapped = type(error)(f"{label}: {error}")
+        except TypeError:
+            wrapped = InferenceFailed(f"{label}: {error}")
+        if isinstance(error, Overloaded):
+            wrapped.retry_after = error.retry_after
+        return wrapped
+    return InferenceFailed(f"{label}: {type(error).__name__}: {error}")
+
+
+def _conform(array: np.ndarray, spec: TensorSpec, model: ModelConfig, label: str) -> np.ndarray:
+    """Check a tensor handed between steps against the input it feeds; apply its reshape."""
+    batching = model.max_batch_size > 0
+    shape = array.shape[1:] if batching else array.shape
+    if len(shape) != len(spec.dims) or not all(
+        d == -1 or d == s for s, d in zip(shape, spec.dims, strict=True)
+    ):
+        expected = [-1, *spec.dims] if batching else list(spec.dims)
+        raise InvalidInput(f"{label}: expected shape {expected}, got {list(array.shape)}")
+    if batching and array.shape[0] > model.max_batch_size:
+        raise InvalidInput(
+            f"{label}: batch size {array.shape[0]} exceeds max_batch_size {model.max_batch_size}"
+        )
+    wanted = NUMPY_DTYPE[spec.datatype]
+    if spec.datatype != "BYTES" and array.dtype != wanted:
+        raise InvalidInput(f"{label}: expected {spec.datatype}, got numpy {array.dtype}")
+    if spec.reshape is not None:
+        array = array.reshape((array.shape[0], *spec.reshape) if batching else spec.reshape)
+    return array
