@@ -100,6 +100,8 @@ def build_sequence_repository(root: Path) -> Path:
         max_batch_size=32,
         parameters={"delay_ms": "20"},
     )
+    # Each batch takes 300 ms: a request queued behind one can time out.
+    write_sequence_model(root, "seq_cancel", "oldest { }", parameters={"delay_ms": "300"})
     # Refused at load, each with a reason naming the field.
     write_sequence_model(root, "seq_iterative", "direct { }", extra="  iterative_sequence: true\n")
     write_sequence_model(root, "seq_ordering", "oldest { preserve_ordering: true }")
@@ -372,3 +374,27 @@ def test_sequence_requests_wait_for_their_predecessor(grpc, seq_server):
     # Requests 2..10 may be received in any order; each adds its value exactly once.
     assert sorted(results.values())[-1] == sum(values)
     assert results[0] == 1
+
+
+def test_timed_out_request_leaves_the_sequence_state_alone(grpc):
+    """A request that gives up while queued behind its predecessor never reaches the model: the
+    running total goes on without it."""
+    first: queue.Queue = queue.Queue()
+    tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[1]], dtype=np.int32))
+    grpc.async_infer(
+        "seq_cancel",
+        [tensor],
+        lambda result, error: first.put((result, error)),
+        sequence_id=777,
+        sequence_start=True,
+    )
+    late = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+    late.set_data_from_numpy(np.array([[100]], dtype=np.int32))
+    with pytest.raises(InferenceServerException):
+        grpc.infer("seq_cancel", [late], sequence_id=777, client_timeout=0.1)
+    result, error = first.get(timeout=30)
+    assert error is None, error
+    assert int(result.as_numpy("OUTPUT")[0, 0]) == 1
+    protocol = Protocol("grpc", grpc, grpcclient)
+    assert send(protocol, "seq_cancel", 10, 777, end=True) == 11
