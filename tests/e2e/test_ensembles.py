@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 
 def build_ensemble_repository(root: Path) -> Path:
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     for name, op in (("plus1", "plus1"), ("scale2", "scale2"), ("fail_negative", "fail_negative")):
         step_model(root, name, op)
     step_model(root, "sum", "sum", inputs=("A", "B"))

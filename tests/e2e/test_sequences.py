@@ -73,7 +73,7 @@ START_ONLY = """
 
 
 def build_sequence_repository(root: Path) -> Path:
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     # direct: totals kept per batch slot, so a wrong slot gives a wrong total.
     write_sequence_model(root, "seq_direct", "direct { }", parameters={"key_by": "slot"})
     write_sequence_model(
