@@ -419,6 +419,9 @@ class EnsembleScheduler:
         rows = request.rows
         if _resolve(request, response):
             stats.success.add(now - request.received_ns)
+            # Queue time of an ensemble request: its steps' waits (as Triton counts it; and
+            # perf_analyzer finds a model's served version by its queue count growing).
+            stats.queue.add(sum(t.timings.dispatched_ns - t.queued_ns for t in run.timings if t.timings))
             stats.inference_count += rows
             stats.execution_count += 1
             stats.last_inference_ms = time.time_ns() // 1_000_000
