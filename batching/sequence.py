@@ -423,11 +423,14 @@ class SequenceScheduler:
             chosen = [s for s in ready if batch_key(s.pending[0].request) == first]
             chosen = chosen[: self._max_rows]
             preferred = self._policy.preferred_batch_sizes
+            # Sequences of this lane whose next request is still with the client: while any
+            # is, waiting (up to the delay) may fill the batch; once none is, nothing more can.
+            outstanding = sum(1 for q in lane.slots if q is not None and not q.pending)
             if len(chosen) >= self._max_rows:
                 reason = "full"
             elif preferred and len(chosen) >= preferred[-1]:
                 reason = "preferred_size"
-            elif not self._executing_rows:
+            elif not self._delay_ns or not outstanding:
                 reason = "queue_drained"
             elif waited >= self._delay_ns:
                 reason = "delay_expired"

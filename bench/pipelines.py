@@ -11,7 +11,8 @@ counted gives CPU per request. Overhead = ensemble - (step 1 + step 2 + step 3):
 step also pays a gRPC decode and encode, which the ensemble pays once.
 
 sequences: an implicit-state accumulator with `oldest` (max_batch_size 64, 256 candidate
-sequences); perf_analyzer at concurrency 256 keeps 256 sequences open. Mean batch size =
+sequences, max_queue_delay 5 ms), once as a cheap python step and once taking 10 ms a batch;
+perf_analyzer at concurrency 256 keeps 256 sequences open. Mean batch size =
 inference_count / execution_count from the statistics API over the run.
 """
 
@@ -57,19 +58,20 @@ ensemble_scheduling { step [
     input_map { key: "X" value: "T2" } output_map { key: "Y" value: "OUT" } }
 ] }
 """
-SEQUENCE_CONFIG = """name: "seq"
+SEQUENCE_CONFIG = """name: "{name}"
 backend: "python"
 max_batch_size: 64
-input [ { name: "INPUT", data_type: TYPE_INT32, dims: [ 1 ] } ]
-output [ { name: "OUTPUT", data_type: TYPE_INT32, dims: [ 1 ] } ]
-sequence_batching {
+input [ {{ name: "INPUT", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+output [ {{ name: "OUTPUT", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+sequence_batching {{
   max_sequence_idle_microseconds: 60000000
-  oldest { max_candidate_sequences: 256 max_queue_delay_microseconds: 1000 }
+  oldest {{ max_candidate_sequences: 256 max_queue_delay_microseconds: 5000 }}
   control_input [
-    { name: "START", control [ { kind: CONTROL_SEQUENCE_START, int32_false_true: [ 0, 1 ] } ] }
+    {{ name: "START", control [ {{ kind: CONTROL_SEQUENCE_START, int32_false_true: [ 0, 1 ] }} ] }}
   ]
-  state [ { input_name: "ACC_IN", output_name: "ACC_OUT", data_type: TYPE_INT32, dims: [ 1 ] } ]
-}
+  state [ {{ input_name: "ACC_IN", output_name: "ACC_OUT", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+}}
+parameters {{ key: "delay_ms" value {{ string_value: "{delay_ms}" }} }}
 """
 
 
@@ -80,9 +82,12 @@ def build(root: Path) -> Path:
         (root / name / "config.pbtxt").write_text(STEP_CONFIG.format(name=name))
     (root / "ens3").mkdir()
     (root / "ens3" / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
-    (root / "seq" / "1").mkdir(parents=True)
-    shutil.copy(ACCUMULATOR, root / "seq" / "1" / "model.py")
-    (root / "seq" / "config.pbtxt").write_text(SEQUENCE_CONFIG)
+    # A cheap step, and one whose batch takes 10 ms (a stand-in for a GPU model).
+    for name, delay_ms in (("seq", 0), ("seq_10ms", 10)):
+        (root / name / "1").mkdir(parents=True)
+        shutil.copy(ACCUMULATOR, root / name / "1" / "model.py")
+        config = SEQUENCE_CONFIG.format(name=name, delay_ms=delay_ms)
+        (root / name / "config.pbtxt").write_text(config)
     return root
 
 
@@ -172,7 +177,10 @@ def ensemble(server: Server, seconds: float, concurrency: int) -> dict:
 
 def sequences(server: Server, seconds: float, concurrency: int) -> dict:
     extra = ("--sequence-length", "20", "--sequence-id-range", "1:100000")
-    return {"concurrency": concurrency, "run": measure(server, "seq", concurrency, seconds, extra)}
+    return {
+        "concurrency": concurrency,
+        "runs": {m: measure(server, m, concurrency, seconds, extra) for m in ("seq", "seq_10ms")},
+    }
 
 
 def main() -> None:
