@@ -106,6 +106,9 @@ class Sequence:
     running: bool = False
     #: False once an END is queued: only a new START may follow.
     open: bool = True
+    #: Its START request was withdrawn (cancelled, timed out) before it ran: the next request
+    #: to arrive starts it.
+    start_pending: bool = False
     #: Loop time of the last arrival or completion (for the idle timeout).
     last_active: float = 0.0
     state: dict[str, np.ndarray] = field(default_factory=dict)
@@ -258,10 +261,12 @@ class SequenceScheduler:
             self._sequences[key] = sequence
             self._bind(sequence)
         sequence.open = not flags.end
+        start = flags.start or sequence.start_pending
+        sequence.start_pending = False
         now = time.monotonic_ns()
         request.state = RequestState.QUEUED
         request.queued_ns = now
-        sequence.pending.append(_Queued(request, flags.start, flags.end))
+        sequence.pending.append(_Queued(request, start, flags.end))
         sequence.last_active = self._loop.time()
         self._where[request] = sequence
         self._queued += 1
@@ -303,14 +308,15 @@ class SequenceScheduler:
             items = list(sequence.pending)
             index = next(i for i, q in enumerate(items) if q.request is request)
             removed = items.pop(index)
-            if removed.start and index < len(items):
-                items[index].start = True
+            if removed.start:
+                if index < len(items):
+                    items[index].start = True
+                else:  # the next request to arrive starts the sequence instead
+                    sequence.start_pending = True
             if removed.end and index == len(items):
                 sequence.open = True
             sequence.pending = deque(items)
             self._queued -= 1
-            if removed.start and not items and not sequence.running and not sequence.state:
-                self._release(sequence, remember="")  # it never ran: nothing to remember
         self.stats.record_failure(reason, time.monotonic_ns() - request.received_ns)
         _resolve(request, error=error)
 
