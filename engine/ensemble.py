@@ -296,10 +296,12 @@ class EnsembleScheduler:
         # Every ensemble input is known now (an optional one the request left out: absent).
         for spec in self.config.inputs:
             self._arrived(run, spec.name, launch=False)
-        add_done = getattr(request.future, "add_done_callback", None)
-        if add_done is not None:
-            # The caller gave up (cancelled its future): stop the remaining steps.
-            add_done(lambda _future: self._loop.call_soon_threadsafe(self._abandon, run))
+        # The caller gives up (cancels its future): stop the remaining steps.
+        future = request.future
+        if isinstance(future, asyncio.Future):
+            future.add_done_callback(lambda _future: self._abandon(run))  # runs on the loop
+        else:
+            future.add_done_callback(lambda _future: self._loop.call_soon_threadsafe(self._abandon, run))
         for index, count in enumerate(run.waiting):
             if run.done:
                 break
