@@ -44,6 +44,7 @@ from convoy.types import Request, RequestState, Response, StageTimes
 from .assemble import batch_key
 from .scheduler import _resolve
 from .stats import ModelStats
+from .usage import UsageMeter
 
 log = logging.getLogger("convoy.batching.sequence")
 
@@ -133,14 +134,18 @@ class SequenceScheduler:
         instances: list[RuntimeInstance],
         stats: ModelStats,
         max_queue_size: int,
-        **_ignored,
+        usage: UsageMeter | None = None,
+        **_not_supported,
     ) -> None:
+        """`_not_supported`: the dynamic scheduler's execution_timeout and replace_instance (a
+        sequence model's hung or lost instance is not replaced)."""
         assert config.sequence_batching is not None
         self.config = config
         self.version = version
         self.stats = stats
         self.restart_reason = ""
         self.replacing = 0
+        self._usage = usage
         self._policy: SequenceBatching = config.sequence_batching
         self._batched = config.max_batch_size > 0
         self._max_rows = config.max_batch_size if self._batched else 1
@@ -249,6 +254,8 @@ class SequenceScheduler:
         if self._queued >= self._max_queue_size:
             now = time.monotonic_ns()
             self.stats.record_rejection("queue_full", now - (request.received_ns or now))
+            if self._usage is not None:
+                self._usage.record_rejection(name, self.version, request)
             raise Overloaded(
                 f"model '{name}' queue is full ({self._queued} sequence requests); retry later"
             )
@@ -599,6 +606,16 @@ class SequenceScheduler:
             log.error("model '%s' version %s failed a batch", name, self.version, exc_info=exc)
             failure = InferenceFailed(
                 f"model '{name}' failed to execute the batch: {type(exc).__name__}: {exc}"
+            )
+        if self._usage is not None:
+            self._usage.record_batch(
+                name,
+                self.version,
+                [queued.request for _, queued in items],
+                len(items),
+                inferred - start,
+                dispatched_ns,
+                failure is not None,
             )
         now = time.monotonic_ns()
         loop_now = self._loop.time()
