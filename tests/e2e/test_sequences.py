@@ -102,6 +102,16 @@ def build_sequence_repository(root: Path) -> Path:
     )
     # Each batch takes 300 ms: a request queued behind one can time out.
     write_sequence_model(root, "seq_cancel", "oldest { }", parameters={"delay_ms": "300"})
+    # An ensemble in front of a sequence model: the sequence parameters travel to its step.
+    (root / "seq_ensemble").mkdir()
+    (root / "seq_ensemble" / "config.pbtxt").write_text(
+        'name: "seq_ensemble"\nplatform: "ensemble"\nmax_batch_size: 4\n'
+        'input [ { name: "INPUT", data_type: TYPE_INT32, dims: [ 1 ] } ]\n'
+        'output [ { name: "OUTPUT", data_type: TYPE_INT32, dims: [ 1 ] } ]\n'
+        'ensemble_scheduling { step [ { model_name: "seq_direct" model_version: -1 '
+        'input_map { key: "INPUT" value: "INPUT" } output_map { key: "OUTPUT" value: "OUTPUT" } '
+        "} ] }\n"
+    )
     # Refused at load, each with a reason naming the field.
     write_sequence_model(root, "seq_iterative", "direct { }", extra="  iterative_sequence: true\n")
     write_sequence_model(root, "seq_ordering", "oldest { preserve_ordering: true }")
@@ -167,7 +177,9 @@ def running_totals(values) -> list[int]:
     return [int(x) for x in np.cumsum(values)]
 
 
-@pytest.mark.parametrize("model", ["seq_direct", "seq_oldest", "seq_unbatched", "seq_state"])
+@pytest.mark.parametrize(
+    "model", ["seq_direct", "seq_oldest", "seq_unbatched", "seq_state", "seq_ensemble"]
+)
 def test_sequence_output_is_the_running_total(protocol, model):
     # Triton's sequence client examples: 1, then +100, then -80 -> 1 : 101 : 21.
     assert run_sequence(protocol, model, 1001, [1, 100, -80]) == [1, 101, 21]
