@@ -18,7 +18,8 @@ from convoy.batching.sequence import SequenceScheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import EnsembleStep, ModelConfig, ModelVersionSource, ServerConfig
-from convoy.engine.ensemble import EnsembleScheduler, plan_ensemble
+from convoy.engine.ensemble import EnsembleScheduler
+from convoy.engine.ensemble_plan import plan_ensemble
 from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
