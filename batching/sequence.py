@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convoy.config import ModelConfig, SequenceBatching, SequenceControl
-from convoy.datatypes import NUMPY_DTYPE
+from convoy.config import ModelConfig, SequenceBatching
 from convoy.errors import (
     Cancelled,
     ConvoyError,
@@ -43,6 +42,7 @@ from convoy.types import Request, RequestState, Response, StageTimes
 
 from .assemble import batch_key
 from .scheduler import _resolve
+from .sequence_assemble import Member, assemble, split_outputs
 from .stats import ModelStats
 from .usage import UsageMeter
 
@@ -483,74 +483,17 @@ class SequenceScheduler:
         self._executing_rows += len(items)
         lane.busy = True
         start = time.monotonic_ns()
+        members = [
+            Member(q.request.inputs, row, q.start, q.end, s.correlation_id, s.state)
+            for (s, q), row in zip(items, rows_of, strict=True)
+        ]
         try:
-            inputs = self._assemble(items, rows, rows_of)
+            inputs = assemble(self._policy, self._batched, rows, members)
         except Exception as exc:
             self._finished(lane, items, rows_of, reason, dispatched_ns, start, start, None, exc)
             return
         context = (lane, items, rows_of, reason, dispatched_ns, start, time.monotonic_ns())
         lane.instance.submit(self._finished, context, inputs)
-
-    def _assemble(self, items: list, rows: int, rows_of: list[int]) -> dict[str, np.ndarray]:
-        """The batch: the requests' inputs at their rows, the control inputs, the states."""
-        batched = self._batched
-        dense = rows_of == list(range(len(items)))
-        inputs: dict[str, np.ndarray] = {}
-        first = items[0][1].request.inputs
-        for name, array in first.items():
-            if len(items) == 1 and dense:
-                inputs[name] = array  # a lone request passes through untouched
-            elif dense:
-                # The one copy on the way in: each request's views into one batch buffer.
-                inputs[name] = np.concatenate([q.request.inputs[name] for _, q in items])
-            else:
-                buffer = _blank((rows, *array.shape[1:]), array.dtype)
-                for (_, queued), row in zip(items, rows_of, strict=True):
-                    buffer[row] = queued.request.inputs[name][0]
-                inputs[name] = buffer
-        for control in self._policy.controls:
-            inputs[control.input_name] = self._control(control, items, rows, rows_of)
-        for state in self._policy.states:
-            dtype = NUMPY_DTYPE[state.datatype]
-            if batched:
-                buffer = np.zeros((rows, *state.dims), dtype=dtype)
-                for (sequence, queued), row in zip(items, rows_of, strict=True):
-                    kept = sequence.state.get(state.input_name)
-                    if kept is not None and not queued.start:
-                        buffer[row] = kept
-            else:
-                sequence, queued = items[0]
-                kept = sequence.state.get(state.input_name)
-                buffer = (
-                    kept.copy()
-                    if kept is not None and not queued.start
-                    else np.zeros(state.dims, dtype=dtype)
-                )
-            inputs[state.input_name] = buffer
-        return inputs
-
-    def _control(self, control: SequenceControl, items, rows: int, rows_of) -> np.ndarray:
-        shape = (rows, 1) if self._batched else (1,)
-        if control.kind == "CORRID":
-            dtype = object if control.datatype == "BYTES" else NUMPY_DTYPE[control.datatype]
-            array = np.full(shape, b"" if dtype is object else 0, dtype=dtype)
-            for (sequence, _), row in zip(items, rows_of, strict=True):
-                value = sequence.correlation_id
-                array[row if self._batched else 0] = value.encode() if isinstance(value, str) else value
-            return array
-        dtype = NUMPY_DTYPE[control.datatype]
-        array = np.full(shape, control.false_value, dtype=dtype)
-        for (_, queued), row in zip(items, rows_of, strict=True):
-            on = (
-                queued.start
-                if control.kind == "START"
-                else queued.end
-                if control.kind == "END"
-                else True
-            )
-            if on:
-                array[row if self._batched else 0] = control.true_value
-        return array
 
     def _finished(
         self, lane, items, rows_of, reason, dispatched_ns, start, merged, outputs, error
@@ -561,39 +504,14 @@ class SequenceScheduler:
         self._executing_rows -= len(items)
         name = self.config.name
         answers: list = []
+        timings = None
         try:
             if error is not None:
                 raise error
-            if not isinstance(outputs, dict):
-                raise InferenceFailed(f"model '{name}' returned {type(outputs).__name__}, not outputs")
-            rows = (max(rows_of) + 1) if self._batched else 1
-            for output, array in outputs.items():
-                if self._batched and (array.ndim == 0 or array.shape[0] < rows):
-                    raise InferenceFailed(
-                        f"model '{name}' returned output '{output}' with shape "
-                        f"{list(array.shape)} for a batch of {rows} rows; expected first "
-                        f"dimension {rows}"
-                    )
-            for state in self._policy.states:
-                if state.output_name not in outputs:
-                    raise InferenceFailed(
-                        f"model '{name}' did not return output '{state.output_name}' "
-                        f"(sequence_batching.state '{state.input_name}')"
-                    )
-            timings = None
-            for (sequence, _queued), row in zip(items, rows_of, strict=True):
-                if self._batched:
-                    part = {k: v[row : row + 1] for k, v in outputs.items()}
-                else:
-                    part = dict(outputs)
-                for state in self._policy.states:
-                    kept = part.pop(state.output_name)
-                    # A copy: the runtime may reuse its output buffers for the next batch.
-                    sequence.state[state.input_name] = np.array(
-                        kept[0] if self._batched else kept,
-                        dtype=NUMPY_DTYPE[state.datatype],
-                    ).reshape(state.dims)
-                answers.append(part)
+            parts = split_outputs(self._policy, self._batched, name, outputs, rows_of)
+            for (sequence, _queued), (answer, states) in zip(items, parts, strict=True):
+                sequence.state.update(states)
+                answers.append(answer)
             done = time.monotonic_ns()
             timings = StageTimes(dispatched_ns, start, merged, inferred, done)
             self.stats.record_batch(
@@ -639,10 +557,3 @@ class SequenceScheduler:
         if self._closed:
             return
         self._dispatch_all()
-
-
-def _blank(shape: tuple, dtype) -> np.ndarray:
-    """A padding-filled batch buffer (zeros; empty bytes for BYTES)."""
-    if dtype == np.dtype(object):
-        return np.full(shape, b"", dtype=object)
-    return np.zeros(shape, dtype=dtype)
