@@ -328,3 +328,16 @@ def test_statistics_per_ensemble_and_per_composing_model(grpc):
     infer(protocol, "ens_diamond")
     after = {m: _count(grpc, m, "inference_count") for m in ("ens_diamond", "sum", "scale2")}
     assert all(after[m] == before[m] + 1 for m in after), (before, after)
+
+
+def test_metrics_count_the_ensemble_and_its_steps(ens_server, grpc):
+    infer(Protocol("grpc", grpc, grpcclient), "ens_chain")
+    text = requests.get(f"http://127.0.0.1:{ens_server.metrics_port}/metrics", timeout=10).text
+
+    def success(model: str) -> float:
+        prefix = f'nv_inference_request_success{{model="{model}",version="1"}} '
+        line = next(line for line in text.splitlines() if line.startswith(prefix))
+        return float(line.split()[-1])
+
+    assert success("ens_chain") >= 1
+    assert success("plus1") >= 1 and success("scale2") >= 1
