@@ -6,6 +6,7 @@ The parsed protobuf is kept beside the typed config for the ModelConfig API, whi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -446,6 +447,38 @@ def _warmup(sample, index: int, fail) -> WarmupSample:
         batch_size=max(sample.batch_size, 1) if sample.batch_size else 1,
         inputs=inputs,
         count=max(sample.count, 1),
+    )
+
+
+def runtime_view(config: ModelConfig) -> ModelConfig:
+    """The config a runtime loads with: a sequence model's control and state inputs (and state
+    outputs) declared like the others, so every backend passes them to the model. Clients see
+    the config without them (`public_view`)."""
+    policy = config.sequence_batching
+    if policy is None:
+        return config
+    inputs = [TensorSpec(c.input_name, c.datatype, (1,)) for c in policy.controls]
+    inputs += [TensorSpec(s.input_name, s.datatype, s.dims) for s in policy.states]
+    outputs = [TensorSpec(s.output_name, s.datatype, s.dims) for s in policy.states]
+    # An undeclared side stays undeclared, for the backend to read from the model file.
+    return replace(
+        config,
+        inputs=(*config.inputs, *inputs) if config.inputs else (),
+        outputs=(*config.outputs, *outputs) if config.outputs else (),
+    )
+
+
+def public_view(config: ModelConfig) -> ModelConfig:
+    """The config without the tensors the sequence batcher fills and keeps (see runtime_view)."""
+    policy = config.sequence_batching
+    if policy is None:
+        return config
+    hidden_inputs = {c.input_name for c in policy.controls} | {s.input_name for s in policy.states}
+    hidden_outputs = {s.output_name for s in policy.states}
+    return replace(
+        config,
+        inputs=tuple(t for t in config.inputs if t.name not in hidden_inputs),
+        outputs=tuple(t for t in config.outputs if t.name not in hidden_outputs),
     )
 
 

@@ -20,7 +20,13 @@ from convoy.batching.usage import UsageMeter
 from convoy.config import EnsembleStep, ModelConfig, ModelVersionSource, ServerConfig
 from convoy.engine.ensemble import EnsembleScheduler
 from convoy.engine.ensemble_plan import plan_ensemble
-from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
+from convoy.engine.model_config import (
+    build_model_config,
+    complete_proto,
+    public_view,
+    read_config_proto,
+    runtime_view,
+)
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
@@ -212,8 +218,10 @@ class ModelRepository:
                     results = await self._load_ensemble(config, model_dir, chosen, (*_chain, name))
                 else:
                     # What the model file itself declares fills what config.pbtxt left out.
-                    newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
-                    config = autocomplete(runtime_factory(config.backend), newest)
+                    newest = ModelVersionSource(
+                        runtime_view(config), chosen[0], model_dir / str(chosen[0])
+                    )
+                    config = public_view(autocomplete(runtime_factory(config.backend), newest))
                     model.config = config
                     model.config_proto = complete_proto(proto, config)
                     results = await asyncio.gather(
@@ -254,7 +262,9 @@ class ModelRepository:
 
     async def _load_version(self, config: ModelConfig, model_dir: Path, version: int) -> ModelVersion:
         entry = ModelVersion(config=config, version=version)
-        source = ModelVersionSource(config=config, version=version, path=model_dir / str(version))
+        source = ModelVersionSource(
+            config=runtime_view(config), version=version, path=model_dir / str(version)
+        )
         try:
             factory = runtime_factory(config.backend)
             if self._isolation(config) == "process":

@@ -72,6 +72,66 @@ START_ONLY = """
 """
 
 
+BACKEND_SEQUENCE = """name: "{name}"
+backend: "{backend}"
+max_batch_size: 4
+input [ {{ name: "INPUT", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+output [ {{ name: "OUTPUT", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+sequence_batching {{
+  oldest {{ max_candidate_sequences: 8 }}
+  control_input [
+    {{ name: "START", control [ {{ kind: CONTROL_SEQUENCE_START, int32_false_true: [ 0, 1 ] }} ] }}
+  ]
+  state [ {{ input_name: "ACC_IN", output_name: "ACC_OUT", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+}}
+"""
+
+
+def write_onnx_accumulator(root: Path) -> None:
+    """OUTPUT = INPUT + ACC_IN * (1 - START); ACC_OUT = OUTPUT (ONNX Runtime backend)."""
+    from onnx import TensorProto, helper, save
+
+    def value(name):
+        return helper.make_tensor_value_info(name, TensorProto.INT32, [None, 1])
+
+    one = helper.make_tensor("one", TensorProto.INT32, [], [1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["one", "START"], ["keep"]),
+            helper.make_node("Mul", ["ACC_IN", "keep"], ["kept"]),
+            helper.make_node("Add", ["INPUT", "kept"], ["OUTPUT"]),
+            helper.make_node("Identity", ["OUTPUT"], ["ACC_OUT"]),
+        ],
+        "accumulator",
+        [value("INPUT"), value("START"), value("ACC_IN")],
+        [value("OUTPUT"), value("ACC_OUT")],
+        [one],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (root / "seq_onnx" / "1").mkdir(parents=True)
+    save(model, str(root / "seq_onnx" / "1" / "model.onnx"))
+    (root / "seq_onnx" / "config.pbtxt").write_text(
+        BACKEND_SEQUENCE.format(name="seq_onnx", backend="onnxruntime")
+    )
+
+
+def write_torch_accumulator(root: Path) -> None:
+    """The same accumulator as TorchScript (inputs by position: INPUT, START, ACC_IN)."""
+    import torch
+
+    class Accumulator(torch.nn.Module):
+        def forward(self, value, start, acc):
+            total = value + acc * (1 - start)
+            return total, total
+
+    (root / "seq_torch" / "1").mkdir(parents=True)
+    torch.jit.script(Accumulator()).save(str(root / "seq_torch" / "1" / "model.pt"))
+    (root / "seq_torch" / "config.pbtxt").write_text(
+        BACKEND_SEQUENCE.format(name="seq_torch", backend="pytorch")
+    )
+
+
 def build_sequence_repository(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     # direct: totals kept per batch slot, so a wrong slot gives a wrong total.
@@ -102,6 +162,9 @@ def build_sequence_repository(root: Path) -> Path:
     )
     # Each batch takes 300 ms: a request queued behind one can time out.
     write_sequence_model(root, "seq_cancel", "oldest { }", parameters={"delay_ms": "300"})
+    # Control and state inputs reach ONNX Runtime and TorchScript models too.
+    write_onnx_accumulator(root)
+    write_torch_accumulator(root)
     # An ensemble in front of a sequence model: the sequence parameters travel to its step.
     (root / "seq_ensemble").mkdir()
     (root / "seq_ensemble" / "config.pbtxt").write_text(
@@ -178,7 +241,8 @@ def running_totals(values) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "model", ["seq_direct", "seq_oldest", "seq_unbatched", "seq_state", "seq_ensemble"]
+    "model",
+    ["seq_direct", "seq_oldest", "seq_unbatched", "seq_state", "seq_ensemble", "seq_onnx", "seq_torch"],
 )
 def test_sequence_output_is_the_running_total(protocol, model):
     # Triton's sequence client examples: 1, then +100, then -80 -> 1 : 101 : 21.
@@ -410,3 +474,10 @@ def test_timed_out_request_leaves_the_sequence_state_alone(grpc):
     assert int(result.as_numpy("OUTPUT")[0, 0]) == 1
     protocol = Protocol("grpc", grpc, grpcclient)
     assert send(protocol, "seq_cancel", 10, 777, end=True) == 11
+
+
+def test_clients_see_no_control_or_state_tensors(grpc):
+    for model in ("seq_onnx", "seq_torch", "seq_state"):
+        metadata = grpc.get_model_metadata(model, as_json=True)
+        assert [t["name"] for t in metadata["inputs"]] == ["INPUT"]
+        assert [t["name"] for t in metadata["outputs"]] == ["OUTPUT"]
