@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,6 +123,8 @@ class _Lane:
     instance: RuntimeInstance
     slots: list[Sequence | None]
     busy: bool = False
+    #: Its instance failed fatally and a fresh one is being made (busy meanwhile).
+    replacing: bool = False
 
 
 class SequenceScheduler:
@@ -135,10 +138,14 @@ class SequenceScheduler:
         stats: ModelStats,
         max_queue_size: int,
         usage: UsageMeter | None = None,
+        replace_instance: Callable[[RuntimeInstance], Awaitable[RuntimeInstance]] | None = None,
         **_not_supported,
     ) -> None:
-        """`_not_supported`: the dynamic scheduler's execution_timeout and replace_instance (a
-        sequence model's hung or lost instance is not replaced)."""
+        """After a fatal runtime error (a lost worker process, a poisoned CUDA context) the
+        lane's instance is swapped for one made by `replace_instance`; its sequences keep their
+        slots and their implicit state (kept here), while state the model kept itself is lost.
+        `_not_supported`: the dynamic scheduler's execution_timeout (a hung batch is not cut
+        short here)."""
         assert config.sequence_batching is not None
         self.config = config
         self.version = version
@@ -146,6 +153,8 @@ class SequenceScheduler:
         self.restart_reason = ""
         self.replacing = 0
         self._usage = usage
+        self._replace_instance = replace_instance
+        self._replacements: set[asyncio.Task] = set()
         self._policy: SequenceBatching = config.sequence_batching
         self._batched = config.max_batch_size > 0
         self._max_rows = config.max_batch_size if self._batched else 1
@@ -204,10 +213,14 @@ class SequenceScheduler:
             self._sweeper.cancel()
         for timer in self._timers.values():
             timer.cancel()
+        for task in list(self._replacements):
+            task.cancel()
+        await asyncio.gather(*self._replacements, return_exceptions=True)
 
     @property
     def available(self) -> bool:
-        return bool(self._instances)
+        """At least one lane has a working instance."""
+        return any(not lane.replacing for lane in self._lanes)
 
     @property
     def instances(self) -> list[RuntimeInstance]:
@@ -500,7 +513,10 @@ class SequenceScheduler:
     ) -> None:
         """A batch came back (on the loop): keep states, answer requests, advance sequences."""
         inferred = time.monotonic_ns()
-        lane.busy = False
+        if error is not None and lane.instance.is_fatal(error) and not self._closed:
+            self._replace(lane, error)  # the lane stays busy until its new instance is up
+        else:
+            lane.busy = False
         self._executing_rows -= len(items)
         name = self.config.name
         answers: list = []
@@ -556,4 +572,57 @@ class SequenceScheduler:
                 self._release(sequence, remember="")
         if self._closed:
             return
+        self._dispatch_all()
+
+    def _replace(self, lane: _Lane, error: BaseException) -> None:
+        name = self.config.name
+        log.error(
+            "model '%s' version %s: fatal error on %s (%s: %s); replacing it",
+            name,
+            self.version,
+            lane.instance.name,
+            type(error).__name__,
+            error,
+        )
+        lane.replacing = True
+        self.restart_reason = f"restarting an instance after a fatal error: {error}"
+        self.replacing += 1
+        task = self._loop.create_task(self._swap(lane))
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
+
+    async def _swap(self, lane: _Lane) -> None:
+        lost = lane.instance
+        try:
+            await lost.close()
+        except Exception:
+            log.warning("model '%s': closing instance %s failed", self.config.name, lost.name)
+        fresh = None
+        try:
+            if self._replace_instance is not None:
+                fresh = await self._replace_instance(lost)
+        except Exception:
+            log.exception("model '%s': replacing instance %s failed", self.config.name, lost.name)
+        finally:
+            self.replacing -= 1
+        if fresh is None or self._closed:
+            if fresh is not None:
+                await fresh.close()
+            self._instances.remove(lost)
+            # Nothing will serve this lane: answer what waits on it now.
+            gone = Unavailable(f"model '{self.config.name}' could not restart an instance")
+            for sequence in lane.slots:
+                while sequence is not None and sequence.pending:
+                    queued = sequence.pending.popleft()
+                    self._where.pop(queued.request, None)
+                    self._queued -= 1
+                    queued.request.state = RequestState.FINISHED
+                    _resolve(queued.request, error=gone)
+            return
+        self._instances[self._instances.index(lost)] = fresh
+        lane.instance = fresh
+        lane.replacing = lane.busy = False
+        if not any(other.replacing for other in self._lanes):
+            self.restart_reason = ""
+        log.info("model '%s': instance %s replaced", self.config.name, lost.name)
         self._dispatch_all()

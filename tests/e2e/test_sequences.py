@@ -162,6 +162,15 @@ def build_sequence_repository(root: Path) -> Path:
     )
     # Each batch takes 300 ms: a request queued behind one can time out.
     write_sequence_model(root, "seq_cancel", "oldest { }", parameters={"delay_ms": "300"})
+    # A fatal error replaces the instance; the implicit state (kept by the batcher) survives.
+    write_sequence_model(
+        root,
+        "seq_fatal",
+        "oldest { }",
+        controls=START_ONLY,
+        extra=STATE,
+        parameters={"fatal_value": "666"},
+    )
     # Control and state inputs reach ONNX Runtime and TorchScript models too.
     write_onnx_accumulator(root)
     write_torch_accumulator(root)
@@ -481,3 +490,23 @@ def test_clients_see_no_control_or_state_tensors(grpc):
         metadata = grpc.get_model_metadata(model, as_json=True)
         assert [t["name"] for t in metadata["inputs"]] == ["INPUT"]
         assert [t["name"] for t in metadata["outputs"]] == ["OUTPUT"]
+
+
+def test_fatal_error_replaces_the_instance_and_the_implicit_state_survives(grpc):
+    protocol = Protocol("grpc", grpc, grpcclient)
+    assert send(protocol, "seq_fatal", 1, 606, start=True) == 1
+    assert send(protocol, "seq_fatal", 2, 606) == 3
+    with pytest.raises(InferenceServerException) as caught:
+        send(protocol, "seq_fatal", 666, 606)
+    assert "poisoned" in caught.value.message()
+    deadline = time.monotonic() + 60
+    pace = threading.Event()
+    while True:  # the model is unready until its fresh instance is up
+        try:
+            total = send(protocol, "seq_fatal", 4, 606, end=True)
+            break
+        except InferenceServerException as exc:
+            assert exc.status() == "StatusCode.UNAVAILABLE", exc
+            assert time.monotonic() < deadline
+            pace.wait(0.05)
+    assert total == 7
