@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,10 +61,14 @@ class EnsembleScheduler:
         resolve: Callable[[str, str], object],
         submit: Callable[[object, Request], None],
         stats: ModelStats,
-        max_inflight: int,
+        max_runs: int,
+        step_limit: int = 0,
     ) -> None:
         """`resolve(model, version)`: the composing model version to use now (raises when it is
-        not ready); `submit(entry, request)`: the engine's submit path."""
+        not ready); `submit(entry, request)`: the engine's submit path; `max_runs`: ensemble
+        requests in progress at once (more are turned away); `step_limit`: requests in flight at
+        each step across all ensemble requests (max_inflight_requests; 0 = no limit): a step at
+        the limit holds the next request's launch until one of its own finishes (backpressure)."""
         self.config = config
         self.version = version
         self.stats = stats
@@ -71,7 +76,10 @@ class EnsembleScheduler:
         self.replacing = 0
         self._resolve = resolve
         self._submit = submit
-        self._max_inflight = max_inflight
+        self._max_runs = max_runs
+        self._step_limit = step_limit
+        self._step_inflight = [0] * len(plan.steps)
+        self._step_waiting: list[deque[_Run]] = [deque() for _ in plan.steps]
         self._runs: dict[Request, _Run] = {}
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,12 +137,12 @@ class EnsembleScheduler:
         name = self.config.name
         if not self._accepting:
             raise Unavailable(f"model '{name}' is not accepting requests")
-        if len(self._runs) >= self._max_inflight:
+        if len(self._runs) >= self._max_runs:
             now = time.monotonic_ns()
             self.stats.record_rejection("queue_full", now - (request.received_ns or now))
             raise Overloaded(
                 f"ensemble '{name}' has {len(self._runs)} requests in progress "
-                f"(max_inflight_requests); retry later"
+                "(the server's --max-queue-size); retry later"
             )
         request.state = RequestState.RUNNING
         request.queued_ns = time.monotonic_ns()
@@ -172,6 +180,9 @@ class EnsembleScheduler:
                 self._launch(run, index)
 
     def _launch(self, run: _Run, index: int) -> None:
+        if self._step_limit and self._step_inflight[index] >= self._step_limit:
+            self._step_waiting[index].append(run)  # launched when one of the step's finishes
+            return
         planned = self.plan.steps[index]
         step = planned.step
         label = f"ensemble '{self.config.name}' step[{index}] (model '{step.model_name}')"
@@ -209,10 +220,23 @@ class EnsembleScheduler:
             principal=parent.principal,
         )
         run.running[index] = (entry, step_request)
+        self._step_inflight[index] += 1
         future.add_done_callback(lambda f: self._step_done(run, index, entry, step_request, f))
         self._submit(entry, step_request)
 
     def _step_done(self, run: _Run, index: int, entry, step_request: Request, future) -> None:
+        self._step_inflight[index] -= 1
+        try:
+            self._advance(run, index, entry, step_request, future)
+        finally:
+            waiting = self._step_waiting[index]
+            while waiting and self._step_inflight[index] < self._step_limit:
+                held = waiting.popleft()
+                if not held.done:
+                    self._launch(held, index)
+
+    def _advance(self, run: _Run, index: int, entry, step_request: Request, future) -> None:
+        """A step finished: keep its outputs, start the steps they complete (or end the run)."""
         run.running.pop(index, None)
         if run.done:
             return

@@ -338,7 +338,8 @@ class ModelRepository:
                 self.get,
                 lambda target, request: self.submit_step(target, request),
                 entry.stats,
-                config.ensemble.max_inflight_requests or self._settings.max_queue_size,
+                self._settings.max_queue_size,
+                config.ensemble.max_inflight_requests,
             )
             await scheduler.__aenter__()
             entry.scheduler = scheduler

@@ -213,29 +213,32 @@ def test_cancelled_request_stops_the_remaining_steps(grpc, ens_server):
     raise AssertionError("the request never reached step 0 in five tries")
 
 
-def test_max_inflight_requests_bounds_the_ensemble(grpc):
-    """One request in progress (300 ms step): a second at the same time is turned away."""
+def test_max_inflight_requests_holds_a_step_at_its_limit(grpc, ens_server):
+    """max_inflight_requests 1 on a 300 ms step that batches: four requests at once all succeed,
+    one at a time through the step (four batches of one, where they would share one)."""
+    before = (_count(grpc, "slow", "inference_count"), _count(grpc, "slow", "execution_count"))
+    results: list = []
     errors: list = []
-    first = threading.Thread(target=lambda: infer(Protocol("grpc", grpc, grpcclient), "ens_inflight"))
-    before = _count(grpc, "slow", "inference_count")
-    first.start()
-    deadline = time.monotonic() + 30
-    pace = threading.Event()
-    try:
-        while True:
-            try:
-                infer(Protocol("grpc", grpc, grpcclient), "ens_inflight")
-            except InferenceServerException as exc:
-                errors.append(exc)
-                break
-            # The first had not started yet, or both fit in turn: try again while it runs.
-            assert time.monotonic() < deadline
-            pace.wait(0.01)
-    finally:
-        first.join()
-    assert errors[0].status() == "StatusCode.RESOURCE_EXHAUSTED"
-    assert "max_inflight_requests" in errors[0].message()
-    assert _count(grpc, "slow", "inference_count") > before
+
+    def call() -> None:
+        client = grpcclient.InferenceServerClient(ens_server.grpc_url)
+        try:
+            results.append(infer(Protocol("grpc", client, grpcclient), "ens_inflight")["OUT"])
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert all(np.array_equal(r, X + 1) for r in results) and len(results) == 4
+    rows = _count(grpc, "slow", "inference_count") - before[0]
+    batches = _count(grpc, "slow", "execution_count") - before[1]
+    assert (rows, batches) == (4, 4)
 
 
 def test_ensemble_steps_batch_with_direct_traffic(grpc, ens_server):
