@@ -83,7 +83,6 @@ class EnsembleScheduler:
         self._runs: dict[Request, _Run] = {}
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._batching = config.max_batch_size > 0
 
     async def __aenter__(self) -> EnsembleScheduler:
         self._loop = asyncio.get_running_loop()
@@ -122,7 +121,8 @@ class EnsembleScheduler:
 
     @property
     def queued(self) -> int:
-        return 0
+        """Step launches held back by max_inflight_requests."""
+        return sum(len(waiting) for waiting in self._step_waiting)
 
     @property
     def in_flight(self) -> int:
@@ -130,7 +130,7 @@ class EnsembleScheduler:
 
     @property
     def queue_depths(self) -> tuple[int, ...]:
-        return ()
+        return (self.queued,)
 
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
