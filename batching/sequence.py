@@ -423,7 +423,19 @@ class SequenceScheduler:
                 self._dispatch(lane)
 
     def _ready(self, lane: _Lane) -> list[Sequence]:
-        return [s for s in lane.slots if s is not None and s.pending and not s.running]
+        """Sequences of the lane with a request to run now. A request whose caller gave up
+        without telling the scheduler (its future cancelled elsewhere) leaves here, before it
+        can change the sequence's state."""
+        ready = []
+        for sequence in lane.slots:
+            if sequence is None or sequence.running:
+                continue
+            while sequence.pending and sequence.pending[0].request.future.done():
+                abandoned = sequence.pending[0].request
+                self._withdraw(abandoned, Cancelled("request cancelled by the client"), "CANCELED")
+            if sequence.pending:
+                ready.append(sequence)
+        return ready
 
     def _dispatch(self, lane: _Lane) -> None:
         ready = self._ready(lane)

@@ -97,6 +97,8 @@ class Scenario:
     order: list[int]
     #: (sequence, position) of requests cancelled right after submission.
     cancelled: set[tuple[int, int]]
+    #: Cancelled through the scheduler (as the front ends do) or only by cancelling the future.
+    through_scheduler: bool
 
 
 @st.composite
@@ -116,6 +118,7 @@ def scenarios(draw) -> Scenario:
         sequences=sequences,
         order=list(order),
         cancelled=cancelled,
+        through_scheduler=draw(st.booleans()),
     )
 
 
@@ -151,7 +154,10 @@ async def _run(scenario: Scenario) -> None:
             requests[(index, position)] = request
             scheduler.submit(request)
             if (index, position) in scenario.cancelled:
-                scheduler.cancel(request)
+                if scenario.through_scheduler:
+                    scheduler.cancel(request)
+                else:
+                    request.future.cancel()
         await asyncio.wait_for(
             asyncio.gather(*(r.future for r in requests.values()), return_exceptions=True),
             PATIENCE_S,
@@ -167,6 +173,9 @@ async def _run(scenario: Scenario) -> None:
         for position, value in enumerate(values):
             future = requests[(index, position)].future
             assert future.done()
+            if future.cancelled():
+                assert (index, position) in scenario.cancelled
+                continue
             error = future.exception()
             if error is not None:
                 assert isinstance(error, Cancelled), error
