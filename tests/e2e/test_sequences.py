@@ -4,6 +4,7 @@ strategies, interleaved sequences, idle timeout, implicit state, and load-time r
 
 from __future__ import annotations
 
+import importlib.util
 import queue
 import shutil
 import threading
@@ -71,6 +72,13 @@ START_ONLY = """
   ]
 """
 
+
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+BACKEND_MODELS = [
+    pytest.param("seq_onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason="needs onnxruntime")),
+    pytest.param("seq_torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="needs torch")),
+]
 
 BACKEND_SEQUENCE = """name: "{name}"
 backend: "{backend}"
@@ -172,8 +180,10 @@ def build_sequence_repository(root: Path) -> Path:
         parameters={"fatal_value": "666"},
     )
     # Control and state inputs reach ONNX Runtime and TorchScript models too.
-    write_onnx_accumulator(root)
-    write_torch_accumulator(root)
+    if HAS_ONNX:
+        write_onnx_accumulator(root)
+    if HAS_TORCH:
+        write_torch_accumulator(root)
     # An ensemble in front of a sequence model: the sequence parameters travel to its step.
     (root / "seq_ensemble").mkdir()
     (root / "seq_ensemble" / "config.pbtxt").write_text(
@@ -251,7 +261,7 @@ def running_totals(values) -> list[int]:
 
 @pytest.mark.parametrize(
     "model",
-    ["seq_direct", "seq_oldest", "seq_unbatched", "seq_state", "seq_ensemble", "seq_onnx", "seq_torch"],
+    ["seq_direct", "seq_oldest", "seq_unbatched", "seq_state", "seq_ensemble", *BACKEND_MODELS],
 )
 def test_sequence_output_is_the_running_total(protocol, model):
     # Triton's sequence client examples: 1, then +100, then -80 -> 1 : 101 : 21.
@@ -486,7 +496,8 @@ def test_timed_out_request_leaves_the_sequence_state_alone(grpc):
 
 
 def test_clients_see_no_control_or_state_tensors(grpc):
-    for model in ("seq_onnx", "seq_torch", "seq_state"):
+    models = ["seq_state"] + ["seq_onnx"] * HAS_ONNX + ["seq_torch"] * HAS_TORCH
+    for model in models:
         metadata = grpc.get_model_metadata(model, as_json=True)
         assert [t["name"] for t in metadata["inputs"]] == ["INPUT"]
         assert [t["name"] for t in metadata["outputs"]] == ["OUTPUT"]
