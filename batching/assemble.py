@@ -6,11 +6,13 @@ inputs, pinned staging buffers) can replace it without touching the scheduling l
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from convoy.errors import InferenceFailed
+from convoy.config import ModelConfig
+from convoy.datatypes import NUMPY_DTYPE
+from convoy.errors import ConvoyError, InferenceFailed
 from convoy.types import Request
 
 
@@ -19,21 +21,42 @@ def batch_key(request: Request) -> Hashable:
     return tuple((name, array.shape[1:], array.dtype.str) for name, array in request.inputs.items())
 
 
-def merge(requests: list[Request]) -> dict[str, np.ndarray]:
-    """The batch's inputs. A lone request's arrays pass through untouched (no copy)."""
-    if len(requests) == 1:
-        return requests[0].inputs
+def merge(requests: list[Request], buffers: Callable | None = None) -> dict[str, np.ndarray]:
+    """The batch's inputs. A lone request's arrays pass through untouched (no copy) unless the
+    runtime has buffers of its own (`buffers(rows, like)`, e.g. pinned memory), which every
+    batch is assembled into."""
     first = requests[0].inputs
+    if buffers is not None:
+        rows = 0
+        for request in requests:
+            rows += request.rows
+        into = buffers(rows, first)
+        if into is not None:
+            # The one copy on the way in: each request's wire-backed views straight into the
+            # runtime's buffer.
+            for name, target in into.items():
+                if len(requests) == 1:
+                    np.copyto(target, first[name])
+                else:
+                    np.concatenate([r.inputs[name] for r in requests], out=target)
+            return into
+    if len(requests) == 1:
+        return first
     # The one copy on the way in: each request's wire-backed views into one batch buffer.
     return {name: np.concatenate([r.inputs[name] for r in requests]) for name in first}
 
 
 def split(
-    outputs: dict[str, np.ndarray], requests: list[Request], batched: bool, model: str
-) -> list[dict[str, np.ndarray]]:
-    """Each request's rows of every output, as views of the batch's outputs."""
+    outputs: dict[str, np.ndarray], requests: list[Request], batched: bool, config: ModelConfig
+) -> list[dict[str, np.ndarray] | ConvoyError]:
+    """Each request's outputs, as views of the batch's outputs: the ones it asked for (every
+    declared output the model produced when it asked for none), in the datatype the config
+    declares. A request whose output is missing gets an error in its place."""
+    model = config.name
+    outputs = _declared_types(outputs, config)
+    default = tuple(s.name for s in config.outputs if s.name in outputs) or tuple(outputs)
     if len(requests) == 1 and not batched:
-        return [outputs]
+        return [_select(outputs, requests[0].requested_outputs or default, model)]
     total = sum(r.rows for r in requests)
     for name, array in outputs.items():
         if array.ndim == 0 or array.shape[0] != total:
@@ -43,11 +66,41 @@ def split(
                 f"of {total} rows; expected first dimension {total}"
             )
     if len(requests) == 1:
-        return [outputs]
-    parts: list[dict[str, np.ndarray]] = []
+        return [_select(outputs, requests[0].requested_outputs or default, model)]
+    parts: list[dict[str, np.ndarray] | ConvoyError] = []
     start = 0
     for request in requests:
         end = start + request.rows
-        parts.append({name: array[start:end] for name, array in outputs.items()})
+        names = request.requested_outputs or default
+        missing = _missing(outputs, names, model)
+        parts.append(missing or {name: outputs[name][start:end] for name in names})
         start = end
     return parts
+
+
+def _declared_types(outputs: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """Outputs whose dtype differs from the declared one, converted once for the whole batch."""
+    converted = None
+    for name, array in outputs.items():
+        spec = config.output(name)
+        if spec is None or spec.datatype == "BYTES":
+            continue
+        wanted = NUMPY_DTYPE[spec.datatype]
+        if array.dtype != wanted:
+            if converted is None:
+                converted = dict(outputs)
+            converted[name] = np.asarray(array).astype(wanted)
+    return outputs if converted is None else converted
+
+
+def _missing(outputs: dict, names: tuple[str, ...], model: str) -> ConvoyError | None:
+    for name in names:
+        if name not in outputs:
+            return InferenceFailed(f"model '{model}' did not produce output '{name}'")
+    return None
+
+
+def _select(outputs: dict, names: tuple[str, ...], model: str) -> dict[str, np.ndarray] | ConvoyError:
+    if tuple(outputs) == names:
+        return outputs
+    return _missing(outputs, names, model) or {name: outputs[name] for name in names}

@@ -22,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import InvalidStateError as FutureInvalidState
 
+import numpy as np
+
 from convoy.config import ModelConfig, QueuePolicy, TimeoutAction
 from convoy.errors import (
     Cancelled,
@@ -62,6 +64,14 @@ def _resolve(request: Request, result=None, error: BaseException | None = None) 
     return True
 
 
+def _execute(job: tuple[RuntimeInstance, list[Request]]) -> tuple[int, dict[str, np.ndarray]]:
+    """On the instance's thread: assemble the batch, run it; (when assembled, outputs)."""
+    instance, batch = job
+    inputs = merge(batch, instance.batch_buffers)
+    merged = time.monotonic_ns()
+    return merged, instance.runtime.infer(inputs)
+
+
 class Scheduler:
     """Queue + dispatcher for one model version over its runtime instances."""
 
@@ -75,6 +85,7 @@ class Scheduler:
         execution_timeout: float = 0.0,
         replace_instance: Callable[[RuntimeInstance], Awaitable[RuntimeInstance]] | None = None,
         usage: UsageMeter | None = None,
+        on_available_change: Callable[[], None] | None = None,
     ) -> None:
         """`execution_timeout` (seconds, 0 = none): a batch still running after it fails its
         requests, and its instance (whose thread is stuck) is swapped for a fresh one made by
@@ -88,6 +99,8 @@ class Scheduler:
         #: Showback (per-principal usage), when API keys are configured.
         self._usage = usage
         self._replace_instance = replace_instance
+        #: Told when `available` may have changed (an instance lost or replaced).
+        self._on_available_change = on_available_change
         #: Instances being replaced after a hung batch (their threads are abandoned) or a fatal
         #: runtime error.
         self.replacing = 0
@@ -388,17 +401,14 @@ class Scheduler:
         self._executing[sequence] = batch
         if self._execution_timeout:
             self._loop.call_later(self._execution_timeout, self._timed_out, context)
-        start = time.monotonic_ns()
-        try:
-            inputs = merge(batch)
-        except Exception as exc:
-            self._finished(context, start, start, None, exc)
-            return
-        instance.submit(self._finished, (context, start, time.monotonic_ns()), inputs)
+        # Assembled on the instance's thread (off the loop), into the runtime's own buffers
+        # when it has them: the batch is copied once, where the runtime reads it.
+        instance.run(self._finished, (context, time.monotonic_ns()), _execute, (instance, batch))
 
-    def _finished(self, context, start: int, merged: int, outputs, error) -> None:
+    def _finished(self, context, start: int, result, error) -> None:
         """A batch came back from its instance (on the loop): split, record, deliver."""
         instance, batch, rows, reason, dispatched_ns, sequence = context
+        merged, outputs = result if result is not None else (start, None)
         if sequence not in self._executing:
             return  # it timed out: its requests were answered and the instance replaced
         if error is not None and instance.is_fatal(error):
@@ -409,7 +419,7 @@ class Scheduler:
         try:
             if error is not None:
                 raise error
-            parts = split(outputs, batch, self._batched, name)
+            parts = split(outputs, batch, self._batched, self.config)
             done = time.monotonic_ns()
             self.stats.record_batch(
                 rows, len(batch), merged - start, inferred - merged, done - inferred, reason
@@ -421,7 +431,9 @@ class Scheduler:
             self._batches_measured += 1
             timings = StageTimes(dispatched_ns, start, merged, inferred, done)
             outcome = [
-                (request, Response(part, name, self.version, timings), None)
+                (request, None, part)
+                if isinstance(part, ConvoyError)
+                else (request, Response(part, name, self.version, timings), None)
                 for request, part in zip(batch, parts, strict=True)
             ]
         except ConvoyError as exc:
@@ -544,6 +556,7 @@ class Scheduler:
         self._start_replacement(instance, close_lost=True)
 
     def _start_replacement(self, lost: RuntimeInstance, close_lost: bool) -> None:
+        self._available_changed()  # `lost` has left self._instances
         if self._closed:
             if close_lost:
                 task = self._loop.create_task(lost.close())
@@ -581,9 +594,14 @@ class Scheduler:
             return
         self._instances.append(fresh)
         self._idle.append(fresh)
+        self._available_changed()
         log.info("model '%s': instance %s replaced", self.config.name, lost.name)
         if self._queue.size:
             self._dispatch_soon()
+
+    def _available_changed(self) -> None:
+        if self._on_available_change is not None:
+            self._on_available_change()
 
     @property
     def available(self) -> bool:

@@ -139,6 +139,7 @@ class SequenceScheduler:
         max_queue_size: int,
         usage: UsageMeter | None = None,
         replace_instance: Callable[[RuntimeInstance], Awaitable[RuntimeInstance]] | None = None,
+        on_available_change: Callable[[], None] | None = None,
         **_not_supported,
     ) -> None:
         """After a fatal runtime error (a lost worker process, a poisoned CUDA context) the
@@ -154,6 +155,8 @@ class SequenceScheduler:
         self.replacing = 0
         self._usage = usage
         self._replace_instance = replace_instance
+        #: Told when `available` may have changed (an instance lost or replaced).
+        self._on_available_change = on_available_change or (lambda: None)
         self._replacements: set[asyncio.Task] = set()
         self._policy: SequenceBatching = config.sequence_batching
         self._batched = config.max_batch_size > 0
@@ -597,6 +600,7 @@ class SequenceScheduler:
             error,
         )
         lane.replacing = True
+        self._on_available_change()
         self.restart_reason = f"restarting an instance after a fatal error: {error}"
         self.replacing += 1
         task = self._loop.create_task(self._swap(lane))
@@ -636,5 +640,6 @@ class SequenceScheduler:
         lane.replacing = lane.busy = False
         if not any(other.replacing for other in self._lanes):
             self.restart_reason = ""
+        self._on_available_change()
         log.info("model '%s': instance %s replaced", self.config.name, lost.name)
         self._dispatch_all()

@@ -5,9 +5,13 @@
     python bench/workers.py --quick                      # short windows: checks the script, not numbers
 
 For each worker count, one server on the demo `add_sub` model (or --repository/--model), then
-perf_analyzer with 1-row requests over gRPC and HTTP at each concurrency. Workers 1 is today's
-single process (no engine, no IPC), so concurrency 1 p50 of workers 1 vs 2 is the cost of the hop
-to the engine. Writes bench/results/workers-<timestamp>.json and .md with the machine.
+perf_analyzer with 1-row requests over gRPC and HTTP at each concurrency. Workers 1 is a single
+process (no engine, no IPC), so concurrency 1 p50 of workers 1 vs 2 is the cost of the hop to the
+engine. Around every run the user+system CPU time of each process role (single process; engine;
+each front end) is read from /proc and divided by the requests the model served in that time:
+CPU µs per request by role, steadier than a rate on a shared machine, and from them the
+throughput an N-core host would reach with N-1 front ends and one engine (--project-cores).
+Writes bench/results/workers-<timestamp>.json and .md with the machine.
 
 What to expect: the front ends scale with cores. On a host where perf_analyzer shares the
 same few cores as the server (the 2-core development machine), more workers mostly compete
@@ -62,6 +66,8 @@ class Server:
             "--log-level", "WARNING",
         ]  # fmt: skip
         self.log = log.open("w")
+        self.model = model
+        self.workers = workers
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True)
         deadline = time.monotonic() + 180
         self.http = self.grpc = 0
@@ -75,6 +81,34 @@ class Server:
         if not self.http:
             self.stop()
             raise SystemExit(f"convoy --workers {workers} did not start; see {log}")
+
+    def roles(self) -> dict[str, list[int]]:
+        """Process ids by role: the single process, or the engine and its front ends."""
+        import psutil
+
+        if self.workers == 1:
+            return {"single process": [self.process.pid]}
+        children = psutil.Process(self.process.pid).children()
+        workers = [c.pid for c in children if "convoy.server.workers" in " ".join(c.cmdline())]
+        return {"engine": [self.process.pid], "front end": workers}
+
+    def cpu_seconds(self) -> dict[str, list[float]]:
+        import psutil
+
+        out = {}
+        for role, pids in self.roles().items():
+            times = [psutil.Process(pid).cpu_times() for pid in pids]
+            out[role] = [t.user + t.system for t in times]
+        return out
+
+    def served(self) -> int:
+        """Requests the model answered successfully so far (the statistics extension)."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.http}/v2/models/{self.model}/stats"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            stats = json.load(answer)["model_stats"]
+        return sum(s["inference_stats"]["success"]["count"] for s in stats)
 
     def stop(self) -> int:
         self.process.terminate()
@@ -146,6 +180,39 @@ def markdown(report: dict) -> str:
                     f"| {protocol} | {concurrency} | {run['workers']} | {rate} | "
                     f"{run['p50_us']} | {run['p99_us']} | {ratio} |"
                 )
+    lines += [
+        "",
+        "CPU time per request by process role (user+system from /proc over the run / requests served):",
+        "",
+        "| protocol | concurrency | workers | single process µs | engine µs | front end µs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        cpu = run.get("cpu_us_per_request")
+        if not cpu:
+            continue
+        cells = [cpu.get(role, "") for role in ("single process", "engine", "front end")]
+        lines.append(
+            f"| {run['protocol']} | {run['concurrency']} | {run['workers']} | "
+            + " | ".join(str(c) for c in cells)
+            + " |"
+        )
+    projections = report.get("projections") or []
+    if projections:
+        lines += [
+            "",
+            "Projected throughput of a host from these costs (one engine core, the rest front ends):",
+            "",
+        ]
+        lines += [
+            "| protocol | concurrency | cores | front ends | limited by | requests/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in projections:
+            lines.append(
+                f"| {p['protocol']} | {p['concurrency']} | {p['cores']} | {p['front_ends']} | "
+                f"{p['limit']} | {p['requests_per_s']:,.0f} |"
+            )
     hop = report.get("ipc_p50_us")
     if hop:
         lines += [
@@ -154,6 +221,36 @@ def markdown(report: dict) -> str:
         ]
         lines += [f"- {protocol}: {delta:+d} µs" for protocol, delta in hop.items()]
     return "\n".join(lines) + "\n"
+
+
+def project(runs: list[dict], cores_list: list[int], raw_limit: float) -> list[dict]:
+    """For each protocol and concurrency measured through workers: an N-core host with one
+    engine core and N-1 front-end cores serves min(front ends, engine, raw model) requests/s."""
+    out = []
+    for run in runs:
+        cpu = run.get("cpu_us_per_request") or {}
+        if "engine" not in cpu or not cpu.get("front end"):
+            continue
+        for cores in cores_list:
+            limits = {
+                "front ends": (cores - 1) * 1e6 / cpu["front end"],
+                "engine": 1e6 / max(cpu["engine"], 1e-3),
+            }
+            if raw_limit:
+                limits["raw model"] = raw_limit
+            limit = min(limits, key=limits.get)
+            out.append(
+                {
+                    "protocol": run["protocol"],
+                    "concurrency": run["concurrency"],
+                    "workers_measured": run["workers"],
+                    "cores": cores,
+                    "front_ends": cores - 1,
+                    "limit": limit,
+                    "requests_per_s": round(limits[limit]),
+                }
+            )
+    return out
 
 
 def main() -> int:
@@ -169,6 +266,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement window")
     parser.add_argument("--quick", action="store_true", help="short count windows (CI)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--project-cores", type=int, nargs="+", default=[16],
+        help="project the throughput of hosts with these many cores from the measured costs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--raw-limit", type=float, default=0.0,
+        help="the model's raw in-process limit (requests/s) to cap projections with (0: none)",
+    )  # fmt: skip
     args = parser.parse_args()
     binary = find_perf_analyzer()
     started = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -193,10 +298,23 @@ def main() -> int:
                     port = server.grpc if protocol == "grpc" else server.http
                     for concurrency in args.concurrency:
                         out_csv = Path(scratch) / f"{workers}-{protocol}-{concurrency}.csv"
+                        cpu_before, served_before = server.cpu_seconds(), server.served()
                         run = perf_analyzer(
                             binary, args.model, protocol, port, concurrency, args.seconds,
                             args.quick, args.shape, out_csv,
                         )  # fmt: skip
+                        served = server.served() - served_before
+                        cpu_after = server.cpu_seconds()
+                        if served:
+                            # Every request passes one front end: a role's CPU over the requests
+                            # served is its cost per request, however many processes share it.
+                            run["cpu_us_per_request"] = {
+                                role: round(
+                                    (sum(cpu_after[role]) - sum(cpu_before[role])) * 1e6 / served, 1
+                                )
+                                for role in cpu_after
+                            }
+                            run["served"] = served
                         run.update(workers=workers, protocol=protocol, concurrency=concurrency)
                         report["runs"].append(run)
                         shown = run.get("requests_per_s", run.get("error", "")[-200:])
@@ -212,6 +330,7 @@ def main() -> int:
         double = next((r for r in one if r["workers"] == 2 and "p50_us" in r), None)
         if single and double:
             report["ipc_p50_us"][protocol] = double["p50_us"] - single["p50_us"]
+    report["projections"] = project(report["runs"], args.project_cores, args.raw_limit)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"workers-{started}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

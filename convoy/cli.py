@@ -61,11 +61,11 @@ def _serve_parser(sub) -> None:
     )
     p.add_argument(
         "--workers",
-        type=int,
-        default=1,
-        metavar="N",
+        default="1",
+        metavar="N|auto",
         help="front-end processes sharing the HTTP and gRPC ports in front of one engine process "
-        "that holds the models (default 1: a single process)",
+        "that holds the models (default 1: a single process; auto: one per core left after the "
+        "engine and the runtimes, for many-core GPU hosts)",
     )
     p.add_argument(
         "--shutdown-grace",
@@ -272,8 +272,7 @@ def _settings(args) -> ServerConfig:
     for flag in ("auth_health", "auth_metrics"):
         if getattr(args, flag) == "protected" and args.api_keys is None:
             raise SystemExit(f"convoy: --{flag.replace('_', '-')} protected needs --api-keys")
-    if args.workers < 1:
-        raise SystemExit(f"convoy: --workers must be at least 1, got {args.workers}")
+    workers = _workers(args.workers)
     return ServerConfig(
         model_repository=repository,
         host=args.host,
@@ -307,7 +306,7 @@ def _settings(args) -> ServerConfig:
         payload_log_max_elements=args.payload_log_max_elements,
         payload_log_queue_size=args.payload_log_queue_size,
         capacity_reports=tuple(args.capacity_report),
-        workers=args.workers,
+        workers=workers,
     )
 
 
@@ -388,9 +387,28 @@ def _keys(args) -> int:
     return 0
 
 
+def _workers(value: str) -> int:
+    """--workers: a count of at least 1, or "auto" (cores left after the engine's)."""
+    if value == "auto":
+        from convoy.server.multiprocess import auto_workers
+
+        count = auto_workers()
+        # One front end is a single process: no IPC hop for nothing.
+        return count if count > 1 else 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise SystemExit(
+            f"convoy: --workers must be a whole number of at least 1 or 'auto', got {value}"
+        )
+    return count
+
+
 async def _serve(settings: ServerConfig, log_control=None) -> None:
     if settings.workers > 1:
-        from convoy.engine.process import Engine as ConvoyServer
+        from convoy.server.multiprocess import MultiProcessServer as ConvoyServer
     else:
         from convoy.server.app import ConvoyServer
 
@@ -398,14 +416,14 @@ async def _serve(settings: ServerConfig, log_control=None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
-        if server.keys is not None:
+        if server.engine.keys is not None:
             loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
         print(
             f"convoy: serving {settings.model_repository} "
             f"http={server.http_port} grpc={server.grpc_port} metrics={server.metrics_port}",
             flush=True,
         )
-        for row in server.repository.index():
+        for row in await server.engine.repository_index():
             print(
                 f"convoy: model {row['name']} v{row['version']} {row['state']} {row['reason']}",
                 flush=True,

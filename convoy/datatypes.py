@@ -71,6 +71,11 @@ def v2_datatype_of(array: np.ndarray) -> str:
     return found
 
 
+def declared_datatype(spec, array: np.ndarray) -> str:
+    """The V2 datatype an output goes out as: its TensorSpec's, else the array's own."""
+    return spec.datatype if spec is not None else v2_datatype_of(array)
+
+
 def element_count(shape: tuple[int, ...] | list[int]) -> int:
     count = 1
     for dim in shape:

@@ -35,11 +35,10 @@ import numpy as np
 import orjson
 
 from convoy.config import ModelConfig
-from convoy.datatypes import bf16_bits_to_float32, v2_datatype_of
+from convoy.datatypes import bf16_bits_to_float32, declared_datatype
 from convoy.engine.repository import ModelVersion
 from convoy.errors import status_of
-from convoy.server import codec as tensors
-from convoy.types import Request, TensorSpec
+from convoy.types import Request
 
 log = logging.getLogger("convoy.payload_log")
 
@@ -188,7 +187,7 @@ class PayloadLog:
             "queue_us": None,
             "compute_us": None,
             "inputs": [
-                self._tensor(name, _declared_datatype(config.input(name), array), array)
+                self._tensor(name, declared_datatype(config.input(name), array), array)
                 for name, array in request.inputs.items()
             ],
             "outputs": [],
@@ -206,8 +205,10 @@ class PayloadLog:
         if timings is not None:
             record["queue_us"] = max(timings.dispatched_ns - request.queued_ns, 0) // 1000
             record["compute_us"] = (timings.done_ns - timings.compute_start_ns) // 1000
-        selected = tensors.select_outputs(config, response.outputs, request.requested_outputs)
-        record["outputs"] = [self._tensor(name, datatype, array) for name, datatype, array in selected]
+        record["outputs"] = [
+            self._tensor(name, declared_datatype(config.output(name), array), array)
+            for name, array in response.outputs.items()
+        ]
         return record
 
     def _tensor(self, name: str, datatype: str, array: np.ndarray) -> dict:
@@ -229,7 +230,3 @@ class PayloadLog:
         else:
             out["data"] = np.ascontiguousarray(flat)
         return out
-
-
-def _declared_datatype(spec: TensorSpec | None, array: np.ndarray) -> str:
-    return spec.datatype if spec is not None else v2_datatype_of(array)

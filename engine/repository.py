@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,8 @@ class ModelVersion:
     config: ModelConfig
     version: int
     state: str = "LOADING"  # LOADING, READY, UNAVAILABLE, UNLOADING
-    reason: str = ""
+    #: Why it failed to load or went away (`reason` adds why a READY version is unavailable).
+    failure: str = ""
     stats: ModelStats = field(default_factory=ModelStats)
     scheduler: Scheduler | None = None
     instances: list[RuntimeInstance] = field(default_factory=list)
@@ -55,6 +57,18 @@ class ModelVersion:
     def ready(self) -> bool:
         # A version whose every instance is being replaced (after a hung batch) is not ready.
         return self.state == "READY" and (self.scheduler is None or self.scheduler.available)
+
+    @property
+    def reason(self) -> str:
+        """Why it is not ready: its failure, or while READY the scheduler's reason for being
+        unavailable (instances being replaced; an ensemble's composing model not ready)."""
+        if self.failure or self.scheduler is None or self.state != "READY":
+            return self.failure
+        return "" if self.scheduler.available else self.scheduler.restart_reason
+
+    @reason.setter
+    def reason(self, value: str) -> None:
+        self.failure = value
 
 
 @dataclass(slots=True, eq=False)
@@ -86,9 +100,16 @@ class ModelRepository:
         self._locks: dict[str, asyncio.Lock] = {}
         #: Loads started by `_ensure_loaded` (start-up, an ensemble's composing models).
         self._loads: dict[str, asyncio.Task] = {}
-        #: How an ensemble submits its steps: the InferenceService replaces this with its own
-        #: submit, so step requests take the front ends' path.
+        #: How an ensemble submits its steps: the Engine replaces this with its own submit,
+        #: so step requests take the front ends' path.
         self.submit_step = _submit_to_scheduler
+        #: Called (on the loop) whenever a model or version changes state, e.g. to tell the
+        #: --workers front ends (engine/remote.py).
+        self.listeners: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     async def __aenter__(self) -> ModelRepository:
         settings = self._settings
@@ -200,6 +221,7 @@ class ModelRepository:
             previous = self.models.get(name)
             if previous is None:
                 self.models[name] = model
+                self.changed()
             try:
                 proto = read_config_proto(model_dir / "config.pbtxt")
                 config = build_model_config(proto, model_dir)
@@ -241,6 +263,7 @@ class ModelRepository:
                 model.reason = f"{type(exc).__name__}: {exc}"
                 log.exception("model '%s' failed to load", name)
             self.models[name] = model
+            self.changed()
             if previous is not None and previous is not model:
                 await self._stop(previous)
             if model.state == "READY":
@@ -258,6 +281,7 @@ class ModelRepository:
             model = self.models.pop(name, None)
             if model is None:
                 raise ModelNotFound(f"model '{name}' is not loaded")
+            self.changed()
             await self._stop(model)
 
     async def _load_version(self, config: ModelConfig, model_dir: Path, version: int) -> ModelVersion:
@@ -286,6 +310,7 @@ class ModelRepository:
                 execution_timeout=self._execution_timeout(config),
                 replace_instance=replace,
                 usage=self.usage,
+                on_available_change=self.changed,
             )
             await scheduler.__aenter__()
             entry.scheduler = scheduler

@@ -19,17 +19,14 @@ import grpc
 import uvicorn
 
 from convoy.auth import Keyring
-from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
-from convoy.engine.ledger import UsageLedger
-from convoy.engine.metrics import Metrics
-from convoy.engine.payload_log import PayloadLog
-from convoy.engine.repository import ModelRepository
-from convoy.engine.service import InferenceService
+from convoy.engine.client import EngineClient
+from convoy.engine.core import Engine
 from convoy.logs import LogControl
 from convoy.server.catalog.page import Catalog
 from convoy.server.grpc_api.handlers import start_grpc_server
 from convoy.server.http_api.handlers import HttpFrontend
+from convoy.server.http_api.middleware import ApiKeyMiddleware
 from convoy.server.observability.access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
 from convoy.server.observability.metrics_server import start_metrics_server
 from convoy.server.observability.tracing import Tracer
@@ -115,29 +112,28 @@ def _server_tls_context(settings: ServerConfig) -> ssl.SSLContext:
 
 
 class FrontEnds:
-    """The gRPC and HTTP front ends over one InferenceService, with the access log and tracer
+    """The gRPC and HTTP front ends over one engine client, with the access log and tracer
     they feed: what a single-process server and each --workers front-end process both run."""
 
     def __init__(
         self,
-        service: InferenceService,
+        engine: EngineClient,
         settings: ServerConfig,
         log_control: LogControl,
         reuse_port: bool = False,
         keys: Keyring | None = None,
-        catalog: bool = True,
     ) -> None:
-        """`keys`: API keys (None: open). `catalog`: serve /catalog (needs the models' statistics
-        in this process, so not in --workers front ends)."""
-        self.service = service
+        """`keys`: API keys (None: open). `log_control`: this process's logging (the access
+        log follows its format)."""
+        self.engine = engine
         self.settings = settings
         self.log_control = log_control
         self.reuse_port = reuse_port
         self.keys = keys
-        self.catalog = catalog
         self.http_port = 0
         self.grpc_port = 0
         self._grpc = None
+        self._grpc_frontend = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
         self._http_socket: socket.socket | None = None
@@ -154,12 +150,11 @@ class FrontEnds:
             self.log_control.follow_format(self._access_log.handler)
             self._access_log.start()
             interceptors.append(AccessLogInterceptor(self._access_log, self.keys))
-        self._grpc, self.grpc_port = await start_grpc_server(
-            self.service,
+        self._grpc, self._grpc_frontend, self.grpc_port = await start_grpc_server(
+            self.engine,
             settings.host,
             grpc_port,
             settings.grpc_max_message_bytes,
-            self.log_control,
             interceptors,
             self.tracer,
             self.keys,
@@ -168,22 +163,20 @@ class FrontEnds:
         )
         sock = self._http_socket = _bind(settings.host, http_port, self.reuse_port)
         self.http_port = sock.getsockname()[1]
-        catalog = None
-        if self.catalog:
-            catalog = Catalog(
-                self.service,
-                self.grpc_port,
-                settings.capacity_reports,
-                keys_required=self.keys is not None,
-            )
+        catalog = Catalog(
+            self.engine,
+            self.grpc_port,
+            settings.capacity_reports,
+            keys_required=self.keys is not None,
+        )
         app = HttpFrontend(
-            self.service,
+            self.engine,
             settings.http_max_body_bytes,
-            self.log_control,
             self.tracer,
-            self.keys,
             catalog,
         )
+        if self.keys is not None:
+            app = ApiKeyMiddleware(app, self.keys)
         if self._access_log is not None:
             app = AccessLogMiddleware(app, self._access_log)
         config = uvicorn.Config(
@@ -225,16 +218,16 @@ class FrontEnds:
         stops listening (GOAWAY: later calls fail over to a new connection and find it refused,
         UNAVAILABLE on the client); then the held calls get their UNAVAILABLE within the grace."""
         held = asyncio.Event()
-        service = self.service
-        if service is not None:
-            service.held_rejections = held
+        frontend = self._grpc_frontend
+        if frontend is not None:
+            frontend.held_rejections = held
             # Until the clients go quiet: no new call held for a while (slow clients are slow
             # to send their next one), within bounds.
             started = time.monotonic()
             seen, quiet_since = -1, started
             while time.monotonic() - started < _HOLD_MAX_S:
-                if service.held_count != seen:
-                    seen, quiet_since = service.held_count, time.monotonic()
+                if frontend.held_count != seen:
+                    seen, quiet_since = frontend.held_count, time.monotonic()
                 elif time.monotonic() - quiet_since >= _HOLD_QUIET_S:
                     break
                 await asyncio.sleep(0.005)
@@ -268,28 +261,19 @@ class FrontEnds:
 
 
 class ConvoyServer:
+    """One process: the engine, and both front ends holding it as their engine client."""
+
     def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
         """`log_control`: what the LogSettings API changes (the CLI's, from configure_logging);
         without one, only the root logger's level follows the settings."""
         self.settings = settings
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
-        #: Showback: per-principal usage, metered when callers are identified (API keys) or a
-        #: usage ledger is asked for.
-        metered = settings.usage_ledger is not None or settings.api_keys_file is not None
-        self.usage = UsageMeter() if metered else None
-        self._ledger: UsageLedger | None = None
-        self.repository = ModelRepository(settings, self.usage)
-        self.service: InferenceService | None = None
+        self.engine = Engine(settings, self.log_control)
         self.front_ends: FrontEnds | None = None
         self.http_port = 0
         self.grpc_port = 0
         self.metrics_port = 0
-        self.metrics: Metrics | None = None
         self._metrics_server = None
-        #: API keys (None: everything open), reread on `reload_keys` and when the file changes.
-        self.keys: Keyring | None = None
-        self._keys_watch: asyncio.Task | None = None
-        self.payload_log: PayloadLog | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -298,39 +282,26 @@ class ConvoyServer:
 
     async def __aenter__(self) -> ConvoyServer:
         settings = self.settings
-        loop = asyncio.get_running_loop()
-        self.payload_log = start_payload_log(settings)
-        self.keys = load_keys(settings)  # a broken key file stops start-up, before models load
-        await self.repository.__aenter__()
-        if settings.usage_ledger is not None and self.usage is not None:
-            self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
-            self._ledger.start()
-        self.service = InferenceService(self.repository, loop, self.payload_log)
+        # One keyring: the front ends check keys, the engine counts quotas.
+        self.front_ends = FrontEnds(self.engine, settings, self.log_control, keys=self.engine.keys)
         try:
-            if self.keys is not None:
-                self._keys_watch = loop.create_task(self.keys.watch(), name="convoy-keys-watch")
-            self.front_ends = FrontEnds(self.service, settings, self.log_control, keys=self.keys)
+            # Ports first: a port in use is found before any model loads; until the models
+            # are loaded the server is live but not ready.
             await self.front_ends.start(settings.http_port, settings.grpc_port)
             self.http_port = self.front_ends.http_port
             self.grpc_port = self.front_ends.grpc_port
+            await self.engine.__aenter__()
             if settings.metrics_port >= 0:
-                self._start_metrics()
+                self._metrics_server = start_metrics(self.engine, settings)
+                self.metrics_port = self._metrics_server.server_port
         except BaseException:
             await self._shutdown(grace=0)
             raise
         return self
 
-    def _start_metrics(self) -> None:
-        """/metrics on its own thread, from this server's registry (read at scrape time)."""
-        self.metrics, self._metrics_server = start_metrics(
-            self.repository, self.settings, self.usage, self.payload_log, self.keys
-        )
-        self.metrics_port = self._metrics_server.server_port
-
     def reload_keys(self) -> None:
         """Reread the API key file now (SIGHUP); safe from a signal handler on the loop."""
-        if self.keys is not None:
-            self.keys.request_reload()
+        self.engine.reload_keys()
 
     async def __aexit__(self, *exc_info) -> None:
         await self._shutdown(self.settings.shutdown_grace)
@@ -344,84 +315,34 @@ class ConvoyServer:
 
     async def _shutdown(self, grace: float) -> None:
         started = time.monotonic()
-        if self.service is not None:
-            # Readiness goes false and new requests get UNAVAILABLE; in-flight work continues.
-            self.service.accepting = False
+        # Readiness goes false and new requests get UNAVAILABLE; in-flight work continues.
+        self.engine.accepting = False
         deadline = started + grace
-        await drain_schedulers(self.repository, deadline)
+        await self.engine.drain(deadline)
         if self.front_ends is not None:
             await self.front_ends.stop(deadline)
-        stop_metrics(self.metrics, self._metrics_server)
-        if self._keys_watch is not None:
-            self._keys_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keys_watch
-        await self.repository.__aexit__(None, None, None)
-        if self._ledger is not None:
-            self._ledger.close()  # the last interval, up to the final answers
-        if self.payload_log is not None:
-            await asyncio.sleep(0)  # outcome callbacks scheduled by the last answers run first
-            self.payload_log.close()
+        stop_metrics(self._metrics_server)
+        await self.engine.close(deadline)
         if self.front_ends is not None:
             self.front_ends.close()
         log.info("server stopped after %.2f s", time.monotonic() - started)
 
 
-def start_payload_log(settings: ServerConfig) -> PayloadLog | None:
-    """The payload log's writer when --payload-log-dir is set (models still opt in), else None."""
-    if settings.payload_log_dir is None:
-        return None
-    payload_log = PayloadLog(
-        settings.payload_log_dir,
-        settings.payload_log_max_bytes,
-        settings.payload_log_backups,
-        settings.payload_log_max_elements,
-        settings.payload_log_queue_size,
-    )
-    payload_log.start()
-    return payload_log
-
-
-def load_keys(settings: ServerConfig) -> Keyring | None:
-    """The API keys of --api-keys, or None (everything open)."""
-    if settings.api_keys_file is None:
-        return None
-    return Keyring(settings.api_keys_file, settings.protect_health, settings.protect_metrics)
-
-
-def start_metrics(
-    repository: ModelRepository,
-    settings: ServerConfig,
-    usage: UsageMeter | None = None,
-    payload_log: PayloadLog | None = None,
-    keys: Keyring | None = None,
-):
-    """The Prometheus endpoint on its own thread, with the server's TLS settings and, when
-    asked, behind an API key: (Metrics, its HTTP server)."""
-    metrics = Metrics(repository, usage, payload_log, keys)
+def start_metrics(engine: Engine, settings: ServerConfig):
+    """The engine's Prometheus registry served on its own thread, with the server's TLS
+    settings and, when asked, behind an API key."""
+    keys = engine.keys
     server, _thread = start_metrics_server(
         settings.host,
         settings.metrics_port,
-        metrics.registry,
+        engine.metrics.registry,
         _server_tls_context(settings) if settings.tls_cert is not None else None,
         keys if keys is not None and keys.protect_metrics else None,
     )
-    return metrics, server
+    return server
 
 
-def stop_metrics(metrics: Metrics | None, server) -> None:
+def stop_metrics(server) -> None:
     if server is not None:
         server.shutdown()
         server.server_close()
-    if metrics is not None:
-        metrics.close()
-
-
-async def drain_schedulers(repository: ModelRepository, deadline: float) -> None:
-    """Wait until no model has requests queued or executing, or until `deadline` (monotonic)."""
-    while time.monotonic() < deadline and any(
-        entry.scheduler is not None and entry.scheduler.in_flight
-        for model in repository.models.values()
-        for entry in model.versions.values()
-    ):
-        await asyncio.sleep(0.01)

@@ -12,12 +12,12 @@ from convoy.config import ModelConfig
 from convoy.datatypes import (
     ITEMSIZE,
     NUMPY_DTYPE,
+    declared_datatype,
     deserialize_bytes,
     element_count,
     float32_to_bf16_bits,
-    v2_datatype_of,
 )
-from convoy.errors import InferenceFailed, InvalidInput
+from convoy.errors import InvalidInput
 from convoy.types import TensorSpec
 
 #: Hard cap on elements of one tensor, whatever its declared shape says (forged shapes).
@@ -206,26 +206,9 @@ def check_requested_outputs(config: ModelConfig, names) -> tuple[str, ...]:
     return tuple(names)
 
 
-def select_outputs(
-    config: ModelConfig, outputs: dict[str, np.ndarray], requested: tuple[str, ...]
-) -> list[tuple[str, str, np.ndarray]]:
-    """(name, V2 datatype, array) for each output to send back, in a stable order."""
-    names = requested or (tuple(s.name for s in config.outputs if s.name in outputs) or tuple(outputs))
-    selected = []
-    for name in names:
-        array = outputs.get(name)
-        if array is None:
-            raise InferenceFailed(f"model '{config.name}' did not produce output '{name}'")
-        spec = config.output(name)
-        if spec is not None:
-            datatype = spec.datatype
-            wanted = NUMPY_DTYPE[datatype]
-            if datatype != "BYTES" and array.dtype != wanted:
-                array = array.astype(wanted)
-        else:
-            datatype = v2_datatype_of(array)
-        selected.append((name, datatype, array))
-    return selected
+def output_datatype(config: ModelConfig, name: str, array: np.ndarray) -> str:
+    """The V2 datatype of an output the engine returned (declared, else the array's own)."""
+    return declared_datatype(config.output(name), array)
 
 
 def non_negative_parameter(parameters: dict, name: str) -> int:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from convoy import __version__
 from convoy.batching.stats import LATENCY_BOUNDS_NS
-from convoy.engine.service import DEFAULT_PLATFORM, InferenceService
+from convoy.engine.client import DEFAULT_PLATFORM, EngineClient
 from convoy.errors import ConvoyError
 from convoy.server.catalog.snippets import example_inputs, snippets
 from convoy.server.http_api.handlers import proto_to_dict
@@ -74,7 +74,7 @@ class Catalog:
 
     def __init__(
         self,
-        service: InferenceService,
+        engine: EngineClient,
         grpc_port: int,
         capacity_reports: tuple[Path, ...] = (),
         window_s: float = 60.0,
@@ -82,7 +82,7 @@ class Catalog:
     ) -> None:
         """`keys_required`: the server wants API keys; the snippets then send one from the
         CONVOY_API_KEY environment variable."""
-        self.service = service
+        self.engine = engine
         self.keys_required = keys_required
         self.grpc_port = grpc_port
         self.capacity_reports = capacity_reports
@@ -93,7 +93,7 @@ class Catalog:
         self._template = resources.files("convoy.server.catalog").joinpath("catalog.html").read_text()
 
     # --- the document ------------------------------------------------------------------------------
-    def document(self, host_header: str, server_port: int, allows=None) -> dict:
+    async def document(self, host_header: str, server_port: int, allows=None) -> dict:
         """What /catalog.json answers (and /catalog renders). `host_header` is the request's
         Host; one that is not a plain host[:port] is replaced by localhost and `server_port`.
         `allows(name)`: only the models the caller's API key may use are listed."""
@@ -101,13 +101,13 @@ class Catalog:
         http_base = f"http://{host}:{http_port}"
         grpc_address = f"{host}:{self.grpc_port}"
         capacity, capacity_errors = self._capacity()
-        repository = self.service.repository
         rows: dict[str, list[dict]] = {}
-        for row in repository.index():
+        for row in await self.engine.repository_index():
             if allows is None or allows(row["name"]):
                 rows.setdefault(row["name"], []).append(row)
+        figures = await self.engine.catalog_figures()
         models = [
-            self._model(name, index_rows, http_base, grpc_address, capacity.get(name))
+            self._model(name, index_rows, http_base, grpc_address, capacity.get(name), figures)
             for name, index_rows in rows.items()
         ]
         return {
@@ -123,16 +123,17 @@ class Catalog:
             "models": models,
         }
 
-    def _model(self, name: str, index_rows: list[dict], http_base: str, grpc: str, capacity) -> dict:
-        service = self.service
-        model = service.repository.models.get(name)
+    def _model(
+        self, name: str, index_rows: list[dict], http_base: str, grpc: str, capacity, figures: dict
+    ) -> dict:
+        engine = self.engine
+        model = engine.models().get(name)
         versions = []
         for row in index_rows:
             version = {"version": row["version"], "state": row["state"], "reason": row["reason"]}
-            if model is not None and row["version"]:
-                entry = model.versions.get(int(row["version"]))
-                if entry is not None:
-                    version["stats"] = self._live(name, entry)
+            live = figures["versions"].get(f"{name}/{row['version']}") if row["version"] else None
+            if live is not None:
+                version["stats"] = self._live(name, int(row["version"]), live)
             versions.append(version)
         ready = any(v["state"] == "READY" for v in versions)
         out = {
@@ -148,7 +149,7 @@ class Catalog:
             "config": None,
             "payload_log_sample_rate": None,
             #: Whether the server writes payload logs at all (--payload-log-dir).
-            "payload_log_on": service.payload_log is not None,
+            "payload_log_on": figures["payload_log_on"],
             "snippets": None,
             "capacity": capacity,
         }
@@ -162,7 +163,7 @@ class Catalog:
         if model.config_proto is not None:
             out["config"] = proto_to_dict(model.config_proto)
         try:
-            metadata = service.model_metadata(name)
+            metadata = engine.model_metadata(name)
         except ConvoyError:
             return out
         out["inputs"], out["outputs"] = metadata["inputs"], metadata["outputs"]
@@ -174,13 +175,12 @@ class Catalog:
             out["snippets"] = snippets(metadata, http_base, grpc, self.keys_required)
         return out
 
-    def _live(self, name: str, entry) -> dict:
+    def _live(self, name: str, version: int, live: dict) -> dict:
         """Totals, and requests/s, p50, p99 over the recent window, for one version."""
-        stats = entry.stats
         now = time.monotonic()
-        counts = list(stats.success.buckets)  # one copy: count and quantiles agree
-        failures = stats.fail.count
-        snapshots = self._snapshots.setdefault((name, entry.version), deque(maxlen=4096))
+        counts = live["success_buckets"]  # one copy: count and quantiles agree
+        failures = live["failures"]
+        snapshots = self._snapshots.setdefault((name, version), deque(maxlen=4096))
         while len(snapshots) > 1 and now - snapshots[1][0] >= self.window_s:
             snapshots.popleft()
         window = None

@@ -16,10 +16,9 @@ import time
 import grpc
 from google.protobuf import json_format
 
-from convoy.auth import ApiKey, Keyring
+from convoy.auth import Keyring
 from convoy.datatypes import to_wire_bytes
-from convoy.engine.repository import ModelVersion
-from convoy.engine.service import InferenceService
+from convoy.engine.client import EngineClient, ModelView
 from convoy.errors import (
     ConvoyError,
     InvalidInput,
@@ -28,10 +27,10 @@ from convoy.errors import (
     Unsupported,
     status_of,
 )
-from convoy.logs import LogControl
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server import codec as tensors
+from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
 from convoy.server.observability.tracing import TRACEPARENT, Tracer
 from convoy.types import Request
 
@@ -60,15 +59,15 @@ def _parameter(value: pb.InferParameter):
 
 
 def decode_request(
-    service: InferenceService,
+    engine: EngineClient,
     message: pb.ModelInferRequest,
     future,
     deadline: float | None,
     principal: str | None = None,
-) -> tuple[ModelVersion, Request]:
+) -> tuple[ModelView, Request]:
     """Validate a ModelInferRequest against its model and build the scheduler's Request."""
     received = time.monotonic_ns()
-    entry = service.repository.get(message.model_name, message.model_version)
+    entry = engine.resolve(message.model_name, message.model_version)
     config = entry.config
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
@@ -125,21 +124,14 @@ def _traceparent(context) -> str | None:
     return None
 
 
-def authorization(context) -> str | None:
-    """The call's `authorization` metadata (tritonclient's headers={...} sends it), or None."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value
-    return None
-
-
-def encode_response(entry: ModelVersion, request: Request, outputs) -> pb.ModelInferResponse:
+def encode_response(entry: ModelView, request: Request, outputs) -> pb.ModelInferResponse:
+    """The response to `request`: `outputs` are the ones it asked for, selected by the engine."""
+    config = entry.config
     response = pb.ModelInferResponse(
-        model_name=entry.config.name, model_version=str(entry.version), id=request.id
+        model_name=config.name, model_version=str(entry.version), id=request.id
     )
-    for name, datatype, array in tensors.select_outputs(
-        entry.config, outputs, request.requested_outputs
-    ):
+    for name, array in outputs.items():
+        datatype = tensors.output_datatype(config, name, array)
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         response.raw_output_contents.append(to_wire_bytes(array, datatype))
     return response
@@ -150,22 +142,22 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(
         self,
-        service: InferenceService,
-        log_control: LogControl,
+        engine: EngineClient,
         tracer: Tracer | None = None,
-        keys: Keyring | None = None,
     ) -> None:
-        self.service = service
-        self.log_control = log_control
+        self.engine = engine
         self.tracer = tracer
-        #: API keys; None: every call is open (each handler's only cost is this one check).
-        self.keys = keys
+        #: Set during the last moments of shutdown: calls refused UNAVAILABLE then wait on it, so
+        #: the server stops listening while they are held rather than queued in gRPC's core,
+        #: which would cancel them (see FrontEnds._stop_grpc).
+        self.held_rejections: asyncio.Event | None = None
+        self.held_count = 0
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
-        held = self.service.held_rejections
+        held = self.held_rejections
         if held is not None and isinstance(exc, Unavailable):
-            # The server is about to stop listening: answer once it has (see ConvoyServer).
-            self.service.held_count += 1
+            # The server is about to stop listening: answer once it has (see FrontEnds).
+            self.held_count += 1
             await held.wait()
         code, _, message = status_of(exc)
         if not isinstance(exc, ConvoyError):
@@ -181,13 +173,6 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    async def _authorize(self, context, model: str | None = None, manage: bool = False) -> ApiKey:
-        """The caller's key, in scope for `model` / management; aborts the call otherwise."""
-        try:
-            return self.keys.authorize(authorization(context), model, manage)
-        except ConvoyError as exc:
-            await self._abort(context, exc)
-
     async def _answer(self, context, build):
         try:
             return build()
@@ -196,50 +181,38 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- health / metadata -------------------------------------------------------------------
     async def ServerLive(self, request, context):
-        if self.keys is not None and self.keys.protect_health:
-            await self._authorize(context)
-        return pb.ServerLiveResponse(live=self.service.live())
+        return pb.ServerLiveResponse(live=self.engine.live())
 
     async def ServerReady(self, request, context):
-        if self.keys is not None and self.keys.protect_health:
-            await self._authorize(context)
-        return pb.ServerReadyResponse(ready=self.service.ready())
+        return pb.ServerReadyResponse(ready=self.engine.ready())
 
     async def ModelReady(self, request, context):
-        if self.keys is not None and self.keys.protect_health:
-            await self._authorize(context, request.name)
-        return pb.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self.engine.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context)
-        return json_format.ParseDict(self.service.server_metadata(), pb.ServerMetadataResponse())
+        return json_format.ParseDict(self.engine.server_metadata(), pb.ServerMetadataResponse())
 
     async def ModelMetadata(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context, request.name)
         return await self._answer(
             context,
             lambda: json_format.ParseDict(
-                self.service.model_metadata(request.name, request.version),
+                self.engine.model_metadata(request.name, request.version),
                 pb.ModelMetadataResponse(),
             ),
         )
 
     async def ModelConfig(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context, request.name)
         return await self._answer(
             context,
             lambda: pb.ModelConfigResponse(
-                config=self.service.model_config(request.name, request.version)
+                config=self.engine.model_config(request.name, request.version)
             ),
         )
 
     async def ModelStatistics(self, request, context):
-        key = None if self.keys is None else await self._authorize(context, request.name or None)
+        key = current_key()
         try:
-            answer = await self.service.model_statistics(request.name, request.version)
+            answer = await self.engine.model_statistics(request.name, request.version)
             if key is not None:  # all models: only those the key may use
                 answer["model_stats"] = [s for s in answer["model_stats"] if key.allows(s["name"])]
             return json_format.ParseDict(answer, pb.ModelStatisticsResponse())
@@ -248,9 +221,9 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- repository ----------------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
-        key = None if self.keys is None else await self._authorize(context)
+        key = current_key()
         try:
-            rows = await self.service.repository_index(request.ready)
+            rows = await self.engine.repository_index(request.ready)
         except Exception as exc:
             await self._abort(context, exc)
         if key is not None:  # only the models the key may use
@@ -260,19 +233,15 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def RepositoryModelLoad(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context, request.model_name, manage=True)
         try:
-            await self.service.load_model(request.model_name)
+            await self.engine.load_model(request.model_name)
             return pb.RepositoryModelLoadResponse()
         except Exception as exc:
             await self._abort(context, exc)
 
     async def RepositoryModelUnload(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context, request.model_name, manage=True)
         try:
-            await self.service.unload_model(request.model_name)
+            await self.engine.unload_model(request.model_name)
             return pb.RepositoryModelUnloadResponse()
         except Exception as exc:
             await self._abort(context, exc)
@@ -286,14 +255,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         principal: str | None = None,
     ):
         """Decode, queue and await one request; a cancelled await leaves the queue too."""
-        future = self.service.loop.create_future()
-        entry, request = decode_request(self.service, message, future, deadline, principal)
-        self.service.submit(entry, request)
+        future = asyncio.get_running_loop().create_future()
+        entry, request = decode_request(self.engine, message, future, deadline, principal)
+        self.engine.submit(entry, request)
         try:
             result = await future
         except asyncio.CancelledError:
-            if entry.scheduler is not None:
-                entry.scheduler.cancel(request)
+            self.engine.cancel(entry, request)
             raise
         finally:
             if self.tracer is not None:
@@ -303,13 +271,9 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         return encode_response(entry, request, result.outputs)
 
     async def ModelInfer(self, request, context):
-        principal = None
-        if self.keys is not None:
-            key = await self._authorize(context, request.model_name)
-            principal = key.name
+        key = current_key()
+        principal = None if key is None else key.name
         try:
-            if principal is not None:
-                self.keys.admit(key)
             return await self._infer(
                 request,
                 self._deadline(context),
@@ -326,7 +290,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         """Responses go out as each request completes; an error answers that request only.
         With API keys, the call needs a valid key and each request a model in its scope."""
-        key = None if self.keys is None else await self._authorize(context)
+        key = current_key()
         principal = None if key is None else key.name
         answers: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
@@ -337,7 +301,6 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if key is not None:
                     key.require(message.model_name)
-                    self.keys.admit(key)
                 response = await self._infer(message, deadline, traceparent, principal)
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
@@ -384,12 +347,17 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     # --- logging ----------------------------------------------------------------------------------
     async def LogSettings(self, request, context):
         """No settings in the request reads them; any given are applied (all or nothing)."""
-        if self.keys is not None:
-            await self._authorize(context, manage=True)
+
+        try:
+            changes = {key: _parameter(value) for key, value in request.settings.items()}
+            if changes:
+                current = await self.engine.update_log_settings(changes)
+            else:
+                current = self.engine.log_settings()
+        except Exception as exc:
+            await self._abort(context, exc)
 
         def build():
-            changes = {key: _parameter(value) for key, value in request.settings.items()}
-            current = self.log_control.update(changes) if changes else self.log_control.settings()
             response = pb.LogSettingsResponse()
             for key, value in current.items():
                 setting = response.settings[key]
@@ -408,13 +376,9 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         await self._abort(context, Unsupported(f"{what} is not supported by Convoy"))
 
     async def SystemSharedMemoryStatus(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context)
         return pb.SystemSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryStatus(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context)
         return pb.CudaSharedMemoryStatusResponse()
 
     async def SystemSharedMemoryRegister(self, request, context):
@@ -430,35 +394,36 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         await self._unsupported(context, "CUDA shared memory")
 
     async def TraceSetting(self, request, context):
-        if self.keys is not None:
-            await self._authorize(context, manage=True)
         await self._unsupported(context, "trace settings")
 
 
 async def start_grpc_server(
-    service: InferenceService,
+    engine: EngineClient,
     host: str,
     port: int,
     max_message_bytes: int,
-    log_control: LogControl,
     interceptors=(),
     tracer: Tracer | None = None,
     keys: Keyring | None = None,
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
-) -> tuple[grpc.aio.Server, int]:
-    """Start the server on the running loop; returns it and the port it bound (0 = any free).
+) -> tuple[grpc.aio.Server, GrpcFrontend, int]:
+    """Start the server on the running loop; returns it, its servicer and the port it bound.
     With `credentials` the port speaks TLS only. `reuse_port`: share the port with the other
-    --workers processes (SO_REUSEPORT)."""
+    --workers processes (SO_REUSEPORT). With `keys`, every call's key is checked first (the
+    interceptor in interceptors.py): handlers read it with current_key()."""
+    interceptors = list(interceptors)
+    if keys is not None:
+        interceptors.append(ApiKeyInterceptor(keys))
     server = grpc.aio.server(
-        interceptors=list(interceptors) or None,
+        interceptors=interceptors or None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
-    frontend = GrpcFrontend(service, log_control, tracer, keys)
+    frontend = GrpcFrontend(engine, tracer)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(frontend, server)
     try:
         if credentials is not None:
@@ -470,4 +435,4 @@ async def start_grpc_server(
     if bound == 0:
         raise OSError(f"gRPC could not bind {host}:{port} (address in use?)")
     await server.start()
-    return server, bound
+    return server, frontend, bound

@@ -19,11 +19,9 @@ from importlib import resources
 import numpy as np
 import orjson
 
-from convoy.auth import ApiKey, Keyring
 from convoy.datatypes import bf16_bits_to_float32, to_wire_bytes
-from convoy.engine.service import InferenceService
+from convoy.engine.client import EngineClient
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
-from convoy.logs import LogControl
 from convoy.server import codec as tensors
 from convoy.server.observability.tracing import Tracer
 from convoy.types import Request
@@ -82,25 +80,44 @@ def _json_data(array: np.ndarray, datatype: str):
     return np.ascontiguousarray(flat)
 
 
+async def _send(send, status: int, body: bytes, content_type: bytes = JSON, extra=()) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send, exc: BaseException, closing: bool = False) -> None:
+    """The JSON error answer for any exception: its status, a client-safe message, and the
+    headers that go with it (Retry-After, WWW-Authenticate; Connection: close while `closing`)."""
+    _, http_status, message = status_of(exc)
+    headers = []
+    if http_status == 429:
+        # Whole seconds (RFC 9110), at least 1: the scheduler's estimate of the drain.
+        wait = math.ceil(getattr(exc, "retry_after", 1.0))
+        headers.append((b"retry-after", str(max(wait, 1)).encode()))
+    elif http_status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    elif http_status == 503 and closing:
+        # Shutting down: this connection will not be served again; say so.
+        headers.append((b"connection", b"close"))
+    await _send(send, http_status, orjson.dumps({"error": message}), extra=headers)
+
+
 class HttpFrontend:
     """ASGI application: routes by path segments, answers JSON errors, never a traceback."""
 
     def __init__(
         self,
-        service: InferenceService,
+        engine: EngineClient,
         max_body_bytes: int,
-        log_control: LogControl,
         tracer: Tracer | None = None,
-        keys: Keyring | None = None,
         catalog=None,
     ) -> None:
         """`catalog`: a server.catalog.Catalog answering /catalog and /catalog.json, or None."""
-        self.service = service
+        self.engine = engine
         self.max_body_bytes = max_body_bytes
-        self.log_control = log_control
         self.tracer = tracer
-        #: API keys; None: every endpoint is open (each route's only cost is this one check).
-        self.keys = keys
         self.catalog = catalog
         self._openapi = resources.files("convoy.server.http_api").joinpath("openapi.json").read_bytes()
 
@@ -110,39 +127,11 @@ class HttpFrontend:
         try:
             await self._route(scope, receive, send)
         except Exception as exc:
-            _, http_status, message = status_of(exc)
             if not isinstance(exc, ConvoyError):
                 log.exception("HTTP %s %s failed", scope["method"], scope["path"])
-            headers = []
-            if http_status == 429:
-                # Whole seconds (RFC 9110), at least 1: the scheduler's estimate of the drain.
-                wait = math.ceil(getattr(exc, "retry_after", 1.0))
-                headers.append((b"retry-after", str(max(wait, 1)).encode()))
-            elif http_status == 401:
-                headers.append((b"www-authenticate", b"Bearer"))
-            elif http_status == 503 and not self.service.accepting:
-                # Shutting down: this connection will not be served again; say so.
-                headers.append((b"connection", b"close"))
-            await self._send(send, http_status, orjson.dumps({"error": message}), extra=headers)
+            await send_error(send, exc, closing=not self.engine.accepting)
 
-    @staticmethod
-    async def _send(send, status: int, body: bytes, content_type: bytes = JSON, extra=()) -> None:
-        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-        headers.extend(extra)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    def _authorize(self, scope, model: str | None = None, manage: bool = False) -> ApiKey:
-        """The caller's key, in scope for `model` / management (raises otherwise); its name is
-        noted for the access log."""
-        authorization = None
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                authorization = value.decode("latin-1")
-                break
-        found = self.keys.authorize(authorization, model, manage)
-        scope["convoy.principal"] = found.name
-        return found
+    _send = staticmethod(_send)
 
     async def _json(self, send, value, status: int = 200) -> None:
         await self._send(send, status, orjson.dumps(value))
@@ -169,7 +158,7 @@ class HttpFrontend:
     async def _route(self, scope, receive, send) -> None:
         method = scope["method"]
         parts = scope["path"].strip("/").split("/")
-        service = self.service
+        engine = self.engine
         if parts[0] == "openapi.json" or parts == ["v2", "openapi.json"]:
             return await self._send(send, 200, self._openapi)
         if parts[0] != "v2":
@@ -180,52 +169,44 @@ class HttpFrontend:
         rest = parts[1:]
         if not rest or rest == [""]:
             self._expect(method, "GET", scope)
-            if self.keys is not None:
-                self._authorize(scope)
-            return await self._json(send, service.server_metadata())
+            return await self._json(send, engine.server_metadata())
         head = rest[0]
         if head == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
             self._expect(method, "GET", scope)
-            if self.keys is not None and self.keys.protect_health:
-                self._authorize(scope)
-            ok = service.live() if rest[1] == "live" else service.ready()
+            ok = engine.live() if rest[1] == "live" else engine.ready()
             return await self._send(send, 200 if ok else 503, b"")
         if head == "models":
             if rest[1:] == ["stats"]:
                 self._expect(method, "GET", scope)
-                key = None if self.keys is None else self._authorize(scope)
-                answer = await service.model_statistics()
+                key = scope.get("convoy.key")
+                answer = await engine.model_statistics()
                 if key is not None:  # only the models the key may use
                     answer["model_stats"] = [s for s in answer["model_stats"] if key.allows(s["name"])]
                 return await self._json(send, answer)
             if len(rest) >= 2:
                 return await self._model_route(scope, receive, send, rest[1], rest[2:])
         if head == "logging" and len(rest) == 1:
-            if self.keys is not None:
-                self._authorize(scope, manage=True)
             if method == "GET":
-                return await self._json(send, self.log_control.settings())
+                return await self._json(send, engine.log_settings())
             self._expect(method, "POST", scope)
             changes = self._parse_json(await self._read_body(receive))
-            return await self._json(send, self.log_control.update(changes))
+            return await self._json(send, await engine.update_log_settings(changes))
         if head == "repository":
             self._expect(method, "POST", scope)
             if rest[1:] == ["index"]:
-                key = None if self.keys is None else self._authorize(scope)
+                key = scope.get("convoy.key")
                 body = await self._read_body(receive)
                 ready_only = bool(self._parse_json(body).get("ready", False)) if body else False
-                rows = await service.repository_index(ready_only)
+                rows = await engine.repository_index(ready_only)
                 if key is not None:  # only the models the key may use
                     rows = [row for row in rows if key.allows(row["name"])]
                 return await self._json(send, rows)
             if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
-                if self.keys is not None:
-                    self._authorize(scope, rest[2], manage=True)
                 await self._read_body(receive)
                 if rest[3] == "load":
-                    await service.load_model(rest[2])
+                    await engine.load_model(rest[2])
                 else:
-                    await service.unload_model(rest[2])
+                    await engine.unload_model(rest[2])
                 return await self._send(send, 200, b"")
         raise ModelNotFound(f"no endpoint at {scope['path']}")
 
@@ -236,8 +217,9 @@ class HttpFrontend:
                 host = value.decode("latin-1")
         server = scope.get("server") or ("", 0)
         # With API keys the catalog needs one too, and lists only the models it may use.
-        allows = None if self.keys is None else self._authorize(scope).allows
-        document = self.catalog.document(host, server[1] or 0, allows)
+        key = scope.get("convoy.key")
+        allows = None if key is None else key.allows
+        document = await self.catalog.document(host, server[1] or 0, allows)
         if as_json:
             return await self._json(send, document)
         page = self.catalog.page(document).encode()
@@ -253,29 +235,24 @@ class HttpFrontend:
         if len(rest) >= 2 and rest[0] == "versions":
             version, rest = rest[1], rest[2:]
         method = scope["method"]
-        service = self.service
+        engine = self.engine
         action = rest[0] if rest else ""
         if len(rest) > 1:
             raise ModelNotFound(f"no endpoint at {scope['path']}")
-        principal = None
-        if self.keys is not None and (action != "ready" or self.keys.protect_health):
-            key = self._authorize(scope, model)
-            principal = key.name
-            if action == "infer":
-                self.keys.admit(key)
+        principal = scope.get("convoy.principal")
         if action == "infer":
             self._expect(method, "POST", scope)
             return await self._infer(scope, receive, send, model, version, principal)
         self._expect(method, "GET", scope)
         if action == "":
-            return await self._json(send, service.model_metadata(model, version))
+            return await self._json(send, engine.model_metadata(model, version))
         if action == "ready":
-            ok = service.model_ready(model, version)
+            ok = engine.model_ready(model, version)
             return await self._send(send, 200 if ok else 503, b"")
         if action == "config":
-            return await self._json(send, proto_to_dict(service.model_config(model, version)))
+            return await self._json(send, proto_to_dict(engine.model_config(model, version)))
         if action == "stats":
-            return await self._json(send, await service.model_statistics(model, version))
+            return await self._json(send, await engine.model_statistics(model, version))
         raise ModelNotFound(f"no endpoint at {scope['path']}")
 
     @staticmethod
@@ -321,14 +298,14 @@ class HttpFrontend:
             document = self._parse_json(body)
             binary = memoryview(b"")
 
-        entry = self.service.repository.get(model, version)
+        entry = self.engine.resolve(model, version)
         config = entry.config
         inputs, rows = self._decode_inputs(config, document, binary)
         parameters = document.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be a JSON object")
         requested, binary_outputs = self._requested_outputs(config, document, parameters)
-        future = self.service.loop.create_future()
+        future = asyncio.get_running_loop().create_future()
         request = Request(
             id=str(document.get("id", "")),
             inputs=inputs,
@@ -344,11 +321,11 @@ class HttpFrontend:
         # For the access log, when it is on (two dict stores otherwise unread).
         scope["convoy.entry"] = entry
         scope["convoy.request_id"] = request.id
-        self.service.submit(entry, request)
+        self.engine.submit(entry, request)
         # A client that hangs up takes its request out of the queue: watch for the disconnect
         # while the request waits, and stop watching once it is answered.
         watcher = asyncio.ensure_future(receive())
-        watcher.add_done_callback(partial(_on_disconnect, entry, request))
+        watcher.add_done_callback(partial(_on_disconnect, self.engine, entry, request))
         try:
             result = await future
         finally:
@@ -469,9 +446,9 @@ class HttpFrontend:
         per_output, default_binary = binary_outputs
         described = []
         blobs = []
-        for name, datatype, array in tensors.select_outputs(
-            entry.config, outputs, request.requested_outputs
-        ):
+        config = entry.config
+        for name, array in outputs.items():
+            datatype = tensors.output_datatype(config, name, array)
             out = {"name": name, "datatype": datatype, "shape": list(array.shape)}
             if per_output.get(name, default_binary):
                 blob = to_wire_bytes(array, datatype)
@@ -506,11 +483,11 @@ class HttpFrontend:
         await self._send(send, 200, body, content_type, extra)
 
 
-def _on_disconnect(entry, request: Request, watcher: asyncio.Future) -> None:
+def _on_disconnect(engine: EngineClient, entry, request: Request, watcher: asyncio.Future) -> None:
     if watcher.cancelled() or watcher.exception() is not None:
         return
-    if watcher.result().get("type") == "http.disconnect" and entry.scheduler is not None:
-        entry.scheduler.cancel(request)
+    if watcher.result().get("type") == "http.disconnect":
+        engine.cancel(entry, request)
 
 
 def _flatten(values: list) -> list:

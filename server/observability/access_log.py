@@ -20,7 +20,7 @@ import grpc
 
 from convoy.auth import Keyring
 from convoy.logs import make_formatter
-from convoy.server.grpc_api.handlers import authorization
+from convoy.server.grpc_api.interceptors import authorization
 
 log = logging.getLogger("convoy.access")
 

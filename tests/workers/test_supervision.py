@@ -77,12 +77,8 @@ def test_workers_exit_when_the_engine_is_killed(tmp_path):
     process.start("ready")
     pids = worker_pids(process)
     assert len(pids) == 2
-    argv = Path(f"/proc/{pids['0']}/cmdline").read_bytes().split(b"\0")
-    ipc_directory = Path(argv[argv.index(b"--ipc") + 1].decode().removeprefix("ipc://")).parent
-    assert ipc_directory.is_dir()
     process.kill()  # SIGKILL: the engine gets no chance to stop them
     poll(lambda: all(process_gone(pid) for pid in pids.values()), "both workers to exit", timeout=20)
-    poll(lambda: not ipc_directory.exists(), "the engine's IPC directory to be removed")
     # Nobody listens on the ports any more.
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", process.http_port), timeout=5).close()

@@ -1,0 +1,205 @@
+"""The one seam between the front ends and the engine: `EngineClient`.
+
+Front ends (gRPC, HTTP, the catalog) see the engine only through this interface. Two
+implementations: the `Engine` itself (engine/core.py, same process) and `RemoteEngine`
+(engine/remote.py, a --workers front-end process talking to the engine process over IPC). A
+front end never knows which one it holds.
+
+Model state both implementations answer from a `ModelTable`: the engine's live repository, or
+the copy the engine pushes to a remote client whenever a model changes. Metadata, config and
+readiness answers are written once here, over that table.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from convoy import __version__
+from convoy.config import ModelConfig
+from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
+from convoy.protos import model_config_pb2 as mc
+from convoy.types import Request
+
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "schedule_policy",
+    "statistics",
+]
+
+#: What Triton reports as a model's platform when its config names only the backend.
+DEFAULT_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch"}
+
+#: Longest model version string accepted (an int64 has at most 19 digits).
+_MAX_VERSION_DIGITS = 19
+
+
+class ModelView(Protocol):
+    """One served model version as a front end needs it: to validate a request and answer it."""
+
+    config: ModelConfig
+    version: int
+    state: str
+    reason: str
+
+    @property
+    def ready(self) -> bool: ...
+
+
+class ModelEntry(Protocol):
+    """A model (all its versions) in a ModelTable."""
+
+    name: str
+    state: str
+    reason: str
+    config: ModelConfig | None
+    config_proto: mc.ModelConfig | None
+    versions: Mapping[int, ModelView]
+
+
+def parse_version(version: str) -> int | None:
+    """A request's model version: None for "latest", else a non-negative int64. Versions are
+    ASCII digits only (str.isdigit accepts '²' and other Unicode digits, which int() refuses)."""
+    if not version:
+        return None
+    if not (version.isascii() and version.isdigit()) or len(version) > _MAX_VERSION_DIGITS:
+        raise InvalidInput(
+            f"failed to get model version from specified version string '{version[:40]}': "
+            "expected a non-negative integer"
+        )
+    number = int(version)
+    if number >= 1 << 63:
+        raise InvalidInput(f"model version {version}: expected a value within int64")
+    return number
+
+
+class EngineClient(abc.ABC):
+    """What a front end may ask of the engine. Inference is fire-and-forget: `submit` queues the
+    request and its outcome (a Response with the requested outputs, or an error) arrives on
+    `request.future`; everything else answers directly."""
+
+    #: False once shutdown begins: readiness goes false, new requests are refused.
+    accepting: bool = True
+    #: True once the models asked for at start-up have been loaded (or failed to).
+    started: bool = False
+
+    # --- the model table both implementations answer from -------------------------------------
+    @abc.abstractmethod
+    def models(self) -> Mapping[str, ModelEntry]:
+        """Every model the engine knows (loaded, loading or failed), by name."""
+
+    # --- inference -----------------------------------------------------------------------------
+    def resolve(self, name: str, version: str = "") -> ModelView:
+        """The version that serves a request for `name` (latest ready when `version` is empty)."""
+        model = self.models().get(name)
+        if model is None:
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        number = parse_version(version)
+        if number is not None:
+            found = model.versions.get(number)
+            if found is None:
+                raise ModelNotFound(
+                    f"Request for unknown model: '{name}' version {version} is not found"
+                )
+            if not found.ready:
+                raise Unavailable(
+                    f"model '{name}' version {version} is not ready: {found.reason or found.state}"
+                )
+            return found
+        for number in sorted(model.versions, reverse=True):
+            if model.versions[number].ready:
+                return model.versions[number]
+        versions = (v.reason for v in model.versions.values() if v.reason)
+        reason = model.reason or next(versions, "") or model.state
+        raise Unavailable(f"model '{name}' is not ready: {reason}")
+
+    @abc.abstractmethod
+    def submit(self, model: ModelView, request: Request) -> None:
+        """Queue `request` on `model` (a view from `resolve`); errors go to its future too."""
+
+    @abc.abstractmethod
+    def cancel(self, model: ModelView, request: Request) -> None:
+        """The client went away: drop the request if it is still queued."""
+
+    # --- health and metadata -------------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return (
+            self.accepting and self.started and all(m.state == "READY" for m in self.models().values())
+        )
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.resolve(name, version)
+        except ConvoyError:
+            return False
+        return self.accepting
+
+    def server_metadata(self) -> dict:
+        return {"name": "convoy", "version": __version__, "extensions": EXTENSIONS}
+
+    def _model(self, name: str, version: str = "") -> ModelEntry:
+        model = self.models().get(name)
+        if model is None:
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        number = parse_version(version)
+        if number is not None and number not in model.versions:
+            raise ModelNotFound(f"Request for unknown model: '{name}' has no version {version}")
+        return model
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        model = self._model(name, version)
+        config = model.config
+        if config is None:
+            raise Unavailable(f"model '{name}' is not ready: {model.reason}")
+        batch = [-1] if config.max_batch_size > 0 else []
+
+        def describe(specs):
+            return [{"name": s.name, "datatype": s.datatype, "shape": [*batch, *s.dims]} for s in specs]
+
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(model.versions)],
+            "platform": config.platform or DEFAULT_PLATFORM.get(config.backend, config.backend),
+            "inputs": describe(config.inputs),
+            "outputs": describe(config.outputs),
+        }
+
+    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        """The completed ModelConfig protobuf (callers serialise it for their transport)."""
+        model = self._model(name, version)
+        if model.config_proto is None:
+            raise Unavailable(f"model '{name}' has no valid configuration: {model.reason}")
+        return model.config_proto
+
+    # --- answered by the engine ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def model_statistics(self, name: str = "", version: str = "") -> dict:
+        """Triton's statistics extension, in its JSON shape."""
+
+    @abc.abstractmethod
+    async def repository_index(self, ready_only: bool = False) -> list[dict]: ...
+
+    @abc.abstractmethod
+    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None: ...
+
+    @abc.abstractmethod
+    async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None: ...
+
+    @abc.abstractmethod
+    async def catalog_figures(self) -> dict:
+        """What the catalog page shows beyond the model table: live request rates and latency
+        quantiles per model version, payload-log state ({"models": {...}, ...})."""
+
+    @abc.abstractmethod
+    def log_settings(self) -> dict[str, object]: ...
+
+    @abc.abstractmethod
+    async def update_log_settings(self, changes: dict[str, object]) -> dict[str, object]:
+        """Apply changes to the log settings of every process; the settings after them."""

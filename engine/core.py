@@ -1,0 +1,264 @@
+"""The engine: everything that holds models, built once per server.
+
+Repository and model lifecycle, schedulers, statistics and metrics, usage metering, quotas and
+the payload log. In a single process the front ends hold the `Engine` itself as their
+`EngineClient`; with --workers the engine process serves it to the front-end processes over
+IPC (engine/remote.py), and they hold a `RemoteEngine`.
+
+async with Engine(settings, log_control) as engine:
+    engine.submit(engine.resolve("add_sub"), request)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from convoy.auth import Keyring
+from convoy.batching.usage import UsageMeter
+from convoy.config import ServerConfig
+from convoy.errors import ConvoyError, InvalidInput, ModelLoadFailed, Unavailable
+from convoy.logs import LogControl
+from convoy.types import Request
+
+from .client import EngineClient, ModelEntry, parse_version
+from .ledger import UsageLedger
+from .metrics import Metrics
+from .payload_log import PayloadLog
+from .repository import ModelRepository, ModelVersion
+
+log = logging.getLogger("convoy.engine")
+
+
+def _duration(d) -> dict:
+    return {"count": d.count, "ns": d.ns}
+
+
+def load_keys(settings: ServerConfig) -> Keyring | None:
+    """The API keys of --api-keys, or None (everything open)."""
+    if settings.api_keys_file is None:
+        return None
+    return Keyring(settings.api_keys_file, settings.protect_health, settings.protect_metrics)
+
+
+class Engine(EngineClient):
+    """The in-process engine client: front ends in this process call it directly."""
+
+    def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
+        self.settings = settings
+        self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
+        #: Showback: per-principal usage, metered when callers are identified (API keys) or a
+        #: usage ledger is asked for.
+        metered = settings.usage_ledger is not None or settings.api_keys_file is not None
+        self.usage = UsageMeter() if metered else None
+        self.repository = ModelRepository(settings, self.usage)
+        # Ensemble steps reach their composing models through this engine's submit path.
+        self.repository.submit_step = self._queue
+        #: API keys: the engine takes each request off its key's quota (front ends check keys).
+        #: Read here, so a broken key file stops start-up before any model loads.
+        self.keys: Keyring | None = load_keys(settings)
+        self.payload_log: PayloadLog | None = None
+        self.metrics: Metrics | None = None
+        self._ledger: UsageLedger | None = None
+        self._keys_watch: asyncio.Task | None = None
+        #: Called (on the loop) after log settings change, e.g. to tell other processes.
+        self.log_listeners: list[Callable[[dict], None]] = []
+
+    # --- lifetime --------------------------------------------------------------------------------
+    async def __aenter__(self) -> Engine:
+        settings = self.settings
+        self.payload_log = _start_payload_log(settings)
+        try:
+            self.metrics = Metrics(self.repository, self.usage, self.payload_log, self.keys)
+            await self.repository.__aenter__()
+            self.started = True
+            if settings.usage_ledger is not None and self.usage is not None:
+                self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
+                self._ledger.start()
+            if self.keys is not None:
+                self._keys_watch = asyncio.get_running_loop().create_task(
+                    self.keys.watch(), name="convoy-keys-watch"
+                )
+        except BaseException:
+            await self.close(time.monotonic())
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.accepting = False
+        await self.drain(time.monotonic() + self.settings.shutdown_grace)
+        await self.close(time.monotonic() + self.settings.shutdown_grace)
+
+    def reload_keys(self) -> None:
+        """Reread the API key file now (SIGHUP); safe from a signal handler on the loop."""
+        if self.keys is not None:
+            self.keys.request_reload()
+
+    async def drain(self, deadline: float) -> None:
+        """Wait until no model has requests queued or executing, or until `deadline`."""
+        while time.monotonic() < deadline and any(
+            entry.scheduler is not None and entry.scheduler.in_flight
+            for model in self.repository.models.values()
+            for entry in model.versions.values()
+        ):
+            await asyncio.sleep(0.01)
+
+    async def close(self, deadline: float) -> None:
+        """Unload every model and stop the engine's writers."""
+        self.accepting = False
+        if self._keys_watch is not None:
+            self._keys_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keys_watch
+        await self.repository.__aexit__(None, None, None)
+        if self._ledger is not None:
+            self._ledger.close()  # the last interval, up to the final answers
+        if self.payload_log is not None:
+            await asyncio.sleep(0)  # outcome callbacks scheduled by the last answers run first
+            self.payload_log.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    # --- the model table -------------------------------------------------------------------------
+    def models(self) -> Mapping[str, ModelEntry]:
+        return self.repository.models
+
+    # --- inference -------------------------------------------------------------------------------
+    def submit(self, model: ModelVersion, request: Request) -> None:
+        """Queue a request on its model's scheduler (loop thread); errors go to its future."""
+        if self.keys is not None and request.principal is not None and self.accepting:
+            # Quotas are counted here, where every front end's requests meet.
+            try:
+                self.keys.admit_principal(request.principal)
+            except ConvoyError as exc:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+                if self.payload_log is not None:
+                    self.payload_log.offer(model, request)
+                return
+        self._queue(model, request)
+
+    def _queue(self, model: ModelVersion, request: Request) -> None:
+        """`submit` without the quota: also how an ensemble's steps reach their models (the
+        ensemble request was counted once)."""
+        try:
+            if not self.accepting:
+                raise Unavailable("server is shutting down")
+            scheduler = model.scheduler
+            if scheduler is None:
+                raise Unavailable(f"model '{model.config.name}' is not ready")
+            scheduler.submit(request)
+        except ConvoyError as exc:
+            if not request.future.done():
+                request.future.set_exception(exc)
+        # Every outcome (errors too) reaches the future, so the log sees them all.
+        if self.payload_log is not None:
+            self.payload_log.offer(model, request)
+
+    def cancel(self, model: ModelVersion, request: Request) -> None:
+        scheduler = model.scheduler
+        if scheduler is not None:
+            scheduler.cancel(request)
+
+    # --- statistics and repository -----------------------------------------------------------------
+    async def model_statistics(self, name: str = "", version: str = "") -> dict:
+        if name:
+            models = [self._model(name, version)]
+        else:
+            models = [self.repository.models[n] for n in sorted(self.repository.models)]
+        number = parse_version(version)
+        stats = []
+        for model in models:
+            for each in sorted(model.versions):
+                if number is None or each == number:
+                    stats.append(_version_statistics(model.name, model.versions[each]))
+        return {"model_stats": stats}
+
+    async def repository_index(self, ready_only: bool = False) -> list[dict]:
+        rows = self.repository.index()
+        if ready_only:
+            rows = [r for r in rows if r["state"] == "READY"]
+        return rows
+
+    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        if parameters:
+            raise InvalidInput(
+                f"load parameter '{sorted(parameters)[0]}' is not supported; "
+                "expected a load request without parameters"
+            )
+        model = await self.repository.load(name)
+        if model.state != "READY":
+            raise ModelLoadFailed(f"failed to load '{name}': {model.reason}")
+
+    async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        await self.repository.unload(name)
+
+    async def catalog_figures(self) -> dict:
+        versions = {}
+        for name, model in self.repository.models.items():
+            for number, entry in model.versions.items():
+                stats = entry.stats
+                versions[f"{name}/{number}"] = {
+                    "success_buckets": list(stats.success.buckets),
+                    "failures": stats.fail.count,
+                }
+        return {"payload_log_on": self.payload_log is not None, "versions": versions}
+
+    # --- log settings ------------------------------------------------------------------------------
+    def log_settings(self) -> dict[str, object]:
+        return self.log_control.settings()
+
+    async def update_log_settings(self, changes: dict[str, object]) -> dict[str, object]:
+        current = self.log_control.update(changes)  # validates: a bad change raises first
+        for listener in self.log_listeners:
+            listener(changes)
+        return current
+
+
+def _version_statistics(name: str, entry: ModelVersion) -> dict:
+    s = entry.stats
+    return {
+        "name": name,
+        "version": str(entry.version),
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": _duration(s.success),
+            "fail": _duration(s.fail),
+            "queue": _duration(s.queue),
+            "compute_input": _duration(s.compute_input),
+            "compute_infer": _duration(s.compute_infer),
+            "compute_output": _duration(s.compute_output),
+            "cache_hit": {"count": 0, "ns": 0},
+            "cache_miss": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": _duration(b.compute_input),
+                "compute_infer": _duration(b.compute_infer),
+                "compute_output": _duration(b.compute_output),
+            }
+            for size, b in sorted(s.batch_stats.items())
+        ],
+    }
+
+
+def _start_payload_log(settings: ServerConfig) -> PayloadLog | None:
+    """The payload log's writer when --payload-log-dir is set (models still opt in), else None."""
+    if settings.payload_log_dir is None:
+        return None
+    payload_log = PayloadLog(
+        settings.payload_log_dir,
+        settings.payload_log_max_bytes,
+        settings.payload_log_backups,
+        settings.payload_log_max_elements,
+        settings.payload_log_queue_size,
+    )
+    payload_log.start()
+    return payload_log

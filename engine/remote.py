@@ -1,0 +1,554 @@
+"""The engine over IPC: `RemoteEngine`, the EngineClient of a --workers front-end process, and
+`EngineEndpoint`, which serves one such process from the engine process.
+
+Both ends speak convoy/wire.py over a private Unix socket pair. Per loop turn a front end sends
+one frame with every request that arrived in that turn; the engine answers in one frame per
+loop turn too, so a batch's answers to one front end travel together. The engine pushes the
+model table whenever a model changes (a load, an unload, an instance lost or replaced), so a
+front end resolves models, checks readiness and answers metadata without asking; statistics,
+the repository index, load/unload and log settings are calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from convoy.config import ModelConfig, ServerConfig
+from convoy.errors import ConvoyError, EngineDead, InvalidInput, Overloaded, Unavailable
+from convoy.logs import LogControl
+from convoy.protos import model_config_pb2 as mc
+from convoy.types import Request, Response, StageTimes
+from convoy.wire import ErrorInfo, Link, TensorMeta, error_info, read_tensors, rebuild_error
+
+from .client import EngineClient, ModelEntry
+from .core import Engine
+from .repository import ModelVersion
+
+log = logging.getLogger("convoy.engine.remote")
+
+
+# --- messages ----------------------------------------------------------------------------------------
+class Infer(msgspec.Struct, tag="infer", array_like=True):
+    call: int
+    model: str
+    version: int
+    id: str
+    requested: tuple[str, ...]
+    rows: int
+    priority: int
+    timeout_us: int
+    deadline: float | None
+    parameters: dict[str, Any]
+    received_ns: int
+    principal: str | None
+    inputs: list[TensorMeta]
+
+
+class Cancel(msgspec.Struct, tag="cancel", array_like=True):
+    call: int
+
+
+class Call(msgspec.Struct, tag="call", array_like=True):
+    """A control-plane call: one of the EngineClient's async methods, by name."""
+
+    call: int
+    method: str
+    args: list[Any]
+
+
+class Result(msgspec.Struct, tag="result", array_like=True):
+    call: int
+    model: str
+    version: str
+    #: The batch's StageTimes (monotonic ns: CLOCK_MONOTONIC is one clock for the host).
+    timings: tuple[int, int, int, int, int] | None
+    outputs: list[TensorMeta]
+
+
+class Failure(msgspec.Struct, tag="failure", array_like=True):
+    call: int
+    error: ErrorInfo
+
+
+class Reply(msgspec.Struct, tag="reply", array_like=True):
+    call: int
+    value: Any
+
+
+class VersionState(msgspec.Struct, array_like=True):
+    version: int
+    state: str
+    reason: str
+    ready: bool
+
+
+class ModelState(msgspec.Struct, array_like=True):
+    name: str
+    state: str
+    reason: str
+    config: ModelConfig | None
+    #: The completed ModelConfig protobuf, serialised.
+    config_proto: bytes | None
+    versions: list[VersionState]
+
+
+class Models(msgspec.Struct, tag="models", array_like=True):
+    """The engine's model table, whole (sent on connect and after every change)."""
+
+    started: bool
+    accepting: bool
+    models: list[ModelState]
+
+
+class Welcome(msgspec.Struct, tag="welcome", array_like=True):
+    """The engine's first message: the settings and the ports every front end serves."""
+
+    settings: ServerConfig
+    http_port: int
+    grpc_port: int
+
+
+class LogUpdate(msgspec.Struct, tag="log", array_like=True):
+    changes: dict[str, Any]
+
+
+class Up(msgspec.Struct, tag="up", array_like=True):
+    """A front end is serving."""
+
+
+ToEngine = Infer | Cancel | Call | Up
+ToFrontEnd = Result | Failure | Reply | Models | Welcome | LogUpdate
+
+#: The EngineClient methods a front end may call on the engine.
+CALLS = frozenset(
+    {
+        "model_statistics",
+        "repository_index",
+        "load_model",
+        "unload_model",
+        "catalog_figures",
+        "update_log_settings",
+    }
+)
+
+
+# --- the engine's side ----------------------------------------------------------------------------
+class _Outcome:
+    """A remote request's future in the engine: the outcome goes straight into the frame being
+    built for its front end (no asyncio future, no callback hop)."""
+
+    __slots__ = ("_callbacks", "_done", "_endpoint", "_error", "_result", "call", "model")
+
+    def __init__(self, endpoint: EngineEndpoint, call: int, model: ModelVersion) -> None:
+        self._endpoint = endpoint
+        self.call = call
+        self.model = model
+        self._done = False
+        self._result = None
+        self._error: BaseException | None = None
+        self._callbacks: list | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def set_result(self, result: Response) -> None:
+        self._done, self._result = True, result
+        self._endpoint.answer(self, result, None)
+        self._run_callbacks()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._done, self._error = True, error
+        self._endpoint.answer(self, None, error)
+        self._run_callbacks()
+
+    def add_done_callback(self, callback) -> None:
+        if self._done:
+            callback(self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def _run_callbacks(self) -> None:
+        if self._callbacks:
+            for callback in self._callbacks:
+                callback(self)
+            self._callbacks = None
+
+
+class EngineEndpoint:
+    """Serves one front-end process: its requests go to the engine, its answers come back."""
+
+    def __init__(self, engine: Engine, name: str, on_up: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self.name = name
+        self._on_up = on_up
+        self.link: Link | None = None
+        #: Requests of this front end not yet answered, by call id (for cancels and its death).
+        self._in_flight: dict[int, Request] = {}
+        self.requests = 0
+        #: Control-plane calls being answered.
+        self._calls: set[asyncio.Future] = set()
+        self.lost = asyncio.Event()
+
+    def protocol(self) -> Link:
+        self.link = Link(ToEngine, self._on_frame, self._on_lost)
+        return self.link
+
+    def welcome(self, settings: ServerConfig, http_port: int, grpc_port: int) -> None:
+        self.link.send(Welcome(settings, http_port, grpc_port))
+        self.send_models()
+
+    def send_models(self) -> None:
+        if self.link is not None and not self.link.closed:
+            self.link.send(model_table(self.engine))
+
+    def send(self, message) -> None:
+        if self.link is not None and not self.link.closed:
+            self.link.send(message)
+
+    def _on_lost(self, exc) -> None:
+        """The front end is gone: its queued requests leave the queues (nobody waits)."""
+        in_flight, self._in_flight = self._in_flight, {}
+        for request in in_flight.values():
+            self.engine.cancel(request.future.model, request)
+        self.lost.set()
+
+    def _on_frame(self, messages: list, data: memoryview) -> None:
+        engine = self.engine
+        for message in messages:
+            kind = type(message)
+            if kind is Infer:
+                self._infer(engine, message, data)
+            elif kind is Cancel:
+                request = self._in_flight.get(message.call)
+                if request is not None:
+                    engine.cancel(request.future.model, request)
+            elif kind is Call:
+                task = asyncio.ensure_future(self._call(message))
+                self._calls.add(task)
+                task.add_done_callback(self._calls.discard)
+            elif kind is Up and self._on_up is not None:
+                self._on_up()
+
+    def _infer(self, engine: Engine, message: Infer, data: memoryview) -> None:
+        self.requests += 1
+        try:
+            model = engine.models().get(message.model)
+            entry = None if model is None else model.versions.get(message.version)
+            if entry is None:
+                raise InvalidInput(f"model '{message.model}' version {message.version} is not loaded")
+            inputs = read_tensors(message.inputs, data)
+        except ConvoyError as exc:
+            self.send(Failure(message.call, error_info(exc)))
+            return
+        outcome = _Outcome(self, message.call, entry)
+        request = Request(
+            message.id,
+            inputs,
+            message.requested,
+            message.rows,
+            outcome,
+            message.priority,
+            message.timeout_us,
+            message.deadline,
+            message.parameters,
+            message.received_ns,
+            message.principal,
+        )
+        self._in_flight[message.call] = request
+        engine.submit(entry, request)
+
+    def answer(self, outcome: _Outcome, response: Response | None, error) -> None:
+        self._in_flight.pop(outcome.call, None)
+        link = self.link
+        if link is None or link.closed:
+            return
+        if error is None:
+            try:
+                writer = link.writer()
+                metas = writer.tensors(response.outputs)
+            except Exception as exc:
+                error = exc
+            else:
+                timings = response.timings
+                writer.add(
+                    Result(
+                        outcome.call,
+                        response.model_name,
+                        response.model_version,
+                        None if timings is None else tuple(timings),
+                        metas,
+                    )
+                )
+                return
+        if not isinstance(error, ConvoyError):
+            log.error("request to model '%s' failed", outcome.model.config.name, exc_info=error)
+        link.send(Failure(outcome.call, error_info(error)))
+
+    async def _call(self, message: Call) -> None:
+        try:
+            if message.method not in CALLS:
+                raise InvalidInput(f"'{message.method}' is not an engine call")
+            value = await getattr(self.engine, message.method)(*message.args)
+            reply = Reply(message.call, value)
+        except Exception as exc:
+            if not isinstance(exc, ConvoyError):
+                log.exception("engine call %s failed", message.method)
+            reply = Failure(message.call, error_info(exc))
+        self.send(reply)
+
+
+def model_table(engine: Engine) -> Models:
+    models = []
+    for name, model in sorted(engine.repository.models.items()):
+        proto = model.config_proto.SerializeToString() if model.config_proto is not None else None
+        versions = [
+            VersionState(number, entry.state, entry.reason, entry.ready)
+            for number, entry in sorted(model.versions.items())
+        ]
+        models.append(ModelState(name, model.state, model.reason, model.config, proto, versions))
+    return Models(engine.started, engine.accepting, models)
+
+
+# --- the front end's side -------------------------------------------------------------------------
+class RemoteVersion:
+    """A model version as a front end sees it (from the engine's last model table)."""
+
+    __slots__ = ("config", "name", "ready", "reason", "state", "version")
+
+    def __init__(self, name: str, config: ModelConfig, state: VersionState) -> None:
+        self.name = name
+        self.config = config
+        self.version = state.version
+        self.state = state.state
+        self.reason = state.reason
+        self.ready = state.ready
+
+
+class RemoteModel:
+    __slots__ = ("config", "config_proto", "name", "reason", "state", "versions")
+
+    def __init__(self, state: ModelState) -> None:
+        self.name = state.name
+        self.state = state.state
+        self.reason = state.reason
+        self.config = state.config
+        self.config_proto = None
+        if state.config_proto is not None:
+            self.config_proto = mc.ModelConfig()
+            self.config_proto.ParseFromString(state.config_proto)
+        config = state.config
+        self.versions = {
+            v.version: RemoteVersion(state.name, config, v) for v in state.versions if config
+        }
+
+
+class RemoteEngine(EngineClient):
+    """The EngineClient of a --workers front-end process."""
+
+    def __init__(self, log_control: LogControl | None = None) -> None:
+        self.log_control = log_control
+        self.link: Link | None = None
+        self.settings: ServerConfig | None = None
+        self.ports = (0, 0)
+        self._table: dict[str, RemoteModel] = {}
+        self._engine_accepting = False
+        self._ids = itertools.count(1)
+        # The engine answers by call id: the requests in flight are found by it (the one side
+        # table a process boundary needs); `_call_of` finds the id again for a cancel.
+        self._in_flight: dict[int, Request] = {}
+        self._call_of: dict[Request, int] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._welcomed = asyncio.get_running_loop().create_future()
+        #: Set when the engine's side of the link is gone.
+        self.lost = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def protocol(self) -> Link:
+        self.link = Link(ToFrontEnd, self._on_frame, self._on_lost)
+        return self.link
+
+    async def connect(self, sock, timeout: float = 60.0) -> None:
+        """Take the engine's end of a socket pair; return once the engine sent the settings."""
+        loop = asyncio.get_running_loop()
+        await loop.create_unix_connection(self.protocol, sock=sock)
+        await asyncio.wait_for(self._welcomed, timeout)
+
+    def serving(self) -> None:
+        self.link.send(Up())
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+    # --- the model table -------------------------------------------------------------------------
+    def models(self) -> Mapping[str, ModelEntry]:
+        return self._table
+
+    def ready(self) -> bool:
+        return self._engine_accepting and super().ready()
+
+    # --- inference ---------------------------------------------------------------------------------
+    def submit(self, model: RemoteVersion, request: Request) -> None:
+        try:
+            if not self.accepting:
+                raise Unavailable("server is shutting down")
+            link = self.link
+            if link.closed:
+                raise EngineDead("the engine process is gone")
+            if link.congested:
+                raise Overloaded("the engine process is not keeping up; retry later")
+            call = next(self._ids)
+            writer = link.writer()
+            metas = writer.tensors(request.inputs)
+            writer.add(
+                Infer(
+                    call,
+                    model.name,
+                    model.version,
+                    request.id,
+                    request.requested_outputs,
+                    request.rows,
+                    request.priority,
+                    request.timeout_us,
+                    request.deadline,
+                    request.parameters,
+                    request.received_ns,
+                    request.principal,
+                    metas,
+                )
+            )
+        except ConvoyError as exc:
+            if not request.future.done():
+                request.future.set_exception(exc)
+            return
+        self._in_flight[call] = request
+        self._call_of[request] = call
+
+    def cancel(self, model, request: Request) -> None:
+        call = self._call_of.get(request)
+        if call is not None and self.link is not None and not self.link.closed:
+            self.link.send(Cancel(call))
+
+    def _finish(self, call: int) -> Request | None:
+        request = self._in_flight.pop(call, None)
+        if request is not None:
+            del self._call_of[request]
+        return request
+
+    # --- calls -------------------------------------------------------------------------------------
+    async def _call(self, method: str, *args):
+        if self.link is None or self.link.closed:
+            raise EngineDead("the engine process is gone")
+        call = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call] = future
+        try:
+            self.link.send(Call(call, method, list(args)))
+            return await future
+        finally:
+            self._calls.pop(call, None)
+
+    async def model_statistics(self, name: str = "", version: str = "") -> dict:
+        return await self._call("model_statistics", name, version)
+
+    async def repository_index(self, ready_only: bool = False) -> list[dict]:
+        return await self._call("repository_index", ready_only)
+
+    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        await self._call("load_model", name, parameters)
+
+    async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        await self._call("unload_model", name, parameters)
+
+    async def catalog_figures(self) -> dict:
+        return await self._call("catalog_figures")
+
+    def log_settings(self) -> dict[str, object]:
+        return self.log_control.settings()
+
+    async def update_log_settings(self, changes: dict[str, object]) -> dict[str, object]:
+        # The engine validates and applies them, then tells every front end (this one too).
+        return await self._call("update_log_settings", changes)
+
+    # --- messages from the engine ----------------------------------------------------------------------
+    def _on_frame(self, messages: list, data: memoryview) -> None:
+        for message in messages:
+            kind = type(message)
+            if kind is Result:
+                request = self._finish(message.call)
+                if request is not None and not request.future.done():
+                    timings = message.timings
+                    request.future.set_result(
+                        Response(
+                            read_tensors(message.outputs, data),
+                            message.model,
+                            message.version,
+                            None if timings is None else StageTimes(*timings),
+                        )
+                    )
+            elif kind is Failure:
+                error = rebuild_error(message.error)
+                request = self._finish(message.call)
+                future = request.future if request is not None else self._calls.get(message.call)
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            elif kind is Reply:
+                future = self._calls.get(message.call)
+                if future is not None and not future.done():
+                    future.set_result(message.value)
+            elif kind is Models:
+                self._table = {state.name: RemoteModel(state) for state in message.models}
+                self.started = message.started
+                self._engine_accepting = message.accepting
+            elif kind is LogUpdate:
+                if self.log_control is not None:
+                    self.log_control.update(message.changes)
+            elif kind is Welcome:
+                self.settings = message.settings
+                self.ports = (message.http_port, message.grpc_port)
+                if not self._welcomed.done():
+                    self._welcomed.set_result(None)
+
+    def _on_lost(self, exc) -> None:
+        """The engine is gone: every request and call in flight fails."""
+        error = EngineDead("the engine process is gone")
+        in_flight, self._in_flight = self._in_flight, {}
+        self._call_of.clear()
+        for request in in_flight.values():
+            if not request.future.done():
+                request.future.set_exception(error)
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+        if not self._welcomed.done():
+            self._welcomed.set_exception(error)
+        self.lost.set()
+
+
+async def wait_drained(client: RemoteEngine, deadline: float) -> None:
+    """Until the front end has no request waiting for the engine, or `deadline` (monotonic)."""
+    while client.in_flight and time.monotonic() < deadline and not client.lost.is_set():
+        await asyncio.sleep(0.01)
