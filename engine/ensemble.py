@@ -2,7 +2,7 @@
 
 `EnsembleScheduler` is an ensemble version's scheduler (its graph checked and ordered by
 engine/ensemble_plan.py at load): the front ends submit to it like to any model, and it submits
-each step to its composing model through the same path (InferenceService.submit), as soon as the
+each step to its composing model through the same path (the Engine's submit), as soon as the
 step's inputs exist, so independent branches run at once and every composing model batches
 ensemble and direct traffic together. Tensors pass from step to step as the arrays the composing
 model returned (no copy); an error or a cancellation ends the request and stops its remaining
