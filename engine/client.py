@@ -122,7 +122,9 @@ class EngineClient(abc.ABC):
         for number in sorted(model.versions, reverse=True):
             if model.versions[number].ready:
                 return model.versions[number]
-        raise Unavailable(f"model '{name}' is not ready: {model.reason or model.state}")
+        versions = (v.reason for v in model.versions.values() if v.reason)
+        reason = model.reason or next(versions, "") or model.state
+        raise Unavailable(f"model '{name}' is not ready: {reason}")
 
     @abc.abstractmethod
     def submit(self, model: ModelView, request: Request) -> None:

@@ -58,6 +58,8 @@ class Engine(EngineClient):
         metered = settings.usage_ledger is not None or settings.api_keys_file is not None
         self.usage = UsageMeter() if metered else None
         self.repository = ModelRepository(settings, self.usage)
+        # Ensemble steps reach their composing models through this engine's submit path.
+        self.repository.submit_step = self._queue
         #: API keys: the engine takes each request off its key's quota (front ends check keys).
         #: Read here, so a broken key file stops start-up before any model loads.
         self.keys: Keyring | None = load_keys(settings)
@@ -132,12 +134,24 @@ class Engine(EngineClient):
     # --- inference -------------------------------------------------------------------------------
     def submit(self, model: ModelVersion, request: Request) -> None:
         """Queue a request on its model's scheduler (loop thread); errors go to its future."""
+        if self.keys is not None and request.principal is not None and self.accepting:
+            # Quotas are counted here, where every front end's requests meet.
+            try:
+                self.keys.admit_principal(request.principal)
+            except ConvoyError as exc:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+                if self.payload_log is not None:
+                    self.payload_log.offer(model, request)
+                return
+        self._queue(model, request)
+
+    def _queue(self, model: ModelVersion, request: Request) -> None:
+        """`submit` without the quota: also how an ensemble's steps reach their models (the
+        ensemble request was counted once)."""
         try:
             if not self.accepting:
                 raise Unavailable("server is shutting down")
-            if self.keys is not None and request.principal is not None:
-                # Quotas are counted here, where every front end's requests meet.
-                self.keys.admit_principal(request.principal)
             scheduler = model.scheduler
             if scheduler is None:
                 raise Unavailable(f"model '{model.config.name}' is not ready")

@@ -15,10 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convoy.batching.scheduler import Scheduler
+from convoy.batching.sequence import SequenceScheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
-from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
-from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
+from convoy.config import EnsembleStep, ModelConfig, ModelVersionSource, ServerConfig
+from convoy.engine.ensemble import EnsembleScheduler
+from convoy.engine.ensemble_plan import plan_ensemble
+from convoy.engine.model_config import (
+    build_model_config,
+    complete_proto,
+    public_view,
+    read_config_proto,
+    runtime_view,
+)
 from convoy.engine.overrides import LoadOverrides, discard, materialise
 from convoy.engine.poller import RepositoryPoller, fingerprint
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
@@ -26,6 +35,7 @@ from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
 from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
+from convoy.types import Request
 
 log = logging.getLogger("convoy.repository")
 
@@ -39,7 +49,8 @@ class ModelVersion:
     config: ModelConfig
     version: int
     state: str = "LOADING"  # LOADING, READY, UNAVAILABLE, UNLOADING
-    reason: str = ""
+    #: Why it failed to load or went away (`reason` adds why a READY version is unavailable).
+    failure: str = ""
     stats: ModelStats = field(default_factory=ModelStats)
     scheduler: Scheduler | None = None
     instances: list[RuntimeInstance] = field(default_factory=list)
@@ -50,6 +61,18 @@ class ModelVersion:
     def ready(self) -> bool:
         # A version whose every instance is being replaced (after a hung batch) is not ready.
         return self.state == "READY" and (self.scheduler is None or self.scheduler.available)
+
+    @property
+    def reason(self) -> str:
+        """Why it is not ready: its failure, or while READY the scheduler's reason for being
+        unavailable (instances being replaced; an ensemble's composing model not ready)."""
+        if self.failure or self.scheduler is None or self.state != "READY":
+            return self.failure
+        return "" if self.scheduler.available else self.scheduler.restart_reason
+
+    @reason.setter
+    def reason(self, value: str) -> None:
+        self.failure = value
 
 
 @dataclass(slots=True, eq=False)
@@ -84,6 +107,11 @@ class ModelRepository:
         self.usage = usage
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Loads started by `_ensure_loaded` (start-up, an ensemble's composing models).
+        self._loads: dict[str, asyncio.Task] = {}
+        #: How an ensemble submits its steps: the Engine replaces this with its own submit,
+        #: so step requests take the front ends' path.
+        self.submit_step = _submit_to_scheduler
         #: Called (on the loop) whenever a model or version changes state, e.g. to tell the
         #: --workers front ends (engine/remote.py).
         self.listeners: list[Callable[[], None]] = []
@@ -101,10 +129,30 @@ class ModelRepository:
             self._poller = RepositoryPoller(self, settings.repository_poll_secs)
             await self._poller.baseline()
         names = self.model_names() if settings.load_all else list(settings.load_models)
-        await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        await asyncio.gather(*(self._ensure_loaded(name) for name in names), return_exceptions=True)
         if self._poller is not None:
             self._poll_task = asyncio.get_running_loop().create_task(self._poller.run())
         return self
+
+    async def _ensure_loaded(self, name: str, chain: tuple[str, ...] = ()) -> None:
+        """Load `name` unless it is loaded or being loaded (then wait for that load)."""
+        if name in chain:
+            raise InvalidConfig(
+                f"ensembles include each other in a cycle: {' -> '.join([*chain, name])}"
+            )
+        running = self._loads.get(name)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        if name in self.models and self.models[name].state != "LOADING":
+            return
+        task = asyncio.ensure_future(self.load(name, _chain=chain))
+        self._loads[name] = task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if self._loads.get(name) is task and task.done():
+                del self._loads[name]
 
     async def __aexit__(self, *exc_info) -> None:
         if self._poll_task is not None:
@@ -139,7 +187,11 @@ class ModelRepository:
             return found
         found = model.latest_ready()
         if found is None:
-            raise Unavailable(f"model '{name}' is not ready: {model.reason or model.state}")
+            reason = model.reason
+            for entry in model.versions.values():
+                if entry.state == "READY" and entry.scheduler is not None:
+                    reason = reason or entry.scheduler.restart_reason
+            raise Unavailable(f"model '{name}' is not ready: {reason or model.state}")
         return found
 
     def model(self, name: str) -> Model:
@@ -189,13 +241,16 @@ class ModelRepository:
             raise ModelNotFound(f"model '{name}' is not found in the repository ({self.root})")
         return path
 
-    async def load(self, name: str, overrides: LoadOverrides | None = None) -> Model:
+    async def load(
+        self, name: str, overrides: LoadOverrides | None = None, _chain: tuple[str, ...] = ()
+    ) -> Model:
         """(Re)load a model, from disk or from a load request's overrides. Roll-out: the new
         versions are loaded and warmed while the old ones serve; then requests move to them
         and the old versions drain and unload. Versions whose config is unchanged are kept as
         they are. When a new version fails while an old one serves, nothing moves: the old
         versions keep serving and `Model.load_error` says why (the failed version is listed
-        UNAVAILABLE with its reason)."""
+        UNAVAILABLE with its reason). An ensemble loads its composing models first (those not
+        loaded yet)."""
         overrides = overrides if overrides is not None and not overrides.empty else None
         private = None
         if overrides is not None and overrides.files:
@@ -242,9 +297,18 @@ class ModelRepository:
                         and old.fingerprint == fingerprint(model_dir / str(number))
                     ):
                         kept[number] = old
-            fresh = await asyncio.gather(
-                *(self._load_version(config, model_dir, v) for v in chosen if v not in kept)
-            )
+            if config.ensemble is not None:
+                try:
+                    fresh = await self._load_ensemble(config, model_dir, chosen, (*_chain, name))
+                except ConvoyError as exc:
+                    fresh = [
+                        ModelVersion(config, v, state="UNAVAILABLE", failure=str(exc)) for v in chosen
+                    ]
+                    log.error("model '%s' failed to load: %s", name, exc)
+            else:
+                fresh = await asyncio.gather(
+                    *(self._load_version(config, model_dir, v) for v in chosen if v not in kept)
+                )
             failed_new = [entry for entry in fresh if not entry.ready]
             if failed_new and serving:
                 # Roll-out refused: the old versions keep every request.
@@ -306,15 +370,18 @@ class ModelRepository:
             proto = read_config_proto(model_dir / "config.pbtxt")
             config = build_model_config(proto, model_dir)
         available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        if config.ensemble is not None and not available:
+            available = [1]  # an ensemble has no files: its version folder is optional
         chosen = config.version_policy.select(available)
         if not chosen:
             raise ModelNotFound(
                 f"{model_dir}: no version folder matches the version policy "
                 f"(found {sorted(available) or 'none'})"
             )
-        # What the model file itself declares fills what config.pbtxt left out.
-        newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
-        config = autocomplete(runtime_factory(config.backend), newest)
+        if config.ensemble is None:
+            # What the model file itself declares fills what config.pbtxt left out.
+            newest = ModelVersionSource(runtime_view(config), chosen[0], model_dir / str(chosen[0]))
+            config = public_view(autocomplete(runtime_factory(config.backend), newest))
         return proto, config, chosen
 
     async def unload(self, name: str) -> None:
@@ -330,7 +397,9 @@ class ModelRepository:
         entry = ModelVersion(
             config=config, version=version, fingerprint=fingerprint(model_dir / str(version))
         )
-        source = ModelVersionSource(config=config, version=version, path=model_dir / str(version))
+        source = ModelVersionSource(
+            config=runtime_view(config), version=version, path=model_dir / str(version)
+        )
         try:
             factory = runtime_factory(config.backend)
             if self._isolation(config) == "process":
@@ -341,7 +410,9 @@ class ModelRepository:
             async def replace(lost: RuntimeInstance) -> RuntimeInstance:
                 return await self._start_instance(factory, source, lost.index)
 
-            scheduler = Scheduler(
+            # A model with sequence_batching gets the sequence batcher instead.
+            kind = SequenceScheduler if config.sequence_batching is not None else Scheduler
+            scheduler = kind(
                 config,
                 str(version),
                 entry.instances,
@@ -362,6 +433,55 @@ class ModelRepository:
                 log.exception("model '%s' version %d failed to load", config.name, version)
             await self._close_instances(entry)
         return entry
+
+    async def _load_ensemble(
+        self, config: ModelConfig, model_dir: Path, versions: list[int], chain: tuple[str, ...]
+    ) -> list[ModelVersion]:
+        """Load the composing models not loaded yet, check the graph, start one executor per
+        version. The ensemble is unavailable whenever a composing model is (checked live)."""
+        where = model_dir / "config.pbtxt"
+        for index, step in enumerate(config.ensemble.steps):
+            try:
+                await self._ensure_loaded(step.model_name, chain)
+            except ConvoyError as exc:
+                raise InvalidConfig(
+                    f"{where}: ensemble_scheduling.step[{index}]: model '{step.model_name}': {exc}"
+                ) from None
+
+        def composing(index: int, step: EnsembleStep) -> ModelConfig:
+            field = f"{where}: ensemble_scheduling.step[{index}]"
+            model = self.models.get(step.model_name)
+            if model is None or model.config is None:
+                reason = model.reason if model is not None else "not loaded"
+                raise InvalidConfig(
+                    f"{field}: composing model '{step.model_name}' failed to load: {reason}"
+                )
+            if step.model_version != -1 and step.model_version not in model.versions:
+                raise InvalidConfig(
+                    f"{field}.model_version: model '{step.model_name}' has no version "
+                    f"{step.model_version} (served: {sorted(model.versions)})"
+                )
+            return model.config
+
+        plan = plan_ensemble(config, composing, str(where))
+        entries = []
+        for version in versions:
+            entry = ModelVersion(config=config, version=version)
+            scheduler = EnsembleScheduler(
+                config,
+                str(version),
+                plan,
+                self.get,
+                lambda target, request: self.submit_step(target, request),
+                entry.stats,
+                self._settings.max_queue_size,
+                config.ensemble.max_inflight_requests,
+            )
+            await scheduler.__aenter__()
+            entry.scheduler = scheduler
+            entry.state = "READY"
+            entries.append(entry)
+        return entries
 
     async def _start_instance(self, factory, source: ModelVersionSource, index: int) -> RuntimeInstance:
         """Create, load and warm up instance `index` of a model version on its own thread."""
@@ -431,3 +551,14 @@ class ModelRepository:
             except Exception:
                 log.exception("closing instance %s failed", instance.name)
         entry.instances = []
+
+
+def _submit_to_scheduler(entry: ModelVersion, request: Request) -> None:
+    """Queue a request on its model's scheduler; an error goes to its future."""
+    try:
+        if entry.scheduler is None:
+            raise Unavailable(f"model '{entry.config.name}' is not ready")
+        entry.scheduler.submit(request)
+    except ConvoyError as exc:
+        if not request.future.done():
+            request.future.set_exception(exc)
