@@ -24,7 +24,7 @@ from convoy.config import ModelConfig, ServerConfig
 from convoy.errors import ConvoyError, EngineDead, InvalidInput, Overloaded, Unavailable
 from convoy.logs import LogControl
 from convoy.protos import model_config_pb2 as mc
-from convoy.types import Request, Response, StageTimes
+from convoy.types import Request, Response, StageTimes, StepTiming
 from convoy.wire import ErrorInfo, Link, TensorMeta, error_info, read_tensors, rebuild_error
 
 from .client import EngineClient, ModelEntry
@@ -74,6 +74,8 @@ class Result(msgspec.Struct, tag="result", array_like=True):
     #: The batch's StageTimes (monotonic ns: CLOCK_MONOTONIC is one clock for the host).
     timings: tuple[int, int, int, int, int] | None
     outputs: list[TensorMeta]
+    #: An ensemble's steps as they ran (for its trace); empty for other models.
+    steps: tuple[StepTiming, ...] = ()
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
@@ -310,6 +312,7 @@ class EngineEndpoint:
                         response.model_version,
                         None if timings is None else tuple(timings),
                         metas,
+                        response.steps,
                     )
                 )
                 return
@@ -546,6 +549,7 @@ class RemoteEngine(EngineClient):
                             message.model,
                             message.version,
                             None if timings is None else StageTimes(*timings),
+                            message.steps,
                         )
                     )
             elif kind is Failure:
