@@ -98,6 +98,8 @@ class Scheduler:
         self.restart_reason = ""
         batching = config.dynamic_batching
         self._batched = config.max_batch_size > 0
+        #: The runtime takes the requests themselves (a Triton python model): no merge/split.
+        self._per_request = bool(instances) and instances[0].executes_requests
         self._dynamic = batching is not None
         self._max_rows = config.max_batch_size if self._batched else 1
         self._max_delay_ns = batching.max_queue_delay_us * 1000 if batching else 0
@@ -389,6 +391,9 @@ class Scheduler:
         if self._execution_timeout:
             self._loop.call_later(self._execution_timeout, self._timed_out, context)
         start = time.monotonic_ns()
+        if self._per_request:
+            instance.submit_requests(self._finished, (context, start, start), batch)
+            return
         try:
             inputs = merge(batch)
         except Exception as exc:
@@ -398,7 +403,7 @@ class Scheduler:
 
     def _finished(self, context, start: int, merged: int, outputs, error) -> None:
         """A batch came back from its instance (on the loop): split, record, deliver."""
-        instance, batch, rows, reason, dispatched_ns, sequence = context
+        instance, batch, rows, _, _, sequence = context
         if sequence not in self._executing:
             return  # it timed out: its requests were answered and the instance replaced
         if error is not None and instance.is_fatal(error):
@@ -409,21 +414,10 @@ class Scheduler:
         try:
             if error is not None:
                 raise error
-            parts = split(outputs, batch, self._batched, name)
-            done = time.monotonic_ns()
-            self.stats.record_batch(
-                rows, len(batch), merged - start, inferred - merged, done - inferred, reason
-            )
-            if self._batches_measured:
-                self._batch_ns += (done - start - self._batch_ns) * _EWMA_WEIGHT
+            if self._per_request:
+                outcome = self._request_outcome(context, start, merged, inferred, outputs)
             else:
-                self._batch_ns = float(done - start)
-            self._batches_measured += 1
-            timings = StageTimes(dispatched_ns, start, merged, inferred, done)
-            outcome = [
-                (request, Response(part, name, self.version, timings), None)
-                for request, part in zip(batch, parts, strict=True)
-            ]
+                outcome = self._split_outcome(context, start, merged, inferred, outputs)
         except ConvoyError as exc:
             outcome = [(request, None, exc) for request in batch]
         except Exception as exc:
@@ -434,6 +428,63 @@ class Scheduler:
                 f"model '{name}' failed to execute the batch: {type(exc).__name__}: {exc}"
             )
             outcome = [(request, None, failure) for request in batch]
+        self._settle(context, start, inferred, outcome)
+
+    def _split_outcome(self, context, start: int, merged: int, inferred: int, outputs) -> list:
+        """Each request's rows of the batch's outputs, and the batch recorded."""
+        _, batch, rows, reason, dispatched_ns, _ = context
+        name = self.config.name
+        parts = split(outputs, batch, self._batched, name)
+        done = time.monotonic_ns()
+        self.stats.record_batch(
+            rows, len(batch), merged - start, inferred - merged, done - inferred, reason
+        )
+        if self._batches_measured:
+            self._batch_ns += (done - start - self._batch_ns) * _EWMA_WEIGHT
+        else:
+            self._batch_ns = float(done - start)
+        self._batches_measured += 1
+        timings = StageTimes(dispatched_ns, start, merged, inferred, done)
+        return [
+            (request, Response(part, name, self.version, timings), None)
+            for request, part in zip(batch, parts, strict=True)
+        ]
+
+    def _request_outcome(self, context, start: int, merged: int, inferred: int, results) -> list:
+        """A per-request runtime's results: each request's outputs, its own error, or None
+        (a decoupled request: its stream resolves its future at the final flag)."""
+        _, batch, rows, reason, dispatched_ns, _ = context
+        name = self.config.name
+        done = time.monotonic_ns()
+        self.stats.record_batch(
+            rows, len(batch), merged - start, inferred - merged, done - inferred, reason
+        )
+        self._batch_ns = (
+            self._batch_ns + (done - start - self._batch_ns) * _EWMA_WEIGHT
+            if self._batches_measured
+            else float(done - start)
+        )
+        self._batches_measured += 1
+        timings = StageTimes(dispatched_ns, start, merged, inferred, done)
+        outcome = []
+        for request, result in zip(batch, results, strict=True):
+            if result is None:
+                outcome.append((request, None, None))
+            elif isinstance(result, BaseException):
+                if not isinstance(result, ConvoyError):
+                    result = InferenceFailed(f"model '{name}': {type(result).__name__}: {result}")
+                outcome.append((request, None, result))
+            else:
+                parameters = getattr(result, "parameters", None)
+                outcome.append(
+                    (request, Response(result, name, self.version, timings, parameters), None)
+                )
+        return outcome
+
+    def _settle(self, context, start: int, inferred: int, outcome: list) -> None:
+        """Account for a finished batch, free its instance and deliver its outcome."""
+        instance, batch, rows, _, dispatched_ns, sequence = context
+        name = self.config.name
         if self._usage is not None:
             failed = outcome[0][2] is not None if outcome else False
             self._usage.record_batch(
@@ -603,7 +654,10 @@ class Scheduler:
         for request, response, error in outcome:
             request.state = RequestState.FINISHED
             record_queue_wait(dispatched_ns - request.queued_ns)
-            if error is None:
+            if response is None and error is None:
+                # Answered through its stream (decoupled): executed without error.
+                record_latency(now - request.received_ns)
+            elif error is None:
                 if _resolve(request, response):
                     record_latency(now - request.received_ns)
                 else:

@@ -389,6 +389,42 @@ class QuotaCollector(Collector):
         yield family
 
 
+class CustomCollector(Collector):
+    """Metric families model code defined (pb_utils.MetricFamily), read at scrape time."""
+
+    def __init__(self, custom) -> None:
+        self.custom = custom
+
+    def collect(self) -> Iterator[Metric]:
+        for family in list(self.custom.families.values()):
+            with family.lock:
+                series = [
+                    (
+                        dict(s.labels),
+                        s.total,
+                        s.count,
+                        list(zip(s.buckets, s.bucket_counts, strict=True)),
+                    )
+                    for s in family.series.values()
+                ]
+            if family.kind == "histogram":
+                metric = Metric(family.name, family.description, "histogram")
+                for labels, total, count, buckets in series:
+                    for bound, hits in buckets:
+                        metric.add_sample(
+                            family.name + "_bucket", {**labels, "le": floatToGoString(bound)}, hits
+                        )
+                    metric.add_sample(family.name + "_count", labels, count)
+                    metric.add_sample(family.name + "_sum", labels, total)
+            else:
+                # Counters keep their exact names (as Triton exports them): untyped, like nv_*.
+                kind = "gauge" if family.kind == "gauge" else "unknown"
+                metric = Metric(family.name, family.description, kind)
+                for labels, total, _, _ in series:
+                    metric.add_sample(family.name, labels, total)
+            yield metric
+
+
 class Metrics:
     """The server's own registry: model, host, GPU and process collectors."""
 
@@ -402,6 +438,7 @@ class Metrics:
         """`keys`: the server's convoy.auth.Keyring, for the quota counters."""
         self.registry = CollectorRegistry()
         self.registry.register(ModelCollector(repository))
+        self.registry.register(CustomCollector(repository.custom_metrics))
         if usage is not None:
             self.registry.register(UsageCollector(usage))
         if payload_log is not None:

@@ -8,8 +8,11 @@ with the reason and touches no other model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +20,21 @@ from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
-from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
+from convoy.engine.bls import LocalModelCaller
+from convoy.engine.model_config import (
+    build_model_config,
+    complete_proto,
+    config_document,
+    proto_from_document,
+    read_config_proto,
+)
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
+from convoy.runtimes.custom_metrics import CustomMetrics
 from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
+from convoy.types import ModelServices
 
 log = logging.getLogger("convoy.repository")
 
@@ -74,6 +86,11 @@ class ModelRepository:
         self.usage = usage
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Model code's calls to other models (BLS); its service is set by InferenceService.
+        self.model_caller = LocalModelCaller(self)
+        #: Metric families model code defines (pb_utils.MetricFamily), exported on /metrics.
+        self.custom_metrics = CustomMetrics()
+        self._services: ModelServices | None = None
 
     async def __aenter__(self) -> ModelRepository:
         settings = self._settings
@@ -172,9 +189,27 @@ class ModelRepository:
                     )
                 # What the model file itself declares fills what config.pbtxt left out.
                 newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
-                config = autocomplete(runtime_factory(config.backend), newest)
-                model.config = config
+                factory = runtime_factory(config.backend)
+                complete_dict = getattr(factory, "complete_config_dict", None)
+                if complete_dict is not None:
+                    # The model's own auto-complete (Triton's auto_complete_config) edits the
+                    # config as a dict; it imports model code, so off the loop.
+                    document = await asyncio.to_thread(complete_dict, newest, config_document(proto))
+                    proto = proto_from_document(document, model_dir / "config.pbtxt")
+                    config = build_model_config(proto, model_dir)
+                    newest = ModelVersionSource(config, chosen[0], newest.path)
+                config = autocomplete(factory, newest)
+                if config.decoupled and not getattr(factory, "supports_decoupled", False):
+                    raise InvalidConfig(
+                        f"{model_dir / 'config.pbtxt'}: model_transaction_policy.decoupled: "
+                        f"the {config.backend} backend returns one response per request; "
+                        "decoupled models need the python backend (TritonPythonModel)"
+                    )
                 model.config_proto = complete_proto(proto, config)
+                config = dataclasses.replace(
+                    config, document=json.dumps(config_document(model.config_proto))
+                )
+                model.config = config
                 results = await asyncio.gather(
                     *(self._load_version(config, model_dir, v) for v in chosen)
                 )
@@ -248,9 +283,11 @@ class ModelRepository:
     async def _start_instance(self, factory, source: ModelVersionSource, index: int) -> RuntimeInstance:
         """Create, load and warm up instance `index` of a model version on its own thread."""
         config = source.config
-        instance = RuntimeInstance(
-            factory(source, index), f"{config.name}-{source.version}-{index}", index
-        )
+        runtime = factory(source, index)
+        bind = getattr(runtime, "bind_services", None)
+        if bind is not None:
+            bind(self.services())
+        instance = RuntimeInstance(runtime, f"{config.name}-{source.version}-{index}", index)
         try:
             await instance.call(instance.runtime.load)
             await run_warmup(instance, config, source.path)
@@ -258,6 +295,17 @@ class ModelRepository:
             await instance.close()
             raise
         return instance
+
+    def services(self) -> ModelServices:
+        """What model code may use of the server (built on the loop, once)."""
+        if self._services is None:
+            self._services = ModelServices(
+                caller=self.model_caller,
+                loop=asyncio.get_running_loop(),
+                loop_thread_id=threading.get_ident(),
+                metrics=self.custom_metrics,
+            )
+        return self._services
 
     def _execution_timeout(self, config: ModelConfig) -> float:
         """Seconds a batch may run: the model's `execution_timeout_ms` parameter, else the

@@ -51,6 +51,8 @@ class InferenceService:
         #: core, which would cancel them (see ConvoyServer._stop_grpc).
         self.held_rejections: asyncio.Event | None = None
         self.held_count = 0
+        # Model code's BLS calls go through `submit` like the front ends' requests.
+        repository.model_caller.service = self
 
     # --- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:

@@ -39,6 +39,11 @@ class Runtime(Protocol):
 
     # Optional: `is_fatal(error) -> bool`, True when the instance cannot be trusted after
     # `error` (see `is_fatal` below for the default).
+    # Optional, declared: `executes_requests` (bool, read after load): the runtime takes the
+    # batch's requests themselves, `infer_requests(requests, loop) -> list` (per request: its
+    # outputs, an exception, or None when it answers through `request.stream`), instead of
+    # merged inputs; `supports_decoupled` (bool, on the factory): such requests may be
+    # decoupled; `bind_services(ModelServices)`: the server's services for model code.
 
 
 def cuda_context_lost(error: BaseException) -> bool:
@@ -152,6 +157,20 @@ class RuntimeInstance:
                 loop.call_soon_threadsafe(callback, *context, None, exc)
             else:
                 loop.call_soon_threadsafe(callback, *context, result, None)
+
+    @property
+    def executes_requests(self) -> bool:
+        """The runtime executes per request (`infer_requests`); read once it is loaded."""
+        return bool(getattr(self.runtime, "executes_requests", False))
+
+    def submit_requests(self, callback: Callable, context: tuple, requests: list) -> None:
+        """Run `infer_requests(requests, loop)` on this instance's thread, then
+        `callback(*context, results, error)` on the calling loop. Call it on the loop."""
+        loop = asyncio.get_running_loop()
+        self._jobs.put((loop, callback, context, self._infer_requests, (requests, loop)))
+
+    def _infer_requests(self, argument):
+        return self.runtime.infer_requests(*argument)
 
     def submit(self, callback: Callable, context: tuple, inputs: dict[str, np.ndarray]) -> None:
         """Run `infer(inputs)` on this instance's thread, then `callback(*context, outputs,

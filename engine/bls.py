@@ -1,0 +1,156 @@
+"""Model code calling other models of this server (Triton's BLS), through their schedulers.
+
+A call becomes an ordinary `Request` submitted through `InferenceService.submit` (the path both
+front ends use), so it batches with the model's other traffic, counts in its statistics and
+honours its queue policy. Inputs are checked against the callee's declared inputs here, as a
+front end's codec would.
+
+Deadlock rule: a model's instance waits while its BLS call runs, so a call into a model that is
+already waiting on the call chain (itself, or A -> B -> A) could wait for an instance that
+only frees once the call returns. Such a call is refused at once with InvalidInput naming the
+chain. Calls along a chain without a repeat always finish (each waits only on models further
+down), so BLS cannot deadlock the schedulers. The chain is carried on each request
+(`Request.callers`); work a model hands to a thread of its own carries none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from convoy.datatypes import NUMPY_DTYPE
+from convoy.errors import InvalidInput, Unavailable
+from convoy.types import ModelCall, Request, Response, StreamedResponse
+
+
+class LocalModelCaller:
+    """`convoy.types.ModelCaller` over this process's repository and InferenceService."""
+
+    def __init__(self, repository) -> None:
+        self._repository = repository
+        #: The InferenceService, once the server built it (calls before that are refused).
+        self.service = None
+
+    def _request(self, call: ModelCall, future, stream) -> tuple:
+        service = self.service
+        if service is None:
+            raise Unavailable("BLS calls are available once the server has started")
+        entry = self._repository.get(call.model_name, call.model_version)
+        config = entry.config
+        if config.name in call.callers:
+            chain = " -> ".join((*call.callers, config.name))
+            raise InvalidInput(
+                f"BLS call to model '{config.name}' refused: it is already waiting on this call "
+                f"chain ({chain}), so the call could deadlock its instances"
+            )
+        if config.decoupled and stream is None:
+            raise InvalidInput(
+                f"model '{config.name}' is decoupled: call it with exec(decoupled=True) / "
+                "async_exec(decoupled=True)"
+            )
+        rows = _check_inputs(config, call.inputs)
+        declared = {s.name for s in config.outputs}
+        for name in call.requested_outputs:
+            if declared and name not in declared:
+                raise InvalidInput(
+                    f"requested output '{name}' is not an output of model '{config.name}'; "
+                    f"expected one of {sorted(declared)}"
+                )
+        request = Request(
+            id=call.request_id,
+            inputs=call.inputs,
+            requested_outputs=call.requested_outputs,
+            rows=rows,
+            future=future,
+            timeout_us=call.timeout_us,
+            parameters=dict(call.parameters),
+            received_ns=time.monotonic_ns(),
+            stream=stream,
+            callers=(*call.callers, config.name) if call.callers else (config.name,),
+        )
+        return service, entry, request
+
+    async def infer(self, call: ModelCall) -> Response:
+        future = asyncio.get_running_loop().create_future()
+        service, entry, request = self._request(call, future, None)
+        service.submit(entry, request)
+        try:
+            response = await future
+        except asyncio.CancelledError:
+            if entry.scheduler is not None:
+                entry.scheduler.cancel(request)
+            raise
+        return _requested(response, call.requested_outputs)
+
+    async def infer_stream(self, call: ModelCall, sink: Callable[[StreamedResponse], None]) -> None:
+        future = asyncio.get_running_loop().create_future()
+        entry = self._repository.get(call.model_name, call.model_version)
+        stream = sink if entry.config.decoupled else None
+        service, entry, request = self._request(call, future, stream)
+        service.submit(entry, request)
+        try:
+            response = await future
+        except asyncio.CancelledError:
+            if entry.scheduler is not None:
+                entry.scheduler.cancel(request)
+            raise
+        if stream is None:  # a model that is not decoupled: its one response is the final
+            response = _requested(response, call.requested_outputs)
+            sink(StreamedResponse(response.outputs, True, "", response.parameters or {}))
+        # A decoupled model's final flag already reached the sink (with the request's stream).
+
+
+def _requested(response: Response, names: tuple[str, ...]) -> Response:
+    if not names:
+        return response
+    outputs = {n: response.outputs[n] for n in names if n in response.outputs}
+    return Response(outputs, response.model_name, response.model_version, None, response.parameters)
+
+
+def _check_inputs(config, inputs: dict[str, np.ndarray]) -> int:
+    """The rows the call carries; raises InvalidInput for what a front end would refuse."""
+    rows = 1
+    batched = config.max_batch_size > 0
+    for name, array in inputs.items():
+        spec = config.input(name)
+        if spec is None:
+            expected = ", ".join(f"'{s.name}'" for s in config.inputs)
+            raise InvalidInput(
+                f"unexpected input '{name}' for model '{config.name}'; expected inputs: {expected}"
+            )
+        wanted = NUMPY_DTYPE[spec.datatype]
+        if (spec.datatype == "BYTES") != (array.dtype == object) or (
+            spec.datatype != "BYTES" and array.dtype != wanted
+        ):
+            raise InvalidInput(
+                f"input '{name}' of model '{config.name}': expected {spec.datatype}, got numpy "
+                f"{array.dtype}"
+            )
+        shape = array.shape[1:] if batched else array.shape
+        dims = spec.reshape if spec.reshape is not None and not batched else spec.dims
+        if len(shape) != len(spec.dims) or any(
+            d != -1 and d != s for s, d in zip(shape, spec.dims, strict=True)
+        ):
+            expected = [-1, *spec.dims] if batched else list(dims)
+            raise InvalidInput(
+                f"input '{name}' of model '{config.name}': expected shape {expected}, got "
+                f"{list(array.shape)}"
+            )
+        if batched:
+            if not array.ndim or array.shape[0] < 1:
+                raise InvalidInput(f"input '{name}': batch dimension must be >= 1")
+            if array.shape[0] > config.max_batch_size:
+                raise InvalidInput(
+                    f"input '{name}': batch size {array.shape[0]} exceeds max_batch_size "
+                    f"{config.max_batch_size} of model '{config.name}'"
+                )
+            rows = array.shape[0]
+    missing = [s.name for s in config.inputs if not s.optional and s.name not in inputs]
+    if missing:
+        raise InvalidInput(f"model '{config.name}' needs input(s) {missing}")
+    if batched and len({a.shape[0] for a in inputs.values()}) > 1:
+        raise InvalidInput(f"model '{config.name}': inputs disagree on the batch size")
+    return rows
