@@ -519,11 +519,12 @@ class InferenceRequest:
             return InferenceResponse(error=error_of(exc))
 
     async def async_exec(self, decoupled: bool = False):
-        """`await`-able exec for `async def execute`; decoupled=True: an async iterator."""
+        """`await`-able exec for `async def execute`; decoupled=True: an iterator over the
+        responses (all of them received by the time the await returns)."""
         services = _services()
         call = self._call()
         if decoupled:
-            return _async_stream(services, call)
+            return await _async_stream(services, call)
         future = asyncio.run_coroutine_threadsafe(services.caller.infer(call), services.loop)
         wrapped = asyncio.wrap_future(future)
         try:
@@ -590,29 +591,20 @@ def _stream(services, call: ModelCall, wait: float | None) -> Iterator[Inference
         yield _from_streamed(item)
 
 
-async def _async_stream(services, call: ModelCall):
-    items: asyncio.Queue = asyncio.Queue()
-    loop = asyncio.get_running_loop()
+async def _async_stream(services, call: ModelCall) -> Iterator[InferenceResponse]:
+    """A decoupled BLS call from `async def execute`: awaits every response (without blocking
+    the model's loop), then iterates over them, as Triton's awaited iterator does."""
+    collected: list[InferenceResponse] = []
 
-    def sink(item) -> None:
-        loop.call_soon_threadsafe(items.put_nowait, item)
+    def sink(item: StreamedResponse) -> None:  # on the server's loop
+        collected.append(_from_streamed(item))
 
-    async def run() -> None:
-        try:
-            await services.caller.infer_stream(call, sink)
-        except ConvoyError as exc:
-            sink(exc)
-        sink(_END)
-
-    asyncio.run_coroutine_threadsafe(run(), services.loop)
-    while True:
-        item = await items.get()
-        if item is _END:
-            return
-        if isinstance(item, ConvoyError):
-            yield InferenceResponse(error=error_of(item))
-            continue
-        yield _from_streamed(item)
+    future = asyncio.run_coroutine_threadsafe(services.caller.infer_stream(call, sink), services.loop)
+    try:
+        await asyncio.wrap_future(future)
+    except ConvoyError as exc:
+        collected.append(InferenceResponse(error=error_of(exc)))
+    return iter(collected)
 
 
 # --- helpers ------------------------------------------------------------------------------------------

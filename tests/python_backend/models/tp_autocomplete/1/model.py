@@ -44,7 +44,9 @@ class TritonPythonModel:
                     for x in pb_utils.deserialize_bytes_tensor(pb_utils.serialize_byte_tensor(values))
                 ],
                 "np_to_triton": pb_utils.numpy_to_triton_type(np.float32),
-                "triton_to_np": str(np.dtype(pb_utils.triton_to_numpy_type(pb_utils.TRITONSERVER_TYPE_INT64))),
+                "triton_to_np": str(
+                    np.dtype(pb_utils.triton_to_numpy_type(pb_utils.TRITONSERVER_TYPE_INT64))
+                ),
             }
             blob = json.dumps(info).encode()
             responses.append(
