@@ -25,6 +25,7 @@ from convoy.engine.service import InferenceService
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
 from convoy.logs import LogControl
 from convoy.server import codec as tensors
+from convoy.server.http_api.generate import generate
 from convoy.server.observability.tracing import Tracer
 from convoy.types import Request
 
@@ -261,11 +262,15 @@ class HttpFrontend:
         if self.keys is not None and (action != "ready" or self.keys.protect_health):
             key = self._authorize(scope, model)
             principal = key.name
-            if action == "infer":
+            if action in ("infer", "generate", "generate_stream"):
                 self.keys.admit(key)
         if action == "infer":
             self._expect(method, "POST", scope)
             return await self._infer(scope, receive, send, model, version, principal)
+        if action in ("generate", "generate_stream"):
+            self._expect(method, "POST", scope)
+            streaming = action == "generate_stream"
+            return await generate(self, scope, receive, send, model, version, principal, streaming)
         self._expect(method, "GET", scope)
         if action == "":
             return await self._json(send, service.model_metadata(model, version))
@@ -323,6 +328,11 @@ class HttpFrontend:
 
         entry = self.service.repository.get(model, version)
         config = entry.config
+        if config.decoupled:
+            raise InvalidInput(
+                f"model '{config.name}' is decoupled (model_transaction_policy): /infer returns one "
+                "response; use /generate_stream (or gRPC ModelStreamInfer)"
+            )
         inputs, rows = self._decode_inputs(config, document, binary)
         parameters = document.get("parameters") or {}
         if not isinstance(parameters, dict):
