@@ -198,13 +198,13 @@ class ModelRepository:
                     proto = proto_from_document(document, model_dir / "config.pbtxt")
                     config = build_model_config(proto, model_dir)
                     newest = ModelVersionSource(config, chosen[0], newest.path)
-                config = autocomplete(factory, newest)
                 if config.decoupled and not getattr(factory, "supports_decoupled", False):
                     raise InvalidConfig(
                         f"{model_dir / 'config.pbtxt'}: model_transaction_policy.decoupled: "
                         f"the {config.backend} backend returns one response per request; "
                         "decoupled models need the python backend (TritonPythonModel)"
                     )
+                config = autocomplete(factory, newest)
                 model.config_proto = complete_proto(proto, config)
                 config = dataclasses.replace(
                     config, document=json.dumps(config_document(model.config_proto))
@@ -252,6 +252,12 @@ class ModelRepository:
         try:
             factory = runtime_factory(config.backend)
             if self._isolation(config) == "process":
+                if config.decoupled:
+                    raise InvalidConfig(
+                        f"{self.root / config.name / 'config.pbtxt'}: parameters.isolation: "
+                        "'process' is not supported for decoupled models yet (their responses "
+                        "stream from the server's process); use 'thread'"
+                    )
                 factory = isolated_factory(config.backend)
             for index in range(config.instance_count):
                 entry.instances.append(await self._start_instance(factory, source, index))

@@ -190,6 +190,43 @@ class IsolatedRuntime:
         if "error" in header:
             self._reap()
             raise ModelLoadFailed(header["error"]["message"])
+        #: The backend executes per request (a Triton python model): see `infer_requests`.
+        self.executes_requests = bool(header.get("executes_requests", False))
+
+    def infer_requests(self, batch: list, loop) -> list:
+        """A per-request runtime's batch: the requests' inputs go as one merged buffer with
+        each request's rows and metadata; the worker hands the model views of its rows."""
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            # The one copy on the way in: the requests' inputs into one message buffer.
+            inputs = {n: np.concatenate([r.inputs[n] for r in batch]) for n in batch[0].inputs}
+        meta = [
+            [r.id, r.rows, list(r.requested_outputs), r.parameters, r.timeout_us, list(r.callers)]
+            for r in batch
+        ]
+        if self._process.poll() is not None:
+            self._restart_idle()
+        try:
+            _send(self._sock, {"op": "requests", "requests": meta}, inputs)
+            header, tensors = _receive(self._reader)
+        except (WorkerGone, OSError):
+            code = self._reap()
+            raise InstanceLost(
+                f"model '{self._name}' worker {_describe_exit(code)} while executing; restarting"
+            ) from None
+        if "error" in header:
+            raise _error_from(header["error"], self._name)
+        results: list = []
+        for index, result in enumerate(header["results"]):
+            if "error" in result:
+                results.append(_error_from(result["error"], self._name))
+                continue
+            outputs = {name: tensors[f"{index}/{name}"] for name in result["outputs"]}
+            if result.get("parameters"):
+                outputs = _WithParameters(outputs, result["parameters"])
+            results.append(outputs)
+        return results
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._process.poll() is not None:
@@ -276,6 +313,16 @@ def _error_from(error: dict, model: str) -> ConvoyError:
     )
 
 
+class _WithParameters(dict):
+    """A request's outputs that also carry the model's response parameters."""
+
+    __slots__ = ("parameters",)
+
+    def __init__(self, outputs: dict, parameters: dict) -> None:
+        super().__init__(outputs)
+        self.parameters = parameters
+
+
 def isolated_factory(backend: str):
     """A RuntimeFactory making IsolatedRuntimes of `backend`."""
 
@@ -312,6 +359,14 @@ def serve(sock: socket.socket) -> int:
     backend, source, index = pickle.loads(tensors["setup"].tobytes())  # from the server: trusted
     try:
         runtime = runtime_factory(backend)(source, index)
+        bind = getattr(runtime, "bind_services", None)
+        if bind is not None:
+            # No channel back to the server's models (BLS refuses with a reason); custom metrics
+            # work for the model's own use but are not exported from a worker.
+            from convoy.runtimes.custom_metrics import CustomMetrics
+            from convoy.types import ModelServices
+
+            bind(ModelServices(caller=None, loop=None, loop_thread_id=0, metrics=CustomMetrics()))
         runtime.load()
     except Exception as exc:
         if not isinstance(exc, ConvoyError):
@@ -319,7 +374,8 @@ def serve(sock: socket.socket) -> int:
             exc = ModelLoadFailed(f"model '{source.config.name}': {type(exc).__name__}: {exc}")
         _send(sock, _error_header(exc, False))
         return 1
-    _send(sock, {"ok": True})
+    executes_requests = bool(getattr(runtime, "executes_requests", False))
+    _send(sock, {"ok": True, "executes_requests": executes_requests})
     while True:
         try:
             header, inputs = _receive(reader)
@@ -331,6 +387,19 @@ def serve(sock: socket.socket) -> int:
             finally:
                 _send(sock, {"ok": True})
             return 0
+        if header["op"] == "requests":
+            try:
+                header, outputs = _execute_requests(runtime, source, header["requests"], inputs)
+            except Exception as exc:
+                fatal = is_fatal(runtime, exc)
+                if not isinstance(exc, ConvoyError) or fatal:
+                    log.error("model '%s' failed a batch", source.config.name, exc_info=exc)
+                _send(sock, _error_header(exc, fatal))
+                if fatal:
+                    return 1
+                continue
+            _send(sock, header, outputs)
+            continue
         try:
             outputs = runtime.infer(inputs)
         except Exception as exc:
@@ -342,6 +411,58 @@ def serve(sock: socket.socket) -> int:
                 return 1  # this process cannot be trusted any more; the server starts another
             continue
         _send(sock, {"ok": True}, outputs)
+
+
+class _WorkerFuture:
+    """A request's future inside the worker: results travel back in the reply instead."""
+
+    def done(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result) -> None:
+        pass
+
+    def set_exception(self, exception) -> None:
+        pass
+
+
+def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, dict]:
+    """Run a per-request batch: each request sees views of its rows of the merged inputs."""
+    from convoy.types import Request
+
+    batched = source.config.max_batch_size > 0
+    requests = []
+    start = 0
+    for request_id, rows, requested, parameters, timeout_us, callers in meta:
+        end = start + rows
+        own = {n: a[start:end] for n, a in inputs.items()} if batched else inputs
+        start = end
+        requests.append(
+            Request(
+                request_id,
+                own,
+                tuple(requested),
+                rows,
+                _WorkerFuture(),
+                timeout_us=timeout_us,
+                parameters=parameters,
+                callers=tuple(callers),
+            )
+        )
+    results = runtime.infer_requests(requests, None)
+    described = []
+    tensors = {}
+    for index, result in enumerate(results):
+        if isinstance(result, BaseException):
+            described.append(_error_header(result, False))
+            continue
+        for name, array in result.items():
+            tensors[f"{index}/{name}"] = array
+        described.append({"outputs": list(result), "parameters": getattr(result, "parameters", None)})
+    return {"ok": True, "results": described}, tensors
 
 
 def main(argv: list[str]) -> int:

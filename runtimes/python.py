@@ -77,7 +77,14 @@ class PythonRuntime:
     @staticmethod
     def complete_config_dict(source: ModelVersionSource, config: dict) -> dict:
         """Triton's `TritonPythonModel.auto_complete_config`, when model.py has one, applied to
-        the config (as Triton's JSON dict); other models leave it unchanged."""
+        the config (as Triton's JSON dict); other models leave it unchanged. Only a file that
+        mentions auto_complete_config is imported here (in the server's process)."""
+        path = source.path / (source.config.default_model_filename or "model.py")
+        try:
+            if "auto_complete_config" not in path.read_text(errors="replace"):
+                return config
+        except OSError:
+            return config  # loading reports the missing file
         module, path = _import_model_file(source)
         model_class = getattr(module, "TritonPythonModel", None)
         complete = getattr(model_class, "auto_complete_config", None)
@@ -102,6 +109,12 @@ class PythonRuntime:
 
     def load(self) -> None:
         config = self._source.config
+        if "EXECUTION_ENV_PATH" in config.parameters:
+            raise ModelLoadFailed(
+                f"{self._source.path.parent / 'config.pbtxt'}: parameters.EXECUTION_ENV_PATH: "
+                "conda-pack execution environments are not supported; install the model's "
+                "packages into Convoy's environment (or use isolation: process with them)"
+            )
         module, path = _import_model_file(self._source)
         model_class = getattr(module, "Model", None)
         triton_class = getattr(module, "TritonPythonModel", None)
