@@ -35,9 +35,7 @@ class LocalModelCaller:
         self.service = None
 
     def _request(self, call: ModelCall, future, stream) -> tuple:
-        service = self.service
-        if service is None:
-            raise Unavailable("BLS calls are available once the server has started")
+        service = self.service or _SchedulerSubmit()
         entry = self._repository.get(call.model_name, call.model_version)
         config = entry.config
         if config.name in call.callers:
@@ -101,6 +99,23 @@ class LocalModelCaller:
             response = _requested(response, call.requested_outputs)
             sink(StreamedResponse(response.outputs, True, "", response.parameters or {}))
         # A decoupled model's final flag already reached the sink (with the request's stream).
+
+
+class _SchedulerSubmit:
+    """Before the server's InferenceService exists (models warming up at start-up), calls go
+    straight to the callee's scheduler; a callee still loading answers Unavailable."""
+
+    @staticmethod
+    def submit(entry, request: Request) -> None:
+        try:
+            if entry.scheduler is None:
+                raise Unavailable(f"model '{entry.config.name}' is not ready")
+            entry.scheduler.submit(request)
+        except Unavailable as exc:
+            request.future.set_exception(exc)
+        except Exception as exc:
+            if not request.future.done():
+                request.future.set_exception(exc)
 
 
 def _requested(response: Response, names: tuple[str, ...]) -> Response:

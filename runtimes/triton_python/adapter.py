@@ -17,8 +17,6 @@ import sys
 import threading
 from collections.abc import Callable
 
-import numpy as np
-
 from convoy.config import ModelVersionSource
 from convoy.errors import InferenceFailed, ModelLoadFailed
 from convoy.types import Request, Response, StreamedResponse
@@ -32,23 +30,6 @@ MODULE_NAME = "triton_python_backend_utils"
 def install_module() -> None:
     """Make `import triton_python_backend_utils` find Convoy's pb_utils (this process)."""
     sys.modules.setdefault(MODULE_NAME, pb_utils)
-
-
-def _fast_tensor(name: str, array: np.ndarray) -> pb_utils.Tensor:
-    # The request's arrays were validated by the front end: skip Tensor's checks.
-    tensor = pb_utils.Tensor.__new__(pb_utils.Tensor)
-    tensor._name = name
-    tensor._array = array
-    return tensor
-
-
-def _sequence_flags(parameters: dict) -> int:
-    flags = 0
-    if parameters.get("sequence_start"):
-        flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
-    if parameters.get("sequence_end"):
-        flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
-    return flags
 
 
 def _emit(request: Request, item: StreamedResponse, done: Response) -> None:
@@ -136,21 +117,7 @@ class TritonModelAdapter:
     # --- execution ---------------------------------------------------------------------------------
     def wrap(self, request: Request, deliver: Callable | None) -> pb_utils.InferenceRequest:
         """The pb_utils view of a Convoy request (its arrays, no copy)."""
-        wrapped = pb_utils.InferenceRequest.__new__(pb_utils.InferenceRequest)
-        parameters = request.parameters
-        wrapped.model_name = self._name
-        wrapped.model_version = self._source.version
-        wrapped._inputs = [_fast_tensor(n, a) for n, a in request.inputs.items()]
-        wrapped._requested = list(request.requested_outputs)
-        wrapped._request_id = request.id
-        wrapped._correlation_id = parameters.get("sequence_id", 0) if parameters else 0
-        wrapped._flags = _sequence_flags(parameters) if parameters else 0
-        wrapped._timeout = request.timeout_us
-        wrapped._parameters = parameters
-        wrapped._origin = request
-        wrapped._deliver_to = deliver
-        wrapped._sender = None
-        return wrapped
+        return pb_utils.ServerRequest(request, deliver, self._name, self._source.version)
 
     def execute(self, batch: list[Request], loop: asyncio.AbstractEventLoop) -> list:
         """Per request: its outputs (dict), an exception (its error), or None (a decoupled

@@ -212,13 +212,14 @@ class Tensor:
     def __init__(self, name: str, data) -> None:
         if not isinstance(name, str):
             raise TritonModelException(f"Tensor name must be a string, got {type(name).__name__}")
-        array = data if isinstance(data, np.ndarray) else np.asarray(data)
-        if array.dtype.kind in "SU":
-            array = array.astype(object)
-        if numpy_to_triton_type(array.dtype) is None and array.dtype.kind != "V":
-            raise TritonModelException(
-                f"tensor '{name}': numpy dtype {array.dtype} has no Triton datatype"
-            )
+        array = data if type(data) is np.ndarray else np.asarray(data)
+        if array.dtype not in _NUMPY_TYPE:
+            if array.dtype.kind in "SU":
+                array = array.astype(object)
+            elif array.dtype.kind != "V":  # V: bfloat16 and the like travel as raw bits
+                raise TritonModelException(
+                    f"tensor '{name}': numpy dtype {array.dtype} has no Triton datatype"
+                )
         self._name = name
         self._array = array
 
@@ -541,6 +542,72 @@ class InferenceRequest:
             return InferenceResponse(error=error_of(exc))
 
 
+class ServerRequest(InferenceRequest):
+    """A client's request as `execute` sees it: reads its Convoy request lazily (no copies)."""
+
+    _sender = None
+
+    def __init__(self, origin, deliver, model_name: str, model_version: int) -> None:
+        self._origin = origin
+        self._deliver_to = deliver
+        self.model_name = model_name
+        self.model_version = model_version
+
+    def inputs(self) -> list[Tensor]:
+        tensors = []
+        for name, array in self._origin.inputs.items():
+            tensor = Tensor.__new__(Tensor)
+            tensor._name = name
+            tensor._array = array
+            tensors.append(tensor)
+        return tensors
+
+    def request_id(self) -> str:
+        return self._origin.id
+
+    def correlation_id(self):
+        parameters = self._origin.parameters
+        return parameters.get("sequence_id", 0) if parameters else 0
+
+    def flags(self) -> int:
+        parameters = self._origin.parameters
+        flags = 0
+        if parameters and parameters.get("sequence_start"):
+            flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+        if parameters and parameters.get("sequence_end"):
+            flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+        return flags
+
+    def timeout(self) -> int:
+        return self._origin.timeout_us
+
+    def parameters(self) -> str:
+        return json.dumps(self._origin.parameters or {})
+
+    def requested_output_names(self) -> list[str]:
+        return list(self._origin.requested_outputs)
+
+    @property
+    def _parameters(self) -> dict:
+        return self._origin.parameters or {}
+
+    @property
+    def _timeout(self) -> int:
+        return self._origin.timeout_us
+
+    @property
+    def _request_id(self) -> str:
+        return self._origin.id
+
+    @property
+    def _requested(self) -> list[str]:
+        return list(self._origin.requested_outputs)
+
+    @property
+    def _inputs(self) -> list[Tensor]:
+        return self.inputs()
+
+
 def _from_response(response) -> InferenceResponse:
     tensors = [Tensor(name, array) for name, array in response.outputs.items()]
     return InferenceResponse(tensors, parameters=response.parameters)
@@ -609,6 +676,15 @@ async def _async_stream(services, call: ModelCall) -> Iterator[InferenceResponse
 
 # --- helpers ------------------------------------------------------------------------------------------
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
+    origin = inference_request._origin
+    if origin is not None:  # a request handed to execute: look its array up by name
+        array = origin.inputs.get(name)
+        if array is None:
+            return None
+        tensor = Tensor.__new__(Tensor)
+        tensor._name = name
+        tensor._array = array
+        return tensor
     for tensor in inference_request.inputs():
         if tensor.name() == name:
             return tensor
