@@ -9,8 +9,9 @@ One `convoy serve` holds three models with the demo add_sub's config (FP32 [16],
 
 perf_analyzer drives each over gRPC at concurrency 32 (1-row requests), the two add_subs
 alternating ROUNDS times (order swapped each round) so drift on a shared machine shows; then
-the server's CPU time per request (from /proc, all its threads; the lowest of ROUNDS runs) is measured for add_sub,
-triton_add_sub and bls_add_sub: bls_add_sub minus triton_add_sub is the CPU a BLS hop costs.
+the server's CPU time per request (from /proc, all its threads; the lowest of ROUNDS runs) is
+measured for add_sub, triton_add_sub and bls_add_sub: bls_add_sub minus triton_add_sub is the
+CPU a BLS hop costs.
 
     .venv/bin/python bench/python_backend.py [--rounds 2] [--seconds 4]
 """

@@ -135,6 +135,12 @@ class ModelCaller(Protocol):
         """Every response of the call, handed to `sink` on the loop as it comes; returns after
         the final one. A model that is not decoupled yields its one response as the final."""
 
+    def submit_threadsafe(self, call: ModelCall, future: OutcomeFuture) -> Callable[[], None]:
+        """From a thread other than the loop's: queue the call (its Response or error goes to
+        `future`, a concurrent.futures.Future); returns a function that cancels it. Raises
+        ConvoyError when the call is refused before queueing. The cheap path for a blocking
+        `exec()`: no coroutine, one hop to the loop and one back."""
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:

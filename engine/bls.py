@@ -31,8 +31,11 @@ class LocalModelCaller:
 
     def __init__(self, repository) -> None:
         self._repository = repository
-        #: The InferenceService, once the server built it (calls before that are refused).
+        #: The InferenceService, once the server built it (before that, calls go straight to
+        #: the callee's scheduler).
         self.service = None
+        #: The server's event loop (set with the repository's services).
+        self.loop = None
 
     def _request(self, call: ModelCall, future, stream) -> tuple:
         service = self.service or _SchedulerSubmit()
@@ -70,6 +73,17 @@ class LocalModelCaller:
             callers=(*call.callers, config.name) if call.callers else (config.name,),
         )
         return service, entry, request
+
+    def submit_threadsafe(self, call: ModelCall, future) -> Callable[[], None]:
+        service, entry, request = self._request(call, future, None)
+        loop = self.loop
+        loop.call_soon_threadsafe(service.submit, entry, request)
+
+        def cancel() -> None:
+            if entry.scheduler is not None:
+                loop.call_soon_threadsafe(entry.scheduler.cancel, request)
+
+        return cancel
 
     async def infer(self, call: ModelCall) -> Response:
         future = asyncio.get_running_loop().create_future()

@@ -305,6 +305,7 @@ class ModelRepository:
     def services(self) -> ModelServices:
         """What model code may use of the server (built on the loop, once)."""
         if self._services is None:
+            self.model_caller.loop = asyncio.get_running_loop()
             self._services = ModelServices(
                 caller=self.model_caller,
                 loop=asyncio.get_running_loop(),

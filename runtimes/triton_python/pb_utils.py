@@ -18,6 +18,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -506,11 +507,12 @@ class InferenceRequest:
         wait = self._timeout / 1e6 if self._timeout else None
         if decoupled:
             return _stream(services, call, wait)
-        future = asyncio.run_coroutine_threadsafe(services.caller.infer(call), services.loop)
+        future = Future()
         try:
-            return _from_response(future.result(wait))
+            cancel = services.caller.submit_threadsafe(call, future)
+            response = future.result(wait)
         except FutureTimeout:
-            future.cancel()
+            cancel()
             return InferenceResponse(
                 error=TritonError(
                     f"BLS request to '{call.model_name}' timed out", TritonError.UNAVAILABLE
@@ -518,6 +520,13 @@ class InferenceRequest:
             )
         except ConvoyError as exc:
             return InferenceResponse(error=error_of(exc))
+        if call.requested_outputs:
+            outputs = response.outputs
+            return InferenceResponse(
+                [Tensor(n, outputs[n]) for n in call.requested_outputs if n in outputs],
+                parameters=response.parameters,
+            )
+        return _from_response(response)
 
     async def async_exec(self, decoupled: bool = False):
         """`await`-able exec for `async def execute`; decoupled=True: an iterator over the
