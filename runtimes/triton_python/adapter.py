@@ -43,6 +43,17 @@ def _emit(request: Request, item: StreamedResponse, done: Response) -> None:
         future.set_result(done)
 
 
+def _emit_unary(request: Request, item: StreamedResponse, model: str, version: str) -> None:
+    """On the loop: the one response a model that is not decoupled sent with its sender."""
+    future = request.future
+    if future.done():
+        return
+    if item.error:
+        future.set_exception(InferenceFailed(item.error))
+    else:
+        future.set_result(Response(item.outputs, model, version, None, item.parameters or None))
+
+
 class TritonModelAdapter:
     """One `TritonPythonModel` instance: initialize, execute per-request batches, finalize."""
 
@@ -129,6 +140,19 @@ class TritonModelAdapter:
             def deliver(wrapped: pb_utils.InferenceRequest, item: StreamedResponse) -> None:
                 loop.call_soon_threadsafe(_emit, wrapped._origin, item, done)
 
+        elif loop is not None:
+            # Triton lets a model that is not decoupled answer through the response sender
+            # too: exactly one response, with the final flag, and execute() returns None.
+            name, version = self._name, self._done.model_version
+
+            def deliver(wrapped: pb_utils.InferenceRequest, item: StreamedResponse) -> None:
+                if not item.final:
+                    raise pb_utils.TritonModelException(
+                        f"model '{name}' is not decoupled: its response sender sends exactly one "
+                        "response, with flags=TRITONSERVER_RESPONSE_COMPLETE_FINAL"
+                    )
+                loop.call_soon_threadsafe(_emit_unary, wrapped._origin, item, name, version)
+
         requests = [self.wrap(request, deliver) for request in batch]
         callers = {self._name}
         for request in batch:
@@ -148,6 +172,12 @@ class TritonModelAdapter:
                     "responses with request.get_response_sender()"
                 )
             return [None] * len(batch)
+        if responses is None and any(r._sender is not None for r in requests):
+            missing = InferenceFailed(
+                f"model '{self._name}': execute() returned None and sent no response for this "
+                "request through its response sender"
+            )
+            return [None if r._sender is not None else missing for r in requests]
         return self.collect(responses, len(batch))
 
     def collect(self, responses, count: int) -> list:

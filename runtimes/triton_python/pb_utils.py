@@ -448,8 +448,8 @@ class InferenceRequest:
     def get_response_sender(self) -> InferenceResponseSender:
         if self._deliver_to is None:
             raise TritonModelException(
-                "get_response_sender() is only available to decoupled models "
-                "(model_transaction_policy { decoupled: true })"
+                "get_response_sender() is not available here (model code in an isolated worker "
+                "process answers by returning its responses)"
             )
         if self._sender is None:
             self._sender = InferenceResponseSender(self)

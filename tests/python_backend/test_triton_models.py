@@ -165,3 +165,10 @@ def test_custom_metrics_are_exported(triton_server, grpc_client):
 
 def test_logger_writes_to_the_server_log(triton_server):
     assert "tp_add_sub initialized as tp_add_sub_0_1" in triton_server.log()
+
+
+def test_a_model_that_is_not_decoupled_may_answer_through_its_response_sender(client):
+    module = _module(client)
+    x = np.array([[4]], dtype=np.int32)
+    result = client.infer("tp_sender", [tensor(module, "X", x, "INT32")])
+    assert result.as_numpy("Y")[0, 0] == 40
