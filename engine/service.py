@@ -51,8 +51,11 @@ class InferenceService:
         #: core, which would cancel them (see ConvoyServer._stop_grpc).
         self.held_rejections: asyncio.Event | None = None
         self.held_count = 0
-        # Model code's BLS calls go through `submit` like the front ends' requests.
-        repository.model_caller.service = self
+        # Model code's BLS calls go through `submit` like the front ends' requests (a --workers
+        # front end's mirror repository runs no model code: it has no caller).
+        caller = getattr(repository, "model_caller", None)
+        if caller is not None:
+            caller.service = self
 
     # --- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:

@@ -25,7 +25,7 @@ import zmq
 from convoy.engine import ipc
 from convoy.engine.repository import Model, ModelRepository, ModelVersion
 from convoy.engine.service import InferenceService
-from convoy.errors import EngineDead, Overloaded
+from convoy.errors import EngineDead, Overloaded, Unsupported
 from convoy.logs import configure_logging
 from convoy.protos import model_config_pb2 as mc
 from convoy.server.app import FrontEnds, load_keys
@@ -47,6 +47,11 @@ class RemoteScheduler:
         self.available = available
 
     def submit(self, request: Request) -> None:
+        if request.stream is not None:
+            raise Unsupported(
+                f"model '{self.model}' is decoupled: its streamed responses are not carried "
+                "through --workers front ends yet; serve it without --workers"
+            )
         self.client.submit(self.model, self.version, request)
 
     def cancel(self, request: Request) -> None:
