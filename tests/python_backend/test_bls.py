@@ -51,6 +51,7 @@ def test_async_exec_and_async_decoupled_exec(grpc_client):
             "(tp_bls -> tp_bls), so the call could deadlock its instances",
         ),
         ("missing", "model 'no_such_model' is not found in the repository"),
+        ("timeout", "BLS request to 'tp_slow' timed out"),
     ],
 )
 def test_a_failing_call_comes_back_as_a_response_error(grpc_client, mode, message):

@@ -3,7 +3,8 @@
 - stream: Y[0] = sum of tp_repeat's responses for IN = X as ints (exec(decoupled=True)),
   MSG = the number of responses and whether the last was empty
 - self: call tp_bls itself (refused: cycle); MSG = the error
-- missing: call a model that does not exist; MSG = the error"""
+- missing: call a model that does not exist; MSG = the error
+- timeout: call tp_slow (0.5 s) with a 50 ms timeout; MSG = the error"""
 
 import json
 
@@ -51,6 +52,15 @@ class TritonPythonModel:
             y = np.zeros_like(x)
             y[:, 0] = total
             message = json.dumps({"responses": count, "last_empty": last_empty})
+        elif mode == "timeout":
+            inner = pb_utils.InferenceRequest(
+                model_name="tp_slow",
+                inputs=[pb_utils.Tensor("X", x)],
+                requested_output_names=["Y"],
+                timeout=50_000,
+            )
+            response = inner.exec()
+            message = response.error().message() if response.has_error() else "no error"
         else:
             target = "tp_bls" if mode == "self" else "no_such_model"
             inner = pb_utils.InferenceRequest(
