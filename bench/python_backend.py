@@ -11,7 +11,8 @@ perf_analyzer drives each over gRPC at concurrency 32 (1-row requests), the two 
 alternating ROUNDS times (order swapped each round) so drift on a shared machine shows; then
 the server's CPU time per request (from /proc, all its threads; the lowest of ROUNDS runs) is
 measured for add_sub, triton_add_sub and bls_add_sub: bls_add_sub minus triton_add_sub is the
-CPU a BLS hop costs.
+CPU a BLS hop costs. Last, one request to bls_loop makes 2000 sequential BLS calls to
+triton_add_sub: the server's CPU per call (hop + inner execution, no client or gRPC cost).
 
     .venv/bin/python bench/python_backend.py [--rounds 2] [--seconds 4]
 """
@@ -77,16 +78,42 @@ class TritonPythonModel:
 """
 
 
+BLS_LOOP = """
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            calls = int(json.loads(request.parameters()).get("calls", 1000))
+            inputs = request.inputs()
+            for _ in range(calls):
+                inner = pb_utils.InferenceRequest(
+                    model_name="triton_add_sub", inputs=inputs, requested_output_names=["OUTPUT0"]
+                )
+                answer = inner.exec()
+                if answer.has_error():
+                    raise pb_utils.TritonModelException(answer.error().message())
+            responses.append(pb_utils.InferenceResponse(answer.output_tensors() * 2))
+        return responses
+"""
+
+
 def build_repository(root: Path) -> Path:
     repository = root / "models"
     repository.mkdir()
     source = demo_repository() / "add_sub"
     shutil.copytree(source, repository / "add_sub")
     config = (source / "config.pbtxt").read_text()
-    for name, code in (("triton_add_sub", TRITON_ADD_SUB), ("bls_add_sub", BLS_ADD_SUB)):
+    models = (("triton_add_sub", TRITON_ADD_SUB), ("bls_add_sub", BLS_ADD_SUB), ("bls_loop", BLS_LOOP))
+    for name, code in models:
         (repository / name / "1").mkdir(parents=True)
         text = config.replace('name: "add_sub"', f'name: "{name}"')
-        if name == "bls_add_sub":  # its warm-up would call a model that may still be loading
+        if name != "triton_add_sub":  # a warm-up would call a model that may still be loading
             text = text[: text.index("model_warmup")]
         (repository / name / "config.pbtxt").write_text(text)
         (repository / name / "1" / "model.py").write_text(code)
@@ -163,6 +190,26 @@ def main() -> int:
                     served = max(after_count - before_count, 1)
                     samples.setdefault(model, []).append((after_cpu - before_cpu) * 1e6 / served)
                     print(json.dumps({model: round(samples[model][-1], 1)}), flush=True)
+            # One request making CALLS sequential BLS calls: server CPU per call (the hop and
+            # the inner model's execution), without any client or gRPC cost in it.
+            calls = 2000
+            body = {
+                "parameters": {"calls": calls},
+                "inputs": [
+                    {"name": n, "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}
+                    for n in ("INPUT0", "INPUT1")
+                ],
+            }
+            per_call = []
+            for _ in range(3):
+                before_cpu = cpu_seconds(process.pid)
+                answer = requests.post(
+                    f"http://127.0.0.1:{http}/v2/models/bls_loop/infer", json=body, timeout=300
+                )
+                answer.raise_for_status()
+                per_call.append((cpu_seconds(process.pid) - before_cpu) * 1e6 / calls)
+            report["bls_call_cpu_us"] = round(min(per_call), 1)
+            print(json.dumps({"bls_call_cpu_us": per_call}), flush=True)
             for model, values in samples.items():
                 report["cpu"][model] = {"cpu_us_per_request": round(min(values), 1), "all": values}
             ratios = [
