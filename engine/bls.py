@@ -5,17 +5,20 @@ front ends use), so it batches with the model's other traffic, counts in its sta
 honours its queue policy. Inputs are checked against the callee's declared inputs here, as a
 front end's codec would.
 
-Deadlock rule: a model's instance waits while its BLS call runs, so a call into a model that is
-already waiting on the call chain (itself, or A -> B -> A) could wait for an instance that
-only frees once the call returns. Such a call is refused at once with InvalidInput naming the
-chain. Calls along a chain without a repeat always finish (each waits only on models further
-down), so BLS cannot deadlock the schedulers. The chain is carried on each request
-(`Request.callers`); work a model hands to a thread of its own carries none.
+Deadlock rule: a model's instance waits while its BLS call runs, so models that call each
+other in a cycle (A -> A, or A -> B while B -> A) could each hold the instance the other waits
+for. Convoy keeps the graph of which model has called which (learned from the calls made from
+`execute`/`initialize`) and refuses, with InvalidInput naming the cycle, any call that would
+close a cycle in it. The graph stays acyclic, every wait points further down it and the models
+at its bottom never wait, so BLS cannot deadlock the schedulers. The caller is known from the
+executing model (`ModelCall.callers`, last = the immediate caller); calls from threads a model
+starts itself carry none and are not tracked (they hold no instance).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -36,17 +39,16 @@ class LocalModelCaller:
         self.service = None
         #: The server's event loop (set with the repository's services).
         self.loop = None
+        #: caller model -> models it has called (BLS), kept acyclic (the deadlock rule).
+        self._edges: dict[str, set[str]] = {}
+        self._edges_lock = threading.Lock()
 
     def _request(self, call: ModelCall, future, stream) -> tuple:
         service = self.service or _SchedulerSubmit()
         entry = self._repository.get(call.model_name, call.model_version)
         config = entry.config
-        if config.name in call.callers:
-            chain = " -> ".join((*call.callers, config.name))
-            raise InvalidInput(
-                f"BLS call to model '{config.name}' refused: it is already waiting on this call "
-                f"chain ({chain}), so the call could deadlock its instances"
-            )
+        if call.callers:
+            self._add_edge(call.callers[-1], config.name)
         if config.decoupled and stream is None:
             raise InvalidInput(
                 f"model '{config.name}' is decoupled: call it with exec(decoupled=True) / "
@@ -73,6 +75,38 @@ class LocalModelCaller:
             callers=(*call.callers, config.name) if call.callers else (config.name,),
         )
         return service, entry, request
+
+    def _add_edge(self, caller: str, callee: str) -> None:
+        """Record caller -> callee, refusing an edge that closes a cycle of BLS calls."""
+        with self._edges_lock:
+            known = self._edges.get(caller)
+            if known is not None and callee in known:
+                return
+            path = self._path(callee, caller)
+            if path is not None:
+                cycle = " -> ".join((caller, *path))
+                raise InvalidInput(
+                    f"BLS call from model '{caller}' to model '{callee}' refused: it would close "
+                    f"a cycle of models calling each other ({cycle}), which can deadlock their "
+                    "instances"
+                )
+            self._edges.setdefault(caller, set()).add(callee)
+
+    def _path(self, start: str, goal: str) -> list[str] | None:
+        """Models from `start` to `goal` along recorded calls (both included), or None."""
+        if start == goal:
+            return [start]
+        seen = {start}
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for following in self._edges.get(node, ()):
+                if following == goal:
+                    return [*path, following]
+                if following not in seen:
+                    seen.add(following)
+                    stack.append((following, [*path, following]))
+        return None
 
     def submit_threadsafe(self, call: ModelCall, future) -> Callable[[], None]:
         service, entry, request = self._request(call, future, None)

@@ -154,10 +154,12 @@ class TritonModelAdapter:
                 loop.call_soon_threadsafe(_emit_unary, wrapped._origin, item, name, version)
 
         requests = [self.wrap(request, deliver) for request in batch]
-        callers = {self._name}
-        for request in batch:
-            callers.update(request.callers)
-        token = pb_utils.enter_scope(pb_utils.Scope(self._name, tuple(sorted(callers))))
+        # The models waiting on this batch, this model last (it is the caller of any BLS call
+        # made from execute).
+        chain = dict.fromkeys(name for request in batch for name in request.callers)
+        chain.pop(self._name, None)
+        chain[self._name] = None
+        token = pb_utils.enter_scope(pb_utils.Scope(self._name, tuple(chain)))
         try:
             if self._async:
                 responses = self._run(self._model.execute(requests))

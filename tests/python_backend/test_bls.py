@@ -1,5 +1,6 @@
 """BLS: model code calling other models of the server (exec, async_exec, exec(decoupled=True)),
-through their schedulers; errors come back as response errors; a call cycle is refused."""
+through their schedulers; errors come back as response errors; a call that would close a cycle
+of models calling each other (itself, or back to its caller) is refused."""
 
 from __future__ import annotations
 
@@ -47,8 +48,14 @@ def test_async_exec_and_async_decoupled_exec(grpc_client):
     [
         (
             "self",
-            "BLS call to model 'tp_bls' refused: it is already waiting on this call chain "
-            "(tp_bls -> tp_bls), so the call could deadlock its instances",
+            "BLS call from model 'tp_bls' to model 'tp_bls' refused: it would close a cycle of "
+            "models calling each other (tp_bls -> tp_bls), which can deadlock their instances",
+        ),
+        (
+            "pingpong",
+            "BLS call from model 'tp_pong' to model 'tp_bls' refused: it would close a cycle of "
+            "models calling each other (tp_pong -> tp_bls -> tp_pong), which can deadlock their "
+            "instances",
         ),
         ("missing", "model 'no_such_model' is not found in the repository"),
         ("timeout", "BLS request to 'tp_slow' timed out"),

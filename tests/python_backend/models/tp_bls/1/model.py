@@ -4,6 +4,7 @@
   MSG = the number of responses and whether the last was empty
 - self: call tp_bls itself (refused: cycle); MSG = the error
 - missing: call a model that does not exist; MSG = the error
+- pingpong: call tp_pong, which calls tp_bls back (refused: cycle); MSG = tp_pong's message
 - timeout: call tp_slow (0.5 s) with a 50 ms timeout; MSG = the error"""
 
 import json
@@ -61,6 +62,14 @@ class TritonPythonModel:
             )
             response = inner.exec()
             message = response.error().message() if response.has_error() else "no error"
+        elif mode == "pingpong":
+            inner = pb_utils.InferenceRequest(
+                model_name="tp_pong", inputs=[pb_utils.Tensor("X", x)], requested_output_names=["MSG"]
+            )
+            response = inner.exec()
+            if response.has_error():
+                raise pb_utils.TritonModelException(response.error().message())
+            message = pb_utils.get_output_tensor_by_name(response, "MSG").as_numpy()[0, 0].decode()
         else:
             target = "tp_bls" if mode == "self" else "no_such_model"
             inner = pb_utils.InferenceRequest(
