@@ -32,6 +32,9 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import orjson
@@ -39,7 +42,16 @@ import orjson
 from convoy import errors
 from convoy.config import ModelVersionSource
 from convoy.datatypes import deserialize_bytes, serialize_bytes
-from convoy.errors import ConvoyError, InferenceFailed, InstanceLost, ModelLoadFailed
+from convoy.errors import (
+    ConvoyError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InstanceLost,
+    ModelLoadFailed,
+    Unavailable,
+    Unsupported,
+)
+from convoy.types import ModelCall, Response
 
 log = logging.getLogger("convoy.runtimes.isolated")
 
@@ -155,6 +167,7 @@ class IsolatedRuntime:
         self._sock: socket.socket | None = None
         self._reader = None
         self._lock = threading.Lock()
+        self._services = None
 
     @property
     def pid(self) -> int | None:
@@ -209,7 +222,7 @@ class IsolatedRuntime:
             self._restart_idle()
         try:
             _send(self._sock, {"op": "requests", "requests": meta}, inputs)
-            header, tensors = _receive(self._reader)
+            header, tensors = self._reply()
         except (WorkerGone, OSError):
             code = self._reap()
             raise InstanceLost(
@@ -233,7 +246,7 @@ class IsolatedRuntime:
             self._restart_idle()
         try:
             _send(self._sock, {"op": "infer"}, inputs)
-            header, outputs = _receive(self._reader)
+            header, outputs = self._reply()
         except (WorkerGone, OSError):
             code = self._reap()
             raise InstanceLost(
@@ -242,6 +255,53 @@ class IsolatedRuntime:
         if "error" in header:
             raise _error_from(header["error"], self._name)
         return outputs
+
+    def bind_services(self, services) -> None:
+        """The server's services: BLS calls the worker's model code makes come through here."""
+        self._services = services
+
+    def _reply(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The worker's answer to the batch; BLS calls it makes meanwhile are served first."""
+        while True:
+            header, tensors = _receive(self._reader)
+            if header.get("op") != "bls":
+                return header, tensors
+            self._serve_bls(header, tensors)
+
+    def _serve_bls(self, header: dict, inputs: dict[str, np.ndarray]) -> None:
+        """Run a BLS call for the worker (on this instance's thread, which waits anyway)."""
+        services = self._services
+        requested = tuple(header["requested"])
+        call = ModelCall(
+            model_name=header["model"],
+            inputs=inputs,
+            requested_outputs=requested,
+            model_version=header["version"],
+            request_id=header["id"],
+            parameters=header["parameters"],
+            timeout_us=header["timeout_us"],
+            callers=tuple(header["callers"]),
+        )
+        future: Future = Future()
+        cancel = None
+        try:
+            if services is None or services.caller is None:
+                raise Unavailable("BLS calls are not available to this model")
+            cancel = services.caller.submit_threadsafe(call, future)
+            response = future.result(call.timeout_us / 1e6 if call.timeout_us else None)
+        except FutureTimeout:
+            if cancel is not None:
+                cancel()
+            error = DeadlineExceeded(f"BLS request to '{call.model_name}' timed out")
+            _send(self._sock, _error_header(error, False))
+            return
+        except ConvoyError as exc:
+            _send(self._sock, _error_header(exc, False))
+            return
+        outputs = response.outputs
+        if requested:
+            outputs = {n: outputs[n] for n in requested if n in outputs}
+        _send(self._sock, {"ok": True, "parameters": response.parameters}, outputs)
 
     def _restart_idle(self) -> None:
         """The worker died between batches (the OOM killer picks big idle processes too): start
@@ -361,12 +421,13 @@ def serve(sock: socket.socket) -> int:
         runtime = runtime_factory(backend)(source, index)
         bind = getattr(runtime, "bind_services", None)
         if bind is not None:
-            # No channel back to the server's models (BLS refuses with a reason); custom metrics
-            # work for the model's own use but are not exported from a worker.
+            # BLS calls go over the channel; custom metrics work for the model's own use but
+            # are not exported from a worker.
             from convoy.runtimes.custom_metrics import CustomMetrics
             from convoy.types import ModelServices
 
-            bind(ModelServices(caller=None, loop=None, loop_thread_id=0, metrics=CustomMetrics()))
+            caller = _ChannelCaller(sock, reader)
+            bind(ModelServices(caller=caller, loop=None, loop_thread_id=0, metrics=CustomMetrics()))
         runtime.load()
     except Exception as exc:
         if not isinstance(exc, ConvoyError):
@@ -411,6 +472,52 @@ def serve(sock: socket.socket) -> int:
                 return 1  # this process cannot be trusted any more; the server starts another
             continue
         _send(sock, {"ok": True}, outputs)
+
+
+class _ChannelCaller:
+    """The worker's ModelCaller: BLS calls travel to the server over the worker's channel while
+    the server waits for the batch (so only from code running inside execute / initialize)."""
+
+    def __init__(self, sock: socket.socket, reader) -> None:
+        self._sock = sock
+        self._reader = reader
+        self._lock = threading.Lock()
+
+    def call(self, call: ModelCall) -> Response:
+        header = {
+            "op": "bls",
+            "model": call.model_name,
+            "version": call.model_version,
+            "requested": list(call.requested_outputs),
+            "parameters": call.parameters,
+            "timeout_us": call.timeout_us,
+            "callers": list(call.callers),
+            "id": call.request_id,
+        }
+        with self._lock:
+            _send(self._sock, header, call.inputs)
+            reply, outputs = _receive(self._reader)
+        if "error" in reply:
+            raise _error_from(reply["error"], call.model_name)
+        version = call.model_version or ""
+        return Response(outputs, call.model_name, version, None, reply.get("parameters"))
+
+    def submit_threadsafe(self, call: ModelCall, future) -> Callable[[], None]:
+        try:
+            future.set_result(self.call(call))
+        except ConvoyError as exc:
+            future.set_exception(exc)
+        return lambda: None
+
+    async def infer(self, call: ModelCall) -> Response:
+        # The worker's event loop (async execute) is the channel's only user meanwhile.
+        return self.call(call)
+
+    async def infer_stream(self, call: ModelCall, sink) -> None:
+        raise Unsupported(
+            "decoupled BLS calls (exec(decoupled=True)) are not available to a model in an "
+            "isolated worker process"
+        )
 
 
 class _WorkerFuture:

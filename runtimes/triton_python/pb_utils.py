@@ -506,6 +506,18 @@ class InferenceRequest:
         call = self._call()
         wait = self._timeout / 1e6 if self._timeout else None
         if decoupled:
+            if services.loop is None:  # a worker process: the caller says why it cannot stream
+                return iter(
+                    [
+                        InferenceResponse(
+                            error=TritonError(
+                                "decoupled BLS calls (exec(decoupled=True)) are not available to "
+                                "a model in an isolated worker process",
+                                TritonError.UNSUPPORTED,
+                            )
+                        )
+                    ]
+                )
             return _stream(services, call, wait)
         future = Future()
         try:
@@ -535,8 +547,11 @@ class InferenceRequest:
         call = self._call()
         if decoupled:
             return await _async_stream(services, call)
-        future = asyncio.run_coroutine_threadsafe(services.caller.infer(call), services.loop)
-        wrapped = asyncio.wrap_future(future)
+        if services.loop is None:  # a worker process: the caller runs here
+            wrapped = asyncio.ensure_future(services.caller.infer(call))
+        else:
+            future = asyncio.run_coroutine_threadsafe(services.caller.infer(call), services.loop)
+            wrapped = asyncio.wrap_future(future)
         try:
             if self._timeout:
                 return _from_response(await asyncio.wait_for(wrapped, self._timeout / 1e6))
@@ -671,6 +686,11 @@ async def _async_stream(services, call: ModelCall) -> Iterator[InferenceResponse
     """A decoupled BLS call from `async def execute`: awaits every response (without blocking
     the model's loop), then iterates over them, as Triton's awaited iterator does."""
     collected: list[InferenceResponse] = []
+    if services.loop is None:  # a worker process: the caller says why it cannot stream
+        try:
+            await services.caller.infer_stream(call, collected.append)
+        except ConvoyError as exc:
+            return iter([InferenceResponse(error=error_of(exc))])
 
     def sink(item: StreamedResponse) -> None:  # on the server's loop
         collected.append(_from_streamed(item))

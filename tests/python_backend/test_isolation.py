@@ -18,7 +18,8 @@ from tritonclient.utils import InferenceServerException
 @pytest.fixture(scope="module")
 def isolated(tmp_path_factory):
     root = tmp_path_factory.mktemp("python_backend_isolated")
-    repository = triton_repository(root / "models", ["tp_add_sub", "tp_errors", "tp_repeat"])
+    models = ["tp_add_sub", "tp_errors", "tp_repeat", "tp_bls", "tp_bls_async", "tp_slow"]
+    repository = triton_repository(root / "models", models)
     process = ConvoyProcess(repository, root / "server.log", extra_args=("--isolation", "process"))
     # tp_repeat (decoupled) does not load under process isolation: wait for liveness.
     yield from serve_until_stopped(process, "live")
@@ -63,3 +64,29 @@ def test_decoupled_model_is_refused_under_process_isolation(isolated):
     row = next(r for r in rows if r["name"] == "tp_repeat")
     assert row["state"] == "UNAVAILABLE"
     assert "parameters.isolation: 'process' is not supported for decoupled models" in row["reason"]
+
+
+def bls(isolated, model: str, x: np.ndarray, mode: str | None = None):
+    client = grpcclient.InferenceServerClient(isolated.grpc_url)
+    item = grpcclient.InferInput("X", list(x.shape), "FP32")
+    item.set_data_from_numpy(x)
+    try:
+        return client.infer(model, [item], parameters={"mode": mode} if mode else None)
+    finally:
+        client.close()
+
+
+def test_bls_from_a_worker_process_reaches_the_servers_models(isolated):
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(bls(isolated, "tp_bls", x, "add").as_numpy("Y"), 2 * x)
+    timed_out = bls(isolated, "tp_bls", x, "timeout").as_numpy("MSG")[0, 0].decode()
+    assert "BLS request to 'tp_slow' timed out" in timed_out
+    refused = bls(isolated, "tp_bls", x, "self").as_numpy("MSG")[0, 0].decode()
+    assert "would close a cycle of models calling each other (tp_bls -> tp_bls)" in refused
+
+
+def test_async_bls_from_a_worker(isolated):
+    y = bls(isolated, "tp_bls_async", np.ones((1, 4), dtype=np.float32)).as_numpy("Y")
+    # Both async_exec calls to tp_add_sub came back (2X); the decoupled call to tp_repeat is
+    # refused in a worker (an error response, no outputs), so it counted no responses.
+    np.testing.assert_array_equal(y, [[2, 2, 2, 0]])
