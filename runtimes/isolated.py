@@ -194,7 +194,7 @@ class IsolatedRuntime:
         setup = pickle.dumps((self._backend, self._source, self._instance_index))
         try:
             _send(self._sock, {"op": "load"}, {"setup": np.frombuffer(setup, dtype=np.uint8)})
-            header, _ = _receive(self._reader)
+            header, _ = self._reply()  # BLS calls from the model's initialize are served
         except (WorkerGone, OSError):
             code = self._reap()
             raise ModelLoadFailed(
