@@ -183,9 +183,10 @@ class PythonRuntime:
 
         rows = next(iter(inputs.values())).shape[0] if self._source.config.max_batch_size else 1
         request = Request("warmup", inputs, (), rows, future=_NoFuture())
-        (result,) = (
-            self._triton.execute([request], loop=None) if not self._source.config.decoupled else ({},)
-        )
+        if self._source.config.decoupled:
+            self._triton.warm_up_decoupled(request)
+            return {}
+        (result,) = self._triton.execute([request], loop=None)
         if isinstance(result, BaseException):
             raise result
         return dict(result or {})

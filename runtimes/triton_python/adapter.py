@@ -182,6 +182,34 @@ class TritonModelAdapter:
             return [None if r._sender is not None else missing for r in requests]
         return self.collect(responses, len(batch))
 
+    def warm_up_decoupled(self, request: Request, timeout: float = 60.0) -> None:
+        """Run one warm-up request through a decoupled model: its responses are dropped; it
+        must send its final flag (within `timeout`) and no error."""
+        finished = threading.Event()
+        errors: list[str] = []
+
+        def deliver(wrapped: pb_utils.InferenceRequest, item: StreamedResponse) -> None:
+            if item.error:
+                errors.append(item.error)
+            if item.final:
+                finished.set()
+
+        token = pb_utils.enter_scope(pb_utils.Scope(self._name, (self._name,)))
+        try:
+            requests = [self.wrap(request, deliver)]
+            if self._async:
+                self._run(self._model.execute(requests))
+            else:
+                self._model.execute(requests)
+        finally:
+            pb_utils.leave_scope(token)
+        if not finished.wait(timeout):
+            raise InferenceFailed(
+                f"model '{self._name}' sent no final flag for its warm-up request within {timeout:.0f} s"
+            )
+        if errors:
+            raise InferenceFailed(f"model '{self._name}' answered its warm-up with: {errors[0]}")
+
     def collect(self, responses, count: int) -> list:
         name = self._name
         if responses is None:

@@ -1,11 +1,14 @@
 """What Convoy does not run of Triton's python backend is refused at load with a reason naming
 the field: decoupled on a backend that answers once per request, decoupled with Convoy's own
-`Model`, conda-pack execution environments."""
+`Model`, conda-pack execution environments; a decoupled model whose warm-up fails."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import requests
+from conftest import MODELS
 from helpers import ConvoyProcess, serve_until_stopped
 
 NATIVE = """
@@ -51,6 +54,11 @@ def refusing(tmp_path_factory):
     )
     model(repository, "conda_env", "python", conda, TRITON)
     model(repository, "fine", "python", "", TRITON)
+    # A decoupled model's warm-up runs too: tp_words answers an empty text with an error.
+    words = MODELS / "tp_words"
+    shutil.copytree(words, repository / "warmup_fails")
+    config = (words / "config.pbtxt").read_text().replace('name: "tp_words"', 'name: "warmup_fails"')
+    (repository / "warmup_fails" / "config.pbtxt").write_text(config.replace("random_data", "zero_data"))
     process = ConvoyProcess(repository, root / "server.log")
     yield from serve_until_stopped(process, "live")
 
@@ -64,6 +72,7 @@ def refusing(tmp_path_factory):
             "per request",
         ),
         ("decoupled_native", "model_transaction_policy.decoupled needs a TritonPythonModel"),
+        ("warmup_fails", "answered its warm-up with: text_input is empty"),
         (
             "conda_env",
             "parameters.EXECUTION_ENV_PATH: conda-pack execution environments are not supported",
