@@ -14,6 +14,9 @@ measured for add_sub, triton_add_sub and bls_add_sub: bls_add_sub minus triton_a
 CPU a BLS hop costs. Last, one request to bls_loop makes 2000 sequential BLS calls to
 triton_add_sub: the server's CPU per call (hop + inner execution, no client or gRPC cost).
 
+First, in-process, the runtime step alone (CPU per request: native merge/execute/split vs the
+Triton per-request execute), the one place the two paths differ.
+
     .venv/bin/python bench/python_backend.py [--rounds 2] [--seconds 4]
 """
 
@@ -120,6 +123,58 @@ def build_repository(root: Path) -> Path:
     return repository
 
 
+def runtime_cost(repository: Path, batch: int = 32, batches: int = 2000) -> dict:
+    """In-process CPU per request of the runtime step alone (no server): the native Model
+    (merge, execute, split) vs the TritonPythonModel (per-request execute), batches of `batch`
+    one-row requests; best of three runs. This is the part the two paths differ in."""
+    import numpy as np
+
+    from convoy.batching.assemble import merge, split
+    from convoy.config import ModelConfig, ModelVersionSource
+    from convoy.runtimes.python import PythonRuntime
+    from convoy.types import Request, TensorSpec
+
+    specs = tuple(TensorSpec(n, "FP32", (16,)) for n in ("INPUT0", "INPUT1"))
+    outs = tuple(TensorSpec(n, "FP32", (16,)) for n in ("OUTPUT0", "OUTPUT1"))
+
+    def runtime(name: str) -> PythonRuntime:
+        config = ModelConfig(name, "python", max_batch_size=64, inputs=specs, outputs=outs)
+        loaded = PythonRuntime(ModelVersionSource(config, 1, repository / name / "1"), 0)
+        loaded.load()
+        return loaded
+
+    class Pending:
+        def done(self) -> bool:
+            return False
+
+        def cancelled(self) -> bool:
+            return False
+
+    requests_ = [
+        Request(
+            str(i), {n: np.ones((1, 16), np.float32) for n in ("INPUT0", "INPUT1")}, (), 1, Pending()
+        )
+        for i in range(batch)
+    ]
+    native, triton = runtime("add_sub"), runtime("triton_add_sub")
+
+    def best(step) -> float:
+        runs = []
+        for _ in range(3):
+            start = time.process_time()
+            for _ in range(batches):
+                step()
+            runs.append((time.process_time() - start) * 1e6 / (batches * batch))
+        return round(min(runs), 2)
+
+    return {
+        "native_us_per_request": best(
+            lambda: split(native.infer(merge(requests_)), requests_, True, "x")
+        ),
+        "triton_us_per_request": best(lambda: triton.infer_requests(requests_, None)),
+    }
+
+
 def start(repository: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
     process = subprocess.Popen(
         [sys.executable, "-m", "convoy", "serve", "--model-repository", str(repository),
@@ -161,7 +216,10 @@ def main() -> int:
     shapes = ()
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
-        process, http, grpc = start(build_repository(root), root / "server.log")
+        repository = build_repository(root)
+        runtime = runtime_cost(repository)
+        print(json.dumps({"runtime_step": runtime}), flush=True)
+        process, http, grpc = start(repository, root / "server.log")
         extra = ("-p", str(int(args.seconds * 1000)), "-r", "4", "-s", "50")
 
         def run(model: str, tag: str) -> dict:
@@ -170,7 +228,12 @@ def main() -> int:
             )
 
         try:
-            report: dict = {"concurrency": args.concurrency, "rounds": [], "cpu": {}}
+            report: dict = {
+                "concurrency": args.concurrency,
+                "rounds": [],
+                "cpu": {},
+                "runtime_step": runtime,
+            }
             for round_index in range(args.rounds):
                 row = {}
                 order = ("add_sub", "triton_add_sub")
