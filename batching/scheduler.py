@@ -432,9 +432,18 @@ class Scheduler:
 
     def _split_outcome(self, context, start: int, merged: int, inferred: int, outputs) -> list:
         """Each request's rows of the batch's outputs, and the batch recorded."""
-        _, batch, rows, reason, dispatched_ns, _ = context
+        batch = context[1]
         name = self.config.name
         parts = split(outputs, batch, self._batched, name)
+        timings = self._record(context, start, merged, inferred)
+        return [
+            (request, Response(part, name, self.version, timings), None)
+            for request, part in zip(batch, parts, strict=True)
+        ]
+
+    def _record(self, context, start: int, merged: int, inferred: int) -> StageTimes:
+        """Record a batch that executed (statistics, the batch-cost estimate); its stage times."""
+        _, batch, rows, reason, dispatched_ns, _ = context
         done = time.monotonic_ns()
         self.stats.record_batch(
             rows, len(batch), merged - start, inferred - merged, done - inferred, reason
@@ -444,28 +453,14 @@ class Scheduler:
         else:
             self._batch_ns = float(done - start)
         self._batches_measured += 1
-        timings = StageTimes(dispatched_ns, start, merged, inferred, done)
-        return [
-            (request, Response(part, name, self.version, timings), None)
-            for request, part in zip(batch, parts, strict=True)
-        ]
+        return StageTimes(dispatched_ns, start, merged, inferred, done)
 
     def _request_outcome(self, context, start: int, merged: int, inferred: int, results) -> list:
         """A per-request runtime's results: each request's outputs, its own error, or None
         (a decoupled request: its stream resolves its future at the final flag)."""
-        _, batch, rows, reason, dispatched_ns, _ = context
+        batch = context[1]
         name = self.config.name
-        done = time.monotonic_ns()
-        self.stats.record_batch(
-            rows, len(batch), merged - start, inferred - merged, done - inferred, reason
-        )
-        self._batch_ns = (
-            self._batch_ns + (done - start - self._batch_ns) * _EWMA_WEIGHT
-            if self._batches_measured
-            else float(done - start)
-        )
-        self._batches_measured += 1
-        timings = StageTimes(dispatched_ns, start, merged, inferred, done)
+        timings = self._record(context, start, merged, inferred)
         outcome = []
         for request, result in zip(batch, results, strict=True):
             if result is None:
