@@ -365,7 +365,9 @@ class HttpFrontend:
             watcher.cancel()
             if self.tracer is not None:
                 self._trace(scope, entry, request, future)
-        await self._respond(send, entry, request, result.outputs, binary_outputs, accept)
+        await self._respond(
+            send, entry, request, result.outputs, binary_outputs, accept, result.parameters
+        )
 
     def _trace(self, scope, entry, request: Request, future) -> None:
         traceparent = None
@@ -475,7 +477,9 @@ class HttpFrontend:
         requested = tensors.check_requested_outputs(config, names)
         return requested, (binary, default_binary)
 
-    async def _respond(self, send, entry, request, outputs, binary_outputs, accept: bytes) -> None:
+    async def _respond(
+        self, send, entry, request, outputs, binary_outputs, accept: bytes, parameters=None
+    ) -> None:
         per_output, default_binary = binary_outputs
         described = []
         blobs = []
@@ -497,6 +501,8 @@ class HttpFrontend:
         }
         if request.id:
             answer["id"] = request.id
+        if parameters:  # set by the model (a Triton python model's response parameters)
+            answer["parameters"] = parameters
         header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
         extra = []
         if blobs:

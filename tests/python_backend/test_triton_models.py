@@ -106,6 +106,12 @@ def test_async_execute(client):
     x = np.array([[1, 2, 3]], dtype=np.int64)
     result = client.infer("tp_async", [tensor(module, "X", x, "INT64")])
     np.testing.assert_array_equal(result.as_numpy("Y"), x * 2)
+    # Response parameters reach the client.
+    if module is grpcclient:
+        parameters = result.get_response().parameters
+        assert parameters["doubled"].bool_param is True and parameters["rows"].int64_param == 1
+    else:
+        assert result.get_response()["parameters"] == {"doubled": True, "rows": 1}
 
 
 def _errors(client, value: int):

@@ -11,5 +11,9 @@ class TritonPythonModel:
         for request in requests:
             x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
             await asyncio.sleep(0)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x * 2)]))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    [pb_utils.Tensor("Y", x * 2)], parameters={"doubled": True, "rows": len(x)}
+                )
+            )
         return responses
