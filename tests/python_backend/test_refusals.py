@@ -54,6 +54,8 @@ def refusing(tmp_path_factory):
     )
     model(repository, "conda_env", "python", conda, TRITON)
     model(repository, "fine", "python", "", TRITON)
+    not_ready = TRITON + "\n    def is_ready(self):\n        return False\n"
+    model(repository, "not_ready", "python", "", not_ready)
     # A decoupled model's warm-up runs too: tp_words answers an empty text with an error.
     words = MODELS / "tp_words"
     shutil.copytree(words, repository / "warmup_fails")
@@ -73,6 +75,7 @@ def refusing(tmp_path_factory):
         ),
         ("decoupled_native", "model_transaction_policy.decoupled needs a TritonPythonModel"),
         ("warmup_fails", "answered its warm-up with: text_input is empty"),
+        ("not_ready", "is_ready() returned False after initialize"),
         (
             "conda_env",
             "parameters.EXECUTION_ENV_PATH: conda-pack execution environments are not supported",
@@ -86,3 +89,12 @@ def test_unsupported_feature_is_refused_with_a_reason_naming_the_field(refusing,
     assert reason in row["reason"]
     fine = next(r for r in rows if r["name"] == "fine")
     assert fine["state"] == "READY"
+
+
+def test_finalize_runs_when_the_server_stops(tmp_path):
+    repository = tmp_path / "models"
+    shutil.copytree(MODELS / "tp_add_sub", repository / "tp_add_sub")
+    process = ConvoyProcess(repository, tmp_path / "server.log")
+    process.start("ready")
+    assert process.stop() == 0
+    assert "tp_add_sub finalized" in process.log()
