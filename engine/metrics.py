@@ -396,32 +396,22 @@ class CustomCollector(Collector):
         self.custom = custom
 
     def collect(self) -> Iterator[Metric]:
-        for family in list(self.custom.families.values()):
-            with family.lock:
-                series = [
-                    (
-                        dict(s.labels),
-                        s.total,
-                        s.count,
-                        list(zip(s.buckets, s.bucket_counts, strict=True)),
-                    )
-                    for s in family.series.values()
-                ]
-            if family.kind == "histogram":
-                metric = Metric(family.name, family.description, "histogram")
-                for labels, total, count, buckets in series:
-                    for bound, hits in buckets:
+        for name, description, kind, series in self.custom.merged():
+            if kind == "histogram":
+                metric = Metric(name, description, "histogram")
+                for labels, (total, count, bounds, counts) in series.items():
+                    labels = dict(labels)
+                    for bound, hits in zip([*bounds, float("inf")], counts, strict=False):
                         metric.add_sample(
-                            family.name + "_bucket", {**labels, "le": floatToGoString(bound)}, hits
+                            name + "_bucket", {**labels, "le": floatToGoString(bound)}, hits
                         )
-                    metric.add_sample(family.name + "_count", labels, count)
-                    metric.add_sample(family.name + "_sum", labels, total)
+                    metric.add_sample(name + "_count", labels, count)
+                    metric.add_sample(name + "_sum", labels, total)
             else:
                 # Counters keep their exact names (as Triton exports them): untyped, like nv_*.
-                kind = "gauge" if family.kind == "gauge" else "unknown"
-                metric = Metric(family.name, family.description, kind)
-                for labels, total, _, _ in series:
-                    metric.add_sample(family.name, labels, total)
+                metric = Metric(name, description, "gauge" if kind == "gauge" else "unknown")
+                for labels, (total, _, _, _) in series.items():
+                    metric.add_sample(name, dict(labels), total)
             yield metric
 
 

@@ -85,11 +85,53 @@ class Family:
 
 
 class CustomMetrics:
-    """Every family model code registered in this server, by name."""
+    """Every family model code registered in this server, by name, plus what model code in
+    worker processes reported (`apply_snapshot`); `merged()` sums them per series."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.families: dict[str, Family] = {}
+        #: Worker (instance name) -> its latest snapshot (see `snapshot`).
+        self._remote: dict[str, list] = {}
+
+    def snapshot(self) -> list:
+        """Plain data for a process boundary: [name, description, kind, [[labels, total, count,
+        finite bucket bounds, bucket counts], ...]] per family."""
+        out = []
+        for family in list(self.families.values()):
+            with family.lock:
+                series = [
+                    [list(s.labels), s.total, s.count, list(s.buckets[:-1]), list(s.bucket_counts)]
+                    for s in family.series.values()
+                ]
+            out.append([family.name, family.description, family.kind, series])
+        return out
+
+    def apply_snapshot(self, source: str, snapshot: list) -> None:
+        """A worker's families (replacing what that worker reported before)."""
+        with self._lock:
+            self._remote[source] = snapshot
+
+    def merged(self) -> list[tuple[str, str, str, dict]]:
+        """(name, description, kind, {labels: [total, count, bounds, bucket counts]}) for every
+        family, local and reported, series with the same labels summed."""
+        merged: dict[str, tuple[str, str, dict]] = {}
+        with self._lock:
+            remote = list(self._remote.values())
+        for snapshot in [self.snapshot(), *remote]:
+            for name, description, kind, series in snapshot:
+                _, _, by_labels = merged.setdefault(name, (description, kind, {}))
+                for labels, total, count, bounds, counts in series:
+                    key = tuple(tuple(pair) for pair in labels)
+                    found = by_labels.get(key)
+                    if found is None:
+                        by_labels[key] = [total, count, list(bounds), list(counts)]
+                    else:
+                        found[0] += total
+                        found[1] += count
+                        if len(found[3]) == len(counts):
+                            found[3] = [a + b for a, b in zip(found[3], counts, strict=True)]
+        return [(name, d, k, series) for name, (d, k, series) in merged.items()]
 
     def family(self, name: str, description: str, kind: str) -> Family:
         if not _NAME.match(name or ""):

@@ -265,6 +265,10 @@ class IsolatedRuntime:
         while True:
             header, tensors = _receive(self._reader)
             if header.get("op") != "bls":
+                metrics = header.get("metrics")
+                if metrics is not None and self._services is not None:
+                    source = f"{self._name}-{self._source.version}-{self._instance_index}"
+                    self._services.metrics.apply_snapshot(source, metrics)
                 return header, tensors
             self._serve_bls(header, tensors)
 
@@ -412,6 +416,7 @@ def serve(sock: socket.socket) -> int:
     from convoy.runtimes.base import is_fatal, runtime_factory
 
     reader = sock.makefile("rb")
+    metrics = None  # the model's custom metrics, reported with every answer once it has any
     try:
         header, tensors = _receive(reader)
     except WorkerGone:
@@ -421,13 +426,13 @@ def serve(sock: socket.socket) -> int:
         runtime = runtime_factory(backend)(source, index)
         bind = getattr(runtime, "bind_services", None)
         if bind is not None:
-            # BLS calls go over the channel; custom metrics work for the model's own use but
-            # are not exported from a worker.
+            # BLS calls go over the channel; custom metrics travel with every answer.
             from convoy.runtimes.custom_metrics import CustomMetrics
             from convoy.types import ModelServices
 
             caller = _ChannelCaller(sock, reader)
-            bind(ModelServices(caller=caller, loop=None, loop_thread_id=0, metrics=CustomMetrics()))
+            metrics = CustomMetrics()
+            bind(ModelServices(caller=caller, loop=None, loop_thread_id=0, metrics=metrics))
         runtime.load()
     except Exception as exc:
         if not isinstance(exc, ConvoyError):
@@ -459,7 +464,7 @@ def serve(sock: socket.socket) -> int:
                 if fatal:
                     return 1
                 continue
-            _send(sock, header, outputs)
+            _send(sock, _with_metrics(header, metrics), outputs)
             continue
         try:
             outputs = runtime.infer(inputs)
@@ -471,7 +476,7 @@ def serve(sock: socket.socket) -> int:
             if fatal:
                 return 1  # this process cannot be trusted any more; the server starts another
             continue
-        _send(sock, {"ok": True}, outputs)
+        _send(sock, _with_metrics({"ok": True}, metrics), outputs)
 
 
 class _ChannelCaller:
@@ -534,6 +539,14 @@ class _WorkerFuture:
 
     def set_exception(self, exception) -> None:
         pass
+
+
+def _with_metrics(header: dict, metrics) -> dict:
+    """The reply header, with the worker's custom metric families when the model defined any
+    (the server sums them with its own and the other workers' on /metrics)."""
+    if metrics is not None and metrics.families:
+        header["metrics"] = metrics.snapshot()
+    return header
 
 
 def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, dict]:

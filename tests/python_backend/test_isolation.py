@@ -12,6 +12,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from conftest import triton_repository
 from helpers import ConvoyProcess, serve_until_stopped
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 
@@ -90,3 +91,17 @@ def test_async_bls_from_a_worker(isolated):
     # Both async_exec calls to tp_add_sub came back (2X); the decoupled call to tp_repeat is
     # refused in a worker (an error response, no outputs), so it counted no responses.
     np.testing.assert_array_equal(y, [[2, 2, 2, 0]])
+
+
+def test_custom_metrics_of_worker_processes_are_exported(isolated):
+    test_batched_requests_in_a_worker_process_get_their_own_rows(isolated)  # 32 requests
+    text = requests.get(f"http://127.0.0.1:{isolated.metrics_port}/metrics", timeout=10).text
+    counted = {
+        sample.labels["instance"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "tp_add_sub_requests"
+    }
+    # One series per worker (its instance name), summed by the server.
+    assert set(counted) <= {"tp_add_sub_0_0", "tp_add_sub_0_1"} and counted
+    assert sum(counted.values()) >= 32
