@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from helpers import ConvoyProcess, serve_until_stopped
-
-MODELS = Path(__file__).resolve().parent / "models"
-
-
-def triton_repository(target: Path, names: list[str] | None = None) -> Path:
-    target.mkdir(parents=True, exist_ok=True)
-    for source in sorted(MODELS.iterdir()):
-        if names is None or source.name in names:
-            shutil.copytree(source, target / source.name, ignore=shutil.ignore_patterns("__pycache__"))
-    return target
+from python_backend_models import triton_repository
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import triton_repository
 from helpers import ConvoyProcess, serve_until_stopped
 from prometheus_client.parser import text_string_to_metric_families
+from python_backend_models import triton_repository
 from tritonclient.utils import InferenceServerException
 
 

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import requests
-from conftest import MODELS
 from helpers import ConvoyProcess, serve_until_stopped
+from python_backend_models import MODELS
 
 NATIVE = """
 class Model:
