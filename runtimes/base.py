@@ -45,10 +45,12 @@ class Runtime(Protocol):
     # scheduler assembles a batch into; e.g. pinned host memory the device copies from without
     # another staging copy. Called on the instance's thread, so buffers may be reused from one
     # batch to the next. None: let the scheduler allocate.
-
-
-#: The optional capabilities a runtime may declare (by defining the method), read once per instance.
-CAPABILITIES = ("is_fatal", "batch_buffers")
+    #
+    # Optional, declared: `executes_requests` (bool, read after load): the runtime takes the
+    # batch's requests themselves, `infer_requests(requests, loop) -> list` (per request: its
+    # outputs, an exception, or None when it answers through `request.stream`), instead of
+    # merged inputs; `supports_decoupled` (bool, on the factory): such requests may be
+    # decoupled; `bind_services(ModelServices)`: the server's services for model code.
 
 
 def cuda_context_lost(error: BaseException) -> bool:
@@ -164,6 +166,20 @@ class RuntimeInstance:
                 loop.call_soon_threadsafe(callback, *context, None, exc)
             else:
                 loop.call_soon_threadsafe(callback, *context, result, None)
+
+    @property
+    def executes_requests(self) -> bool:
+        """The runtime executes per request (`infer_requests`); read once it is loaded."""
+        return bool(getattr(self.runtime, "executes_requests", False))
+
+    def submit_requests(self, callback: Callable, context: tuple, requests: list) -> None:
+        """Run `infer_requests(requests, loop)` on this instance's thread, then
+        `callback(*context, results, error)` on the calling loop. Call it on the loop."""
+        loop = asyncio.get_running_loop()
+        self._jobs.put((loop, callback, context, self._infer_requests, (requests, loop)))
+
+    def _infer_requests(self, argument):
+        return self.runtime.infer_requests(*argument)
 
     def submit(self, callback: Callable, context: tuple, inputs: dict[str, np.ndarray]) -> None:
         """Run `infer(inputs)` on this instance's thread, then `callback(*context, outputs,
