@@ -6,12 +6,10 @@ worker (`python -m convoy.runtimes.isolated`) loads the real backend and execute
 worker that crashes (segfault, os._exit, OOM kill) fails only the batch it was executing: the
 instance raises InstanceLost, which the scheduler answers by starting a fresh worker.
 
-The channel is a private Unix socket pair. Each message is a fixed prefix (header length,
-payload length), a small JSON header (op, and per tensor: name, dtype, shape, byte count) and
-the tensors' raw bytes back to back; BYTES tensors travel length-prefixed as on the V2 wire.
-Request data is never pickled. The one pickle is the load message, server -> worker: the
-model's typed config (our own frozen dataclasses, not network data) on a socket only the two
-processes hold. The server never unpickles anything the worker sends.
+The channel is a private Unix socket pair carrying convoy/wire.py frames, as every process
+boundary in Convoy does: a msgpack message (what is asked or answered; the model's typed config
+when it loads) and the tensors' raw bytes; BYTES tensors travel length-prefixed as on the V2
+wire. Nothing is pickled.
 
 The worker exits when the server does, however it ends: it reads EOF when the server's end
 of the socket closes, and it asks the kernel for SIGKILL when its parent dies (prctl) in case
@@ -21,27 +19,23 @@ it is busy in a batch.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
-import math
 import os
-import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
+import msgspec
 import numpy as np
-import orjson
 
-from convoy import errors
+from convoy import errors, wire
 from convoy.config import ModelVersionSource
-from convoy.datatypes import deserialize_bytes, serialize_bytes
 from convoy.errors import (
     ConvoyError,
     DeadlineExceeded,
@@ -52,15 +46,12 @@ from convoy.errors import (
     Unsupported,
 )
 from convoy.types import ModelCall, Response
+from convoy.wire import FrameWriter, TensorMeta, read_tensors, receive_frame, send_frame
 
 log = logging.getLogger("convoy.runtimes.isolated")
 
-#: (header bytes, payload bytes) before every message.
-_PREFIX = struct.Struct("<IQ")
 #: Seconds a worker gets to finish `close` (the model's finalize) before it is killed.
 CLOSE_TIMEOUT_S = 10.0
-#: The dtype name a BYTES (numpy object) tensor travels under.
-_BYTES = "bytes"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -69,73 +60,41 @@ class WorkerGone(Exception):
 
 
 # --- the channel ---------------------------------------------------------------------------------
+class _Setup(msgspec.Struct, array_like=True):
+    """What the worker loads: the backend, the model version (its typed config) and which
+    instance it is."""
+
+    backend: str
+    source: ModelVersionSource
+    instance_index: int
+
+
+class ChannelMessage(msgspec.Struct, array_like=True):
+    """One message on a worker's channel: what it asks or answers (`op`, outcomes, request
+    metadata, metrics) and the tensors it carries, in convoy/wire.py frames like every other
+    process boundary."""
+
+    header: dict[str, Any]
+    tensors: list[TensorMeta] = []
+
+
 def _send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
-    """One message: prefix, JSON header, then each tensor's bytes (sent from the arrays'
-    own memory where they are contiguous: no copy on this side)."""
-    specs = []
-    buffers: list = []
-    payload = 0
-    for name, array in (tensors or {}).items():
-        array = np.asarray(array)
-        if array.dtype.kind == "O":
-            data = serialize_bytes(array)
-            dtype = _BYTES
-        else:
-            array = np.ascontiguousarray(array)
-            data = memoryview(array.reshape(-1).view(np.uint8))
-            dtype = array.dtype.name if array.dtype.kind == "V" else array.dtype.str
-        specs.append([name, dtype, list(array.shape), len(data)])
-        buffers.append(data)
-        payload += len(data)
-    header["tensors"] = specs
-    encoded = orjson.dumps(header)
-    parts = [_PREFIX.pack(len(encoded), payload) + encoded, *(b for b in buffers if len(b))]
-    while parts:
-        sent = sock.sendmsg(parts)
-        # Partial send (large payloads): drop what went, keep the rest of the part in flight.
-        while parts and sent >= len(parts[0]):
-            sent -= len(parts[0])
-            parts.pop(0)
-        if parts and sent:
-            parts[0] = memoryview(parts[0])[sent:]
-
-
-def _read_exact(reader, size: int) -> bytearray:
-    buffer = bytearray(size)
-    if size and reader.readinto(buffer) != size:
-        raise WorkerGone("channel closed")
-    return buffer
+    """One frame: the header and the tensors' bytes (sent from the arrays' own memory)."""
+    writer = FrameWriter()
+    metas = writer.tensors({n: np.asarray(a) for n, a in tensors.items()}) if tensors else []
+    writer.add(ChannelMessage(header, metas))
+    send_frame(sock, writer)
 
 
 def _receive(reader) -> tuple[dict, dict[str, np.ndarray]]:
-    """(header, tensors): tensors are views of one received buffer (the copy out of the socket
-    is the only one)."""
-    prefix = reader.read(_PREFIX.size)
-    if len(prefix) != _PREFIX.size:
-        raise WorkerGone("channel closed")
-    header_size, payload_size = _PREFIX.unpack(prefix)
-    header = orjson.loads(_read_exact(reader, header_size))
-    payload = _read_exact(reader, payload_size)
-    tensors = {}
-    offset = 0
-    for name, dtype, shape, size in header.pop("tensors"):
-        view = memoryview(payload)[offset : offset + size]
-        offset += size
-        if dtype == _BYTES:
-            tensors[name] = deserialize_bytes(view, math.prod(shape), name).reshape(shape)
-        else:
-            tensors[name] = np.frombuffer(view, dtype=_dtype(dtype)).reshape(shape)
-    return header, tensors
-
-
-@functools.cache
-def _dtype(name: str) -> np.dtype:
+    """(header, tensors): tensors view one received buffer (the copy out of the socket is the
+    only one)."""
     try:
-        return np.dtype(name)
-    except TypeError:
-        import ml_dtypes  # bfloat16 and friends are named, not coded, dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
+        messages, data = receive_frame(reader, ChannelMessage)
+    except EOFError:
+        raise WorkerGone("channel closed") from None
+    message = messages[0]
+    return message.header, read_tensors(message.tensors, data)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -191,9 +150,9 @@ class IsolatedRuntime:
             theirs.close()
         self._sock = ours
         self._reader = ours.makefile("rb")
-        setup = pickle.dumps((self._backend, self._source, self._instance_index))
+        setup = wire.encode(_Setup(self._backend, self._source, self._instance_index))
         try:
-            _send(self._sock, {"op": "load"}, {"setup": np.frombuffer(setup, dtype=np.uint8)})
+            _send(self._sock, {"op": "load", "setup": setup})
             header, _ = self._reply()  # BLS calls from the model's initialize are served
         except (WorkerGone, OSError):
             code = self._reap()
@@ -418,10 +377,11 @@ def serve(sock: socket.socket) -> int:
     reader = sock.makefile("rb")
     metrics = None  # the model's custom metrics, reported with every answer once it has any
     try:
-        header, tensors = _receive(reader)
+        header, _ = _receive(reader)
     except WorkerGone:
         return 0
-    backend, source, index = pickle.loads(tensors["setup"].tobytes())  # from the server: trusted
+    setup = wire.decode(header["setup"], _Setup)
+    backend, source, index = setup.backend, setup.source, setup.instance_index
     try:
         runtime = runtime_factory(backend)(source, index)
         bind = getattr(runtime, "bind_services", None)
