@@ -46,6 +46,29 @@ def _serve_parser(sub) -> None:
     p.add_argument("--grpc-max-message-bytes", type=int, default=256 * 1024 * 1024)
     p.add_argument("--http-max-body-bytes", type=int, default=256 * 1024 * 1024)
     p.add_argument(
+        "--http-max-json-bytes",
+        type=int,
+        default=32 * 1024 * 1024,
+        help="limit on an infer request's JSON after decompression (binary tensor data counts "
+        "toward --http-max-body-bytes only)",
+    )
+    p.add_argument("--http-max-head-bytes", type=int, default=64 * 1024, help="request line + headers")
+    p.add_argument("--http-max-headers", type=int, default=100, help="headers per HTTP request")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a new connection may take to send a complete request head (HTTP) or its "
+        "handshake (gRPC) before it is closed",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        help="open connections per front end (HTTP, gRPC) past which new ones are refused at "
+        "once (HTTP 503); 0: below the open-file limit",
+    )
+    p.add_argument(
         "--execution-timeout",
         type=float,
         default=0.0,
@@ -281,6 +304,11 @@ def _settings(args) -> ServerConfig:
         metrics_port=args.metrics_port,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         http_max_body_bytes=args.http_max_body_bytes,
+        http_max_json_bytes=args.http_max_json_bytes,
+        http_max_head_bytes=args.http_max_head_bytes,
+        http_max_headers=args.http_max_headers,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
         max_queue_size=args.max_queue_size,
         shutdown_grace=args.shutdown_grace,
         execution_timeout=args.execution_timeout,

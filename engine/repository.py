@@ -8,6 +8,7 @@ with the reason and touches no other model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
+from convoy.engine.client import parse_version
 from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
@@ -27,7 +29,28 @@ from convoy.runtimes.warmup import run_warmup
 
 log = logging.getLogger("convoy.repository")
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+#: Longest model name accepted (a folder name: filesystems allow 255 bytes).
+MAX_MODEL_NAME = 200
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_model_name(name: str) -> None:
+    """A model name is a folder in the repository: letters, digits, '_', '.', '-' (the whole
+    name: `re.match` with `$` let "add_sub\\n" through), at most MAX_MODEL_NAME of them."""
+    if len(name) > MAX_MODEL_NAME:
+        raise InvalidInput(
+            f"model name '{name[:40]}...' has {len(name)} characters; expected at most {MAX_MODEL_NAME}"
+        )
+    if not _MODEL_NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidInput(f"model name {name[:60]!r} may hold only letters, digits, '_', '.' and '-'")
+
+
+@dataclass(slots=True, eq=False)
+class _NameLock:
+    """Serialises loads and unloads of one model name; kept only while held or awaited."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -74,7 +97,7 @@ class ModelRepository:
         #: Showback meter handed to every scheduler (None: not metered).
         self.usage = usage
         self.models: dict[str, Model] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _NameLock] = {}
         #: Called (on the loop) whenever a model or version changes state, e.g. to tell the
         #: --workers front ends (engine/remote.py).
         self.listeners: list[Callable[[], None]] = []
@@ -104,10 +127,7 @@ class ModelRepository:
         if model is None:
             raise ModelNotFound(f"model '{name}' is not found in the repository")
         if version:
-            try:
-                number = int(version)
-            except ValueError:
-                raise InvalidInput(f"model version must be an integer, got '{version}'") from None
+            number = parse_version(version)
             found = model.versions.get(number)
             if found is None:
                 raise ModelNotFound(f"model '{name}' has no version {version}")
@@ -149,9 +169,24 @@ class ModelRepository:
         return rows
 
     # --- lifecycle (loop thread) ---------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _name_locked(self, name: str):
+        """Hold `name`'s lock; the lock is dropped once nobody holds or awaits it, so names
+        that were asked for once cost nothing afterwards."""
+        entry = self._locks.get(name)
+        if entry is None:
+            entry = self._locks[name] = _NameLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[name]
+
     def _model_dir(self, name: str) -> Path:
-        if not _MODEL_NAME.match(name) or name in (".", ".."):
-            raise InvalidInput(f"model name '{name}' may hold only letters, digits, '_', '.' and '-'")
+        check_model_name(name)
         path = (self.root / name).resolve()
         if path.parent != self.root:
             raise InvalidInput(f"model name '{name}' points outside the model repository")
@@ -162,8 +197,7 @@ class ModelRepository:
     async def load(self, name: str) -> Model:
         """(Re)load a model from disk. The old versions keep serving until the new ones are up."""
         model_dir = self._model_dir(name)
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._name_locked(name):
             model = Model(name=name, state="LOADING")
             previous = self.models.get(name)
             if previous is None:
@@ -214,8 +248,10 @@ class ModelRepository:
             return model
 
     async def unload(self, name: str) -> None:
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        check_model_name(name)
+        if name not in self.models and name not in self._locks:
+            raise ModelNotFound(f"model '{name}' is not loaded")
+        async with self._name_locked(name):
             model = self.models.pop(name, None)
             if model is None:
                 raise ModelNotFound(f"model '{name}' is not loaded")

@@ -87,6 +87,31 @@ def from_raw(spec: TensorSpec, datatype: str, shape: list[int], raw) -> np.ndarr
     return array.reshape(shape)
 
 
+def check_value_count(spec: TensorSpec, shape: list[int], values: list) -> None:
+    """The JSON values (nested lists allowed) number what the shape needs: counted without
+    converting anything, and given up as soon as there are too many, so a huge `data` list costs
+    no more than the declared shape allows."""
+    count = element_count(shape)
+    seen = 0
+    if len(values) <= count:
+        stack = [iter(values)]
+        while stack and seen <= count:
+            for value in stack[-1]:
+                if isinstance(value, list):
+                    stack.append(iter(value))
+                    break
+                seen += 1
+                if seen > count:
+                    break
+            else:
+                stack.pop()
+    else:
+        seen = len(values)
+    if seen != count:
+        got = f"more than {count}" if seen > count else str(seen)
+        raise InvalidInput(f"input '{spec.name}': shape {shape} needs {count} values, got {got}")
+
+
 def from_values(spec: TensorSpec, datatype: str, shape: list[int], values) -> np.ndarray:
     """An array from JSON values or typed protobuf contents, checked against the shape."""
     count = element_count(shape)
