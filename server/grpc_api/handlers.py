@@ -31,6 +31,7 @@ from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server import codec as tensors
 from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
+from convoy.server.memory import MemoryTrim
 from convoy.server.observability.tracing import TRACEPARENT, Tracer
 from convoy.types import Request
 
@@ -155,6 +156,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         #: which would cancel them (see FrontEnds._stop_grpc).
         self.held_rejections: asyncio.Event | None = None
         self.held_count = 0
+        self._memory = MemoryTrim()
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
         held = self.held_rejections
@@ -294,6 +296,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         # to the AbortError that gRPC keeps in a reference cycle, so a rejected 200 MiB message
         # would stay in memory until the cyclic collector happened to run.
         del request
+        self._memory.soon()  # the allocator keeps a large rejected message's pages otherwise
         await self._abort(context, failure)
 
     async def ModelStreamInfer(self, request_iterator, context):

@@ -270,8 +270,11 @@ def version_and_name_statuses(base_url: str) -> dict[str, int]:
     return out
 
 
-def unread_stream(pid: int, base_url: str, grpc_url: str, count: int = 60_000) -> Outcome:
-    """`count` add_sub requests on one ModelStreamInfer whose answers are never read."""
+def unread_stream(
+    pid: int, base_url: str, grpc_url: str, count: int = 60_000, rows: int = 64
+) -> Outcome:
+    """`count` add_sub requests of `rows` rows (8 KiB each at 64) on one ModelStreamInfer whose
+    answers are never read."""
     import grpc
 
     from convoy.protos import grpc_service_pb2 as pb
@@ -280,8 +283,8 @@ def unread_stream(pid: int, base_url: str, grpc_url: str, count: int = 60_000) -
     statuses: list = []
     message = pb.ModelInferRequest(model_name="add_sub")
     for name in ("INPUT0", "INPUT1"):
-        message.inputs.add(name=name, datatype="FP32", shape=[1, 16])
-        message.raw_input_contents.append(b"\0" * 64)
+        message.inputs.add(name=name, datatype="FP32", shape=[rows, 16])
+        message.raw_input_contents.append(b"\0" * 64 * rows)
     channel = grpc.insecure_channel(grpc_url)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     sent = [0]
