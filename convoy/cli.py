@@ -146,14 +146,20 @@ def _serve_parser(sub) -> None:
         "then needs 'Authorization: Bearer <key>' with a key whose scope covers the model (or the "
         "management APIs); reread on SIGHUP and when the file changes. Without it all is open",
     )
-    for what in ("health", "metrics"):
-        security.add_argument(
-            f"--auth-{what}",
-            choices=["open", "protected"],
-            default="open",
-            help=f"with --api-keys: whether the {what} endpoint{'s' if what == 'health' else ''} "
-            "need a valid key too (default open)",
-        )
+    security.add_argument(
+        "--auth-health",
+        choices=["open", "protected"],
+        default="open",
+        help="with --api-keys: whether server live/ready need a valid key too (default open, for "
+        "probes; a model's readiness always needs a key in scope)",
+    )
+    security.add_argument(
+        "--auth-metrics",
+        choices=["open", "protected"],
+        default=None,
+        help="with --api-keys: whether /metrics needs a valid key (default protected: it names "
+        "every model and key; give Prometheus a key in scope for no model as its scrape key)",
+    )
     security.add_argument(
         "--tls-cert", type=Path, metavar="PEM", help="serve gRPC, HTTP and metrics over TLS"
     )
@@ -322,7 +328,7 @@ def _settings(args) -> ServerConfig:
         trace_console=args.trace_console,
         api_keys_file=args.api_keys,
         protect_health=args.auth_health == "protected",
-        protect_metrics=args.auth_metrics == "protected",
+        protect_metrics=args.auth_metrics != "open" and args.api_keys is not None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

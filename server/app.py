@@ -346,6 +346,12 @@ def start_metrics(engine: Engine, settings: ServerConfig):
     """The engine's Prometheus registry served on its own thread, with the server's TLS
     settings and, when asked, behind an API key."""
     keys = engine.keys
+    if keys is not None and not keys.protect_metrics:
+        log.warning(
+            "/metrics on port %d is OPEN although API keys are configured: it names every model "
+            "and every key; drop --auth-metrics open to require a (scrape) key",
+            settings.metrics_port,
+        )
     server, _thread = start_metrics_server(
         settings.host,
         settings.metrics_port,
