@@ -99,7 +99,9 @@ def decode_request(
                 raise InvalidInput(
                     f"input '{name}': {tensor.datatype} data must be sent in raw_input_contents"
                 )
-            array = tensors.from_values(spec, tensor.datatype, shape, getattr(tensor.contents, field))
+            contents = getattr(tensor.contents, field)
+            tensors.check_value_count(spec, shape, contents)  # before any conversion
+            array = tensors.from_values(spec, tensor.datatype, shape, contents)
         inputs[name] = tensors.apply_reshape(config, spec, array)
     rows = tensors.check_complete(config, inputs)
     parameters = {k: _parameter(v) for k, v in message.parameters.items()}

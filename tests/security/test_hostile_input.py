@@ -136,6 +136,19 @@ def test_rejected_large_grpc_messages_are_freed_at_once(server):
     _add_sub_answers(server)
 
 
+def test_typed_contents_longer_than_the_shape_are_refused_before_conversion(server, stub):
+    message = pb.ModelInferRequest(model_name="add_sub")
+    first = message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    first.contents.fp32_contents.extend(np.zeros(8 << 20, np.float32))
+    second = message.inputs.add(name="INPUT1", datatype="FP32", shape=[1, 16])
+    second.contents.fp32_contents.extend([0.0] * 16)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ModelInfer(message, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs 16 values, got more than 16" in raised.value.details()
+    _add_sub_answers(server)
+
+
 def test_unload_of_unknown_names_leaves_nothing_behind(server, stub):
     # Names past the length limit are refused before anything is allocated for them ...
     outcome = hostile.unload_unknown_names(server.pid, server.base_url, server.grpc_url, 100, 256 << 10)
