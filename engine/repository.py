@@ -19,7 +19,7 @@ from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
-from convoy.engine.client import parse_version
+from convoy.engine.client import check_name_length, parse_version
 from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
@@ -29,18 +29,13 @@ from convoy.runtimes.warmup import run_warmup
 
 log = logging.getLogger("convoy.repository")
 
-#: Longest model name accepted (a folder name: filesystems allow 255 bytes).
-MAX_MODEL_NAME = 200
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 def check_model_name(name: str) -> None:
     """A model name is a folder in the repository: letters, digits, '_', '.', '-' (the whole
     name: `re.match` with `$` let "add_sub\\n" through), at most MAX_MODEL_NAME of them."""
-    if len(name) > MAX_MODEL_NAME:
-        raise InvalidInput(
-            f"model name '{name[:40]}...' has {len(name)} characters; expected at most {MAX_MODEL_NAME}"
-        )
+    check_name_length(name)
     if not _MODEL_NAME.fullmatch(name) or name in (".", ".."):
         raise InvalidInput(f"model name {name[:60]!r} may hold only letters, digits, '_', '.' and '-'")
 

@@ -335,3 +335,22 @@ def test_bad_model_names_get_invalid_argument(server, stub, name):
         assert len(raised.value.details()) < 400
     log = server.log()
     assert "File name too long" not in log and "ERROR convoy" not in log
+
+
+def test_overlong_model_names_on_model_endpoints_get_invalid_argument(server, stub):
+    name = "m" * (256 << 10)
+    for call, request in (
+        (stub.ModelMetadata, pb.ModelMetadataRequest(name=name)),
+        (stub.ModelConfig, pb.ModelConfigRequest(name=name)),
+        (stub.ModelStatistics, pb.ModelStatisticsRequest(name=name)),
+        (stub.ModelInfer, pb.ModelInferRequest(model_name=name)),
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            call(request, timeout=30)
+        # Before: NOT_FOUND echoing the whole name, which overflowed the client's metadata limit
+        # (RESOURCE_EXHAUSTED on the client).
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(raised.value.details()) < 400
+    assert not stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=30).ready
+    answer = requests.get(f"{server.base_url}/v2/models/{'m' * 10_000}/config", timeout=30)
+    assert answer.status_code == 400 and len(answer.content) < 400
