@@ -10,19 +10,18 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
 import zlib
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from helpers import poll
 
 
 def rss_bytes(pid: int) -> int:
@@ -52,45 +51,56 @@ def settled_rss(pid: int, timeout: float = 5.0) -> int:
     return last[0]
 
 
+#: Another client, in its own process (the attacking client's work must not count): it asks
+#: /v2/health/live in a loop until its standard input closes, then prints what it saw.
+_PROBE = """
+import json, sys, threading, time, requests
+url, stop, result = sys.argv[1], threading.Event(), {"longest": 0.0, "answered": 0, "failed": 0}
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+session = requests.Session()
+while not stop.is_set():
+    started = time.monotonic()
+    try:
+        ok = session.get(url, timeout=60).status_code == 200
+    except requests.RequestException:
+        ok, session = False, requests.Session()
+    result["longest"] = max(result["longest"], time.monotonic() - started)
+    result["answered" if ok else "failed"] += 1
+    if result["answered"] == 1 and ok:
+        print("first", flush=True)
+    stop.wait(0.01)
+print(json.dumps(result), flush=True)
+"""
+
+
 @dataclass
 class Probe:
-    """Another client asking /v2/health/live in a loop while an attack runs: the longest it
-    waited for an answer is the stall the attack caused."""
+    """What the probing client saw: the longest it waited for an answer is the stall."""
 
-    base_url: str
     longest: float = 0.0
     answered: int = 0
     failed: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                ok = session.get(f"{self.base_url}/v2/health/live", timeout=60).status_code == 200
-            except requests.RequestException:
-                ok = False
-                session = requests.Session()
-            self.longest = max(self.longest, time.monotonic() - started)
-            if ok:
-                self.answered += 1
-            else:
-                self.failed += 1
-            self._stop.wait(0.01)
 
 
 @contextmanager
 def probing(base_url: str):
-    probe = Probe(base_url)
-    thread = threading.Thread(target=probe.run, daemon=True)
-    thread.start()
-    poll(lambda: probe.answered, "the probe's first answer")
+    process = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, f"{base_url}/v2/health/live"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    probe = Probe()
     try:
+        assert process.stdout.readline().strip() == "first", "the probe got no first answer"
         yield probe
     finally:
-        probe._stop.set()
-        thread.join(timeout=70)
+        process.stdin.close()
+        found = json.loads(process.stdout.readline() or "{}")
+        process.wait(timeout=70)
+        probe.longest = found.get("longest", 0.0)
+        probe.answered = found.get("answered", 0)
+        probe.failed = found.get("failed", 0)
 
 
 @dataclass
@@ -100,13 +110,16 @@ class Outcome:
     rss_peak: int
     rss_after: int
     stall_s: float
+    #: Probe requests that failed while the attack ran (another client not served).
+    probe_failed: int = 0
 
     def line(self, name: str) -> str:
         mib = 1 << 20
         return (
             f"{name:24s} statuses={sorted(set(map(str, self.statuses)))} "
             f"rss {self.rss_before / mib:.0f} -> peak {self.rss_peak / mib:.0f} -> after "
-            f"{self.rss_after / mib:.0f} MiB, longest stall {self.stall_s * 1000:.0f} ms"
+            f"{self.rss_after / mib:.0f} MiB, longest stall {self.stall_s * 1000:.0f} ms, "
+            f"probe failures {self.probe_failed}"
         )
 
 
@@ -127,7 +140,7 @@ def measured(pid: int, base_url: str, statuses: list):
         yield result
     stop.set()
     sampler.join()
-    result["outcome"] = Outcome(statuses, before, peak[0], settled_rss(pid), probe.longest)
+    result["outcome"] = Outcome(statuses, before, peak[0], settled_rss(pid), probe.longest, probe.failed)
 
 
 # --- the attacks -----------------------------------------------------------------------------
@@ -317,7 +330,8 @@ def unread_stream(
 
 
 def idle_connections(pid: int, base_url: str, http_port: int, count: int) -> tuple[Outcome, list]:
-    """`count` connections that never send a byte, then one real client."""
+    """`count` connections that never send a byte (held open), and a new client polling
+    /v2/health/live: what it got first, and how long until it was served."""
     sockets = []
     statuses: list = []
     with measured(pid, base_url, statuses) as result:
@@ -328,11 +342,19 @@ def idle_connections(pid: int, base_url: str, http_port: int, count: int) -> tup
                 statuses.append(type(exc).__name__)
                 break
         started = time.monotonic()
-        try:
-            code = requests.get(f"{base_url}/v2/health/live", timeout=10).status_code
-        except requests.RequestException as exc:
-            code = type(exc).__name__
-        statuses.append(f"new client {code} in {time.monotonic() - started:.2f}s")
+        first = None
+        while time.monotonic() - started < 60:
+            try:
+                code = requests.get(f"{base_url}/v2/health/live", timeout=10).status_code
+            except requests.RequestException as exc:
+                code = type(exc).__name__
+            if first is None:
+                first = f"first answer {code} after {time.monotonic() - started:.2f}s"
+            if code == 200:
+                break
+            time.sleep(0.1)
+        statuses.append(first)
+        statuses.append(f"served (200) after {time.monotonic() - started:.2f}s")
     return result["outcome"], sockets
 
 
@@ -359,12 +381,13 @@ def main(argv: list[str]) -> None:
 
     from convoy.cli import demo_repository
 
-    extra = [arg for arg in argv if arg.startswith("--")]
+    # As the default cap would be under the common open-file limit of 1024 (set below).
+    extra = ["--max-connections=384"] + [arg for arg in argv if arg.startswith("--")]
     wanted = {arg for arg in argv if not arg.startswith("--")}
     with tempfile.TemporaryDirectory() as root:
         repository = Path(root) / "models"
         repository.mkdir()
-        for name in ("add_sub", "text_embedding") if "embed" in wanted else ("add_sub",):
+        for name in ("add_sub", "text_embedding") if "embed" in wanted or not wanted else ("add_sub",):
             shutil.copytree(demo_repository() / name, repository / name)
         process = ConvoyProcess(repository, Path(root) / "server.log", tuple(extra))
         process.start()

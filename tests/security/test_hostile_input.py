@@ -72,6 +72,7 @@ def _add_sub_answers(server) -> None:
 def test_json_bomb_is_refused_before_it_is_parsed(server):
     outcome = hostile.json_bomb(server.pid, server.base_url, inflated_bytes=128 * MIB, count=2)
     assert outcome.statuses == [400, 400]
+    assert outcome.probe_failed == 0
     # Before: +3.2 GiB and every client frozen for 53 s (250 MiB of `0.0,` parsed on the loop).
     assert outcome.rss_peak - outcome.rss_before < 64 * MIB, outcome.line("json bomb")
     assert outcome.rss_after - outcome.rss_before < 16 * MIB, outcome.line("json bomb")
@@ -131,6 +132,7 @@ def test_rejected_large_grpc_messages_are_freed_at_once(server):
         server.pid, server.base_url, server.grpc_url, size=96 * MIB, count=4
     )
     assert outcome.statuses == ["INVALID_ARGUMENT"] * 4
+    assert outcome.probe_failed == 0
     # Before: three 200 MiB messages left +1.5 GiB until the cyclic collector ran.
     assert outcome.rss_after - outcome.rss_before < 128 * MIB, outcome.line("large gRPC")
     _add_sub_answers(server)
@@ -166,6 +168,7 @@ def test_unload_of_unknown_names_leaves_nothing_behind(server, stub):
 def test_stream_whose_answers_are_never_read_stops_being_read(server):
     outcome = hostile.unread_stream(server.pid, server.base_url, server.grpc_url, count=30_000)
     sent = int(outcome.statuses[0].split()[1])
+    assert outcome.probe_failed == 0
     # The server stopped reading (backpressure) long before the client ran out of requests.
     assert sent < 30_000, outcome.line("unread stream")
     assert outcome.rss_after - outcome.rss_before < 64 * MIB, outcome.line("unread stream")
