@@ -24,8 +24,10 @@ log = logging.getLogger("convoy.http")
 _RESERVED_FDS = 256
 #: Seconds between two "connection limit reached" log lines.
 _REFUSAL_LOG_INTERVAL_S = 10.0
-#: Seconds a refused connection gets to read its 503 before it is closed.
+#: Seconds a refused connection gets to read its 503 before it is closed, and how many may
+#: linger at once (each holds a file descriptor; past it they are closed at once).
 _REFUSED_LINGER_S = 1.0
+_MAX_LINGERING = 64
 
 
 def _answer(status: bytes, message: str) -> bytes:
@@ -64,6 +66,7 @@ class _Refusals:
 
     count: int = 0
     logged_at: float = float("-inf")
+    lingering: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.limits = limits
         self._refused = False
+        self._lingering = False
         self._head_pending = True
         #: Bytes received while this request's head is incomplete (all of them head bytes).
         self._head_bytes = 0
@@ -127,9 +131,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.limits.note_refused()
         transport = self.transport
         transport.write(_answer(b"503 Service Unavailable", "too many connections; retry later"))
-        if transport.can_write_eof():
+        refusals = self.limits.refusals
+        if transport.can_write_eof() and refusals.lingering < _MAX_LINGERING:
             # Half-close and give the client a moment to read the answer: closing at once with
             # its request unread would reset the connection before the 503 arrives.
+            refusals.lingering += 1
+            self._lingering = True
             transport.write_eof()
             self.loop.call_later(_REFUSED_LINGER_S, transport.close)
         else:
@@ -151,6 +158,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
+        if self._lingering:
+            self._lingering = False
+            self.limits.refusals.lingering -= 1
         self._cancel_head_timer()
         super().connection_lost(exc)
 
