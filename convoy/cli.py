@@ -48,7 +48,7 @@ def _serve_parser(sub) -> None:
     p.add_argument(
         "--http-max-json-bytes",
         type=int,
-        default=32 * 1024 * 1024,
+        default=16 * 1024 * 1024,
         help="limit on an infer request's JSON after decompression (binary tensor data counts "
         "toward --http-max-body-bytes only)",
     )

@@ -169,7 +169,7 @@ class ServerConfig:
     http_max_body_bytes: int = 256 * 1024 * 1024
     #: Limit on an infer request's JSON (decompressed); binary tensor data counts only toward
     #: http_max_body_bytes. JSON costs ~16x its size to parse, hence the smaller default.
-    http_max_json_bytes: int = 32 * 1024 * 1024
+    http_max_json_bytes: int = 16 * 1024 * 1024
     #: HTTP request line + headers: at most this many bytes and this many headers (else 431).
     http_max_head_bytes: int = 64 * 1024
     http_max_headers: int = 100

@@ -24,7 +24,7 @@ from convoy.datatypes import bf16_bits_to_float32, to_wire_bytes
 from convoy.engine.client import EngineClient
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
 from convoy.server import codec as tensors
-from convoy.server.http_api.body_limits import BodyLimits, body_limits
+from convoy.server.http_api.body_limits import BodyLimits, body_limits, check_claimed_values
 from convoy.server.observability.tracing import Tracer
 from convoy.types import Request
 
@@ -34,7 +34,7 @@ JSON = b"application/json"
 HEADER_LENGTH = b"inference-header-content-length"
 #: Default limit on the JSON part of an infer request (after decompression): JSON costs ~16x
 #: its size to parse and convert, so it gets a smaller limit than binary bodies.
-DEFAULT_MAX_JSON_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_JSON_BYTES = 16 * 1024 * 1024
 #: Bodies at least this large (compressed: OFF_LOOP_BYTES // 64) are inflated, parsed and
 #: converted on a decode thread, so one large request never stalls the other clients.
 OFF_LOOP_BYTES = 256 * 1024
@@ -378,9 +378,11 @@ class HttpFrontend:
                 f"the request's JSON is {split} bytes; expected at most {limits.json} ({limits.reason})"
             )
         if header_length is not None:
+            check_claimed_values(config, bytes(memoryview(body)[:split]))
             document = self._parse_json(memoryview(body)[:split])
             binary = memoryview(body)[split:]
         else:
+            check_claimed_values(config, body)
             document = self._parse_json(body)
             binary = memoryview(b"")
         inputs, rows = self._decode_inputs(config, document, binary)

@@ -103,6 +103,18 @@ def test_json_for_a_variable_shape_model_is_held_to_the_json_limit(server):
     _add_sub_answers(server)
 
 
+def test_json_holding_far_more_values_than_its_shapes_claim_is_refused_before_parsing(server):
+    """A variable-shape model has no declared bound: the body's own shapes are the bound."""
+    text = (
+        b'{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,16],"data":['
+        + b"0.0," * 500_000
+        + b"0.0]}]}"
+    )
+    answer = requests.post(f"{server.base_url}/v2/models/identity_fp32/infer", data=text, timeout=30)
+    assert answer.status_code == 400
+    assert "its shapes claim 16" in answer.json()["error"]
+
+
 def test_a_large_json_body_within_the_limit_is_served_off_the_loop(server):
     """~1.5 MiB of JSON: decoded on a decode thread, answered correctly."""
     values = np.arange(200_000, dtype=np.float32) / 7
