@@ -84,7 +84,8 @@ class ApiKey:
 
     def require(self, model: str) -> None:
         if self.scope.match(model) is None:
-            raise PermissionDenied(f"API key '{self.name}' may not use model '{model}'")
+            # At most 200 characters of the name: the message travels in gRPC metadata.
+            raise PermissionDenied(f"API key '{self.name}' may not use model '{model[:200]}'")
 
     def to_json(self) -> dict:
         return {

@@ -46,6 +46,29 @@ def _serve_parser(sub) -> None:
     p.add_argument("--grpc-max-message-bytes", type=int, default=256 * 1024 * 1024)
     p.add_argument("--http-max-body-bytes", type=int, default=256 * 1024 * 1024)
     p.add_argument(
+        "--http-max-json-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="limit on an infer request's JSON after decompression (binary tensor data counts "
+        "toward --http-max-body-bytes only)",
+    )
+    p.add_argument("--http-max-head-bytes", type=int, default=64 * 1024, help="request line + headers")
+    p.add_argument("--http-max-headers", type=int, default=100, help="headers per HTTP request")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a new connection may take to send a complete request head (HTTP) or its "
+        "handshake (gRPC) before it is closed",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        help="open connections per front end (HTTP, gRPC) past which new ones are refused at "
+        "once (HTTP 503); 0: below the open-file limit",
+    )
+    p.add_argument(
         "--execution-timeout",
         type=float,
         default=0.0,
@@ -131,14 +154,20 @@ def _serve_parser(sub) -> None:
         "then needs 'Authorization: Bearer <key>' with a key whose scope covers the model (or the "
         "management APIs); reread on SIGHUP and when the file changes. Without it all is open",
     )
-    for what in ("health", "metrics"):
-        security.add_argument(
-            f"--auth-{what}",
-            choices=["open", "protected"],
-            default="open",
-            help=f"with --api-keys: whether the {what} endpoint{'s' if what == 'health' else ''} "
-            "need a valid key too (default open)",
-        )
+    security.add_argument(
+        "--auth-health",
+        choices=["open", "protected"],
+        default="open",
+        help="with --api-keys: whether server live/ready need a valid key too (default open, for "
+        "probes; a model's readiness always needs a key in scope)",
+    )
+    security.add_argument(
+        "--auth-metrics",
+        choices=["open", "protected"],
+        default=None,
+        help="with --api-keys: whether /metrics needs a valid key (default protected: it names "
+        "every model and key; give Prometheus a key in scope for no model as its scrape key)",
+    )
     security.add_argument(
         "--tls-cert", type=Path, metavar="PEM", help="serve gRPC, HTTP and metrics over TLS"
     )
@@ -353,6 +382,11 @@ def _settings(args) -> ServerConfig:
         metrics_port=args.metrics_port,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         http_max_body_bytes=args.http_max_body_bytes,
+        http_max_json_bytes=args.http_max_json_bytes,
+        http_max_head_bytes=args.http_max_head_bytes,
+        http_max_headers=args.http_max_headers,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
         max_queue_size=args.max_queue_size,
         shutdown_grace=args.shutdown_grace,
         execution_timeout=args.execution_timeout,
@@ -367,7 +401,7 @@ def _settings(args) -> ServerConfig:
         trace_console=args.trace_console,
         api_keys_file=args.api_keys,
         protect_health=args.auth_health == "protected",
-        protect_metrics=args.auth_metrics == "protected",
+        protect_metrics=args.auth_metrics != "open" and args.api_keys is not None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

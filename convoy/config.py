@@ -244,6 +244,18 @@ class ServerConfig:
     metrics_port: int = 8002
     grpc_max_message_bytes: int = 256 * 1024 * 1024
     http_max_body_bytes: int = 256 * 1024 * 1024
+    #: Limit on an infer request's JSON (decompressed); binary tensor data counts only toward
+    #: http_max_body_bytes. JSON costs ~16x its size to parse, hence the smaller default.
+    http_max_json_bytes: int = 16 * 1024 * 1024
+    #: HTTP request line + headers: at most this many bytes and this many headers (else 431).
+    http_max_head_bytes: int = 64 * 1024
+    http_max_headers: int = 100
+    #: Seconds a connection may take to send a complete request head (HTTP) or finish its
+    #: handshake (gRPC) before it is closed: idle connections cannot pile up.
+    header_timeout: float = 5.0
+    #: Open connections per front end (HTTP, gRPC) beyond which new ones are refused at once
+    #: (HTTP: 503); 0 sets it below the process's open-file limit.
+    max_connections: int = 0
     #: Bound on every model queue whose policy sets no max_queue_size.
     max_queue_size: int = 8192
     #: Seconds in-flight work gets to finish on SIGTERM/SIGINT.

@@ -41,6 +41,8 @@ DEFAULT_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libto
 
 #: Longest model version string accepted (an int64 has at most 19 digits).
 _MAX_VERSION_DIGITS = 19
+#: Longest model name accepted (a folder name: filesystems allow 255 bytes).
+MAX_MODEL_NAME = 200
 
 
 class ModelView(Protocol):
@@ -64,6 +66,15 @@ class ModelEntry(Protocol):
     config: ModelConfig | None
     config_proto: mc.ModelConfig | None
     versions: Mapping[int, ModelView]
+
+
+def check_name_length(name: str) -> None:
+    """A name past MAX_MODEL_NAME is refused before it is looked up or echoed back whole (a
+    256 KiB name in a gRPC error's details overflowed the client's metadata limit)."""
+    if len(name) > MAX_MODEL_NAME:
+        raise InvalidInput(
+            f"model name '{name[:40]}...' has {len(name)} characters; expected at most {MAX_MODEL_NAME}"
+        )
 
 
 def parse_version(version: str) -> int | None:
@@ -106,6 +117,7 @@ class EngineClient(abc.ABC):
         """The version that serves a request for `name` (latest ready when `version` is empty)."""
         model = self.models().get(name)
         if model is None:
+            check_name_length(name)
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         number = parse_version(version)
         if number is not None:
@@ -156,6 +168,7 @@ class EngineClient(abc.ABC):
     def _model(self, name: str, version: str = "") -> ModelEntry:
         model = self.models().get(name)
         if model is None:
+            check_name_length(name)
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         number = parse_version(version)
         if number is not None and number not in model.versions:

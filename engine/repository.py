@@ -8,6 +8,7 @@ with the reason and touches no other model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,6 +24,7 @@ from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import EnsembleStep, ModelConfig, ModelVersionSource, ServerConfig
 from convoy.engine.bls import LocalModelCaller
+from convoy.engine.client import check_name_length, parse_version
 from convoy.engine.ensemble import EnsembleScheduler
 from convoy.engine.ensemble_plan import plan_ensemble
 from convoy.engine.model_config import (
@@ -46,7 +48,23 @@ from convoy.types import ModelServices, Request
 
 log = logging.getLogger("convoy.repository")
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_model_name(name: str) -> None:
+    """A model name is a folder in the repository: letters, digits, '_', '.', '-' (the whole
+    name: `re.match` with `$` let "add_sub\\n" through), at most MAX_MODEL_NAME of them."""
+    check_name_length(name)
+    if not _MODEL_NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidInput(f"model name {name[:60]!r} may hold only letters, digits, '_', '.' and '-'")
+
+
+@dataclass(slots=True, eq=False)
+class _NameLock:
+    """Serialises loads and unloads of one model name; kept only while held or awaited."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -113,7 +131,7 @@ class ModelRepository:
         #: Showback meter handed to every scheduler (None: not metered).
         self.usage = usage
         self.models: dict[str, Model] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _NameLock] = {}
         #: Loads started by `_ensure_loaded` (start-up, an ensemble's composing models).
         self._loads: dict[str, asyncio.Task] = {}
         #: How an ensemble submits its steps: the Engine replaces this with its own submit,
@@ -185,10 +203,7 @@ class ModelRepository:
         if model is None:
             raise ModelNotFound(f"model '{name}' is not found in the repository")
         if version:
-            try:
-                number = int(version)
-            except ValueError:
-                raise InvalidInput(f"model version must be an integer, got '{version}'") from None
+            number = parse_version(version)
             found = model.versions.get(number)
             if found is None:
                 raise ModelNotFound(f"model '{name}' has no version {version}")
@@ -236,11 +251,26 @@ class ModelRepository:
     # --- lifecycle (loop thread) ---------------------------------------------------------------
     @staticmethod
     def _check_name(name: str) -> None:
-        if not _MODEL_NAME.match(name) or name in (".", ".."):
-            raise InvalidInput(f"model name '{name}' may hold only letters, digits, '_', '.' and '-'")
+        check_model_name(name)
+
+    @contextlib.asynccontextmanager
+    async def _name_locked(self, name: str):
+        """Hold `name`'s lock; the lock is dropped once nobody holds or awaits it, so names
+        that were asked for once cost nothing afterwards."""
+        entry = self._locks.get(name)
+        if entry is None:
+            entry = self._locks[name] = _NameLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[name]
 
     def _model_dir(self, name: str, loading: bool = False) -> Path:
-        self._check_name(name)
+        check_model_name(name)
         path = (self.root / name).resolve()
         if path.parent != self.root:
             raise InvalidInput(f"model name '{name}' points outside the model repository")
@@ -271,8 +301,7 @@ class ModelRepository:
             model_dir = private
         else:
             model_dir = self._model_dir(name, loading=True)
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._name_locked(name):
             previous = self.models.get(name)
             serving = previous is not None and previous.latest_ready() is not None
             try:
@@ -417,8 +446,10 @@ class ModelRepository:
         return proto, config, chosen
 
     async def unload(self, name: str) -> None:
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        check_model_name(name)
+        if name not in self.models and name not in self._locks:
+            raise ModelNotFound(f"model '{name}' is not loaded")
+        async with self._name_locked(name):
             model = self.models.pop(name, None)
             if model is None:
                 raise ModelNotFound(f"model '{name}' is not loaded")

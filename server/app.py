@@ -25,6 +25,7 @@ from convoy.engine.core import Engine
 from convoy.logs import LogControl
 from convoy.server.catalog.page import Catalog
 from convoy.server.grpc_api.handlers import start_grpc_server
+from convoy.server.http_api.connections import ConnectionLimits, connection_cap
 from convoy.server.http_api.handlers import HttpFrontend
 from convoy.server.http_api.middleware import ApiKeyMiddleware
 from convoy.server.observability.access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
@@ -138,6 +139,7 @@ class FrontEnds:
         self._http_task: asyncio.Task | None = None
         self._http_socket: socket.socket | None = None
         self._access_log: AccessLog | None = None
+        self._http_app: HttpFrontend | None = None
         self.tracer: Tracer | None = None
 
     async def start(self, http_port: int, grpc_port: int) -> None:
@@ -145,6 +147,7 @@ class FrontEnds:
         if settings.trace_otlp_endpoint or settings.trace_console:
             self.tracer = Tracer(settings.trace_otlp_endpoint, settings.trace_console)
         interceptors = []
+        max_connections = connection_cap(settings.max_connections)
         if settings.access_log:
             self._access_log = AccessLog(settings.access_log, settings.log_format)
             self.log_control.follow_format(self._access_log.handler)
@@ -160,6 +163,8 @@ class FrontEnds:
             self.keys,
             _grpc_credentials(settings) if settings.tls_cert is not None else None,
             reuse_port=self.reuse_port,
+            max_connections=max_connections,
+            handshake_timeout=settings.header_timeout,
         )
         sock = self._http_socket = _bind(settings.host, http_port, self.reuse_port)
         self.http_port = sock.getsockname()[1]
@@ -174,7 +179,9 @@ class FrontEnds:
             settings.http_max_body_bytes,
             self.tracer,
             catalog,
+            max_json_bytes=settings.http_max_json_bytes,
         )
+        self._http_app = app
         if self.keys is not None:
             app = ApiKeyMiddleware(app, self.keys)
         if self._access_log is not None:
@@ -184,7 +191,12 @@ class FrontEnds:
             lifespan="off",
             access_log=False,
             log_level="warning",
-            http="httptools",
+            http=ConnectionLimits(
+                max_connections,
+                settings.http_max_head_bytes,
+                settings.http_max_headers,
+                settings.header_timeout,
+            ).protocol(),
             timeout_keep_alive=30,
             backlog=2048,
             **_uvicorn_tls(settings),
@@ -254,6 +266,8 @@ class FrontEnds:
         await asyncio.sleep(_LATE_REQUEST_S)
 
     def close(self) -> None:
+        if self._http_app is not None:
+            self._http_app.close()
         if self._access_log is not None:
             self._access_log.close()
         if self.tracer is not None:
@@ -332,6 +346,12 @@ def start_metrics(engine: Engine, settings: ServerConfig):
     """The engine's Prometheus registry served on its own thread, with the server's TLS
     settings and, when asked, behind an API key."""
     keys = engine.keys
+    if keys is not None and not keys.protect_metrics:
+        log.warning(
+            "/metrics on port %d is OPEN although API keys are configured: it names every model "
+            "and every key; drop --auth-metrics open to require a (scrape) key",
+            settings.metrics_port,
+        )
     server, _thread = start_metrics_server(
         settings.host,
         settings.metrics_port,

@@ -88,6 +88,26 @@ def from_raw(spec: TensorSpec, datatype: str, shape: list[int], raw) -> np.ndarr
     return array.reshape(shape)
 
 
+def check_value_count(spec: TensorSpec, shape: list[int], values) -> None:
+    """The values (JSON lists, nested or not, or a protobuf repeated field) number what the
+    shape needs: counted by list lengths, without converting anything and giving up as soon as
+    there are too many, so a huge list costs no more than the declared shape allows. (A list
+    mixing numbers and lists is left to the conversion, which refuses it.)"""
+    count = element_count(shape)
+    seen = 0
+    stack = [values]
+    while stack and seen <= count:
+        current = stack.pop()
+        if len(current) and isinstance(current[0], list):
+            # More inner lists than values: no well-formed tensor needs the rest of them.
+            stack.extend(current[: count + 1])
+        else:
+            seen += len(current)
+    if seen != count:
+        got = f"more than {count}" if seen > count else str(seen)
+        raise InvalidInput(f"input '{spec.name}': shape {shape} needs {count} values, got {got}")
+
+
 def from_values(spec: TensorSpec, datatype: str, shape: list[int], values) -> np.ndarray:
     """An array from JSON values or typed protobuf contents, checked against the shape."""
     count = element_count(shape)

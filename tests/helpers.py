@@ -387,11 +387,15 @@ def poll(condition, what: str, timeout: float = 30.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def metric_value(process: ConvoyProcess, name: str, **labels: str) -> float:
-    """One sample from the server's /metrics (0 when the sample is absent)."""
+def metric_value(process: ConvoyProcess, name: str, headers: dict | None = None, **labels: str) -> float:
+    """One sample from the server's /metrics (0 when the sample is absent); `headers`: a scrape
+    key's, for a server with API keys (/metrics is protected then)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = requests.get(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=10).text
+    url = f"http://127.0.0.1:{process.metrics_port}/metrics"
+    answer = requests.get(url, headers=headers, timeout=10)
+    assert answer.status_code == 200, f"/metrics answered {answer.status_code}"
+    text = answer.text
     wanted = labels.items()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

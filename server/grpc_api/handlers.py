@@ -33,10 +33,14 @@ from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server import codec as tensors
 from convoy.server.grpc_api.decoupled import DECOUPLED_UNARY, set_parameter, stream_sink
 from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
+from convoy.server.memory import MemoryTrim
 from convoy.server.observability.tracing import TRACEPARENT, Tracer
 from convoy.types import Request, Response
 
 log = logging.getLogger("convoy.grpc")
+
+#: Requests a ModelStreamInfer call may have read but not yet answered on the wire.
+STREAM_BACKLOG = 256
 
 #: V2 datatype -> the InferTensorContents field that carries it (FP16/BF16 only travel raw).
 CONTENTS_FIELD = {
@@ -108,7 +112,9 @@ def decode_request(
                 raise InvalidInput(
                     f"input '{name}': {tensor.datatype} data must be sent in raw_input_contents"
                 )
-            array = tensors.from_values(spec, tensor.datatype, shape, getattr(tensor.contents, field))
+            contents = getattr(tensor.contents, field)
+            tensors.check_value_count(spec, shape, contents)  # before any conversion
+            array = tensors.from_values(spec, tensor.datatype, shape, contents)
         inputs[name] = tensors.apply_reshape(config, spec, array)
     rows = tensors.check_complete(config, inputs)
     parameters = {k: _parameter(v) for k, v in message.parameters.items()}
@@ -206,6 +212,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         #: which would cancel them (see FrontEnds._stop_grpc).
         self.held_rejections: asyncio.Event | None = None
         self.held_count = 0
+        self._memory = MemoryTrim()
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
         held = self.held_rejections
@@ -216,6 +223,8 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         code, _, message = status_of(exc)
         if not isinstance(exc, ConvoyError):
             log.error("gRPC handler failed", exc_info=exc)
+        # Its frames may hold the request (a rejected message can be 256 MiB): let them go now.
+        exc.__traceback__ = None
         trailers = ()
         if isinstance(exc, Overloaded):
             # gRFC A6 server pushback: how long a retrying client should wait.
@@ -348,19 +357,28 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 None if self.tracer is None else _traceparent(context),
                 principal,
             )
-        except ConvoyError as exc:
-            await self._abort(context, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._abort(context, exc)
+            failure = exc
+        # Aborted outside the except block, and _abort drops the failure's traceback: its frames
+        # hold the request message, and an abort raised inside the block would chain the failure
+        # to the AbortError that gRPC keeps in a reference cycle, so a rejected 200 MiB message
+        # would stay in memory until the cyclic collector happened to run.
+        del request
+        self._memory.soon()  # the allocator keeps a large rejected message's pages otherwise
+        await self._abort(context, failure)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Responses go out as each request completes; an error answers that request only.
         With API keys, the call needs a valid key and each request a model in its scope."""
         key = current_key()
         principal = None if key is None else key.name
-        answers: asyncio.Queue = asyncio.Queue()
+        # Backpressure: at most STREAM_BACKLOG requests read but not yet answered on the wire.
+        # A client that never reads its answers stops being read (HTTP/2 flow control then
+        # stops its sending) instead of piling answers up in memory.
+        unanswered = asyncio.Semaphore(STREAM_BACKLOG)
+        answers: asyncio.Queue = asyncio.Queue(STREAM_BACKLOG)
         pending: set[asyncio.Task] = set()
         deadline = self._deadline(context)
         traceparent = None if self.tracer is None else _traceparent(context)
@@ -380,7 +398,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 await answers.put(self._stream_error(message, exc))
 
         async def read() -> None:
-            async for message in request_iterator:
+            messages = request_iterator.__aiter__()
+            while True:
+                await unanswered.acquire()
+                try:
+                    message = await messages.__anext__()
+                except StopAsyncIteration:
+                    return
                 task = asyncio.create_task(serve_one(message))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -395,6 +419,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield getter.result()
+                    unanswered.release()
                 else:
                     getter.cancel()
             reader.result()
@@ -501,12 +526,21 @@ async def start_grpc_server(
     keys: Keyring | None = None,
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
+    max_connections: int = 0,
+    handshake_timeout: float = 0.0,
 ) -> tuple[grpc.aio.Server, GrpcFrontend, int]:
     """Start the server on the running loop; returns it, its servicer and the port it bound.
     With `credentials` the port speaks TLS only. `reuse_port`: share the port with the other
     --workers processes (SO_REUSEPORT). With `keys`, every call's key is checked first (the
-    interceptor in interceptors.py): handlers read it with current_key()."""
+    interceptor in interceptors.py): handlers read it with current_key(). `max_connections`:
+    connections past it are closed at once (0: no cap); `handshake_timeout`: seconds a new
+    connection gets to finish its HTTP/2 (and TLS) handshake (0: gRPC's default, 120 s)."""
     interceptors = list(interceptors)
+    limits = []
+    if max_connections > 0:
+        limits.append(("grpc.max_allowed_incoming_connections", max_connections))
+    if handshake_timeout > 0:
+        limits.append(("grpc.server_handshake_timeout_ms", int(handshake_timeout * 1000)))
     if keys is not None:
         interceptors.append(ApiKeyInterceptor(keys))
     server = grpc.aio.server(
@@ -515,6 +549,7 @@ async def start_grpc_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", int(reuse_port)),
+            *limits,
         ],
     )
     frontend = GrpcFrontend(engine, tracer)

@@ -53,7 +53,9 @@ def _none(request) -> None:
 RULES: dict[str, Rule] = {
     "ServerLive": Rule(health=True),
     "ServerReady": Rule(health=True),
-    "ModelReady": Rule(model=lambda r: r.name, health=True),
+    # A model's readiness is no probe: it needs a key in scope, so it tells nothing about models
+    # outside the key's scope (they all answer PERMISSION_DENIED, real or not).
+    "ModelReady": Rule(model=lambda r: r.name),
     "ServerMetadata": Rule(),
     "ModelMetadata": Rule(model=lambda r: r.name),
     "ModelConfig": Rule(model=lambda r: r.name),

@@ -8,6 +8,7 @@ inputs and outputs; gzip/deflate request and response bodies as tritonclient sen
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gzip
 import logging
 import math
@@ -23,6 +24,7 @@ from convoy.datatypes import bf16_bits_to_float32, to_wire_bytes
 from convoy.engine.client import EngineClient
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
 from convoy.server import codec as tensors
+from convoy.server.http_api.body_limits import BodyLimits, body_limits, check_claimed_values
 from convoy.server.http_api.generate import generate
 from convoy.server.observability.tracing import Tracer
 from convoy.types import Request
@@ -31,6 +33,14 @@ log = logging.getLogger("convoy.http")
 
 JSON = b"application/json"
 HEADER_LENGTH = b"inference-header-content-length"
+#: Default limit on the JSON part of an infer request (after decompression): JSON costs ~16x
+#: its size to parse and convert, so it gets a smaller limit than binary bodies.
+DEFAULT_MAX_JSON_BYTES = 16 * 1024 * 1024
+#: Bodies at least this large (compressed: OFF_LOOP_BYTES // 64) are inflated, parsed and
+#: converted on a decode thread, so one large request never stalls the other clients.
+OFF_LOOP_BYTES = 256 * 1024
+#: Decode threads, and so at most this many large bodies decoding at once (the others wait).
+DECODE_THREADS = 2
 
 
 class BodyTooLarge(InvalidInput):
@@ -114,10 +124,17 @@ class HttpFrontend:
         max_body_bytes: int,
         tracer: Tracer | None = None,
         catalog=None,
+        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     ) -> None:
-        """`catalog`: a server.catalog.Catalog answering /catalog and /catalog.json, or None."""
+        """`catalog`: a server.catalog.Catalog answering /catalog and /catalog.json, or None.
+        `max_json_bytes`: limit on an infer request's JSON part (see body_limits.py)."""
         self.engine = engine
         self.max_body_bytes = max_body_bytes
+        self.max_json_bytes = max_json_bytes
+        self._decoder = concurrent.futures.ThreadPoolExecutor(
+            DECODE_THREADS, thread_name_prefix="convoy-http-decode"
+        )
+        self._decode_slots = asyncio.Semaphore(DECODE_THREADS)
         self.tracer = tracer
         self.catalog = catalog
         self._openapi = resources.files("convoy.server.http_api").joinpath("openapi.json").read_bytes()
@@ -134,10 +151,16 @@ class HttpFrontend:
 
     _send = staticmethod(_send)
 
+    def close(self) -> None:
+        """Stop the decode threads (after the HTTP server has stopped)."""
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
     async def _json(self, send, value, status: int = 200) -> None:
         await self._send(send, status, orjson.dumps(value))
 
-    async def _read_body(self, receive) -> bytes:
+    async def _read_body(self, receive, limits: BodyLimits | None = None) -> bytes:
+        """The whole body, refused as soon as it passes `limits.body` (default: the server's)."""
+        limit = self.max_body_bytes if limits is None else limits.body
         chunks = []
         size = 0
         while True:
@@ -147,10 +170,9 @@ class HttpFrontend:
             chunk = message.get("body", b"")
             if chunk:
                 size += len(chunk)
-                if size > self.max_body_bytes:
-                    raise BodyTooLarge(
-                        f"request body exceeds the server's limit of {self.max_body_bytes} bytes"
-                    )
+                if size > limit:
+                    why = "the server's limit" if limits is None else limits.reason
+                    raise BodyTooLarge(f"request body exceeds {limit} bytes ({why})")
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -325,25 +347,6 @@ class HttpFrontend:
                 encoding = value.lower()
             elif key == b"accept-encoding":
                 accept = value.lower()
-        body = await self._read_body(receive)
-        if encoding:
-            body = self._decompress(body, encoding)
-        if header_length is not None:
-            try:
-                split = int(header_length)
-            except ValueError:
-                raise InvalidInput("header Inference-Header-Content-Length must be an integer") from None
-            if not 0 <= split <= len(body):
-                raise InvalidInput(
-                    f"header Inference-Header-Content-Length is {split} but the body has "
-                    f"{len(body)} bytes"
-                )
-            document = self._parse_json(memoryview(body)[:split])
-            binary = memoryview(body)[split:]
-        else:
-            document = self._parse_json(body)
-            binary = memoryview(b"")
-
         entry = self.engine.resolve(model, version)
         config = entry.config
         if config.decoupled:
@@ -351,7 +354,19 @@ class HttpFrontend:
                 f"model '{config.name}' is decoupled (model_transaction_policy): /infer returns one "
                 "response; use /generate_stream (or gRPC ModelStreamInfer)"
             )
-        inputs, rows = self._decode_inputs(config, document, binary, self.engine)
+        # What the model's declared inputs can need bounds the body before it is parsed.
+        limits = body_limits(config, self.max_body_bytes, self.max_json_bytes)
+        body = await self._read_body(
+            receive, BodyLimits(self.max_body_bytes, 0, "the server's limit") if encoding else limits
+        )
+        decode = partial(self._decode_body, config, body, encoding, header_length, limits)
+        if len(body) >= (OFF_LOOP_BYTES // 64 if encoding else OFF_LOOP_BYTES):
+            async with self._decode_slots:
+                document, inputs, rows = await asyncio.get_running_loop().run_in_executor(
+                    self._decoder, decode
+                )
+        else:
+            document, inputs, rows = decode()
         parameters = document.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be a JSON object")
@@ -394,13 +409,45 @@ class HttpFrontend:
                 traceparent = value.decode("latin-1")
         self.tracer.record("http", entry.config.name, str(entry.version), request, future, traceparent)
 
-    def _decompress(self, body: bytes, encoding: bytes) -> bytes:
-        """Inflate a gzip/deflate body, holding the result to the same limit as a plain body."""
+    def _decode_body(self, config, body: bytes, encoding: bytes, header_length, limits: BodyLimits):
+        """Inflate, split, parse and convert an infer body (on the loop or a decode thread):
+        the JSON document, the input arrays and the batch rows."""
+        if encoding:
+            body = self._decompress(body, encoding, limits)
+        if header_length is not None:
+            try:
+                split = int(header_length)
+            except ValueError:
+                raise InvalidInput("header Inference-Header-Content-Length must be an integer") from None
+            if not 0 <= split <= len(body):
+                raise InvalidInput(
+                    f"header Inference-Header-Content-Length is {split} but the body has "
+                    f"{len(body)} bytes"
+                )
+        else:
+            split = len(body)
+        if split > limits.json:
+            raise BodyTooLarge(
+                f"the request's JSON is {split} bytes; expected at most {limits.json} ({limits.reason})"
+            )
+        if header_length is not None:
+            check_claimed_values(config, bytes(memoryview(body)[:split]))
+            document = self._parse_json(memoryview(body)[:split])
+            binary = memoryview(body)[split:]
+        else:
+            check_claimed_values(config, body)
+            document = self._parse_json(body)
+            binary = memoryview(b"")
+        inputs, rows = self._decode_inputs(config, document, binary, self.engine)
+        return document, inputs, rows
+
+    def _decompress(self, body: bytes, encoding: bytes, limits: BodyLimits) -> bytes:
+        """Inflate a gzip/deflate body, no further than the limit a plain body has."""
         wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
         name = encoding.decode("latin-1")  # a header may hold any byte
         if wbits is None:
             raise InvalidInput(f"Content-Encoding '{name}' is not supported; expected gzip or deflate")
-        limit = self.max_body_bytes
+        limit = limits.body
         parts = []
         size = 0
         data = body
@@ -412,9 +459,7 @@ class HttpFrontend:
                 raise InvalidInput(f"request body is not valid {name} data: {exc}") from None
             size += len(part)
             if size > limit or inflater.unconsumed_tail:
-                raise BodyTooLarge(
-                    f"decompressed request body exceeds the server's limit of {limit} bytes"
-                )
+                raise BodyTooLarge(f"decompressed request body exceeds {limit} bytes ({limits.reason})")
             if not inflater.eof:
                 raise InvalidInput(f"request body is truncated {name} data")
             parts.append(part)
@@ -472,6 +517,8 @@ class HttpFrontend:
                 data = item["data"]
                 if not isinstance(data, list):
                     data = [data]
+                # Counted before anything is converted: a huge list costs no more than the shape.
+                tensors.check_value_count(spec, shape, data)
                 if datatype == "BYTES":
                     data = _flatten(data)
                 array = tensors.from_json(spec, datatype, shape, data)

@@ -48,7 +48,9 @@ def need(parts: list[str]) -> Need | None:
         tail = rest[2:]
         if len(tail) >= 2 and tail[0] == "versions":
             tail = tail[2:]
-        return Need(model=rest[1], health=tail == ["ready"])
+        # A model's readiness needs a key in scope even with health open: it is no probe, and
+        # would tell real models from fake ones to anyone.
+        return Need(model=rest[1])
     if head == "logging":
         return Need(manage=True)
     if head == "repository":

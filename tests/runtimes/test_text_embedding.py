@@ -83,6 +83,23 @@ def test_long_and_invalid_utf8_texts_are_embedded(runtime, reference):
     assert np.isfinite(served).all()
 
 
+@pytest.mark.parametrize(
+    "unit",
+    ["The quick brown fox jumps over the lazy dog. ", "naïve café, 東京 — ok!\t\n", "x" * 300 + " "],
+)
+def test_a_huge_text_is_cut_before_tokenising_with_the_same_embedding(runtime, reference, unit):
+    """A 10 MiB text (issue 21: 16.6 s and +1.6 GiB when tokenised whole) embeds as its first
+    part does, i.e. exactly as sentence-transformers' truncation would."""
+    import resource
+
+    huge = unit * ((10 << 20) // len(unit.encode()))
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    served = runtime.infer({"TEXT": _texts([huge])})["EMBEDDING"]
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    _assert_same_embeddings(served, reference.encode([unit * 300]))
+    assert grown_kib < 256 * 1024, f"peak RSS grew by {grown_kib} KiB"
+
+
 # --- served from the demo repository ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):

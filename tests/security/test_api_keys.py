@@ -195,16 +195,49 @@ def test_raw_http_answers_401_with_www_authenticate_and_403_as_json(keyed):
     assert served.status_code == 200, served.text
 
 
-def test_health_and_metrics_are_open_by_default(keyed):
+def test_server_health_is_open_but_model_readiness_and_metrics_need_a_key_by_default(keyed):
+    """Probes need no key; a model's readiness is no probe (it would tell real model names from
+    fake ones) and /metrics names every model and key: both need a key (issue 21)."""
     process = keyed.process
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/add_sub/ready"):
+    for path in ("/v2/health/live", "/v2/health/ready"):
         assert requests.get(process.base_url + path, timeout=10).status_code == 200
-    assert (
-        requests.get(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=10).status_code == 200
-    )
+    for model in ("add_sub", "no_such_model"):
+        answer = requests.get(f"{process.base_url}/v2/models/{model}/ready", timeout=10)
+        assert answer.status_code == 401
+    metrics = f"http://127.0.0.1:{process.metrics_port}/metrics"
+    assert requests.get(metrics, timeout=10).status_code == 401
+    # A key in scope for no model serves as Prometheus's scrape key.
+    assert requests.get(metrics, headers=keyed.headers("scraper"), timeout=10).status_code == 200
     made = grpcclient.InferenceServerClient(process.grpc_url)
     try:
-        assert made.is_server_live() and made.is_server_ready() and made.is_model_ready("add_sub")
+        assert made.is_server_live() and made.is_server_ready()
+        assert made.is_model_ready("add_sub", headers=keyed.headers("team_a"))
+        for model in ("add_sub", "no_such_model"):
+            with pytest.raises(InferenceServerException) as refused:
+                made.is_model_ready(model)
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    finally:
+        made.close()
+
+
+def test_models_outside_a_keys_scope_answer_alike_whether_they_exist_or_not(keyed):
+    base = keyed.process.base_url
+    answers = set()
+    for model in ("private_model", "no_such_model"):
+        for tail in ("", "/ready", "/config", "/stats"):
+            got = requests.get(f"{base}/v2/models/{model}{tail}", headers=keyed.headers("team_a"))
+            answers.add((tail, got.status_code, got.json()["error"].replace(model, "M")))
+    assert {status for _, status, _ in answers} == {403}
+    assert len(answers) == 4  # per endpoint, one answer for a real and a fake model
+    made = grpcclient.InferenceServerClient(keyed.process.grpc_url)
+    try:
+        details = set()
+        for model in ("private_model", "no_such_model"):
+            with pytest.raises(InferenceServerException) as refused:
+                made.is_model_ready(model, headers=keyed.headers("team_a"))
+            assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+            details.add(refused.value.message().replace(model, "M"))
+        assert len(details) == 1
     finally:
         made.close()
 
@@ -306,7 +339,13 @@ def test_usage_is_metered_per_key_on_the_metrics_endpoint(keyed):
     """The front ends put the key's name on each request; showback counts it under that name."""
 
     def requests_of(name: str) -> float:
-        return metric_value(keyed.process, "convoy_usage_requests_total", key=name, model="add_sub")
+        return metric_value(
+            keyed.process,
+            "convoy_usage_requests_total",
+            keyed.headers("scraper"),
+            key=name,
+            model="add_sub",
+        )
 
     before = requests_of("admin")
     made = grpcclient.InferenceServerClient(keyed.process.grpc_url)
@@ -329,5 +368,7 @@ def test_usage_is_metered_per_key_on_the_metrics_endpoint(keyed):
     )
     assert answer.status_code == 200
     poll(lambda: requests_of("admin") - before == 4, "admin's four requests in the usage counters")
-    rows = metric_value(keyed.process, "convoy_usage_rows_total", key="admin", model="add_sub")
+    rows = metric_value(
+        keyed.process, "convoy_usage_rows_total", keyed.headers("scraper"), key="admin", model="add_sub"
+    )
     assert rows >= 5

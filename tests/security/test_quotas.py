@@ -74,5 +74,6 @@ def test_key_over_its_quota_is_refused_with_a_retry_hint_and_others_are_not(limi
     result = client.infer("add_sub", inputs, headers=bearer(unlimited))
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2.0))
     client.close()
-    assert metric_value(server, "convoy_quota_rejections_total", key="metered") == 2
-    assert metric_value(server, "convoy_quota_rejections_total", key="unlimited") == 0
+    scrape = bearer(unlimited)  # with keys, /metrics needs one
+    assert metric_value(server, "convoy_quota_rejections_total", scrape, key="metered") == 2
+    assert metric_value(server, "convoy_quota_rejections_total", scrape, key="unlimited") == 0

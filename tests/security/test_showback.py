@@ -76,7 +76,12 @@ def test_keys_sharing_batches_split_compute_by_rows(shared_server):
         blocker = threading.Thread(target=infer, args=(server, keys["blocker"], 1, -1 - round_))
         blocker.start()
         poll(
-            lambda: metric_value(server, "nv_inference_pending_request_count", model="shared") >= 1,
+            lambda: (
+                metric_value(
+                    server, "nv_inference_pending_request_count", bearer(keys["small"]), model="shared"
+                )
+                >= 1
+            ),
             "the blocker to hold the model",
         )
         pair = [
@@ -94,7 +99,8 @@ def test_keys_sharing_batches_split_compute_by_rows(shared_server):
     assert stats["model_stats"][0]["execution_count"] == 2 * ROUNDS
 
     def usage(name: str, key: str) -> float:
-        return metric_value(server, f"convoy_usage_{name}_total", key=key, model="shared")
+        scrape = bearer(keys["small"])  # with keys, /metrics needs one
+        return metric_value(server, f"convoy_usage_{name}_total", scrape, key=key, model="shared")
 
     assert (usage("requests", "small"), usage("rows", "small")) == (ROUNDS, ROUNDS)
     assert (usage("requests", "large"), usage("rows", "large")) == (ROUNDS, 3 * ROUNDS)
