@@ -276,9 +276,7 @@ class EngineEndpoint:
             entry = None if model is None else model.versions.get(message.version)
             if entry is None or (message.latest and not entry.ready):
                 if not message.latest:
-                    raise Unavailable(
-                        f"model '{message.model}' version {message.version} is not loaded"
-                    )
+                    raise Unavailable(f"model '{message.model}' version {message.version} is not loaded")
                 entry = engine.resolve(message.model)  # a roll-out moved "latest" meanwhile
             inputs = read_tensors(message.inputs, data)
         except ConvoyError as exc:
