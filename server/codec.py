@@ -19,7 +19,7 @@ from convoy.datatypes import (
 )
 from convoy.engine.shared_memory import SharedMemoryRef
 from convoy.errors import InvalidInput
-from convoy.types import TensorSpec
+from convoy.types import Request, TensorSpec
 
 #: Hard cap on elements of one tensor, whatever its declared shape says (forged shapes).
 MAX_ELEMENTS = 1 << 31
@@ -268,3 +268,31 @@ def shared_memory_ref(parameters, what: str) -> SharedMemoryRef | None:
                 f"{what}: parameter '{name}' must be a non-negative integer, got {value!r}"
             )
     return SharedMemoryRef(region, size, offset)
+
+
+def build_request(
+    request_id: str,
+    inputs: dict[str, np.ndarray],
+    requested: tuple[str, ...],
+    rows: int,
+    parameters: dict,
+    future,
+    received_ns: int,
+    principal: str | None = None,
+    deadline: float | None = None,
+) -> Request:
+    """The engine's Request for decoded, validated tensors: the same for every protocol (the
+    scheduling parameters `priority` and `timeout` read here, once)."""
+    return Request(
+        id=request_id,
+        inputs=inputs,
+        requested_outputs=requested,
+        rows=rows,
+        future=future,
+        priority=non_negative_parameter(parameters, "priority"),
+        timeout_us=non_negative_parameter(parameters, "timeout"),
+        deadline=deadline,
+        parameters=parameters,
+        received_ns=received_ns,
+        principal=principal,
+    )

@@ -119,18 +119,8 @@ def decode_request(
     rows = tensors.check_complete(config, inputs)
     parameters = {k: _parameter(v) for k, v in message.parameters.items()}
     requested = tensors.check_requested_outputs(config, [o.name for o in message.outputs])
-    request = Request(
-        id=message.id,
-        inputs=inputs,
-        requested_outputs=requested,
-        rows=rows,
-        future=future,
-        priority=tensors.non_negative_parameter(parameters, "priority"),
-        timeout_us=tensors.non_negative_parameter(parameters, "timeout"),
-        deadline=deadline,
-        parameters=parameters,
-        received_ns=received,
-        principal=principal,
+    request = tensors.build_request(
+        message.id, inputs, requested, rows, parameters, future, received, principal, deadline
     )
     return entry, request
 

@@ -374,17 +374,8 @@ class HttpFrontend:
         for name, ref in binary_outputs[2].items():
             self.engine.check_shared_memory(ref, f"output '{name}'")
         future = asyncio.get_running_loop().create_future()
-        request = Request(
-            id=str(document.get("id", "")),
-            inputs=inputs,
-            requested_outputs=requested,
-            rows=rows,
-            future=future,
-            priority=tensors.non_negative_parameter(parameters, "priority"),
-            timeout_us=tensors.non_negative_parameter(parameters, "timeout"),
-            parameters=parameters,
-            received_ns=received,
-            principal=principal,
+        request = tensors.build_request(
+            str(document.get("id", "")), inputs, requested, rows, parameters, future, received, principal
         )
         # For the access log, when it is on (two dict stores otherwise unread).
         scope["convoy.entry"] = entry
