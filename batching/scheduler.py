@@ -430,6 +430,9 @@ class Scheduler:
                 for request, part in zip(batch, parts, strict=True)
             ]
         except ConvoyError as exc:
+            log.error(
+                "model '%s' version %s failed a batch of %d rows: %s", name, self.version, rows, exc
+            )
             outcome = [(request, None, exc) for request in batch]
         except Exception as exc:
             log.error(

@@ -102,15 +102,20 @@ class ModelRepository:
         """The version to serve a request for (latest ready when `version` is empty)."""
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"model '{name}' is not found in the repository")
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         if version:
             try:
                 number = int(version)
             except ValueError:
-                raise InvalidInput(f"model version must be an integer, got '{version}'") from None
+                raise InvalidInput(
+                    f"failed to get model version from specified version string '{version[:40]}': "
+                    "expected a non-negative integer"
+                ) from None
             found = model.versions.get(number)
             if found is None:
-                raise ModelNotFound(f"model '{name}' has no version {version}")
+                raise ModelNotFound(
+                    f"Request for unknown model: '{name}' version {version} is not found"
+                )
             if not found.ready:
                 raise Unavailable(
                     f"model '{name}' version {version} is not ready: {found.reason or found.state}"
@@ -124,7 +129,7 @@ class ModelRepository:
     def model(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"model '{name}' is not found in the repository")
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         return model
 
     def ready(self) -> bool:
@@ -148,6 +153,10 @@ class ModelRepository:
                 rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
         return rows
 
+    def relative(self, text: str) -> str:
+        """`text` with paths inside the repository shown relative to it (what clients see)."""
+        return text.replace(f"{self.root}/", "")
+
     # --- lifecycle (loop thread) ---------------------------------------------------------------
     def _model_dir(self, name: str) -> Path:
         if not _MODEL_NAME.match(name) or name in (".", ".."):
@@ -156,7 +165,7 @@ class ModelRepository:
         if path.parent != self.root:
             raise InvalidInput(f"model name '{name}' points outside the model repository")
         if not path.is_dir():
-            raise ModelNotFound(f"model '{name}' is not found in the repository ({self.root})")
+            raise ModelNotFound(f"model '{name}' is not found in the model repository")
         return path
 
     async def load(self, name: str) -> Model:
@@ -181,7 +190,7 @@ class ModelRepository:
                     )
                 # What the model file itself declares fills what config.pbtxt left out.
                 newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
-                config = autocomplete(runtime_factory(config.backend), newest)
+                config = autocomplete(_factory(config.backend, model_dir), newest)
                 model.config = config
                 model.config_proto = complete_proto(proto, config)
                 results = await asyncio.gather(
@@ -194,11 +203,11 @@ class ModelRepository:
                     model.state = "UNAVAILABLE"
                     model.reason = "; ".join(e.reason for e in results if e.reason)
             except ConvoyError as exc:
-                model.state, model.reason = "UNAVAILABLE", str(exc)
+                model.state, model.reason = "UNAVAILABLE", self.relative(str(exc))
                 log.error("model '%s' failed to load: %s", name, exc)
             except Exception as exc:
                 model.state = "UNAVAILABLE"
-                model.reason = f"{type(exc).__name__}: {exc}"
+                model.reason = self.relative(f"{type(exc).__name__}: {exc}")
                 log.exception("model '%s' failed to load", name)
             self.models[name] = model
             self.changed()
@@ -226,7 +235,7 @@ class ModelRepository:
         entry = ModelVersion(config=config, version=version)
         source = ModelVersionSource(config=config, version=version, path=model_dir / str(version))
         try:
-            factory = runtime_factory(config.backend)
+            factory = _factory(config.backend, model_dir)
             if self._isolation(config) == "process":
                 factory = isolated_factory(config.backend)
             for index in range(config.instance_count):
@@ -251,9 +260,17 @@ class ModelRepository:
             entry.state = "READY"
         except Exception as exc:
             entry.state = "UNAVAILABLE"
-            entry.reason = str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, ConvoyError):
-                log.exception("model '%s' version %d failed to load", config.name, version)
+            reason = str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
+            # The operator's log keeps full paths (and a traceback for unexpected errors);
+            # clients see paths relative to the repository.
+            log.error(
+                "model '%s' version %d failed to load: %s",
+                config.name,
+                version,
+                reason,
+                exc_info=None if isinstance(exc, ConvoyError) else exc,
+            )
+            entry.reason = self.relative(reason)
             await self._close_instances(entry)
         return entry
 
@@ -320,3 +337,11 @@ class ModelRepository:
             except Exception:
                 log.exception("closing instance %s failed", instance.name)
         entry.instances = []
+
+
+def _factory(backend: str, model_dir: Path):
+    """The backend's runtime factory; an unknown or uninstalled backend names the config file."""
+    try:
+        return runtime_factory(backend)
+    except InvalidConfig as exc:
+        raise InvalidConfig(f"{model_dir / 'config.pbtxt'}: backend: {exc}") from None

@@ -85,6 +85,9 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "convoy.runtimes.onnx:OnnxRuntime",
 }
 
+#: backend name -> the convoy-inference extra that installs what it imports.
+BACKEND_EXTRAS: dict[str, str] = {"pytorch": "torch", "onnxruntime": "onnx"}
+
 #: Extra backends registered at run time (tests register fakes here through `register_backend`).
 _registered: dict[str, RuntimeFactory] = {}
 
@@ -104,9 +107,10 @@ def runtime_factory(backend: str) -> RuntimeFactory:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        extra = BACKEND_EXTRAS.get(backend, backend)
         raise InvalidConfig(
             f"backend '{backend}' needs a package that is not installed ({exc.name}); "
-            f"install convoy-inference with the matching extra"
+            f"install it with: pip install 'convoy-inference[{extra}]'"
         ) from None
     return getattr(module, attribute)
 

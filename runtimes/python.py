@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import sys
+import traceback
 from dataclasses import asdict
 
 import numpy as np
@@ -55,7 +56,9 @@ class PythonRuntime:
             spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(module_name, None)
-            raise ModelLoadFailed(f"{path}: import failed: {type(exc).__name__}: {exc}") from exc
+            raise ModelLoadFailed(
+                f"{path}: import failed{_where(exc, path)}: {type(exc).__name__}: {exc}"
+            ) from exc
         model_class = getattr(module, "Model", None)
         if model_class is None or not hasattr(model_class, "execute"):
             raise ModelLoadFailed(f"{path}: must define a class `Model` with an `execute` method")
@@ -63,9 +66,21 @@ class PythonRuntime:
         fatal_errors = (fatal_errors,) if isinstance(fatal_errors, type) else tuple(fatal_errors)
         if not all(isinstance(t, type) and issubclass(t, BaseException) for t in fatal_errors):
             raise ModelLoadFailed(f"{path}: Model.fatal_errors must be a tuple of exception types")
-        model = model_class()
+        try:
+            model = model_class()
+        except Exception as exc:
+            raise ModelLoadFailed(
+                f"{path}: Model() failed{_where(exc, path)}: {type(exc).__name__}: {exc}"
+            ) from exc
         initialize = getattr(model, "initialize", None)
         if initialize is not None:
+            self._initialize(initialize, path)
+        self._model = model
+        self._fatal_errors = fatal_errors
+
+    def _initialize(self, initialize, path) -> None:
+        config = self._source.config
+        try:
             initialize(
                 {
                     "name": config.name,
@@ -78,8 +93,10 @@ class PythonRuntime:
                     "parameters": dict(config.parameters),
                 }
             )
-        self._model = model
-        self._fatal_errors = fatal_errors
+        except Exception as exc:
+            raise ModelLoadFailed(
+                f"{path}: Model.initialize() failed{_where(exc, path)}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self._model.execute(inputs)
@@ -98,3 +115,14 @@ class PythonRuntime:
         if finalize is not None:
             finalize()
         self._model = None
+
+
+def _where(error: BaseException, path) -> str:
+    """' at line N in func()': the deepest frame of the model's own file in `error`'s traceback
+    (a SyntaxError names its line itself); '' when the model file is not in it."""
+    if isinstance(error, SyntaxError):
+        return ""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    if not frames:
+        return ""
+    return f" at line {frames[-1].lineno} in {frames[-1].name}()"

@@ -30,6 +30,7 @@ from convoy.errors import (
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server import codec as tensors
+from convoy.server.grpc_api.decoding import DecodeErrorInterceptor
 from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
 from convoy.server.observability.tracing import TRACEPARENT, Tracer
 from convoy.types import Request
@@ -86,7 +87,8 @@ def decode_request(
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
-                    f"input '{name}': set either raw_input_contents or contents, not both"
+                    "contents field must not be specified when using raw_input_contents "
+                    f"for '{name}' for model '{config.name}'"
                 )
             array = tensors.from_raw(spec, tensor.datatype, shape, raw[index])
         else:
@@ -412,11 +414,12 @@ async def start_grpc_server(
     With `credentials` the port speaks TLS only. `reuse_port`: share the port with the other
     --workers processes (SO_REUSEPORT). With `keys`, every call's key is checked first (the
     interceptor in interceptors.py): handlers read it with current_key()."""
-    interceptors = list(interceptors)
+    # Outermost: an undecodable message is answered before any other interceptor sees it.
+    interceptors = [DecodeErrorInterceptor(), *interceptors]
     if keys is not None:
         interceptors.append(ApiKeyInterceptor(keys))
     server = grpc.aio.server(
-        interceptors=interceptors or None,
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

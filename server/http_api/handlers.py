@@ -174,7 +174,8 @@ class HttpFrontend:
         if head == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
             self._expect(method, "GET", scope)
             ok = engine.live() if rest[1] == "live" else engine.ready()
-            return await self._send(send, 200 if ok else 503, b"")
+            # The Open Inference Protocol's bodies: {"live": true} / {"ready": false}.
+            return await self._json(send, {rest[1]: ok}, 200 if ok else 503)
         if head == "models":
             if rest[1:] == ["stats"]:
                 self._expect(method, "GET", scope)
@@ -248,7 +249,7 @@ class HttpFrontend:
             return await self._json(send, engine.model_metadata(model, version))
         if action == "ready":
             ok = engine.model_ready(model, version)
-            return await self._send(send, 200 if ok else 503, b"")
+            return await self._json(send, {"name": model, "ready": ok}, 200 if ok else 503)
         if action == "config":
             return await self._json(send, proto_to_dict(engine.model_config(model, version)))
         if action == "stats":
