@@ -82,8 +82,12 @@ class EngineClient(abc.ABC):
     request and its outcome (a Response with the requested outputs, or an error) arrives on
     `request.future`; everything else answers directly."""
 
-    #: False once shutdown begins: readiness goes false, new requests are refused.
+    #: False once shutdown begins: readiness goes false and answers tell clients to go (HTTP
+    #: `Connection: close`), but requests still arriving on open connections are served.
     accepting: bool = True
+    #: True once the front ends have stopped taking requests: anything that still reaches
+    #: `submit` is refused UNAVAILABLE.
+    refusing: bool = False
     #: True once the models asked for at start-up have been loaded (or failed to).
     started: bool = False
 

@@ -108,6 +108,7 @@ class Engine(EngineClient):
     async def close(self, deadline: float) -> None:
         """Unload every model and stop the engine's writers."""
         self.accepting = False
+        self.refusing = True
         if self._keys_watch is not None:
             self._keys_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -129,7 +130,7 @@ class Engine(EngineClient):
     def submit(self, model: ModelVersion, request: Request) -> None:
         """Queue a request on its model's scheduler (loop thread); errors go to its future."""
         try:
-            if not self.accepting:
+            if self.refusing:
                 raise Unavailable("server is shutting down")
             if self.keys is not None and request.principal is not None:
                 # Quotas are counted here, where every front end's requests meet.

@@ -413,7 +413,7 @@ class RemoteEngine(EngineClient):
     # --- inference ---------------------------------------------------------------------------------
     def submit(self, model: RemoteVersion, request: Request) -> None:
         try:
-            if not self.accepting:
+            if self.refusing:
                 raise Unavailable("server is shutting down")
             link = self.link
             if link.closed:

@@ -204,6 +204,7 @@ class MultiProcessServer:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
                 await worker.process.wait()
+        self.engine.refusing = True  # every front end has stopped
         await self.engine.drain(deadline)
         for task in list(self._tasks):
             task.cancel()

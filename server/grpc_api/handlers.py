@@ -149,18 +149,23 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self.engine = engine
         self.tracer = tracer
-        #: Set during the last moments of shutdown: calls refused UNAVAILABLE then wait on it, so
-        #: the server stops listening while they are held rather than queued in gRPC's core,
-        #: which would cancel them (see FrontEnds._stop_grpc).
-        self.held_rejections: asyncio.Event | None = None
+        #: Set while shutdown begins: ModelInfer answers (served, or refused UNAVAILABLE) wait
+        #: on it, so their clients send nothing new while the server stops listening; a call
+        #: queued in gRPC's core at that moment would be cancelled (see FrontEnds._stop_grpc).
+        self.held_answers: asyncio.Event | None = None
+        #: ModelInfer calls being handled, and how many of them wait on `held_answers`.
+        self.active_calls = 0
         self.held_count = 0
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
-        held = self.held_rejections
-        if held is not None and isinstance(exc, Unavailable):
-            # The server is about to stop listening: answer once it has (see FrontEnds).
+    async def _hold(self) -> None:
+        held = self.held_answers
+        if held is not None and not held.is_set():
             self.held_count += 1
             await held.wait()
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
+        if isinstance(exc, Unavailable):
+            await self._hold()
         code, _, message = status_of(exc)
         if not isinstance(exc, ConvoyError):
             log.error("gRPC handler failed", exc_info=exc)
@@ -275,19 +280,24 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         key = current_key()
         principal = None if key is None else key.name
+        self.active_calls += 1
         try:
-            return await self._infer(
+            response = await self._infer(
                 request,
                 self._deadline(context),
                 None if self.tracer is None else _traceparent(context),
                 principal,
             )
+            await self._hold()
+            return response
         except ConvoyError as exc:
             await self._abort(context, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self._abort(context, exc)
+        finally:
+            self.active_calls -= 1
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Responses go out as each request completes; an error answers that request only.

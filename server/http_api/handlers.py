@@ -87,6 +87,20 @@ async def _send(send, status: int, body: bytes, content_type: bytes = JSON, extr
     await send({"type": "http.response.body", "body": body})
 
 
+def _closing(send, engine: EngineClient):
+    """Once shutdown has begun, answers (requests in progress are still served) carry
+    `Connection: close` so the client sends its next request on a new connection, which finds
+    the listener gone."""
+
+    async def closing_send(message) -> None:
+        if message["type"] == "http.response.start" and not engine.accepting:
+            headers = [h for h in message.get("headers", ()) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing_send
+
+
 async def send_error(send, exc: BaseException, closing: bool = False) -> None:
     """The JSON error answer for any exception: its status, a client-safe message, and the
     headers that go with it (Retry-After, WWW-Authenticate; Connection: close while `closing`)."""
@@ -124,6 +138,7 @@ class HttpFrontend:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
+        send = _closing(send, self.engine)
         try:
             await self._route(scope, receive, send)
         except Exception as exc:
