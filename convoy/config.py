@@ -180,6 +180,9 @@ class ServerConfig:
     #: Load every model at start; with False only `load_models` are loaded (explicit mode).
     load_all: bool = True
     load_models: tuple[str, ...] = ()
+    #: Readiness needs every model ready (Triton's --strict-readiness); False: only a started,
+    #: responsive server.
+    strict_readiness: bool = True
     strict_readiness: bool = True
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).

@@ -90,6 +90,8 @@ class EngineClient(abc.ABC):
     refusing: bool = False
     #: True once the models asked for at start-up have been loaded (or failed to).
     started: bool = False
+    #: Readiness also needs every model ready (--strict-readiness, the default).
+    strict_readiness: bool = True
 
     # --- the model table both implementations answer from -------------------------------------
     @abc.abstractmethod
@@ -132,9 +134,9 @@ class EngineClient(abc.ABC):
         return True
 
     def ready(self) -> bool:
-        return (
-            self.accepting and self.started and all(m.state == "READY" for m in self.models().values())
-        )
+        if not (self.accepting and self.started):
+            return False
+        return not self.strict_readiness or all(m.state == "READY" for m in self.models().values())
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

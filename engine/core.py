@@ -50,6 +50,7 @@ class Engine(EngineClient):
 
     def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
         self.settings = settings
+        self.strict_readiness = settings.strict_readiness
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
         #: Showback: per-principal usage, metered when callers are identified (API keys) or a
         #: usage ledger is asked for.

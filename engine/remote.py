@@ -528,6 +528,7 @@ class RemoteEngine(EngineClient):
                     self.log_control.update(message.changes)
             elif kind is Welcome:
                 self.settings = message.settings
+                self.strict_readiness = message.settings.strict_readiness
                 self.ports = (message.http_port, message.grpc_port)
                 if not self._welcomed.done():
                     self._welcomed.set_result(None)

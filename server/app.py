@@ -75,7 +75,11 @@ def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     if reuse_port:
         # --workers: every worker listens on the same port and the kernel spreads connections.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"HTTP could not bind {host}:{port}: {exc.strerror}") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -273,7 +277,8 @@ class ConvoyServer:
         self.front_ends: FrontEnds | None = None
         self.http_port = 0
         self.grpc_port = 0
-        self.metrics_port = 0
+        #: -1 while metrics are off (--metrics-port -1), as the flag says.
+        self.metrics_port = -1
         self._metrics_server = None
         self._stopped = asyncio.Event()
 
