@@ -21,7 +21,7 @@ from typing import Any
 from convoy.auth import Keyring
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
-from convoy.errors import ConvoyError, InvalidInput, ModelLoadFailed, Unavailable
+from convoy.errors import ConvoyError, InvalidInput, ModelLoadFailed, Overloaded, Unavailable
 from convoy.logs import LogControl
 from convoy.types import Request
 
@@ -135,7 +135,7 @@ class Engine(EngineClient):
                 raise Unavailable("server is shutting down")
             if self.keys is not None and request.principal is not None:
                 # Quotas are counted here, where every front end's requests meet.
-                self.keys.admit_principal(request.principal)
+                self._admit(model, request)
             scheduler = model.scheduler
             if scheduler is None:
                 raise Unavailable(f"model '{model.config.name}' is not ready")
@@ -146,6 +146,15 @@ class Engine(EngineClient):
         # Every outcome (errors too) reaches the future, so the log sees them all.
         if self.payload_log is not None:
             self.payload_log.offer(model, request)
+
+    def _admit(self, model: ModelVersion, request: Request) -> None:
+        """Take the request off its key's quota; a refusal (429) is a rejection in showback."""
+        try:
+            self.keys.admit_principal(request.principal)
+        except Overloaded:
+            if self.usage is not None:
+                self.usage.record_rejection(model.config.name, str(model.version), request)
+            raise
 
     def cancel(self, model: ModelVersion, request: Request) -> None:
         scheduler = model.scheduler
