@@ -29,6 +29,7 @@ from .client import EngineClient, ModelEntry, parse_version
 from .ledger import UsageLedger
 from .metrics import Metrics
 from .payload_log import PayloadLog
+from .recent import Counts, RecentWindow
 from .repository import ModelRepository, ModelVersion
 
 log = logging.getLogger("convoy.engine")
@@ -66,6 +67,8 @@ class Engine(EngineClient):
         self._keys_watch: asyncio.Task | None = None
         #: Called (on the loop) after log settings change, e.g. to tell other processes.
         self.log_listeners: list[Callable[[dict], None]] = []
+        #: The catalog's live figures: recent traffic per version, counted from start.
+        self.recent = RecentWindow(self._version_counts)
 
     # --- lifetime --------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -73,6 +76,7 @@ class Engine(EngineClient):
         self.payload_log = _start_payload_log(settings)
         try:
             self.metrics = Metrics(self.repository, self.usage, self.payload_log, self.keys)
+            self.recent.start()
             await self.repository.__aenter__()
             self.started = True
             if settings.usage_ledger is not None and self.usage is not None:
@@ -110,6 +114,7 @@ class Engine(EngineClient):
         """Unload every model and stop the engine's writers."""
         self.accepting = False
         self.refusing = True
+        await self.recent.close()
         if self._keys_watch is not None:
             self._keys_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -194,16 +199,32 @@ class Engine(EngineClient):
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await self.repository.unload(name)
 
+    def _version_counts(self) -> dict[str, Counts]:
+        """Every version's (failures, success latency buckets), keyed "model/version"."""
+        return {
+            f"{name}/{number}": (entry.stats.fail.count, list(entry.stats.success.buckets))
+            for name, model in self.repository.models.items()
+            for number, entry in model.versions.items()
+        }
+
     async def catalog_figures(self) -> dict:
+        current = self._version_counts()
+        span, recent = self.recent.window(current)
         versions = {}
-        for name, model in self.repository.models.items():
-            for number, entry in model.versions.items():
-                stats = entry.stats
-                versions[f"{name}/{number}"] = {
-                    "success_buckets": list(stats.success.buckets),
-                    "failures": stats.fail.count,
+        for key, (failures, buckets) in current.items():
+            window = None
+            if key in recent:
+                window = {
+                    "seconds": span,
+                    "failures": recent[key][0],
+                    "success_buckets": recent[key][1],
                 }
-        return {"payload_log_on": self.payload_log is not None, "versions": versions}
+            versions[key] = {"success_buckets": buckets, "failures": failures, "window": window}
+        return {
+            "payload_log_on": self.payload_log is not None,
+            "window_s": self.recent.window_s,
+            "versions": versions,
+        }
 
     # --- log settings ------------------------------------------------------------------------------
     def log_settings(self) -> dict[str, object]:

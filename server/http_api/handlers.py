@@ -234,6 +234,12 @@ class HttpFrontend:
         server = scope.get("server") or ("", 0)
         # With API keys the catalog needs one too, and lists only the models it may use.
         key = scope.get("convoy.key")
+        if key is None and self.catalog.keys_required:
+            # Only a keyless GET /catalog gets here (the middleware): ask for the key.
+            page = self.catalog.key_prompt.encode()
+            return await self._send(
+                send, 200, page, b"text/html; charset=utf-8", [(b"cache-control", b"no-store")]
+            )
         allows = None if key is None else key.allows
         document = await self.catalog.document(host, server[1] or 0, allows)
         if as_json:
