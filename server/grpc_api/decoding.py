@@ -100,10 +100,24 @@ def _stream_stream(behaviour: Callable) -> Callable:
 class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
     """Install first: the handler the server runs gets the tolerant deserializer and the check."""
 
+    def __init__(self) -> None:
+        #: method -> (the handler it was given, the wrapped one): reused while the handler is the
+        #: same object (no inner interceptor makes one per call), so most calls build nothing.
+        self._wrapped: dict[str, tuple[object, object]] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler):
         deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -170,3 +170,13 @@ def test_wrong_row_count_fails_the_request_and_logs_an_error(refusing_server, pr
     log = refusing_server.log()
     assert "ERROR convoy.batching" in log or "ERROR convoy.scheduler" in log
     assert "model 'wrong_rows' version 1 failed a batch of 2 rows" in log
+
+
+def test_load_api_error_shows_paths_relative_to_the_repository(refusing_server):
+    answer = requests.post(
+        f"{refusing_server.base_url}/v2/repository/models/init_fails/load", timeout=30
+    )
+    assert answer.status_code >= 400
+    message = answer.json()["error"]
+    assert "init_fails/1/model.py: Model.initialize() failed" in message
+    assert str(refusing_server.repository.resolve()) not in message
