@@ -4,6 +4,7 @@ in use found before any model loads (one process and --workers)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -213,3 +214,38 @@ def test_port_in_use_stops_start_up_before_any_model_loads(tmp_path, workers):
     assert result.returncode == 1
     assert str(port) in result.stderr
     assert not marker.exists(), "a model was loaded before the port was found in use"
+
+
+def test_demo_serves_what_the_installed_extras_allow_and_names_the_missing_extra():
+    from convoy.cli import demo_models_served
+
+    assert demo_models_served(lambda module: True) == (("add_sub", "text_embedding"), [])
+    served, notes = demo_models_served(lambda module: module != "transformers")
+    assert served == ("add_sub",)
+    (note,) = notes
+    assert "text_embedding" in note and "transformers" in note
+    assert "pip install 'convoy-inference[text]'" in note
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_serve_installs_runtime_extras_only_and_passes_flags_through(tmp_path):
+    venv = tmp_path / "venv"  # not created: -n only prints what make would run
+    dry = subprocess.run(
+        ["make", "-n", "serve", f"VENV={venv}", "ARGS=--http-port 9000"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "[dev]" not in dry.stdout
+    assert "-e '.[text]'" in dry.stdout
+    assert f"{venv}/bin/convoy serve --http-port 9000" in dry.stdout
+    core = subprocess.run(
+        ["make", "-n", "serve", f"VENV={venv}", "SERVE_EXTRAS="],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert "-e '.'" in core.stdout and "torch" not in core.stdout
