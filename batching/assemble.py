@@ -6,7 +6,7 @@ inputs, pinned staging buffers) can replace it without touching the scheduling l
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
@@ -21,11 +21,27 @@ def batch_key(request: Request) -> Hashable:
     return tuple((name, array.shape[1:], array.dtype.str) for name, array in request.inputs.items())
 
 
-def merge(requests: list[Request]) -> dict[str, np.ndarray]:
-    """The batch's inputs. A lone request's arrays pass through untouched (no copy)."""
-    if len(requests) == 1:
-        return requests[0].inputs
+def merge(requests: list[Request], buffers: Callable | None = None) -> dict[str, np.ndarray]:
+    """The batch's inputs. A lone request's arrays pass through untouched (no copy) unless the
+    runtime has buffers of its own (`buffers(rows, like)`, e.g. pinned memory), which every
+    batch is assembled into."""
     first = requests[0].inputs
+    if buffers is not None:
+        rows = 0
+        for request in requests:
+            rows += request.rows
+        into = buffers(rows, first)
+        if into is not None:
+            # The one copy on the way in: each request's wire-backed views straight into the
+            # runtime's buffer.
+            for name, target in into.items():
+                if len(requests) == 1:
+                    np.copyto(target, first[name])
+                else:
+                    np.concatenate([r.inputs[name] for r in requests], out=target)
+            return into
+    if len(requests) == 1:
+        return first
     # The one copy on the way in: each request's wire-backed views into one batch buffer.
     return {name: np.concatenate([r.inputs[name] for r in requests]) for name in first}
 

@@ -22,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import InvalidStateError as FutureInvalidState
 
+import numpy as np
+
 from convoy.config import ModelConfig, QueuePolicy, TimeoutAction
 from convoy.errors import (
     Cancelled,
@@ -60,6 +62,14 @@ def _resolve(request: Request, result=None, error: BaseException | None = None) 
     except (asyncio.InvalidStateError, FutureInvalidState):
         return False  # cancelled from another thread between the check and the set
     return True
+
+
+def _execute(job: tuple[RuntimeInstance, list[Request]]) -> tuple[int, dict[str, np.ndarray]]:
+    """On the instance's thread: assemble the batch, run it; (when assembled, outputs)."""
+    instance, batch = job
+    inputs = merge(batch, instance.batch_buffers)
+    merged = time.monotonic_ns()
+    return merged, instance.runtime.infer(inputs)
 
 
 class Scheduler:
@@ -391,17 +401,14 @@ class Scheduler:
         self._executing[sequence] = batch
         if self._execution_timeout:
             self._loop.call_later(self._execution_timeout, self._timed_out, context)
-        start = time.monotonic_ns()
-        try:
-            inputs = merge(batch)
-        except Exception as exc:
-            self._finished(context, start, start, None, exc)
-            return
-        instance.submit(self._finished, (context, start, time.monotonic_ns()), inputs)
+        # Assembled on the instance's thread (off the loop), into the runtime's own buffers
+        # when it has them: the batch is copied once, where the runtime reads it.
+        instance.run(self._finished, (context, time.monotonic_ns()), _execute, (instance, batch))
 
-    def _finished(self, context, start: int, merged: int, outputs, error) -> None:
+    def _finished(self, context, start: int, result, error) -> None:
         """A batch came back from its instance (on the loop): split, record, deliver."""
         instance, batch, rows, reason, dispatched_ns, sequence = context
+        merged, outputs = result if result is not None else (start, None)
         if sequence not in self._executing:
             return  # it timed out: its requests were answered and the instance replaced
         if error is not None and instance.is_fatal(error):

@@ -186,9 +186,18 @@ def _serve_parser(sub) -> None:
     )
     p.add_argument(
         "--model-control-mode",
-        choices=["none", "explicit"],
+        choices=["none", "explicit", "poll"],
         default="none",
-        help="none: load every model at start; explicit: load only --load-model models",
+        help="none: load every model at start; explicit: load only --load-model models at "
+        "start; poll: load every model, then watch the repository and load added or changed "
+        "models and versions, unload removed ones",
+    )
+    p.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="with --model-control-mode poll: seconds between repository scans (default 15)",
     )
     p.add_argument(
         "--load-model",
@@ -388,6 +397,66 @@ def _usage(args) -> int:
     return 0
 
 
+def _check_parser(sub) -> None:
+    p = sub.add_parser(
+        "check",
+        help="CI gate: load every model of a repository, warm it up, run one sample inference "
+        "each and check outputs against the config; exit 1 when any fails (no ports opened)",
+    )
+    p.add_argument("repository", type=Path, help="the model repository to check")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report")
+    p.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _check(args) -> int:
+    from convoy.engine.check import CONFIG_ONLY, FAIL, as_json, check_repository, write_junit
+
+    if not args.repository.is_dir():
+        print(f"convoy check: {args.repository} is not a directory", file=sys.stderr)
+        return 2
+    results = []
+
+    async def run() -> None:
+        results.extend(await check_repository(args.repository.resolve()))
+
+    _run(run())
+    if not results:
+        print(f"convoy check: no model folders in {args.repository}", file=sys.stderr)
+    if args.junit is not None:
+        write_junit(results, args.junit)
+    if args.json:
+        import orjson
+
+        print(orjson.dumps(as_json(results), option=orjson.OPT_INDENT_2).decode())
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"convoy check {args.repository}")
+        for column in ("model", "version", "backend", "load time", "sample latency", "result"):
+            table.add_column(column, justify="right" if "time" in column or "lat" in column else "left")
+        table.add_column("reason", overflow="fold")
+        styles = {FAIL: "red", CONFIG_ONLY: "yellow"}
+        for r in results:
+            table.add_row(
+                r.model,
+                r.version or "-",
+                r.backend or "-",
+                f"{r.load_s:.2f} s" if r.load_s else "-",
+                f"{r.sample_s * 1000:.1f} ms" if r.sample_s else "-",
+                f"[{styles.get(r.result, 'green')}]{r.result}[/]",
+                r.reason,
+            )
+        Console(width=200).print(table)
+        failed = sum(not r.passed for r in results)
+        print(
+            f"{len(results) - failed} of {len(results)} passed"
+            + (f", {failed} failed" if failed else "")
+        )
+    return 0 if results and all(r.passed for r in results) else 1
+
+
 def _settings(args) -> ServerConfig:
     repository = args.model_repository or demo_repository()
     if not repository.is_dir():
@@ -415,6 +484,10 @@ def _settings(args) -> ServerConfig:
     for flag in ("auth_health", "auth_metrics"):
         if getattr(args, flag) == "protected" and args.api_keys is None:
             raise SystemExit(f"convoy: --{flag.replace('_', '-')} protected needs --api-keys")
+    if args.model_control_mode == "poll" and args.repository_poll_secs <= 0:
+        raise SystemExit(
+            f"convoy: --repository-poll-secs must be positive, got {args.repository_poll_secs}"
+        )
     workers = _workers(args.workers)
     return ServerConfig(
         model_repository=repository,
@@ -429,6 +502,7 @@ def _settings(args) -> ServerConfig:
         execution_timeout=args.execution_timeout,
         isolation=args.isolation,
         load_all=load_all,
+        repository_poll_secs=args.repository_poll_secs if args.model_control_mode == "poll" else 0.0,
         load_models=load_models,
         strict_readiness=args.strict_readiness,
         log_level="DEBUG" if args.log_verbose > 0 else args.log_level,
@@ -457,7 +531,7 @@ def _settings(args) -> ServerConfig:
 def _models_to_load(args, repository: Path) -> tuple[bool, tuple[str, ...]]:
     """(load every model, the names to load) from --model-control-mode and --load-model."""
     names = tuple(args.load_model)
-    if args.model_control_mode == "none":
+    if args.model_control_mode in ("none", "poll"):
         if names:
             raise SystemExit(
                 "convoy: --load-model needs --model-control-mode explicit (without it every "
@@ -616,6 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     _serve_parser(sub)
     _keys_parser(sub)
     _usage_parser(sub)
+    _check_parser(sub)
     loadtests_cli.add_parsers(sub)
     _use_help_formatter(parser)
     args = parser.parse_args(argv)
@@ -626,6 +701,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "usage":
         sys.exit(_usage(args))
     from convoy.logs import configure_logging
+
+    if args.command == "check":
+        configure_logging(args.log_level, "text")
+        sys.exit(_check(args))
 
     level = "DEBUG" if getattr(args, "log_verbose", 0) > 0 else getattr(args, "log_level", "INFO")
     log_control = configure_logging(level, getattr(args, "log_format", "text"))

@@ -43,6 +43,75 @@ class DynamicBatching:
     preserve_ordering: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class SequenceControl:
+    """One control input the sequence batcher fills (Triton's ControlInput + Control)."""
+
+    #: The model input it feeds (not one of the declared inputs: clients never send it).
+    input_name: str
+    #: "START", "END", "READY" or "CORRID".
+    kind: str
+    #: V2 datatype of the tensor (INT32, FP32, BOOL, or for CORRID: UINT64, INT64, INT32, UINT32,
+    #: BYTES).
+    datatype: str
+    #: Values meaning false and true (START / END / READY).
+    false_value: float | int | bool = 0
+    true_value: float | int | bool = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceState:
+    """One implicit state (Triton's sequence_batching.state): the batcher feeds the sequence's
+    state as input `input_name` and keeps what the model returns as output `output_name`."""
+
+    input_name: str
+    output_name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceBatching:
+    """The `sequence_batching` block: requests of a sequence reach one slot, in order."""
+
+    #: "direct" (a sequence owns one batch slot: its rows are always at the same index) or
+    #: "oldest" (a sequence owns an instance; the oldest ready sequences are batched together).
+    strategy: str = "direct"
+    max_sequence_idle_us: int = 1_000_000
+    controls: tuple[SequenceControl, ...] = ()
+    states: tuple[SequenceState, ...] = ()
+    max_queue_delay_us: int = 0
+    #: direct: a batch waits (up to max_queue_delay) until this fraction of slots is ready.
+    minimum_slot_utilization: float = 0.0
+    #: oldest: sequences one instance holds at once (0: max_batch_size); others wait.
+    max_candidate_sequences: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+    def control(self, kind: str) -> SequenceControl | None:
+        for control in self.controls:
+            if control.kind == kind:
+                return control
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EnsembleStep:
+    """One step of an ensemble: maps are composing model tensor -> ensemble tensor."""
+
+    model_name: str
+    #: -1: the latest ready version at the time of each request.
+    model_version: int
+    input_map: dict[str, str]
+    output_map: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class EnsembleScheduling:
+    steps: tuple[EnsembleStep, ...]
+    #: Ensemble requests in progress at once (0: the server's --max-queue-size).
+    max_inflight_requests: int = 0
+
+
 class InstanceKind(enum.Enum):
     AUTO = "KIND_AUTO"
     CPU = "KIND_CPU"
@@ -109,6 +178,9 @@ class ModelConfig:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     dynamic_batching: DynamicBatching | None = None
+    sequence_batching: SequenceBatching | None = None
+    #: Set for `platform: "ensemble"` (backend "ensemble": no runtime of its own).
+    ensemble: EnsembleScheduling | None = None
     instance_groups: tuple[InstanceGroup, ...] = ()
     version_policy: VersionPolicy = VersionPolicy()
     warmup: tuple[WarmupSample, ...] = ()
@@ -183,6 +255,8 @@ class ServerConfig:
     #: Readiness needs every model ready (Triton's --strict-readiness); False: only a started,
     #: responsive server.
     strict_readiness: bool = True
+    #: --model-control-mode poll: seconds between scans of the repository (0: no polling).
+    repository_poll_secs: float = 0.0
     strict_readiness: bool = True
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).

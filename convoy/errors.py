@@ -32,6 +32,10 @@ class Unsupported(ConvoyError):
     """The protocol feature exists but Convoy does not implement it (e.g. CUDA shared memory)."""
 
 
+class NoDevice(ConvoyError):
+    """The feature needs a device this server does not have (CUDA shared memory without a GPU)."""
+
+
 # --- the repository / a model's configuration is bad ------------------------------------------
 class InvalidConfig(ConvoyError):
     """A model's config.pbtxt or files are invalid; the message names the file and the field."""
@@ -85,6 +89,7 @@ STATUS: dict[type[ConvoyError], tuple[str, int]] = {
     Unauthenticated: ("UNAUTHENTICATED", 401),
     PermissionDenied: ("PERMISSION_DENIED", 403),
     Unsupported: ("UNIMPLEMENTED", 501),
+    NoDevice: ("UNAVAILABLE", 400),
     InvalidConfig: ("INVALID_ARGUMENT", 400),
     ModelLoadFailed: ("INTERNAL", 400),
     Overloaded: ("RESOURCE_EXHAUSTED", 429),

@@ -73,6 +73,19 @@ class StageTimes(NamedTuple):
     done_ns: int
 
 
+class StepTiming(NamedTuple):
+    """One ensemble step as it ran (monotonic ns), for the ensemble request's trace."""
+
+    index: int
+    model: str
+    version: str
+    submitted_ns: int
+    queued_ns: int
+    finished_ns: int
+    #: The composing model's batch stage times, or None.
+    timings: StageTimes | None
+
+
 @dataclass(frozen=True, slots=True)
 class Response:
     """What a request's future resolves to: its outputs (views into the batch's outputs)."""
@@ -82,6 +95,8 @@ class Response:
     model_version: str
     #: The batch's stage times (for tracing); the request's own queued_ns is on the Request.
     timings: StageTimes | None = None
+    #: An ensemble's steps, in the order they finished (empty for other models).
+    steps: tuple[StepTiming, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

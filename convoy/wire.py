@@ -18,6 +18,7 @@ many answers) cost one frame and one system call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -127,7 +128,12 @@ class FrameWriter:
                 if not array.flags.c_contiguous:
                     array = np.ascontiguousarray(array)
                 dtype, nbytes = array.dtype.str, array.nbytes
-                data = array.data if nbytes else b""
+                if array.dtype.kind == "V":
+                    # Named extension dtypes (ml_dtypes' bfloat16) have no type code and no
+                    # buffer format: they travel by name, as bytes.
+                    dtype, data = array.dtype.name, array.reshape(-1).view(np.uint8).data
+                else:
+                    data = array.data if nbytes else b""
             metas.append(TensorMeta(name, dtype, array.shape, self._size, nbytes))
             if nbytes:
                 self._buffers.append(data)
@@ -157,11 +163,53 @@ def read_tensors(metas: list[TensorMeta], data: memoryview) -> dict[str, np.ndar
             array = deserialize_bytes(data[meta.offset : end], count, meta.name)
             arrays[meta.name] = array.reshape(meta.shape)
         else:
-            dtype = np.dtype(meta.dtype)
+            dtype = _dtype(meta.dtype)
             count = meta.nbytes // dtype.itemsize if dtype.itemsize else 0
             array = np.frombuffer(data, dtype, count, meta.offset)
             arrays[meta.name] = array.reshape(meta.shape)
     return arrays
+
+
+@functools.cache
+def _dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # bfloat16 and friends are named, not coded, dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+# --- frames over a blocking socket (isolated runtime workers) ---------------------------------------
+def send_frame(sock, writer: FrameWriter) -> None:
+    """Send the writer's frame whole (partial sends of large payloads resumed)."""
+    parts = [part for part in writer.take() if len(part)]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = memoryview(parts[0])[sent:]
+
+
+def receive_frame(reader, message_type) -> tuple[list, memoryview]:
+    """(messages, data) of the next frame from a binary file over a socket; EOFError when the
+    other end closed. The data is one buffer read straight from the socket."""
+    prefix = reader.read(PREFIX.size)
+    if len(prefix) != PREFIX.size:
+        raise EOFError("channel closed")
+    header_bytes, data_bytes = PREFIX.unpack(prefix)
+    buffer = bytearray(header_bytes + data_bytes)
+    if buffer and reader.readinto(buffer) != len(buffer):
+        raise EOFError("channel closed")
+    view = memoryview(buffer)
+    return _decoders(message_type).decode(view[:header_bytes]), view[header_bytes:]
+
+
+@functools.cache
+def _decoders(message_type) -> msgspec.msgpack.Decoder:
+    return decoder(message_type)
 
 
 # --- an asyncio stream of frames ------------------------------------------------------------------

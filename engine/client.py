@@ -13,6 +13,7 @@ readiness answers are written once here, over that table.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -22,6 +23,8 @@ from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.types import Request
 
+from .shared_memory import SharedMemoryRef, SharedMemoryRegistry, cuda_shared_memory_unavailable
+
 EXTENSIONS = [
     "binary_tensor_data",
     "model_configuration",
@@ -29,6 +32,8 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "schedule_policy",
     "statistics",
+    "system_shared_memory",
+    "cuda_shared_memory",
 ]
 
 #: What Triton reports as a model's platform when its config names only the backend.
@@ -92,6 +97,10 @@ class EngineClient(abc.ABC):
     started: bool = False
     #: Readiness also needs every model ready (--strict-readiness, the default).
     strict_readiness: bool = True
+    #: System shared-memory regions: the engine's own registry, or a front end's copy of it
+    #: (each process opens the segments itself, so tensors are read and written where they
+    #: are decoded and encoded).
+    shared_memory: SharedMemoryRegistry
 
     # --- the model table both implementations answer from -------------------------------------
     @abc.abstractmethod
@@ -119,7 +128,9 @@ class EngineClient(abc.ABC):
         for number in sorted(model.versions, reverse=True):
             if model.versions[number].ready:
                 return model.versions[number]
-        raise Unavailable(f"model '{name}' is not ready: {model.reason or model.state}")
+        versions = (v.reason for v in model.versions.values() if v.reason)
+        reason = model.reason or next(versions, "") or model.state
+        raise Unavailable(f"model '{name}' is not ready: {reason}")
 
     @abc.abstractmethod
     def submit(self, model: ModelView, request: Request) -> None:
@@ -191,7 +202,12 @@ class EngineClient(abc.ABC):
     async def repository_index(self, ready_only: bool = False) -> list[dict]: ...
 
     @abc.abstractmethod
-    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None: ...
+    async def load_model(
+        self, name: str, parameters: dict[str, Any] | None = None, base64_files: bool = False
+    ) -> None:
+        """Triton's RepositoryModelLoad: `parameters` may hold a JSON `config` and
+        `file:<version>/<name>` contents (engine/overrides.py); `base64_files`: file contents
+        come base64-encoded (HTTP)."""
 
     @abc.abstractmethod
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None: ...
@@ -201,6 +217,46 @@ class EngineClient(abc.ABC):
         """What the catalog page shows beyond the model table: live request rates and latency
         quantiles per model version, payload-log state ({"models": {...}, ...})."""
 
+    # --- shared memory ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def register_system_shared_memory(
+        self, name: str, key: str, offset: int, byte_size: int
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def unregister_system_shared_memory(self, name: str = "") -> None: ...
+
+    @abc.abstractmethod
+    async def system_shared_memory_status(self, name: str = "") -> list[dict]: ...
+
+    async def register_cuda_shared_memory(self, name: str, *_) -> None:
+        raise cuda_shared_memory_unavailable(
+            "this server has no GPU"
+            if not os.path.exists("/dev/nvidiactl")
+            else "Convoy does not open CUDA IPC handles; use system shared memory"
+        )
+
+    async def unregister_cuda_shared_memory(self, name: str = "") -> None:
+        """Nothing can be registered, so there is nothing to unregister (not an error)."""
+        return None
+
+    async def cuda_shared_memory_status(self, name: str = "") -> list[dict]:
+        if name:
+            raise ModelNotFound(f"no CUDA shared memory region named '{name}' is registered")
+        return []
+
+    def read_shared_memory(self, ref: SharedMemoryRef, what: str) -> bytes:
+        """A request tensor's bytes from a registered region."""
+        return self.shared_memory.read(ref, what)
+
+    def check_shared_memory(self, ref: SharedMemoryRef, what: str) -> None:
+        self.shared_memory.check(ref, what)
+
+    def write_shared_memory(self, ref: SharedMemoryRef, data, what: str) -> None:
+        """Put an output's bytes into a registered region, whole or not at all."""
+        self.shared_memory.write(ref, data, what)
+
+    # --- log settings ------------------------------------------------------------------------------
     @abc.abstractmethod
     def log_settings(self) -> dict[str, object]: ...
 

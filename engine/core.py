@@ -21,16 +21,18 @@ from typing import Any
 from convoy.auth import Keyring
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
-from convoy.errors import ConvoyError, InvalidInput, ModelLoadFailed, Overloaded, Unavailable
+from convoy.errors import ConvoyError, ModelLoadFailed, Overloaded, Unavailable
 from convoy.logs import LogControl
 from convoy.types import Request
 
 from .client import EngineClient, ModelEntry, parse_version
 from .ledger import UsageLedger
 from .metrics import Metrics
+from .overrides import parse_load_parameters
 from .payload_log import PayloadLog
 from .recent import Counts, RecentWindow
 from .repository import ModelRepository, ModelVersion
+from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("convoy.engine")
 
@@ -58,6 +60,8 @@ class Engine(EngineClient):
         metered = settings.usage_ledger is not None or settings.api_keys_file is not None
         self.usage = UsageMeter() if metered else None
         self.repository = ModelRepository(settings, self.usage)
+        # Ensemble steps reach their composing models through this engine's submit path.
+        self.repository.submit_step = self._queue
         #: API keys: the engine takes each request off its key's quota (front ends check keys).
         #: Read here, so a broken key file stops start-up before any model loads.
         self.keys: Keyring | None = load_keys(settings)
@@ -65,6 +69,7 @@ class Engine(EngineClient):
         self.metrics: Metrics | None = None
         self._ledger: UsageLedger | None = None
         self._keys_watch: asyncio.Task | None = None
+        self.shared_memory = SharedMemoryRegistry()
         #: Called (on the loop) after log settings change, e.g. to tell other processes.
         self.log_listeners: list[Callable[[dict], None]] = []
         #: The catalog's live figures: recent traffic per version, counted from start.
@@ -127,6 +132,7 @@ class Engine(EngineClient):
             self.payload_log.close()
         if self.metrics is not None:
             self.metrics.close()
+        self.shared_memory.close()
 
     # --- the model table -------------------------------------------------------------------------
     def models(self) -> Mapping[str, ModelEntry]:
@@ -135,12 +141,24 @@ class Engine(EngineClient):
     # --- inference -------------------------------------------------------------------------------
     def submit(self, model: ModelVersion, request: Request) -> None:
         """Queue a request on its model's scheduler (loop thread); errors go to its future."""
+        if self.keys is not None and request.principal is not None and not self.refusing:
+            # Quotas are counted here, where every front end's requests meet.
+            try:
+                self._admit(model, request)
+            except ConvoyError as exc:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+                if self.payload_log is not None:
+                    self.payload_log.offer(model, request)
+                return
+        self._queue(model, request)
+
+    def _queue(self, model: ModelVersion, request: Request) -> None:
+        """`submit` without the quota: also how an ensemble's steps reach their models (the
+        ensemble request was counted once)."""
         try:
             if self.refusing:
                 raise Unavailable("server is shutting down")
-            if self.keys is not None and request.principal is not None:
-                # Quotas are counted here, where every front end's requests meet.
-                self._admit(model, request)
             scheduler = model.scheduler
             if scheduler is None:
                 raise Unavailable(f"model '{model.config.name}' is not ready")
@@ -186,15 +204,13 @@ class Engine(EngineClient):
             rows = [r for r in rows if r["state"] == "READY"]
         return rows
 
-    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
-        if parameters:
-            raise InvalidInput(
-                f"load parameter '{sorted(parameters)[0]}' is not supported; "
-                "expected a load request without parameters"
-            )
-        model = await self.repository.load(name)
-        if model.state != "READY":
-            raise ModelLoadFailed(f"failed to load '{name}': {model.reason}")
+    async def load_model(
+        self, name: str, parameters: dict[str, Any] | None = None, base64_files: bool = False
+    ) -> None:
+        overrides = parse_load_parameters(name, parameters or {}, base64_files)
+        model = await self.repository.load(name, overrides)
+        if model.load_error or model.state != "READY":
+            raise ModelLoadFailed(f"failed to load '{name}', {model.load_error or model.reason}")
 
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await self.repository.unload(name)
@@ -225,6 +241,21 @@ class Engine(EngineClient):
             "window_s": self.recent.window_s,
             "versions": versions,
         }
+
+    # --- shared memory -----------------------------------------------------------------------------
+    # Front ends in other processes get the regions with the model table (engine/remote.py).
+    async def register_system_shared_memory(
+        self, name: str, key: str, offset: int, byte_size: int
+    ) -> None:
+        self.shared_memory.register(name, key, offset, byte_size)
+        self.repository.changed()
+
+    async def unregister_system_shared_memory(self, name: str = "") -> None:
+        self.shared_memory.unregister(name)
+        self.repository.changed()
+
+    async def system_shared_memory_status(self, name: str = "") -> list[dict]:
+        return self.shared_memory.status(name)
 
     # --- log settings ------------------------------------------------------------------------------
     def log_settings(self) -> dict[str, object]:

@@ -6,17 +6,22 @@ The parsed protobuf is kept beside the typed config for the ModelConfig API, whi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 
 from convoy.config import (
     DynamicBatching,
+    EnsembleScheduling,
+    EnsembleStep,
     InstanceGroup,
     InstanceKind,
     ModelConfig,
     QueuePolicy,
+    SequenceBatching,
+    SequenceControl,
+    SequenceState,
     TimeoutAction,
     VersionPolicy,
     VersionPolicyKind,
@@ -78,12 +83,11 @@ class UnsupportedField:
 
 #: Every ModelConfig field Convoy reads none of, or reads without implementing. When a feature
 #: lands, delete its entry. Accepted without an entry: input/output_pinned_memory (a copy hint
-#: with no observable effect). A field set to its default (false, 0, empty) counts as unset,
-#: except a message field: `sequence_batching {}` is set.
+#: with no observable effect). A scalar set to its default (false, 0, "") counts as unset; a
+#: message field counts as set even when empty (`model_operations {}` is refused), so an entry
+#: names the scalar inside when only that matters (`response_cache.enable`).
 UNSUPPORTED_FIELDS: tuple[UnsupportedField, ...] = (
-    UnsupportedField("sequence_batching", "sequence requests would get no START/END/READY controls"),
     UnsupportedField("model_transaction_policy.decoupled", "a model's later responses would be dropped"),
-    UnsupportedField("ensemble_scheduling", "the ensemble's steps would never run"),
     UnsupportedField("batch_input", "the batch inputs would never be fed to the model"),
     UnsupportedField("batch_output", "the batch outputs would never be scattered"),
     UnsupportedField("response_cache.enable", "responses would never be cached"),
@@ -162,13 +166,16 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         raise fail("name", f"'{name}' must match the model folder name '{model_dir.name}'")
     refuse_unsupported(proto, fail)
     backend = BACKEND_ALIASES.get(proto.backend, proto.backend)
+    if proto.platform == "ensemble" and not proto.backend:
+        backend = "ensemble"
     if not backend and proto.platform:
         backend = PLATFORM_TO_BACKEND.get(proto.platform, "")
         if not backend:
             raise fail(
                 "platform",
                 f"'{proto.platform}' is not supported; expected one of "
-                f"{sorted(PLATFORM_TO_BACKEND)} or a backend (python, onnxruntime, pytorch)",
+                f"{sorted([*PLATFORM_TO_BACKEND, 'ensemble'])} or a backend (python, onnxruntime, "
+                "pytorch)",
             )
     if not backend:
         backend = guess_backend(model_dir)
@@ -192,6 +199,18 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         if not batching:
             raise fail("dynamic_batching", "requires max_batch_size > 0")
         dynamic = _dynamic_batching(proto.dynamic_batching, proto.max_batch_size, fail)
+    sequence = None
+    if proto.HasField("sequence_batching"):
+        sequence = _sequence_batching(proto.sequence_batching, proto.max_batch_size, inputs, fail)
+    ensemble = None
+    if backend == "ensemble":
+        if not proto.HasField("ensemble_scheduling"):
+            raise fail("ensemble_scheduling", "platform 'ensemble' needs an ensemble_scheduling block")
+        if proto.model_warmup:
+            raise fail("model_warmup", "an ensemble is not warmed up (warm up its composing models)")
+        ensemble = _ensemble_scheduling(proto.ensemble_scheduling, fail)
+    elif proto.HasField("ensemble_scheduling"):
+        raise fail("ensemble_scheduling", 'is only valid with platform: "ensemble"')
 
     groups = []
     for i, group in enumerate(proto.instance_group):
@@ -214,6 +233,8 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         inputs=inputs,
         outputs=outputs,
         dynamic_batching=dynamic,
+        sequence_batching=sequence,
+        ensemble=ensemble,
         instance_groups=tuple(groups) or (InstanceGroup(name=f"{name}_0"),),
         version_policy=_version_policy(proto, fail),
         warmup=tuple(_warmup(w, i, fail) for i, w in enumerate(proto.model_warmup)),
@@ -313,6 +334,166 @@ def _dynamic_batching(block, max_batch_size: int, fail) -> DynamicBatching:
     )
 
 
+#: Control kind -> the name Convoy uses for it.
+_CONTROL_KINDS = {
+    "CONTROL_SEQUENCE_START": "START",
+    "CONTROL_SEQUENCE_READY": "READY",
+    "CONTROL_SEQUENCE_END": "END",
+    "CONTROL_SEQUENCE_CORRID": "CORRID",
+}
+_CORRID_TYPES = ("UINT64", "INT64", "UINT32", "INT32", "BYTES")
+
+
+def _sequence_batching(block, max_batch_size: int, inputs, fail) -> SequenceBatching:
+    """The `sequence_batching` block; anything Convoy does not implement is refused."""
+    if block.iterative_sequence:
+        raise fail("sequence_batching.iterative_sequence", "is not supported by Convoy")
+    declared = {spec.name for spec in inputs}
+    taken: set[str] = set()
+
+    def claim(field: str, name: str) -> None:
+        if not name:
+            raise fail(field, "must be set")
+        if name in declared:
+            raise fail(
+                field,
+                f"'{name}' is also a declared input; control and state inputs are "
+                "filled by the sequence batcher and must not be listed under input",
+            )
+        if name in taken:
+            raise fail(field, f"'{name}' is used by more than one control or state input")
+        taken.add(name)
+
+    controls = []
+    for i, item in enumerate(block.control_input):
+        field = f"sequence_batching.control_input[{i}]"
+        claim(f"{field}.name", item.name)
+        if len(item.control) != 1:
+            raise fail(f"{field}.control", f"expected exactly one control, got {len(item.control)}")
+        control = item.control[0]
+        kind = _CONTROL_KINDS[mc.ModelSequenceBatching.Control.Kind.Name(control.kind)]
+        if any(c.kind == kind for c in controls):
+            raise fail(f"{field}.control[0].kind", f"CONTROL_SEQUENCE_{kind} is given more than once")
+        if kind == "CORRID":
+            datatype = CONFIG_TO_V2.get(mc.DataType.Name(control.data_type), "")
+            if datatype not in _CORRID_TYPES:
+                raise fail(
+                    f"{field}.control[0].data_type",
+                    "CONTROL_SEQUENCE_CORRID expects TYPE_UINT64, TYPE_INT64, TYPE_UINT32, "
+                    f"TYPE_INT32 or TYPE_STRING, got {mc.DataType.Name(control.data_type)}",
+                )
+            controls.append(SequenceControl(item.name, kind, datatype))
+            continue
+        given = [
+            (name, values)
+            for name, values in (
+                ("INT32", list(control.int32_false_true)),
+                ("FP32", list(control.fp32_false_true)),
+                ("BOOL", list(control.bool_false_true)),
+            )
+            if values
+        ]
+        if len(given) != 1 or len(given[0][1]) != 2:
+            raise fail(
+                f"{field}.control[0]",
+                f"CONTROL_SEQUENCE_{kind} needs exactly one of int32_false_true, fp32_false_true "
+                "or bool_false_true with two values [false, true]",
+            )
+        datatype, (false_value, true_value) = given[0]
+        controls.append(SequenceControl(item.name, kind, datatype, false_value, true_value))
+
+    states = []
+    for i, item in enumerate(block.state):
+        field = f"sequence_batching.state[{i}]"
+        claim(f"{field}.input_name", item.input_name)
+        if not item.output_name:
+            raise fail(f"{field}.output_name", "must be set")
+        datatype = CONFIG_TO_V2.get(mc.DataType.Name(item.data_type))
+        if datatype is None or datatype == "BYTES":
+            raise fail(
+                f"{field}.data_type",
+                f"expected a numeric TYPE_*, got {mc.DataType.Name(item.data_type)}",
+            )
+        dims = tuple(int(d) for d in item.dims)
+        if not dims or any(d < 1 for d in dims):
+            raise fail(
+                f"{field}.dims",
+                f"expected fixed dimensions >= 1, got {list(dims)} "
+                "(variable-sized state is not supported by Convoy)",
+            )
+        if item.use_growable_memory:
+            raise fail(f"{field}.use_growable_memory", "is not supported by Convoy")
+        for j, initial in enumerate(item.initial_state):
+            if initial.WhichOneof("state_data") != "zero_data":
+                raise fail(f"{field}.initial_state[{j}]", "only zero_data is supported by Convoy")
+        states.append(SequenceState(item.input_name, item.output_name, datatype, dims))
+
+    strategy = block.WhichOneof("strategy_choice") or "direct"
+    delay, utilization, candidates, preferred = 0, 0.0, 0, ()
+    if strategy == "direct":
+        delay = block.direct.max_queue_delay_microseconds
+        utilization = block.direct.minimum_slot_utilization
+        if not 0.0 <= utilization <= 1.0:
+            raise fail(
+                "sequence_batching.direct.minimum_slot_utilization",
+                f"must be between 0 and 1, got {utilization}",
+            )
+    else:
+        oldest = block.oldest
+        if oldest.preserve_ordering:
+            raise fail("sequence_batching.oldest.preserve_ordering", "is not supported by Convoy")
+        delay = oldest.max_queue_delay_microseconds
+        candidates = oldest.max_candidate_sequences
+        if candidates < 0:
+            raise fail(
+                "sequence_batching.oldest.max_candidate_sequences", f"must be >= 0, got {candidates}"
+            )
+        preferred = tuple(sorted(set(oldest.preferred_batch_size)))
+        for size in preferred:
+            if not 1 <= size <= max(max_batch_size, 1):
+                raise fail(
+                    "sequence_batching.oldest.preferred_batch_size",
+                    f"each size must be between 1 and max_batch_size ({max_batch_size}), got {size}",
+                )
+    return SequenceBatching(
+        strategy=strategy,
+        max_sequence_idle_us=block.max_sequence_idle_microseconds or 1_000_000,
+        controls=tuple(controls),
+        states=tuple(states),
+        max_queue_delay_us=delay,
+        minimum_slot_utilization=utilization,
+        max_candidate_sequences=candidates,
+        preferred_batch_sizes=preferred,
+    )
+
+
+def _ensemble_scheduling(block, fail) -> EnsembleScheduling:
+    """The steps as written; the graph is checked against the composing models when they are
+    loaded (engine/ensemble.py)."""
+    if not block.step:
+        raise fail("ensemble_scheduling.step", "must list at least one step")
+    steps = []
+    for i, step in enumerate(block.step):
+        field = f"ensemble_scheduling.step[{i}]"
+        if not step.model_name:
+            raise fail(f"{field}.model_name", "must be set")
+        if step.model_namespace:
+            raise fail(f"{field}.model_namespace", "is not supported by Convoy")
+        if step.model_version < -1:
+            raise fail(
+                f"{field}.model_version", f"expected -1 (latest) or a version, got {step.model_version}"
+            )
+        steps.append(
+            EnsembleStep(
+                model_name=step.model_name,
+                model_version=int(step.model_version),
+                input_map=dict(step.input_map),
+                output_map=dict(step.output_map),
+            )
+        )
+    return EnsembleScheduling(steps=tuple(steps), max_inflight_requests=block.max_inflight_requests)
+
+
 def _version_policy(proto: mc.ModelConfig, fail) -> VersionPolicy:
     if not proto.HasField("version_policy"):
         return VersionPolicy()
@@ -354,13 +535,45 @@ def _warmup(sample, index: int, fail) -> WarmupSample:
     )
 
 
+def runtime_view(config: ModelConfig) -> ModelConfig:
+    """The config a runtime loads with: a sequence model's control and state inputs (and state
+    outputs) declared like the others, so every backend passes them to the model. Clients see
+    the config without them (`public_view`)."""
+    policy = config.sequence_batching
+    if policy is None:
+        return config
+    inputs = [TensorSpec(c.input_name, c.datatype, (1,)) for c in policy.controls]
+    inputs += [TensorSpec(s.input_name, s.datatype, s.dims) for s in policy.states]
+    outputs = [TensorSpec(s.output_name, s.datatype, s.dims) for s in policy.states]
+    # An undeclared side stays undeclared, for the backend to read from the model file.
+    return replace(
+        config,
+        inputs=(*config.inputs, *inputs) if config.inputs else (),
+        outputs=(*config.outputs, *outputs) if config.outputs else (),
+    )
+
+
+def public_view(config: ModelConfig) -> ModelConfig:
+    """The config without the tensors the sequence batcher fills and keeps (see runtime_view)."""
+    policy = config.sequence_batching
+    if policy is None:
+        return config
+    hidden_inputs = {c.input_name for c in policy.controls} | {s.input_name for s in policy.states}
+    hidden_outputs = {s.output_name for s in policy.states}
+    return replace(
+        config,
+        inputs=tuple(t for t in config.inputs if t.name not in hidden_inputs),
+        outputs=tuple(t for t in config.outputs if t.name not in hidden_outputs),
+    )
+
+
 def complete_proto(proto: mc.ModelConfig, config: ModelConfig) -> mc.ModelConfig:
     """The proto the ModelConfig API returns: the user's config with what Convoy filled in."""
     full = mc.ModelConfig()
     full.CopyFrom(proto)
     full.name = config.name
     full.max_batch_size = config.max_batch_size
-    if not full.backend:
+    if not full.backend and config.ensemble is None:
         full.backend = config.backend
     if not full.input:
         for spec in config.inputs:
@@ -368,7 +581,7 @@ def complete_proto(proto: mc.ModelConfig, config: ModelConfig) -> mc.ModelConfig
     if not full.output:
         for spec in config.outputs:
             _fill_tensor(full.output.add(), spec)
-    if not full.instance_group:
+    if not full.instance_group and config.ensemble is None:
         for group in config.instance_groups:
             full.instance_group.add(
                 name=group.name,

@@ -24,12 +24,13 @@ from convoy.config import ModelConfig, ServerConfig
 from convoy.errors import ConvoyError, EngineDead, InvalidInput, Overloaded, Unavailable
 from convoy.logs import LogControl
 from convoy.protos import model_config_pb2 as mc
-from convoy.types import Request, Response, StageTimes
+from convoy.types import Request, Response, StageTimes, StepTiming
 from convoy.wire import ErrorInfo, Link, TensorMeta, error_info, read_tensors, rebuild_error
 
 from .client import EngineClient, ModelEntry
 from .core import Engine
 from .repository import ModelVersion
+from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("convoy.engine.remote")
 
@@ -39,6 +40,9 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     call: int
     model: str
     version: int
+    #: The client asked for the latest version (none named): if `version` was retired by a
+    #: roll-out since the front end resolved it, the engine serves the new latest instead.
+    latest: bool
     id: str
     requested: tuple[str, ...]
     rows: int
@@ -70,6 +74,8 @@ class Result(msgspec.Struct, tag="result", array_like=True):
     #: The batch's StageTimes (monotonic ns: CLOCK_MONOTONIC is one clock for the host).
     timings: tuple[int, int, int, int, int] | None
     outputs: list[TensorMeta]
+    #: An ensemble's steps as they ran (for its trace); empty for other models.
+    steps: tuple[StepTiming, ...] = ()
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
@@ -100,11 +106,13 @@ class ModelState(msgspec.Struct, array_like=True):
 
 
 class Models(msgspec.Struct, tag="models", array_like=True):
-    """The engine's model table, whole (sent on connect and after every change)."""
+    """The engine's model table, whole (sent on connect and after every change), with the
+    shared-memory regions registered (each front end opens them itself)."""
 
     started: bool
     accepting: bool
     models: list[ModelState]
+    regions: list[dict[str, Any]]
 
 
 class Welcome(msgspec.Struct, tag="welcome", array_like=True):
@@ -135,6 +143,9 @@ CALLS = frozenset(
         "unload_model",
         "catalog_figures",
         "update_log_settings",
+        "register_system_shared_memory",
+        "unregister_system_shared_memory",
+        "system_shared_memory_status",
     }
 )
 
@@ -254,8 +265,12 @@ class EngineEndpoint:
         try:
             model = engine.models().get(message.model)
             entry = None if model is None else model.versions.get(message.version)
-            if entry is None:
-                raise InvalidInput(f"model '{message.model}' version {message.version} is not loaded")
+            if entry is None or (message.latest and not entry.ready):
+                if not message.latest:
+                    raise Unavailable(
+                        f"model '{message.model}' version {message.version} is not loaded"
+                    )
+                entry = engine.resolve(message.model)  # a roll-out moved "latest" meanwhile
             inputs = read_tensors(message.inputs, data)
         except ConvoyError as exc:
             self.send(Failure(message.call, error_info(exc)))
@@ -297,6 +312,7 @@ class EngineEndpoint:
                         response.model_version,
                         None if timings is None else tuple(timings),
                         metas,
+                        response.steps,
                     )
                 )
                 return
@@ -326,22 +342,28 @@ def model_table(engine: Engine) -> Models:
             for number, entry in sorted(model.versions.items())
         ]
         models.append(ModelState(name, model.state, model.reason, model.config, proto, versions))
-    return Models(engine.started, engine.accepting, models)
+    return Models(engine.started, engine.accepting, models, engine.shared_memory.status())
 
 
 # --- the front end's side -------------------------------------------------------------------------
 class RemoteVersion:
     """A model version as a front end sees it (from the engine's last model table)."""
 
-    __slots__ = ("config", "name", "ready", "reason", "state", "version")
+    __slots__ = ("as_latest", "config", "latest", "name", "ready", "reason", "state", "version")
 
-    def __init__(self, name: str, config: ModelConfig, state: VersionState) -> None:
+    def __init__(
+        self, name: str, config: ModelConfig, state: VersionState, latest: bool = False
+    ) -> None:
         self.name = name
         self.config = config
         self.version = state.version
         self.state = state.state
         self.reason = state.reason
         self.ready = state.ready
+        #: Resolved for a request that named no version.
+        self.latest = latest
+        #: The same version as resolved for such a request (built once, not per request).
+        self.as_latest = self if latest else RemoteVersion(name, config, state, True)
 
 
 class RemoteModel:
@@ -379,6 +401,7 @@ class RemoteEngine(EngineClient):
         self._call_of: dict[Request, int] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._welcomed = asyncio.get_running_loop().create_future()
+        self.shared_memory = SharedMemoryRegistry()
         #: Set when the engine's side of the link is gone.
         self.lost = asyncio.Event()
 
@@ -402,6 +425,7 @@ class RemoteEngine(EngineClient):
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
+        self.shared_memory.close()
 
     # --- the model table -------------------------------------------------------------------------
     def models(self) -> Mapping[str, ModelEntry]:
@@ -409,6 +433,10 @@ class RemoteEngine(EngineClient):
 
     def ready(self) -> bool:
         return self._engine_accepting and super().ready()
+
+    def resolve(self, name: str, version: str = "") -> RemoteVersion:
+        found = super().resolve(name, version)
+        return found if version else found.as_latest
 
     # --- inference ---------------------------------------------------------------------------------
     def submit(self, model: RemoteVersion, request: Request) -> None:
@@ -428,6 +456,7 @@ class RemoteEngine(EngineClient):
                     call,
                     model.name,
                     model.version,
+                    model.latest,
                     request.id,
                     request.requested_outputs,
                     request.rows,
@@ -477,14 +506,27 @@ class RemoteEngine(EngineClient):
     async def repository_index(self, ready_only: bool = False) -> list[dict]:
         return await self._call("repository_index", ready_only)
 
-    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
-        await self._call("load_model", name, parameters)
+    async def load_model(
+        self, name: str, parameters: dict[str, Any] | None = None, base64_files: bool = False
+    ) -> None:
+        await self._call("load_model", name, parameters, base64_files)
 
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await self._call("unload_model", name, parameters)
 
     async def catalog_figures(self) -> dict:
         return await self._call("catalog_figures")
+
+    async def register_system_shared_memory(
+        self, name: str, key: str, offset: int, byte_size: int
+    ) -> None:
+        await self._call("register_system_shared_memory", name, key, offset, byte_size)
+
+    async def unregister_system_shared_memory(self, name: str = "") -> None:
+        await self._call("unregister_system_shared_memory", name)
+
+    async def system_shared_memory_status(self, name: str = "") -> list[dict]:
+        return await self._call("system_shared_memory_status", name)
 
     def log_settings(self) -> dict[str, object]:
         return self.log_control.settings()
@@ -507,6 +549,7 @@ class RemoteEngine(EngineClient):
                             message.model,
                             message.version,
                             None if timings is None else StageTimes(*timings),
+                            message.steps,
                         )
                     )
             elif kind is Failure:
@@ -523,6 +566,8 @@ class RemoteEngine(EngineClient):
                 self._table = {state.name: RemoteModel(state) for state in message.models}
                 self.started = message.started
                 self._engine_accepting = message.accepting
+                for problem in self.shared_memory.mirror(message.regions):
+                    log.warning("shared memory region not opened here: %s", problem)
             elif kind is LogUpdate:
                 if self.log_control is not None:
                     self.log_control.update(message.changes)

@@ -15,15 +15,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convoy.batching.scheduler import Scheduler
+from convoy.batching.sequence import SequenceScheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
-from convoy.config import ModelConfig, ModelVersionSource, ServerConfig
-from convoy.engine.model_config import build_model_config, complete_proto, read_config_proto
+from convoy.config import EnsembleStep, ModelConfig, ModelVersionSource, ServerConfig
+from convoy.engine.ensemble import EnsembleScheduler
+from convoy.engine.ensemble_plan import plan_ensemble
+from convoy.engine.model_config import (
+    build_model_config,
+    complete_proto,
+    public_view,
+    read_config_proto,
+    runtime_view,
+)
+from convoy.engine.overrides import LoadOverrides, discard, materialise
+from convoy.engine.poller import RepositoryPoller, fingerprint
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
 from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
+from convoy.types import Request
 
 log = logging.getLogger("convoy.repository")
 
@@ -37,15 +49,30 @@ class ModelVersion:
     config: ModelConfig
     version: int
     state: str = "LOADING"  # LOADING, READY, UNAVAILABLE, UNLOADING
-    reason: str = ""
+    #: Why it failed to load or went away (`reason` adds why a READY version is unavailable).
+    failure: str = ""
     stats: ModelStats = field(default_factory=ModelStats)
     scheduler: Scheduler | None = None
     instances: list[RuntimeInstance] = field(default_factory=list)
+    #: The version folder's files as loaded (see engine/poller.py: fingerprint).
+    fingerprint: str = ""
 
     @property
     def ready(self) -> bool:
         # A version whose every instance is being replaced (after a hung batch) is not ready.
         return self.state == "READY" and (self.scheduler is None or self.scheduler.available)
+
+    @property
+    def reason(self) -> str:
+        """Why it is not ready: its failure, or while READY the scheduler's reason for being
+        unavailable (instances being replaced; an ensemble's composing model not ready)."""
+        if self.failure or self.scheduler is None or self.state != "READY":
+            return self.failure
+        return "" if self.scheduler.available else self.scheduler.restart_reason
+
+    @reason.setter
+    def reason(self, value: str) -> None:
+        self.failure = value
 
 
 @dataclass(slots=True, eq=False)
@@ -57,6 +84,11 @@ class Model:
     #: The config as the ModelConfig API returns it (user's config + what Convoy filled in).
     config_proto: mc.ModelConfig | None = None
     versions: dict[int, ModelVersion] = field(default_factory=dict)
+    #: Why the last load of this model failed ("" when it succeeded); the model may still serve
+    #: its older versions (a refused roll-out).
+    load_error: str = ""
+    #: The private directory the model was loaded from (load with file overrides), or None.
+    private_dir: Path | None = None
 
     def latest_ready(self) -> ModelVersion | None:
         for number in sorted(self.versions, reverse=True):
@@ -75,9 +107,17 @@ class ModelRepository:
         self.usage = usage
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Loads started by `_ensure_loaded` (start-up, an ensemble's composing models).
+        self._loads: dict[str, asyncio.Task] = {}
+        #: How an ensemble submits its steps: the Engine replaces this with its own submit,
+        #: so step requests take the front ends' path.
+        self.submit_step = _submit_to_scheduler
         #: Called (on the loop) whenever a model or version changes state, e.g. to tell the
         #: --workers front ends (engine/remote.py).
         self.listeners: list[Callable[[], None]] = []
+        #: --model-control-mode poll: the watcher and its task (None otherwise).
+        self._poller: RepositoryPoller | None = None
+        self._poll_task: asyncio.Task | None = None
 
     def changed(self) -> None:
         for listener in self.listeners:
@@ -85,11 +125,40 @@ class ModelRepository:
 
     async def __aenter__(self) -> ModelRepository:
         settings = self._settings
+        if settings.repository_poll_secs > 0:
+            self._poller = RepositoryPoller(self, settings.repository_poll_secs)
+            await self._poller.baseline()
         names = self.model_names() if settings.load_all else list(settings.load_models)
-        await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        await asyncio.gather(*(self._ensure_loaded(name) for name in names), return_exceptions=True)
+        if self._poller is not None:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poller.run())
         return self
 
+    async def _ensure_loaded(self, name: str, chain: tuple[str, ...] = ()) -> None:
+        """Load `name` unless it is loaded or being loaded (then wait for that load)."""
+        if name in chain:
+            raise InvalidConfig(
+                f"ensembles include each other in a cycle: {' -> '.join([*chain, name])}"
+            )
+        running = self._loads.get(name)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        if name in self.models and self.models[name].state != "LOADING":
+            return
+        task = asyncio.ensure_future(self.load(name, _chain=chain))
+        self._loads[name] = task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if self._loads.get(name) is task and task.done():
+                del self._loads[name]
+
     async def __aexit__(self, *exc_info) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            await asyncio.gather(self._poll_task, return_exceptions=True)
+            self._poll_task = None
         await asyncio.gather(*(self.unload(name) for name in list(self.models)), return_exceptions=True)
 
     # --- queries (any thread: they only read dicts replaced whole) ---------------------------
@@ -123,7 +192,11 @@ class ModelRepository:
             return found
         found = model.latest_ready()
         if found is None:
-            raise Unavailable(f"model '{name}' is not ready: {model.reason or model.state}")
+            reason = model.reason
+            for entry in model.versions.values():
+                if entry.state == "READY" and entry.scheduler is not None:
+                    reason = reason or entry.scheduler.restart_reason
+            raise Unavailable(f"model '{name}' is not ready: {reason or model.state}")
         return found
 
     def model(self, name: str) -> Model:
@@ -158,61 +231,131 @@ class ModelRepository:
         return text.replace(f"{self.root}/", "")
 
     # --- lifecycle (loop thread) ---------------------------------------------------------------
-    def _model_dir(self, name: str) -> Path:
+    @staticmethod
+    def _check_name(name: str) -> None:
         if not _MODEL_NAME.match(name) or name in (".", ".."):
             raise InvalidInput(f"model name '{name}' may hold only letters, digits, '_', '.' and '-'")
+
+    def _model_dir(self, name: str, loading: bool = False) -> Path:
+        self._check_name(name)
         path = (self.root / name).resolve()
         if path.parent != self.root:
             raise InvalidInput(f"model name '{name}' points outside the model repository")
         if not path.is_dir():
+            if loading:  # Triton's words, which clients and tools match on
+                raise ModelNotFound(
+                    f"failed to load '{name}', failed to poll from model repository: "
+                    f"no folder '{name}' in the model repository"
+                )
             raise ModelNotFound(f"model '{name}' is not found in the model repository")
         return path
 
-    async def load(self, name: str) -> Model:
-        """(Re)load a model from disk. The old versions keep serving until the new ones are up."""
-        model_dir = self._model_dir(name)
+    async def load(
+        self, name: str, overrides: LoadOverrides | None = None, _chain: tuple[str, ...] = ()
+    ) -> Model:
+        """(Re)load a model, from disk or from a load request's overrides. Roll-out: the new
+        versions are loaded and warmed while the old ones serve; then requests move to them
+        and the old versions drain and unload. Versions whose config is unchanged are kept as
+        they are. When a new version fails while an old one serves, nothing moves: the old
+        versions keep serving and `Model.load_error` says why (the failed version is listed
+        UNAVAILABLE with its reason). An ensemble loads its composing models first (those not
+        loaded yet)."""
+        overrides = overrides if overrides is not None and not overrides.empty else None
+        private = None
+        if overrides is not None and overrides.files:
+            self._check_name(name)
+            private = materialise(name, overrides)
+            model_dir = private
+        else:
+            model_dir = self._model_dir(name, loading=True)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            model = Model(name=name, state="LOADING")
             previous = self.models.get(name)
-            if previous is None:
-                self.models[name] = model
-                self.changed()
+            serving = previous is not None and previous.latest_ready() is not None
             try:
-                proto = read_config_proto(model_dir / "config.pbtxt")
-                config = build_model_config(proto, model_dir)
-                available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-                chosen = config.version_policy.select(available)
-                if not chosen:
-                    raise ModelNotFound(
-                        f"{model_dir}: no version folder matches the version policy "
-                        f"(found {sorted(available) or 'none'})"
-                    )
-                # What the model file itself declares fills what config.pbtxt left out.
-                newest = ModelVersionSource(config, chosen[0], model_dir / str(chosen[0]))
-                config = autocomplete(_factory(config.backend, model_dir), newest)
-                model.config = config
-                model.config_proto = complete_proto(proto, config)
-                results = await asyncio.gather(
-                    *(self._load_version(config, model_dir, v) for v in chosen)
-                )
-                model.versions = {entry.version: entry for entry in results}
-                if any(entry.ready for entry in results):
-                    model.state, model.reason = "READY", ""
-                else:
-                    model.state = "UNAVAILABLE"
-                    model.reason = "; ".join(e.reason for e in results if e.reason)
-            except ConvoyError as exc:
-                model.state, model.reason = "UNAVAILABLE", self.relative(str(exc))
-                log.error("model '%s' failed to load: %s", name, exc)
+                proto, config, chosen = self._plan(model_dir, overrides)
+            except InvalidInput:
+                discard(private)
+                raise
             except Exception as exc:
+                discard(private)
+                reason = str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, ConvoyError):
+                    log.exception("model '%s' failed to load", name)
+                else:
+                    log.error("model '%s' failed to load: %s", name, reason)
+                reason = self.relative(reason)  # the log keeps full paths; clients see these
+                if serving:
+                    previous.load_error = reason
+                    return previous
+                failed = Model(name=name, state="UNAVAILABLE", reason=reason, load_error=reason)
+                self.models[name] = failed
+                self.changed()
+                if previous is not None:
+                    await self._stop(previous)
+                return failed
+            model = Model(name=name, state="LOADING", config=config, private_dir=private)
+            model.config_proto = complete_proto(proto, config)
+            kept: dict[int, ModelVersion] = {}
+            if previous is not None and private is None and previous.private_dir is None:
+                for number in chosen:
+                    old = previous.versions.get(number)
+                    if (
+                        old is not None
+                        and old.ready
+                        and old.config == config
+                        and old.fingerprint == fingerprint(model_dir / str(number))
+                    ):
+                        kept[number] = old
+            if config.ensemble is not None:
+                try:
+                    fresh = await self._load_ensemble(config, model_dir, chosen, (*_chain, name))
+                except ConvoyError as exc:
+                    fresh = [
+                        ModelVersion(config, v, state="UNAVAILABLE", failure=self.relative(str(exc)))
+                        for v in chosen
+                    ]
+                    log.error("model '%s' failed to load: %s", name, exc)
+            else:
+                fresh = await asyncio.gather(
+                    *(self._load_version(config, model_dir, v) for v in chosen if v not in kept)
+                )
+            failed_new = [entry for entry in fresh if not entry.ready]
+            if failed_new and serving:
+                # Roll-out refused: the old versions keep every request.
+                reason = "; ".join(f"version {e.version}: {e.reason}" for e in failed_new)
+                for entry in fresh:
+                    if entry.ready:
+                        await self._stop_version(entry)
+                versions = dict(previous.versions)
+                for entry in failed_new:
+                    versions.setdefault(entry.version, entry)
+                previous.versions = versions
+                previous.load_error = reason
+                self.changed()
+                log.error("model '%s': new version failed, old versions keep serving: %s", name, reason)
+                discard(private)
+                return previous
+            model.versions = {**kept, **{entry.version: entry for entry in fresh}}
+            model.versions = dict(sorted(model.versions.items()))
+            if any(entry.ready for entry in model.versions.values()):
+                model.state, model.reason = "READY", ""
+            else:
                 model.state = "UNAVAILABLE"
-                model.reason = self.relative(f"{type(exc).__name__}: {exc}")
-                log.exception("model '%s' failed to load", name)
+                model.reason = "; ".join(e.reason for e in fresh if e.reason)
+                model.load_error = model.reason
+            retired = []
+            if previous is not None:
+                retired = [e for n, e in previous.versions.items() if kept.get(n) is not e]
+            # The switch: from here every lookup finds the new versions.
             self.models[name] = model
+            # Front ends in other processes learn of it now; a request one of them already
+            # sent to a retired version of "latest" is routed by the engine to the new latest.
             self.changed()
-            if previous is not None and previous is not model:
-                await self._stop(previous)
+            for entry in retired:
+                await self._stop_version(entry)
+            if previous is not None and previous.private_dir not in (None, private):
+                discard(previous.private_dir)
             if model.state == "READY":
                 log.info(
                     "model '%s' ready (versions %s, backend %s)",
@@ -221,6 +364,36 @@ class ModelRepository:
                     model.config.backend,
                 )
             return model
+
+    def _plan(
+        self, model_dir: Path, overrides: LoadOverrides | None
+    ) -> tuple[mc.ModelConfig, ModelConfig, list[int]]:
+        """The config (completed from the model file) and the versions to serve."""
+        if overrides is not None and overrides.config is not None:
+            proto = mc.ModelConfig()
+            proto.CopyFrom(overrides.config)
+            try:
+                config = build_model_config(proto, model_dir)
+            except InvalidConfig as exc:
+                where = f"{model_dir / 'config.pbtxt'}: "
+                raise InvalidInput(f"load parameter 'config': {str(exc).removeprefix(where)}") from None
+        else:
+            proto = read_config_proto(model_dir / "config.pbtxt")
+            config = build_model_config(proto, model_dir)
+        available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        if config.ensemble is not None and not available:
+            available = [1]  # an ensemble has no files: its version folder is optional
+        chosen = config.version_policy.select(available)
+        if not chosen:
+            raise ModelNotFound(
+                f"{model_dir}: no version folder matches the version policy "
+                f"(found {sorted(available) or 'none'})"
+            )
+        if config.ensemble is None:
+            # What the model file itself declares fills what config.pbtxt left out.
+            newest = ModelVersionSource(runtime_view(config), chosen[0], model_dir / str(chosen[0]))
+            config = public_view(autocomplete(_factory(config.backend, model_dir), newest))
+        return proto, config, chosen
 
     async def unload(self, name: str) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())
@@ -232,8 +405,12 @@ class ModelRepository:
             await self._stop(model)
 
     async def _load_version(self, config: ModelConfig, model_dir: Path, version: int) -> ModelVersion:
-        entry = ModelVersion(config=config, version=version)
-        source = ModelVersionSource(config=config, version=version, path=model_dir / str(version))
+        entry = ModelVersion(
+            config=config, version=version, fingerprint=fingerprint(model_dir / str(version))
+        )
+        source = ModelVersionSource(
+            config=runtime_view(config), version=version, path=model_dir / str(version)
+        )
         try:
             factory = _factory(config.backend, model_dir)
             if self._isolation(config) == "process":
@@ -244,7 +421,9 @@ class ModelRepository:
             async def replace(lost: RuntimeInstance) -> RuntimeInstance:
                 return await self._start_instance(factory, source, lost.index)
 
-            scheduler = Scheduler(
+            # A model with sequence_batching gets the sequence batcher instead.
+            kind = SequenceScheduler if config.sequence_batching is not None else Scheduler
+            scheduler = kind(
                 config,
                 str(version),
                 entry.instances,
@@ -273,6 +452,55 @@ class ModelRepository:
             entry.reason = self.relative(reason)
             await self._close_instances(entry)
         return entry
+
+    async def _load_ensemble(
+        self, config: ModelConfig, model_dir: Path, versions: list[int], chain: tuple[str, ...]
+    ) -> list[ModelVersion]:
+        """Load the composing models not loaded yet, check the graph, start one executor per
+        version. The ensemble is unavailable whenever a composing model is (checked live)."""
+        where = model_dir / "config.pbtxt"
+        for index, step in enumerate(config.ensemble.steps):
+            try:
+                await self._ensure_loaded(step.model_name, chain)
+            except ConvoyError as exc:
+                raise InvalidConfig(
+                    f"{where}: ensemble_scheduling.step[{index}]: model '{step.model_name}': {exc}"
+                ) from None
+
+        def composing(index: int, step: EnsembleStep) -> ModelConfig:
+            field = f"{where}: ensemble_scheduling.step[{index}]"
+            model = self.models.get(step.model_name)
+            if model is None or model.config is None:
+                reason = model.reason if model is not None else "not loaded"
+                raise InvalidConfig(
+                    f"{field}: composing model '{step.model_name}' failed to load: {reason}"
+                )
+            if step.model_version != -1 and step.model_version not in model.versions:
+                raise InvalidConfig(
+                    f"{field}.model_version: model '{step.model_name}' has no version "
+                    f"{step.model_version} (served: {sorted(model.versions)})"
+                )
+            return model.config
+
+        plan = plan_ensemble(config, composing, str(where))
+        entries = []
+        for version in versions:
+            entry = ModelVersion(config=config, version=version)
+            scheduler = EnsembleScheduler(
+                config,
+                str(version),
+                plan,
+                self.get,
+                lambda target, request: self.submit_step(target, request),
+                entry.stats,
+                self._settings.max_queue_size,
+                config.ensemble.max_inflight_requests,
+            )
+            await scheduler.__aenter__()
+            entry.scheduler = scheduler
+            entry.state = "READY"
+            entries.append(entry)
+        return entries
 
     async def _start_instance(self, factory, source: ModelVersionSource, index: int) -> RuntimeInstance:
         """Create, load and warm up instance `index` of a model version on its own thread."""
@@ -319,15 +547,20 @@ class ModelRepository:
 
     async def _stop(self, model: Model) -> None:
         for entry in model.versions.values():
-            entry.state = "UNLOADING"
-            if entry.scheduler is not None:
-                await entry.scheduler.close(self._settings.shutdown_grace)
-                # Close the instances working now (not those abandoned in a hung batch).
-                entry.instances = entry.scheduler.instances
-                entry.scheduler = None
-            await self._close_instances(entry)
-            entry.state = "UNAVAILABLE"
-            entry.reason = "unloaded"
+            await self._stop_version(entry)
+        discard(model.private_dir)
+
+    async def _stop_version(self, entry: ModelVersion) -> None:
+        """Drain a version (it finishes what it holds, new requests are refused), then unload."""
+        entry.state = "UNLOADING"
+        if entry.scheduler is not None:
+            await entry.scheduler.close(self._settings.shutdown_grace)
+            # Close the instances working now (not those abandoned in a hung batch).
+            entry.instances = entry.scheduler.instances
+            entry.scheduler = None
+        await self._close_instances(entry)
+        entry.state = "UNAVAILABLE"
+        entry.reason = "unloaded"
 
     @staticmethod
     async def _close_instances(entry: ModelVersion) -> None:
@@ -345,3 +578,14 @@ def _factory(backend: str, model_dir: Path):
         return runtime_factory(backend)
     except InvalidConfig as exc:
         raise InvalidConfig(f"{model_dir / 'config.pbtxt'}: backend: {exc}") from None
+
+
+def _submit_to_scheduler(entry: ModelVersion, request: Request) -> None:
+    """Queue a request on its model's scheduler; an error goes to its future."""
+    try:
+        if entry.scheduler is None:
+            raise Unavailable(f"model '{entry.config.name}' is not ready")
+        entry.scheduler.submit(request)
+    except ConvoyError as exc:
+        if not request.future.done():
+            request.future.set_exception(exc)

@@ -39,6 +39,16 @@ class Runtime(Protocol):
 
     # Optional: `is_fatal(error) -> bool`, True when the instance cannot be trusted after
     # `error` (see `is_fatal` below for the default).
+    #
+    # Optional: `batch_buffers(rows, like) -> dict[str, np.ndarray] | None`: writable arrays of
+    # `rows` rows, per-row shape and dtype as in `like` (one request's inputs), that the
+    # scheduler assembles a batch into; e.g. pinned host memory the device copies from without
+    # another staging copy. Called on the instance's thread, so buffers may be reused from one
+    # batch to the next. None: let the scheduler allocate.
+
+
+#: The optional capabilities a runtime may declare (by defining the method), read once per instance.
+CAPABILITIES = ("is_fatal", "batch_buffers")
 
 
 def cuda_context_lost(error: BaseException) -> bool:
@@ -140,6 +150,8 @@ class RuntimeInstance:
         #: The runtime executes in a process of its own (see runtimes/isolated.py): a fatal
         #: error then poisons only this instance, not the others sharing the server's process.
         self.isolated = bool(getattr(runtime, "isolated", False))
+        #: The runtime's batch buffers (see Runtime), or None.
+        self.batch_buffers = getattr(runtime, "batch_buffers", None)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -161,6 +173,12 @@ class RuntimeInstance:
         """Run `infer(inputs)` on this instance's thread, then `callback(*context, outputs,
         error)` on the calling loop. Call it on the loop."""
         self._jobs.put((asyncio.get_running_loop(), callback, context, self.runtime.infer, inputs))
+
+    def run(self, callback: Callable, context: tuple, function: Callable, argument) -> None:
+        """Run `function(argument)` on this instance's thread, then `callback(*context, result,
+        error)` on the calling loop (the scheduler: assemble a batch, then infer). Call it on the
+        loop."""
+        self._jobs.put((asyncio.get_running_loop(), callback, context, function, argument))
 
     async def call(self, function: Callable, *args):
         """Run a blocking runtime verb on this instance's thread and await its result."""

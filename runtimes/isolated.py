@@ -6,12 +6,9 @@ worker (`python -m convoy.runtimes.isolated`) loads the real backend and execute
 worker that crashes (segfault, os._exit, OOM kill) fails only the batch it was executing: the
 instance raises InstanceLost, which the scheduler answers by starting a fresh worker.
 
-The channel is a private Unix socket pair. Each message is a fixed prefix (header length,
-payload length), a small JSON header (op, and per tensor: name, dtype, shape, byte count) and
-the tensors' raw bytes back to back; BYTES tensors travel length-prefixed as on the V2 wire.
-Request data is never pickled. The one pickle is the load message, server -> worker: the
-model's typed config (our own frozen dataclasses, not network data) on a socket only the two
-processes hold. The server never unpickles anything the worker sends.
+The channel is a private Unix socket pair speaking convoy/wire.py, the format of every process
+boundary in Convoy: typed messages (Load, Execute, Close; Done, Failed) and the tensors' raw
+bytes; BYTES tensors travel length-prefixed as on the V2 wire. Nothing is pickled.
 
 The worker exits when the server does, however it ends: it reads EOF when the server's end
 of the socket closes, and it asks the kernel for SIGKILL when its parent dies (prctl) in case
@@ -21,34 +18,34 @@ it is busy in a batch.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
-import math
 import os
-import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 
+import msgspec
 import numpy as np
-import orjson
 
-from convoy import errors
 from convoy.config import ModelVersionSource
-from convoy.datatypes import deserialize_bytes, serialize_bytes
 from convoy.errors import ConvoyError, InferenceFailed, InstanceLost, ModelLoadFailed
+from convoy.wire import (
+    ErrorInfo,
+    FrameWriter,
+    TensorMeta,
+    error_info,
+    read_tensors,
+    rebuild_error,
+    receive_frame,
+    send_frame,
+)
 
 log = logging.getLogger("convoy.runtimes.isolated")
 
-#: (header bytes, payload bytes) before every message.
-_PREFIX = struct.Struct("<IQ")
 #: Seconds a worker gets to finish `close` (the model's finalize) before it is killed.
 CLOSE_TIMEOUT_S = 10.0
-#: The dtype name a BYTES (numpy object) tensor travels under.
-_BYTES = "bytes"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -57,73 +54,60 @@ class WorkerGone(Exception):
 
 
 # --- the channel ---------------------------------------------------------------------------------
-def _send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
-    """One message: prefix, JSON header, then each tensor's bytes (sent from the arrays'
-    own memory where they are contiguous: no copy on this side)."""
-    specs = []
-    buffers: list = []
-    payload = 0
-    for name, array in (tensors or {}).items():
-        array = np.asarray(array)
-        if array.dtype.kind == "O":
-            data = serialize_bytes(array)
-            dtype = _BYTES
-        else:
-            array = np.ascontiguousarray(array)
-            data = memoryview(array.reshape(-1).view(np.uint8))
-            dtype = array.dtype.name if array.dtype.kind == "V" else array.dtype.str
-        specs.append([name, dtype, list(array.shape), len(data)])
-        buffers.append(data)
-        payload += len(data)
-    header["tensors"] = specs
-    encoded = orjson.dumps(header)
-    parts = [_PREFIX.pack(len(encoded), payload) + encoded, *(b for b in buffers if len(b))]
-    while parts:
-        sent = sock.sendmsg(parts)
-        # Partial send (large payloads): drop what went, keep the rest of the part in flight.
-        while parts and sent >= len(parts[0]):
-            sent -= len(parts[0])
-            parts.pop(0)
-        if parts and sent:
-            parts[0] = memoryview(parts[0])[sent:]
+class Load(msgspec.Struct, tag="load", array_like=True):
+    backend: str
+    source: ModelVersionSource
+    instance_index: int
 
 
-def _read_exact(reader, size: int) -> bytearray:
-    buffer = bytearray(size)
-    if size and reader.readinto(buffer) != size:
-        raise WorkerGone("channel closed")
-    return buffer
+class Execute(msgspec.Struct, tag="execute", array_like=True):
+    inputs: list[TensorMeta]
 
 
-def _receive(reader) -> tuple[dict, dict[str, np.ndarray]]:
-    """(header, tensors): tensors are views of one received buffer (the copy out of the socket
-    is the only one)."""
-    prefix = reader.read(_PREFIX.size)
-    if len(prefix) != _PREFIX.size:
-        raise WorkerGone("channel closed")
-    header_size, payload_size = _PREFIX.unpack(prefix)
-    header = orjson.loads(_read_exact(reader, header_size))
-    payload = _read_exact(reader, payload_size)
-    tensors = {}
-    offset = 0
-    for name, dtype, shape, size in header.pop("tensors"):
-        view = memoryview(payload)[offset : offset + size]
-        offset += size
-        if dtype == _BYTES:
-            tensors[name] = deserialize_bytes(view, math.prod(shape), name).reshape(shape)
-        else:
-            tensors[name] = np.frombuffer(view, dtype=_dtype(dtype)).reshape(shape)
-    return header, tensors
+class Close(msgspec.Struct, tag="close", array_like=True):
+    pass
 
 
-@functools.cache
-def _dtype(name: str) -> np.dtype:
+class Done(msgspec.Struct, tag="done", array_like=True):
+    outputs: list[TensorMeta] = []
+
+
+class Failed(msgspec.Struct, tag="failed", array_like=True):
+    error: ErrorInfo
+    #: The exception's class name (for a message about errors that are not Convoy's own).
+    type_name: str
+    #: The backend judged the worker unusable after it: the server starts another.
+    fatal: bool = False
+
+
+ToWorker = Load | Execute | Close
+FromWorker = Done | Failed
+
+
+def _send(sock: socket.socket, message) -> None:
+    writer = FrameWriter()
+    writer.add(message)
+    send_frame(sock, writer)
+
+
+def _send_tensors(sock: socket.socket, kind, tensors: dict[str, np.ndarray]) -> None:
+    """One frame: a `kind` message (Execute, Done) and its tensors' bytes, sent from the
+    arrays' own memory."""
+    writer = FrameWriter()
+    writer.add(kind(writer.tensors(tensors)))
+    send_frame(sock, writer)
+
+
+def _receive(reader, kind) -> tuple[object, dict[str, np.ndarray]]:
+    """(message, tensors): tensors view one received buffer (the copy out of the socket is the
+    only one)."""
     try:
-        return np.dtype(name)
-    except TypeError:
-        import ml_dtypes  # bfloat16 and friends are named, not coded, dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
+        messages, data = receive_frame(reader, kind)
+    except EOFError:
+        raise WorkerGone("channel closed") from None
+    message = messages[0]
+    metas = getattr(message, "inputs", None) or getattr(message, "outputs", None) or []
+    return message, read_tensors(metas, data)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -178,32 +162,31 @@ class IsolatedRuntime:
             theirs.close()
         self._sock = ours
         self._reader = ours.makefile("rb")
-        setup = pickle.dumps((self._backend, self._source, self._instance_index))
         try:
-            _send(self._sock, {"op": "load"}, {"setup": np.frombuffer(setup, dtype=np.uint8)})
-            header, _ = _receive(self._reader)
+            _send(self._sock, Load(self._backend, self._source, self._instance_index))
+            answer, _ = _receive(self._reader, FromWorker)
         except (WorkerGone, OSError):
             code = self._reap()
             raise ModelLoadFailed(
                 f"model '{self._name}' worker {_describe_exit(code)} while loading"
             ) from None
-        if "error" in header:
+        if isinstance(answer, Failed):
             self._reap()
-            raise ModelLoadFailed(header["error"]["message"])
+            raise ModelLoadFailed(answer.error.message)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._process.poll() is not None:
             self._restart_idle()
         try:
-            _send(self._sock, {"op": "infer"}, inputs)
-            header, outputs = _receive(self._reader)
+            _send_tensors(self._sock, Execute, inputs)
+            answer, outputs = _receive(self._reader, FromWorker)
         except (WorkerGone, OSError):
             code = self._reap()
             raise InstanceLost(
                 f"model '{self._name}' worker {_describe_exit(code)} while executing; restarting"
             ) from None
-        if "error" in header:
-            raise _error_from(header["error"], self._name)
+        if isinstance(answer, Failed):
+            raise _error_from(answer, self._name)
         return outputs
 
     def _restart_idle(self) -> None:
@@ -232,8 +215,8 @@ class IsolatedRuntime:
         if self._process is None:
             return
         try:
-            _send(self._sock, {"op": "close"})
-            _receive(self._reader)
+            _send(self._sock, Close())
+            _receive(self._reader, FromWorker)
         except (WorkerGone, OSError):
             pass  # already gone: nothing to finalize
         self._reap(CLOSE_TIMEOUT_S)
@@ -261,19 +244,18 @@ class IsolatedRuntime:
             return process.wait()
 
 
-def _error_from(error: dict, model: str) -> ConvoyError:
+def _error_from(failed: Failed, model: str) -> ConvoyError:
     """The exception the server raises for an error the worker reported."""
-    if error.get("fatal"):
+    message = failed.error.message
+    if failed.fatal:
         return InstanceLost(
-            f"model '{model}' hit a fatal error ({error['type']}: {error['message']}); "
-            "restarting its worker"
+            f"model '{model}' hit a fatal error ({failed.type_name}: {message}); restarting its worker"
         )
-    cls = getattr(errors, error["type"], None)
-    if isinstance(cls, type) and issubclass(cls, ConvoyError):
-        return cls(error["message"])
-    return InferenceFailed(
-        f"model '{model}' failed to execute the batch: {error['type']}: {error['message']}"
-    )
+    if failed.error.kind:
+        rebuilt = rebuild_error(failed.error)
+        if isinstance(rebuilt, ConvoyError):
+            return rebuilt
+    return InferenceFailed(f"model '{model}' failed to execute the batch: {failed.type_name}: {message}")
 
 
 def isolated_factory(backend: str):
@@ -296,8 +278,11 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)  # the server died before the request above took effect
 
 
-def _error_header(exc: BaseException, fatal: bool) -> dict:
-    return {"error": {"type": type(exc).__name__, "message": str(exc), "fatal": fatal}}
+def _failed(exc: BaseException, fatal: bool) -> Failed:
+    """The worker's report of an exception: its kind when it is Convoy's own, and its text
+    either way (model errors are the model owner's to read, as in a single process)."""
+    kind = error_info(exc).kind
+    return Failed(ErrorInfo(kind, str(exc)), type(exc).__name__, fatal)
 
 
 def serve(sock: socket.socket) -> int:
@@ -306,30 +291,30 @@ def serve(sock: socket.socket) -> int:
 
     reader = sock.makefile("rb")
     try:
-        header, tensors = _receive(reader)
+        load, _ = _receive(reader, ToWorker)
     except WorkerGone:
         return 0
-    backend, source, index = pickle.loads(tensors["setup"].tobytes())  # from the server: trusted
+    source = load.source
     try:
-        runtime = runtime_factory(backend)(source, index)
+        runtime = runtime_factory(load.backend)(source, load.instance_index)
         runtime.load()
     except Exception as exc:
         if not isinstance(exc, ConvoyError):
             log.exception("model '%s' worker failed to load", source.config.name)
             exc = ModelLoadFailed(f"model '{source.config.name}': {type(exc).__name__}: {exc}")
-        _send(sock, _error_header(exc, False))
+        _send(sock, _failed(exc, False))
         return 1
-    _send(sock, {"ok": True})
+    _send(sock, Done())
     while True:
         try:
-            header, inputs = _receive(reader)
+            message, inputs = _receive(reader, ToWorker)
         except WorkerGone:
             return 0
-        if header["op"] == "close":
+        if isinstance(message, Close):
             try:
                 runtime.close()
             finally:
-                _send(sock, {"ok": True})
+                _send(sock, Done())
             return 0
         try:
             outputs = runtime.infer(inputs)
@@ -337,11 +322,11 @@ def serve(sock: socket.socket) -> int:
             fatal = is_fatal(runtime, exc)
             if not isinstance(exc, ConvoyError) or fatal:
                 log.error("model '%s' failed a batch", source.config.name, exc_info=exc)
-            _send(sock, _error_header(exc, fatal))
+            _send(sock, _failed(exc, fatal))
             if fatal:
                 return 1  # this process cannot be trusted any more; the server starts another
             continue
-        _send(sock, {"ok": True}, outputs)
+        _send_tensors(sock, Done, outputs)
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ from convoy.datatypes import (
     element_count,
     float32_to_bf16_bits,
 )
+from convoy.engine.shared_memory import SharedMemoryRef
 from convoy.errors import InvalidInput
 from convoy.types import TensorSpec
 
@@ -217,3 +218,33 @@ def non_negative_parameter(parameters: dict, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(f"parameter '{name}': expected a non-negative integer, got {value!r}")
     return value
+
+
+#: The request parameters that put a tensor in a registered shared-memory region.
+SHM_REGION = "shared_memory_region"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+SHM_OFFSET = "shared_memory_offset"
+
+
+def shared_memory_ref(parameters, what: str) -> SharedMemoryRef | None:
+    """The shared-memory location a tensor's parameters name, or None when they name none."""
+    if not isinstance(parameters, dict):
+        return None
+    region = parameters.get(SHM_REGION)
+    if region is None:
+        for name in (SHM_BYTE_SIZE, SHM_OFFSET):
+            if name in parameters:
+                raise InvalidInput(f"{what}: parameter '{name}' needs '{SHM_REGION}'")
+        return None
+    if not isinstance(region, str) or not region:
+        raise InvalidInput(f"{what}: parameter '{SHM_REGION}' must be a region name")
+    if SHM_BYTE_SIZE not in parameters:
+        raise InvalidInput(f"{what}: parameter '{SHM_REGION}' needs '{SHM_BYTE_SIZE}'")
+    size = parameters[SHM_BYTE_SIZE]
+    offset = parameters.get(SHM_OFFSET, 0)
+    for name, value in ((SHM_BYTE_SIZE, size), (SHM_OFFSET, offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(
+                f"{what}: parameter '{name}' must be a non-negative integer, got {value!r}"
+            )
+    return SharedMemoryRef(region, size, offset)

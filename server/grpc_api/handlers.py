@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from convoy.auth import Keyring
 from convoy.datatypes import to_wire_bytes
 from convoy.engine.client import EngineClient, ModelView
+from convoy.engine.shared_memory import SharedMemoryRef
 from convoy.errors import (
     ConvoyError,
     InvalidInput,
@@ -33,7 +34,7 @@ from convoy.server import codec as tensors
 from convoy.server.grpc_api.decoding import DecodeErrorInterceptor
 from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
 from convoy.server.observability.tracing import TRACEPARENT, Tracer
-from convoy.types import Request
+from convoy.types import Request, Response
 
 log = logging.getLogger("convoy.grpc")
 
@@ -71,26 +72,37 @@ def decode_request(
     entry = engine.resolve(message.model_name, message.model_version)
     config = entry.config
     raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
+    refs = [_shared_memory_ref(tensor, "input") for tensor in message.inputs]
+    on_wire = sum(ref is None for ref in refs)
+    if raw and len(raw) != on_wire:
         raise InvalidInput(
-            f"raw_input_contents holds {len(raw)} tensors for {len(message.inputs)} inputs; "
-            "expected one per input"
+            f"raw_input_contents holds {len(raw)} tensors for {on_wire} inputs not in shared "
+            "memory; expected one per input"
         )
     inputs = {}
-    for index, tensor in enumerate(message.inputs):
+    raw_index = 0
+    for tensor, ref in zip(message.inputs, refs, strict=True):
         name = tensor.name
         if name in inputs:
             raise InvalidInput(f"input '{name}' appears more than once")
         spec = tensors.input_spec(config, name)
         shape = list(tensor.shape)
         tensors.check_shape(config, spec, tensor.datatype, shape)
-        if raw:
+        if ref is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{name}': set either shared memory parameters or contents, not both"
+                )
+            data = engine.read_shared_memory(ref, f"input '{name}'")
+            array = tensors.from_raw(spec, tensor.datatype, shape, data)
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     "contents field must not be specified when using raw_input_contents "
                     f"for '{name}' for model '{config.name}'"
                 )
-            array = tensors.from_raw(spec, tensor.datatype, shape, raw[index])
+            array = tensors.from_raw(spec, tensor.datatype, shape, raw[raw_index])
+            raw_index += 1
         else:
             field = CONTENTS_FIELD.get(tensor.datatype)
             if field is None:
@@ -118,6 +130,25 @@ def decode_request(
     return entry, request
 
 
+def _shared_memory_ref(tensor, kind: str) -> SharedMemoryRef | None:
+    """The region an input or requested output names in its parameters, or None."""
+    if not tensor.parameters:
+        return None
+    parameters = {k: _parameter(v) for k, v in tensor.parameters.items()}
+    return tensors.shared_memory_ref(parameters, f"{kind} '{tensor.name}'")
+
+
+def output_refs(engine: EngineClient, message) -> dict[str, SharedMemoryRef]:
+    """Requested outputs to be written into shared memory, checked against their regions."""
+    refs = {}
+    for output in message.outputs:
+        ref = _shared_memory_ref(output, "output")
+        if ref is not None:
+            engine.check_shared_memory(ref, f"output '{output.name}'")
+            refs[output.name] = ref
+    return refs
+
+
 def _traceparent(context) -> str | None:
     """The client's W3C traceparent from the call's metadata, or None."""
     for key, value in context.invocation_metadata() or ():
@@ -126,16 +157,38 @@ def _traceparent(context) -> str | None:
     return None
 
 
-def encode_response(entry: ModelView, request: Request, outputs) -> pb.ModelInferResponse:
-    """The response to `request`: `outputs` are the ones it asked for, selected by the engine."""
+def encode_response(
+    entry: ModelView,
+    request: Request,
+    result: Response,
+    engine: EngineClient | None = None,
+    refs: dict[str, SharedMemoryRef] | None = None,
+) -> pb.ModelInferResponse:
+    """The response to `request`: the outputs it asked for (selected by the engine), from the
+    version that served it. `refs`: outputs to write into shared memory (they carry no bytes in
+    the response)."""
     config = entry.config
     response = pb.ModelInferResponse(
-        model_name=config.name, model_version=str(entry.version), id=request.id
+        model_name=config.name, model_version=result.model_version, id=request.id
     )
-    for name, array in outputs.items():
+    blobs = []
+    for name, array in result.outputs.items():
         datatype = tensors.output_datatype(config, name, array)
-        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        response.raw_output_contents.append(to_wire_bytes(array, datatype))
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        ref = refs.get(name) if refs else None
+        blob = to_wire_bytes(array, datatype)
+        if ref is None:
+            blobs.append(blob)
+            continue
+        engine.write_shared_memory(ref, blob, f"output '{name}'")
+        tensor.parameters[tensors.SHM_REGION].string_param = ref.region
+        tensor.parameters[tensors.SHM_BYTE_SIZE].int64_param = memoryview(blob).nbytes
+        if ref.offset:
+            tensor.parameters[tensors.SHM_OFFSET].int64_param = ref.offset
+        blobs.append(b"")  # keeps raw_output_contents[i] beside outputs[i]
+    # One entry per output, empty for those in shared memory: clients index the two lists
+    # together (perf_analyzer's C++ client reads raw_output_contents[i] for outputs[i]).
+    response.raw_output_contents.extend(blobs)
     return response
 
 
@@ -241,7 +294,8 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):
         try:
-            await self.engine.load_model(request.model_name)
+            parameters = {k: _parameter(v) for k, v in request.parameters.items()}
+            await self.engine.load_model(request.model_name, parameters)
             return pb.RepositoryModelLoadResponse()
         except Exception as exc:
             await self._abort(context, exc)
@@ -264,6 +318,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         """Decode, queue and await one request; a cancelled await leaves the queue too."""
         future = asyncio.get_running_loop().create_future()
         entry, request = decode_request(self.engine, message, future, deadline, principal)
+        refs = output_refs(self.engine, message) if message.outputs else None
         self.engine.submit(entry, request)
         try:
             result = await future
@@ -275,7 +330,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 self.tracer.record(
                     "grpc", entry.config.name, str(entry.version), request, future, traceparent
                 )
-        return encode_response(entry, request, result.outputs)
+        return encode_response(entry, request, result, self.engine, refs)
 
     async def ModelInfer(self, request, context):
         key = current_key()
@@ -383,27 +438,50 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._answer(context, build)
 
-    # --- not implemented: shared memory, tracing ---------------------------------------------------
+    # --- shared memory -----------------------------------------------------------------------------
     async def _unsupported(self, context, what: str):
         await self._abort(context, Unsupported(f"{what} is not supported by Convoy"))
 
-    async def SystemSharedMemoryStatus(self, request, context):
-        return pb.SystemSharedMemoryStatusResponse()
+    async def _control(self, context, call, build):
+        """A shared-memory call (any valid key may make one: see interceptors.py)."""
+        try:
+            return build(await call)
+        except Exception as exc:
+            await self._abort(context, exc)
 
-    async def CudaSharedMemoryStatus(self, request, context):
-        return pb.CudaSharedMemoryStatusResponse()
+    async def SystemSharedMemoryStatus(self, request, context):
+        def build(rows):
+            response = pb.SystemSharedMemoryStatusResponse()
+            for row in rows:
+                response.regions[row["name"]].CopyFrom(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(**row)
+                )
+            return response
+
+        call = self.engine.system_shared_memory_status(request.name)
+        return await self._control(context, call, build)
 
     async def SystemSharedMemoryRegister(self, request, context):
-        await self._unsupported(context, "system shared memory")
+        call = self.engine.register_system_shared_memory(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return await self._control(context, call, lambda _: pb.SystemSharedMemoryRegisterResponse())
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        await self._unsupported(context, "system shared memory")
+        call = self.engine.unregister_system_shared_memory(request.name)
+        return await self._control(context, call, lambda _: pb.SystemSharedMemoryUnregisterResponse())
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        call = self.engine.cuda_shared_memory_status(request.name)
+        return await self._control(context, call, lambda _: pb.CudaSharedMemoryStatusResponse())
 
     async def CudaSharedMemoryRegister(self, request, context):
-        await self._unsupported(context, "CUDA shared memory")
+        call = self.engine.register_cuda_shared_memory(request.name)
+        return await self._control(context, call, lambda _: pb.CudaSharedMemoryRegisterResponse())
 
     async def CudaSharedMemoryUnregister(self, request, context):
-        await self._unsupported(context, "CUDA shared memory")
+        call = self.engine.unregister_cuda_shared_memory(request.name)
+        return await self._control(context, call, lambda _: pb.CudaSharedMemoryUnregisterResponse())
 
     async def TraceSetting(self, request, context):
         await self._unsupported(context, "trace settings")

@@ -207,6 +207,8 @@ class HttpFrontend:
             self._expect(method, "POST", scope)
             changes = self._parse_json(await self._read_body(receive))
             return await self._json(send, await engine.update_log_settings(changes))
+        if head in ("systemsharedmemory", "cudasharedmemory"):
+            return await self._shared_memory(scope, receive, send, head, rest[1:])
         if head == "repository":
             self._expect(method, "POST", scope)
             if rest[1:] == ["index"]:
@@ -218,12 +220,51 @@ class HttpFrontend:
                     rows = [row for row in rows if key.allows(row["name"])]
                 return await self._json(send, rows)
             if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
-                await self._read_body(receive)
+                body = await self._read_body(receive)
                 if rest[3] == "load":
-                    await engine.load_model(rest[2])
+                    parameters = self._parse_json(body).get("parameters") if body else None
+                    if parameters is not None and not isinstance(parameters, dict):
+                        raise InvalidInput("'parameters' must be a JSON object")
+                    await engine.load_model(rest[2], parameters, base64_files=True)
                 else:
                     await engine.unload_model(rest[2])
                 return await self._send(send, 200, b"")
+        raise ModelNotFound(f"no endpoint at {scope['path']}")
+
+    async def _shared_memory(self, scope, receive, send, head: str, rest: list[str]) -> None:
+        """Triton's shared-memory extension: status, register, unregister (one or all)."""
+        engine = self.engine
+        method = scope["method"]
+        system = head == "systemsharedmemory"
+        name = ""
+        if len(rest) == 3 and rest[0] == "region":
+            name, rest = rest[1], rest[2:]
+        action = rest[0] if len(rest) == 1 else ""
+        if action == "status":
+            self._expect(method, "GET", scope)
+            if system:
+                return await self._json(send, await engine.system_shared_memory_status(name))
+            return await self._json(send, await engine.cuda_shared_memory_status(name))
+        if action == "unregister":
+            self._expect(method, "POST", scope)
+            await self._read_body(receive)
+            if system:
+                await engine.unregister_system_shared_memory(name)
+            else:
+                await engine.unregister_cuda_shared_memory(name)
+            return await self._send(send, 200, b"")
+        if action == "register" and name:
+            self._expect(method, "POST", scope)
+            document = self._parse_json(await self._read_body(receive))
+            if not system:
+                await engine.register_cuda_shared_memory(name)
+            key = document.get("key")
+            if not isinstance(key, str):
+                raise InvalidInput("register: 'key' must be the shared memory segment's name")
+            await engine.register_system_shared_memory(
+                name, key, document.get("offset", 0), document.get("byte_size")
+            )
+            return await self._send(send, 200, b"")
         raise ModelNotFound(f"no endpoint at {scope['path']}")
 
     async def _catalog(self, scope, send, as_json: bool) -> None:
@@ -322,11 +363,13 @@ class HttpFrontend:
 
         entry = self.engine.resolve(model, version)
         config = entry.config
-        inputs, rows = self._decode_inputs(config, document, binary)
+        inputs, rows = self._decode_inputs(config, document, binary, self.engine)
         parameters = document.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be a JSON object")
         requested, binary_outputs = self._requested_outputs(config, document, parameters)
+        for name, ref in binary_outputs[2].items():
+            self.engine.check_shared_memory(ref, f"output '{name}'")
         future = asyncio.get_running_loop().create_future()
         request = Request(
             id=str(document.get("id", "")),
@@ -354,7 +397,7 @@ class HttpFrontend:
             watcher.cancel()
             if self.tracer is not None:
                 self._trace(scope, entry, request, future)
-        await self._respond(send, entry, request, result.outputs, binary_outputs, accept)
+        await self._respond(send, entry, request, result, binary_outputs, accept)
 
     def _trace(self, scope, entry, request: Request, future) -> None:
         traceparent = None
@@ -391,7 +434,7 @@ class HttpFrontend:
         return b"".join(parts)
 
     @staticmethod
-    def _decode_inputs(config, document: dict, binary: memoryview):
+    def _decode_inputs(config, document: dict, binary: memoryview, engine=None):
         items = document.get("inputs")
         if not isinstance(items, list):
             raise InvalidInput("'inputs' must be a JSON list of tensors")
@@ -415,7 +458,15 @@ class HttpFrontend:
             tensors.check_shape(config, spec, datatype, shape)
             params = item.get("parameters") or {}
             size = params.get("binary_data_size") if isinstance(params, dict) else None
-            if size is not None:
+            ref = tensors.shared_memory_ref(params, f"input '{name}'")
+            if ref is not None:
+                if size is not None or "data" in item:
+                    raise InvalidInput(
+                        f"input '{name}': set either shared memory parameters or data, not both"
+                    )
+                data = engine.read_shared_memory(ref, f"input '{name}'")
+                array = tensors.from_raw(spec, datatype, shape, data)
+            elif size is not None:
                 if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                     raise InvalidInput(
                         f"input '{name}': binary_data_size must be a non-negative integer"
@@ -449,6 +500,7 @@ class HttpFrontend:
             raise InvalidInput("'outputs' must be a JSON list")
         names = []
         binary = {}
+        refs = {}
         for position, item in enumerate(items):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidInput(f"outputs[{position}] must be an object with a string 'name'")
@@ -461,18 +513,30 @@ class HttpFrontend:
                 )
             names.append(item["name"])
             binary[item["name"]] = bool(params.get("binary_data", default_binary))
+            ref = tensors.shared_memory_ref(params, f"output '{item['name']}'")
+            if ref is not None:
+                refs[item["name"]] = ref
         requested = tensors.check_requested_outputs(config, names)
-        return requested, (binary, default_binary)
+        return requested, (binary, default_binary, refs)
 
-    async def _respond(self, send, entry, request, outputs, binary_outputs, accept: bytes) -> None:
-        per_output, default_binary = binary_outputs
+    async def _respond(self, send, entry, request, result, binary_outputs, accept: bytes) -> None:
+        """The response to `request`: the outputs it asked for (selected by the engine), from
+        the version that served it."""
+        outputs = result.outputs
+        per_output, default_binary, refs = binary_outputs
         described = []
         blobs = []
         config = entry.config
         for name, array in outputs.items():
             datatype = tensors.output_datatype(config, name, array)
             out = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-            if per_output.get(name, default_binary):
+            ref = refs.get(name)
+            if ref is not None:
+                blob = to_wire_bytes(array, datatype)
+                # No data and no parameters: clients read the region (Triton's C++ client
+                # takes any output `parameters` to hold binary_data_size).
+                self.engine.write_shared_memory(ref, blob, f"output '{name}'")
+            elif per_output.get(name, default_binary):
                 blob = to_wire_bytes(array, datatype)
                 out["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
@@ -481,7 +545,7 @@ class HttpFrontend:
             described.append(out)
         answer = {
             "model_name": entry.config.name,
-            "model_version": str(entry.version),
+            "model_version": result.model_version,
             "outputs": described,
         }
         if request.id:

@@ -1,7 +1,8 @@
 """Optional OpenTelemetry tracing (the `tracing` extra): one span per inference request.
 
 Each request gets a span "infer {model}" from its arrival to its outcome, with children "queue"
-(waiting for a batch), "compute" (merge, run, split) and "compute_infer" (the runtime's call),
+(waiting for a batch), "compute" (merge, run, split) and "compute_infer" (the runtime's call)
+(an ensemble: a child "step {i} {model}" per step, holding that step's "queue" and "compute"),
 built after the fact from the monotonic times the scheduler stamped, so nothing runs on the
 request path while tracing is off and only this record() call while it is on. The span's parent
 is the client's W3C `traceparent` (HTTP header or gRPC metadata). Spans leave through a
@@ -76,6 +77,7 @@ class Tracer:
         end = time.monotonic_ns()
         to_wall = time.time_ns() - end  # monotonic ns + to_wall = wall-clock ns
         timings = None
+        steps = ()
         if future.cancelled() or not future.done():
             status = "CANCELLED"
         elif (error := future.exception()) is not None:
@@ -83,6 +85,7 @@ class Tracer:
         else:
             status = "OK"
             timings = future.result().timings
+            steps = future.result().steps
         parent = self._propagator.extract({TRACEPARENT: traceparent}) if traceparent else None
         span = self._tracer.start_span(
             f"infer {model}",
@@ -109,7 +112,35 @@ class Tracer:
             ):
                 child = self._tracer.start_span(name, context=context, start_time=start_ns + to_wall)
                 child.end(end_time=end_ns + to_wall)
+        if steps:
+            self._record_steps(span, steps, to_wall)
         span.end(end_time=end + to_wall)
+
+    def _record_steps(self, span, steps, to_wall: int) -> None:
+        """An ensemble's steps: a "step {i} {model}" span each, with its queue and compute."""
+        context = self._in_context(span)
+        for step in steps:
+            child = self._tracer.start_span(
+                f"step {step.index} {step.model}",
+                context=context,
+                start_time=step.submitted_ns + to_wall,
+                attributes={
+                    "convoy.model": step.model,
+                    "convoy.model_version": step.version,
+                    "convoy.ensemble_step": step.index,
+                },
+            )
+            if step.timings is not None:
+                inner = self._in_context(child)
+                for name, start_ns, end_ns in (
+                    ("queue", step.queued_ns, step.timings.dispatched_ns),
+                    ("compute", step.timings.compute_start_ns, step.timings.done_ns),
+                ):
+                    grandchild = self._tracer.start_span(
+                        name, context=inner, start_time=start_ns + to_wall
+                    )
+                    grandchild.end(end_time=end_ns + to_wall)
+            child.end(end_time=step.finished_ns + to_wall)
 
     def close(self) -> None:
         """Export what is still buffered, then stop the exporter threads."""

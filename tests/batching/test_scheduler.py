@@ -981,3 +981,35 @@ def test_close_answers_batches_held_for_preserve_ordering():
             assert fast.future.done(), "close() returned leaving a held request unanswered"
 
     asyncio.run(scenario())
+
+
+def test_batches_are_assembled_into_the_runtimes_own_buffers_reused_between_batches():
+    """A runtime that declares batch buffers gets every batch (a lone request too) assembled
+    straight into them, so the batch is copied once; reusing them never mixes answers up."""
+    from scheduler_fakes import BufferedRuntime
+
+    async def scenario():
+        log = BatchLog()
+        gate = Gate(0)
+        runtime = BufferedRuntime("i0", log, gate)
+        config = model_config(8, DynamicBatching(max_queue_delay_us=100_000))
+        async with serve(config, [runtime], gates=[gate]) as scheduler:
+            blocker = make_request(0)
+            scheduler.submit(blocker)
+            await gate.wait_entered()
+            waves = [[make_request(tag, rows=1 + tag % 3, length=2) for tag in range(1, 6)]]
+            waves.append([make_request(tag, rows=2, length=2) for tag in range(6, 9)])
+            for request in waves[0]:
+                scheduler.submit(request)
+            gate.open()
+            for request in [blocker, *waves[0]]:
+                assert_served_correctly(request, await outcome(request))
+            for request in waves[1]:
+                scheduler.submit(request)
+            for request in waves[1]:
+                assert_served_correctly(request, await outcome(request))
+        assert runtime.assembled_into_own and all(runtime.assembled_into_own)
+        assert len(runtime.buffers) == 2  # one per per-row shape, reused batch after batch
+        assert len(log.snapshot()) < 1 + len(waves[0]) + len(waves[1])  # requests shared batches
+
+    asyncio.run(scenario())

@@ -23,7 +23,10 @@ IDENTITY_IO = (
 
 #: model name -> (config.pbtxt lines beside the identity tensors, the field its refusal names)
 REFUSED = {
-    "sequence": ("max_batch_size: 8\nsequence_batching { }\n", "sequence_batching"),
+    "operations": (
+        'max_batch_size: 8\nmodel_operations { op_library_filename: "libcustom.so" }\n',
+        "model_operations",
+    ),
     "decoupled": (
         "max_batch_size: 8\nmodel_transaction_policy { decoupled: true }\n",
         "model_transaction_policy.decoupled",

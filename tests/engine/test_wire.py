@@ -62,7 +62,9 @@ def _parse(frame: bytes, kind):
 def test_infer_message_round_trips_every_datatype(arrays, call):
     writer = FrameWriter()
     metas = writer.tensors(arrays)
-    writer.add(Infer(call, "m", 3, "id", ("OUT",), 1, 0, 0, None, {"p": 1, "s": "x"}, 5, None, metas))
+    writer.add(
+        Infer(call, "m", 3, True, "id", ("OUT",), 1, 0, 0, None, {"p": 1, "s": "x"}, 5, None, metas)
+    )
     [message], data = _parse(_frame_bytes(writer), ToEngine)
     assert isinstance(message, Infer) and message.call == call and message.parameters["s"] == "x"
     back = read_tensors(message.inputs, data)
@@ -153,3 +155,18 @@ def test_link_delivers_frames_split_across_reads_in_order():
         assert [int(t["x"][0]) for _, t in got[1:]] == list(range(1, 201))
 
     asyncio.run(run())
+
+
+def test_an_ensembles_step_timings_travel_with_its_result():
+    from convoy.types import StageTimes, StepTiming
+
+    steps = (
+        StepTiming(0, "pre", "1", 10, 11, 12, StageTimes(1, 2, 3, 4, 5)),
+        StepTiming(1, "post", "2", 13, 14, 15, None),
+    )
+    writer = FrameWriter()
+    writer.add(Result(1, "pipeline", "1", None, writer.tensors({}), steps))
+    [message], _ = _parse(_frame_bytes(writer), ToFrontEnd)
+    assert message.steps == steps
+    assert isinstance(message.steps[0], StepTiming)
+    assert isinstance(message.steps[0].timings, StageTimes)

@@ -182,3 +182,49 @@ def test_otlp_spans_follow_traceparent(repository, tmp_path, monkeypatch):
         assert server.stop() == 0, server.log()
         receiver.shutdown()
         receiver.server_close()
+
+
+def test_ensemble_request_has_a_span_per_step(tmp_path, monkeypatch):
+    from ensemble_helpers import ensemble, step_model
+
+    root = tmp_path / "models"
+    root.mkdir()
+    step_model(root, "plus1", "plus1")
+    step_model(root, "scale2", "scale2")
+    ensemble(
+        root,
+        "ens_chain",
+        [("plus1", -1, {"X": "IN"}, {"Y": "T"}), ("scale2", -1, {"X": "T"}, {"Y": "OUT"})],
+    )
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    server = ConvoyProcess(root, tmp_path / "server.log", extra_args=("--trace-console",))
+    server.start()
+    trace_id, header = _traceparent()
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        tensor = grpcclient.InferInput("IN", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+        client.infer("ens_chain", [tensor], headers={"traceparent": header})
+        client.close()
+        deadline = time.monotonic() + DEADLINE_S
+        pause = threading.Event()
+        while True:
+            spans = [
+                json.loads(line)
+                for line in list(server.stdout_lines)
+                if line.startswith("{") and trace_id in line
+            ]
+            names = {span["name"] for span in spans}
+            if {"infer ens_chain", "step 0 plus1", "step 1 scale2"} <= names:
+                break
+            assert time.monotonic() < deadline, names
+            pause.wait(0.05)
+        by_name = {span["name"]: span for span in spans}
+        parent = by_name["infer ens_chain"]["context"]["span_id"]
+        first, second = by_name["step 0 plus1"], by_name["step 1 scale2"]
+        assert first["parent_id"] == parent and second["parent_id"] == parent
+        assert first["end_time"] <= second["start_time"]
+        inner = [s for s in spans if s["parent_id"] == first["context"]["span_id"]]
+        assert sorted(s["name"] for s in inner) == ["compute", "queue"]
+    finally:
+        assert server.stop() == 0, server.log()

@@ -17,6 +17,7 @@ from e2e.test_perf_analyzer import *  # noqa: F403
 from e2e.test_raw_http import *  # noqa: F403
 from e2e.test_repository import *  # noqa: F403
 from e2e.test_request_errors import *  # noqa: F403
+from e2e.test_shared_memory import *  # noqa: F403
 from e2e.test_statistics import *  # noqa: F403
 from e2e.test_versions import *  # noqa: F403
 
