@@ -11,8 +11,8 @@ from collections.abc import Callable, Hashable
 import numpy as np
 
 from convoy.config import ModelConfig
-from convoy.datatypes import NUMPY_DTYPE
 from convoy.errors import ConvoyError, InferenceFailed
+from convoy.outputs import declared_types, missing, select_names
 from convoy.types import Request
 
 
@@ -53,10 +53,10 @@ def split(
     declared output the model produced when it asked for none), in the datatype the config
     declares. A request whose output is missing gets an error in its place."""
     model = config.name
-    outputs = _declared_types(outputs, config)
+    outputs = declared_types(outputs, config)
     default = tuple(s.name for s in config.outputs if s.name in outputs) or tuple(outputs)
     if len(requests) == 1 and not batched:
-        return [_select(outputs, requests[0].requested_outputs or default, model)]
+        return [select_names(outputs, requests[0].requested_outputs or default, model)]
     total = sum(r.rows for r in requests)
     for name, array in outputs.items():
         if array.ndim == 0 or array.shape[0] != total:
@@ -66,41 +66,13 @@ def split(
                 f"of {total} rows; expected first dimension {total}"
             )
     if len(requests) == 1:
-        return [_select(outputs, requests[0].requested_outputs or default, model)]
+        return [select_names(outputs, requests[0].requested_outputs or default, model)]
     parts: list[dict[str, np.ndarray] | ConvoyError] = []
     start = 0
     for request in requests:
         end = start + request.rows
         names = request.requested_outputs or default
-        missing = _missing(outputs, names, model)
-        parts.append(missing or {name: outputs[name][start:end] for name in names})
+        absent = missing(outputs, names, model)
+        parts.append(absent or {name: outputs[name][start:end] for name in names})
         start = end
     return parts
-
-
-def _declared_types(outputs: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
-    """Outputs whose dtype differs from the declared one, converted once for the whole batch."""
-    converted = None
-    for name, array in outputs.items():
-        spec = config.output(name)
-        if spec is None or spec.datatype == "BYTES":
-            continue
-        wanted = NUMPY_DTYPE[spec.datatype]
-        if array.dtype != wanted:
-            if converted is None:
-                converted = dict(outputs)
-            converted[name] = np.asarray(array).astype(wanted)
-    return outputs if converted is None else converted
-
-
-def _missing(outputs: dict, names: tuple[str, ...], model: str) -> ConvoyError | None:
-    for name in names:
-        if name not in outputs:
-            return InferenceFailed(f"model '{model}' did not produce output '{name}'")
-    return None
-
-
-def _select(outputs: dict, names: tuple[str, ...], model: str) -> dict[str, np.ndarray] | ConvoyError:
-    if tuple(outputs) == names:
-        return outputs
-    return _missing(outputs, names, model) or {name: outputs[name] for name in names}

@@ -34,6 +34,7 @@ from convoy.errors import (
     Overloaded,
     Unavailable,
 )
+from convoy.outputs import select_outputs
 from convoy.runtimes.base import RuntimeInstance
 from convoy.types import Request, RequestState, Response, StageTimes
 
@@ -62,6 +63,12 @@ def _resolve(request: Request, result=None, error: BaseException | None = None) 
     except (asyncio.InvalidStateError, FutureInvalidState):
         return False  # cancelled from another thread between the check and the set
     return True
+
+
+def _execute_requests(job) -> tuple[int, list]:
+    """On the instance's thread: a per-request runtime executes the requests themselves."""
+    instance, batch, loop = job
+    return time.monotonic_ns(), instance.runtime.infer_requests(batch, loop)
 
 
 def _execute(job: tuple[RuntimeInstance, list[Request]]) -> tuple[int, dict[str, np.ndarray]]:
@@ -111,6 +118,8 @@ class Scheduler:
         self.restart_reason = ""
         batching = config.dynamic_batching
         self._batched = config.max_batch_size > 0
+        #: The runtime takes the requests themselves (a Triton python model): no merge/split.
+        self._per_request = bool(instances) and instances[0].executes_requests
         self._dynamic = batching is not None
         self._max_rows = config.max_batch_size if self._batched else 1
         self._max_delay_ns = batching.max_queue_delay_us * 1000 if batching else 0
@@ -402,12 +411,17 @@ class Scheduler:
         if self._execution_timeout:
             self._loop.call_later(self._execution_timeout, self._timed_out, context)
         # Assembled on the instance's thread (off the loop), into the runtime's own buffers
-        # when it has them: the batch is copied once, where the runtime reads it.
+        # when it has them: the batch is copied once, where the runtime reads it. A runtime
+        # that executes requests (Triton python models) gets them as they are.
+        if self._per_request:
+            job = (instance, batch, self._loop)
+            instance.run(self._finished, (context, time.monotonic_ns()), _execute_requests, job)
+            return
         instance.run(self._finished, (context, time.monotonic_ns()), _execute, (instance, batch))
 
     def _finished(self, context, start: int, result, error) -> None:
         """A batch came back from its instance (on the loop): split, record, deliver."""
-        instance, batch, rows, reason, dispatched_ns, sequence = context
+        instance, batch, rows, _, _, sequence = context
         merged, outputs = result if result is not None else (start, None)
         if sequence not in self._executing:
             return  # it timed out: its requests were answered and the instance replaced
@@ -419,23 +433,10 @@ class Scheduler:
         try:
             if error is not None:
                 raise error
-            parts = split(outputs, batch, self._batched, self.config)
-            done = time.monotonic_ns()
-            self.stats.record_batch(
-                rows, len(batch), merged - start, inferred - merged, done - inferred, reason
-            )
-            if self._batches_measured:
-                self._batch_ns += (done - start - self._batch_ns) * _EWMA_WEIGHT
+            if self._per_request:
+                outcome = self._request_outcome(context, start, merged, inferred, outputs)
             else:
-                self._batch_ns = float(done - start)
-            self._batches_measured += 1
-            timings = StageTimes(dispatched_ns, start, merged, inferred, done)
-            outcome = [
-                (request, None, part)
-                if isinstance(part, ConvoyError)
-                else (request, Response(part, name, self.version, timings), None)
-                for request, part in zip(batch, parts, strict=True)
-            ]
+                outcome = self._split_outcome(context, start, merged, inferred, outputs)
         except ConvoyError as exc:
             log.error(
                 "model '%s' version %s failed a batch of %d rows: %s", name, self.version, rows, exc
@@ -449,6 +450,64 @@ class Scheduler:
                 f"model '{name}' failed to execute the batch: {type(exc).__name__}: {exc}"
             )
             outcome = [(request, None, failure) for request in batch]
+        self._settle(context, start, inferred, outcome)
+
+    def _split_outcome(self, context, start: int, merged: int, inferred: int, outputs) -> list:
+        """Each request's rows of the batch's outputs, and the batch recorded."""
+        batch = context[1]
+        name = self.config.name
+        parts = split(outputs, batch, self._batched, self.config)
+        timings = self._record(context, start, merged, inferred)
+        return [
+            (request, None, part)
+            if isinstance(part, ConvoyError)
+            else (request, Response(part, name, self.version, timings), None)
+            for request, part in zip(batch, parts, strict=True)
+        ]
+
+    def _record(self, context, start: int, merged: int, inferred: int) -> StageTimes:
+        """Record a batch that executed (statistics, the batch-cost estimate); its stage times."""
+        _, batch, rows, reason, dispatched_ns, _ = context
+        done = time.monotonic_ns()
+        self.stats.record_batch(
+            rows, len(batch), merged - start, inferred - merged, done - inferred, reason
+        )
+        if self._batches_measured:
+            self._batch_ns += (done - start - self._batch_ns) * _EWMA_WEIGHT
+        else:
+            self._batch_ns = float(done - start)
+        self._batches_measured += 1
+        return StageTimes(dispatched_ns, start, merged, inferred, done)
+
+    def _request_outcome(self, context, start: int, merged: int, inferred: int, results) -> list:
+        """A per-request runtime's results: each request's outputs, its own error, or None
+        (a decoupled request: its stream resolves its future at the final flag)."""
+        batch = context[1]
+        name = self.config.name
+        timings = self._record(context, start, merged, inferred)
+        outcome = []
+        for request, result in zip(batch, results, strict=True):
+            if result is None:
+                outcome.append((request, None, None))
+            elif isinstance(result, BaseException):
+                if not isinstance(result, ConvoyError):
+                    result = InferenceFailed(f"model '{name}': {type(result).__name__}: {result}")
+                outcome.append((request, None, result))
+            else:
+                parameters = getattr(result, "parameters", None)
+                selected = select_outputs(result, request.requested_outputs, self.config)
+                if isinstance(selected, ConvoyError):
+                    outcome.append((request, None, selected))
+                    continue
+                outcome.append(
+                    (request, Response(selected, name, self.version, timings, parameters), None)
+                )
+        return outcome
+
+    def _settle(self, context, start: int, inferred: int, outcome: list) -> None:
+        """Account for a finished batch, free its instance and deliver its outcome."""
+        instance, batch, rows, _, dispatched_ns, sequence = context
+        name = self.config.name
         if self._usage is not None:
             failed = outcome[0][2] is not None if outcome else False
             self._usage.record_batch(
@@ -624,7 +683,10 @@ class Scheduler:
         for request, response, error in outcome:
             request.state = RequestState.FINISHED
             record_queue_wait(dispatched_ns - request.queued_ns)
-            if error is None:
+            if response is None and error is None:
+                # Answered through its stream (decoupled): executed without error.
+                record_latency(now - request.received_ns)
+            elif error is None:
                 if _resolve(request, response):
                     record_latency(now - request.received_ns)
                 else:

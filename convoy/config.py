@@ -188,6 +188,11 @@ class ModelConfig:
     default_model_filename: str = ""
     #: Fraction of requests the payload log records (parameter payload_log_sample_rate; 0 = off).
     payload_log_sample_rate: float = 0.0
+    #: `model_transaction_policy { decoupled: true }`: 0..N responses per request, streamed.
+    decoupled: bool = False
+    #: The completed config as JSON (Triton's field names), for runtimes that hand it to model
+    #: code (the python backend's `initialize(args)["model_config"]`); "" until completed.
+    document: str = ""
 
     @property
     def instance_count(self) -> int:

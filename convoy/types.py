@@ -9,6 +9,7 @@ event loop) or a `concurrent.futures.Future` (gRPC handler threads): only ``done
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -50,6 +51,13 @@ class Request:
     received_ns: int = 0
     #: Who sent it: the API key's name when keys are configured, else None.
     principal: str | None = None
+    #: Decoupled models: called on the event loop with each `StreamedResponse` the model sends
+    #: (0..N, the last one `final`); set by the front end, None for unary requests. The future
+    #: resolves (with an empty Response) at the final flag.
+    stream: Callable[[StreamedResponse], None] | None = None
+    #: Names of the models whose execution waits on this request (BLS calls), outermost first:
+    #: a call to a model already in the chain is refused (it could deadlock its instances).
+    callers: tuple[str, ...] = ()
     # --- owned by the scheduler -------------------------------------------------------------
     state: RequestState = RequestState.QUEUED
     #: When the request entered its queue (monotonic ns).
@@ -95,8 +103,58 @@ class Response:
     model_version: str
     #: The batch's stage times (for tracing); the request's own queued_ns is on the Request.
     timings: StageTimes | None = None
+    #: Response parameters set by the model (Triton's InferenceResponse(parameters=...)).
+    parameters: dict[str, Any] | None = None
     #: An ensemble's steps, in the order they finished (empty for other models).
     steps: tuple[StepTiming, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedResponse:
+    """One response of a decoupled model's request: outputs (possibly none), response
+    parameters, an error message, and whether it is the request's last."""
+
+    outputs: dict[str, np.ndarray]
+    final: bool = False
+    #: Non-empty: this response reports an error (the model's message).
+    error: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCall:
+    """A request from model code to another model of the same server (Triton's BLS)."""
+
+    model_name: str
+    inputs: dict[str, np.ndarray]
+    #: Empty: every output the model declares.
+    requested_outputs: tuple[str, ...] = ()
+    model_version: str = ""
+    request_id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    #: Queue timeout in microseconds (0: the model's policy).
+    timeout_us: int = 0
+    #: Models waiting on this call (see Request.callers).
+    callers: tuple[str, ...] = ()
+
+
+class ModelCaller(Protocol):
+    """Calls another model of this server through its scheduler (so the call batches with
+    the rest of its traffic). Methods are coroutines run on the server's event loop; errors are
+    raised as ConvoyError."""
+
+    async def infer(self, call: ModelCall) -> Response:
+        """One response from a model that is not decoupled."""
+
+    async def infer_stream(self, call: ModelCall, sink: Callable[[StreamedResponse], None]) -> None:
+        """Every response of the call, handed to `sink` on the loop as it comes; returns after
+        the final one. A model that is not decoupled yields its one response as the final."""
+
+    def submit_threadsafe(self, call: ModelCall, future: OutcomeFuture) -> Callable[[], None]:
+        """From a thread other than the loop's: queue the call (its Response or error goes to
+        `future`, a concurrent.futures.Future); returns a function that cancels it. Raises
+        ConvoyError when the call is refused before queueing. The cheap path for a blocking
+        `exec()`: no coroutine, one hop to the loop and one back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +170,17 @@ class TensorSpec:
     reshape: tuple[int, ...] | None = None
     #: The tensor's `dims` describe a shape that may carry different rows (ragged batching).
     allow_ragged_batch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelServices:
+    """What the server lends to model code (the python backend's BLS calls, custom metrics)."""
+
+    #: Calls to the server's other models; None where there is no server to call (a worker
+    #: process without a channel back, a unit test).
+    caller: ModelCaller | None
+    #: The server's event loop (the caller's coroutines run there) and its thread's id.
+    loop: Any
+    loop_thread_id: int
+    #: Custom metric families exported on /metrics (runtimes/custom_metrics.py), or None.
+    metrics: Any = None

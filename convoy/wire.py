@@ -37,6 +37,8 @@ log = logging.getLogger("convoy.wire")
 PREFIX = struct.Struct("<IQ")
 #: The dtype a BYTES (numpy object) tensor travels under.
 BYTES_DTYPE = "|O"
+#: Frames whose tensor bytes are fewer than this are sent as one joined buffer.
+_COALESCE_BYTES = 64 * 1024
 
 
 class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
@@ -144,9 +146,13 @@ class FrameWriter:
         self._messages.append(message)
 
     def take(self) -> list:
-        """The frame's buffers (prefix, header, tensor bytes); the writer is empty again."""
+        """The frame's buffers (prefix, header, tensor bytes); the writer is empty again. A
+        small frame is one buffer (one copy of a few KiB costs less than an iovec per tensor);
+        a large one leaves the tensors' memory where it is."""
         header = _ENCODER.encode(self._messages)
         frame = [PREFIX.pack(len(header), self._size), header, *self._buffers]
+        if self._size < _COALESCE_BYTES:
+            frame = [b"".join(frame)]
         self._messages, self._buffers, self._size = [], [], 0
         return frame
 
@@ -214,7 +220,7 @@ def _decoders(message_type) -> msgspec.msgpack.Decoder:
 
 # --- an asyncio stream of frames ------------------------------------------------------------------
 #: Receive buffers start this large; a bigger frame gets a buffer of its own size.
-_RECEIVE_BYTES = 256 * 1024
+_RECEIVE_BYTES = 64 * 1024
 #: Unsent bytes past which a link reports itself congested (the peer is not reading).
 CONGESTED_BYTES = 256 * 1024 * 1024
 

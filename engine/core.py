@@ -60,6 +60,8 @@ class Engine(EngineClient):
         metered = settings.usage_ledger is not None or settings.api_keys_file is not None
         self.usage = UsageMeter() if metered else None
         self.repository = ModelRepository(settings, self.usage)
+        # Model code's BLS calls take the front ends' path (quotas aside: no principal).
+        self.repository.model_caller.service = self
         # Ensemble steps reach their composing models through this engine's submit path.
         self.repository.submit_step = self._queue
         #: API keys: the engine takes each request off its key's quota (front ends check keys).

@@ -287,7 +287,9 @@ class EnsembleScheduler:
         self._runs.pop(request, None)
         request.state = RequestState.FINISHED
         outputs = {spec.name: run.tensors[spec.name] for spec in self.config.outputs}
-        response = Response(outputs, self.config.name, self.version, None, tuple(run.timings))
+        response = Response(
+            outputs, self.config.name, self.version, None, steps=tuple(run.timings)
+        )
         now = time.monotonic_ns()
         stats = self.stats
         rows = request.rows

@@ -393,6 +393,32 @@ class QuotaCollector(Collector):
         yield family
 
 
+class CustomCollector(Collector):
+    """Metric families model code defined (pb_utils.MetricFamily), read at scrape time."""
+
+    def __init__(self, custom) -> None:
+        self.custom = custom
+
+    def collect(self) -> Iterator[Metric]:
+        for name, description, kind, series in self.custom.merged():
+            if kind == "histogram":
+                metric = Metric(name, description, "histogram")
+                for labels, (total, count, bounds, counts) in series.items():
+                    labels = dict(labels)
+                    for bound, hits in zip([*bounds, float("inf")], counts, strict=False):
+                        metric.add_sample(
+                            name + "_bucket", {**labels, "le": floatToGoString(bound)}, hits
+                        )
+                    metric.add_sample(name + "_count", labels, count)
+                    metric.add_sample(name + "_sum", labels, total)
+            else:
+                # Counters keep their exact names (as Triton exports them): untyped, like nv_*.
+                metric = Metric(name, description, "gauge" if kind == "gauge" else "unknown")
+                for labels, (total, _, _, _) in series.items():
+                    metric.add_sample(name, dict(labels), total)
+            yield metric
+
+
 class Metrics:
     """The server's own registry: model, host, GPU and process collectors."""
 
@@ -406,6 +432,7 @@ class Metrics:
         """`keys`: the server's convoy.auth.Keyring, for the quota counters."""
         self.registry = CollectorRegistry()
         self.registry.register(ModelCollector(repository))
+        self.registry.register(CustomCollector(repository.custom_metrics))
         if usage is not None:
             self.registry.register(UsageCollector(usage))
         if payload_log is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from convoy.config import (
     DynamicBatching,
@@ -87,7 +87,6 @@ class UnsupportedField:
 #: message field counts as set even when empty (`model_operations {}` is refused), so an entry
 #: names the scalar inside when only that matters (`response_cache.enable`).
 UNSUPPORTED_FIELDS: tuple[UnsupportedField, ...] = (
-    UnsupportedField("model_transaction_policy.decoupled", "a model's later responses would be dropped"),
     UnsupportedField("batch_input", "the batch inputs would never be fed to the model"),
     UnsupportedField("batch_output", "the batch outputs would never be scattered"),
     UnsupportedField("response_cache.enable", "responses would never be cached"),
@@ -241,6 +240,7 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         parameters={k: v.string_value for k, v in proto.parameters.items()},
         default_model_filename=proto.default_model_filename,
         payload_log_sample_rate=_sample_rate(proto, fail),
+        decoupled=proto.model_transaction_policy.decoupled,
     )
 
 
@@ -590,6 +590,8 @@ def complete_proto(proto: mc.ModelConfig, config: ModelConfig) -> mc.ModelConfig
             )
     if not full.HasField("version_policy"):
         full.version_policy.latest.num_versions = 1
+    if config.decoupled:
+        full.model_transaction_policy.decoupled = True
     return full
 
 
@@ -597,3 +599,45 @@ def _fill_tensor(target, spec: TensorSpec) -> None:
     target.name = spec.name
     target.data_type = mc.DataType.Value(V2_TO_CONFIG[spec.datatype])
     target.dims.extend(spec.dims)
+
+
+#: int64/uint64 fields of ModelConfig that protobuf's JSON writes as strings; model code (and
+#: Triton) sees them as numbers.
+_INT64_FIELDS = frozenset(
+    {
+        "dims",
+        "shape",
+        "max_queue_delay_microseconds",
+        "default_timeout_microseconds",
+        "versions",
+        "max_sequence_idle_microseconds",
+        "priority_levels",
+        "default_priority_level",
+        "default_queue_delay_microseconds",
+    }
+)
+
+
+def _numbers(value, key: str = ""):
+    if isinstance(value, dict):
+        return {k: _numbers(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v, key) for v in value]
+    if key in _INT64_FIELDS and isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def config_document(proto: mc.ModelConfig) -> dict:
+    """The config as Triton's JSON dict (proto field names, enums by name, numbers as numbers)."""
+    return _numbers(json_format.MessageToDict(proto, preserving_proto_field_name=True))
+
+
+def proto_from_document(document: dict, where: Path) -> mc.ModelConfig:
+    """A config dict (as completed by model code) back into the proto; errors name the file."""
+    try:
+        return json_format.ParseDict(document, mc.ModelConfig())
+    except (json_format.ParseError, TypeError, ValueError) as exc:
+        raise InvalidConfig(
+            f"{where}: the config as auto_complete_config left it is invalid: {exc}"
+        ) from None

@@ -21,7 +21,14 @@ from typing import Any
 import msgspec
 
 from convoy.config import ModelConfig, ServerConfig
-from convoy.errors import ConvoyError, EngineDead, InvalidInput, Overloaded, Unavailable
+from convoy.errors import (
+    ConvoyError,
+    EngineDead,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+    Unsupported,
+)
 from convoy.logs import LogControl
 from convoy.protos import model_config_pb2 as mc
 from convoy.types import Request, Response, StageTimes, StepTiming
@@ -76,6 +83,8 @@ class Result(msgspec.Struct, tag="result", array_like=True):
     outputs: list[TensorMeta]
     #: An ensemble's steps as they ran (for its trace); empty for other models.
     steps: tuple[StepTiming, ...] = ()
+    #: Response parameters the model set (Triton python models).
+    parameters: dict[str, Any] | None = None
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
@@ -267,9 +276,7 @@ class EngineEndpoint:
             entry = None if model is None else model.versions.get(message.version)
             if entry is None or (message.latest and not entry.ready):
                 if not message.latest:
-                    raise Unavailable(
-                        f"model '{message.model}' version {message.version} is not loaded"
-                    )
+                    raise Unavailable(f"model '{message.model}' version {message.version} is not loaded")
                 entry = engine.resolve(message.model)  # a roll-out moved "latest" meanwhile
             inputs = read_tensors(message.inputs, data)
         except ConvoyError as exc:
@@ -313,6 +320,7 @@ class EngineEndpoint:
                         None if timings is None else tuple(timings),
                         metas,
                         response.steps,
+                        response.parameters,
                     )
                 )
                 return
@@ -441,6 +449,11 @@ class RemoteEngine(EngineClient):
     # --- inference ---------------------------------------------------------------------------------
     def submit(self, model: RemoteVersion, request: Request) -> None:
         try:
+            if request.stream is not None:
+                raise Unsupported(
+                    f"model '{model.name}' is decoupled: its streamed responses are not carried "
+                    "through --workers front ends yet; serve it without --workers"
+                )
             if self.refusing:
                 raise Unavailable("server is shutting down")
             link = self.link
@@ -549,6 +562,7 @@ class RemoteEngine(EngineClient):
                             message.model,
                             message.version,
                             None if timings is None else StageTimes(*timings),
+                            message.parameters,
                             message.steps,
                         )
                     )

@@ -8,8 +8,11 @@ with the reason and touches no other model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +22,14 @@ from convoy.batching.sequence import SequenceScheduler
 from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import EnsembleStep, ModelConfig, ModelVersionSource, ServerConfig
+from convoy.engine.bls import LocalModelCaller
 from convoy.engine.ensemble import EnsembleScheduler
 from convoy.engine.ensemble_plan import plan_ensemble
 from convoy.engine.model_config import (
     build_model_config,
     complete_proto,
+    config_document,
+    proto_from_document,
     public_view,
     read_config_proto,
     runtime_view,
@@ -33,9 +39,10 @@ from convoy.engine.poller import RepositoryPoller, fingerprint
 from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
+from convoy.runtimes.custom_metrics import CustomMetrics
 from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
-from convoy.types import Request
+from convoy.types import ModelServices, Request
 
 log = logging.getLogger("convoy.repository")
 
@@ -118,6 +125,11 @@ class ModelRepository:
         #: --model-control-mode poll: the watcher and its task (None otherwise).
         self._poller: RepositoryPoller | None = None
         self._poll_task: asyncio.Task | None = None
+        #: Model code's calls to other models (BLS); the Engine sets its `service` (itself).
+        self.model_caller = LocalModelCaller(self)
+        #: Metric families model code defines (pb_utils.MetricFamily), exported on /metrics.
+        self.custom_metrics = CustomMetrics()
+        self._services: ModelServices | None = None
 
     def changed(self) -> None:
         for listener in self.listeners:
@@ -273,7 +285,7 @@ class ModelRepository:
             previous = self.models.get(name)
             serving = previous is not None and previous.latest_ready() is not None
             try:
-                proto, config, chosen = self._plan(model_dir, overrides)
+                proto, config, chosen = await self._plan(model_dir, overrides)
             except InvalidInput:
                 discard(private)
                 raise
@@ -294,8 +306,13 @@ class ModelRepository:
                 if previous is not None:
                     await self._stop(previous)
                 return failed
-            model = Model(name=name, state="LOADING", config=config, private_dir=private)
+            model = Model(name=name, state="LOADING", private_dir=private)
             model.config_proto = complete_proto(proto, config)
+            # The completed config as JSON, for model code (Triton's args["model_config"]).
+            config = dataclasses.replace(
+                config, document=json.dumps(config_document(model.config_proto))
+            )
+            model.config = config
             kept: dict[int, ModelVersion] = {}
             if previous is not None and private is None and previous.private_dir is None:
                 for number in chosen:
@@ -365,7 +382,7 @@ class ModelRepository:
                 )
             return model
 
-    def _plan(
+    async def _plan(
         self, model_dir: Path, overrides: LoadOverrides | None
     ) -> tuple[mc.ModelConfig, ModelConfig, list[int]]:
         """The config (completed from the model file) and the versions to serve."""
@@ -392,7 +409,22 @@ class ModelRepository:
         if config.ensemble is None:
             # What the model file itself declares fills what config.pbtxt left out.
             newest = ModelVersionSource(runtime_view(config), chosen[0], model_dir / str(chosen[0]))
-            config = public_view(autocomplete(_factory(config.backend, model_dir), newest))
+            factory = _factory(config.backend, model_dir)
+            complete_dict = getattr(factory, "complete_config_dict", None)
+            if complete_dict is not None:
+                # The model's own auto-complete (Triton's auto_complete_config) edits the
+                # config as a dict; it imports model code, so off the loop.
+                document = await asyncio.to_thread(complete_dict, newest, config_document(proto))
+                proto = proto_from_document(document, model_dir / "config.pbtxt")
+                config = build_model_config(proto, model_dir)
+                newest = ModelVersionSource(runtime_view(config), chosen[0], newest.path)
+            if config.decoupled and not getattr(factory, "supports_decoupled", False):
+                raise InvalidConfig(
+                    f"{model_dir / 'config.pbtxt'}: model_transaction_policy.decoupled: "
+                    f"the {config.backend} backend returns one response per request; "
+                    "decoupled models need the python backend (TritonPythonModel)"
+                )
+            config = public_view(autocomplete(factory, newest))
         return proto, config, chosen
 
     async def unload(self, name: str) -> None:
@@ -414,6 +446,12 @@ class ModelRepository:
         try:
             factory = _factory(config.backend, model_dir)
             if self._isolation(config) == "process":
+                if config.decoupled:
+                    raise InvalidConfig(
+                        f"{self.root / config.name / 'config.pbtxt'}: parameters.isolation: "
+                        "'process' is not supported for decoupled models yet (their responses "
+                        "stream from the server's process); use 'thread'"
+                    )
                 factory = isolated_factory(config.backend)
             for index in range(config.instance_count):
                 entry.instances.append(await self._start_instance(factory, source, index))
@@ -505,9 +543,11 @@ class ModelRepository:
     async def _start_instance(self, factory, source: ModelVersionSource, index: int) -> RuntimeInstance:
         """Create, load and warm up instance `index` of a model version on its own thread."""
         config = source.config
-        instance = RuntimeInstance(
-            factory(source, index), f"{config.name}-{source.version}-{index}", index
-        )
+        runtime = factory(source, index)
+        bind = getattr(runtime, "bind_services", None)
+        if bind is not None:
+            bind(self.services())
+        instance = RuntimeInstance(runtime, f"{config.name}-{source.version}-{index}", index)
         try:
             await instance.call(instance.runtime.load)
             await run_warmup(instance, config, source.path)
@@ -515,6 +555,18 @@ class ModelRepository:
             await instance.close()
             raise
         return instance
+
+    def services(self) -> ModelServices:
+        """What model code may use of the server (built on the loop, once)."""
+        if self._services is None:
+            self.model_caller.loop = asyncio.get_running_loop()
+            self._services = ModelServices(
+                caller=self.model_caller,
+                loop=asyncio.get_running_loop(),
+                loop_thread_id=threading.get_ident(),
+                metrics=self.custom_metrics,
+            )
+        return self._services
 
     def _execution_timeout(self, config: ModelConfig) -> float:
         """Seconds a batch may run: the model's `execution_timeout_ms` parameter, else the

@@ -12,6 +12,7 @@ import importlib
 import logging
 import queue
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -45,10 +46,12 @@ class Runtime(Protocol):
     # scheduler assembles a batch into; e.g. pinned host memory the device copies from without
     # another staging copy. Called on the instance's thread, so buffers may be reused from one
     # batch to the next. None: let the scheduler allocate.
-
-
-#: The optional capabilities a runtime may declare (by defining the method), read once per instance.
-CAPABILITIES = ("is_fatal", "batch_buffers")
+    #
+    # Optional, declared: `executes_requests` (bool, read after load): the runtime takes the
+    # batch's requests themselves, `infer_requests(requests, loop) -> list` (per request: its
+    # outputs, an exception, or None when it answers through `request.stream`), instead of
+    # merged inputs; `supports_decoupled` (bool, on the factory): such requests may be
+    # decoupled; `bind_services(ModelServices)`: the server's services for model code.
 
 
 def cuda_context_lost(error: BaseException) -> bool:
@@ -71,6 +74,17 @@ def is_fatal(runtime: Runtime, error: BaseException) -> bool:
     except Exception:
         log.exception("is_fatal hook of %s raised; treating the error as not fatal", type(runtime))
         return False
+
+
+def where_in_model(error: BaseException, path) -> str:
+    """' at line N in func()': the deepest frame of the model's own file in `error`'s traceback
+    (a SyntaxError names its line itself); '' when the model file is not in it."""
+    if isinstance(error, SyntaxError):
+        return ""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    if not frames:
+        return ""
+    return f" at line {frames[-1].lineno} in {frames[-1].name}()"
 
 
 class RuntimeFactory(Protocol):
@@ -168,6 +182,20 @@ class RuntimeInstance:
                 loop.call_soon_threadsafe(callback, *context, None, exc)
             else:
                 loop.call_soon_threadsafe(callback, *context, result, None)
+
+    @property
+    def executes_requests(self) -> bool:
+        """The runtime executes per request (`infer_requests`); read once it is loaded."""
+        return bool(getattr(self.runtime, "executes_requests", False))
+
+    def submit_requests(self, callback: Callable, context: tuple, requests: list) -> None:
+        """Run `infer_requests(requests, loop)` on this instance's thread, then
+        `callback(*context, results, error)` on the calling loop. Call it on the loop."""
+        loop = asyncio.get_running_loop()
+        self._jobs.put((loop, callback, context, self._infer_requests, (requests, loop)))
+
+    def _infer_requests(self, argument):
+        return self.runtime.infer_requests(*argument)
 
     def submit(self, callback: Callable, context: tuple, inputs: dict[str, np.ndarray]) -> None:
         """Run `infer(inputs)` on this instance's thread, then `callback(*context, outputs,

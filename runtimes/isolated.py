@@ -6,9 +6,10 @@ worker (`python -m convoy.runtimes.isolated`) loads the real backend and execute
 worker that crashes (segfault, os._exit, OOM kill) fails only the batch it was executing: the
 instance raises InstanceLost, which the scheduler answers by starting a fresh worker.
 
-The channel is a private Unix socket pair speaking convoy/wire.py, the format of every process
-boundary in Convoy: typed messages (Load, Execute, Close; Done, Failed) and the tensors' raw
-bytes; BYTES tensors travel length-prefixed as on the V2 wire. Nothing is pickled.
+The channel is a private Unix socket pair carrying convoy/wire.py frames, as every process
+boundary in Convoy does: a msgpack message (what is asked or answered; the model's typed config
+when it loads) and the tensors' raw bytes; BYTES tensors travel length-prefixed as on the V2
+wire. Nothing is pickled.
 
 The worker exits when the server does, however it ends: it reads EOF when the server's end
 of the socket closes, and it asks the kernel for SIGKILL when its parent dies (prctl) in case
@@ -25,22 +26,27 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 import msgspec
 import numpy as np
 
+from convoy import errors, wire
 from convoy.config import ModelVersionSource
-from convoy.errors import ConvoyError, InferenceFailed, InstanceLost, ModelLoadFailed
-from convoy.wire import (
-    ErrorInfo,
-    FrameWriter,
-    TensorMeta,
-    error_info,
-    read_tensors,
-    rebuild_error,
-    receive_frame,
-    send_frame,
+from convoy.errors import (
+    ConvoyError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InstanceLost,
+    ModelLoadFailed,
+    Unavailable,
+    Unsupported,
 )
+from convoy.types import ModelCall, Response
+from convoy.wire import FrameWriter, TensorMeta, read_tensors, receive_frame, send_frame
 
 log = logging.getLogger("convoy.runtimes.isolated")
 
@@ -54,60 +60,41 @@ class WorkerGone(Exception):
 
 
 # --- the channel ---------------------------------------------------------------------------------
-class Load(msgspec.Struct, tag="load", array_like=True):
+class _Setup(msgspec.Struct, array_like=True):
+    """What the worker loads: the backend, the model version (its typed config) and which
+    instance it is."""
+
     backend: str
     source: ModelVersionSource
     instance_index: int
 
 
-class Execute(msgspec.Struct, tag="execute", array_like=True):
-    inputs: list[TensorMeta]
+class ChannelMessage(msgspec.Struct, array_like=True):
+    """One message on a worker's channel: what it asks or answers (`op`, outcomes, request
+    metadata, metrics) and the tensors it carries, in convoy/wire.py frames like every other
+    process boundary."""
+
+    header: dict[str, Any]
+    tensors: list[TensorMeta] = []
 
 
-class Close(msgspec.Struct, tag="close", array_like=True):
-    pass
-
-
-class Done(msgspec.Struct, tag="done", array_like=True):
-    outputs: list[TensorMeta] = []
-
-
-class Failed(msgspec.Struct, tag="failed", array_like=True):
-    error: ErrorInfo
-    #: The exception's class name (for a message about errors that are not Convoy's own).
-    type_name: str
-    #: The backend judged the worker unusable after it: the server starts another.
-    fatal: bool = False
-
-
-ToWorker = Load | Execute | Close
-FromWorker = Done | Failed
-
-
-def _send(sock: socket.socket, message) -> None:
+def _send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
+    """One frame: the header and the tensors' bytes (sent from the arrays' own memory)."""
     writer = FrameWriter()
-    writer.add(message)
+    metas = writer.tensors({n: np.asarray(a) for n, a in tensors.items()}) if tensors else []
+    writer.add(ChannelMessage(header, metas))
     send_frame(sock, writer)
 
 
-def _send_tensors(sock: socket.socket, kind, tensors: dict[str, np.ndarray]) -> None:
-    """One frame: a `kind` message (Execute, Done) and its tensors' bytes, sent from the
-    arrays' own memory."""
-    writer = FrameWriter()
-    writer.add(kind(writer.tensors(tensors)))
-    send_frame(sock, writer)
-
-
-def _receive(reader, kind) -> tuple[object, dict[str, np.ndarray]]:
-    """(message, tensors): tensors view one received buffer (the copy out of the socket is the
+def _receive(reader) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, tensors): tensors view one received buffer (the copy out of the socket is the
     only one)."""
     try:
-        messages, data = receive_frame(reader, kind)
+        messages, data = receive_frame(reader, ChannelMessage)
     except EOFError:
         raise WorkerGone("channel closed") from None
     message = messages[0]
-    metas = getattr(message, "inputs", None) or getattr(message, "outputs", None) or []
-    return message, read_tensors(metas, data)
+    return message.header, read_tensors(message.tensors, data)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -139,6 +126,7 @@ class IsolatedRuntime:
         self._sock: socket.socket | None = None
         self._reader = None
         self._lock = threading.Lock()
+        self._services = None
 
     @property
     def pid(self) -> int | None:
@@ -162,32 +150,121 @@ class IsolatedRuntime:
             theirs.close()
         self._sock = ours
         self._reader = ours.makefile("rb")
+        setup = wire.encode(_Setup(self._backend, self._source, self._instance_index))
         try:
-            _send(self._sock, Load(self._backend, self._source, self._instance_index))
-            answer, _ = _receive(self._reader, FromWorker)
+            _send(self._sock, {"op": "load", "setup": setup})
+            header, _ = self._reply()  # BLS calls from the model's initialize are served
         except (WorkerGone, OSError):
             code = self._reap()
             raise ModelLoadFailed(
                 f"model '{self._name}' worker {_describe_exit(code)} while loading"
             ) from None
-        if isinstance(answer, Failed):
+        if "error" in header:
             self._reap()
-            raise ModelLoadFailed(answer.error.message)
+            raise ModelLoadFailed(header["error"]["message"])
+        #: The backend executes per request (a Triton python model): see `infer_requests`.
+        self.executes_requests = bool(header.get("executes_requests", False))
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer_requests(self, batch: list, loop) -> list:
+        """A per-request runtime's batch: the requests' inputs go as one merged buffer with
+        each request's rows and metadata; the worker hands the model views of its rows."""
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            # The one copy on the way in: the requests' inputs into one message buffer.
+            inputs = {n: np.concatenate([r.inputs[n] for r in batch]) for n in batch[0].inputs}
+        meta = [
+            [r.id, r.rows, list(r.requested_outputs), r.parameters, r.timeout_us, list(r.callers)]
+            for r in batch
+        ]
         if self._process.poll() is not None:
             self._restart_idle()
         try:
-            _send_tensors(self._sock, Execute, inputs)
-            answer, outputs = _receive(self._reader, FromWorker)
+            _send(self._sock, {"op": "requests", "requests": meta}, inputs)
+            header, tensors = self._reply()
         except (WorkerGone, OSError):
             code = self._reap()
             raise InstanceLost(
                 f"model '{self._name}' worker {_describe_exit(code)} while executing; restarting"
             ) from None
-        if isinstance(answer, Failed):
-            raise _error_from(answer, self._name)
+        if "error" in header:
+            raise _error_from(header["error"], self._name)
+        results: list = []
+        for index, result in enumerate(header["results"]):
+            if "error" in result:
+                results.append(_error_from(result["error"], self._name))
+                continue
+            outputs = {name: tensors[f"{index}/{name}"] for name in result["outputs"]}
+            if result.get("parameters"):
+                outputs = _WithParameters(outputs, result["parameters"])
+            results.append(outputs)
+        return results
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._process.poll() is not None:
+            self._restart_idle()
+        try:
+            _send(self._sock, {"op": "infer"}, inputs)
+            header, outputs = self._reply()
+        except (WorkerGone, OSError):
+            code = self._reap()
+            raise InstanceLost(
+                f"model '{self._name}' worker {_describe_exit(code)} while executing; restarting"
+            ) from None
+        if "error" in header:
+            raise _error_from(header["error"], self._name)
         return outputs
+
+    def bind_services(self, services) -> None:
+        """The server's services: BLS calls the worker's model code makes come through here."""
+        self._services = services
+
+    def _reply(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The worker's answer to the batch; BLS calls it makes meanwhile are served first."""
+        while True:
+            header, tensors = _receive(self._reader)
+            if header.get("op") != "bls":
+                metrics = header.get("metrics")
+                if metrics is not None and self._services is not None:
+                    source = f"{self._name}-{self._source.version}-{self._instance_index}"
+                    self._services.metrics.apply_snapshot(source, metrics)
+                return header, tensors
+            self._serve_bls(header, tensors)
+
+    def _serve_bls(self, header: dict, inputs: dict[str, np.ndarray]) -> None:
+        """Run a BLS call for the worker (on this instance's thread, which waits anyway)."""
+        services = self._services
+        requested = tuple(header["requested"])
+        call = ModelCall(
+            model_name=header["model"],
+            inputs=inputs,
+            requested_outputs=requested,
+            model_version=header["version"],
+            request_id=header["id"],
+            parameters=header["parameters"],
+            timeout_us=header["timeout_us"],
+            callers=tuple(header["callers"]),
+        )
+        future: Future = Future()
+        cancel = None
+        try:
+            if services is None or services.caller is None:
+                raise Unavailable("BLS calls are not available to this model")
+            cancel = services.caller.submit_threadsafe(call, future)
+            response = future.result(call.timeout_us / 1e6 if call.timeout_us else None)
+        except FutureTimeout:
+            if cancel is not None:
+                cancel()
+            error = DeadlineExceeded(f"BLS request to '{call.model_name}' timed out")
+            _send(self._sock, _error_header(error, False))
+            return
+        except ConvoyError as exc:
+            _send(self._sock, _error_header(exc, False))
+            return
+        outputs = response.outputs
+        if requested:
+            outputs = {n: outputs[n] for n in requested if n in outputs}
+        _send(self._sock, {"ok": True, "parameters": response.parameters}, outputs)
 
     def _restart_idle(self) -> None:
         """The worker died between batches (the OOM killer picks big idle processes too): start
@@ -215,8 +292,8 @@ class IsolatedRuntime:
         if self._process is None:
             return
         try:
-            _send(self._sock, Close())
-            _receive(self._reader, FromWorker)
+            _send(self._sock, {"op": "close"})
+            _receive(self._reader)
         except (WorkerGone, OSError):
             pass  # already gone: nothing to finalize
         self._reap(CLOSE_TIMEOUT_S)
@@ -244,18 +321,29 @@ class IsolatedRuntime:
             return process.wait()
 
 
-def _error_from(failed: Failed, model: str) -> ConvoyError:
+def _error_from(error: dict, model: str) -> ConvoyError:
     """The exception the server raises for an error the worker reported."""
-    message = failed.error.message
-    if failed.fatal:
+    if error.get("fatal"):
         return InstanceLost(
-            f"model '{model}' hit a fatal error ({failed.type_name}: {message}); restarting its worker"
+            f"model '{model}' hit a fatal error ({error['type']}: {error['message']}); "
+            "restarting its worker"
         )
-    if failed.error.kind:
-        rebuilt = rebuild_error(failed.error)
-        if isinstance(rebuilt, ConvoyError):
-            return rebuilt
-    return InferenceFailed(f"model '{model}' failed to execute the batch: {failed.type_name}: {message}")
+    cls = getattr(errors, error["type"], None)
+    if isinstance(cls, type) and issubclass(cls, ConvoyError):
+        return cls(error["message"])
+    return InferenceFailed(
+        f"model '{model}' failed to execute the batch: {error['type']}: {error['message']}"
+    )
+
+
+class _WithParameters(dict):
+    """A request's outputs that also carry the model's response parameters."""
+
+    __slots__ = ("parameters",)
+
+    def __init__(self, outputs: dict, parameters: dict) -> None:
+        super().__init__(outputs)
+        self.parameters = parameters
 
 
 def isolated_factory(backend: str):
@@ -278,11 +366,8 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)  # the server died before the request above took effect
 
 
-def _failed(exc: BaseException, fatal: bool) -> Failed:
-    """The worker's report of an exception: its kind when it is Convoy's own, and its text
-    either way (model errors are the model owner's to read, as in a single process)."""
-    kind = error_info(exc).kind
-    return Failed(ErrorInfo(kind, str(exc)), type(exc).__name__, fatal)
+def _error_header(exc: BaseException, fatal: bool) -> dict:
+    return {"error": {"type": type(exc).__name__, "message": str(exc), "fatal": fatal}}
 
 
 def serve(sock: socket.socket) -> int:
@@ -290,43 +375,174 @@ def serve(sock: socket.socket) -> int:
     from convoy.runtimes.base import is_fatal, runtime_factory
 
     reader = sock.makefile("rb")
+    metrics = None  # the model's custom metrics, reported with every answer once it has any
     try:
-        load, _ = _receive(reader, ToWorker)
+        header, _ = _receive(reader)
     except WorkerGone:
         return 0
-    source = load.source
+    setup = wire.decode(header["setup"], _Setup)
+    backend, source, index = setup.backend, setup.source, setup.instance_index
     try:
-        runtime = runtime_factory(load.backend)(source, load.instance_index)
+        runtime = runtime_factory(backend)(source, index)
+        bind = getattr(runtime, "bind_services", None)
+        if bind is not None:
+            # BLS calls go over the channel; custom metrics travel with every answer.
+            from convoy.runtimes.custom_metrics import CustomMetrics
+            from convoy.types import ModelServices
+
+            caller = _ChannelCaller(sock, reader)
+            metrics = CustomMetrics()
+            bind(ModelServices(caller=caller, loop=None, loop_thread_id=0, metrics=metrics))
         runtime.load()
     except Exception as exc:
         if not isinstance(exc, ConvoyError):
             log.exception("model '%s' worker failed to load", source.config.name)
             exc = ModelLoadFailed(f"model '{source.config.name}': {type(exc).__name__}: {exc}")
-        _send(sock, _failed(exc, False))
+        _send(sock, _error_header(exc, False))
         return 1
-    _send(sock, Done())
+    executes_requests = bool(getattr(runtime, "executes_requests", False))
+    _send(sock, {"ok": True, "executes_requests": executes_requests})
     while True:
         try:
-            message, inputs = _receive(reader, ToWorker)
+            header, inputs = _receive(reader)
         except WorkerGone:
             return 0
-        if isinstance(message, Close):
+        if header["op"] == "close":
             try:
                 runtime.close()
             finally:
-                _send(sock, Done())
+                _send(sock, {"ok": True})
             return 0
+        if header["op"] == "requests":
+            try:
+                header, outputs = _execute_requests(runtime, source, header["requests"], inputs)
+            except Exception as exc:
+                fatal = is_fatal(runtime, exc)
+                if not isinstance(exc, ConvoyError) or fatal:
+                    log.error("model '%s' failed a batch", source.config.name, exc_info=exc)
+                _send(sock, _error_header(exc, fatal))
+                if fatal:
+                    return 1
+                continue
+            _send(sock, _with_metrics(header, metrics), outputs)
+            continue
         try:
             outputs = runtime.infer(inputs)
         except Exception as exc:
             fatal = is_fatal(runtime, exc)
             if not isinstance(exc, ConvoyError) or fatal:
                 log.error("model '%s' failed a batch", source.config.name, exc_info=exc)
-            _send(sock, _failed(exc, fatal))
+            _send(sock, _error_header(exc, fatal))
             if fatal:
                 return 1  # this process cannot be trusted any more; the server starts another
             continue
-        _send_tensors(sock, Done, outputs)
+        _send(sock, _with_metrics({"ok": True}, metrics), outputs)
+
+
+class _ChannelCaller:
+    """The worker's ModelCaller: BLS calls travel to the server over the worker's channel while
+    the server waits for the batch (so only from code running inside execute / initialize)."""
+
+    def __init__(self, sock: socket.socket, reader) -> None:
+        self._sock = sock
+        self._reader = reader
+        self._lock = threading.Lock()
+
+    def call(self, call: ModelCall) -> Response:
+        header = {
+            "op": "bls",
+            "model": call.model_name,
+            "version": call.model_version,
+            "requested": list(call.requested_outputs),
+            "parameters": call.parameters,
+            "timeout_us": call.timeout_us,
+            "callers": list(call.callers),
+            "id": call.request_id,
+        }
+        with self._lock:
+            _send(self._sock, header, call.inputs)
+            reply, outputs = _receive(self._reader)
+        if "error" in reply:
+            raise _error_from(reply["error"], call.model_name)
+        version = call.model_version or ""
+        return Response(outputs, call.model_name, version, None, reply.get("parameters"))
+
+    def submit_threadsafe(self, call: ModelCall, future) -> Callable[[], None]:
+        try:
+            future.set_result(self.call(call))
+        except ConvoyError as exc:
+            future.set_exception(exc)
+        return lambda: None
+
+    async def infer(self, call: ModelCall) -> Response:
+        # The worker's event loop (async execute) is the channel's only user meanwhile.
+        return self.call(call)
+
+    async def infer_stream(self, call: ModelCall, sink) -> None:
+        raise Unsupported(
+            "decoupled BLS calls (exec(decoupled=True)) are not available to a model in an "
+            "isolated worker process"
+        )
+
+
+class _WorkerFuture:
+    """A request's future inside the worker: results travel back in the reply instead."""
+
+    def done(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result) -> None:
+        pass
+
+    def set_exception(self, exception) -> None:
+        pass
+
+
+def _with_metrics(header: dict, metrics) -> dict:
+    """The reply header, with the worker's custom metric families when the model defined any
+    (the server sums them with its own and the other workers' on /metrics)."""
+    if metrics is not None and metrics.families:
+        header["metrics"] = metrics.snapshot()
+    return header
+
+
+def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, dict]:
+    """Run a per-request batch: each request sees views of its rows of the merged inputs."""
+    from convoy.types import Request
+
+    batched = source.config.max_batch_size > 0
+    requests = []
+    start = 0
+    for request_id, rows, requested, parameters, timeout_us, callers in meta:
+        end = start + rows
+        own = {n: a[start:end] for n, a in inputs.items()} if batched else inputs
+        start = end
+        requests.append(
+            Request(
+                request_id,
+                own,
+                tuple(requested),
+                rows,
+                _WorkerFuture(),
+                timeout_us=timeout_us,
+                parameters=parameters,
+                callers=tuple(callers),
+            )
+        )
+    results = runtime.infer_requests(requests, None)
+    described = []
+    tensors = {}
+    for index, result in enumerate(results):
+        if isinstance(result, BaseException):
+            described.append(_error_header(result, False))
+            continue
+        for name, array in result.items():
+            tensors[f"{index}/{name}"] = array
+        described.append({"outputs": list(result), "parameters": getattr(result, "parameters", None)})
+    return {"ok": True, "results": described}, tensors
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,10 @@ declared inputs/outputs and the config's `parameters`.
 A `Model` may list exception types after which it cannot be trusted (a poisoned device, a
 corrupt native state) as `fatal_errors = (SomeError, ...)`: such an error fails its batch and
 the model version is reloaded with fresh instances; any other exception fails only its batch.
+
+A model.py written for Triton's python backend (`class TritonPythonModel`, importing
+`triton_python_backend_utils`) runs unchanged: see runtimes/triton_python/. Such a runtime
+executes per request (`executes_requests`), and may be decoupled.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import sys
-import traceback
 from dataclasses import asdict
 
 import numpy as np
@@ -27,41 +30,114 @@ import numpy as np
 from convoy.config import ModelVersionSource
 from convoy.errors import InferenceFailed, InstanceLost, ModelLoadFailed
 
-from .base import cuda_context_lost
+from .base import cuda_context_lost, where_in_model
+from .triton_python import pb_utils
+from .triton_python.adapter import TritonModelAdapter, install_module
 
 _module_ids = itertools.count()
 
 
+def _import_model_file(source: ModelVersionSource):
+    """Import a version's model.py as a fresh module (triton_python_backend_utils importable)."""
+    config = source.config
+    filename = config.default_model_filename or "model.py"
+    path = source.path / filename
+    if not path.is_file():
+        raise ModelLoadFailed(f"{path}: python backend needs this file")
+    install_module()
+    module_name = f"convoy_model_{config.name}_{source.version}_{next(_module_ids)}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadFailed(f"{path}: cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    # Registered so that dataclasses/pickling inside the user's module can find it.
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ModelLoadFailed(
+            f"{path}: import failed{where_in_model(exc, path)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return module, path
+
+
 class PythonRuntime:
+    #: Declared capability: `model_transaction_policy { decoupled: true }` (Triton models).
+    supports_decoupled = True
+
     def __init__(self, source: ModelVersionSource, instance_index: int) -> None:
         self._source = source
         self._instance_index = instance_index
         self._model = None
         self._fatal_errors: tuple[type[BaseException], ...] = ()
+        #: Set when model.py defines a TritonPythonModel.
+        self._triton: TritonModelAdapter | None = None
+        #: Execute per request (a Triton model) rather than on merged batches; known after load.
+        self.executes_requests = False
+
+    @staticmethod
+    def complete_config_dict(source: ModelVersionSource, config: dict) -> dict:
+        """Triton's `TritonPythonModel.auto_complete_config`, when model.py has one, applied to
+        the config (as Triton's JSON dict); other models leave it unchanged. Only a file that
+        mentions auto_complete_config is imported here (in the server's process)."""
+        path = source.path / (source.config.default_model_filename or "model.py")
+        try:
+            if "auto_complete_config" not in path.read_text(errors="replace"):
+                return config
+        except OSError:
+            return config  # loading reports the missing file
+        module, path = _import_model_file(source)
+        model_class = getattr(module, "TritonPythonModel", None)
+        complete = getattr(model_class, "auto_complete_config", None)
+        if complete is None:
+            return config
+        try:
+            completed = complete(pb_utils.ModelConfig(config))
+        except Exception as exc:
+            raise ModelLoadFailed(
+                f"{path}: auto_complete_config failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(completed, pb_utils.ModelConfig):
+            raise ModelLoadFailed(
+                f"{path}: auto_complete_config must return the ModelConfig it was given, got "
+                f"{type(completed).__name__}"
+            )
+        return completed.as_dict()
+
+    def bind_services(self, services) -> None:
+        """The server's services for Triton model code (BLS calls, custom metrics)."""
+        pb_utils.bind(services)
 
     def load(self) -> None:
         config = self._source.config
-        filename = config.default_model_filename or "model.py"
-        path = self._source.path / filename
-        if not path.is_file():
-            raise ModelLoadFailed(f"{path}: python backend needs this file")
-        module_name = f"convoy_model_{config.name}_{self._source.version}_{next(_module_ids)}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ModelLoadFailed(f"{path}: cannot be imported")
-        module = importlib.util.module_from_spec(spec)
-        # Registered so that dataclasses/pickling inside the user's module can find it.
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(module_name, None)
+        if "EXECUTION_ENV_PATH" in config.parameters:
             raise ModelLoadFailed(
-                f"{path}: import failed{_where(exc, path)}: {type(exc).__name__}: {exc}"
-            ) from exc
+                f"{self._source.path.parent / 'config.pbtxt'}: parameters.EXECUTION_ENV_PATH: "
+                "conda-pack execution environments are not supported; install the model's "
+                "packages into Convoy's environment (or use isolation: process with them)"
+            )
+        module, path = _import_model_file(self._source)
         model_class = getattr(module, "Model", None)
+        triton_class = getattr(module, "TritonPythonModel", None)
+        if model_class is None and triton_class is not None:
+            if not hasattr(triton_class, "execute"):
+                raise ModelLoadFailed(f"{path}: TritonPythonModel must define `execute`")
+            adapter = TritonModelAdapter(triton_class, self._source, self._instance_index, path)
+            adapter.load()
+            self._triton = adapter
+            self.executes_requests = True
+            return
+        if config.decoupled:
+            raise ModelLoadFailed(
+                f"{path}: model_transaction_policy.decoupled needs a TritonPythonModel (a `Model` "
+                "returns one response per batch)"
+            )
         if model_class is None or not hasattr(model_class, "execute"):
-            raise ModelLoadFailed(f"{path}: must define a class `Model` with an `execute` method")
+            raise ModelLoadFailed(
+                f"{path}: must define a class `Model` (or Triton's `TritonPythonModel`) with an "
+                "`execute` method"
+            )
         fatal_errors = getattr(model_class, "fatal_errors", ())
         fatal_errors = (fatal_errors,) if isinstance(fatal_errors, type) else tuple(fatal_errors)
         if not all(isinstance(t, type) and issubclass(t, BaseException) for t in fatal_errors):
@@ -70,7 +146,7 @@ class PythonRuntime:
             model = model_class()
         except Exception as exc:
             raise ModelLoadFailed(
-                f"{path}: Model() failed{_where(exc, path)}: {type(exc).__name__}: {exc}"
+                f"{path}: Model() failed{where_in_model(exc, path)}: {type(exc).__name__}: {exc}"
             ) from exc
         initialize = getattr(model, "initialize", None)
         if initialize is not None:
@@ -94,11 +170,19 @@ class PythonRuntime:
                 }
             )
         except Exception as exc:
+            where = where_in_model(exc, path)
             raise ModelLoadFailed(
-                f"{path}: Model.initialize() failed{_where(exc, path)}: {type(exc).__name__}: {exc}"
+                f"{path}: Model.initialize() failed{where}: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def infer_requests(self, batch: list, loop) -> list:
+        """Execute a batch request by request (a TritonPythonModel): per request its outputs,
+        an exception, or None when the request is answered through its stream (decoupled)."""
+        return self._triton.execute(batch, loop)
+
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._triton is not None:
+            return self._infer_merged(inputs)
         outputs = self._model.execute(inputs)
         if not isinstance(outputs, dict):
             raise InferenceFailed(
@@ -110,19 +194,42 @@ class PythonRuntime:
     def is_fatal(self, error: BaseException) -> bool:
         return isinstance(error, (InstanceLost, *self._fatal_errors)) or cuda_context_lost(error)
 
+    def _infer_merged(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A merged batch (warm-up) through a TritonPythonModel: one request holding it."""
+        from convoy.types import Request
+
+        rows = next(iter(inputs.values())).shape[0] if self._source.config.max_batch_size else 1
+        request = Request("warmup", inputs, (), rows, future=_NoFuture())
+        if self._source.config.decoupled:
+            self._triton.warm_up_decoupled(request)
+            return {}
+        (result,) = self._triton.execute([request], loop=None)
+        if isinstance(result, BaseException):
+            raise result
+        return dict(result or {})
+
     def close(self) -> None:
+        if self._triton is not None:
+            adapter, self._triton = self._triton, None
+            adapter.close()
+            return
         finalize = getattr(self._model, "finalize", None)
         if finalize is not None:
             finalize()
         self._model = None
 
 
-def _where(error: BaseException, path) -> str:
-    """' at line N in func()': the deepest frame of the model's own file in `error`'s traceback
-    (a SyntaxError names its line itself); '' when the model file is not in it."""
-    if isinstance(error, SyntaxError):
-        return ""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
-    if not frames:
-        return ""
-    return f" at line {frames[-1].lineno} in {frames[-1].name}()"
+class _NoFuture:
+    """The future of a warm-up request: never cancelled, results dropped."""
+
+    def done(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result) -> None:
+        pass
+
+    def set_exception(self, exception) -> None:
+        pass

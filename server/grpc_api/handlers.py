@@ -32,6 +32,7 @@ from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server import codec as tensors
 from convoy.server.grpc_api.decoding import DecodeErrorInterceptor
+from convoy.server.grpc_api.decoupled import DECOUPLED_UNARY, set_parameter, stream_sink
 from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
 from convoy.server.observability.tracing import TRACEPARENT, Tracer
 from convoy.types import Request, Response
@@ -314,11 +315,17 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         deadline: float | None,
         traceparent: str | None = None,
         principal: str | None = None,
+        stream=None,
     ):
-        """Decode, queue and await one request; a cancelled await leaves the queue too."""
+        """Decode, queue and await one request; a cancelled await leaves the queue too.
+        `stream`: where a decoupled model's responses go (ModelStreamInfer); None: unary."""
         future = asyncio.get_running_loop().create_future()
         entry, request = decode_request(self.engine, message, future, deadline, principal)
         refs = output_refs(self.engine, message) if message.outputs else None
+        if entry.config.decoupled:
+            if stream is None:
+                raise InvalidInput(DECOUPLED_UNARY)
+            request.stream = stream_sink(entry, request, message, stream, encode_response)
         self.engine.submit(entry, request)
         try:
             result = await future
@@ -330,7 +337,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 self.tracer.record(
                     "grpc", entry.config.name, str(entry.version), request, future, traceparent
                 )
-        return encode_response(entry, request, result, self.engine, refs)
+        if request.stream is not None:
+            return None  # its responses went out through the stream
+        response = encode_response(entry, request, result, self.engine, refs)
+        if result.parameters:  # set by the model (a Triton python model's response parameters)
+            for key, value in result.parameters.items():
+                set_parameter(response.parameters, key, value)
+        return response
 
     async def ModelInfer(self, request, context):
         key = current_key()
@@ -368,8 +381,11 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if key is not None:
                     key.require(message.model_name)
-                response = await self._infer(message, deadline, traceparent, principal)
-                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+                response = await self._infer(
+                    message, deadline, traceparent, principal, answers.put_nowait
+                )
+                if response is not None:
+                    await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -23,6 +23,7 @@ from convoy.datatypes import bf16_bits_to_float32, to_wire_bytes
 from convoy.engine.client import EngineClient
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
 from convoy.server import codec as tensors
+from convoy.server.http_api.generate import generate
 from convoy.server.observability.tracing import Tracer
 from convoy.types import Request
 
@@ -306,6 +307,10 @@ class HttpFrontend:
         if action == "infer":
             self._expect(method, "POST", scope)
             return await self._infer(scope, receive, send, model, version, principal)
+        if action in ("generate", "generate_stream"):
+            self._expect(method, "POST", scope)
+            streaming = action == "generate_stream"
+            return await generate(self, scope, receive, send, model, version, principal, streaming)
         self._expect(method, "GET", scope)
         if action == "":
             return await self._json(send, engine.model_metadata(model, version))
@@ -363,6 +368,11 @@ class HttpFrontend:
 
         entry = self.engine.resolve(model, version)
         config = entry.config
+        if config.decoupled:
+            raise InvalidInput(
+                f"model '{config.name}' is decoupled (model_transaction_policy): /infer returns one "
+                "response; use /generate_stream (or gRPC ModelStreamInfer)"
+            )
         inputs, rows = self._decode_inputs(config, document, binary, self.engine)
         parameters = document.get("parameters") or {}
         if not isinstance(parameters, dict):
@@ -521,8 +531,9 @@ class HttpFrontend:
 
     async def _respond(self, send, entry, request, result, binary_outputs, accept: bytes) -> None:
         """The response to `request`: the outputs it asked for (selected by the engine), from
-        the version that served it."""
+        the version that served it, with any response parameters the model set."""
         outputs = result.outputs
+        parameters = result.parameters
         per_output, default_binary, refs = binary_outputs
         described = []
         blobs = []
@@ -550,6 +561,8 @@ class HttpFrontend:
         }
         if request.id:
             answer["id"] = request.id
+        if parameters:  # set by the model (a Triton python model's response parameters)
+            answer["parameters"] = parameters
         header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
         extra = []
         if blobs:

@@ -222,6 +222,29 @@ class FailingRuntime(SlowRuntime):
             raise ValueError(f"refusing marked requests {sorted(bad)}")
 
 
+class PerRequestRuntime(FailingRuntime):
+    """Executes request by request, as a Triton python model does (`executes_requests`): each
+    request gets its own result, and a marked request fails alone."""
+
+    executes_requests = True
+
+    def infer_requests(self, batch: list[Request], loop) -> list:
+        x = np.concatenate([request.inputs["INPUT0"] for request in batch])
+        self.log.record(self.name, x)
+        SlowRuntime.work(self, row_tags(x))  # the gates only: failures are per request
+        if self.work_s:
+            time.sleep(self.work_s)
+        results: list = []
+        for request in batch:
+            own = request.inputs["INPUT0"]
+            bad = self.marked.intersection(row_tags(own))
+            if bad:
+                results.append(ValueError(f"refusing marked request {sorted(bad)}"))
+            else:
+                results.append({"OUTPUT0": known_function(own)})
+        return results
+
+
 @asynccontextmanager
 async def serve(
     config: ModelConfig,

@@ -23,6 +23,7 @@ from scheduler_fakes import (
     EchoRuntime,
     FailingRuntime,
     Gate,
+    PerRequestRuntime,
     SlowRuntime,
     assert_served_correctly,
     make_request,
@@ -152,14 +153,15 @@ def _may_delay(scenario: Scenario) -> bool:
     )
 
 
-async def _run_scenario(scenario: Scenario) -> None:
+async def _run_scenario(scenario: Scenario, per_request: bool = False) -> None:
     config = model_config(scenario.max_batch_size, scenario.batching)
     marked = {tag for tag, a in enumerate(scenario.arrivals, start=1) if a.marked}
     log = BatchLog()
     stats = ModelStats()
     gate = Gate(1)
+    runtime_class = PerRequestRuntime if per_request else FailingRuntime
     runtimes = [
-        FailingRuntime(f"i{index}", log, marked, gate, work_s=scenario.work_s)
+        runtime_class(f"i{index}", log, marked, gate, work_s=scenario.work_s)
         for index in range(scenario.instances)
     ]
     loop = asyncio.get_running_loop()
@@ -251,14 +253,19 @@ async def _run_scenario(scenario: Scenario) -> None:
         if error is None:
             assert tag not in left_queue, f"request {tag} served after it was cancelled"
             assert_served_correctly(request, future.result())
-            batch_mates = {t for batch in batches if tag in batch.tags for t in batch.tags}
-            assert not marked.intersection(batch_mates), f"request {tag} rode a failed batch"
+            if per_request:  # a marked request fails alone
+                assert tag not in marked, f"marked request {tag} was served"
+            else:
+                batch_mates = {t for batch in batches if tag in batch.tags for t in batch.tags}
+                assert not marked.intersection(batch_mates), f"request {tag} rode a failed batch"
             successes += 1
         elif isinstance(error, InferenceFailed):
             assert "'fake'" in str(error)
             holding = [batch for batch in batches if tag in batch.tags]
             assert len(holding) == 1, f"request {tag} failed without reaching a runtime: {error}"
             assert marked.intersection(holding[0].tags), f"request {tag} failed: {error}"
+            if per_request:
+                assert tag in marked, f"request {tag} failed with a marked batch mate: {error}"
         elif isinstance(error, DeadlineExceeded):
             policy = _policy(scenario, _level(scenario, arrival))
             assert policy.timeout_action is TimeoutAction.REJECT
@@ -294,6 +301,19 @@ async def _run_scenario(scenario: Scenario) -> None:
 @given(scenarios())
 def test_every_request_gets_exactly_one_outcome_its_own(scenario):
     asyncio.run(_run_scenario(scenario))
+
+
+@pytest.mark.timeout(120, method="thread")
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(scenarios())
+def test_per_request_runtime_answers_each_request_its_own_outcome(scenario):
+    """The same invariants for a runtime that executes request by request (Triton python
+    models): no merge or split, and an error fails only its own request."""
+    asyncio.run(_run_scenario(scenario, per_request=True))
 
 
 # --- batch shape and size ------------------------------------------------------------------

@@ -27,10 +27,6 @@ REFUSED = {
         'max_batch_size: 8\nmodel_operations { op_library_filename: "libcustom.so" }\n',
         "model_operations",
     ),
-    "decoupled": (
-        "max_batch_size: 8\nmodel_transaction_policy { decoupled: true }\n",
-        "model_transaction_policy.decoupled",
-    ),
     "tagged": ('max_batch_size: 8\nmetric_tags { key: "team" value: "search" }\n', "metric_tags"),
     "ragged": (
         "max_batch_size: 8\n"

@@ -1,0 +1,464 @@
+"""Requests and responses of triton_python_backend_utils: InferenceRequest (with BLS exec /
+async_exec), InferenceResponse, the response sender, and the scope/binding through which model
+code reaches the server's services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from convoy.errors import (
+    ConvoyError,
+)
+from convoy.types import ModelCall, StreamedResponse
+
+from .datatypes import (
+    TRITONSERVER_REQUEST_FLAG_SEQUENCE_END,
+    TRITONSERVER_REQUEST_FLAG_SEQUENCE_START,
+    TRITONSERVER_REQUEST_RELEASE_RESCHEDULE,
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+)
+from .errors import TritonError, TritonModelException, error_of
+from .tensor import Tensor
+
+
+# --- the server's services, bound by the adapter -----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which model is executing on this thread / task (set around initialize and execute)."""
+
+    model_name: str
+    #: Models waiting on the current execution (the batch's requests' callers + this model).
+    callers: tuple[str, ...]
+
+
+_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("pb_utils_scope", default=None)
+
+
+class _Binding:
+    """The server's services for this process: set once by the adapter (`bind`)."""
+
+    services = None  # convoy.types.ModelServices-like: caller, loop, metrics
+
+
+def bind(services) -> None:
+    """Hand this module the server's services (caller, loop, custom metrics)."""
+    _Binding.services = services
+
+
+def enter_scope(scope: Scope) -> contextvars.Token:
+    return _scope.set(scope)
+
+
+def leave_scope(token: contextvars.Token) -> None:
+    _scope.reset(token)
+
+
+def _services():
+    services = _Binding.services
+    if services is None or services.caller is None:
+        raise TritonModelException(
+            "BLS calls are not available here (model code in an isolated worker process, or "
+            "outside a server)"
+        )
+    return services
+
+
+# --- requests and responses ---------------------------------------------------------------------
+class InferenceResponse:
+    """What `execute` returns per request (or a response sender sends)."""
+
+    __slots__ = ("_error", "_parameters", "_tensors")
+
+    def __init__(self, output_tensors=None, error: TritonError | None = None, parameters=None) -> None:
+        tensors = list(output_tensors) if output_tensors is not None else []
+        for tensor in tensors:
+            if not isinstance(tensor, Tensor):
+                raise TritonModelException(
+                    f"InferenceResponse output_tensors must hold pb_utils.Tensor, got "
+                    f"{type(tensor).__name__}"
+                )
+        if error is not None and not isinstance(error, TritonError):
+            raise TritonModelException("InferenceResponse error must be a pb_utils.TritonError")
+        self._tensors = tensors
+        self._error = error
+        if isinstance(parameters, str):
+            parameters = json.loads(parameters) if parameters else {}
+        self._parameters = dict(parameters or {})
+
+    def output_tensors(self) -> list[Tensor]:
+        return self._tensors
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+    def parameters(self) -> str:
+        return json.dumps(self._parameters)
+
+    def parameter_dict(self) -> dict:
+        return self._parameters
+
+
+class InferenceResponseSender:
+    """Sends a decoupled request's responses as the model produces them (any thread)."""
+
+    def __init__(self, request: InferenceRequest) -> None:
+        self._request = request
+        self._closed = False
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if self._closed:
+            raise TritonModelException(
+                "response sender: the final flag was already sent for this request"
+            )
+        if response is not None and not isinstance(response, InferenceResponse):
+            raise TritonModelException(
+                f"response sender: expected an InferenceResponse or None, got {type(response).__name__}"
+            )
+        final = bool(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if response is None and not final:
+            raise TritonModelException(
+                "response sender: send(None) needs flags=TRITONSERVER_RESPONSE_COMPLETE_FINAL"
+            )
+        if final:
+            self._closed = True
+        self._request._deliver(response, final)
+
+    def is_cancelled(self) -> bool:
+        return self._request.is_cancelled()
+
+
+class InferenceRequest:
+    """A request: handed to `execute` (one per client request), or built by model code to call
+    another model (BLS: `exec`, `async_exec`)."""
+
+    def __init__(
+        self,
+        model_name: str = "",
+        inputs=None,
+        requested_output_names=None,
+        request_id: str = "",
+        correlation_id=0,
+        flags: int = 0,
+        timeout: int = 0,
+        model_version: int = -1,
+        parameters=None,
+        preferred_memory=None,
+        trace=None,
+    ) -> None:
+        self.model_name = model_name
+        self._inputs = list(inputs or [])
+        for tensor in self._inputs:
+            if not isinstance(tensor, Tensor):
+                raise TritonModelException(
+                    f"InferenceRequest inputs must hold pb_utils.Tensor, got {type(tensor).__name__}"
+                )
+        self._requested = list(requested_output_names or [])
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        self._flags = flags
+        if timeout is not None and (not isinstance(timeout, int) or timeout < 0):
+            raise TritonModelException("InferenceRequest timeout must be microseconds (int >= 0)")
+        self._timeout = timeout or 0
+        self.model_version = model_version
+        if isinstance(parameters, str):
+            parameters = json.loads(parameters) if parameters else {}
+        self._parameters = dict(parameters or {})
+        # Server-side requests (handed to execute) only:
+        self._origin = None  # the convoy Request
+        self._deliver_to = None  # callable(request, StreamedResponse) on any thread
+        self._sender: InferenceResponseSender | None = None
+
+    # -- accessors (Triton's names) --
+    def inputs(self) -> list[Tensor]:
+        return self._inputs
+
+    def request_id(self) -> str:
+        return self._request_id
+
+    def correlation_id(self):
+        return self._correlation_id
+
+    def flags(self) -> int:
+        return self._flags
+
+    def timeout(self) -> int:
+        return self._timeout
+
+    def parameters(self) -> str:
+        return json.dumps(self._parameters)
+
+    def requested_output_names(self) -> list[str]:
+        return self._requested
+
+    def set_release_flags(self, flags: int) -> None:
+        if flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
+            raise TritonModelException(
+                "request rescheduling (TRITONSERVER_REQUEST_RELEASE_RESCHEDULE) is not supported"
+            )
+
+    def get_response_sender(self) -> InferenceResponseSender:
+        if self._deliver_to is None:
+            raise TritonModelException(
+                "get_response_sender() is not available here (model code in an isolated worker "
+                "process answers by returning its responses)"
+            )
+        if self._sender is None:
+            self._sender = InferenceResponseSender(self)
+        return self._sender
+
+    def is_cancelled(self) -> bool:
+        origin = self._origin
+        if origin is None:
+            return False
+        cancelled = getattr(origin, "cancelled", None)
+        if cancelled is not None and not hasattr(origin, "future"):
+            return bool(cancelled())
+        return origin.future.cancelled()
+
+    def _deliver(self, response: InferenceResponse | None, final: bool) -> None:
+        if response is None:
+            item = StreamedResponse({}, final=final)
+        else:
+            error = response.error()
+            item = StreamedResponse(
+                {t.name(): t.as_numpy() for t in response.output_tensors()},
+                final=final,
+                error="" if error is None else (error.message() or "model reported an error"),
+                parameters=response.parameter_dict(),
+            )
+        self._deliver_to(self, item)
+
+    # -- BLS --
+    def _call(self) -> ModelCall:
+        if not self.model_name:
+            raise TritonModelException("InferenceRequest needs model_name to be executed")
+        scope = _scope.get()
+        version = self.model_version
+        return ModelCall(
+            model_name=self.model_name,
+            inputs={t.name(): t.as_numpy() for t in self._inputs},
+            requested_outputs=tuple(self._requested),
+            model_version="" if version is None or version < 0 else str(version),
+            request_id=self._request_id,
+            parameters=self._parameters,
+            timeout_us=self._timeout,
+            callers=scope.callers if scope is not None else (),
+        )
+
+    def exec(self, decoupled: bool = False):
+        """Run the request on its model and wait (call it from the model's execution thread,
+        never from an event loop). decoupled=True: an iterator over the model's responses."""
+        services = _services()
+        if threading.get_ident() == services.loop_thread_id:
+            raise TritonModelException(
+                "InferenceRequest.exec() called on the server's event loop would block it; "
+                "use `await request.async_exec()`"
+            )
+        call = self._call()
+        wait = self._timeout / 1e6 if self._timeout else None
+        if decoupled:
+            if services.loop is None:  # a worker process: the caller says why it cannot stream
+                return iter(
+                    [
+                        InferenceResponse(
+                            error=TritonError(
+                                "decoupled BLS calls (exec(decoupled=True)) are not available to "
+                                "a model in an isolated worker process",
+                                TritonError.UNSUPPORTED,
+                            )
+                        )
+                    ]
+                )
+            return _stream(services, call, wait)
+        future = Future()
+        try:
+            cancel = services.caller.submit_threadsafe(call, future)
+            response = future.result(wait)
+        except FutureTimeout:
+            cancel()
+            return InferenceResponse(
+                error=TritonError(
+                    f"BLS request to '{call.model_name}' timed out", TritonError.UNAVAILABLE
+                )
+            )
+        except ConvoyError as exc:
+            return InferenceResponse(error=error_of(exc))
+        if call.requested_outputs:
+            outputs = response.outputs
+            return InferenceResponse(
+                [Tensor(n, outputs[n]) for n in call.requested_outputs if n in outputs],
+                parameters=response.parameters,
+            )
+        return _from_response(response)
+
+    async def async_exec(self, decoupled: bool = False):
+        """`await`-able exec for `async def execute`; decoupled=True: an iterator over the
+        responses (all of them received by the time the await returns)."""
+        services = _services()
+        call = self._call()
+        if decoupled:
+            return await _async_stream(services, call)
+        if services.loop is None:  # a worker process: the caller runs here
+            wrapped = asyncio.ensure_future(services.caller.infer(call))
+        else:
+            future = asyncio.run_coroutine_threadsafe(services.caller.infer(call), services.loop)
+            wrapped = asyncio.wrap_future(future)
+        try:
+            if self._timeout:
+                return _from_response(await asyncio.wait_for(wrapped, self._timeout / 1e6))
+            return _from_response(await wrapped)
+        except TimeoutError:
+            return InferenceResponse(
+                error=TritonError(
+                    f"BLS request to '{call.model_name}' timed out", TritonError.UNAVAILABLE
+                )
+            )
+        except ConvoyError as exc:
+            return InferenceResponse(error=error_of(exc))
+
+
+class ServerRequest(InferenceRequest):
+    """A client's request as `execute` sees it: reads its Convoy request lazily (no copies)."""
+
+    _sender = None
+
+    def __init__(self, origin, deliver, model_name: str, model_version: int) -> None:
+        self._origin = origin
+        self._deliver_to = deliver
+        self.model_name = model_name
+        self.model_version = model_version
+
+    def inputs(self) -> list[Tensor]:
+        tensors = []
+        for name, array in self._origin.inputs.items():
+            tensor = Tensor.__new__(Tensor)
+            tensor._name = name
+            tensor._array = array
+            tensors.append(tensor)
+        return tensors
+
+    def request_id(self) -> str:
+        return self._origin.id
+
+    def correlation_id(self):
+        parameters = self._origin.parameters
+        return parameters.get("sequence_id", 0) if parameters else 0
+
+    def flags(self) -> int:
+        parameters = self._origin.parameters
+        flags = 0
+        if parameters and parameters.get("sequence_start"):
+            flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+        if parameters and parameters.get("sequence_end"):
+            flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+        return flags
+
+    def timeout(self) -> int:
+        return self._origin.timeout_us
+
+    def parameters(self) -> str:
+        return json.dumps(self._origin.parameters or {})
+
+    def requested_output_names(self) -> list[str]:
+        return list(self._origin.requested_outputs)
+
+    @property
+    def _parameters(self) -> dict:
+        return self._origin.parameters or {}
+
+    @property
+    def _timeout(self) -> int:
+        return self._origin.timeout_us
+
+    @property
+    def _request_id(self) -> str:
+        return self._origin.id
+
+    @property
+    def _requested(self) -> list[str]:
+        return list(self._origin.requested_outputs)
+
+    @property
+    def _inputs(self) -> list[Tensor]:
+        return self.inputs()
+
+
+def _from_response(response) -> InferenceResponse:
+    tensors = [Tensor(name, array) for name, array in response.outputs.items()]
+    return InferenceResponse(tensors, parameters=response.parameters)
+
+
+def _from_streamed(item: StreamedResponse) -> InferenceResponse:
+    tensors = [Tensor(name, array) for name, array in item.outputs.items()]
+    error = TritonError(item.error) if item.error else None
+    return InferenceResponse(tensors, error=error, parameters=item.parameters)
+
+
+_END = object()
+
+
+def _stream(services, call: ModelCall, wait: float | None) -> Iterator[InferenceResponse]:
+    """Responses of a decoupled BLS call as an iterator; the last one is empty with the final
+    flag when the model sent its final flag without a response (as Triton's iterator does)."""
+    import queue
+
+    # Unbounded on purpose: the producer is the event loop, which must not block; the model
+    # under call bounds how many responses a request gets.
+    items: queue.SimpleQueue = queue.SimpleQueue()
+
+    async def run() -> None:
+        try:
+            await services.caller.infer_stream(call, items.put)
+        except ConvoyError as exc:
+            items.put(exc)
+        items.put(_END)
+
+    future = asyncio.run_coroutine_threadsafe(run(), services.loop)
+    while True:
+        try:
+            item = items.get(timeout=wait)
+        except queue.Empty:
+            future.cancel()
+            yield InferenceResponse(
+                error=TritonError(
+                    f"BLS request to '{call.model_name}' timed out", TritonError.UNAVAILABLE
+                )
+            )
+            return
+        if item is _END:
+            return
+        if isinstance(item, ConvoyError):
+            yield InferenceResponse(error=error_of(item))
+            continue
+        yield _from_streamed(item)
+
+
+async def _async_stream(services, call: ModelCall) -> Iterator[InferenceResponse]:
+    """A decoupled BLS call from `async def execute`: awaits every response (without blocking
+    the model's loop), then iterates over them, as Triton's awaited iterator does."""
+    collected: list[InferenceResponse] = []
+    if services.loop is None:  # a worker process: the caller says why it cannot stream
+        try:
+            await services.caller.infer_stream(call, collected.append)
+        except ConvoyError as exc:
+            return iter([InferenceResponse(error=error_of(exc))])
+
+    def sink(item: StreamedResponse) -> None:  # on the server's loop
+        collected.append(_from_streamed(item))
+
+    future = asyncio.run_coroutine_threadsafe(services.caller.infer_stream(call, sink), services.loop)
+    try:
+        await asyncio.wrap_future(future)
+    except ConvoyError as exc:
+        collected.append(InferenceResponse(error=error_of(exc)))
+    return iter(collected)
