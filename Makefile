@@ -1,22 +1,42 @@
 # The two quick-start commands: `make serve` and `make test` (each installs what it needs first).
+#   make serve                          the demo models on 8000/8001/8002 (runtime install only)
+#   make serve ARGS="--http-port 9000"  flags pass through to `convoy serve`
+#   make serve SERVE_EXTRAS=            core only: the demo serves add_sub, says what the rest need
+#   make test                           the dev and test toolchain, then the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
+# What serving the demo needs: the text extra runs text_embedding (torch, transformers).
+SERVE_EXTRAS ?= text
+ARGS ?=
 
 .PHONY: serve test install lint
 
-$(VENV)/.installed: pyproject.toml setup.py
+# pip's own warnings stay visible; its progress and notices do not.
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+$(VENV)/bin/python:
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first (it lies on local disk here); pyproject asks only torch>=2.4.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+
+# The CPU build of torch first where an extra needs it (it lies on local disk here); pyproject
+# asks only torch>=2.4, so a CUDA build already installed is kept.
+$(VENV)/.installed: pyproject.toml setup.py | $(VENV)/bin/python
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[$(EXTRAS)]'
+	touch $@ $(VENV)/.runtime
+
+$(VENV)/.runtime: pyproject.toml setup.py | $(VENV)/bin/python
+	$(if $(filter text torch,$(subst $(comma), ,$(SERVE_EXTRAS))),$(PIP) torch==2.13.0)
+	$(PIP) -e '.$(if $(SERVE_EXTRAS),[$(SERVE_EXTRAS)])'
 	touch $@
+
+comma := ,
 
 install: $(VENV)/.installed
 
-serve: $(VENV)/.installed
-	$(VENV)/bin/convoy serve
+serve: $(VENV)/.runtime
+	$(VENV)/bin/convoy serve $(ARGS)
 
 test: $(VENV)/.installed
 	bash .ci/install_perf_analyzer.sh >/dev/null

@@ -438,6 +438,9 @@ class Scheduler:
             else:
                 outcome = self._split_outcome(context, start, merged, inferred, outputs)
         except ConvoyError as exc:
+            log.error(
+                "model '%s' version %s failed a batch of %d rows: %s", name, self.version, rows, exc
+            )
             outcome = [(request, None, exc) for request in batch]
         except Exception as exc:
             log.error(

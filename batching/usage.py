@@ -25,7 +25,8 @@ class UsageTotals:
     rows: int = 0
     #: Requests that failed once admitted (the model raised, timed out while executing).
     failures: int = 0
-    #: Requests turned away by the queue (full, deadline cannot be met, queue timeout).
+    #: Requests turned away: by the queue (full, deadline cannot be met, queue timeout) or by
+    #: the API key's quota (429).
     rejections: int = 0
     queue_ns: int = 0
     #: This principal's share of the compute time of the batches its requests rode in.

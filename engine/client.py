@@ -98,10 +98,16 @@ class EngineClient(abc.ABC):
     request and its outcome (a Response with the requested outputs, or an error) arrives on
     `request.future`; everything else answers directly."""
 
-    #: False once shutdown begins: readiness goes false, new requests are refused.
+    #: False once shutdown begins: readiness goes false and answers tell clients to go (HTTP
+    #: `Connection: close`), but requests still arriving on open connections are served.
     accepting: bool = True
+    #: True once the front ends have stopped taking requests: anything that still reaches
+    #: `submit` is refused UNAVAILABLE.
+    refusing: bool = False
     #: True once the models asked for at start-up have been loaded (or failed to).
     started: bool = False
+    #: Readiness also needs every model ready (--strict-readiness, the default).
+    strict_readiness: bool = True
     #: System shared-memory regions: the engine's own registry, or a front end's copy of it
     #: (each process opens the segments itself, so tensors are read and written where they
     #: are decoded and encoded).
@@ -151,9 +157,9 @@ class EngineClient(abc.ABC):
         return True
 
     def ready(self) -> bool:
-        return (
-            self.accepting and self.started and all(m.state == "READY" for m in self.models().values())
-        )
+        if not (self.accepting and self.started):
+            return False
+        return not self.strict_readiness or all(m.state == "READY" for m in self.models().values())
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

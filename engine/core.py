@@ -21,7 +21,7 @@ from typing import Any
 from convoy.auth import Keyring
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
-from convoy.errors import ConvoyError, ModelLoadFailed, Unavailable
+from convoy.errors import ConvoyError, ModelLoadFailed, Overloaded, Unavailable
 from convoy.logs import LogControl
 from convoy.types import Request
 
@@ -30,6 +30,7 @@ from .ledger import UsageLedger
 from .metrics import Metrics
 from .overrides import parse_load_parameters
 from .payload_log import PayloadLog
+from .recent import Counts, RecentWindow
 from .repository import ModelRepository, ModelVersion
 from .shared_memory import SharedMemoryRegistry
 
@@ -52,6 +53,7 @@ class Engine(EngineClient):
 
     def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
         self.settings = settings
+        self.strict_readiness = settings.strict_readiness
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
         #: Showback: per-principal usage, metered when callers are identified (API keys) or a
         #: usage ledger is asked for.
@@ -72,6 +74,8 @@ class Engine(EngineClient):
         self.shared_memory = SharedMemoryRegistry()
         #: Called (on the loop) after log settings change, e.g. to tell other processes.
         self.log_listeners: list[Callable[[dict], None]] = []
+        #: The catalog's live figures: recent traffic per version, counted from start.
+        self.recent = RecentWindow(self._version_counts)
 
     # --- lifetime --------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -79,6 +83,7 @@ class Engine(EngineClient):
         self.payload_log = _start_payload_log(settings)
         try:
             self.metrics = Metrics(self.repository, self.usage, self.payload_log, self.keys)
+            self.recent.start()
             await self.repository.__aenter__()
             self.started = True
             if settings.usage_ledger is not None and self.usage is not None:
@@ -115,6 +120,8 @@ class Engine(EngineClient):
     async def close(self, deadline: float) -> None:
         """Unload every model and stop the engine's writers."""
         self.accepting = False
+        self.refusing = True
+        await self.recent.close()
         if self._keys_watch is not None:
             self._keys_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -136,10 +143,10 @@ class Engine(EngineClient):
     # --- inference -------------------------------------------------------------------------------
     def submit(self, model: ModelVersion, request: Request) -> None:
         """Queue a request on its model's scheduler (loop thread); errors go to its future."""
-        if self.keys is not None and request.principal is not None and self.accepting:
+        if self.keys is not None and request.principal is not None and not self.refusing:
             # Quotas are counted here, where every front end's requests meet.
             try:
-                self.keys.admit_principal(request.principal)
+                self._admit(model, request)
             except ConvoyError as exc:
                 if not request.future.done():
                     request.future.set_exception(exc)
@@ -152,7 +159,7 @@ class Engine(EngineClient):
         """`submit` without the quota: also how an ensemble's steps reach their models (the
         ensemble request was counted once)."""
         try:
-            if not self.accepting:
+            if self.refusing:
                 raise Unavailable("server is shutting down")
             scheduler = model.scheduler
             if scheduler is None:
@@ -164,6 +171,15 @@ class Engine(EngineClient):
         # Every outcome (errors too) reaches the future, so the log sees them all.
         if self.payload_log is not None:
             self.payload_log.offer(model, request)
+
+    def _admit(self, model: ModelVersion, request: Request) -> None:
+        """Take the request off its key's quota; a refusal (429) is a rejection in showback."""
+        try:
+            self.keys.admit_principal(request.principal)
+        except Overloaded:
+            if self.usage is not None:
+                self.usage.record_rejection(model.config.name, str(model.version), request)
+            raise
 
     def cancel(self, model: ModelVersion, request: Request) -> None:
         scheduler = model.scheduler
@@ -201,16 +217,32 @@ class Engine(EngineClient):
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await self.repository.unload(name)
 
+    def _version_counts(self) -> dict[str, Counts]:
+        """Every version's (failures, success latency buckets), keyed "model/version"."""
+        return {
+            f"{name}/{number}": (entry.stats.fail.count, list(entry.stats.success.buckets))
+            for name, model in self.repository.models.items()
+            for number, entry in model.versions.items()
+        }
+
     async def catalog_figures(self) -> dict:
+        current = self._version_counts()
+        span, recent = self.recent.window(current)
         versions = {}
-        for name, model in self.repository.models.items():
-            for number, entry in model.versions.items():
-                stats = entry.stats
-                versions[f"{name}/{number}"] = {
-                    "success_buckets": list(stats.success.buckets),
-                    "failures": stats.fail.count,
+        for key, (failures, buckets) in current.items():
+            window = None
+            if key in recent:
+                window = {
+                    "seconds": span,
+                    "failures": recent[key][0],
+                    "success_buckets": recent[key][1],
                 }
-        return {"payload_log_on": self.payload_log is not None, "versions": versions}
+            versions[key] = {"success_buckets": buckets, "failures": failures, "window": window}
+        return {
+            "payload_log_on": self.payload_log is not None,
+            "window_s": self.recent.window_s,
+            "versions": versions,
+        }
 
     # --- shared memory -----------------------------------------------------------------------------
     # Front ends in other processes get the regions with the model table (engine/remote.py).

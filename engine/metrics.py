@@ -347,7 +347,11 @@ _USAGE_COUNTERS: tuple[tuple[str, str, Callable[[UsageTotals], float]], ...] = (
     ("convoy_usage_requests", "Requests per API key (admitted or rejected)", lambda u: u.requests),
     ("convoy_usage_rows", "Rows (batch items) per API key", lambda u: u.rows),
     ("convoy_usage_failures", "Admitted requests that failed, per API key", lambda u: u.failures),
-    ("convoy_usage_rejections", "Requests rejected by the queue, per API key", lambda u: u.rejections),
+    (
+        "convoy_usage_rejections",
+        "Requests rejected by the queue or the key's quota, per API key",
+        lambda u: u.rejections,
+    ),
     ("convoy_usage_queue_seconds", "Time queued, per API key", lambda u: u.queue_ns / 1e9),
     (
         "convoy_usage_compute_seconds",

@@ -6,7 +6,7 @@ The parsed protobuf is kept beside the typed config for the ModelConfig API, whi
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
@@ -70,6 +70,89 @@ def guess_backend(model_dir: Path) -> str:
     return ""
 
 
+@dataclass(frozen=True, slots=True)
+class UnsupportedField:
+    """A ModelConfig field whose behaviour Convoy does not implement: a config that sets it is
+    refused at load rather than served as if it were honoured. `path` is dotted; `[]` walks
+    every element of a repeated field (``input[].is_shape_tensor``)."""
+
+    path: str
+    #: What serving the model without the behaviour would get wrong.
+    consequence: str
+
+
+#: Every ModelConfig field Convoy reads none of, or reads without implementing. When a feature
+#: lands, delete its entry. Accepted without an entry: input/output_pinned_memory (a copy hint
+#: with no observable effect). A scalar set to its default (false, 0, "") counts as unset; a
+#: message field counts as set even when empty (`model_operations {}` is refused), so an entry
+#: names the scalar inside when only that matters (`response_cache.enable`).
+UNSUPPORTED_FIELDS: tuple[UnsupportedField, ...] = (
+    UnsupportedField("batch_input", "the batch inputs would never be fed to the model"),
+    UnsupportedField("batch_output", "the batch outputs would never be scattered"),
+    UnsupportedField("response_cache.enable", "responses would never be cached"),
+    UnsupportedField("model_repository_agents", "the agents would never run"),
+    UnsupportedField("model_operations", "the operation libraries would never be loaded"),
+    UnsupportedField("model_metrics", "the metric settings would be ignored"),
+    UnsupportedField("metric_tags", "metrics would carry no such tags"),
+    UnsupportedField("runtime", "the named runtime library would be ignored"),
+    UnsupportedField("cc_model_filenames", "the per-GPU model files would be ignored"),
+    UnsupportedField("optimization.graph", "the graph optimisation level would be ignored"),
+    UnsupportedField("optimization.priority", "the model priority would be ignored"),
+    UnsupportedField("optimization.cuda", "the CUDA settings would be ignored"),
+    UnsupportedField(
+        "optimization.execution_accelerators", "the execution accelerators would be ignored"
+    ),
+    UnsupportedField(
+        "optimization.gather_kernel_buffer_threshold", "the gather kernel would never be used"
+    ),
+    UnsupportedField("optimization.eager_batching", "batches would not be formed eagerly"),
+    UnsupportedField("input[].format", "the input would not be converted from that format"),
+    UnsupportedField("input[].is_shape_tensor", "the shape tensor would be batched like data"),
+    UnsupportedField("input[].allow_ragged_batch", "requests of different shapes would be refused"),
+    UnsupportedField("input[].is_non_linear_format_io", "the input layout would be ignored"),
+    UnsupportedField("output[].label_filename", "classification labels would never be returned"),
+    UnsupportedField("output[].is_shape_tensor", "the shape tensor would be split like data"),
+    UnsupportedField("output[].is_non_linear_format_io", "the output layout would be ignored"),
+    UnsupportedField("instance_group[].rate_limiter", "the rate limiter would be ignored"),
+    UnsupportedField("instance_group[].secondary_devices", "the secondary devices would be ignored"),
+    UnsupportedField("instance_group[].profile", "the TensorRT profiles would be ignored"),
+    UnsupportedField("instance_group[].passive", "passive instances would be scheduled"),
+    UnsupportedField("instance_group[].host_policy", "the host policy would be ignored"),
+)
+
+
+def _set_fields(message, path: str, shown: str = "") -> list[str]:
+    """The places `path` is set in `message`, spelled with indices (``input[1].format``)."""
+    head, _, rest = path.partition(".")
+    repeated = head.endswith("[]")
+    name = head.removesuffix("[]")
+    present = {field.name for field, _ in message.ListFields()}
+    if name not in present:
+        return []
+    value = getattr(message, name)
+    spelled = f"{shown}.{name}" if shown else name
+    if repeated:
+        if not rest:
+            return [spelled]
+        found = []
+        for index, element in enumerate(value):
+            found.extend(_set_fields(element, rest, f"{spelled}[{index}]"))
+        return found
+    return _set_fields(value, rest, spelled) if rest else [spelled]
+
+
+def refuse_unsupported(proto: mc.ModelConfig, fail) -> None:
+    """Raise (through `fail(field, message)`) for the first field of UNSUPPORTED_FIELDS set."""
+    for entry in UNSUPPORTED_FIELDS:
+        places = _set_fields(proto, entry.path)
+        if places:
+            raise fail(
+                places[0],
+                f"is set, but Convoy does not implement it yet ({entry.consequence}); "
+                "remove it from the config to serve this model without it",
+            )
+
+
 def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
     """Validate a ModelConfig proto (already completed) into the typed config."""
     where = model_dir / "config.pbtxt"
@@ -80,6 +163,7 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
     name = proto.name or model_dir.name
     if name != model_dir.name:
         raise fail("name", f"'{name}' must match the model folder name '{model_dir.name}'")
+    refuse_unsupported(proto, fail)
     backend = BACKEND_ALIASES.get(proto.backend, proto.backend)
     if proto.platform == "ensemble" and not proto.backend:
         backend = "ensemble"

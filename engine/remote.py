@@ -454,7 +454,7 @@ class RemoteEngine(EngineClient):
                     f"model '{model.name}' is decoupled: its streamed responses are not carried "
                     "through --workers front ends yet; serve it without --workers"
                 )
-            if not self.accepting:
+            if self.refusing:
                 raise Unavailable("server is shutting down")
             link = self.link
             if link.closed:
@@ -587,6 +587,7 @@ class RemoteEngine(EngineClient):
                     self.log_control.update(message.changes)
             elif kind is Welcome:
                 self.settings = message.settings
+                self.strict_readiness = message.settings.strict_readiness
                 self.ports = (message.http_port, message.grpc_port)
                 if not self._welcomed.done():
                     self._welcomed.set_result(None)

@@ -201,12 +201,14 @@ class ModelRepository:
         """The version to serve a request for (latest ready when `version` is empty)."""
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"model '{name}' is not found in the repository")
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         if version:
             number = parse_version(version)
             found = model.versions.get(number)
             if found is None:
-                raise ModelNotFound(f"model '{name}' has no version {version}")
+                raise ModelNotFound(
+                    f"Request for unknown model: '{name}' version {version} is not found"
+                )
             if not found.ready:
                 raise Unavailable(
                     f"model '{name}' version {version} is not ready: {found.reason or found.state}"
@@ -224,7 +226,7 @@ class ModelRepository:
     def model(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"model '{name}' is not found in the repository")
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         return model
 
     def ready(self) -> bool:
@@ -247,6 +249,10 @@ class ModelRepository:
                     state, reason = "UNAVAILABLE", entry.scheduler.restart_reason
                 rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
         return rows
+
+    def relative(self, text: str) -> str:
+        """`text` with paths inside the repository shown relative to it (what clients see)."""
+        return text.replace(f"{self.root}/", "")
 
     # --- lifecycle (loop thread) ---------------------------------------------------------------
     @staticmethod
@@ -278,9 +284,9 @@ class ModelRepository:
             if loading:  # Triton's words, which clients and tools match on
                 raise ModelNotFound(
                     f"failed to load '{name}', failed to poll from model repository: "
-                    f"no folder '{name}' in {self.root}"
+                    f"no folder '{name}' in the model repository"
                 )
-            raise ModelNotFound(f"model '{name}' is not found in the repository ({self.root})")
+            raise ModelNotFound(f"model '{name}' is not found in the model repository")
         return path
 
     async def load(
@@ -316,6 +322,7 @@ class ModelRepository:
                     log.exception("model '%s' failed to load", name)
                 else:
                     log.error("model '%s' failed to load: %s", name, reason)
+                reason = self.relative(reason)  # the log keeps full paths; clients see these
                 if serving:
                     previous.load_error = reason
                     return previous
@@ -348,7 +355,8 @@ class ModelRepository:
                     fresh = await self._load_ensemble(config, model_dir, chosen, (*_chain, name))
                 except ConvoyError as exc:
                     fresh = [
-                        ModelVersion(config, v, state="UNAVAILABLE", failure=str(exc)) for v in chosen
+                        ModelVersion(config, v, state="UNAVAILABLE", failure=self.relative(str(exc)))
+                        for v in chosen
                     ]
                     log.error("model '%s' failed to load: %s", name, exc)
             else:
@@ -427,7 +435,7 @@ class ModelRepository:
         if config.ensemble is None:
             # What the model file itself declares fills what config.pbtxt left out.
             newest = ModelVersionSource(runtime_view(config), chosen[0], model_dir / str(chosen[0]))
-            factory = runtime_factory(config.backend)
+            factory = _factory(config.backend, model_dir)
             complete_dict = getattr(factory, "complete_config_dict", None)
             if complete_dict is not None:
                 # The model's own auto-complete (Triton's auto_complete_config) edits the
@@ -464,7 +472,7 @@ class ModelRepository:
             config=runtime_view(config), version=version, path=model_dir / str(version)
         )
         try:
-            factory = runtime_factory(config.backend)
+            factory = _factory(config.backend, model_dir)
             if self._isolation(config) == "process":
                 if config.decoupled:
                     raise InvalidConfig(
@@ -497,9 +505,17 @@ class ModelRepository:
             entry.state = "READY"
         except Exception as exc:
             entry.state = "UNAVAILABLE"
-            entry.reason = str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, ConvoyError):
-                log.exception("model '%s' version %d failed to load", config.name, version)
+            reason = str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
+            # The operator's log keeps full paths (and a traceback for unexpected errors);
+            # clients see paths relative to the repository.
+            log.error(
+                "model '%s' version %d failed to load: %s",
+                config.name,
+                version,
+                reason,
+                exc_info=None if isinstance(exc, ConvoyError) else exc,
+            )
+            entry.reason = self.relative(reason)
             await self._close_instances(entry)
         return entry
 
@@ -634,6 +650,14 @@ class ModelRepository:
             except Exception:
                 log.exception("closing instance %s failed", instance.name)
         entry.instances = []
+
+
+def _factory(backend: str, model_dir: Path):
+    """The backend's runtime factory; an unknown or uninstalled backend names the config file."""
+    try:
+        return runtime_factory(backend)
+    except InvalidConfig as exc:
+        raise InvalidConfig(f"{model_dir / 'config.pbtxt'}: backend: {exc}") from None
 
 
 def _submit_to_scheduler(entry: ModelVersion, request: Request) -> None:

@@ -19,6 +19,25 @@ if TYPE_CHECKING:  # runner and users import locust, which monkey-patches the pr
 
 #: Client CPU (percent of one core) above which a step measured the load generator too.
 CLIENT_SATURATED_CPU = 90.0
+#: A step whose throughput grew less than this fraction over the step before, with more users,
+#: while the load generator ran at CLIENT_BOUND_CPU or more, measured the client's limit.
+FLAT_GROWTH = 0.10
+CLIENT_BOUND_CPU = 80.0
+
+
+def client_bound_steps(rows: list[StepRow]) -> set[int]:
+    """Steps that measured the load generator rather than the server: it was saturated, or near
+    its limit while throughput stopped growing as users were added."""
+    bound = set()
+    for previous, row in zip([None, *rows], rows, strict=False):
+        if row.client_cpu_percent >= CLIENT_SATURATED_CPU or (
+            previous is not None
+            and row.client_cpu_percent >= CLIENT_BOUND_CPU
+            and row.users > previous.users
+            and row.throughput_rps < previous.throughput_rps * (1 + FLAT_GROWTH)
+        ):
+            bound.add(row.step)
+    return bound
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,8 @@ class Recommendation:
     target_rps: float | None
     replicas: int | None
     summary: str
+    #: Steps whose figures are the load generator's limit, not the server's.
+    client_bound: tuple[int, ...] = ()
 
 
 def recommend(
@@ -123,6 +144,23 @@ def recommend(
             "try lower concurrency steps or a looser SLO",
         )
     best = max(meeting, key=lambda row: row.throughput_rps)
+    bound = tuple(sorted(client_bound_steps(rows)))
+    if best.step in bound:
+        # The server was not the limit: any replica count from here would be too many.
+        return Recommendation(
+            best.step,
+            None,
+            headroom,
+            None,
+            target_rps,
+            None,
+            f"client-bound: at step {best.step} ({best.users} users) the load generator ran at "
+            f"{best.client_cpu_percent:.0f}% CPU and throughput stopped growing at "
+            f"{best.throughput_rps:,.0f} req/s, so one replica serves at least that much; no "
+            "replica count from this run. Generate the load from several processes or machines "
+            "(or a faster client host) and run again",
+            bound,
+        )
     usable = best.throughput_rps * (1 - headroom)
     text = (
         f"one replica serves {best.throughput_rps:,.0f} req/s at p99 {best.p99_ms:.2f} ms "
@@ -132,12 +170,9 @@ def recommend(
     if target_rps is not None:
         replicas = max(1, math.ceil(target_rps / usable)) if usable > 0 else None
         text += f"; {target_rps:,.0f} req/s needs {replicas} replicas"
-    if best.client_cpu_percent >= CLIENT_SATURATED_CPU:
-        text += (
-            f" (the load generator ran at {best.client_cpu_percent:.0f}% CPU: it may have been the "
-            "limit, so the server may serve more)"
-        )
-    return Recommendation(best.step, best.throughput_rps, headroom, usable, target_rps, replicas, text)
+    return Recommendation(
+        best.step, best.throughput_rps, headroom, usable, target_rps, replicas, text, bound
+    )
 
 
 class StepProgress(Protocol):

@@ -257,10 +257,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace, console) -> int:
-    from .checks import choose_oracle
-    from .payloads import ModelSpecError, PayloadGenerator, PayloadOptions, parse_shape_option
-    from .runner import fetch_model_spec  # imports locust: monkey-patches this process for gevent
-    from .users import Target
+    try:
+        from .checks import choose_oracle
+        from .payloads import ModelSpecError, PayloadGenerator, PayloadOptions, parse_shape_option
+        from .runner import fetch_model_spec  # imports locust: monkey-patches for gevent
+        from .users import Target
+    except ImportError as exc:
+        _error(
+            console,
+            f"convoy {args.command} needs {exc.name}: pip install 'convoy-inference[loadtest]'",
+        )
+        return 2
 
     protocols = args.protocol if isinstance(args.protocol, tuple) else (args.protocol,)
     family = "http" if any(p.startswith("http") for p in protocols) else "grpc"

@@ -12,6 +12,7 @@ import importlib
 import logging
 import queue
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -75,6 +76,17 @@ def is_fatal(runtime: Runtime, error: BaseException) -> bool:
         return False
 
 
+def where_in_model(error: BaseException, path) -> str:
+    """' at line N in func()': the deepest frame of the model's own file in `error`'s traceback
+    (a SyntaxError names its line itself); '' when the model file is not in it."""
+    if isinstance(error, SyntaxError):
+        return ""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    if not frames:
+        return ""
+    return f" at line {frames[-1].lineno} in {frames[-1].name}()"
+
+
 class RuntimeFactory(Protocol):
     def __call__(self, source: ModelVersionSource, instance_index: int) -> Runtime: ...
 
@@ -97,6 +109,9 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "convoy.runtimes.onnx:OnnxRuntime",
 }
 
+#: backend name -> the convoy-inference extra that installs what it imports.
+BACKEND_EXTRAS: dict[str, str] = {"pytorch": "torch", "onnxruntime": "onnx"}
+
 #: Extra backends registered at run time (tests register fakes here through `register_backend`).
 _registered: dict[str, RuntimeFactory] = {}
 
@@ -116,9 +131,10 @@ def runtime_factory(backend: str) -> RuntimeFactory:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        extra = BACKEND_EXTRAS.get(backend, backend)
         raise InvalidConfig(
             f"backend '{backend}' needs a package that is not installed ({exc.name}); "
-            f"install convoy-inference with the matching extra"
+            f"install it with: pip install 'convoy-inference[{extra}]'"
         ) from None
     return getattr(module, attribute)
 

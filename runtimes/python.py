@@ -30,7 +30,7 @@ import numpy as np
 from convoy.config import ModelVersionSource
 from convoy.errors import InferenceFailed, InstanceLost, ModelLoadFailed
 
-from .base import cuda_context_lost
+from .base import cuda_context_lost, where_in_model
 from .triton_python import pb_utils
 from .triton_python.adapter import TritonModelAdapter, install_module
 
@@ -56,7 +56,9 @@ def _import_model_file(source: ModelVersionSource):
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(module_name, None)
-        raise ModelLoadFailed(f"{path}: import failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadFailed(
+            f"{path}: import failed{where_in_model(exc, path)}: {type(exc).__name__}: {exc}"
+        ) from exc
     return module, path
 
 
@@ -140,9 +142,21 @@ class PythonRuntime:
         fatal_errors = (fatal_errors,) if isinstance(fatal_errors, type) else tuple(fatal_errors)
         if not all(isinstance(t, type) and issubclass(t, BaseException) for t in fatal_errors):
             raise ModelLoadFailed(f"{path}: Model.fatal_errors must be a tuple of exception types")
-        model = model_class()
+        try:
+            model = model_class()
+        except Exception as exc:
+            raise ModelLoadFailed(
+                f"{path}: Model() failed{where_in_model(exc, path)}: {type(exc).__name__}: {exc}"
+            ) from exc
         initialize = getattr(model, "initialize", None)
         if initialize is not None:
+            self._initialize(initialize, path)
+        self._model = model
+        self._fatal_errors = fatal_errors
+
+    def _initialize(self, initialize, path) -> None:
+        config = self._source.config
+        try:
             initialize(
                 {
                     "name": config.name,
@@ -155,8 +169,11 @@ class PythonRuntime:
                     "parameters": dict(config.parameters),
                 }
             )
-        self._model = model
-        self._fatal_errors = fatal_errors
+        except Exception as exc:
+            where = where_in_model(exc, path)
+            raise ModelLoadFailed(
+                f"{path}: Model.initialize() failed{where}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def infer_requests(self, batch: list, loop) -> list:
         """Execute a batch request by request (a TritonPythonModel): per request its outputs,

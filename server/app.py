@@ -38,10 +38,11 @@ log = logging.getLogger("convoy.server")
 #: requests already sent on accepted connections to arrive and be answered.
 _ACCEPT_BACKLOG_S = 0.05
 _LATE_REQUEST_S = 0.1
-#: At shutdown: gRPC refusals are held until no new call has come for _HOLD_QUIET_S (at most
-#: _HOLD_MAX_S), then the gRPC server stops, and _STOP_BEGUN_S later they are answered.
+#: At shutdown: gRPC ModelInfer answers are held until every call in progress is held and none
+#: has joined for _HOLD_QUIET_S (at most _HOLD_MAX_S, within the grace), then the gRPC server
+#: stops, and _STOP_BEGUN_S later they are sent.
 _HOLD_QUIET_S = 0.05
-_HOLD_MAX_S = 0.5
+_HOLD_MAX_S = 2.0
 _STOP_BEGUN_S = 0.01
 
 
@@ -75,7 +76,11 @@ def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     if reuse_port:
         # --workers: every worker listens on the same port and the kernel spreads connections.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"HTTP could not bind {host}:{port}: {exc.strerror}") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -221,24 +226,24 @@ class FrontEnds:
                 await asyncio.wait_for(self._http_task, timeout=max(deadline - time.monotonic(), 1))
 
     async def _stop_grpc(self, grace: float) -> None:
-        """Stop gRPC without cancelling calls that just arrived.
+        """Stop gRPC the way its graceful stop means: calls already sent are served.
 
         gRPC's core cancels (CANCELLED) every call it has received but not yet handed to the
-        application when the server stops. Closed-loop clients refused with UNAVAILABLE send
-        their next call at once, so there always are some. So for the last moment the refusals
-        are held instead of answered: the clients wait on them and send nothing new; the server
-        stops listening (GOAWAY: later calls fail over to a new connection and find it refused,
-        UNAVAILABLE on the client); then the held calls get their UNAVAILABLE within the grace."""
+        application when the server stops, and closed-loop clients send their next call as soon
+        as they have an answer. So for the first moment of shutdown calls are still served but
+        their answers held: each client waits on its answer and sends nothing new; once every
+        call in progress is held, the server stops listening (GOAWAY: later calls fail over to
+        a new connection and find the port closed, UNAVAILABLE on the client) and the held
+        answers go out within the grace."""
         held = asyncio.Event()
         frontend = self._grpc_frontend
         if frontend is not None:
-            frontend.held_rejections = held
-            # Until the clients go quiet: no new call held for a while (slow clients are slow
-            # to send their next one), within bounds.
+            frontend.held_answers = held
             started = time.monotonic()
+            limit = min(_HOLD_MAX_S, grace / 2)
             seen, quiet_since = -1, started
-            while time.monotonic() - started < _HOLD_MAX_S:
-                if frontend.held_count != seen:
+            while time.monotonic() - started < limit:
+                if frontend.held_count != seen or frontend.held_count < frontend.active_calls:
                     seen, quiet_since = frontend.held_count, time.monotonic()
                 elif time.monotonic() - quiet_since >= _HOLD_QUIET_S:
                     break
@@ -286,7 +291,8 @@ class ConvoyServer:
         self.front_ends: FrontEnds | None = None
         self.http_port = 0
         self.grpc_port = 0
-        self.metrics_port = 0
+        #: -1 while metrics are off (--metrics-port -1), as the flag says.
+        self.metrics_port = -1
         self._metrics_server = None
         self._stopped = asyncio.Event()
 
@@ -329,12 +335,14 @@ class ConvoyServer:
 
     async def _shutdown(self, grace: float) -> None:
         started = time.monotonic()
-        # Readiness goes false and new requests get UNAVAILABLE; in-flight work continues.
+        # Readiness goes false at once; the front ends stop taking connections and serve what
+        # arrives on the open ones until their clients have been told (see FrontEnds.stop).
         self.engine.accepting = False
         deadline = started + grace
-        await self.engine.drain(deadline)
         if self.front_ends is not None:
             await self.front_ends.stop(deadline)
+        self.engine.refusing = True
+        await self.engine.drain(deadline)
         stop_metrics(self._metrics_server)
         await self.engine.close(deadline)
         if self.front_ends is not None:

@@ -114,7 +114,8 @@ class MultiProcessServer:
         self.workers = [WorkerSlot(index) for index in range(settings.workers)]
         self.http_port = 0
         self.grpc_port = 0
-        self.metrics_port = 0
+        #: -1 while metrics are off (--metrics-port -1), as the flag says.
+        self.metrics_port = -1
         self._metrics_server = None
         self._reserved: list[socket.socket] = []
         self._tasks: set[asyncio.Task] = set()
@@ -204,6 +205,7 @@ class MultiProcessServer:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
                 await worker.process.wait()
+        self.engine.refusing = True  # every front end has stopped
         await self.engine.drain(deadline)
         for task in list(self._tasks):
             task.cancel()

@@ -65,13 +65,16 @@ async def serve(fd: int, index: int) -> int:
         await front_ends.start(*engine.ports)
         engine.serving()
         await asyncio.wait({lost, stop}, return_when=asyncio.FIRST_COMPLETED)
+        # Unready at once; requests still arriving on open connections are served while the
+        # front ends stop (FrontEnds.stop), then the rest are refused.
         engine.accepting = False
         deadline = time.monotonic() + settings.shutdown_grace
-        await wait_drained(engine, deadline)
         if engine.lost.is_set():
             deadline = time.monotonic() + 1
     finally:
         await front_ends.stop(deadline)
+        engine.refusing = True
+        await wait_drained(engine, deadline)
         front_ends.close()
         for task in (lost, stop, keys_watch):
             if task is not None:

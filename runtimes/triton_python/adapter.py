@@ -21,6 +21,7 @@ from convoy.config import ModelVersionSource
 from convoy.errors import InferenceFailed, ModelLoadFailed
 from convoy.types import Request, Response, StreamedResponse
 
+from ..base import where_in_model
 from . import pb_utils
 
 #: The name model code imports this module under.
@@ -94,9 +95,18 @@ class TritonModelAdapter:
         token = pb_utils.enter_scope(pb_utils.Scope(config.name, (config.name,)))
         try:
             if initialize is not None:
-                outcome = initialize(args)
-                if inspect.isawaitable(outcome):
-                    self._run(outcome)
+                try:
+                    outcome = initialize(args)
+                    if inspect.isawaitable(outcome):
+                        self._run(outcome)
+                except ModelLoadFailed:
+                    raise
+                except Exception as exc:
+                    where = where_in_model(exc, self._path)
+                    raise ModelLoadFailed(
+                        f"{self._path}: TritonPythonModel.initialize() failed{where}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
             is_ready = getattr(model, "is_ready", None)
             if is_ready is not None and not is_ready():
                 raise ModelLoadFailed(

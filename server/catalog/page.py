@@ -7,10 +7,10 @@ copy-paste client code pointed at this server, and the `convoy capacity` figures
 for it was given (--capacity-report). Built on request, on the loop thread, from what the
 repository and the statistics already hold: nothing here runs on the inference path.
 
-Live figures: each document build takes a snapshot of every version's request-latency histogram
-(`ModelStats.success`); requests/s and p50/p99 come from the difference to the newest snapshot at
-least `window_s` old (or the oldest one kept), so they describe the last minute or so of traffic,
-as Prometheus' rate() and histogram_quantile() would over the same buckets.
+Live figures: the engine snapshots every version's request-latency histogram once a second from
+start (engine/recent.py); requests/s and p50/p99 come from its difference over the last
+`window_s` (or since start), as Prometheus' rate() and histogram_quantile() would over the same
+buckets. A page view only reads them, so traffic before the first view counts too.
 
 /catalog.json: {"server": {"name", "version", "http", "grpc"}, "window_s", "refresh_ms",
 "capacity_errors": [str], "models": [{"name", "state" (READY | UNAVAILABLE), "reason",
@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
-from collections import deque
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -48,8 +46,6 @@ log = logging.getLogger("convoy.catalog")
 _HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))(?::(\d{1,5}))?$")
 #: How often the page re-reads /catalog.json (milliseconds).
 REFRESH_MS = 5000
-#: Snapshots closer together than this give no rate (too little time to divide by).
-MIN_SPAN_S = 0.5
 
 
 def quantile_ms(counts: list[int], q: float) -> float | None:
@@ -87,10 +83,12 @@ class Catalog:
         self.grpc_port = grpc_port
         self.capacity_reports = capacity_reports
         self.window_s = window_s
-        #: (model, version) -> snapshots (monotonic s, failures, latency bucket counts), oldest first.
-        self._snapshots: dict[tuple[str, int], deque] = {}
         self._reports: dict[Path, tuple[float, dict | None, str]] = {}
-        self._template = resources.files("convoy.server.catalog").joinpath("catalog.html").read_text()
+        files = resources.files("convoy.server.catalog")
+        self._template = files.joinpath("catalog.html").read_text()
+        #: With API keys, what a browser without one gets: a form that asks for the key, keeps
+        #: it in the tab's sessionStorage and opens the catalog with it.
+        self.key_prompt = files.joinpath("key_prompt.html").read_text()
 
     # --- the document ------------------------------------------------------------------------------
     async def document(self, host_header: str, server_port: int, allows=None) -> dict:
@@ -117,7 +115,7 @@ class Catalog:
                 "http": http_base,
                 "grpc": grpc_address,
             },
-            "window_s": self.window_s,
+            "window_s": figures.get("window_s", self.window_s),
             "refresh_ms": REFRESH_MS,
             "capacity_errors": capacity_errors,
             "models": models,
@@ -133,7 +131,7 @@ class Catalog:
             version = {"version": row["version"], "state": row["state"], "reason": row["reason"]}
             live = figures["versions"].get(f"{name}/{row['version']}") if row["version"] else None
             if live is not None:
-                version["stats"] = self._live(name, int(row["version"]), live)
+                version["stats"] = _live(live)
             versions.append(version)
         ready = any(v["state"] == "READY" for v in versions)
         out = {
@@ -175,36 +173,6 @@ class Catalog:
             out["snippets"] = snippets(metadata, http_base, grpc, self.keys_required)
         return out
 
-    def _live(self, name: str, version: int, live: dict) -> dict:
-        """Totals, and requests/s, p50, p99 over the recent window, for one version."""
-        now = time.monotonic()
-        counts = live["success_buckets"]  # one copy: count and quantiles agree
-        failures = live["failures"]
-        snapshots = self._snapshots.setdefault((name, version), deque(maxlen=4096))
-        while len(snapshots) > 1 and now - snapshots[1][0] >= self.window_s:
-            snapshots.popleft()
-        window = None
-        if snapshots and now - snapshots[0][0] >= MIN_SPAN_S:
-            then, failures_then, counts_then = snapshots[0]
-            recent = [a - b for a, b in zip(counts, counts_then, strict=True)]
-            span = now - then
-            window = {
-                "seconds": round(span, 1),
-                "requests": sum(recent),
-                "failures": failures - failures_then,
-                "requests_per_s": sum(recent) / span,
-                "p50_ms": quantile_ms(recent, 0.5),
-                "p99_ms": quantile_ms(recent, 0.99),
-            }
-        snapshots.append((now, failures, counts))
-        return {
-            "requests": sum(counts),
-            "failures": failures,
-            "p50_ms": quantile_ms(counts, 0.5),
-            "p99_ms": quantile_ms(counts, 0.99),
-            "window": window,
-        }
-
     # --- capacity reports ------------------------------------------------------------------------
     def _capacity(self) -> tuple[dict[str, dict], list[str]]:
         """{model: capacity figures} from the --capacity-report files (re-read when they change),
@@ -245,6 +213,30 @@ class Catalog:
             .replace("<!--HEADER-->", header + errors)
             .replace("<!--MODELS-->", body)
         )
+
+
+def _live(live: dict) -> dict:
+    """Totals, and requests/s, p50, p99 over the engine's recent window, for one version."""
+    counts = live["success_buckets"]  # one copy: count and quantiles agree
+    recent = live.get("window")
+    window = None
+    if recent is not None:
+        buckets, span = recent["success_buckets"], recent["seconds"]
+        window = {
+            "seconds": round(span, 1),
+            "requests": sum(buckets),
+            "failures": recent["failures"],
+            "requests_per_s": sum(buckets) / span,
+            "p50_ms": quantile_ms(buckets, 0.5),
+            "p99_ms": quantile_ms(buckets, 0.99),
+        }
+    return {
+        "requests": sum(counts),
+        "failures": live["failures"],
+        "p50_ms": quantile_ms(counts, 0.5),
+        "p99_ms": quantile_ms(counts, 0.99),
+        "window": window,
+    }
 
 
 def _host_and_port(host_header: str, server_port: int) -> tuple[str, int]:

@@ -31,6 +31,7 @@ from convoy.errors import (
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server import codec as tensors
+from convoy.server.grpc_api.decoding import DecodeErrorInterceptor
 from convoy.server.grpc_api.decoupled import DECOUPLED_UNARY, set_parameter, stream_sink
 from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
 from convoy.server.memory import MemoryTrim
@@ -102,7 +103,8 @@ def decode_request(
         elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
-                    f"input '{name}': set either raw_input_contents or contents, not both"
+                    "contents field must not be specified when using raw_input_contents "
+                    f"for '{name}' for model '{config.name}'"
                 )
             array = tensors.from_raw(spec, tensor.datatype, shape, raw[raw_index])
             raw_index += 1
@@ -197,19 +199,24 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self.engine = engine
         self.tracer = tracer
-        #: Set during the last moments of shutdown: calls refused UNAVAILABLE then wait on it, so
-        #: the server stops listening while they are held rather than queued in gRPC's core,
-        #: which would cancel them (see FrontEnds._stop_grpc).
-        self.held_rejections: asyncio.Event | None = None
+        #: Set while shutdown begins: ModelInfer answers (served, or refused UNAVAILABLE) wait
+        #: on it, so their clients send nothing new while the server stops listening; a call
+        #: queued in gRPC's core at that moment would be cancelled (see FrontEnds._stop_grpc).
+        self.held_answers: asyncio.Event | None = None
+        #: ModelInfer calls being handled, and how many of them wait on `held_answers`.
+        self.active_calls = 0
         self.held_count = 0
         self._memory = MemoryTrim()
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
-        held = self.held_rejections
-        if held is not None and isinstance(exc, Unavailable):
-            # The server is about to stop listening: answer once it has (see FrontEnds).
+    async def _hold(self) -> None:
+        held = self.held_answers
+        if held is not None and not held.is_set():
             self.held_count += 1
             await held.wait()
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException):
+        if isinstance(exc, Unavailable):
+            await self._hold()
         code, _, message = status_of(exc)
         if not isinstance(exc, ConvoyError):
             log.error("gRPC handler failed", exc_info=exc)
@@ -340,17 +347,22 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         key = current_key()
         principal = None if key is None else key.name
+        self.active_calls += 1
         try:
-            return await self._infer(
+            response = await self._infer(
                 request,
                 self._deadline(context),
                 None if self.tracer is None else _traceparent(context),
                 principal,
             )
+            await self._hold()
+            return response
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             failure = exc
+        finally:
+            self.active_calls -= 1
         # Aborted outside the except block, and _abort drops the failure's traceback: its frames
         # hold the request message, and an abort raised inside the block would chain the failure
         # to the AbortError that gRPC keeps in a reference cycle, so a rejected 200 MiB message
@@ -525,7 +537,8 @@ async def start_grpc_server(
     interceptor in interceptors.py): handlers read it with current_key(). `max_connections`:
     connections past it are closed at once (0: no cap); `handshake_timeout`: seconds a new
     connection gets to finish its HTTP/2 (and TLS) handshake (0: gRPC's default, 120 s)."""
-    interceptors = list(interceptors)
+    # Outermost: an undecodable message is answered before any other interceptor sees it.
+    interceptors = [DecodeErrorInterceptor(), *interceptors]
     limits = []
     if max_connections > 0:
         limits.append(("grpc.max_allowed_incoming_connections", max_connections))
@@ -534,7 +547,7 @@ async def start_grpc_server(
     if keys is not None:
         interceptors.append(ApiKeyInterceptor(keys))
     server = grpc.aio.server(
-        interceptors=interceptors or None,
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

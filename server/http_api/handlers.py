@@ -98,6 +98,20 @@ async def _send(send, status: int, body: bytes, content_type: bytes = JSON, extr
     await send({"type": "http.response.body", "body": body})
 
 
+def _closing(send, engine: EngineClient):
+    """Once shutdown has begun, answers (requests in progress are still served) carry
+    `Connection: close` so the client sends its next request on a new connection, which finds
+    the listener gone."""
+
+    async def closing_send(message) -> None:
+        if message["type"] == "http.response.start" and not engine.accepting:
+            headers = [h for h in message.get("headers", ()) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing_send
+
+
 async def send_error(send, exc: BaseException, closing: bool = False) -> None:
     """The JSON error answer for any exception: its status, a client-safe message, and the
     headers that go with it (Retry-After, WWW-Authenticate; Connection: close while `closing`)."""
@@ -142,6 +156,7 @@ class HttpFrontend:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
+        send = _closing(send, self.engine)
         try:
             await self._route(scope, receive, send)
         except Exception as exc:
@@ -197,7 +212,8 @@ class HttpFrontend:
         if head == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
             self._expect(method, "GET", scope)
             ok = engine.live() if rest[1] == "live" else engine.ready()
-            return await self._send(send, 200 if ok else 503, b"")
+            # The Open Inference Protocol's bodies: {"live": true} / {"ready": false}.
+            return await self._json(send, {rest[1]: ok}, 200 if ok else 503)
         if head == "models":
             if rest[1:] == ["stats"]:
                 self._expect(method, "GET", scope)
@@ -282,6 +298,12 @@ class HttpFrontend:
         server = scope.get("server") or ("", 0)
         # With API keys the catalog needs one too, and lists only the models it may use.
         key = scope.get("convoy.key")
+        if key is None and self.catalog.keys_required:
+            # Only a keyless GET /catalog gets here (the middleware): ask for the key.
+            page = self.catalog.key_prompt.encode()
+            return await self._send(
+                send, 200, page, b"text/html; charset=utf-8", [(b"cache-control", b"no-store")]
+            )
         allows = None if key is None else key.allows
         document = await self.catalog.document(host, server[1] or 0, allows)
         if as_json:
@@ -316,7 +338,7 @@ class HttpFrontend:
             return await self._json(send, engine.model_metadata(model, version))
         if action == "ready":
             ok = engine.model_ready(model, version)
-            return await self._send(send, 200 if ok else 503, b"")
+            return await self._json(send, {"name": model, "ready": ok}, 200 if ok else 503)
         if action == "config":
             return await self._json(send, proto_to_dict(engine.model_config(model, version)))
         if action == "stats":

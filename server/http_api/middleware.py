@@ -71,13 +71,18 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            wanted = need(scope["path"].strip("/").split("/"))
+            parts = scope["path"].strip("/").split("/")
+            wanted = need(parts)
             if wanted is not None and (not wanted.health or self.keys.protect_health):
                 given = None
                 for key, value in scope["headers"]:
                     if key == b"authorization":
                         given = value.decode("latin-1")
                         break
+                if given is None and parts == ["catalog"]:
+                    # A browser sends no key: the app answers the key prompt (no models in it).
+                    await self.app(scope, receive, send)
+                    return
                 try:
                     found = self.keys.authorize(given, wanted.model, wanted.manage)
                 except ConvoyError as exc:

@@ -79,7 +79,10 @@ def test_convoy_errors_keep_their_class_and_others_name_their_type(runtime):
 
 def test_load_failure_is_reported_and_the_worker_exits(tmp_path):
     runtime = _runtime(tmp_path, "raise ImportError('no such thing')\n")
-    with pytest.raises(ModelLoadFailed, match="import failed: ImportError: no such thing"):
+    with pytest.raises(
+        ModelLoadFailed,
+        match=r"model.py: import failed at line 1 in <module>\(\): ImportError: no such thing",
+    ):
         runtime.load()
     assert runtime.pid is None  # reaped
 

@@ -5,10 +5,12 @@ None of these modules imports locust, so they run inside pytest's process.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from convoy.loadtests.capacity import Slo, StepRow, recommend
+from convoy.loadtests.capacity import Slo, StepRow, client_bound_steps, recommend
 from convoy.loadtests.charts import nice_ticks
 from convoy.loadtests.checks import InferResponse, check_response, choose_oracle
 from convoy.loadtests.errors import Rejected, RequestFailed, ResponseMismatch, from_client_error
@@ -162,3 +164,30 @@ def test_chart_ticks_cover_the_data():
     for high in (0.0, 1.06, 16, 120.8, 1539):
         ticks = nice_ticks(0, high)
         assert ticks[0] == 0 and ticks[-1] >= high
+
+
+def cpu_row(step: int, users: int, rps: float, cpu: float) -> StepRow:
+    return dataclasses.replace(row(step, rps, 2), users=users, client_cpu_percent=cpu)
+
+
+def test_a_flat_step_with_the_client_near_its_limit_is_client_bound_and_gives_no_sizing():
+    # The run: throughput flattened while the load generator sat at 86-88% CPU.
+    rows = [cpu_row(1, 8, 1500, 60), cpu_row(2, 16, 2300, 86), cpu_row(3, 32, 2350, 88)]
+    assert client_bound_steps(rows) == {3}
+    rec = recommend(rows, Slo(10), target_rps=5000, headroom=0.3)
+    assert rec.best_step == 3 and rec.client_bound == (3,)
+    assert rec.replicas is None and rec.per_replica_rps is None
+    assert rec.summary.startswith("client-bound") and "needs" not in rec.summary
+
+
+def test_a_flat_step_with_the_client_idle_is_the_servers_limit():
+    rows = [cpu_row(1, 8, 1500, 30), cpu_row(2, 16, 2300, 40), cpu_row(3, 32, 2350, 45)]
+    assert client_bound_steps(rows) == set()
+    rec = recommend(rows, Slo(10), target_rps=5000, headroom=0.3)
+    assert rec.replicas == 4 and rec.client_bound == ()  # 5000 / (2350 * 0.7) = 3.04
+
+
+def test_a_saturated_client_is_client_bound_even_while_throughput_grows():
+    rows = [cpu_row(1, 8, 1000, 50), cpu_row(2, 16, 1900, 95)]
+    assert client_bound_steps(rows) == {2}
+    assert recommend(rows, Slo(10), target_rps=5000, headroom=0.3).replicas is None

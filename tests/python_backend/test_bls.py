@@ -57,7 +57,7 @@ def test_async_exec_and_async_decoupled_exec(grpc_client):
             "models calling each other (tp_pong -> tp_bls -> tp_pong), which can deadlock their "
             "instances",
         ),
-        ("missing", "model 'no_such_model' is not found in the repository"),
+        ("missing", "Request for unknown model: 'no_such_model' is not found"),
         ("timeout", "BLS request to 'tp_slow' timed out"),
     ],
 )

@@ -1,5 +1,5 @@
-"""SIGTERM under sustained load: readiness goes false first, requests already accepted finish
-(or get UNAVAILABLE/503), every answer that comes back is correct, and the process exits 0.
+"""SIGTERM under sustained load: readiness goes false first, requests already on their way are
+served, every answer that comes back is correct, and the process exits 0.
 
 HTTP requests each open a fresh connection ("Connection: close"), so a refused connect (the
 listener is gone: the request was never accepted) is told apart from a connection dropped
@@ -8,6 +8,7 @@ after the request was sent (a lost request).
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from conftest import write_capacity_model
-from helpers import ConvoyProcess, poll
+from helpers import ConvoyProcess, metric_value, poll
 from tritonclient.utils import InferenceServerException
 
 LOAD_THREADS = 6
@@ -168,9 +169,9 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_zero(slow_server)
     assert run.code == 0, f"server exited with {run.code} on SIGTERM\n{run.log}"
     wrong = [r for r in run.results if r[1].startswith("wrong")]
     assert not wrong, run.describe(wrong)
-    # Requests sent before SIGTERM were accepted: each finished or was told UNAVAILABLE / 503.
+    # Requests sent before SIGTERM were on their way: each is served (gRPC's graceful stop).
     before = [r for r in run.results if r[0] < run.sigterm_at]
-    failed = [r for r in before if r[1] not in ("ok", "unavailable")]
+    failed = [r for r in before if r[1] != "ok"]
     assert not failed, run.describe(failed)
     # Later ones may also find the listener gone (refused), or be cut off as it closes (below).
     after = [r for r in run.results if r[0] >= run.sigterm_at]
@@ -224,3 +225,30 @@ def test_requests_arriving_during_shutdown_get_unavailable_not_cut_off(tmp_path)
     )
     assert not http_cut_off, run.describe(http_cut_off)
     assert grpc_cut_off_runs <= GRPC_CUT_OFF_RUNS_TOLERATED, run.describe(grpc_cut_off)
+
+
+def test_http_requests_in_flight_at_sigterm_are_served_with_connection_close(slow_server):
+    """A request being computed when SIGTERM lands gets its answer (not 503), and the answer
+    tells the client this connection is done (`Connection: close`)."""
+    answers: list[requests.Response] = []
+    url = f"{slow_server.base_url}/v2/models/slow/infer"
+
+    def send(request_id: int) -> None:
+        body = {"inputs": [{"name": "IN", "datatype": "INT64", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+        with requests.Session() as session:  # keep-alive, as real clients do
+            answers.append(session.post(url, json={**body, "id": str(request_id)}, timeout=30))
+
+    threads = [threading.Thread(target=send, args=(n,), daemon=True) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    poll(
+        lambda: metric_value(slow_server, "nv_inference_pending_request_count", model="slow") > 0,
+        "requests to be executing",
+    )
+    slow_server.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert slow_server.stop() == 0
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert all(a.json()["outputs"][0]["data"] == [4, 7, 10, 13] for a in answers)
+    assert any(a.headers.get("connection") == "close" for a in answers)

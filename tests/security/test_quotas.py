@@ -3,6 +3,8 @@ keys are unaffected, and the refusals are counted per key."""
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -77,3 +79,20 @@ def test_key_over_its_quota_is_refused_with_a_retry_hint_and_others_are_not(limi
     scrape = bearer(unlimited)  # with keys, /metrics needs one
     assert metric_value(server, "convoy_quota_rejections_total", scrape, key="metered") == 2
     assert metric_value(server, "convoy_quota_rejections_total", scrape, key="unlimited") == 0
+
+
+def test_quota_refusals_count_as_rejections_in_showback_and_convoy_usage(tmp_path):
+    ledger = tmp_path / "usage.jsonl"
+    serving = serve_limited(tmp_path, ("--usage-ledger", str(ledger)))
+    server, metered, unlimited = next(serving)
+    codes = [http_add_sub(server, metered).status_code for _ in range(BURST + 1)]
+    assert codes == [200] * BURST + [429]
+    labels = {"key": "metered", "model": "add_sub", "version": "1"}
+    scrape = bearer(unlimited)  # with keys, /metrics needs one
+    assert metric_value(server, "convoy_usage_rejections_total", scrape, **labels) == 1
+    assert metric_value(server, "convoy_usage_requests_total", scrape, **labels) == BURST + 1
+    next(serving, None)  # SIGTERM: the ledger gets its last interval
+    summary = convoy_cli("usage", str(ledger), "--by", "key", "--period", "all", "--json")
+    rows = {row["key"]: row for row in json.loads(summary.stdout)}
+    assert rows["metered"]["rejections"] == 1
+    assert rows["metered"]["requests"] == BURST + 1
