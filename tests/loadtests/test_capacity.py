@@ -73,6 +73,29 @@ STEPS = (1, 4)
 TARGET_RPS = 5000
 HEADROOM = 0.3
 
+#: add_sub that costs a fixed 5 ms per batch of one: the server, not the load generator, is the
+#: limit, so `convoy capacity` sizes from it (a step where the client saturates is client-bound
+#: and gives no replica count, see test_reporting.py).
+PACED_CONFIG = """
+name: "paced_add_sub"
+backend: "python"
+max_batch_size: 1
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 16 ] },
+        { name: "INPUT1", data_type: TYPE_FP32, dims: [ 16 ] } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] },
+         { name: "OUTPUT1", data_type: TYPE_FP32, dims: [ 16 ] } ]
+"""
+PACED_MODEL = """
+import time
+
+
+class Model:
+    def execute(self, inputs):
+        time.sleep(0.005)
+        a, b = inputs["INPUT0"], inputs["INPUT1"]
+        return {"OUTPUT0": a + b, "OUTPUT1": a - b}
+"""
+
 
 @pytest.fixture(scope="module")
 def load_server(tmp_path_factory):
@@ -82,6 +105,7 @@ def load_server(tmp_path_factory):
     for name, config, model in (
         ("off_by_one", OFF_BY_ONE_CONFIG, OFF_BY_ONE_MODEL),
         ("small_queue", SMALL_QUEUE_CONFIG, SMALL_QUEUE_MODEL),
+        ("paced_add_sub", PACED_CONFIG, PACED_MODEL),
     ):
         (repository / name / "1").mkdir(parents=True)
         (repository / name / "config.pbtxt").write_text(config)
@@ -127,6 +151,8 @@ def capacity_report(load_server, tmp_path_factory):
         load_server,
         "capacity",
         "--model",
+        "paced_add_sub",
+        "--check",
         "add_sub",
         "--steps",
         ",".join(map(str, STEPS)),
@@ -162,8 +188,8 @@ def test_capacity_writes_report_files_that_agree_with_each_other(capacity_report
     assert [int(r["users"]) for r in rows] == list(STEPS)
     assert [int(r["successes"]) for r in rows] == [s["successes"] for s in data["steps"]]
     assert (out / "report.html").read_text().startswith("<!doctype html>")
-    assert data["target"]["model"] == "add_sub"
-    assert "convoy capacity: add_sub over grpc" in run.stdout
+    assert data["target"]["model"] == "paced_add_sub"
+    assert "convoy capacity: paced_add_sub over grpc" in run.stdout
     assert f"needs {data['recommendation']['replicas']} replicas" in run.stdout
 
 
@@ -180,7 +206,9 @@ def test_capacity_steps_are_consistent_and_have_no_mismatches(capacity_report, l
             # Scrapes bracket the window: each edge may hold one in-flight request per user.
             assert step["server_inferences"] >= step["successes"] - step["users"]
             assert step["server_mean_batch_size"] >= 1
-    assert server_successes(load_server, "add_sub") >= sum(s["successes"] for s in data["steps"])
+    assert server_successes(load_server, "paced_add_sub") >= sum(
+        s["successes"] for s in data["steps"]
+    )
 
 
 def test_capacity_recommends_replicas_from_the_best_step_within_the_slo(capacity_report):
