@@ -206,9 +206,7 @@ def test_capacity_steps_are_consistent_and_have_no_mismatches(capacity_report, l
             # Scrapes bracket the window: each edge may hold one in-flight request per user.
             assert step["server_inferences"] >= step["successes"] - step["users"]
             assert step["server_mean_batch_size"] >= 1
-    assert server_successes(load_server, "paced_add_sub") >= sum(
-        s["successes"] for s in data["steps"]
-    )
+    assert server_successes(load_server, "paced_add_sub") >= sum(s["successes"] for s in data["steps"])
 
 
 def test_capacity_recommends_replicas_from_the_best_step_within_the_slo(capacity_report):
