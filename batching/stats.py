@@ -135,3 +135,22 @@ class ModelStats:
         """A request turned away by its queue: a REJECTED failure, counted by `reason` too."""
         self.record_failure("REJECTED", duration_ns)
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+
+def quantile_ms(
+    counts: list[int], q: float, bounds: tuple[int, ...] = LATENCY_BOUNDS_NS
+) -> float | None:
+    """The q-quantile in ms of latency-bucket counts (linear within a bucket, as Prometheus'
+    histogram_quantile); past the last bound, that bound. None without observations."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    running = 0
+    lower = 0
+    for bound, count in zip(bounds, counts, strict=False):
+        if count and running + count >= rank:
+            return (lower + (bound - lower) * (rank - running) / count) / 1e6
+        running += count
+        lower = bound
+    return bounds[-1] / 1e6

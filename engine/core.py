@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from convoy.auth import Keyring
+from convoy.batching.stats import quantile_ms
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
 from convoy.errors import ConvoyError, ModelLoadFailed, Overloaded, Unavailable
@@ -232,12 +233,23 @@ class Engine(EngineClient):
         for key, (failures, buckets) in current.items():
             window = None
             if key in recent:
+                recent_failures, recent_buckets = recent[key]
+                served = sum(recent_buckets)
                 window = {
-                    "seconds": span,
-                    "failures": recent[key][0],
-                    "success_buckets": recent[key][1],
+                    "seconds": round(span, 1),
+                    "requests": served,
+                    "failures": recent_failures,
+                    "requests_per_s": served / span,
+                    "p50_ms": quantile_ms(recent_buckets, 0.5),
+                    "p99_ms": quantile_ms(recent_buckets, 0.99),
                 }
-            versions[key] = {"success_buckets": buckets, "failures": failures, "window": window}
+            versions[key] = {
+                "requests": sum(buckets),
+                "failures": failures,
+                "p50_ms": quantile_ms(buckets, 0.5),
+                "p99_ms": quantile_ms(buckets, 0.99),
+                "window": window,
+            }
         return {
             "payload_log_on": self.payload_log is not None,
             "window_s": self.recent.window_s,

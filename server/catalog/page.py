@@ -34,7 +34,6 @@ from importlib import resources
 from pathlib import Path
 
 from convoy import __version__
-from convoy.batching.stats import LATENCY_BOUNDS_NS
 from convoy.engine.client import DEFAULT_PLATFORM, EngineClient
 from convoy.errors import ConvoyError
 from convoy.server.catalog.snippets import example_inputs, snippets
@@ -46,23 +45,6 @@ log = logging.getLogger("convoy.catalog")
 _HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))(?::(\d{1,5}))?$")
 #: How often the page re-reads /catalog.json (milliseconds).
 REFRESH_MS = 5000
-
-
-def quantile_ms(counts: list[int], q: float) -> float | None:
-    """The q-quantile in ms of latency-bucket counts (linear within a bucket, as Prometheus'
-    histogram_quantile); past the last bound, that bound. None without observations."""
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank = q * total
-    running = 0
-    lower = 0
-    for bound, count in zip(LATENCY_BOUNDS_NS, counts, strict=False):
-        if count and running + count >= rank:
-            return (lower + (bound - lower) * (rank - running) / count) / 1e6
-        running += count
-        lower = bound
-    return LATENCY_BOUNDS_NS[-1] / 1e6
 
 
 class Catalog:
@@ -131,7 +113,7 @@ class Catalog:
             version = {"version": row["version"], "state": row["state"], "reason": row["reason"]}
             live = figures["versions"].get(f"{name}/{row['version']}") if row["version"] else None
             if live is not None:
-                version["stats"] = _live(live)
+                version["stats"] = live  # totals and the recent window, from the engine
             versions.append(version)
         ready = any(v["state"] == "READY" for v in versions)
         out = {
@@ -213,30 +195,6 @@ class Catalog:
             .replace("<!--HEADER-->", header + errors)
             .replace("<!--MODELS-->", body)
         )
-
-
-def _live(live: dict) -> dict:
-    """Totals, and requests/s, p50, p99 over the engine's recent window, for one version."""
-    counts = live["success_buckets"]  # one copy: count and quantiles agree
-    recent = live.get("window")
-    window = None
-    if recent is not None:
-        buckets, span = recent["success_buckets"], recent["seconds"]
-        window = {
-            "seconds": round(span, 1),
-            "requests": sum(buckets),
-            "failures": recent["failures"],
-            "requests_per_s": sum(buckets) / span,
-            "p50_ms": quantile_ms(buckets, 0.5),
-            "p99_ms": quantile_ms(buckets, 0.99),
-        }
-    return {
-        "requests": sum(counts),
-        "failures": live["failures"],
-        "p50_ms": quantile_ms(counts, 0.5),
-        "p99_ms": quantile_ms(counts, 0.99),
-        "window": window,
-    }
 
 
 def _host_and_port(host_header: str, server_port: int) -> tuple[str, int]:
