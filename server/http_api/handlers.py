@@ -39,6 +39,8 @@ DEFAULT_MAX_JSON_BYTES = 16 * 1024 * 1024
 #: Bodies at least this large (compressed: OFF_LOOP_BYTES // 64) are inflated, parsed and
 #: converted on a decode thread, so one large request never stalls the other clients.
 OFF_LOOP_BYTES = 256 * 1024
+#: Model configs whose body limits are kept at once (far more than a server loads).
+_LIMITS_CACHED = 1024
 #: Decode threads, and so at most this many large bodies decoding at once (the others wait).
 DECODE_THREADS = 2
 
@@ -145,6 +147,9 @@ class HttpFrontend:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
         self.max_json_bytes = max_json_bytes
+        #: Body limits by model config (id -> (config, limits)): computed once per loaded
+        #: config, not per request; the config is kept so a reused id never matches.
+        self._limits: dict[int, tuple[object, BodyLimits]] = {}
         self._decoder = concurrent.futures.ThreadPoolExecutor(
             DECODE_THREADS, thread_name_prefix="convoy-http-decode"
         )
@@ -290,6 +295,17 @@ class HttpFrontend:
             return await self._send(send, 200, b"")
         raise ModelNotFound(f"no endpoint at {scope['path']}")
 
+    def _body_limits(self, config) -> BodyLimits:
+        """What a request to `config`'s model may send (see body_limits.py), once per config."""
+        cached = self._limits.get(id(config))
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        limits = body_limits(config, self.max_body_bytes, self.max_json_bytes)
+        if len(self._limits) >= _LIMITS_CACHED:
+            self._limits.clear()  # bounded: configs come and go with loads and roll-outs
+        self._limits[id(config)] = (config, limits)
+        return limits
+
     async def _catalog(self, scope, send, as_json: bool) -> None:
         host = ""
         for key, value in scope["headers"]:
@@ -377,7 +393,7 @@ class HttpFrontend:
                 "response; use /generate_stream (or gRPC ModelStreamInfer)"
             )
         # What the model's declared inputs can need bounds the body before it is parsed.
-        limits = body_limits(config, self.max_body_bytes, self.max_json_bytes)
+        limits = self._body_limits(config)
         body = await self._read_body(
             receive, BodyLimits(self.max_body_bytes, 0, "the server's limit") if encoding else limits
         )
