@@ -1,7 +1,10 @@
 """How to batch: merge requests' inputs into one batch and split the batch's outputs back.
 
-Kept apart from the scheduler (when to batch) so a runtime-specific merger (padding ragged
-inputs, pinned staging buffers) can replace it without touching the scheduling logic.
+Kept apart from the scheduler (when to batch): a model's `Collation` decides which requests may
+share a batch, what each costs against the batch's budget, how their inputs are merged and how
+the batch's outputs go back. `collation_for(config)` picks it from the model's config; the
+dense one below serves every model whose requests share a batch only when their per-row
+shapes are equal.
 """
 
 from __future__ import annotations
@@ -76,3 +79,31 @@ def split(
         parts.append(absent or {name: outputs[name][start:end] for name in names})
         start = end
     return parts
+
+
+class Collation:
+    """How one model's requests become a batch and its outputs go back: dense rows.
+
+    Subclasses (ragged, padded) override what differs. `key` and `merge` run per batch: `key`
+    on the loop while the batch is formed, `merge` and `split` wherever the scheduler runs them
+    (merge on the instance's thread, split on the loop)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    def key(self, request: Request) -> Hashable:
+        """Requests with equal keys may share a batch."""
+        return batch_key(request)
+
+    def merge(self, requests: list[Request], buffers: Callable | None = None) -> dict[str, np.ndarray]:
+        return merge(requests, buffers)
+
+    def split(
+        self, outputs: dict[str, np.ndarray], requests: list[Request], batched: bool
+    ) -> list[dict[str, np.ndarray] | ConvoyError]:
+        return split(outputs, requests, batched, self.config)
+
+
+def collation_for(config: ModelConfig) -> Collation:
+    """The collation a model's config asks for."""
+    return Collation(config)

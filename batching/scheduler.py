@@ -38,7 +38,7 @@ from convoy.outputs import select_outputs
 from convoy.runtimes.base import RuntimeInstance
 from convoy.types import Request, RequestState, Response, StageTimes
 
-from .assemble import batch_key, merge, split
+from .assemble import Collation, collation_for
 from .queue import PriorityQueue
 from .stats import ModelStats
 from .usage import UsageMeter
@@ -71,10 +71,12 @@ def _execute_requests(job) -> tuple[int, list]:
     return time.monotonic_ns(), instance.runtime.infer_requests(batch, loop)
 
 
-def _execute(job: tuple[RuntimeInstance, list[Request]]) -> tuple[int, dict[str, np.ndarray]]:
+def _execute(
+    job: tuple[RuntimeInstance, list[Request], Collation],
+) -> tuple[int, dict[str, np.ndarray]]:
     """On the instance's thread: assemble the batch, run it; (when assembled, outputs)."""
-    instance, batch = job
-    inputs = merge(batch, instance.batch_buffers)
+    instance, batch, collation = job
+    inputs = collation.merge(batch, instance.batch_buffers)
     merged = time.monotonic_ns()
     return merged, instance.runtime.infer(inputs)
 
@@ -135,6 +137,8 @@ class Scheduler:
         ]
         self._queue = PriorityQueue([p.max_queue_size or max_queue_size for p in self._policies])
         self._preserve_ordering = bool(batching and batching.preserve_ordering)
+        #: Which requests share a batch, how it is merged and split (dense, ragged, padded).
+        self._collation = collation_for(config)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ns = 0
@@ -365,9 +369,9 @@ class Scheduler:
             if self._dynamic:
                 # A request larger than the preferred size still goes (alone if it must).
                 limit = max(limit, oldest.rows)
-                batch = queue.take(limit, limit, batch_key)
+                batch = queue.take(limit, limit, self._collation.key)
             else:
-                batch = queue.take(self._max_rows, 1, batch_key)
+                batch = queue.take(self._max_rows, 1, self._collation.key)
             if not batch:
                 break  # nothing live fits (cannot happen while `oldest` fits): never spin
             self._waited_for_instance = False
@@ -417,7 +421,12 @@ class Scheduler:
             job = (instance, batch, self._loop)
             instance.run(self._finished, (context, time.monotonic_ns()), _execute_requests, job)
             return
-        instance.run(self._finished, (context, time.monotonic_ns()), _execute, (instance, batch))
+        instance.run(
+            self._finished,
+            (context, time.monotonic_ns()),
+            _execute,
+            (instance, batch, self._collation),
+        )
 
     def _finished(self, context, start: int, result, error) -> None:
         """A batch came back from its instance (on the loop): split, record, deliver."""
@@ -456,7 +465,7 @@ class Scheduler:
         """Each request's rows of the batch's outputs, and the batch recorded."""
         batch = context[1]
         name = self.config.name
-        parts = split(outputs, batch, self._batched, self.config)
+        parts = self._collation.split(outputs, batch, self._batched)
         timings = self._record(context, start, merged, inferred)
         return [
             (request, None, part)
