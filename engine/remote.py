@@ -22,16 +22,16 @@ import msgspec
 
 from convoy.config import ModelConfig, ServerConfig
 from convoy.errors import (
+    Cancelled,
     ConvoyError,
     EngineDead,
     InvalidInput,
     Overloaded,
     Unavailable,
-    Unsupported,
 )
 from convoy.logs import LogControl
 from convoy.protos import model_config_pb2 as mc
-from convoy.types import Request, Response, StageTimes, StepTiming
+from convoy.types import Request, Response, StageTimes, StepTiming, StreamedResponse
 from convoy.wire import ErrorInfo, Link, TensorMeta, error_info, read_tensors, rebuild_error
 
 from .client import EngineClient, ModelEntry
@@ -60,6 +60,9 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     received_ns: int
     principal: str | None
     inputs: list[TensorMeta]
+    #: A decoupled model's request: its responses come back as `Streamed` messages, then its
+    #: final `Result` (empty) or `Failure`.
+    streamed: bool = False
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -85,6 +88,16 @@ class Result(msgspec.Struct, tag="result", array_like=True):
     steps: tuple[StepTiming, ...] = ()
     #: Response parameters the model set (Triton python models).
     parameters: dict[str, Any] | None = None
+
+
+class Streamed(msgspec.Struct, tag="streamed", array_like=True):
+    """One response of a decoupled model's request, as the model sent it."""
+
+    call: int
+    outputs: list[TensorMeta]
+    final: bool
+    error: str
+    parameters: dict[str, Any]
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
@@ -141,7 +154,7 @@ class Up(msgspec.Struct, tag="up", array_like=True):
 
 
 ToEngine = Infer | Cancel | Call | Up
-ToFrontEnd = Result | Failure | Reply | Models | Welcome | LogUpdate
+ToFrontEnd = Result | Streamed | Failure | Reply | Models | Welcome | LogUpdate
 
 #: The EngineClient methods a front end may call on the engine.
 CALLS = frozenset(
@@ -164,13 +177,23 @@ class _Outcome:
     """A remote request's future in the engine: the outcome goes straight into the frame being
     built for its front end (no asyncio future, no callback hop)."""
 
-    __slots__ = ("_callbacks", "_done", "_endpoint", "_error", "_result", "call", "model")
+    __slots__ = (
+        "_callbacks",
+        "_cancelled",
+        "_done",
+        "_endpoint",
+        "_error",
+        "_result",
+        "call",
+        "model",
+    )
 
     def __init__(self, endpoint: EngineEndpoint, call: int, model: ModelVersion) -> None:
         self._endpoint = endpoint
         self.call = call
         self.model = model
         self._done = False
+        self._cancelled = False
         self._result = None
         self._error: BaseException | None = None
         self._callbacks: list | None = None
@@ -179,7 +202,15 @@ class _Outcome:
         return self._done
 
     def cancelled(self) -> bool:
-        return False
+        """The client cancelled a running decoupled request (what the model's is_cancelled()
+        reads): its stream stops, as an in-process future's would."""
+        return self._cancelled
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = self._cancelled = True
+            self._endpoint.answer(self, None, Cancelled("request cancelled by the client"))
+            self._run_callbacks()
 
     def result(self):
         if self._error is not None:
@@ -190,11 +221,15 @@ class _Outcome:
         return self._error
 
     def set_result(self, result: Response) -> None:
+        if self._done:
+            return
         self._done, self._result = True, result
         self._endpoint.answer(self, result, None)
         self._run_callbacks()
 
     def set_exception(self, error: BaseException) -> None:
+        if self._done:
+            return
         self._done, self._error = True, error
         self._endpoint.answer(self, None, error)
         self._run_callbacks()
@@ -262,6 +297,8 @@ class EngineEndpoint:
                 request = self._in_flight.get(message.call)
                 if request is not None:
                     engine.cancel(request.future.model, request)
+                    if request.stream is not None:
+                        request.future.cancel()  # running: the model's is_cancelled() sees it
             elif kind is Call:
                 task = asyncio.ensure_future(self._call(message))
                 self._calls.add(task)
@@ -296,8 +333,28 @@ class EngineEndpoint:
             message.received_ns,
             message.principal,
         )
+        if message.streamed:
+            request.stream = self._stream_to(message.call)
         self._in_flight[message.call] = request
         engine.submit(entry, request)
+
+    def _stream_to(self, call: int) -> Callable[[StreamedResponse], None]:
+        """A decoupled request's sink in the engine: each response goes to its front end."""
+
+        def sink(item: StreamedResponse) -> None:
+            link = self.link
+            if link is None or link.closed:
+                return
+            try:
+                writer = link.writer()
+                metas = writer.tensors(item.outputs)
+            except Exception as exc:
+                log.error("a streamed response could not be framed", exc_info=exc)
+                item = StreamedResponse({}, item.final, "the response could not be encoded")
+                writer, metas = link.writer(), []
+            writer.add(Streamed(call, metas, item.final, item.error, item.parameters))
+
+        return sink
 
     def answer(self, outcome: _Outcome, response: Response | None, error) -> None:
         self._in_flight.pop(outcome.call, None)
@@ -449,11 +506,6 @@ class RemoteEngine(EngineClient):
     # --- inference ---------------------------------------------------------------------------------
     def submit(self, model: RemoteVersion, request: Request) -> None:
         try:
-            if request.stream is not None:
-                raise Unsupported(
-                    f"model '{model.name}' is decoupled: its streamed responses are not carried "
-                    "through --workers front ends yet; serve it without --workers"
-                )
             if self.refusing:
                 raise Unavailable("server is shutting down")
             link = self.link
@@ -480,6 +532,7 @@ class RemoteEngine(EngineClient):
                     request.received_ns,
                     request.principal,
                     metas,
+                    request.stream is not None,
                 )
             )
         except ConvoyError as exc:
@@ -564,6 +617,17 @@ class RemoteEngine(EngineClient):
                             None if timings is None else StageTimes(*timings),
                             message.parameters,
                             message.steps,
+                        )
+                    )
+            elif kind is Streamed:
+                request = self._in_flight.get(message.call)
+                if request is not None and request.stream is not None and not request.future.done():
+                    request.stream(
+                        StreamedResponse(
+                            read_tensors(message.outputs, data),
+                            message.final,
+                            message.error,
+                            message.parameters,
                         )
                     )
             elif kind is Failure:

@@ -12,10 +12,22 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
+from helpers import ConvoyProcess, serve_until_stopped
 from prometheus_client.parser import text_string_to_metric_families
+from python_backend_models import triton_repository
 from tritonclient.utils import InferenceServerException
 
 DEADLINE_S = 30
+
+
+@pytest.fixture(scope="module", params=["single-process", "workers"])
+def triton_server(request, tmp_path_factory):
+    """Every test here runs against one process and against `--workers 2`, where each
+    response crosses from the engine process to the front end that holds the stream."""
+    root = tmp_path_factory.mktemp(f"decoupled-{request.param}")
+    extra = ("--workers", "2") if request.param == "workers" else ()
+    process = ConvoyProcess(triton_repository(root / "models"), root / "server.log", extra)
+    yield from serve_until_stopped(process, "ready")
 
 
 def repeat_input(values: list[int]):
@@ -90,9 +102,10 @@ def test_stream_without_empty_final_sends_only_responses(triton_server):
     assert all("triton_final_response" not in r.get_response().parameters for r, _ in seen)
 
 
-def test_unary_model_infer_on_a_decoupled_model_is_refused(grpc_client):
+def test_unary_model_infer_on_a_decoupled_model_is_refused(triton_server):
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     with pytest.raises(InferenceServerException) as caught:
-        grpc_client.infer("tp_repeat", [repeat_input([1])])
+        client.infer("tp_repeat", [repeat_input([1])])
     assert caught.value.message() == (
         "ModelInfer RPC doesn't support models with decoupled transaction policy"
     )
