@@ -3,6 +3,9 @@
     python bench/workers.py                              # --workers 1,2,4; gRPC and HTTP; c=1 and 32
     python bench/workers.py --workers 1 2 4 8 --concurrency 1 64 --seconds 5
     python bench/workers.py --quick                      # short windows: checks the script, not numbers
+    # 600 KB inputs through the front ends' shared-memory arenas, and without them:
+    python bench/workers.py --workers 2 --concurrency 8 --repository bench/large_input_models \
+        --model image_identity --shape INPUT0:3,224,224 [--serve-arg=--ipc-arena-mb=0]
 
 For each worker count, one server on the demo `add_sub` model (or --repository/--model), then
 perf_analyzer with 1-row requests over gRPC and HTTP at each concurrency. Workers 1 is a single
@@ -56,8 +59,10 @@ def find_perf_analyzer() -> str:
 class Server:
     """`convoy serve --workers N` on free ports, only the model under test loaded."""
 
-    def __init__(self, repository: Path | None, model: str, workers: int, log: Path) -> None:
-        command = [sys.executable, "-m", "convoy", "serve", "--workers", str(workers)]
+    def __init__(
+        self, repository: Path | None, model: str, workers: int, log: Path, extra: list[str]
+    ) -> None:
+        command = [sys.executable, "-m", "convoy", "serve", "--workers", str(workers), *extra]
         if repository is not None:
             command += ["--model-repository", str(repository)]
         command += [
@@ -264,6 +269,10 @@ def main() -> int:
     parser.add_argument("--model", default="add_sub")
     parser.add_argument("--shape", action="append", default=[], help="perf_analyzer --shape NAME:D1,D2")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement window")
+    parser.add_argument(
+        "--serve-arg", action="append", default=[],
+        help="an extra `convoy serve` argument (repeat; e.g. --serve-arg=--ipc-arena-mb=0)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="short count windows (CI)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument(
@@ -281,6 +290,7 @@ def main() -> int:
         "started": started,
         "machine": describe(),
         "model": args.model,
+        "serve_args": args.serve_arg,
         "protocols": args.protocols,
         "concurrency": args.concurrency,
         "window": "200-request count windows"
@@ -291,7 +301,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="convoy-bench-workers-") as scratch:
         for workers in args.workers:
             server = Server(
-                args.repository, args.model, workers, Path(scratch) / f"server-{workers}.log"
+                args.repository,
+                args.model,
+                workers,
+                Path(scratch) / f"server-{workers}.log",
+                args.serve_arg,
             )
             try:
                 for protocol in args.protocols:

@@ -194,6 +194,14 @@ def _serve_parser(sub) -> None:
         "engine and the runtimes, for many-core GPU hosts)",
     )
     p.add_argument(
+        "--ipc-arena-mb",
+        type=int,
+        default=64,
+        metavar="MB",
+        help="with --workers: shared memory per front end through which inputs of 64 KiB or more "
+        "reach the engine without a socket copy (0: every tensor goes over the socket)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         "--exit-timeout-secs",
         type=float,
@@ -517,6 +525,8 @@ def _settings(args) -> ServerConfig:
         raise SystemExit(
             f"convoy: --repository-poll-secs must be positive, got {args.repository_poll_secs}"
         )
+    if args.ipc_arena_mb < 0:
+        raise SystemExit(f"convoy: --ipc-arena-mb must be 0 or more, got {args.ipc_arena_mb}")
     workers = _workers(args.workers)
     return ServerConfig(
         model_repository=repository,
@@ -559,6 +569,7 @@ def _settings(args) -> ServerConfig:
         payload_log_queue_size=args.payload_log_queue_size,
         capacity_reports=tuple(args.capacity_report),
         workers=workers,
+        ipc_arena_mb=args.ipc_arena_mb,
     )
 
 

@@ -312,3 +312,6 @@ class ServerConfig:
     #: Front-end processes: 1 serves everything from this process; N > 1 starts N workers
     #: sharing the ports in front of this process, which keeps the models (engine/process.py).
     workers: int = 1
+    #: With workers: MiB of shared memory per front end for large inputs (engine/arena.py);
+    #: 0 sends every tensor over the socket.
+    ipc_arena_mb: int = 64

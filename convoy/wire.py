@@ -48,6 +48,9 @@ class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    #: The bytes are in the sender's shared-memory arena at `offset` (engine/arena.py), not in
+    #: the frame.
+    shared: bool = False
 
 
 class ErrorInfo(msgspec.Struct, array_like=True, frozen=True):
@@ -118,10 +121,18 @@ class FrameWriter:
     def __bool__(self) -> bool:
         return bool(self._messages)
 
-    def tensors(self, arrays: dict[str, np.ndarray]) -> list[TensorMeta]:
-        """Queue the arrays' bytes; the metas to put in the message that carries them."""
+    def tensors(self, arrays: dict[str, np.ndarray], arena=None) -> list[TensorMeta]:
+        """Queue the arrays' bytes; the metas to put in the message that carries them. With an
+        `arena` (engine/arena.py), large numeric tensors are copied there instead when it has
+        room."""
         metas = []
         for name, array in arrays.items():
+            if arena is not None and array.nbytes >= arena.threshold and array.dtype.kind != "O":
+                offset = arena.place(array)
+                if offset is not None:
+                    dtype = array.dtype.str if array.dtype.kind != "V" else array.dtype.name
+                    metas.append(TensorMeta(name, dtype, array.shape, offset, array.nbytes, True))
+                    continue
             if array.dtype.kind == "O":
                 data = serialize_bytes(array)
                 dtype = BYTES_DTYPE
@@ -157,11 +168,21 @@ class FrameWriter:
         return frame
 
 
-def read_tensors(metas: list[TensorMeta], data: memoryview) -> dict[str, np.ndarray]:
-    """Arrays viewing the frame's data (read-only views, as the front ends' decoders give)."""
+def read_tensors(
+    metas: list[TensorMeta], data: memoryview, shared: memoryview | None = None
+) -> dict[str, np.ndarray]:
+    """Arrays viewing the frame's data, or the sender's arena (`shared`) for tensors placed
+    there (read-only views, as the front ends' decoders give)."""
     arrays = {}
     for meta in metas:
         end = meta.offset + meta.nbytes
+        if meta.shared:
+            if shared is None or end > len(shared):
+                raise errors.InvalidInput(f"tensor '{meta.name}' is not in the sender's arena")
+            dtype = _dtype(meta.dtype)
+            count = meta.nbytes // dtype.itemsize if dtype.itemsize else 0
+            arrays[meta.name] = np.frombuffer(shared, dtype, count, meta.offset).reshape(meta.shape)
+            continue
         if end > len(data):
             raise errors.InvalidInput(f"tensor '{meta.name}' runs past the end of its frame")
         if meta.dtype == BYTES_DTYPE:

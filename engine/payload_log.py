@@ -107,13 +107,18 @@ class PayloadLog:
         if int(seen * rate) == int((seen - 1) * rate):
             return
         future = request.future
+        # The inputs as they are now: a --workers front end reuses the shared memory of large
+        # inputs once the request is answered, before the writer thread reads them.
+        inputs = {name: np.array(array) for name, array in request.inputs.items()}
 
         def done(_future) -> None:
             if self._queue.qsize() >= self.queue_size:
                 self.dropped[model] = self.dropped.get(model, 0) + 1
                 return
             # References only: the writer thread reads the arrays and the outcome.
-            self._queue.put((time.time(), time.monotonic_ns(), config, entry.version, request, future))
+            self._queue.put(
+                (time.time(), time.monotonic_ns(), config, entry.version, request, inputs, future)
+            )
 
         future.add_done_callback(done)
 
@@ -175,7 +180,14 @@ class PayloadLog:
         return handler
 
     def _record(
-        self, wall: float, done_ns: int, config: ModelConfig, version: int, request: Request, future
+        self,
+        wall: float,
+        done_ns: int,
+        config: ModelConfig,
+        version: int,
+        request: Request,
+        inputs: dict[str, np.ndarray],
+        future,
     ) -> dict:
         record = {
             "timestamp": datetime.fromtimestamp(wall, UTC).isoformat(),
@@ -188,7 +200,7 @@ class PayloadLog:
             "compute_us": None,
             "inputs": [
                 self._tensor(name, declared_datatype(config.input(name), array), array)
-                for name, array in request.inputs.items()
+                for name, array in inputs.items()
             ],
             "outputs": [],
         }

@@ -34,6 +34,7 @@ from convoy.protos import model_config_pb2 as mc
 from convoy.types import Request, Response, StageTimes, StepTiming, StreamedResponse
 from convoy.wire import ErrorInfo, Link, TensorMeta, error_info, read_tensors, rebuild_error
 
+from .arena import Arena, open_arena
 from .client import EngineClient, ModelEntry
 from .core import Engine
 from .repository import ModelVersion
@@ -153,7 +154,15 @@ class Up(msgspec.Struct, tag="up", array_like=True):
     """A front end is serving."""
 
 
-ToEngine = Infer | Cancel | Call | Up
+class SharedArena(msgspec.Struct, tag="arena", array_like=True):
+    """The front end's shared-memory arena for large inputs (engine/arena.py): sent before its
+    first request."""
+
+    name: str
+    size: int
+
+
+ToEngine = Infer | Cancel | Call | Up | SharedArena
 ToFrontEnd = Result | Streamed | Failure | Reply | Models | Welcome | LogUpdate
 
 #: The EngineClient methods a front end may call on the engine.
@@ -263,6 +272,8 @@ class EngineEndpoint:
         #: Control-plane calls being answered.
         self._calls: set[asyncio.Future] = set()
         self.lost = asyncio.Event()
+        #: The front end's arena, mapped read-only (large inputs are read from it in place).
+        self._shared: memoryview | None = None
 
     def protocol(self) -> Link:
         self.link = Link(ToEngine, self._on_frame, self._on_lost)
@@ -305,6 +316,11 @@ class EngineEndpoint:
                 task.add_done_callback(self._calls.discard)
             elif kind is Up and self._on_up is not None:
                 self._on_up()
+            elif kind is SharedArena:
+                try:
+                    self._shared = open_arena(message.name, message.size)
+                except (OSError, ValueError) as exc:
+                    log.error("%s: cannot map its shared-memory arena: %s", self.name, exc)
 
     def _infer(self, engine: Engine, message: Infer, data: memoryview) -> None:
         self.requests += 1
@@ -315,7 +331,7 @@ class EngineEndpoint:
                 if not message.latest:
                     raise Unavailable(f"model '{message.model}' version {message.version} is not loaded")
                 entry = engine.resolve(message.model)  # a roll-out moved "latest" meanwhile
-            inputs = read_tensors(message.inputs, data)
+            inputs = read_tensors(message.inputs, data, self._shared)
         except ConvoyError as exc:
             self.send(Failure(message.call, error_info(exc)))
             return
@@ -467,6 +483,10 @@ class RemoteEngine(EngineClient):
         self._calls: dict[int, asyncio.Future] = {}
         self._welcomed = asyncio.get_running_loop().create_future()
         self.shared_memory = SharedMemoryRegistry()
+        #: Where large inputs go to the engine (None: every tensor travels in frames), and the
+        #: blocks each request in flight holds there, by call id.
+        self.arena: Arena | None = None
+        self._placed: dict[int, list] = {}
         #: Set when the engine's side of the link is gone.
         self.lost = asyncio.Event()
 
@@ -483,6 +503,9 @@ class RemoteEngine(EngineClient):
         loop = asyncio.get_running_loop()
         await loop.create_unix_connection(self.protocol, sock=sock)
         await asyncio.wait_for(self._welcomed, timeout)
+        self.arena = Arena.create(self.settings.ipc_arena_mb << 20)
+        if self.arena is not None:
+            self.link.send(SharedArena(self.arena.name, self.arena.size))
 
     def serving(self) -> None:
         self.link.send(Up())
@@ -491,6 +514,8 @@ class RemoteEngine(EngineClient):
         if self.link is not None:
             self.link.close()
         self.shared_memory.close()
+        if self.arena is not None:
+            self.arena.close()
 
     # --- the model table -------------------------------------------------------------------------
     def models(self) -> Mapping[str, ModelEntry]:
@@ -505,6 +530,7 @@ class RemoteEngine(EngineClient):
 
     # --- inference ---------------------------------------------------------------------------------
     def submit(self, model: RemoteVersion, request: Request) -> None:
+        arena = None
         try:
             if self.refusing:
                 raise Unavailable("server is shutting down")
@@ -515,7 +541,10 @@ class RemoteEngine(EngineClient):
                 raise Overloaded("the engine process is not keeping up; retry later")
             call = next(self._ids)
             writer = link.writer()
-            metas = writer.tensors(request.inputs)
+            # A decoupled request is answered (Failure) when cancelled while its model may still
+            # read its inputs: it keeps them in the frame.
+            arena = self.arena if request.stream is None else None
+            metas = writer.tensors(request.inputs, arena)
             writer.add(
                 Infer(
                     call,
@@ -536,9 +565,13 @@ class RemoteEngine(EngineClient):
                 )
             )
         except ConvoyError as exc:
+            if arena is not None and (placed := arena.take_placed()) is not None:
+                arena.free(placed)
             if not request.future.done():
                 request.future.set_exception(exc)
             return
+        if arena is not None and (placed := arena.take_placed()) is not None:
+            self._placed[call] = placed
         self._in_flight[call] = request
         self._call_of[request] = call
 
@@ -548,6 +581,10 @@ class RemoteEngine(EngineClient):
             self.link.send(Cancel(call))
 
     def _finish(self, call: int) -> Request | None:
+        """The engine answered `call`: it reads none of its inputs any more."""
+        placed = self._placed.pop(call, None)
+        if placed is not None:
+            self.arena.free(placed)
         request = self._in_flight.pop(call, None)
         if request is not None:
             del self._call_of[request]
