@@ -29,6 +29,8 @@ log = logging.getLogger("convoy.engine.arena")
 
 #: Tensors this large or larger go through the arena (smaller ones cost less in the frame).
 SHARED_FROM_BYTES = 64 * 1024
+#: No arena smaller than this (halving the asked size until /dev/shm has room).
+_SMALLEST = 4 << 20
 #: Blocks start on cache-line boundaries.
 _ALIGN = 64
 _DIRECTORY = "/dev/shm"
@@ -45,7 +47,9 @@ class Arena:
         self._path = os.path.join(_DIRECTORY, self.name)
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Reserved now, not on first touch: a /dev/shm too small for it (a container's
+            # 64 MB default shared by many front ends) fails here, not with SIGBUS mid-request.
+            os.posix_fallocate(fd, 0, size)
             self._map = mmap.mmap(fd, size)
         except BaseException:
             os.unlink(self._path)
@@ -64,11 +68,25 @@ class Arena:
         """An arena of `size` bytes, or None when shared memory is unavailable (logged)."""
         if size <= 0:
             return None
-        try:
-            return cls(size)
-        except OSError as exc:
-            log.warning("no shared memory for large tensors (%s): they travel in frames", exc)
-            return None
+        wanted, problem = size, None
+        while True:
+            try:
+                arena = cls(size)
+            except OSError as exc:
+                problem = exc
+                if size // 2 < min(_SMALLEST, wanted):
+                    log.warning("no shared memory for large tensors (%s): frames carry them", problem)
+                    return None
+                size //= 2
+                continue
+            if size < wanted:
+                log.warning(
+                    "shared-memory arena for large tensors: %d MiB of the %d MiB asked for "
+                    "(/dev/shm is short: give the container more)",
+                    size >> 20,
+                    wanted >> 20,
+                )
+            return arena
 
     def place(self, array: np.ndarray) -> int | None:
         """Copy `array` into the arena; its offset, or None when there is no room."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 
 import msgspec
 import numpy as np
@@ -114,3 +115,28 @@ def test_live_blocks_never_overlap_and_keep_their_bytes(steps):
         assert arena.place(np.ones(SIZE, np.uint8)) == 0  # everything came back
     finally:
         arena.close()
+
+
+def test_an_arena_larger_than_shared_memory_allows_is_halved_until_it_fits(monkeypatch):
+    """posix_fallocate reserves the pages at once: a short /dev/shm fails at creation (and the
+    arena shrinks), never with SIGBUS when a request touches an unbacked page."""
+    real = os.posix_fallocate
+
+    def short_shm(fd, offset, length):
+        if length > 8 << 20:
+            raise OSError(28, "No space left on device")
+        real(fd, offset, length)
+
+    def no_shm(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", short_shm)
+    arena = Arena.create(64 << 20)
+    try:
+        assert arena is not None and arena.size == 8 << 20
+    finally:
+        arena.close()
+    monkeypatch.setattr(os, "posix_fallocate", no_shm)
+    assert Arena.create(64 << 20) is None
+    mine = f"convoy-ipc-{os.getpid()}-"
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(mine)]
