@@ -62,6 +62,20 @@ def _import_model_file(source: ModelVersionSource):
     return module, path
 
 
+def _refuse_batch_io(source: ModelVersionSource) -> None:
+    """A TritonPythonModel executes request by request, never a merged batch: there is no batch
+    for batch inputs to describe or batch outputs to scatter (Triton's python backend hands each
+    request its own inputs too). Ragged inputs alone are fine: each request keeps its shape."""
+    config = source.config
+    for field, present in (("batch_input", config.batch_inputs), ("batch_output", config.batch_outputs)):
+        if present:
+            raise ModelLoadFailed(
+                f"{source.path.parent / 'config.pbtxt'}: {field}: a TritonPythonModel executes "
+                "each request with its own inputs, never a merged batch, so there is nothing to "
+                f"compute {field} from; remove it (ragged inputs alone are accepted)"
+            )
+
+
 class PythonRuntime:
     #: Declared capability: `model_transaction_policy { decoupled: true }` (Triton models).
     supports_decoupled = True
@@ -123,6 +137,7 @@ class PythonRuntime:
         if model_class is None and triton_class is not None:
             if not hasattr(triton_class, "execute"):
                 raise ModelLoadFailed(f"{path}: TritonPythonModel must define `execute`")
+            _refuse_batch_io(self._source)
             adapter = TritonModelAdapter(triton_class, self._source, self._instance_index, path)
             adapter.load()
             self._triton = adapter
@@ -167,6 +182,8 @@ class PythonRuntime:
                     "inputs": [asdict(s) for s in config.inputs],
                     "outputs": [asdict(s) for s in config.outputs],
                     "parameters": dict(config.parameters),
+                    "batch_inputs": [asdict(b) for b in config.batch_inputs],
+                    "batch_outputs": [asdict(b) for b in config.batch_outputs],
                 }
             )
         except Exception as exc:
