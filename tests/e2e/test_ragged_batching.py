@@ -245,6 +245,45 @@ class TritonPythonModel:
 """
 
 
+TRITON_RAGGED_CONFIG = """
+name: "%s"
+backend: "python"
+max_batch_size: 16
+input [ { name: "RAGGED" data_type: TYPE_FP32 dims: [ -1 ] allow_ragged_batch: true } ]
+output [
+  { name: "OWN" data_type: TYPE_FP32 dims: [ -1 ] },
+  { name: "INFO" data_type: TYPE_INT32 dims: [ 2 ] }
+]
+dynamic_batching { max_queue_delay_microseconds: 100000 }
+parameters { key: "isolation" value { string_value: "%s" } }
+"""
+
+#: A Triton python model on a ragged input: one execute() gets requests of different lengths,
+#: each with its own shape; INFO = [requests in this execute, distinct lengths among them].
+TRITON_RAGGED_MODEL = """
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep(0.03)
+        arrays = [pb_utils.get_input_tensor_by_name(r, "RAGGED").as_numpy() for r in requests]
+        info = [len(arrays), len({a.shape for a in arrays})]
+        return [
+            pb_utils.InferenceResponse(
+                [
+                    pb_utils.Tensor("OWN", a * 2),
+                    pb_utils.Tensor("INFO", np.array([info] * a.shape[0], np.int32)),
+                ]
+            )
+            for a in arrays
+        ]
+"""
+
+
 def build_repository(root: Path) -> Path:
     root.mkdir(parents=True)
     models = {"ragged_py": PYTHON_CONFIG}
@@ -259,6 +298,11 @@ def build_repository(root: Path) -> Path:
         PYTHON_CONFIG.replace('name: "ragged_py"', 'name: "triton_batch_input"')
     )
     (root / "triton_batch_input" / "1" / "model.py").write_text(TRITON_MODEL)
+    for isolation in ("thread", "process"):
+        name = f"triton_ragged_{isolation}"
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(TRITON_RAGGED_CONFIG % (name, isolation))
+        (root / name / "1" / "model.py").write_text(TRITON_RAGGED_MODEL)
     if HAS_ONNX:
         write_onnx_model(root / "ragged_onnx")
     return root
@@ -414,3 +458,30 @@ def test_clients_cannot_send_a_batch_input(ragged_server):
             client.infer("ragged_py", inputs)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_a_triton_python_model_executes_ragged_requests_together_each_with_its_shape(
+    ragged_server, isolation
+):
+    """Triton's python backend gets a ragged batch as requests of different shapes in one
+    execute(); with isolation: process, those of one shape travel together to the worker."""
+    model = f"triton_ragged_{isolation}"
+    infos: list[list[int]] = []
+    lock = threading.Lock()
+
+    def work(client, module, tag: int) -> None:
+        length = 1 + tag % 7
+        values = (np.arange(length, dtype=np.float32) + 100 * tag).reshape(1, length)
+        got = _infer(client, module, model, values, None, ["OWN", "INFO"])
+        np.testing.assert_array_equal(got["OWN"], values * 2)
+        with lock:
+            infos.append(got["INFO"][0].tolist())
+
+    errors = _run_clients(ragged_server, work)
+    assert not errors, errors[:3]
+    if isolation == "thread":
+        # One execute() held requests of different lengths.
+        assert max(distinct for count, distinct in infos if count > 1) > 1, infos
+    else:
+        assert max(count for count, _ in infos) > 1, infos
