@@ -18,6 +18,7 @@ import tritonclient.http as httpclient
 from helpers import ConvoyProcess, serve_until_stopped
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 BATCH_INPUTS = """
 batch_input [
@@ -191,6 +192,33 @@ def write_onnx_model(model_dir: Path) -> None:
     (model_dir / "config.pbtxt").write_text(ONNX_CONFIG)
 
 
+def write_torch_model(model_dir: Path) -> None:
+    """The ONNX model's outputs from TorchScript: the batch inputs come after RAGGED, in the
+    order config.pbtxt lists them."""
+    import torch
+
+    class Ragged(torch.nn.Module):
+        def forward(self, ragged, ec, acc, acc0, maxc, items, items_flat):
+            span = acc.to(torch.int32) - acc0[:-1]
+            longest = torch.full((ec.shape[0], 1), maxc.shape[0], dtype=torch.int32)
+            return (
+                ragged * 2,
+                ec.view(-1, 1),
+                span.view(-1, 1),
+                items,
+                items_flat.view(-1, 1),
+                longest,
+            )
+
+    (model_dir / "1").mkdir(parents=True)
+    torch.jit.script(Ragged()).save(str(model_dir / "1" / "model.pt"))
+    (model_dir / "config.pbtxt").write_text(
+        ONNX_CONFIG.replace('name: "ragged_onnx"', 'name: "ragged_torch"').replace(
+            'backend: "onnxruntime"', 'backend: "pytorch"'
+        )
+    )
+
+
 #: Configs refused at load: (model, the field the reason must name, a phrase of the reason).
 REFUSED = {
     "bad_source": (
@@ -305,6 +333,8 @@ def build_repository(root: Path) -> Path:
         (root / name / "1" / "model.py").write_text(TRITON_RAGGED_MODEL)
     if HAS_ONNX:
         write_onnx_model(root / "ragged_onnx")
+    if HAS_TORCH:
+        write_torch_model(root / "ragged_torch")
     return root
 
 
@@ -392,10 +422,17 @@ def test_concurrent_ragged_requests_each_get_their_own_answer(ragged_server):
     assert max(distinct for requests_in_batch, distinct in seen_batches if requests_in_batch > 1) > 1
 
 
-@pytest.mark.skipif(not HAS_ONNX, reason="needs onnx and onnxruntime")
-def test_onnx_model_receives_every_batch_input_and_scatters_back(ragged_server):
-    """The graph declares the batch inputs as inputs; each request gets its own doubled values
-    and the counts the batch inputs gave for it."""
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("ragged_onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason="needs onnx")),
+        pytest.param("ragged_torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="needs torch")),
+    ],
+)
+def test_onnx_and_torch_models_receive_every_batch_input_and_scatter_back(ragged_server, model):
+    """The model takes the batch inputs as inputs (declared in the ONNX graph; after RAGGED in
+    forward's arguments); each request gets its own doubled values and the counts the batch
+    inputs gave for it."""
     max_counts: list[tuple[int, int]] = []
     lock = threading.Lock()
 
@@ -403,7 +440,7 @@ def test_onnx_model_receives_every_batch_input_and_scatters_back(ragged_server):
         length = 1 + tag % 11
         values = (np.arange(length, dtype=np.float32) + 100 * tag).reshape(1, length)
         names = ["DOUBLED", "COUNT", "SPAN", "WIDTH", "WIDTH_FLAT", "MAX_COUNT"]
-        got = _infer(client, module, "ragged_onnx", values, None, names)
+        got = _infer(client, module, model, values, None, names)
         np.testing.assert_array_equal(got["DOUBLED"], values * 2)
         assert got["COUNT"].tolist() == [[length]]
         assert got["SPAN"].tolist() == [[length]]
@@ -415,7 +452,7 @@ def test_onnx_model_receives_every_batch_input_and_scatters_back(ragged_server):
 
     errors = _run_clients(ragged_server, work)
     assert not errors, errors[:3]
-    inferences, executions = _statistics(ragged_server, "ragged_onnx")
+    inferences, executions = _statistics(ragged_server, model)
     assert inferences == 72
     assert executions < 72, (inferences, executions)
     # Some batch mixed lengths: its longest request was longer than some member's own.
