@@ -148,3 +148,35 @@ class RaggedCollation(Collation):
 def _scatter_shape(template: tuple[int, ...], source: tuple[int, ...]) -> tuple[int, ...]:
     """The output's declared shape with each variable dimension taken from the source's."""
     return tuple(source[i] if dim == -1 else dim for i, dim in enumerate(template))
+
+
+def ragged_warmup(config: ModelConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """For `model_warmup`: a sample's inputs (batch_size rows) as the ragged batch the model
+    receives, each row one request (as Triton warms a batching model up)."""
+    collation = RaggedCollation(config)
+
+    def prepare(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = next(iter(inputs.values())).shape[0]
+        requests = [
+            Request(f"warmup {row}", {n: a[row : row + 1] for n, a in inputs.items()}, (), 1, _Idle())
+            for row in range(rows)
+        ]
+        return collation.merge(requests)
+
+    return prepare
+
+
+class _Idle:
+    """The future of a warm-up request: never resolved."""
+
+    def done(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result) -> None:
+        pass
+
+    def set_exception(self, exception) -> None:
+        pass

@@ -43,12 +43,6 @@ def ragged_batching(
         raise fail(first, "is not valid for an ensemble (its composing models batch)")
     if proto.HasField("sequence_batching"):
         raise fail(first, "is not supported together with sequence_batching by Convoy")
-    if proto.model_warmup:
-        raise fail(
-            "model_warmup",
-            f"is not supported together with ragged batching ({first}) by Convoy yet; "
-            "remove the warm-up samples",
-        )
     for index, spec in enumerate(inputs):
         if not spec.allow_ragged_batch:
             continue

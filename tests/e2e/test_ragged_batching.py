@@ -52,6 +52,11 @@ output [
 batch_output [ { target_name: "OWN" kind: BATCH_SCATTER_WITH_INPUT_SHAPE source_input: "RAGGED" } ]
 dynamic_batching { max_queue_delay_microseconds: 100000 }
 parameters { key: "delay_ms" value { string_value: "30" } }
+model_warmup [ {
+  name: "three rows" batch_size: 3
+  inputs { key: "RAGGED" value { data_type: TYPE_FP32 dims: [ 4 ] random_data: true } }
+  inputs { key: "TAG" value { data_type: TYPE_INT32 dims: [ 1 ] zero_data: true } }
+} ]
 """
     + BATCH_INPUTS
 )
@@ -129,6 +134,10 @@ batch_output [
 ]
 dynamic_batching { max_queue_delay_microseconds: 100000 }
 instance_group [ { count: 1 kind: KIND_CPU } ]
+model_warmup [ {
+  name: "two rows" batch_size: 2
+  inputs { key: "RAGGED" value { data_type: TYPE_FP32 dims: [ 5 ] zero_data: true } }
+} ]
 """
     + BATCH_INPUTS
 )
