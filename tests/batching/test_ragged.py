@@ -4,17 +4,23 @@ the request they belong to."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convoy.batching.assemble import Collation, collation_for
 from convoy.batching.ragged import RaggedCollation, batch_input_tensor
-from convoy.config import BatchInput, BatchOutput, ModelConfig
+from convoy.batching.scheduler import Scheduler
+from convoy.batching.stats import ModelStats
+from convoy.config import BatchInput, BatchOutput, DynamicBatching, ModelConfig
 from convoy.errors import InferenceFailed
+from convoy.runtimes.base import RuntimeInstance
 from convoy.types import Request, TensorSpec
 
 KINDS = (
@@ -265,3 +271,65 @@ def test_without_a_batch_output_every_output_goes_back_by_rows():
     first, second = collation.split(outputs, requests, True)
     assert first["SCATTERED"].tolist() == [[0, 1], [2, 3]]
     assert second["SCATTERED"].tolist() == [[4, 5]]
+
+
+# --- through the scheduler ---------------------------------------------------------------------
+
+
+class _RaggedRuntime:
+    """Answers from the batch inputs alone: each request's elements found by its offsets; a
+    threading.Event holds the first batch so the others pile up behind it."""
+
+    def __init__(self, hold: threading.Event) -> None:
+        self.hold = hold
+        self.batches: list[list[int]] = []
+
+    def load(self) -> None:
+        pass
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.hold.wait(10)
+        self.batches.append((inputs["batch_element_count"].tolist(), inputs["DENSE"].shape[0]))
+        return _model(inputs)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(120, method="thread")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=shapes_strategy)
+def test_the_scheduler_batches_ragged_requests_and_answers_each_its_own(shapes):
+    """Requests of random lengths queued behind a busy instance share ragged batches within
+    max_batch_size rows, and every request gets exactly its own outputs."""
+    shapes = [shape[:2] for shape in shapes]
+
+    async def scenario() -> None:
+        hold = threading.Event()
+        runtime = _RaggedRuntime(hold)
+        config = replace(_config(), max_batch_size=6, dynamic_batching=DynamicBatching(100_000))
+        instance = RuntimeInstance(runtime, "ragged-0")
+        loop = asyncio.get_running_loop()
+        try:
+            async with Scheduler(config, "1", [instance], ModelStats(), 64) as scheduler:
+                requests = [_request(i, shape) for i, shape in enumerate(shapes)]
+                for request in requests:
+                    request.future = loop.create_future()
+                    scheduler.submit(request)
+                hold.set()
+                for request in requests:
+                    response = await asyncio.wait_for(request.future, 10)
+                    own = request.inputs["RAGGED"]
+                    first = own.reshape(-1)[0] if own.size else 0
+                    np.testing.assert_array_equal(response.outputs["SCATTERED"], own + first)
+                    np.testing.assert_array_equal(
+                        response.outputs["PER_ROW"], request.inputs["DENSE"] + 1
+                    )
+        finally:
+            await instance.close()
+        assert sum(len(counts) for counts, _ in runtime.batches) == len(shapes)
+        assert all(rows <= 6 for _, rows in runtime.batches)
+        if len(shapes) > 1:  # any two requests fit in 6 rows: the first batch holds several
+            assert max(len(counts) for counts, _ in runtime.batches) > 1
+
+    asyncio.run(scenario())
