@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 
 from convoy.config import BatchInput, BatchOutput
-from convoy.engine.model_config import build_model_config
+from convoy.engine.model_config import build_model_config, read_config_proto
 from convoy.errors import InvalidConfig
 from convoy.protos import model_config_pb2 as mc
 
@@ -143,3 +143,17 @@ def test_batch_inputs_without_a_ragged_input_still_need_batching():
         "max_batch_size: 8", "max_batch_size: 0"
     )
     assert "/repo/m/config.pbtxt: batch_input: requires max_batch_size > 0" in _refused(text)
+
+
+def test_a_misspelled_kind_is_refused_with_its_line_and_the_enum_named(tmp_path):
+    """Protobuf's text parser refuses an enum name it does not know before Convoy sees the
+    config: the reason still points at the line, the kind's enum and the name."""
+    path = tmp_path / "config.pbtxt"
+    path.write_text(
+        BASE.replace("kind: BATCH_ITEM_SHAPE target_name", "kind: BATCH_ITEM_SHAPES target_name")
+    )
+    with pytest.raises(InvalidConfig) as caught:
+        read_config_proto(path)
+    reason = str(caught.value)
+    assert reason.startswith(f"{path}: 16:11 : ")
+    assert 'Enum type "inference.BatchInput.Kind" has no value named BATCH_ITEM_SHAPES' in reason
