@@ -323,7 +323,12 @@ class TritonPythonModel:
 
 def build_repository(root: Path) -> Path:
     root.mkdir(parents=True)
-    models = {"ragged_py": PYTHON_CONFIG}
+    models = {
+        "ragged_py": PYTHON_CONFIG,
+        # The same model in a worker process: the batch inputs travel with the merged batch.
+        "ragged_py_process": PYTHON_CONFIG
+        + 'parameters { key: "isolation" value { string_value: "process" } }\n',
+    }
     models.update({name: config for name, (config, _, _) in REFUSED.items()})
     for name, config in models.items():
         (root / name / "1").mkdir(parents=True)
@@ -397,7 +402,8 @@ def _statistics(server: ConvoyProcess, model: str) -> tuple[int, int]:
     return int(entry["inference_count"]), int(entry["execution_count"])
 
 
-def test_concurrent_ragged_requests_each_get_their_own_answer(ragged_server):
+@pytest.mark.parametrize("model", ["ragged_py", "ragged_py_process"])
+def test_concurrent_ragged_requests_each_get_their_own_answer(ragged_server, model):
     """Lengths 1..9, some requests of batch 2, tags unique per request: OWN (scattered by the
     request's shape) is its own values * 2 + its tag, ROW_SUM its rows' sums, and the batch
     inputs told the model the request's element count, span and item width."""
@@ -408,7 +414,7 @@ def test_concurrent_ragged_requests_each_get_their_own_answer(ragged_server):
         length = 1 + tag % 9
         rows = 2 if tag % 5 == 0 else 1
         values = (np.arange(rows * length, dtype=np.float32).reshape(rows, length) + tag) / 7
-        got = _infer(client, module, "ragged_py", values, tag, ["OWN", "ROW_SUM", "CHECKS"])
+        got = _infer(client, module, model, values, tag, ["OWN", "ROW_SUM", "CHECKS"])
         assert got["OWN"].shape == (rows, length)
         np.testing.assert_allclose(got["OWN"], values * 2 + tag, rtol=1e-6)
         np.testing.assert_allclose(got["ROW_SUM"], values.sum(axis=1, keepdims=True), rtol=1e-5)
@@ -419,11 +425,11 @@ def test_concurrent_ragged_requests_each_get_their_own_answer(ragged_server):
         with lock:
             seen_batches.append((int(checks[0, 5]), int(checks[0, 6])))
 
-    before = _statistics(ragged_server, "ragged_py")
+    before = _statistics(ragged_server, model)
     errors = _run_clients(ragged_server, work)
     assert not errors, errors[:3]
     inferences, executions = (
-        a - b for a, b in zip(_statistics(ragged_server, "ragged_py"), before, strict=True)
+        a - b for a, b in zip(_statistics(ragged_server, model), before, strict=True)
     )
     assert inferences == sum(2 if (i * 100 + s) % 5 == 0 else 1 for i in range(12) for s in range(6))
     assert executions < 72, (inferences, executions)
