@@ -6,8 +6,10 @@
         def finalize(self) -> None: ...                          # optional
 
 `execute` receives a whole batch (first dimension = rows when the model batches) and returns
-every output for it. `config` holds the model's name, version, folder, max_batch_size, the
-declared inputs/outputs and the config's `parameters`.
+every output for it. With ragged batching (batching/ragged.py) a ragged input arrives flattened
+and the config's `batch_input` targets are in `inputs` too. `config` holds the model's name,
+version, folder, max_batch_size, the declared inputs/outputs, batch inputs/outputs and the
+config's `parameters`.
 
 A `Model` may list exception types after which it cannot be trusted (a poisoned device, a
 corrupt native state) as `fatal_errors = (SomeError, ...)`: such an error fails its batch and
