@@ -106,4 +106,8 @@ class Collation:
 
 def collation_for(config: ModelConfig) -> Collation:
     """The collation a model's config asks for."""
+    if config.ragged:
+        from .ragged import RaggedCollation  # imports this module
+
+        return RaggedCollation(config)
     return Collation(config)

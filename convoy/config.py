@@ -112,6 +112,29 @@ class EnsembleScheduling:
     max_inflight_requests: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class BatchInput:
+    """One `batch_input` (ragged batching): a tensor the batcher derives from the shapes of
+    `source_input` across a batch's requests and feeds the model as each of `target_names`."""
+
+    #: Triton's BatchInput.Kind name, e.g. "BATCH_ACCUMULATED_ELEMENT_COUNT".
+    kind: str
+    target_names: tuple[str, ...]
+    #: "INT32" or "FP32".
+    datatype: str
+    source_input: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutput:
+    """One `batch_output`: outputs `target_names` are scattered back per request following the
+    shape of each request's `source_input` (kind BATCH_SCATTER_WITH_INPUT_SHAPE)."""
+
+    kind: str
+    target_names: tuple[str, ...]
+    source_input: str
+
+
 class InstanceKind(enum.Enum):
     AUTO = "KIND_AUTO"
     CPU = "KIND_CPU"
@@ -190,6 +213,9 @@ class ModelConfig:
     payload_log_sample_rate: float = 0.0
     #: `model_transaction_policy { decoupled: true }`: 0..N responses per request, streamed.
     decoupled: bool = False
+    #: Ragged batching: tensors the batcher adds to each batch, outputs it scatters by shape.
+    batch_inputs: tuple[BatchInput, ...] = ()
+    batch_outputs: tuple[BatchOutput, ...] = ()
     #: The completed config as JSON (Triton's field names), for runtimes that hand it to model
     #: code (the python backend's `initialize(args)["model_config"]`); "" until completed.
     document: str = ""
@@ -216,6 +242,13 @@ class ModelConfig:
             if spec.name == name:
                 return spec
         return None
+
+    @property
+    def ragged(self) -> bool:
+        """Requests batch raggedly: an input allows it, or the batcher adds batch inputs."""
+        return bool(self.batch_inputs or self.batch_outputs) or any(
+            spec.allow_ragged_batch for spec in self.inputs
+        )
 
     def output(self, name: str) -> TensorSpec | None:
         for spec in self.outputs:

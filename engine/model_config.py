@@ -33,6 +33,8 @@ from convoy.errors import InvalidConfig
 from convoy.protos import model_config_pb2 as mc
 from convoy.types import TensorSpec
 
+from .batch_io import ragged_batching
+
 #: Triton `platform` strings -> Convoy backend names.
 PLATFORM_TO_BACKEND = {
     "onnxruntime_onnx": "onnxruntime",
@@ -87,8 +89,6 @@ class UnsupportedField:
 #: message field counts as set even when empty (`model_operations {}` is refused), so an entry
 #: names the scalar inside when only that matters (`response_cache.enable`).
 UNSUPPORTED_FIELDS: tuple[UnsupportedField, ...] = (
-    UnsupportedField("batch_input", "the batch inputs would never be fed to the model"),
-    UnsupportedField("batch_output", "the batch outputs would never be scattered"),
     UnsupportedField("response_cache.enable", "responses would never be cached"),
     UnsupportedField("model_repository_agents", "the agents would never run"),
     UnsupportedField("model_operations", "the operation libraries would never be loaded"),
@@ -108,7 +108,6 @@ UNSUPPORTED_FIELDS: tuple[UnsupportedField, ...] = (
     UnsupportedField("optimization.eager_batching", "batches would not be formed eagerly"),
     UnsupportedField("input[].format", "the input would not be converted from that format"),
     UnsupportedField("input[].is_shape_tensor", "the shape tensor would be batched like data"),
-    UnsupportedField("input[].allow_ragged_batch", "requests of different shapes would be refused"),
     UnsupportedField("input[].is_non_linear_format_io", "the input layout would be ignored"),
     UnsupportedField("output[].label_filename", "classification labels would never be returned"),
     UnsupportedField("output[].is_shape_tensor", "the shape tensor would be split like data"),
@@ -193,6 +192,8 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
                 raise fail(kind, f"name '{spec.name}' appears more than once")
             seen.add(spec.name)
 
+    batch_inputs, batch_outputs = ragged_batching(proto, inputs, outputs, backend, fail)
+
     dynamic = None
     if proto.HasField("dynamic_batching"):
         if not batching:
@@ -241,6 +242,8 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         default_model_filename=proto.default_model_filename,
         payload_log_sample_rate=_sample_rate(proto, fail),
         decoupled=proto.model_transaction_policy.decoupled,
+        batch_inputs=batch_inputs,
+        batch_outputs=batch_outputs,
     )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convoy.batching.ragged import ragged_warmup
 from convoy.batching.scheduler import Scheduler
 from convoy.batching.sequence import SequenceScheduler
 from convoy.batching.stats import ModelStats
@@ -578,7 +579,8 @@ class ModelRepository:
         instance = RuntimeInstance(runtime, f"{config.name}-{source.version}-{index}", index)
         try:
             await instance.call(instance.runtime.load)
-            await run_warmup(instance, config, source.path)
+            ragged = config.ragged and config.warmup and not instance.executes_requests
+            await run_warmup(instance, config, source.path, ragged_warmup(config) if ragged else None)
         except BaseException:
             await instance.close()
             raise

@@ -55,6 +55,15 @@ CLOSE_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
+def _same_row_shapes(batch: list) -> list[list[int]]:
+    """Indices of the batch's requests grouped by their inputs' per-row shapes, in order."""
+    groups: dict[tuple, list[int]] = {}
+    for index, request in enumerate(batch):
+        key = tuple((name, array.shape[1:]) for name, array in request.inputs.items())
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
 class WorkerGone(Exception):
     """The other end of the channel closed (the worker exited, or the server did)."""
 
@@ -168,6 +177,16 @@ class IsolatedRuntime:
     def infer_requests(self, batch: list, loop) -> list:
         """A per-request runtime's batch: the requests' inputs go as one merged buffer with
         each request's rows and metadata; the worker hands the model views of its rows."""
+        groups = _same_row_shapes(batch)
+        if len(groups) > 1:
+            # A ragged batch (allow_ragged_batch): requests whose rows differ in shape cannot
+            # share one buffer, so each group of equal shapes goes as a message of its own.
+            results: list = [None] * len(batch)
+            for indices in groups:
+                part = self.infer_requests([batch[i] for i in indices], loop)
+                for index, result in zip(indices, part, strict=True):
+                    results[index] = result
+            return results
         if len(batch) == 1:
             inputs = batch[0].inputs
         else:

@@ -318,6 +318,7 @@ def _check_declared(
     config = source.config
     where = _config_path(source)
     path = _model_path(source)
+    scattered = {name for b in config.batch_outputs for name in b.target_names}
     for kind, declared, graph in (("input", config.inputs, inputs), ("output", config.outputs, outputs)):
         by_name = {t.name: t for t in graph}
         for index, spec in enumerate(declared):
@@ -334,13 +335,51 @@ def _check_declared(
                     f"{field}.data_type: {V2_TO_CONFIG[spec.datatype]} but {path} declares "
                     f"'{spec.name}' as {tensor.onnx_type} ({V2_TO_CONFIG[datatype]})"
                 )
-            _check_dims(config, spec, tensor, f"{field}.dims", path)
+            if spec.allow_ragged_batch and kind == "input":
+                _check_ragged(spec, tensor, field, path)
+            elif kind == "output" and spec.name in scattered:
+                pass  # its shape is the requests' (batch_output), not the declared dims
+            else:
+                _check_dims(config, spec, tensor, f"{field}.dims", path)
+        if kind == "input":
+            _check_batch_inputs(config, by_name, where, path)
         if declared and kind == "input":
-            missing = [t.name for t in graph if config.input(t.name) is None]
+            filled = {name for b in config.batch_inputs for name in b.target_names}
+            missing = [t.name for t in graph if config.input(t.name) is None and t.name not in filled]
             if missing:
                 raise InvalidConfig(
                     f"{where}: input: {path} also needs input(s) {missing}; declare every input "
                     "or none (then they are read from the model)"
+                )
+
+
+def _check_ragged(spec: TensorSpec, tensor: GraphTensor, field: str, path) -> None:
+    """A ragged input reaches the model flattened and concatenated: the graph takes it as [-1]."""
+    if tensor.dims is not None and tensor.dims != (-1,):
+        raise InvalidConfig(
+            f"{field}.allow_ragged_batch: the model receives ragged input '{spec.name}' as one "
+            f"dimension [-1] (every request's elements concatenated), but {path} gives it the "
+            f"shape {list(tensor.dims)}"
+        )
+
+
+def _check_batch_inputs(config: ModelConfig, graph: dict, where, path) -> None:
+    """Every batch input target is an input of the graph, of the batch input's datatype."""
+    for index, batch_input in enumerate(config.batch_inputs):
+        for name in batch_input.target_names:
+            tensor = graph.get(name)
+            if tensor is None:
+                names = ", ".join(f"'{t}'" for t in graph)
+                raise InvalidConfig(
+                    f"{where}: batch_input[{index}].target_name: '{name}' is not an input of "
+                    f"{path}; its inputs: {names}"
+                )
+            datatype = ONNX_TO_V2.get(tensor.onnx_type)
+            if datatype is not None and datatype != batch_input.datatype:
+                raise InvalidConfig(
+                    f"{where}: batch_input[{index}].data_type: "
+                    f"{V2_TO_CONFIG[batch_input.datatype]} but {path} declares '{name}' as "
+                    f"{tensor.onnx_type} ({V2_TO_CONFIG[datatype]})"
                 )
 
 

@@ -6,8 +6,10 @@
         def finalize(self) -> None: ...                          # optional
 
 `execute` receives a whole batch (first dimension = rows when the model batches) and returns
-every output for it. `config` holds the model's name, version, folder, max_batch_size, the
-declared inputs/outputs and the config's `parameters`.
+every output for it. With ragged batching (batching/ragged.py) a ragged input arrives flattened
+and the config's `batch_input` targets are in `inputs` too. `config` holds the model's name,
+version, folder, max_batch_size, the declared inputs/outputs, batch inputs/outputs and the
+config's `parameters`.
 
 A `Model` may list exception types after which it cannot be trusted (a poisoned device, a
 corrupt native state) as `fatal_errors = (SomeError, ...)`: such an error fails its batch and
@@ -60,6 +62,20 @@ def _import_model_file(source: ModelVersionSource):
             f"{path}: import failed{where_in_model(exc, path)}: {type(exc).__name__}: {exc}"
         ) from exc
     return module, path
+
+
+def _refuse_batch_io(source: ModelVersionSource) -> None:
+    """A TritonPythonModel executes request by request, never a merged batch: there is no batch
+    for batch inputs to describe or batch outputs to scatter (Triton's python backend hands each
+    request its own inputs too). Ragged inputs alone are fine: each request keeps its shape."""
+    config = source.config
+    for field, present in (("batch_input", config.batch_inputs), ("batch_output", config.batch_outputs)):
+        if present:
+            raise ModelLoadFailed(
+                f"{source.path.parent / 'config.pbtxt'}: {field}: a TritonPythonModel executes "
+                "each request with its own inputs, never a merged batch, so there is nothing to "
+                f"compute {field} from; remove it (ragged inputs alone are accepted)"
+            )
 
 
 class PythonRuntime:
@@ -123,6 +139,7 @@ class PythonRuntime:
         if model_class is None and triton_class is not None:
             if not hasattr(triton_class, "execute"):
                 raise ModelLoadFailed(f"{path}: TritonPythonModel must define `execute`")
+            _refuse_batch_io(self._source)
             adapter = TritonModelAdapter(triton_class, self._source, self._instance_index, path)
             adapter.load()
             self._triton = adapter
@@ -167,6 +184,8 @@ class PythonRuntime:
                     "inputs": [asdict(s) for s in config.inputs],
                     "outputs": [asdict(s) for s in config.outputs],
                     "parameters": dict(config.parameters),
+                    "batch_inputs": [asdict(b) for b in config.batch_inputs],
+                    "batch_outputs": [asdict(b) for b in config.batch_outputs],
                 }
             )
         except Exception as exc:

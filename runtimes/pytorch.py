@@ -8,6 +8,8 @@ when it ends in `.pt2` and TorchScript otherwise.
 Calling convention: inputs go to `forward` positionally in config.pbtxt's input order (Triton's
 INPUT__0, INPUT__1, ...), unless the module names every config input among its arguments (a
 TorchScript forward's parameter names, an exported program's keyword inputs): then by keyword.
+Ragged batching: a ragged input arrives flattened to one dimension, and the `batch_input` targets
+follow the declared inputs, in the order config.pbtxt lists them.
 The module returns one tensor, a tuple/list mapped onto the config's outputs in order, or a dict
 keyed by output name. Outputs come back in their declared datatype (floating ones are cast).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +78,10 @@ _FALSE = ("false", "0", "no", "off")
 class TorchRuntime:
     def __init__(self, source: ModelVersionSource, instance_index: int) -> None:
         self._source = source
-        self._config = source.config
+        #: Ragged batching: ragged inputs arrive flat, the batch inputs follow the declared
+        #: inputs (by position, or by keyword), and a batch cannot be cut in row ranges.
+        self._ragged = source.config.ragged
+        self._config = _with_batch_inputs(source.config)
         self._instance_index = instance_index
         self._module = None
         self._device = torch.device("cpu")
@@ -141,7 +147,7 @@ class TorchRuntime:
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = 0
-        if self._config.max_batch_size > 0 and inputs:
+        if self._config.max_batch_size > 0 and inputs and not self._ragged:
             rows = next(iter(inputs.values())).shape[0]
             if rows > self.max_batch_rows:
                 return self._infer_in_parts(inputs, rows, self.max_batch_rows)
@@ -399,6 +405,13 @@ class TorchRuntime:
             raise ModelLoadFailed(
                 f"{self._config_file}: parameters.cuda_graphs: expected true or false, got '{value}'"
             )
+        if self._ragged:
+            if value in _TRUE:
+                raise ModelLoadFailed(
+                    f"{self._config_file}: parameters.cuda_graphs is true but the model batches "
+                    "raggedly (allow_ragged_batch / batch_input): its batches have no fixed shape"
+                )
+            return False
         dynamic = [spec.name for spec in self._config.inputs if any(d < 0 for d in _shape(spec))]
         if value in _TRUE and dynamic:
             raise ModelLoadFailed(
@@ -406,6 +419,17 @@ class TorchRuntime:
                 "variable dims; CUDA graphs need every dim but the batch fixed"
             )
         return value not in _FALSE and not dynamic
+
+
+def _with_batch_inputs(config: ModelConfig) -> ModelConfig:
+    """The config with each batch input target declared as an input after the others: the order
+    the module receives them in."""
+    if not config.batch_inputs:
+        return config
+    inputs = list(config.inputs)
+    for batch_input in config.batch_inputs:
+        inputs += [TensorSpec(name, batch_input.datatype, (-1,)) for name in batch_input.target_names]
+    return replace(config, inputs=tuple(inputs))
 
 
 def _model_path(source: ModelVersionSource) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,15 @@ def warmup_array(spec: WarmupInput, shape: tuple[int, ...], warmup_dir: Path, rn
     return rng.random(size=shape).astype(dtype)
 
 
-async def run_warmup(instance: RuntimeInstance, config: ModelConfig, version_path: Path) -> None:
-    """Execute every warm-up sample `count` times; raises ModelLoadFailed naming the sample."""
+async def run_warmup(
+    instance: RuntimeInstance,
+    config: ModelConfig,
+    version_path: Path,
+    prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+) -> None:
+    """Execute every warm-up sample `count` times; raises ModelLoadFailed naming the sample.
+    `prepare` turns a sample's inputs (batch_size rows) into the batch the model receives, where
+    that differs from the rows themselves (ragged batching)."""
     rng = np.random.default_rng(0)
     warmup_dir = version_path.parent / "warmup"
     for sample in config.warmup:
@@ -59,6 +67,8 @@ async def run_warmup(instance: RuntimeInstance, config: ModelConfig, version_pat
                 if config.max_batch_size > 0:
                     shape = (sample.batch_size, *shape)
                 inputs[name] = warmup_array(spec, shape, warmup_dir, rng)
+            if prepare is not None:
+                inputs = prepare(inputs)
             for _ in range(sample.count):
                 await instance.infer(inputs)
         except ModelLoadFailed:

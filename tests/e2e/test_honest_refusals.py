@@ -28,11 +28,11 @@ REFUSED = {
         "model_operations",
     ),
     "tagged": ('max_batch_size: 8\nmetric_tags { key: "team" value: "search" }\n', "metric_tags"),
-    "ragged": (
+    "shape_tensor": (
         "max_batch_size: 8\n"
-        'input [ { name: "INPUT0", data_type: TYPE_INT32, dims: [ -1 ], allow_ragged_batch: true } ]\n'
+        'input [ { name: "INPUT0", data_type: TYPE_INT32, dims: [ -1 ], is_shape_tensor: true } ]\n'
         'output [ { name: "OUTPUT0", data_type: TYPE_INT32, dims: [ -1 ] } ]\n',
-        "input[0].allow_ragged_batch",
+        "input[0].is_shape_tensor",
     ),
 }
 

@@ -92,6 +92,8 @@ def test_the_table_covers_every_model_config_field_convoy_does_not_read():
         "model_warmup",
         "sequence_batching",
         "ensemble_scheduling",
+        "batch_input",
+        "batch_output",
         # Read in part: the table lists their unsupported sub-fields.
         "optimization",
         "model_transaction_policy",
