@@ -13,7 +13,8 @@ instance counts, dynamic batching on) runs in phases from the model's current co
 A phase stops early once a candidate breaks the objective at its lowest load, or when
 throughput has not grown by GAIN over the phase's best for PATIENCE candidates in a row. Each
 candidate is measured with a short concurrency ramp (1, 2, 4, ... users) that stops the same
-way; its figure is the ramp's highest throughput within the objective.
+way (a first level that breaks the objective is measured once more: short windows are noisy);
+its figure is the ramp's highest throughput within the objective.
 
 The search and the choice are pure functions of the trials so far; only `run_tune` touches the
 server (through `ModelControl`) and the load generator (lazily: it imports locust).
@@ -52,6 +53,19 @@ class Candidate:
     preferred_batch_sizes: tuple[int, ...] = ()
     #: False only for a baseline whose config has no dynamic_batching section.
     dynamic_batching: bool = True
+
+    @property
+    def behaviour(self) -> tuple:
+        """What the server does differently: with batches of one, queue delay, preferred sizes
+        and dynamic batching itself change nothing, so such candidates are measured once."""
+        if self.max_batch_size <= 1:
+            return (self.max_batch_size, self.instance_count)
+        return (
+            self.max_batch_size,
+            self.instance_count,
+            self.max_queue_delay_us if self.dynamic_batching else None,
+            self.preferred_batch_sizes if self.dynamic_batching else (),
+        )
 
     @property
     def label(self) -> str:
@@ -209,10 +223,10 @@ def propose(
     trials: list[Trial], baseline: Candidate, space: SearchSpace
 ) -> tuple[str, Candidate] | None:
     """The next (phase, candidate) to measure given every trial so far, or None: the search is
-    done. Deterministic, and never proposes a candidate already measured."""
+    done. Deterministic, and never proposes a candidate that behaves like one already measured."""
     if not trials:
         return "baseline", baseline
-    seen = {t.candidate for t in trials}
+    seen = {t.candidate.behaviour for t in trials}
     for phase in PHASES[1:]:
         in_phase = [t for t in trials if t.phase == phase]
         earlier = [t for t in trials if PHASES.index(t.phase) < PHASES.index(phase)]
@@ -222,7 +236,7 @@ def propose(
         if phase == "batch" and not space.max_batch_sizes:
             continue
         for candidate in _phase_candidates(phase, base, space):
-            if candidate not in seen:
+            if candidate.behaviour not in seen:
                 return phase, candidate
     return None
 
@@ -384,8 +398,21 @@ def _ramp(target, plan, slo, metrics_url, start, end, clock, progress) -> list[S
     from .runner import LoadPlan, run_load
 
     levels: list[StepRow] = []
+    retried = False
     while True:
         users = next_users(levels, start, plan.max_users)
+        if (
+            users is None
+            and len(levels) == 1
+            and not levels[0].meets_slo
+            and not retried
+            and end - clock() >= plan.level_cost_s
+        ):
+            # The first level broke the objective: measure it once more before the candidate
+            # (and with it the rest of its sweep) is given up on. A short window's p99 is a
+            # handful of requests, and the first ones after a reload or a busy neighbour's
+            # burst are slow.
+            levels, users, retried = [], levels[0].users, True
         if users is None or (levels and end - clock() < plan.level_cost_s):
             return levels
         if progress is not None:

@@ -425,3 +425,48 @@ def test_tune_with_no_candidate_within_the_objective_exits_1_and_writes_no_confi
     report = json.loads((out / "tune.json").read_text())
     assert report["best"] is None and report["closest"] in (1, 2)
     assert "None written: no candidate met the objective" in (out / "tune.html").read_text()
+
+
+def test_candidates_that_batch_one_request_at_a_time_are_measured_once():
+    baseline = Candidate(1, 1, 300, (), True)
+    trials = simulate(baseline, SearchSpace.of(baseline, 4, 1), batching_model)
+    sizes = [t.candidate.max_batch_size for t in trials if t.phase == "batch"]
+    assert sizes == [2, 4], "batch 1 with another queue delay behaves as the baseline"
+
+
+def test_apply_leaves_the_best_config_loaded(tuned, tmp_path):
+    _, _, before, _, process = tuned
+    out = tmp_path / "out"
+    run = convoy_tune(
+        "--url",
+        process.http_url,
+        "--protocol",
+        "http-json",
+        "--metrics-url",
+        "",
+        "--slo-p99-ms",
+        "200",
+        "--budget",
+        "20",
+        "--duration",
+        "0.4",
+        "--warmup",
+        "0.1",
+        "--max-candidates",
+        "3",
+        "--max-concurrency",
+        "4",
+        "--apply",
+        "--output",
+        str(out),
+    )
+    assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}\n{process.log()}"
+    report = json.loads((out / "tune.json").read_text())
+    best = next(c for c in report["candidates"] if c["index"] == report["best"])["config"]
+    served = requests.get(f"{process.base_url}/v2/models/paced/config", timeout=5).json()
+    assert served["max_batch_size"] == best["max_batch_size"]
+    assert [g["count"] for g in served["instance_group"]] == [best["instance_count"]]
+    # Loading without an override goes back to config.pbtxt.
+    answer = requests.post(f"{process.base_url}/v2/repository/models/paced/load", json={}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert requests.get(f"{process.base_url}/v2/models/paced/config", timeout=5).json() == before
