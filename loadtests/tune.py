@@ -100,6 +100,11 @@ class SearchSpace:
             )
         return cls(sizes, tuple(range(1, max_instances + 1)))
 
+    @property
+    def most_candidates(self) -> int:
+        """An upper bound on the trials of one search (baseline, sweeps, delay and preferred)."""
+        return 1 + len(self.max_batch_sizes) + len(self.instance_counts) + len(self.queue_delays_us) + 2
+
 
 @dataclass(frozen=True)
 class Trial:

@@ -71,7 +71,7 @@ def tune(args: argparse.Namespace, target, console) -> int:
         trials = []
         state = "unchanged"
         try:
-            with TuneLiveProgress(console, args.budget) as progress:
+            with TuneLiveProgress(console, args.budget, space.most_candidates) as progress:
                 trials = run_tune(
                     target, control, baseline, space, plan, slo, args.metrics_url or None, progress
                 )
@@ -127,5 +127,5 @@ def _leave_server(control: ModelControl, args, own_server: bool, best, baseline)
         if control.restore():
             return "restored: the model serves its original config"
         return "restore incomplete: the served config differs from the original"
-    except ControlError as exc:
-        return f"restore failed: {exc}"
+    except Exception as exc:  # the server went away, or refused: say so, never mask the run
+        return f"restore failed: {type(exc).__name__}: {exc}"

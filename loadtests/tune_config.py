@@ -209,7 +209,10 @@ class ModelControl:
             self.load(with_candidate(self.base, candidate))
         except ControlError as exc:
             return f"the server refused the config: {exc}"
-        served = candidate_of(from_served(self.transport.model_config()))
+        try:
+            served = candidate_of(from_served(self.transport.model_config()))
+        except Exception as exc:  # the server went away while loading
+            return f"cannot read the served config: {type(exc).__name__}: {exc}"
         if (served.max_batch_size, served.instance_count) != (
             candidate.max_batch_size,
             candidate.instance_count,

@@ -90,7 +90,7 @@ class TuneLiveProgress:
     """`convoy tune`: a bar for the time budget, a bar for the ramp level being measured, and one
     printed line per finished candidate."""
 
-    def __init__(self, console: Console, budget_s: float) -> None:
+    def __init__(self, console: Console, budget_s: float, most_candidates: int) -> None:
         self._console = console
         self._progress = Progress(
             TextColumn("{task.description}"),
@@ -100,6 +100,7 @@ class TuneLiveProgress:
             console=console,
         )
         self._budget_s = budget_s
+        self._most = most_candidates
         self._started = time.monotonic()
         self._budget = None
         self._level = None
@@ -114,7 +115,7 @@ class TuneLiveProgress:
         self._progress.__exit__(*exc_info)
 
     def candidate_started(self, index: int, phase: str, candidate, left_s: float) -> None:
-        self._heading = f"#{index} {phase}: {candidate.label}"
+        self._heading = f"#{index}/<={self._most} {phase}: {candidate.label}"
         self._update_budget()
         if self._level is not None:
             self._progress.remove_task(self._level)
