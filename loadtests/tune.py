@@ -12,9 +12,9 @@ instance counts, dynamic batching on) runs in phases from the model's current co
 
 A phase stops early once a candidate breaks the objective at its lowest load, or when
 throughput has not grown by GAIN over the phase's best for PATIENCE candidates in a row. Each
-candidate is measured with a short concurrency ramp (1, 2, 4, ... users) that stops the same
-way (a first level that breaks the objective is measured once more: short windows are noisy);
-its figure is the ramp's highest throughput within the objective.
+candidate is measured with a short concurrency ramp (1, 2, 4, ... users, from half the best
+candidate's users) that stops the same way, or steps down when its first level breaks the
+objective; its figure is the ramp's highest throughput within the objective.
 
 The search and the choice are pure functions of the trials so far; only `run_tune` touches the
 server (through `ModelControl`) and the load generator (lazily: it imports locust).
@@ -151,20 +151,30 @@ class Trial:
 
 # --- the concurrency ramp of one candidate ----------------------------------------------------------
 def next_users(levels: list[StepRow], start: int, max_users: int) -> int | None:
-    """The next concurrency to measure, or None when the ramp is done: it broke the objective,
-    throughput stopped growing for RAMP_PATIENCE levels, the load generator saturated, or the next
-    level would pass `max_users`."""
+    """The next concurrency to measure, or None when the ramp is done.
+
+    Up from `start` by doubling until a level breaks the objective, throughput stops growing
+    (RAMP_PATIENCE), the load generator saturates or `max_users` would be passed. While no level
+    met the objective it steps down instead (a quarter of the lowest users so far) to one user,
+    and measures one user twice before giving up: a short window's p99 is a handful of requests.
+    """
     if not levels:
         return min(start, max_users)
+    if not any(row.meets_slo for row in levels):
+        lowest = min(row.users for row in levels)
+        if lowest > 1:
+            return max(1, lowest // 4)
+        return 1 if sum(row.users == 1 for row in levels) < 2 else None
     last = levels[-1]
-    if not last.meets_slo:
+    if not last.meets_slo or last.step in client_bound_steps(levels):
         return None
-    if last.step in client_bound_steps(levels):
-        return None
-    if _stalled([row.throughput_rps for row in levels]) >= RAMP_PATIENCE:
+    upward = sorted((row for row in levels if row.users <= last.users), key=lambda row: row.users)
+    if _stalled([row.throughput_rps for row in upward]) >= RAMP_PATIENCE:
         return None
     following = last.users * 2
-    return following if following <= max_users else None
+    if following > max_users or any(row.users == following for row in levels):
+        return None
+    return following
 
 
 def ramp_start(trials: list[Trial]) -> int:
@@ -403,21 +413,8 @@ def _ramp(target, plan, slo, metrics_url, start, end, clock, progress) -> list[S
     from .runner import LoadPlan, run_load
 
     levels: list[StepRow] = []
-    retried = False
     while True:
         users = next_users(levels, start, plan.max_users)
-        if (
-            users is None
-            and len(levels) == 1
-            and not levels[0].meets_slo
-            and not retried
-            and end - clock() >= plan.level_cost_s
-        ):
-            # The first level broke the objective: measure it once more before the candidate
-            # (and with it the rest of its sweep) is given up on. A short window's p99 is a
-            # handful of requests, and the first ones after a reload or a busy neighbour's
-            # burst are slow.
-            levels, users, retried = [], levels[0].users, True
         if users is None or (levels and end - clock() < plan.level_cost_s):
             return levels
         if progress is not None:

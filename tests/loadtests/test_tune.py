@@ -162,6 +162,17 @@ def test_ramp_doubles_users_until_the_objective_breaks_or_throughput_stalls_or_t
     assert next_users([row(4, 100, 5, cpu=95.0)], 4, 64) is None
 
 
+def test_ramp_steps_down_when_its_first_level_breaks_the_objective_and_retries_one_user():
+    failed = row(16, 300, 50)
+    assert next_users([failed], 16, 64) == 4
+    assert next_users([failed, row(4, 200, 8, step=2)], 16, 64) == 8
+    # Up again, but never to a level already measured (16 broke the objective).
+    assert next_users([failed, row(4, 200, 8, step=2), row(8, 280, 12, step=3)], 16, 64) is None
+    assert next_users([failed, row(4, 100, 30, step=2)], 16, 64) == 1
+    assert next_users([row(1, 50, 30)], 1, 64) == 1, "one user is measured twice"
+    assert next_users([row(1, 50, 30), row(1, 50, 31, step=2)], 1, 64) is None
+
+
 # --- frontier and choice ----------------------------------------------------------------------------
 def test_frontier_keeps_only_candidates_no_other_beats_on_both_axes():
     a = trial(1, Candidate(1, 1), 100, 2)
