@@ -23,6 +23,7 @@ from convoy.loadtests.tune import (
     Candidate,
     SearchSpace,
     Trial,
+    TunePlan,
     choose,
     next_users,
     pareto_frontier,
@@ -206,6 +207,52 @@ def test_no_candidate_within_the_objective_names_the_closest_and_writes_nothing(
     assert choice.closest.index == 2
     assert "no candidate met" in choice.summary and "No config written" in choice.summary
     assert "closest" in choice.reasons[2]
+
+
+# --- the report ------------------------------------------------------------------------------------
+PLAN = TunePlan("grpc", 60.0, 2.0, 0.5, 32, None)
+
+
+def report_of(trials: list[Trial], config_text: str | None) -> str:
+    from convoy.loadtests.tune_report import TuneReport, render_html
+
+    report = TuneReport(
+        target={"model": "m", "version": "", "url": "127.0.0.1:1", "protocol": "grpc"},
+        plan=PLAN,
+        slo=SLO,
+        baseline=trials[0].candidate,
+        trials=trials,
+        choice=choose(trials, SLO),
+        elapsed_s=42.0,
+        server_state="restored: the model serves its original config",
+        config_text=config_text,
+    )
+    return render_html(report.to_json(), report)
+
+
+def test_report_draws_the_frontier_rings_the_chosen_and_explains_every_candidate():
+    trials = [
+        trial(1, Candidate(1, 1), 100, 2, "baseline"),
+        trial(2, Candidate(2, 1), 300, 5),
+        trial(3, Candidate(4, 1), 250, 8),
+        trial(4, Candidate(8, 1), 600, 30),
+    ]
+    html = report_of(trials, "max_batch_size: 2\n")
+    assert html.count('class="frontier"') == 1
+    assert html.count('class="chosen"') == 1
+    assert html.count('class="threshold"') == 1, "the objective is drawn"
+    assert "chosen: the highest throughput within the objective" in html
+    assert "of the best&#x27;s throughput" in html and "over 20 ms" in html
+    assert "<pre>max_batch_size: 2\n</pre>" in html
+    assert "restored: the model serves its original config" in html
+
+
+def test_report_without_a_chosen_candidate_says_no_config_was_written():
+    trials = [trial(1, Candidate(1, 1), 100, 40, "baseline"), trial(2, Candidate(2, 1), 90, 30)]
+    html = report_of(trials, None)
+    assert 'class="chosen"' not in html
+    assert "answer none" in html and "no candidate met p99 &lt;= 20 ms" in html
+    assert "None written: no candidate met the objective" in html
 
 
 # --- config.pbtxt --------------------------------------------------------------------------------------
