@@ -366,6 +366,8 @@ def _tune_server(args: argparse.Namespace, console):
     from .soak import StartedServer
 
     repository = args.model_repository or demo_repository()
+    if not (repository / args.model).is_dir():
+        raise ValueError(f"--model: no folder '{args.model}' in the model repository {repository}")
     args.model_repository = repository
     console.print(f"convoy tune: starting a server on {repository}", markup=False)
     started = StartedServer.start(
