@@ -382,13 +382,15 @@ def run_tune(
     metrics_url: str | None,
     progress: TuneProgress | None = None,
     clock: Callable[[], float] = time.monotonic,
+    into: list[Trial] | None = None,
 ) -> list[Trial]:
     """Measure candidates until the search is done or the budget is spent. No candidate starts
     with less than two ramp levels of budget left, and no level with less than one (the
     baseline always gets one). The model is left loaded with the last candidate: the caller
     restores or applies a config."""
     end = clock() + plan.budget_s
-    trials: list[Trial] = []
+    # `into`: the caller's list, so the trials measured so far survive an interruption.
+    trials: list[Trial] = into if into is not None else []
     while plan.max_candidates is None or len(trials) < plan.max_candidates:
         proposal = propose(trials, baseline, space)
         if proposal is None or (trials and end - clock() < 2 * plan.level_cost_s):

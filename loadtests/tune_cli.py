@@ -4,6 +4,7 @@ and leave the server's model as it was (or with the best config, with --apply)."
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -28,7 +29,8 @@ from .tune_report import TuneReport, write_report
 
 def tune(args: argparse.Namespace, target, console) -> int:
     """Run the search for a parsed `convoy tune`; returns the exit code (0: a config was
-    written, 1: no candidate met the objective, 2: the model or server cannot be tuned)."""
+    written, 1: no candidate met the objective, 2: the model or server cannot be tuned, 130:
+    interrupted, with the report of what was measured)."""
     from .users import host_port
     from .views import TuneLiveProgress
 
@@ -68,17 +70,30 @@ def tune(args: argparse.Namespace, target, console) -> int:
         )
         slo = Slo(args.slo_p99_ms, args.max_error_rate)
         started = time.monotonic()
-        trials = []
-        state = "unchanged"
+        trials: list = []
+        interrupted = False
+        # SIGTERM stops the search as Ctrl-C does: the model is restored, the report written.
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             with TuneLiveProgress(console, args.budget, space.most_candidates) as progress:
-                trials = run_tune(
-                    target, control, baseline, space, plan, slo, args.metrics_url or None, progress
+                run_tune(
+                    target,
+                    control,
+                    baseline,
+                    space,
+                    plan,
+                    slo,
+                    args.metrics_url or None,
+                    progress,
+                    into=trials,
                 )
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
-            # Whatever happened (Ctrl-C included), the server's model goes back as it was.
+            # Whatever happened, the server's model goes back as it was.
             best_so_far = choose(trials, slo).best
             state = _leave_server(control, args, own_server, best_so_far, baseline)
+            signal.signal(signal.SIGTERM, previous)
         elapsed = time.monotonic() - started
     finally:
         transport.close()
@@ -110,6 +125,13 @@ def tune(args: argparse.Namespace, target, console) -> int:
     print(f"server: {state}", file=out)
     written = f"{paths['config']}, " if "config" in paths else ""
     print(f"report: {written}{paths['html']} ({paths['json'].name})", file=out)
+    if interrupted:
+        console.print(
+            f"convoy tune: interrupted; the report covers the {len(trials)} candidate(s) measured",
+            style="red",
+            markup=False,
+        )
+        return 130
     if choice.best is None:
         console.print(f"convoy tune: {choice.summary}", style="red", markup=False)
         return 1

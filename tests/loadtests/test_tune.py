@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import requests
-from helpers import REPO_ROOT, ConvoyProcess
+from helpers import REPO_ROOT, ConvoyProcess, poll
 
 from convoy.engine.model_config import build_model_config, read_config_proto
 from convoy.loadtests.capacity import Slo, StepRow
@@ -528,3 +529,35 @@ def test_apply_leaves_the_best_config_loaded(tuned, tmp_path):
     answer = requests.post(f"{process.base_url}/v2/repository/models/paced/load", json={}, timeout=60)
     assert answer.status_code == 200, answer.text
     assert requests.get(f"{process.base_url}/v2/models/paced/config", timeout=5).json() == before
+
+
+def test_interrupted_tune_restores_the_model_and_reports_what_it_measured(tuned, tmp_path):
+    _, _, before, _, process = tuned
+    config_url = f"{process.base_url}/v2/models/paced/config"
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "convoy", "tune", "--model", "paced", "--check", "add_sub"]
+    command += ["--url", process.http_url, "--protocol", "http-binary", "--metrics-url", ""]
+    command += ["--slo-p99-ms", "200", "--budget", "120", "--duration", "1", "--output", str(out)]
+    tune = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        # A shell running pytest in the background may have left SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        # A candidate is loaded once the served config is no longer the original.
+        poll(lambda: requests.get(config_url, timeout=5).json() != before, "a candidate loaded", 90)
+        tune.send_signal(signal.SIGINT)
+        stdout, stderr = tune.communicate(timeout=120)
+    finally:
+        if tune.poll() is None:
+            tune.kill()
+            tune.wait()
+    assert tune.returncode == 130, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    assert "server: restored" in stdout
+    assert requests.get(config_url, timeout=5).json() == before
+    report = json.loads((out / "tune.json").read_text())
+    assert report["candidates"][0]["phase"] == "baseline"
