@@ -256,6 +256,13 @@ def add_parsers(sub) -> None:
         metavar="ARG",
         help="extra `convoy serve` argument for the server tune starts (repeatable)",
     )
+    g.add_argument(
+        "--base-config",
+        type=Path,
+        default=None,
+        help="config.pbtxt the candidates and the written config start from (default: the "
+        "repository's with --model-repository, else the config the server serves)",
+    )
     p.add_argument("--protocol", choices=PROTOCOL_NAMES, default="grpc", help="protocol (default grpc)")
     p.add_argument("--slo-p99-ms", type=_positive_float, required=True, help="p99 latency objective")
     p.add_argument(

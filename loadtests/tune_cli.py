@@ -44,7 +44,9 @@ def tune(args: argparse.Namespace, target, console) -> int:
             served = transport.model_config()
             base = from_served(served)
             written = args.model_repository / model / "config.pbtxt" if own_server else None
-            if written is not None and written.is_file():
+            if args.base_config is not None:
+                base = read_pbtxt(args.base_config)
+            elif written is not None and written.is_file():
                 # The user's own file, not the server's completed view of it.
                 base = read_pbtxt(written)
             tunable(from_served(served))

@@ -33,6 +33,8 @@ def read_pbtxt(path: Path) -> mc.ModelConfig:
     config = mc.ModelConfig()
     try:
         text_format.Parse(path.read_text(), config)
+    except OSError as exc:
+        raise TuneConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except text_format.ParseError as exc:
         raise TuneConfigError(f"{path}: {exc}") from None
     return config

@@ -496,6 +496,11 @@ def test_candidates_that_batch_one_request_at_a_time_are_measured_once():
 def test_apply_leaves_the_best_config_loaded(tuned, tmp_path):
     _, _, before, _, process = tuned
     out = tmp_path / "out"
+    # Candidates start from this file rather than the served config: the parameter travels.
+    base_config = tmp_path / "base.pbtxt"
+    base_config.write_text(
+        PACED_CONFIG + 'parameters { key: "origin" value: { string_value: "base" } }\n'
+    )
     run = convoy_tune(
         "--url",
         process.http_url,
@@ -516,6 +521,8 @@ def test_apply_leaves_the_best_config_loaded(tuned, tmp_path):
         "--max-concurrency",
         "4",
         "--apply",
+        "--base-config",
+        str(base_config),
         "--output",
         str(out),
     )
@@ -525,6 +532,10 @@ def test_apply_leaves_the_best_config_loaded(tuned, tmp_path):
     served = requests.get(f"{process.base_url}/v2/models/paced/config", timeout=5).json()
     assert served["max_batch_size"] == best["max_batch_size"]
     assert [g["count"] for g in served["instance_group"]] == [best["instance_count"]]
+    if report["best"] != 1:  # the baseline best: the original config is restored instead
+        assert served["parameters"]["origin"]["string_value"] == "base"
+        assert f"max_batch_size: {best['max_batch_size']}" in (out / "config.pbtxt").read_text()
+        assert 'string_value: "base"' in (out / "config.pbtxt").read_text()
     # Loading without an override goes back to config.pbtxt.
     answer = requests.post(f"{process.base_url}/v2/repository/models/paced/load", json={}, timeout=60)
     assert answer.status_code == 200, answer.text
@@ -561,3 +572,21 @@ def test_interrupted_tune_restores_the_model_and_reports_what_it_measured(tuned,
     assert requests.get(config_url, timeout=5).json() == before
     report = json.loads((out / "tune.json").read_text())
     assert report["candidates"][0]["phase"] == "baseline"
+
+
+def test_unreadable_base_config_is_refused_naming_the_file(tuned, tmp_path):
+    _, _, _, _, process = tuned
+    missing = tmp_path / "missing.pbtxt"
+    run = convoy_tune(
+        "--url",
+        process.grpc_url,
+        "--slo-p99-ms",
+        "10",
+        "--base-config",
+        str(missing),
+        "--output",
+        str(tmp_path / "out"),
+    )
+    assert run.returncode == 2, run.stderr
+    message = " ".join(run.stderr.split())
+    assert "missing.pbtxt" in message and "cannot read" in message, message
