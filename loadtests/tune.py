@@ -372,14 +372,43 @@ class TuneProgress(Protocol):
     def candidate_done(self, trial: Trial) -> None: ...
 
 
-def run_tune(
+#: Measures one ramp level: (users, step number) -> its row.
+LevelMeter = Callable[[int, int], StepRow]
+
+
+def load_meter(
     target: Target,
-    control: ModelControl,
-    baseline: Candidate,
-    space: SearchSpace,
     plan: TunePlan,
     slo: Slo,
     metrics_url: str | None,
+    progress: TuneProgress | None = None,
+) -> LevelMeter:
+    """Ramp levels measured by the capacity runner: closed-loop checked users for
+    `level_duration_s` after `level_warmup_s`, the server's metrics scraped around them."""
+    from .runner import LoadPlan, run_load
+
+    def measure(users: int, step: int) -> StepRow:
+        if progress is not None:
+            progress.level_started(users)
+        result = run_load(
+            target,
+            LoadPlan(
+                (plan.protocol,), users, plan.level_duration_s, plan.max_requests, plan.level_warmup_s
+            ),
+            metrics_url,
+            on_tick=progress.tick if progress is not None else None,
+        )
+        return StepRow.of(step, result, slo)
+
+    return measure
+
+
+def run_tune(
+    control: ModelControl,
+    measure: LevelMeter,
+    baseline: Candidate,
+    space: SearchSpace,
+    plan: TunePlan,
     progress: TuneProgress | None = None,
     clock: Callable[[], float] = time.monotonic,
     into: list[Trial] | None = None,
@@ -402,31 +431,14 @@ def run_tune(
         started = clock()
         error = None if phase == "baseline" else control.apply(candidate)
         levels: list[StepRow] = []
-        if error is None:
-            levels = _ramp(target, plan, slo, metrics_url, ramp_start(trials), end, clock, progress)
+        start = ramp_start(trials)
+        while error is None:
+            users = next_users(levels, start, plan.max_users)
+            if users is None or (levels and end - clock() < plan.level_cost_s):
+                break
+            levels.append(measure(users, len(levels) + 1))
         trial = Trial(index, phase, candidate, tuple(levels), error, clock() - started)
         trials.append(trial)
         if progress is not None:
             progress.candidate_done(trial)
     return trials
-
-
-def _ramp(target, plan, slo, metrics_url, start, end, clock, progress) -> list[StepRow]:
-    from .runner import LoadPlan, run_load
-
-    levels: list[StepRow] = []
-    while True:
-        users = next_users(levels, start, plan.max_users)
-        if users is None or (levels and end - clock() < plan.level_cost_s):
-            return levels
-        if progress is not None:
-            progress.level_started(users)
-        result = run_load(
-            target,
-            LoadPlan(
-                (plan.protocol,), users, plan.level_duration_s, plan.max_requests, plan.level_warmup_s
-            ),
-            metrics_url,
-            on_tick=progress.tick if progress is not None else None,
-        )
-        levels.append(StepRow.of(len(levels) + 1, result, slo))

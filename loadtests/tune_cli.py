@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime
 
 from .capacity import Slo
-from .tune import SearchSpace, TunePlan, choose, run_tune
+from .tune import SearchSpace, TunePlan, choose, load_meter, run_tune
 from .tune_config import (
     ControlError,
     GrpcTransport,
@@ -78,17 +78,8 @@ def tune(args: argparse.Namespace, target, console) -> int:
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             with TuneLiveProgress(console, args.budget, space.most_candidates) as progress:
-                run_tune(
-                    target,
-                    control,
-                    baseline,
-                    space,
-                    plan,
-                    slo,
-                    args.metrics_url or None,
-                    progress,
-                    into=trials,
-                )
+                measure = load_meter(target, plan, slo, args.metrics_url or None, progress)
+                run_tune(control, measure, baseline, space, plan, progress, into=trials)
         except KeyboardInterrupt:
             interrupted = True
         finally:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from convoy.loadtests.tune import (
     next_users,
     pareto_frontier,
     propose,
+    run_tune,
 )
 from convoy.loadtests.tune_config import (
     TuneConfigError,
@@ -173,6 +175,66 @@ def test_ramp_steps_down_when_its_first_level_breaks_the_objective_and_retries_o
     assert next_users([failed, row(4, 100, 30, step=2)], 16, 64) == 1
     assert next_users([row(1, 50, 30)], 1, 64) == 1, "one user is measured twice"
     assert next_users([row(1, 50, 30), row(1, 50, 31, step=2)], 1, 64) is None
+
+
+class FakeServer:
+    """Loads candidates (refusing some) and measures a ramp level of whichever is loaded, on a
+    clock that advances by what each step would cost."""
+
+    def __init__(self, baseline: Candidate, refuse_instances: int | None = None) -> None:
+        self.loaded = baseline
+        self.applied: list[Candidate] = []
+        self.refuse_instances = refuse_instances
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def apply(self, candidate: Candidate) -> str | None:
+        self.now += 1.0  # a load
+        if candidate.instance_count == self.refuse_instances:
+            return "the server refused the config: not enough memory"
+        self.applied.append(candidate)
+        self.loaded = candidate
+        return None
+
+    def measure(self, users: int, step: int) -> StepRow:
+        self.now += PLAN.level_cost_s
+        rps, p99 = batching_model(self.loaded)
+        # Throughput grows with users up to the candidate's capacity; latency with the queue.
+        capacity_users = max(self.loaded.max_batch_size, 1) * self.loaded.instance_count
+        scale = min(users, capacity_users) / capacity_users
+        return row(users, rps * scale, p99 * max(1.0, users / capacity_users), step=step)
+
+
+def test_the_search_stops_when_the_budget_cannot_hold_another_candidate():
+    baseline = Candidate(1, 1, 0, (), False)
+    server = FakeServer(baseline)
+    plan = replace(PLAN, budget_s=30.0)
+    trials = run_tune(
+        server, server.measure, baseline, SearchSpace.of(baseline, 64, 4), plan, clock=server.clock
+    )
+    assert propose(trials, baseline, SearchSpace.of(baseline, 64, 4)) is not None, "not finished"
+    # No candidate starts with less than two levels left; the last may run one level past.
+    assert server.now <= plan.budget_s + plan.level_cost_s + 1.0
+    assert trials[0].phase == "baseline" and baseline not in server.applied, "measured as served"
+
+
+def test_a_refused_candidate_is_recorded_and_the_search_goes_on():
+    baseline = Candidate(4, 1)
+    server = FakeServer(baseline, refuse_instances=2)
+    space = SearchSpace.of(baseline, 16, 3)
+    trials = run_tune(
+        server, server.measure, baseline, space, replace(PLAN, budget_s=1e6), clock=server.clock
+    )
+    refused = [t for t in trials if t.error is not None]
+    assert [t.candidate.instance_count for t in refused] == [2]
+    assert (
+        refused[0].levels == () and "not enough memory" in choose(trials, SLO).reasons[refused[0].index]
+    )
+    # The instance sweep ended at the refusal; the delay phase still ran around the best.
+    assert any(t.phase == "delay" for t in trials)
+    assert propose(trials, baseline, space) is None
 
 
 # --- frontier and choice ----------------------------------------------------------------------------
