@@ -121,7 +121,10 @@ def _charts(report: TuneReport) -> list[str]:
     ]
 
 
-#: (column title, value of a trial) for the candidates table
+#: The capacity report's style, and the written config shown as it is in the file.
+_STYLE = _CSS + "pre { background: #f7f7f7; padding: 10px 14px; overflow-x: auto; }\n"
+
+
 def _row(trial: Trial, choice: Choice) -> list[str]:
     c, point = trial.candidate, trial.point
     return [
@@ -198,7 +201,7 @@ def render_html(data: dict, report: TuneReport) -> str:
     )
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>Tune: {model}</title><style>{_CSS}</style></head><body>"
+        f"<title>Tune: {model}</title><style>{_STYLE}</style></head><body>"
         f"<h1>Tune report: {model}</h1>"
         f"<p class='muted'>{escape(details['created'])}</p>"
         f"<p class='answer{'' if choice.best else ' none'}'>{escape(choice.summary)}</p>"
