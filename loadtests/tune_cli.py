@@ -42,6 +42,14 @@ def tune(args: argparse.Namespace, target, console) -> int:
     try:
         try:
             served = transport.model_config()
+        except Exception as exc:  # a plain KServe V2 server has no config API; tune needs it
+            console.print(
+                f"convoy tune: cannot read model '{model}''s config at {url}: {exc}",
+                style="red",
+                markup=False,
+            )
+            return 2
+        try:
             base = from_served(served)
             written = args.model_repository / model / "config.pbtxt" if own_server else None
             if args.base_config is not None:
