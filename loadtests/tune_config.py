@@ -43,7 +43,10 @@ def read_pbtxt(path: Path) -> mc.ModelConfig:
 def from_served(document: dict) -> mc.ModelConfig:
     """The config as the server's ModelConfig API returned it (Triton's JSON)."""
     config = mc.ModelConfig()
-    json_format.ParseDict(document, config, ignore_unknown_fields=True)
+    try:
+        json_format.ParseDict(document, config, ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise TuneConfigError(f"the served model config does not parse: {exc}") from None
     return config
 
 
