@@ -176,3 +176,77 @@ def bar_chart(
             f'<text x="{centre:.1f}" y="{top - 4:.1f}" text-anchor="middle">{_fmt(value)}</text>'
         )
     return _svg(parts, title)
+
+
+@dataclass(frozen=True)
+class Dot:
+    """One point of a scatter chart; `ok` colours it (within the objective or not)."""
+
+    x: float
+    y: float
+    label: str
+    ok: bool
+
+
+def scatter_chart(
+    title: str,
+    dots: list[Dot],
+    x_label: str,
+    y_label: str,
+    frontier: list[Dot],
+    chosen: Dot | None = None,
+    x_threshold: tuple[float, str] | None = None,
+) -> str:
+    """Labelled dots, the frontier through `frontier` as a line, `chosen` ringed, and an optional
+    dashed vertical threshold (e.g. the p99 objective)."""
+    if not dots:
+        return _empty(title, "no data")
+    xs = [d.x for d in dots]
+    drawn = x_threshold is not None and x_threshold[0] <= 2 * max(xs)
+    frame = _Frame(xs + ([x_threshold[0]] if drawn else []), [d.y for d in dots])
+    parts = frame.axes(title, x_label, y_label)
+    if x_threshold is not None and drawn:
+        x = frame.x(x_threshold[0])
+        parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" class="threshold"/>'
+            f'<text x="{x - 4:.1f}" y="{TOP + 12}" text-anchor="end" class="threshold-label">'
+            f"{escape(x_threshold[1])}</text>"
+        )
+    elif x_threshold is not None:
+        parts.append(
+            f'<text x="{WIDTH - RIGHT - 4}" y="{TOP + 12}" text-anchor="end" class="threshold-label">'
+            f"{escape(x_threshold[1])}: right of this range</text>"
+        )
+    if len(frontier) > 1:
+        path = " ".join(
+            f"{frame.x(d.x):.1f},{frame.y(d.y):.1f}" for d in sorted(frontier, key=lambda d: d.x)
+        )
+        parts.append(
+            f'<polyline points="{path}" fill="none" stroke="{COLORS[1]}" stroke-width="2" '
+            'class="frontier"/>'
+        )
+    for dot in dots:
+        color = COLORS[3] if dot.ok else COLORS[2]
+        x, y = frame.x(dot.x), frame.y(dot.y)
+        parts.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"/>'
+            f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" class="point-label">{escape(dot.label)}</text>'
+        )
+    if chosen is not None:
+        x, y = frame.x(chosen.x), frame.y(chosen.y)
+        parts.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="9" fill="none" stroke="#222" stroke-width="2" '
+            f'class="chosen"/><text x="{x + 6:.1f}" y="{y + 18:.1f}" class="title">chosen</text>'
+        )
+    legend = (
+        (COLORS[3], "within the objective"),
+        (COLORS[2], "over it"),
+        (COLORS[1], "Pareto frontier"),
+    )
+    for index, (color, text) in enumerate(legend):
+        legend_y = TOP + 4 + index * 16
+        parts.append(
+            f'<rect x="{LEFT + 10}" y="{legend_y}" width="12" height="3" fill="{color}"/>'
+            f'<text x="{LEFT + 28}" y="{legend_y + 5}">{escape(text)}</text>'
+        )
+    return _svg(parts, title)

@@ -1,4 +1,5 @@
-"""`convoy loadtest`, `convoy capacity` and `convoy soak`: argument parsing and entry points.
+"""`convoy loadtest`, `convoy capacity`, `convoy soak` and `convoy tune`: argument parsing and
+entry points.
 
 convoy/cli.py registers these with `add_parsers(sub)` and hands parsed arguments of a command
 in COMMANDS to `main(args)`. Importing this module is cheap; locust (and its gevent
@@ -13,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-COMMANDS = ("loadtest", "capacity", "soak")
+COMMANDS = ("loadtest", "capacity", "soak", "tune")
 PROTOCOL_NAMES = ("http-json", "http-binary", "grpc", "grpc-stream")
 DEFAULT_METRICS_URL = "http://localhost:8002/metrics"
 
@@ -112,7 +113,7 @@ def _target_arguments(p: argparse.ArgumentParser, own_server: bool = False) -> N
 
 
 def add_parsers(sub) -> None:
-    """Add the `loadtest` and `capacity` subcommands to convoy's subparsers."""
+    """Add the `loadtest`, `capacity`, `soak` and `tune` subcommands to convoy's subparsers."""
     p = sub.add_parser(
         "loadtest",
         help="drive a V2 server with locust users for a bounded time and request count",
@@ -223,13 +224,108 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("soak-report"), help="report folder")
 
+    p = sub.add_parser(
+        "tune",
+        help="search max_batch_size, instances, queue delay and preferred sizes for the most "
+        "throughput within a p99 objective",
+        description="Loads candidate configs of one model (Triton's load with a config override) "
+        "on a running server (--url) or on one it starts (--model-repository), measures each with "
+        "a short concurrency ramp, and writes the best config.pbtxt, tune.html and tune.json into "
+        "--output. The model's original config is restored at the end unless --apply. Exits 1 "
+        "when no candidate met the objective (no config is written).",
+    )
+    _target_arguments(p, own_server=True)
+    g = p.add_argument_group("server")
+    g.add_argument(
+        "--url",
+        default=None,
+        help="the running server's endpoint for --protocol (HTTP or gRPC host:port); or give "
+        "--http-url/--grpc-url",
+    )
+    g.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="start a server on this repository (free loopback ports) and stop it at the end; "
+        "default with no URL: the demo models",
+    )
+    g.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `convoy serve` argument for the server tune starts (repeatable)",
+    )
+    g.add_argument(
+        "--base-config",
+        type=Path,
+        default=None,
+        help="config.pbtxt the candidates and the written config start from (default: the "
+        "repository's with --model-repository, else the config the server serves)",
+    )
+    p.add_argument("--protocol", choices=PROTOCOL_NAMES, default="grpc", help="protocol (default grpc)")
+    p.add_argument("--slo-p99-ms", type=_positive_float, required=True, help="p99 latency objective")
+    p.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.001,
+        help="most failed+rejected requests a level may have and still meet the objective",
+    )
+    g = p.add_argument_group("search")
+    g.add_argument(
+        "--budget", type=_positive_float, default=300.0, help="seconds for the search (default 300)"
+    )
+    g.add_argument(
+        "--duration", type=_positive_float, default=3.0, help="seconds measured per ramp level (3)"
+    )
+    g.add_argument("--warmup", type=float, default=0.5, help="seconds per level before measuring")
+    g.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        default=128,
+        help="most concurrent users a ramp goes to (default 128)",
+    )
+    g.add_argument(
+        "--max-batch-size-limit",
+        type=_positive_int,
+        default=128,
+        help="largest max_batch_size tried (powers of two up to it; default 128)",
+    )
+    g.add_argument(
+        "--max-instance-count",
+        type=_positive_int,
+        default=5,
+        help="most instances per instance group tried (default 5)",
+    )
+    g.add_argument(
+        "--max-candidates", type=_positive_int, default=None, help="stop after this many candidates"
+    )
+    g.add_argument(
+        "--max-requests",
+        type=_positive_int,
+        default=200_000,
+        help="request budget per level (default 200000)",
+    )
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="leave the best config loaded on the server instead of restoring the original",
+    )
+    p.add_argument("--output", type=Path, default=Path("tune-report"), help="report folder")
+
 
 def main(args: argparse.Namespace) -> int:
-    """Run a parsed `loadtest`, `capacity` or `soak` command; returns the process exit code."""
+    """Run a parsed `loadtest`, `capacity`, `soak` or `tune` command; returns the exit code."""
     from rich.console import Console
 
     console = Console(stderr=True)
     started = None
+    if args.command == "tune":
+        try:
+            started = _tune_server(args, console)
+        except (RuntimeError, OSError, ValueError) as exc:
+            _error(console, f"convoy tune: {exc}")
+            return 2
     if args.command == "soak":
         if args.http_url is None and args.grpc_url is None:
             from convoy.cli import demo_repository
@@ -254,6 +350,42 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if started is not None:
             started.stop()
+
+
+def _tune_server(args: argparse.Namespace, console):
+    """Settle `convoy tune`'s endpoints: --url for its protocol, or a server it starts on
+    --model-repository (the demo models when nothing is given). Returns the started server."""
+    family = "http" if args.protocol.startswith("http") else "grpc"
+    if args.url is not None:
+        if args.model_repository is not None:
+            raise ValueError("give --url (a running server) or --model-repository, not both")
+        setattr(args, f"{family}_url", args.url)
+    if args.http_url is not None or args.grpc_url is not None:
+        if args.model_repository is not None:
+            raise ValueError("give a server URL or --model-repository, not both")
+        args.http_url = args.http_url or "localhost:8000"
+        args.grpc_url = args.grpc_url or "localhost:8001"
+        if args.metrics_url is None:
+            args.metrics_url = DEFAULT_METRICS_URL
+        return None
+    from convoy.cli import demo_repository
+
+    from .soak import StartedServer
+
+    repository = args.model_repository or demo_repository()
+    if not (repository / args.model).is_dir():
+        raise ValueError(f"--model: no folder '{args.model}' in the model repository {repository}")
+    args.model_repository = repository
+    console.print(f"convoy tune: starting a server on {repository}", markup=False)
+    started = StartedServer.start(
+        repository,
+        ["--model-control-mode", "explicit", "--load-model", args.model, *args.server_arg],
+        args.output / "server",
+    )
+    args.http_url, args.grpc_url = started.http_url, started.grpc_url
+    if args.metrics_url is None:
+        args.metrics_url = started.metrics_url
+    return started
 
 
 def _run_command(args: argparse.Namespace, console) -> int:
@@ -297,6 +429,10 @@ def _run_command(args: argparse.Namespace, console) -> int:
         return _loadtest(args, target, console)
     if args.command == "soak":
         return _soak(args, target, console)
+    if args.command == "tune":
+        from .tune_cli import tune
+
+        return tune(args, target, console)
     return _capacity(args, target, console)
 
 
