@@ -174,6 +174,8 @@ def _padded_inputs(text: str, inputs, default_value, fail) -> tuple[PaddedInput,
         head, has_value, value_text = entry.partition("=")
         name, has_axis, axis_text = head.strip().partition(":")
         spec = declared.get(name.strip())
+        if spec is None and not declared:
+            raise fail(field, "padded models declare their inputs in config.pbtxt; none are")
         if spec is None:
             raise fail(field, f"'{name.strip()}' is not a declared input; inputs: {sorted(declared)}")
         if spec.reshape is not None:

@@ -335,8 +335,15 @@ def _check_declared(
                     f"'{spec.name}' as {tensor.onnx_type} ({V2_TO_CONFIG[datatype]})"
                 )
             _check_dims(config, spec, tensor, f"{field}.dims", path)
+        lengths = config.padding.lengths_input if config.padding is not None else ""
+        if kind == "input" and lengths and lengths not in by_name:
+            raise InvalidConfig(
+                f"{where}: parameters.padding_lengths_input: '{lengths}' is not an input of "
+                f"{path}; its inputs: {', '.join(repr(t.name) for t in graph)}"
+            )
         if declared and kind == "input":
-            missing = [t.name for t in graph if config.input(t.name) is None]
+            # A padded model's lengths input is fed by the server, never declared.
+            missing = [t.name for t in graph if config.input(t.name) is None and t.name != lengths]
             if missing:
                 raise InvalidConfig(
                     f"{where}: input: {path} also needs input(s) {missing}; declare every input "

@@ -81,10 +81,20 @@ REFUSED = {
 }
 
 
-def _write(repository: Path, name: str, parameters: dict[str, str]) -> None:
+TRITON_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([]) for _ in requests]
+"""
+
+
+def _write(repository: Path, name: str, parameters: dict[str, str], source: str = MODEL) -> None:
     folder = repository / name
     (folder / "1").mkdir(parents=True)
-    (folder / "1" / "model.py").write_text(textwrap.dedent(MODEL))
+    (folder / "1" / "model.py").write_text(textwrap.dedent(source))
     lines = [PADDED_CONFIG.format(name=name)]
     for key, value in parameters.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
@@ -99,6 +109,7 @@ def server(tmp_path_factory):
     _write(repository, "padded", PARAMETERS)
     for name, (changes, _, _) in REFUSED.items():
         _write(repository, name, {**PARAMETERS, **changes})
+    _write(repository, "padded_per_request", PARAMETERS, TRITON_MODEL)
     process = ConvoyProcess(repository, root / "server.log")
     yield from serve_until_stopped(process, "live")
 
@@ -191,6 +202,16 @@ def test_bad_padding_parameters_are_refused_at_load_naming_the_parameter(server,
     assert row["state"] == "UNAVAILABLE"
     assert f"{name}/config.pbtxt: parameters.{key}: " in row["reason"]
     assert says in row["reason"]
+
+
+def test_a_model_that_executes_requests_one_by_one_cannot_be_padded(server):
+    index = requests.post(f"{server.base_url}/v2/repository/index", timeout=10).json()
+    row = next(row for row in index if row["name"] == "padded_per_request")
+    assert row["state"] == "UNAVAILABLE"
+    assert (
+        "padded_per_request/config.pbtxt: parameters.padding_inputs: a TritonPythonModel"
+        in (row["reason"])
+    )
 
 
 def _infer_one(protocol, ids: np.ndarray, mask: np.ndarray):
