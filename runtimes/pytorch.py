@@ -29,6 +29,7 @@ instance's largest batch is lowered to the half that fit.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Sequence
@@ -72,6 +73,9 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
+
+#: The parameters this backend reads; a near miss of one (a typo) is refused at load.
+PARAMETERS = ("precision", "cuda_graphs", "cuda_graph_limit", "intra_op_thread_count")
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -127,6 +131,7 @@ class TorchRuntime:
         if not config.outputs:
             raise ModelLoadFailed(f"{self._config_file}: the pytorch backend needs `output` declared")
         self._device = self._choose_device()
+        self._refuse_misspelt_parameters()
         self._precision = self._precision_parameter()
         # Per thread (OpenMP): this instance's thread, where every verb runs.
         torch.set_num_threads(self._thread_count())
@@ -400,6 +405,15 @@ class TorchRuntime:
 
     def _parameter(self, name: str) -> str:
         return self._config.parameters.get(name, "").strip().lower()
+
+    def _refuse_misspelt_parameters(self) -> None:
+        for key in self._config.parameters:
+            close = difflib.get_close_matches(key, PARAMETERS, n=1, cutoff=0.8)
+            if close and key not in PARAMETERS:
+                raise ModelLoadFailed(
+                    f"{self._config_file}: parameters.{key}: not a pytorch backend parameter "
+                    f"(did you mean '{close[0]}'?); it reads {list(PARAMETERS)}"
+                )
 
     def _precision_parameter(self) -> torch.dtype | None:
         value = self._parameter("precision")

@@ -162,6 +162,12 @@ def test_bad_cuda_graph_limit_fails_load_naming_it(tmp_path, loaded):
         loaded(_source(tmp_path, "enc", cuda_graph_limit="none"))
 
 
+@pytest.mark.parametrize("typo", ["cuda_graph_limt", "cuda_graph", "intra_op_threads_count"])
+def test_a_misspelt_pytorch_parameter_fails_load_naming_it(tmp_path, loaded, typo):
+    with pytest.raises(ModelLoadFailed, match=rf"parameters\.{typo}: not a pytorch backend parameter"):
+        loaded(_source(tmp_path, "enc", **{typo: "4"}))
+
+
 def test_graphs_for_padded_dims_need_buckets(tmp_path, loaded):
     with pytest.raises(ModelLoadFailed, match=r"parameters\.cuda_graphs is true .*padding_buckets"):
         loaded(_source(tmp_path, "enc", cuda_graphs="true", padding_buckets="none"))
