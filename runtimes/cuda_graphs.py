@@ -96,7 +96,7 @@ class CudaGraphs:
 
     def __init__(self, stream: torch.cuda.Stream) -> None:
         self._stream = stream
-        self._buckets: list[_Bucket] = []  # ascending rows
+        self._buckets: list[_Bucket] = []  # ascending (length, rows)
 
     @property
     def bucket_rows(self) -> list[int]:
