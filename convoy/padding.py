@@ -13,6 +13,8 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from convoy.types import TensorSpec
 
 #: The keys this module reads (README "Padded batching" documents them).
@@ -76,6 +78,18 @@ class Padding:
     def max_length(self) -> int:
         """The longest length served (0: no limit beyond the declared dims)."""
         return self.buckets[-1] if self.buckets else 0
+
+
+def with_full_lengths(padding: Padding, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`inputs` with the lengths input added, every row at its full padded length, when it lacks
+    one (a model_warmup sample is a merged batch without it)."""
+    name = padding.lengths_input
+    first = padding.inputs[0]
+    if not name or name in inputs or first.name not in inputs:
+        return inputs
+    array = inputs[first.name]
+    dtype = np.int32 if padding.lengths_datatype == "INT32" else np.int64
+    return {**inputs, name: np.full(array.shape[0], array.shape[1 + first.axis], dtype)}
 
 
 def parse_padding(

@@ -40,6 +40,7 @@ import torch
 
 from convoy.config import InstanceKind, ModelConfig, ModelVersionSource
 from convoy.errors import ConvoyError, InferenceFailed, InstanceLost, ModelLoadFailed
+from convoy.padding import with_full_lengths
 from convoy.types import TensorSpec
 
 from .base import cuda_context_lost
@@ -161,14 +162,8 @@ class TorchRuntime:
         )
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        lengths = self._config.padding.lengths_input if self._config.padding else ""
-        if lengths and lengths not in inputs and inputs:
-            # A merged batch without the lengths (model_warmup): every row is its full length.
-            name, dim = self._length_at
-            rows = next(iter(inputs.values())).shape[0]
-            full = inputs[name].shape[dim]
-            dtype = np.int32 if self._config.padding.lengths_datatype == "INT32" else np.int64
-            inputs = {**inputs, lengths: np.full(rows, full, dtype)}
+        if self._config.padding is not None:
+            inputs = with_full_lengths(self._config.padding, inputs)
         rows = 0
         if self._config.max_batch_size > 0 and inputs:
             rows = next(iter(inputs.values())).shape[0]

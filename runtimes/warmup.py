@@ -9,6 +9,7 @@ import numpy as np
 from convoy.config import ModelConfig, WarmupInput
 from convoy.datatypes import NUMPY_DTYPE, deserialize_bytes, element_count
 from convoy.errors import ModelLoadFailed
+from convoy.padding import with_full_lengths
 
 from .base import RuntimeInstance
 
@@ -59,6 +60,8 @@ async def run_warmup(instance: RuntimeInstance, config: ModelConfig, version_pat
                 if config.max_batch_size > 0:
                     shape = (sample.batch_size, *shape)
                 inputs[name] = warmup_array(spec, shape, warmup_dir, rng)
+            if config.padding is not None:
+                inputs = with_full_lengths(config.padding, inputs)
             for _ in range(sample.count):
                 await instance.infer(inputs)
         except ModelLoadFailed:

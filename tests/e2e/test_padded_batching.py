@@ -91,6 +91,28 @@ class TritonPythonModel:
 """
 
 
+WARMED_MODEL = """
+import numpy as np
+
+
+class Model:
+    def execute(self, inputs):
+        lengths = inputs["lengths"]  # a warm-up sample gets it too (rows at full length)
+        rows = inputs["input_ids"].shape[0]
+        return {name: np.zeros((rows, 1), np.int64) + lengths[:, None] for name in
+                ("row_sum", "padded_length", "batch_rows")} | {"token_out": inputs["input_ids"]}
+"""
+
+WARMUP = """
+model_warmup [ {
+  name: "five_tokens"
+  batch_size: 2
+  inputs { key: "input_ids" value: { data_type: TYPE_INT64 dims: [ 5 ] zero_data: true } }
+  inputs { key: "attention_mask" value: { data_type: TYPE_INT64 dims: [ 5 ] zero_data: true } }
+} ]
+"""
+
+
 def _write(repository: Path, name: str, parameters: dict[str, str], source: str = MODEL) -> None:
     folder = repository / name
     (folder / "1").mkdir(parents=True)
@@ -110,6 +132,9 @@ def server(tmp_path_factory):
     for name, (changes, _, _) in REFUSED.items():
         _write(repository, name, {**PARAMETERS, **changes})
     _write(repository, "padded_per_request", PARAMETERS, TRITON_MODEL)
+    _write(repository, "padded_warmed", PARAMETERS, WARMED_MODEL)
+    with (repository / "padded_warmed" / "config.pbtxt").open("a") as config:
+        config.write(WARMUP)
     process = ConvoyProcess(repository, root / "server.log")
     yield from serve_until_stopped(process, "live")
 
@@ -212,6 +237,16 @@ def test_a_model_that_executes_requests_one_by_one_cannot_be_padded(server):
         "padded_per_request/config.pbtxt: parameters.padding_inputs: a TritonPythonModel"
         in (row["reason"])
     )
+
+
+def test_warm_up_samples_get_the_lengths_input(protocol):
+    assert protocol.client.is_model_ready("padded_warmed")
+    ids = tokens(3, 6)
+    inputs = [
+        protocol.input("input_ids", ids, "INT64"),
+        protocol.input("attention_mask", np.ones_like(ids), "INT64"),
+    ]
+    assert int(protocol.client.infer("padded_warmed", inputs).as_numpy("row_sum")[0, 0]) == 6
 
 
 def _infer_one(protocol, ids: np.ndarray, mask: np.ndarray):
