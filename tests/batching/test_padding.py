@@ -249,8 +249,8 @@ def test_without_buckets_a_batch_pads_to_its_longest_request():
 
 
 # --- the queue's token budget ---------------------------------------------------------------------
-def queued(requests: list[Request]) -> PriorityQueue:
-    queue = PriorityQueue([1024])
+def queued(requests: list[Request], levels: int = 1) -> PriorityQueue:
+    queue = PriorityQueue([1024] * levels)
     for request in requests:
         request.state = RequestState.QUEUED
         queue.push(request)
@@ -274,7 +274,9 @@ def test_no_fill_keeps_batches_to_one_bucket():
 
 
 @given(
-    st.lists(st.tuples(st.integers(1, 3), st.integers(1, 32)), min_size=1, max_size=40),
+    st.lists(
+        st.tuples(st.integers(1, 3), st.integers(1, 32), st.integers(0, 1)), min_size=1, max_size=40
+    ),
     st.integers(8, 128),
     st.integers(0, 2),
 )
@@ -284,8 +286,12 @@ def test_every_batch_keeps_the_token_budget_and_the_oldest_request_leads(shapes,
         padded_config(max_batch_tokens=str(budget), padding_fill_buckets=str(fill))
     )
     padding = collation.padding
-    requests = [padded_request(tag, length, rows) for tag, (rows, length) in enumerate(shapes)]
-    queue = queued(requests)
+    requests = []
+    for tag, (rows, length, level) in enumerate(shapes):
+        request = padded_request(tag, length, rows)
+        request.level = level  # two priority levels: the leader is the oldest of the highest
+        requests.append(request)
+    queue = queued(requests, levels=2)
     taken: list[Request] = []
     while queue.size:
         oldest = queue.oldest()
