@@ -131,9 +131,19 @@ class PriorityQueue:
             self._gather(batch, progress, max_rows, max_requests, key, scan_limit, budget, True)
         return batch
 
-    def _gather(self, batch, progress, max_rows, max_requests, key, scan_limit, budget, filling):
-        """One pass over the queues adding what fits to `batch`: key equals (or, `filling`, the
-        budget's `joins`)."""
+    def _gather(
+        self,
+        batch: list[Request],
+        progress: list,
+        max_rows: int,
+        max_requests: int,
+        key: Callable[[Request], Hashable],
+        scan_limit: int,
+        budget: BatchBudget | None,
+        filling: bool,
+    ) -> None:
+        """One pass over the queues adding what fits to `batch`: key equals the leader's (or,
+        `filling`, the budget `joins` it); `progress` (rows, cost, leader's key) carries over."""
         rows, cost, lead = progress
         max_cost = budget.max_cost if budget is not None else 0
         passed_over = 0
