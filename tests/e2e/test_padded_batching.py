@@ -133,6 +133,7 @@ def server(tmp_path_factory):
         _write(repository, name, {**PARAMETERS, **changes})
     _write(repository, "padded_per_request", PARAMETERS, TRITON_MODEL)
     _write(repository, "padded_warmed", PARAMETERS, WARMED_MODEL)
+    _write(repository, "padded_isolated", {**PARAMETERS, "isolation": "process"})
     with (repository / "padded_warmed" / "config.pbtxt").open("a") as config:
         config.write(WARMUP)
     process = ConvoyProcess(repository, root / "server.log")
@@ -247,6 +248,18 @@ def test_warm_up_samples_get_the_lengths_input(protocol):
         protocol.input("attention_mask", np.ones_like(ids), "INT64"),
     ]
     assert int(protocol.client.infer("padded_warmed", inputs).as_numpy("row_sum")[0, 0]) == 6
+
+
+def test_a_padded_model_in_a_worker_process_gets_its_padded_batch(protocol):
+    ids = tokens(5, 13)
+    inputs = [
+        protocol.input("input_ids", ids, "INT64"),
+        protocol.input("attention_mask", np.ones_like(ids), "INT64"),
+    ]
+    result = protocol.client.infer("padded_isolated", inputs)
+    np.testing.assert_array_equal(result.as_numpy("token_out"), ids * 3)
+    assert int(result.as_numpy("row_sum")[0, 0]) == int(ids.sum())
+    assert int(result.as_numpy("padded_length")[0, 0]) == 16
 
 
 def _infer_one(protocol, ids: np.ndarray, mask: np.ndarray):
