@@ -18,7 +18,7 @@ from convoy.batching.assemble import Collation, collation_for
 from convoy.batching.padding import PaddedCollation
 from convoy.batching.queue import PriorityQueue
 from convoy.config import DynamicBatching, ModelConfig
-from convoy.errors import InvalidConfig, InvalidInput
+from convoy.errors import Cancelled, InvalidConfig, InvalidInput
 from convoy.padding import Padding, parse_padding
 from convoy.types import Request, RequestState, Response, TensorSpec
 
@@ -320,20 +320,32 @@ class PaddedRuntime:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.batches: list[tuple[tuple[int, ...], list[int]]] = []
+        self.tags: set[int] = set()
 
     def load(self) -> None:
         pass
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = inputs["ids"]
         with self.lock:
-            self.batches.append((inputs["ids"].shape, inputs["lengths"].tolist()))
+            self.batches.append((ids.shape, inputs["lengths"].tolist()))
+            self.tags.update(int(tag) for tag in np.unique(ids[ids > 0] // 100_000))
         return fake_model(inputs)
 
     def close(self) -> None:
         pass
 
 
-@given(st.lists(st.tuples(st.integers(1, 2), st.integers(1, 32)), min_size=1, max_size=24))
+CANCEL = ("no", "at once", "a turn later")
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 2), st.integers(1, 32), st.sampled_from(CANCEL)),
+        min_size=1,
+        max_size=24,
+    )
+)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_every_request_gets_exactly_its_own_trimmed_outputs_through_the_scheduler(shapes):
     async def scenario() -> None:
@@ -343,13 +355,26 @@ def test_every_request_gets_exactly_its_own_trimmed_outputs_through_the_schedule
             loop = asyncio.get_running_loop()
             requests = [
                 padded_request(tag, length, rows, loop.create_future())
-                for tag, (rows, length) in enumerate(shapes)
+                for tag, (rows, length, _) in enumerate(shapes)
             ]
             for request in requests:
                 scheduler.submit(request)
+            for request, (_, _, cancel) in zip(requests, shapes, strict=True):
+                if cancel == "at once":  # before any batch formed: never computed
+                    scheduler.cancel(request)
+            await asyncio.sleep(0)  # the first batch forms
+            for request, (_, _, cancel) in zip(requests, shapes, strict=True):
+                if cancel == "a turn later":  # queued or already running
+                    scheduler.cancel(request)
             results = [await outcome(request) for request in requests]
         collation = PaddedCollation(config)
-        for request, result in zip(requests, results, strict=True):
+        for tag, (request, result) in enumerate(zip(requests, results, strict=True)):
+            cancel = shapes[tag][2]
+            if cancel == "at once":
+                assert isinstance(result, Cancelled) and tag not in runtime.tags
+                continue
+            if cancel == "a turn later" and isinstance(result, Cancelled):
+                continue
             assert isinstance(result, Response), result
             ids = request.inputs["ids"]
             np.testing.assert_array_equal(result.outputs["emb"], ids * 2 + 1)
