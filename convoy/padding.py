@@ -2,9 +2,9 @@
 
 Read once at load from the model config's `parameters` (Convoy keys in a Triton-compatible
 file); batching/padding.py collates by it, runtimes/pytorch.py plans CUDA graphs by it. Every
-`padding_*` key and `max_batch_tokens` is validated here, and a `padding_*` key Convoy does not
-know (or a near miss of one of its keys) is refused rather than ignored: a typo would otherwise
-serve the model unpadded.
+padding key and `max_batch_tokens` is validated here, and a near miss of one (or, with padding
+on, any `padding_*` key Convoy does not know) is refused rather than ignored: a typo would
+otherwise serve the model unpadded, or padded other than configured.
 """
 
 from __future__ import annotations
@@ -125,11 +125,14 @@ def parse_padding(
 
 
 def _refuse_unknown(parameters: dict[str, str], fail) -> None:
+    """A near miss of a padding key is a typo; with padding on, so is any other `padding_*`
+    key. With padding off, other `padding_*` keys (a python model's own `padding_side`) pass."""
+    padding_on = bool(parameters.get("padding_inputs", "").strip())
     for key in parameters:
         if key in PADDING_KEYS:
             continue
         close = difflib.get_close_matches(key, PADDING_KEYS, n=1, cutoff=0.85)
-        if key.startswith("padding_") or close:
+        if close or (padding_on and key.startswith("padding_")):
             raise fail(
                 f"parameters.{key}",
                 f"is not a Convoy padding parameter; expected one of {list(PADDING_KEYS)}"

@@ -136,6 +136,13 @@ def test_bad_parameters_are_refused_naming_the_parameter(changes, field, expecte
     assert expected in str(refused.value)
 
 
+def test_a_models_own_padding_parameter_passes_while_padding_is_off():
+    parameters = {"padding_side": "left", "max_seq_length": "256"}
+    assert parse_padding(parameters, INPUTS, OUTPUTS, 16, _fail) is None
+    with pytest.raises(InvalidConfig, match=r"parameters\.padding_input: .*'padding_inputs'"):
+        parse_padding({"padding_input": "ids"}, INPUTS, OUTPUTS, 16, _fail)
+
+
 def test_padding_needs_a_batching_model():
     with pytest.raises(InvalidConfig, match=r"parameters\.padding_inputs: .*max_batch_size > 0"):
         padded_config(max_batch_size=0)
