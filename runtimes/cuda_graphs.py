@@ -81,6 +81,20 @@ class StaticInput:
     lengths: bool = False
 
 
+def static_tensors(
+    inputs: Sequence[StaticInput], rows: int, length: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """One graph's input buffers: `rows` rows (none for an unbatched model), padded dims at
+    `length`; a lengths input holds the graph's length (a model may divide by it), the rest 0."""
+    lead = (rows,) if rows else ()
+    static = []
+    for spec in inputs:
+        shape = lead + tuple(length if dim == -1 else dim for dim in spec.shape)
+        fill = length if spec.lengths else 0
+        static.append(torch.full(shape, fill, dtype=spec.dtype, device=device))
+    return tuple(static)
+
+
 @dataclass(frozen=True, slots=True)
 class _Bucket:
     rows: int  # 0 for a model that does not batch
@@ -136,14 +150,7 @@ class CudaGraphs:
         self._buckets.sort(key=lambda bucket: (bucket.length, bucket.rows))
 
     def _capture_one(self, run, inputs, rows: int, length: int, device: torch.device, pool) -> _Bucket:
-        lead = (rows,) if rows else ()
-        static = []
-        for spec in inputs:
-            shape = lead + tuple(length if dim == -1 else dim for dim in spec.shape)
-            # A lengths input holds the graph's length (a model may divide by it), the rest zeros.
-            fill = length if spec.lengths else 0
-            static.append(torch.full(shape, fill, dtype=spec.dtype, device=device))
-        static = tuple(static)
+        static = static_tensors(inputs, rows, length, device)
         with torch.cuda.stream(self._stream):
             for _ in range(WARMUP_RUNS):
                 run(static)

@@ -14,7 +14,7 @@ import torch
 from convoy.config import InstanceGroup, InstanceKind, ModelConfig, ModelVersionSource
 from convoy.errors import InvalidConfig, ModelLoadFailed
 from convoy.padding import parse_padding
-from convoy.runtimes.cuda_graphs import choose_graph, graph_plan
+from convoy.runtimes.cuda_graphs import StaticInput, choose_graph, graph_plan, static_tensors
 from convoy.runtimes.pytorch import TorchRuntime
 from convoy.types import TensorSpec
 
@@ -141,6 +141,19 @@ def test_a_batch_replays_the_smallest_graph_of_its_length_or_runs_eagerly():
     assert choose_graph(captured, 3, 16) is None  # no graph with room: eager
     assert choose_graph(captured, 1, 32) is None  # length without a graph: eager
     assert choose_graph([(1, 0), (8, 0)], 5, 0) == 1
+
+
+def test_graph_buffers_take_the_length_bucket_and_the_lengths_input_holds_it():
+    inputs = [
+        StaticInput((-1,), torch.int64),
+        StaticInput((-1, 3), torch.float32),
+        StaticInput((), torch.int32, lengths=True),
+    ]
+    ids, features, lengths = static_tensors(inputs, 4, 16, torch.device("cpu"))
+    assert ids.shape == (4, 16) and features.shape == (4, 16, 3) and lengths.shape == (4,)
+    assert lengths.dtype == torch.int32 and (lengths == 16).all() and (ids == 0).all()
+    (unbatched,) = static_tensors([StaticInput((2, 5), torch.float32)], 0, 0, torch.device("cpu"))
+    assert unbatched.shape == (2, 5)
 
 
 # --- the runtime on the CPU -----------------------------------------------------------------------
