@@ -88,8 +88,15 @@ class Collation:
     on the loop while the batch is formed, `merge` and `split` wherever the scheduler runs them
     (merge on the instance's thread, split on the loop)."""
 
+    #: What a batch may cost beyond its rows, and which unequal requests fill it (the queue's
+    #: `BatchBudget`); None: rows only, equal keys only.
+    budget = None
+
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+
+    def admit(self, request: Request) -> None:
+        """Raise InvalidInput for a request this collation cannot batch (checked at submit)."""
 
     def key(self, request: Request) -> Hashable:
         """Requests with equal keys may share a batch."""
@@ -110,4 +117,8 @@ def collation_for(config: ModelConfig) -> Collation:
         from .ragged import RaggedCollation  # imports this module
 
         return RaggedCollation(config)
+    if config.padding is not None:
+        from .padding import PaddedCollation  # here: batching/padding.py imports this module
+
+        return PaddedCollation(config)
     return Collation(config)

@@ -9,8 +9,25 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import Protocol
 
 from convoy.types import Request, RequestState
+
+
+class BatchBudget(Protocol):
+    """What a batch may cost beyond its rows (padded batching: rows x padded length), and which
+    requests unequal to the batch's leader may still fill it."""
+
+    #: Most a batch may cost (0: no ceiling); its leader always goes, whatever it costs.
+    max_cost: int
+
+    def joins(self, lead: Hashable, key: Hashable) -> bool:
+        """A request keyed `key` may fill a batch led by a request keyed `lead`."""
+        ...
+
+    def cost(self, lead: Hashable, request: Request) -> int:
+        """What `request` adds to the cost of a batch led by `lead`."""
+        ...
 
 
 def _live(request: Request) -> bool:
@@ -96,21 +113,46 @@ class PriorityQueue:
         max_requests: int,
         key: Callable[[Request], Hashable],
         scan_limit: int = 256,
+        budget: BatchBudget | None = None,
     ) -> list[Request]:
         """Remove and return a batch of live, mutually compatible requests in priority order.
 
-        Compatibility is `key` equality with the first request taken. Requests that do not fit
-        (incompatible, or too many rows) are passed over and keep their place; at most
-        `scan_limit` are passed over, which bounds the cost of one batch.
+        Compatibility is `key` equality with the first request taken (the oldest: it always
+        leads its batch). Requests that do not fit (incompatible, or too many rows) are passed
+        over and keep their place; at most `scan_limit` are passed over, which bounds the cost
+        of one batch. With a `budget`, the batch also stops at its cost ceiling, and when the
+        leader's equals leave room, a second pass fills it with requests the budget lets join.
         """
         batch: list[Request] = []
-        rows = 0
-        batch_key = None
+        progress = [0, 0, None]  # rows, cost, the leader's key
+        self._gather(batch, progress, max_rows, max_requests, key, scan_limit, budget, False)
+        room = bool(batch) and len(batch) < max_requests and progress[0] < max_rows
+        if budget is not None and room and (not budget.max_cost or progress[1] < budget.max_cost):
+            self._gather(batch, progress, max_rows, max_requests, key, scan_limit, budget, True)
+        return batch
+
+    def _gather(
+        self,
+        batch: list[Request],
+        progress: list,
+        max_rows: int,
+        max_requests: int,
+        key: Callable[[Request], Hashable],
+        scan_limit: int,
+        budget: BatchBudget | None,
+        filling: bool,
+    ) -> None:
+        """One pass over the queues adding what fits to `batch`: key equals the leader's (or,
+        `filling`, the budget `joins` it); `progress` (rows, cost, leader's key) carries over."""
+        rows, cost, lead = progress
+        max_cost = budget.max_cost if budget is not None else 0
         passed_over = 0
         for index, fifo in enumerate(self._queues()):
             delayed = index == len(self._levels)
             skipped: list[Request] = []
             while fifo and len(batch) < max_requests and rows < max_rows:
+                if max_cost and cost >= max_cost:
+                    break
                 request = fifo.popleft()
                 if request.delayed is not delayed or not _live(request):
                     if request.state is RequestState.QUEUED and request.delayed is delayed:
@@ -118,9 +160,17 @@ class PriorityQueue:
                         self.discard(request)
                     continue
                 request_key = key(request)
-                if batch_key is None:
-                    batch_key = request_key
-                if request_key != batch_key or rows + request.rows > max_rows:
+                if lead is None:
+                    lead = request_key
+                fits = rows + request.rows <= max_rows
+                if filling:
+                    fits = fits and request_key != lead and budget.joins(lead, request_key)
+                else:
+                    fits = fits and request_key == lead
+                added = budget.cost(lead, request) if budget is not None else 0
+                if fits and batch and max_cost and cost + added > max_cost:
+                    fits = False
+                if not fits:
                     skipped.append(request)
                     passed_over += 1
                     if passed_over >= scan_limit:
@@ -128,13 +178,19 @@ class PriorityQueue:
                     continue
                 batch.append(request)
                 rows += request.rows
+                cost += added
                 request.state = RequestState.RUNNING
                 self.discard(request)
             if skipped:
                 fifo.extendleft(reversed(skipped))
-            if len(batch) >= max_requests or rows >= max_rows or passed_over >= scan_limit:
+            if (
+                len(batch) >= max_requests
+                or rows >= max_rows
+                or passed_over >= scan_limit
+                or (max_cost and cost >= max_cost)
+            ):
                 break
-        return batch
+        progress[:] = [rows, cost, lead]
 
     def drain(self) -> list[Request]:
         """Remove every live request (shutdown)."""

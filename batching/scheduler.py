@@ -221,6 +221,7 @@ class Scheduler:
                 f"batch size {request.rows} exceeds model '{self.config.name}' "
                 f"max_batch_size {self._max_rows}"
             )
+        self._collation.admit(request)
         level = request.priority or self._default_level
         if not 1 <= level <= self._queue.level_count:
             raise InvalidInput(
@@ -369,7 +370,7 @@ class Scheduler:
             if self._dynamic:
                 # A request larger than the preferred size still goes (alone if it must).
                 limit = max(limit, oldest.rows)
-                batch = queue.take(limit, limit, self._collation.key)
+                batch = queue.take(limit, limit, self._collation.key, budget=self._collation.budget)
             else:
                 batch = queue.take(self._max_rows, 1, self._collation.key)
             if not batch:

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convoy.padding import Padding
 from convoy.types import TensorSpec
 
 
@@ -208,6 +209,8 @@ class ModelConfig:
     version_policy: VersionPolicy = VersionPolicy()
     warmup: tuple[WarmupSample, ...] = ()
     parameters: dict[str, str] = field(default_factory=dict)
+    #: Padded batching (parameters padding_*, max_batch_tokens; convoy/padding.py), or None.
+    padding: Padding | None = None
     default_model_filename: str = ""
     #: Fraction of requests the payload log records (parameter payload_log_sample_rate; 0 = off).
     payload_log_sample_rate: float = 0.0

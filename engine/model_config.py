@@ -30,6 +30,7 @@ from convoy.config import (
 )
 from convoy.datatypes import CONFIG_TO_V2, V2_TO_CONFIG
 from convoy.errors import InvalidConfig
+from convoy.padding import parse_padding
 from convoy.protos import model_config_pb2 as mc
 from convoy.types import TensorSpec
 
@@ -212,6 +213,18 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
     elif proto.HasField("ensemble_scheduling"):
         raise fail("ensemble_scheduling", 'is only valid with platform: "ensemble"')
 
+    parameters = {k: v.string_value for k, v in proto.parameters.items()}
+    padding = parse_padding(parameters, inputs, outputs, proto.max_batch_size, fail)
+    if padding is not None and (sequence is not None or ensemble is not None):
+        raise fail("parameters.padding_inputs", "padded batching needs dynamic batching")
+    ragged = batch_inputs or batch_outputs or any(spec.allow_ragged_batch for spec in inputs)
+    if padding is not None and ragged:
+        raise fail(
+            "parameters.padding_inputs",
+            "padded batching and ragged batching (allow_ragged_batch, batch_input, batch_output) "
+            "are two ways to batch different lengths: choose one",
+        )
+
     groups = []
     for i, group in enumerate(proto.instance_group):
         if group.count < 0:
@@ -238,7 +251,8 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         instance_groups=tuple(groups) or (InstanceGroup(name=f"{name}_0"),),
         version_policy=_version_policy(proto, fail),
         warmup=tuple(_warmup(w, i, fail) for i, w in enumerate(proto.model_warmup)),
-        parameters={k: v.string_value for k, v in proto.parameters.items()},
+        parameters=parameters,
+        padding=padding,
         default_model_filename=proto.default_model_filename,
         payload_log_sample_rate=_sample_rate(proto, fail),
         decoupled=proto.model_transaction_policy.decoupled,

@@ -343,8 +343,18 @@ def _check_declared(
                 _check_dims(config, spec, tensor, f"{field}.dims", path)
         if kind == "input":
             _check_batch_inputs(config, by_name, where, path)
+        lengths = config.padding.lengths_input if config.padding is not None else ""
+        if kind == "input" and lengths and lengths not in by_name:
+            raise InvalidConfig(
+                f"{where}: parameters.padding_lengths_input: '{lengths}' is not an input of "
+                f"{path}; its inputs: {', '.join(repr(t.name) for t in graph)}"
+            )
         if declared and kind == "input":
+            # Batch inputs and a padded model's lengths input are fed by the server, never
+            # declared.
             filled = {name for b in config.batch_inputs for name in b.target_names}
+            if lengths:
+                filled.add(lengths)
             missing = [t.name for t in graph if config.input(t.name) is None and t.name not in filled]
             if missing:
                 raise InvalidConfig(

@@ -137,6 +137,12 @@ class PythonRuntime:
         model_class = getattr(module, "Model", None)
         triton_class = getattr(module, "TritonPythonModel", None)
         if model_class is None and triton_class is not None:
+            if config.padding is not None:
+                raise ModelLoadFailed(
+                    f"{self._source.path.parent / 'config.pbtxt'}: parameters.padding_inputs: a "
+                    "TritonPythonModel executes requests one by one, so they are never padded "
+                    "into a batch; padded batching needs a `Model` class (a merged batch)"
+                )
             if not hasattr(triton_class, "execute"):
                 raise ModelLoadFailed(f"{path}: TritonPythonModel must define `execute`")
             _refuse_batch_io(self._source)

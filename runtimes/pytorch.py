@@ -17,7 +17,12 @@ Placement: KIND_GPU runs on cuda:<gpu> and fails to load without CUDA; KIND_AUTO
 CUDA is available (as in Triton), else the CPU; KIND_CPU on the CPU. Config `parameters`:
   precision              fp32 (default), fp16 or bf16: the module and floating inputs are cast
   cuda_graphs            true/false; default true on a GPU when every input's non-batch dims are
-                         static: one graph per batch bucket (powers of two up to max_batch_size)
+                         static: one graph per batch bucket (powers of two up to max_batch_size);
+                         with padded batching and padding_buckets, per batch bucket x length
+                         bucket under max_batch_tokens (cuda_graphs.graph_plan)
+  cuda_graph_limit       most graphs captured (default: all planned), the cheapest kept
+With padded batching (convoy/padding.py) the lengths input, when configured, follows the config's
+inputs: last by position, or by its name when inputs go by keyword.
   intra_op_thread_count  CPU threads per instance; default the cores shared out among instances
 On a GPU each instance has its own CUDA stream; inputs are staged in pinned host memory and copied
 without blocking. A batch that runs out of memory is split in halves and retried, and the
@@ -26,6 +31,7 @@ instance's largest batch is lowered to the half that fit.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Sequence
@@ -37,10 +43,11 @@ import torch
 
 from convoy.config import InstanceKind, ModelConfig, ModelVersionSource
 from convoy.errors import ConvoyError, InferenceFailed, InstanceLost, ModelLoadFailed
+from convoy.padding import with_full_lengths
 from convoy.types import TensorSpec
 
 from .base import cuda_context_lost
-from .cuda_graphs import CudaGraphs, StaticInput, bucket_sizes
+from .cuda_graphs import CudaGraphs, StaticInput, graph_plan
 
 log = logging.getLogger("convoy.runtimes.pytorch")
 
@@ -71,6 +78,9 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
 }
 
+#: The parameters this backend reads; a near miss of one (a typo) is refused at load.
+PARAMETERS = ("precision", "cuda_graphs", "cuda_graph_limit", "intra_op_thread_count")
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -89,6 +99,12 @@ class TorchRuntime:
         self._by_keyword = False
         self._stream: torch.cuda.Stream | None = None
         self._graphs: CudaGraphs | None = None
+        #: What the module is called with, in order: the config's inputs, then the padded
+        #: batch's lengths input when there is one.
+        self._inputs = _module_inputs(self._config)
+        padding = self._config.padding
+        #: A padded input and its dim (batch dim counted): where a batch's padded length is read.
+        self._length_at = (padding.inputs[0].name, 1 + padding.inputs[0].axis) if padding else None
         #: Pinned host buffers batches are assembled into (CUDA only), by input name: the
         #: torch tensor and its numpy view; grown when a larger batch comes.
         self._staging: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
@@ -104,6 +120,11 @@ class TorchRuntime:
         """Batch sizes with a captured CUDA graph (empty when graphs are off)."""
         return self._graphs.bucket_rows if self._graphs is not None else []
 
+    @property
+    def graph_captures(self) -> list[tuple[int, int]]:
+        """(rows, padded length) of each captured CUDA graph (length 0: no padded dim)."""
+        return self._graphs.captured if self._graphs is not None else []
+
     # --- the runtime verbs ---------------------------------------------------------------------
     def load(self) -> None:
         config = self._config
@@ -117,6 +138,7 @@ class TorchRuntime:
         if not config.outputs:
             raise ModelLoadFailed(f"{self._config_file}: the pytorch backend needs `output` declared")
         self._device = self._choose_device()
+        self._refuse_misspelt_parameters()
         self._precision = self._precision_parameter()
         # Per thread (OpenMP): this instance's thread, where every verb runs.
         torch.set_num_threads(self._thread_count())
@@ -124,15 +146,15 @@ class TorchRuntime:
         if self._precision is not None:
             module = module.to(self._precision)
         self._module = module
-        self._by_keyword = bool(config.inputs) and all(s.name in keywords for s in config.inputs)
+        self._by_keyword = bool(config.inputs) and all(s.name in keywords for s in self._inputs)
         graphs_wanted = self._cuda_graphs_wanted()
+        plan = self._graph_plan()
         if self._device.type == "cuda":
             self._stream = torch.cuda.Stream(self._device)
             if graphs_wanted:
                 self._graphs = CudaGraphs(self._stream)
-                sizes = bucket_sizes(config.max_batch_size) if config.max_batch_size > 0 else [0]
                 with torch.inference_mode():
-                    self._graphs.capture(self._run, self._static_inputs(), sizes, self._device)
+                    self._graphs.capture(self._run, self._static_inputs(), plan, self._device)
         log.info(
             "model '%s' instance %d: %s on %s (%s, inputs by %s, %d threads%s)",
             config.name,
@@ -142,10 +164,12 @@ class TorchRuntime:
             str(self._precision or torch.float32).removeprefix("torch."),
             "keyword" if self._by_keyword else "position",
             torch.get_num_threads(),
-            f", CUDA graphs for batches {self.graph_buckets}" if self._graphs else "",
+            f", CUDA graphs for batches {self._graphs.captured}" if self._graphs else "",
         )
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._config.padding is not None:
+            inputs = with_full_lengths(self._config.padding, inputs)
         rows = 0
         if self._config.max_batch_size > 0 and inputs and not self._ragged:
             rows = next(iter(inputs.values())).shape[0]
@@ -198,16 +222,14 @@ class TorchRuntime:
         buffers = {}
         for name, array in like.items():
             shape = (rows, *array.shape[1:])
-            held = self._staging.get(name)
-            if (
-                held is None
-                or held[1].shape[0] < rows
-                or held[1].shape[1:] != shape[1:]
-                or (held[1].dtype != array.dtype)
-            ):
+            # By per-row shape too: a padded model's batches come at several lengths, each
+            # keeps its own buffer rather than reallocating pinned memory batch after batch.
+            key = (name, shape[1:], array.dtype.str)
+            held = self._staging.get(key)
+            if held is None or held[1].shape[0] < rows:
                 capacity = (max(rows, self._config.max_batch_size), *shape[1:])
                 tensor = torch.empty(capacity, dtype=_torch_dtype_of(array), pin_memory=True)
-                held = self._staging[name] = (tensor, tensor.numpy())
+                held = self._staging[key] = (tensor, tensor.numpy())
             buffers[name] = held[1][:rows]
         return buffers
 
@@ -232,7 +254,7 @@ class TorchRuntime:
         return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
 
     def _infer_once(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        specs = self._config.inputs
+        specs = self._inputs
         with torch.inference_mode():
             if self._stream is None:
                 # The module may write into its inputs: wire-backed (read-only) arrays are
@@ -254,8 +276,14 @@ class TorchRuntime:
         # The one copy on the way in, into pinned memory, from which the device copies without
         # blocking: the scheduler assembled the batch into our staging buffers already, else
         # (a lone request passed through) it is copied into pinned memory here.
-        staged = [self._staged(inputs[spec.name], spec.datatype) for spec in self._config.inputs]
-        bucket = self._graphs.bucket_for(rows) if self._graphs is not None else None
+        staged = [self._staged(inputs[spec.name], spec.datatype) for spec in self._inputs]
+        bucket = None
+        if self._graphs is not None:
+            length = 0
+            if self._length_at is not None:
+                name, dim = self._length_at
+                length = inputs[name].shape[dim]
+            bucket = self._graphs.bucket_for(rows, length)
         with torch.cuda.stream(stream):
             if bucket is not None:
                 outputs = self._graphs.replay(bucket, staged, rows)
@@ -280,9 +308,7 @@ class TorchRuntime:
     def _run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Call the module on inputs in config order; its outputs in config order."""
         if self._by_keyword:
-            result = self._module(
-                **{s.name: t for s, t in zip(self._config.inputs, tensors, strict=True)}
-            )
+            result = self._module(**{s.name: t for s, t in zip(self._inputs, tensors, strict=True)})
         else:
             result = self._module(*tensors)
         return self._outputs(result)
@@ -339,11 +365,13 @@ class TorchRuntime:
 
     def _static_inputs(self) -> list[StaticInput]:
         inputs = []
-        for spec in self._config.inputs:
+        padding = self._config.padding
+        for spec in self._inputs:
             dtype = TORCH_DTYPE[spec.datatype]
             if self._precision is not None and dtype.is_floating_point:
                 dtype = self._precision
-            inputs.append(StaticInput(_shape(spec), dtype))
+            lengths = padding is not None and spec.name == padding.lengths_input
+            inputs.append(StaticInput(_shape(spec), dtype, lengths))
         return inputs
 
     # --- configuration -------------------------------------------------------------------------
@@ -379,6 +407,15 @@ class TorchRuntime:
     def _parameter(self, name: str) -> str:
         return self._config.parameters.get(name, "").strip().lower()
 
+    def _refuse_misspelt_parameters(self) -> None:
+        for key in self._config.parameters:
+            close = difflib.get_close_matches(key, PARAMETERS, n=1, cutoff=0.8)
+            if close and key not in PARAMETERS:
+                raise ModelLoadFailed(
+                    f"{self._config_file}: parameters.{key}: not a pytorch backend parameter "
+                    f"(did you mean '{close[0]}'?); it reads {list(PARAMETERS)}"
+                )
+
     def _precision_parameter(self) -> torch.dtype | None:
         value = self._parameter("precision")
         if value and value not in PRECISIONS:
@@ -412,13 +449,42 @@ class TorchRuntime:
                     "raggedly (allow_ragged_batch / batch_input): its batches have no fixed shape"
                 )
             return False
-        dynamic = [spec.name for spec in self._config.inputs if any(d < 0 for d in _shape(spec))]
+        padding = self._config.padding
+        # Padded dims take each graph's length bucket; any other variable dim rules graphs out.
+        padded = {p.name: p.axis for p in padding.inputs} if padding and padding.buckets else {}
+        dynamic = [
+            spec.name
+            for spec in self._config.inputs
+            if any(d < 0 and padded.get(spec.name) != i for i, d in enumerate(_shape(spec)))
+        ]
         if value in _TRUE and dynamic:
             raise ModelLoadFailed(
                 f"{self._config_file}: parameters.cuda_graphs is true but input(s) {dynamic} have "
-                "variable dims; CUDA graphs need every dim but the batch fixed"
+                "variable dims; CUDA graphs need every dim but the batch fixed (or padded to "
+                "parameters.padding_buckets)"
             )
         return value not in _FALSE and not dynamic
+
+    def _graph_plan(self) -> list[tuple[int, int]]:
+        """The graphs to capture (cuda_graphs.graph_plan), parameter cuda_graph_limit applied."""
+        value = self._parameter("cuda_graph_limit")
+        if value and (not value.isdigit() or int(value) < 1):
+            raise ModelLoadFailed(
+                f"{self._config_file}: parameters.cuda_graph_limit: expected a positive integer "
+                f"(most graphs captured), got '{value}'"
+            )
+        padding = self._config.padding
+        lengths = padding.buckets if padding is not None else ()
+        tokens = padding.max_batch_tokens if padding is not None else 0
+        return graph_plan(self._config.max_batch_size, lengths, tokens, int(value or 0))
+
+
+def _module_inputs(config: ModelConfig) -> tuple[TensorSpec, ...]:
+    """The config's inputs, then a padded model's lengths input (one value per row)."""
+    padding = config.padding
+    if padding is None or not padding.lengths_input:
+        return config.inputs
+    return (*config.inputs, TensorSpec(padding.lengths_input, padding.lengths_datatype, ()))
 
 
 def _with_batch_inputs(config: ModelConfig) -> ModelConfig:

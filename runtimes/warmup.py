@@ -10,6 +10,7 @@ import numpy as np
 from convoy.config import ModelConfig, WarmupInput
 from convoy.datatypes import NUMPY_DTYPE, deserialize_bytes, element_count
 from convoy.errors import ModelLoadFailed
+from convoy.padding import with_full_lengths
 
 from .base import RuntimeInstance
 
@@ -69,6 +70,8 @@ async def run_warmup(
                 inputs[name] = warmup_array(spec, shape, warmup_dir, rng)
             if prepare is not None:
                 inputs = prepare(inputs)
+            if config.padding is not None:
+                inputs = with_full_lengths(config.padding, inputs)
             for _ in range(sample.count):
                 await instance.infer(inputs)
         except ModelLoadFailed:

@@ -101,3 +101,13 @@ def test_the_table_covers_every_model_config_field_convoy_does_not_read():
     }
     refused = {path.split(".")[0].removesuffix("[]") for path in PATHS}
     assert {f.name for f in mc.ModelConfig.DESCRIPTOR.fields} == read | refused
+
+
+def test_padded_and_ragged_batching_together_are_refused_naming_the_padding():
+    proto = _base()
+    proto.input[0].allow_ragged_batch = True
+    proto.parameters["padding_inputs"].string_value = "INPUT0"
+    with pytest.raises(InvalidConfig) as caught:
+        build_model_config(proto, Path("/repo/m"))
+    assert "parameters.padding_inputs" in str(caught.value)
+    assert "ragged batching" in str(caught.value)
