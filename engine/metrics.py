@@ -29,6 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import Histogram, ModelStats
 from convoy.batching.usage import UsageMeter, UsageTotals
 from convoy.engine.payload_log import PayloadLog
@@ -46,7 +47,7 @@ DISPATCH_REASONS = (
     "instance_freed",
     "unbatched",
 )
-REJECTION_REASONS = ("queue_full", "timeout", "deadline")
+REJECTION_REASONS = ("queue_full", "timeout", "deadline", "latency_slo")
 
 #: Triton's cumulative per-model counters: (name, help, value from the stats).
 _TRITON_COUNTERS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
@@ -158,6 +159,12 @@ class ModelCollector(Collector):
             "Requests waiting in the queue, by priority level (1 is highest)",
             labels=(*LABELS, "priority"),
         )
+        batch_limit = GaugeMetricFamily(
+            "convoy_batch_size_limit",
+            "Rows a batch may hold under sustained load: max_batch_size, or the size planned "
+            "for the model's latency objective",
+            labels=LABELS,
+        )
         for model, entry in loaded:
             version = str(entry.version)
             stats = entry.stats
@@ -180,7 +187,9 @@ class ModelCollector(Collector):
                 pending.add_metric([model, version], scheduler.in_flight)
                 for level, waiting in enumerate(scheduler.queue_depths, start=1):
                     depth.add_metric([model, version, str(level)], waiting)
-        yield from (failures, pending, dispatches, rejections, depth)
+                if isinstance(scheduler, Scheduler):  # the dynamic batcher's, not a sequence's
+                    batch_limit.add_metric([model, version], scheduler.batch_size_limit)
+        yield from (failures, pending, dispatches, rejections, depth, batch_limit)
 
         for name, documentation, histogram_of, scale in _HISTOGRAMS:
             family = HistogramMetricFamily(name, documentation, labels=LABELS)
