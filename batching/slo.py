@@ -14,9 +14,11 @@ from arrival: queue wait plus batch compute. The planner
 - refuses on arrival (`admission`) a request whose predicted completion (the work queued ahead
   of it in batches of the planned size, over the instances, after the earliest instance frees)
   would overshoot;
-- corrects itself (`observe`): AIMD on the share of the objective it plans with, cut
-  multiplicatively when a batch delivers a request past the objective, grown additively while
-  batches finish well inside it. A curve that predicts the mean leaves the tail to this.
+- corrects itself (`observe`): the curve follows each size's running mean, and admission works
+  to a share of the objective (AIMD: cut multiplicatively when a batch delivers a request past
+  the objective, grown additively while batches finish well inside it), which covers the tail a
+  mean cannot predict. Batch sizes are planned against the whole objective: shrinking batches
+  because requests were late would cut throughput just when the queue is longest.
 
 Pure bookkeeping on the event loop: no clock of its own (callers pass monotonic ns), no tasks.
 """
@@ -30,22 +32,32 @@ from dataclasses import dataclass
 
 #: Weight of a new observation in a batch size's running mean.
 _EWMA_WEIGHT = 0.125
+#: Batches of one size measured before its own mean is trusted over the fitted line.
+TRUSTED_AFTER = 3
+#: One batch's cost counts as at most this many times its size's mean.
+OUTLIER_RATIO = 3.0
+#: Weight of a new turnaround in its running mean, and the most one counts (share of objective).
+_TURNAROUND_WEIGHT = 1 / 32
+_TURNAROUND_MAX = 0.1
 #: Batches measured before the planner limits batches or refuses anything.
 PLAN_AFTER_BATCHES = 3
-#: The planning share of the objective: its floor, its cut on an overshoot, its growth step.
+#: The admission share of the objective: where it starts (a tenth of the objective kept for the
+#: noise a running mean does not predict: thread wake-ups, loop turns), its floor, its cut on an
+#: overshoot, its growth step.
+HEADROOM_START = 0.9
 HEADROOM_FLOOR = 0.3
 HEADROOM_CUT = 0.8
 HEADROOM_STEP = 0.002
 #: A batch whose slowest request finished within this share of the objective is "well inside"
-#: it and lets the planning share grow back.
-WELL_INSIDE = 0.9
+#: it and lets the admission share grow back.
+WELL_INSIDE = 0.8
 
 
 class CostCurve:
     """What a batch costs (ns, dispatch to outputs back) by its rows, learned per model.
 
-    A size seen before is predicted by its own running mean; a size between sizes seen by a
-    straight line (fixed + per-row cost) fitted over them; a size above every size seen by the
+    A size seen a few times is predicted by its own running mean; another size between sizes
+    seen by a straight line (fixed + per-row cost) fitted over them; a size above every size seen by the
     largest one's cost scaled by rows: an over-estimate, so the planner grows into larger
     batches as it measures them rather than overshooting. Predictions never decrease with size.
     """
@@ -62,8 +74,13 @@ class CostCurve:
 
     def observe(self, rows: int, cost_ns: float) -> None:
         rows = min(max(rows, 1), self.max_rows)
-        if self._count[rows]:
-            self._mean[rows] += (cost_ns - self._mean[rows]) * _EWMA_WEIGHT
+        count = self._count[rows]
+        if count:
+            # A stall (the host descheduled the thread) moves the mean by a bounded step: the
+            # curve is what compute costs; the admission share absorbs the tail.
+            cost_ns = min(cost_ns, OUTLIER_RATIO * self._mean[rows])
+            weight = max(1.0 / (count + 1), _EWMA_WEIGHT)  # a plain mean over the first few
+            self._mean[rows] += (cost_ns - self._mean[rows]) * weight
         else:
             self._mean[rows] = float(cost_ns)
             self._seen.append(rows)
@@ -78,23 +95,26 @@ class CostCurve:
         return None
 
     def fit(self) -> tuple[float, float]:
-        """(fixed ns, per-row ns) by least squares over the sizes seen (each size's mean,
-        weighted by how often it ran, up to 16); both clamped at >= 0. (0, 0) before any batch."""
+        """(fixed ns, per-row ns) by least squares over the sizes seen a few times (all sizes
+        seen while fewer than two are), each size's mean weighted by how often it ran, up to
+        16; both clamped at >= 0. (0, 0) before any batch."""
         if not self._seen:
             return 0.0, 0.0
         if len(self._seen) == 1:
             rows = self._seen[0]
             return 0.0, self._mean[rows] / rows
-        weights = sw = sx = sy = sxx = sxy = 0.0
-        for rows in self._seen:
+        points = [rows for rows in self._seen if self._count[rows] >= TRUSTED_AFTER]
+        if len(points) < 2:
+            points = self._seen
+        sw = sx = sy = sxx = sxy = 0.0
+        for rows in points:
             w = float(min(self._count[rows], 16))
             y = self._mean[rows]
-            weights += w
+            sw += w
             sx += w * rows
             sy += w * y
             sxx += w * rows * rows
             sxy += w * rows * y
-        sw = weights
         denominator = sw * sxx - sx * sx
         if denominator <= 0:
             return sy / sw, 0.0
@@ -115,7 +135,7 @@ class CostCurve:
         table = [0.0] * (self.max_rows + 1)
         running = 0.0
         for rows in range(1, self.max_rows + 1):
-            if self._count[rows]:
+            if self._count[rows] >= TRUSTED_AFTER or (len(self._seen) == 1 and self._count[rows]):
                 estimate = self._mean[rows]
             elif len(self._seen) == 1 and rows < largest:
                 estimate = self._mean[largest]  # one size known: as costly as it below it
@@ -147,7 +167,7 @@ class Admission:
     completion_ns: float
     #: Batches counted ahead of and including its own.
     batches: int
-    #: Its budget left (ns): the planning share of the objective less its age.
+    #: Its budget left (ns): the admission share of the objective less its age.
     budget_ns: float
 
 
@@ -164,8 +184,8 @@ class LatencyPlanner:
         self.max_rows = max(max_rows, 1)
         self.preferred = tuple(sorted(s for s in preferred_batch_sizes if s <= self.max_rows))
         self.curve = CostCurve(self.max_rows)
-        #: The share of the objective batches are planned against (AIMD).
-        self.headroom = 1.0
+        #: The share of the objective admission works to (AIMD).
+        self.headroom = HEADROOM_START
         self._last_cut_ns = 0
         #: Batches on instances: sequence -> (dispatched ns, rows).
         self._running: dict[int, tuple[int, int]] = {}
@@ -186,6 +206,7 @@ class LatencyPlanner:
 
     @property
     def budget_ns(self) -> float:
+        """What admission allows a request: the objective times the AIMD share."""
         return self.objective_ns * self.headroom
 
     def batch_ns(self, rows: int) -> float:
@@ -201,7 +222,7 @@ class LatencyPlanner:
         if not self.ready:
             return self.max_rows
         k = max(instances, 1)
-        size = self._largest_within(self.budget_ns * k / (k + 1), self.max_rows)
+        size = self._largest_within(self.objective_ns * k / (k + 1), self.max_rows)
         return self._preferred_within(max(size, 1))
 
     def batch_limit(self, waited_ns: float, instances: int) -> int:
@@ -212,7 +233,7 @@ class LatencyPlanner:
         planned = self.planned_size(instances)
         if not self.ready:
             return planned
-        size = self._largest_within(self.budget_ns - waited_ns, planned)
+        size = self._largest_within(self.objective_ns - waited_ns, planned)
         if size < 1:
             return planned
         return self._preferred_within(size)
@@ -229,7 +250,7 @@ class LatencyPlanner:
         if not self.ready:
             return arrived_ns + int(self.objective_ns)
         cost = self.batch_ns(self.planned_size(instances))
-        return arrived_ns + int(self.budget_ns - cost)
+        return arrived_ns + int(self.objective_ns - cost)
 
     def admission(
         self, rows_ahead: int, rows: int, age_ns: float, idle: int, instances: int, now_ns: int
@@ -267,8 +288,9 @@ class LatencyPlanner:
     def started(self, sequence: int, rows: int, now_ns: int) -> None:
         self._running[sequence] = (now_ns, rows)
         if self._backlogged:
-            gap = min(max(now_ns - self._backlogged.popleft(), 0), self.objective_ns)
-            self.turnaround_ns += (gap - self.turnaround_ns) * _EWMA_WEIGHT
+            limit = self.objective_ns * _TURNAROUND_MAX
+            gap = min(max(now_ns - self._backlogged.popleft(), 0), limit)
+            self.turnaround_ns += (gap - self.turnaround_ns) * _TURNAROUND_WEIGHT
 
     def ended(self, sequence: int, backlog: bool) -> None:
         """A batch left its instance, whatever its outcome; `backlog`: requests were queued
@@ -287,7 +309,7 @@ class LatencyPlanner:
         done_ns: int,
         worst_latency_ns: float,
     ) -> None:
-        """A batch executed: learn its cost; adjust the planning share by how late its slowest
+        """A batch executed: learn its cost; adjust the admission share by how late its slowest
         request (arrival to outputs) was."""
         self.curve.observe(rows, cost_ns)
         if sequence in self._running:
