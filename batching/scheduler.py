@@ -544,7 +544,7 @@ class Scheduler:
         if self._slo is not None:
             arrived = min(request.received_ns or request.queued_ns for request in batch)
             sequence = context[5]
-            self._slo.observe(sequence, rows, done - start, dispatched_ns, done, done - arrived)
+            self._slo.observe(sequence, rows, done - start, done, done - arrived)
         return StageTimes(dispatched_ns, start, merged, inferred, done)
 
     def _request_outcome(self, context, start: int, merged: int, inferred: int, results) -> list:

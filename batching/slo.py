@@ -33,24 +33,24 @@ from dataclasses import dataclass
 #: Weight of a new observation in a batch size's running mean.
 _EWMA_WEIGHT = 0.125
 #: Batches of one size measured before its own mean is trusted over the fitted line.
-TRUSTED_AFTER = 3
+TRUSTED_AFTER = 8
 #: One batch's cost counts as at most this many times its size's mean.
-OUTLIER_RATIO = 3.0
+OUTLIER_RATIO = 2.0
 #: Weight of a new turnaround in its running mean, and the most one counts (share of objective).
 _TURNAROUND_WEIGHT = 1 / 32
 _TURNAROUND_MAX = 0.1
 #: Batches measured before the planner limits batches or refuses anything.
 PLAN_AFTER_BATCHES = 3
-#: The admission share of the objective: where it starts (a tenth of the objective kept for the
+#: The admission share of the objective: where it starts (15% of the objective kept for the
 #: noise a running mean does not predict: thread wake-ups, loop turns), its floor, its cut on an
 #: overshoot, its growth step.
-HEADROOM_START = 0.9
+HEADROOM_START = 0.85
 HEADROOM_FLOOR = 0.3
 HEADROOM_CUT = 0.8
 HEADROOM_STEP = 0.002
 #: A batch whose slowest request finished within this share of the objective is "well inside"
 #: it and lets the admission share grow back.
-WELL_INSIDE = 0.8
+WELL_INSIDE = 0.75
 
 
 class CostCurve:
@@ -305,7 +305,6 @@ class LatencyPlanner:
         sequence: int,
         rows: int,
         cost_ns: float,
-        dispatched_ns: int,
         done_ns: int,
         worst_latency_ns: float,
     ) -> None:
@@ -315,8 +314,9 @@ class LatencyPlanner:
         if sequence in self._running:
             self._done[sequence] = done_ns
         if worst_latency_ns > self.objective_ns:
-            # One cut per episode: batches dispatched before the last cut were sized without it.
-            if dispatched_ns >= self._last_cut_ns:
+            # One cut per episode: a batch whose oldest request was admitted before the last cut
+            # was late for the same cause (one stall makes every request queued through it late).
+            if done_ns - worst_latency_ns >= self._last_cut_ns:
                 self.headroom = max(self.headroom * HEADROOM_CUT, HEADROOM_FLOOR)
                 self._last_cut_ns = done_ns
         elif worst_latency_ns <= WELL_INSIDE * self.objective_ns:

@@ -139,6 +139,7 @@ async def open_loop(model: ModelConfig, arrivals: np.ndarray, objective_ms: floa
                     await asyncio.sleep(0.001)
                     continue
                 await asyncio.wait([future])
+                future.exception()  # retrieved: a fixed configuration's queue timeout
 
         await asyncio.gather(*(caller() for _ in range(8)))
         start = time.monotonic()

@@ -32,7 +32,13 @@ from scheduler_fakes import (
     tag_of,
 )
 
-from convoy.batching.slo import HEADROOM_START, PLAN_AFTER_BATCHES, CostCurve, LatencyPlanner
+from convoy.batching.slo import (
+    HEADROOM_START,
+    PLAN_AFTER_BATCHES,
+    TRUSTED_AFTER,
+    CostCurve,
+    LatencyPlanner,
+)
 from convoy.batching.stats import ModelStats
 from convoy.config import DynamicBatching, ModelConfig
 from convoy.engine.model_config import build_model_config
@@ -92,11 +98,11 @@ def test_curve_with_one_size_seen_scales_by_rows_above_it_and_holds_below():
 
 
 def test_one_stalled_batch_does_not_take_over_the_curve():
-    curve = learned(linear(4, 0.5), (1, 8, 16, 32), times=4)
+    curve = learned(linear(4, 0.5), (1, 8, 16, 32), times=TRUSTED_AFTER)
     curve.observe(1, 1000 * MS)  # the host descheduled the instance's thread once
     assert curve.cost_ns(1) < 3 * MS * 4.5
     assert curve.largest_within(20 * MS, 32) == 32
-    # A size seen once or twice is predicted by the line, not by its own few batches.
+    # A size seen only a few times is predicted by the line, not by its own few batches.
     curve.observe(5, 200 * MS)
     assert curve.cost_ns(5) < 10 * MS
 
@@ -200,13 +206,13 @@ def test_admission_waits_for_the_earliest_busy_instance():
 def test_turnaround_between_back_to_back_batches_counts_as_batch_cost():
     plan = planner(40)
     plan.started(1, 32, now_ns=0)
-    plan.observe(1, 32, 20 * MS, dispatched_ns=0, done_ns=20 * MS, worst_latency_ns=20 * MS)
+    plan.observe(1, 32, 20 * MS, done_ns=20 * MS, worst_latency_ns=20 * MS)
     plan.ended(1, backlog=True)  # work was queued: the next batch follows at once
     plan.started(2, 32, now_ns=22 * MS)
     assert plan.turnaround_ns == pytest.approx(2 * MS / 32)
     assert plan.batch_ns(32) == pytest.approx(20 * MS + plan.turnaround_ns)
     # After an idle spell (nothing queued when a batch ended) the gap is not a turnaround.
-    plan.observe(2, 32, 20 * MS, dispatched_ns=22 * MS, done_ns=42 * MS, worst_latency_ns=20 * MS)
+    plan.observe(2, 32, 20 * MS, done_ns=42 * MS, worst_latency_ns=20 * MS)
     plan.ended(2, backlog=False)
     plan.started(3, 1, now_ns=500 * MS)
     assert plan.turnaround_ns == pytest.approx(2 * MS / 32)
@@ -215,23 +221,25 @@ def test_turnaround_between_back_to_back_batches_counts_as_batch_cost():
 def test_overshoot_cuts_the_admission_share_once_per_episode_and_it_grows_back():
     plan = planner(40)
     assert plan.headroom == HEADROOM_START < 1.0
-    plan.observe(1, 32, 20 * MS, dispatched_ns=100 * MS, done_ns=120 * MS, worst_latency_ns=45 * MS)
+    plan.observe(1, 32, 20 * MS, done_ns=120 * MS, worst_latency_ns=45 * MS)
     cut = plan.headroom
-    assert cut < 1.0
+    assert cut == pytest.approx(HEADROOM_START * 0.8)
     # Admission works to the smaller share; batches are still planned on the whole objective.
     assert plan.admission(30, 1, 0, idle=1, instances=1, now_ns=0).budget_ns == 40 * MS * cut
     assert plan.planned_size(1) == 32
-    # A batch dispatched before that cut overshooting too does not cut again.
-    plan.observe(2, 32, 20 * MS, dispatched_ns=110 * MS, done_ns=130 * MS, worst_latency_ns=45 * MS)
+    # Late requests that arrived before the cut (at 85 and 100 ms) were late for the same
+    # cause: no second cut. One that arrived after it (125 ms) cuts again.
+    plan.observe(2, 32, 20 * MS, done_ns=130 * MS, worst_latency_ns=45 * MS)
+    plan.observe(3, 32, 20 * MS, done_ns=145 * MS, worst_latency_ns=45 * MS)
     assert plan.headroom == cut
-    plan.observe(3, 32, 20 * MS, dispatched_ns=125 * MS, done_ns=145 * MS, worst_latency_ns=45 * MS)
+    plan.observe(4, 32, 20 * MS, done_ns=170 * MS, worst_latency_ns=45 * MS)
     assert plan.headroom < cut
     low = plan.headroom
     # Batches well inside the objective grow it back, a step at a time.
-    plan.observe(4, 8, 8 * MS, dispatched_ns=200 * MS, done_ns=208 * MS, worst_latency_ns=10 * MS)
+    plan.observe(4, 8, 8 * MS, done_ns=208 * MS, worst_latency_ns=10 * MS)
     assert low < plan.headroom < low + 0.01
-    for step in range(1000):
-        plan.observe(5, 8, 8 * MS, dispatched_ns=(300 + step) * MS, done_ns=0, worst_latency_ns=10 * MS)
+    for _ in range(1000):
+        plan.observe(5, 8, 8 * MS, done_ns=0, worst_latency_ns=10 * MS)
     assert plan.headroom == 1.0
 
 
