@@ -45,9 +45,12 @@ PLAN_AFTER_BATCHES = 3
 #: noise a running mean does not predict: thread wake-ups, loop turns), its floor, its cut on an
 #: overshoot, its growth step.
 HEADROOM_START = 0.85
-HEADROOM_FLOOR = 0.3
-HEADROOM_CUT = 0.8
-HEADROOM_STEP = 0.002
+HEADROOM_FLOOR = 0.5
+HEADROOM_CUT = 0.85
+HEADROOM_STEP = 0.005
+#: A batch whose compute took this many times its predicted cost stalled (the host descheduled
+#: its thread): requests late because of it are not blamed on admission.
+STALL_RATIO = 2.0
 #: A batch whose slowest request finished within this share of the objective is "well inside"
 #: it and lets the admission share grow back.
 WELL_INSIDE = 0.75
@@ -310,12 +313,17 @@ class LatencyPlanner:
     ) -> None:
         """A batch executed: learn its cost; adjust the admission share by how late its slowest
         request (arrival to outputs) was."""
+        stalled = self.ready and cost_ns > STALL_RATIO * self.curve.cost_ns(rows)
         self.curve.observe(rows, cost_ns)
         if sequence in self._running:
             self._done[sequence] = done_ns
-        if worst_latency_ns > self.objective_ns:
+        if stalled:
+            # Its own requests were late because of the stall, not of admission. The requests
+            # queued behind it are not excused: a host that stalls needs more room.
+            pass
+        elif worst_latency_ns > self.objective_ns:
             # One cut per episode: a batch whose oldest request was admitted before the last cut
-            # was late for the same cause (one stall makes every request queued through it late).
+            # (or stall) was late for the same cause.
             if done_ns - worst_latency_ns >= self._last_cut_ns:
                 self.headroom = max(self.headroom * HEADROOM_CUT, HEADROOM_FLOOR)
                 self._last_cut_ns = done_ns

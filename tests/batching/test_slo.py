@@ -33,6 +33,7 @@ from scheduler_fakes import (
 )
 
 from convoy.batching.slo import (
+    HEADROOM_CUT,
     HEADROOM_START,
     PLAN_AFTER_BATCHES,
     TRUSTED_AFTER,
@@ -223,7 +224,7 @@ def test_overshoot_cuts_the_admission_share_once_per_episode_and_it_grows_back()
     assert plan.headroom == HEADROOM_START < 1.0
     plan.observe(1, 32, 20 * MS, done_ns=120 * MS, worst_latency_ns=45 * MS)
     cut = plan.headroom
-    assert cut == pytest.approx(HEADROOM_START * 0.8)
+    assert cut == pytest.approx(HEADROOM_START * HEADROOM_CUT)
     # Admission works to the smaller share; batches are still planned on the whole objective.
     assert plan.admission(30, 1, 0, idle=1, instances=1, now_ns=0).budget_ns == 40 * MS * cut
     assert plan.planned_size(1) == 32
@@ -241,6 +242,16 @@ def test_overshoot_cuts_the_admission_share_once_per_episode_and_it_grows_back()
     for _ in range(1000):
         plan.observe(5, 8, 8 * MS, done_ns=0, worst_latency_ns=10 * MS)
     assert plan.headroom == 1.0
+
+
+def test_a_batch_that_stalled_does_not_cut_the_admission_share():
+    plan = planner(40)
+    # Predicted 20 ms, took 60 ms: the host stalled it; admitting less would not have helped.
+    plan.observe(1, 32, 60 * MS, done_ns=100 * MS, worst_latency_ns=70 * MS)
+    assert plan.headroom == HEADROOM_START
+    # Requests queued behind it and late too do cut it (a host that stalls needs more room).
+    plan.observe(2, 32, 20 * MS, done_ns=120 * MS, worst_latency_ns=50 * MS)
+    assert plan.headroom < HEADROOM_START
 
 
 # --- the parameter -----------------------------------------------------------------------------
