@@ -7,6 +7,8 @@ When to dispatch (the batcher's whole policy):
   queued, so closed-loop clients cannot add to it), or when the measured arrival rate says
   nothing more will arrive before the delay runs out;
 - otherwise it waits for an arrival, a free instance or the delay, whichever comes first.
+- with a latency objective (parameter latency_slo_ms), its planner (batching/slo.py) sets the
+  batch row limit and an earlier latest dispatch, and refuses on arrival what would miss it.
 
 Runs entirely on the event loop, without a task of its own: a dispatch attempt runs when a
 request arrives, when a batch finishes (an instance frees) and when a delay timer fires. A batch
