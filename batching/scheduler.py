@@ -42,7 +42,7 @@ from convoy.types import Request, RequestState, Response, StageTimes
 
 from .assemble import Collation, collation_for
 from .queue import PriorityQueue
-from .slo import LatencyPlanner
+from .slo import LatencyPlanner, PlanState
 from .stats import ModelStats
 from .usage import UsageMeter
 
@@ -329,6 +329,13 @@ class Scheduler:
         if self._slo is None:
             return self._max_rows
         return self._slo.planned_size(len(self._instances))
+
+    @property
+    def latency_plan(self) -> PlanState | None:
+        """The latency objective's learned cost line and current plan; None without one."""
+        if self._slo is None:
+            return None
+        return self._slo.state(len(self._instances))
 
     def _completion_estimate(self, request: Request) -> tuple[float, int]:
         """(seconds until a request arriving now would have its batch done, batches counted):

@@ -174,6 +174,19 @@ class Admission:
     budget_ns: float
 
 
+@dataclass(frozen=True, slots=True)
+class PlanState:
+    """What the planner has learned and decided, for metrics."""
+
+    objective_s: float
+    #: The AIMD share of the objective admission works to.
+    admission_share: float
+    planned_batch_size: int
+    #: The fitted cost line: per batch and per row (seconds).
+    fixed_s: float
+    per_row_s: float
+
+
 class LatencyPlanner:
     """Sizes batches and admits requests for one model's latency objective (see the module)."""
 
@@ -278,6 +291,16 @@ class LatencyPlanner:
         if not idle:
             completion += self._earliest_free_ns(now_ns)
         return Admission(completion <= budget, completion, batches, budget)
+
+    def state(self, instances: int) -> PlanState:
+        fixed, per_row = self.curve.fit()
+        return PlanState(
+            self.objective_ns / 1e9,
+            self.headroom,
+            self.planned_size(instances),
+            fixed / 1e9,
+            per_row / 1e9,
+        )
 
     def _earliest_free_ns(self, now_ns: int) -> float:
         """Predicted ns until the first running batch finishes (0 when none runs or one is

@@ -165,6 +165,21 @@ class ModelCollector(Collector):
             "for the model's latency objective",
             labels=LABELS,
         )
+        objective = GaugeMetricFamily(
+            "convoy_latency_objective_seconds",
+            "The model's latency objective (parameter latency_slo_ms), p99 from arrival",
+            labels=LABELS,
+        )
+        share = GaugeMetricFamily(
+            "convoy_latency_admission_share",
+            "Share of the latency objective admission currently works to (AIMD)",
+            labels=LABELS,
+        )
+        batch_cost = GaugeMetricFamily(
+            "convoy_batch_cost_seconds",
+            "Learned batch cost line for the latency objective: per batch (fixed) and per row",
+            labels=(*LABELS, "part"),
+        )
         for model, entry in loaded:
             version = str(entry.version)
             stats = entry.stats
@@ -189,7 +204,14 @@ class ModelCollector(Collector):
                     depth.add_metric([model, version, str(level)], waiting)
                 if isinstance(scheduler, Scheduler):  # the dynamic batcher's, not a sequence's
                     batch_limit.add_metric([model, version], scheduler.batch_size_limit)
+                    plan = scheduler.latency_plan
+                    if plan is not None:
+                        objective.add_metric([model, version], plan.objective_s)
+                        share.add_metric([model, version], plan.admission_share)
+                        batch_cost.add_metric([model, version, "fixed"], plan.fixed_s)
+                        batch_cost.add_metric([model, version, "per_row"], plan.per_row_s)
         yield from (failures, pending, dispatches, rejections, depth, batch_limit)
+        yield from (objective, share, batch_cost)
 
         for name, documentation, histogram_of, scale in _HISTOGRAMS:
             family = HistogramMetricFamily(name, documentation, labels=LABELS)

@@ -298,9 +298,9 @@ def test_latency_slo_without_dynamic_batching_is_refused():
 #: The fake's batch cost: FIXED_S + PER_ROW_S per row, slept on its instance's thread (it stands
 #: for an accelerator: the host's cores stay free). Sized so that a few ms of this machine's
 #: scheduling jitter is small against the objective.
-FIXED_S = 0.004
-PER_ROW_S = 0.001
-OBJECTIVE_MS = 80.0
+FIXED_S = 0.008
+PER_ROW_S = 0.002
+OBJECTIVE_MS = 160.0
 #: p99 of admitted requests may exceed the objective by this much (loop and thread wake-up
 #: delays on a shared 2-core machine, and the first batches, planned before the curve is known).
 NOISE_MARGIN = 0.25

@@ -114,4 +114,11 @@ def test_burst_past_the_objective_is_refused_with_resource_exhausted_and_counted
     assert metric_value(slo_server, "convoy_rejections_total", reason="latency_slo", **labels) == refused
     limit = metric_value(slo_server, "convoy_batch_size_limit", **labels)
     assert 1 <= limit <= 8
+    # The plan is visible: objective, admission share, and the learned cost line (the model
+    # sleeps 10 ms + 2 ms a row; the line also holds the server's own per-batch work).
+    assert metric_value(slo_server, "convoy_latency_objective_seconds", **labels) == 0.1
+    assert 0.5 <= metric_value(slo_server, "convoy_latency_admission_share", **labels) <= 1.0
+    fixed = metric_value(slo_server, "convoy_batch_cost_seconds", part="fixed", **labels)
+    per_row = metric_value(slo_server, "convoy_batch_cost_seconds", part="per_row", **labels)
+    assert fixed + per_row >= 0.012
     print(f"\nlatency objective: {BURST} at once, {refused} refused, planned batch size {limit:g}")
