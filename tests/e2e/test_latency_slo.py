@@ -120,5 +120,5 @@ def test_burst_past_the_objective_is_refused_with_resource_exhausted_and_counted
     assert 0.5 <= metric_value(slo_server, "convoy_latency_admission_share", **labels) <= 1.0
     fixed = metric_value(slo_server, "convoy_batch_cost_seconds", part="fixed", **labels)
     per_row = metric_value(slo_server, "convoy_batch_cost_seconds", part="per_row", **labels)
-    assert fixed + per_row >= 0.012
+    assert fixed > 0 and per_row >= 0 and fixed + 8 * per_row >= 0.02
     print(f"\nlatency objective: {BURST} at once, {refused} refused, planned batch size {limit:g}")
