@@ -3,8 +3,9 @@ sizes batches and admits requests so that request latency stays inside the objec
 
 The objective (`parameters { key: "latency_slo_ms" }`) is a p99 target for request latency
 from arrival: queue wait plus batch compute. The planner
-- learns what a batch of each size costs (`CostCurve`: a per-size EWMA, and a fixed + per-row
-  least-squares fit for sizes not yet seen);
+- learns what a batch of each size costs (`CostCurve`: a size's running mean once it has run a
+  few times, a fixed + per-row least-squares line for the others, the largest measured size's
+  cost per row above it), plus the turnaround between back-to-back batches;
 - plans a batch size for sustained load (`planned_size`): the largest whose cost leaves room
   for a request arriving just after a dispatch to wait for the batch running ahead of it and
   still ride the next one (with k instances it waits about 1/k of a batch);
