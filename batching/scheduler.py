@@ -7,6 +7,8 @@ When to dispatch (the batcher's whole policy):
   queued, so closed-loop clients cannot add to it), or when the measured arrival rate says
   nothing more will arrive before the delay runs out;
 - otherwise it waits for an arrival, a free instance or the delay, whichever comes first.
+- with a latency objective (parameter latency_slo_ms), its planner (batching/slo.py) sets the
+  batch row limit and an earlier latest dispatch, and refuses on arrival what would miss it.
 
 Runs entirely on the event loop, without a task of its own: a dispatch attempt runs when a
 request arrives, when a batch finishes (an instance frees) and when a delay timer fires. A batch
@@ -40,6 +42,7 @@ from convoy.types import Request, RequestState, Response, StageTimes
 
 from .assemble import Collation, collation_for
 from .queue import PriorityQueue
+from .slo import LatencyPlanner, PlanState
 from .stats import ModelStats
 from .usage import UsageMeter
 
@@ -153,6 +156,10 @@ class Scheduler:
         #: model behind deadline-aware admission and Retry-After.
         self._batch_ns = 0.0
         self._batches_measured = 0
+        #: Batch sizing and admission for the latency objective (parameter latency_slo_ms).
+        self._slo: LatencyPlanner | None = None
+        if config.latency_slo_ms and self._dynamic:
+            self._slo = LatencyPlanner(config.latency_slo_ms, self._max_rows, self._preferred)
         # preserve_ordering: batches deliver in the order they were formed.
         self._next_sequence = 0
         self._deliver_sequence = 0
@@ -265,6 +272,8 @@ class Scheduler:
                     f"{self._batch_ns / 1e6:.1f} ms at priority {level} and above); retry later",
                     retry_after=expected,
                 )
+        if self._slo is not None:
+            self._admit_within_objective(request, level, now)
         request.state = RequestState.QUEUED
         request.queued_ns = now
         self._queue.push(request)
@@ -288,6 +297,46 @@ class Scheduler:
             self._dispatch_soon()
         else:
             self._waited_for_instance = True
+
+    def _admit_within_objective(self, request: Request, level: int, now: int) -> None:
+        """Refuse a request the latency objective predicts it would miss (see batching/slo.py)."""
+        age = now - (request.received_ns or now)
+        verdict = self._slo.admission(
+            self._queue.rows_through(request.level),
+            request.rows,
+            age,
+            len(self._idle),
+            len(self._instances),
+            now,
+        )
+        if verdict.admitted:
+            return
+        self.stats.record_rejection("latency_slo", age)
+        if self._usage is not None:
+            self._usage.record_rejection(self.config.name, self.version, request)
+        objective_ms = self._slo.objective_ns / 1e6
+        raise Overloaded(
+            f"model '{self.config.name}' cannot answer within its latency objective "
+            f"(latency_slo_ms {objective_ms:g}): about {verdict.completion_ns / 1e6:.1f} ms of work "
+            f"until its batch completes ({verdict.batches} batches at priority {level} and above), "
+            f"{max(verdict.budget_ns, 0) / 1e6:.1f} ms allowed; retry later",
+            retry_after=max(verdict.completion_ns - verdict.budget_ns, 1e6) / 1e9,
+        )
+
+    @property
+    def batch_size_limit(self) -> int:
+        """Rows a batch may hold under sustained load: the latency objective's planned size,
+        or max_batch_size without one."""
+        if self._slo is None:
+            return self._max_rows
+        return self._slo.planned_size(len(self._instances))
+
+    @property
+    def latency_plan(self) -> PlanState | None:
+        """The latency objective's learned cost line and current plan; None without one."""
+        if self._slo is None:
+            return None
+        return self._slo.state(len(self._instances))
 
     def _completion_estimate(self, request: Request) -> tuple[float, int]:
         """(seconds until a request arriving now would have its batch done, batches counted):
@@ -340,20 +389,33 @@ class Scheduler:
         rows = self._queue.rows
         if not self._dynamic:
             return "unbatched", self._max_rows
-        if rows >= self._max_rows:
-            return "full", self._max_rows
+        limit = self._max_rows
+        if self._slo is not None:
+            waited = now - (oldest.received_ns or oldest.queued_ns)
+            limit = self._slo.batch_limit(waited, len(self._instances))
+        if rows >= limit:
+            return "full", limit
         if self._preferred and rows >= self._preferred[-1]:
             return "preferred_size", self._preferred[-1]
         if self._waited_for_instance:
-            return "instance_freed", self._max_rows
+            return "instance_freed", limit
         if self._executing_rows == 0:
-            return "queue_drained", self._max_rows
-        remaining = oldest.queued_ns + self._max_delay_ns - now
+            return "queue_drained", limit
+        remaining = self._dispatch_by_ns(oldest) - now
         if remaining <= 0:
-            return "delay_expired", self._max_rows
+            return "delay_expired", limit
         if self._arrival_gap_ns > remaining:
-            return "queue_drained", self._max_rows
-        return None, self._max_rows
+            return "queue_drained", limit
+        return None, limit
+
+    def _dispatch_by_ns(self, oldest: Request) -> int:
+        """When the batch `oldest` heads must go at the latest: max_queue_delay after it was
+        queued, earlier when the latency objective needs it."""
+        by = oldest.queued_ns + self._max_delay_ns
+        if self._slo is not None:
+            arrived = oldest.received_ns or oldest.queued_ns
+            by = min(by, self._slo.dispatch_by_ns(arrived, len(self._instances)))
+        return by
 
     def _dispatch(self) -> None:
         """Start as many batches as there are free instances and reasons to go now."""
@@ -365,7 +427,7 @@ class Scheduler:
             now = time.monotonic_ns()
             reason, limit = self._dispatch_decision(oldest, now)
             if reason is None:
-                self._arm_timer(oldest.queued_ns + self._max_delay_ns)
+                self._arm_timer(self._dispatch_by_ns(oldest))
                 return
             if self._dynamic:
                 # A request larger than the preferred size still goes (alone if it must).
@@ -413,6 +475,8 @@ class Scheduler:
         self._next_sequence += 1
         context = (instance, batch, rows, reason, dispatched_ns, sequence)
         self._executing[sequence] = batch
+        if self._slo is not None:
+            self._slo.started(sequence, rows, time.monotonic_ns())
         if self._execution_timeout:
             self._loop.call_later(self._execution_timeout, self._timed_out, context)
         # Assembled on the instance's thread (off the loop), into the runtime's own buffers
@@ -487,6 +551,10 @@ class Scheduler:
         else:
             self._batch_ns = float(done - start)
         self._batches_measured += 1
+        if self._slo is not None:
+            arrived = min(request.received_ns or request.queued_ns for request in batch)
+            sequence = context[5]
+            self._slo.observe(sequence, rows, done - start, done, done - arrived)
         return StageTimes(dispatched_ns, start, merged, inferred, done)
 
     def _request_outcome(self, context, start: int, merged: int, inferred: int, results) -> list:
@@ -530,6 +598,8 @@ class Scheduler:
         else:
             self._idle.append(instance)
         del self._executing[sequence]
+        if self._slo is not None:
+            self._slo.ended(sequence, backlog=self._queue.size > 0)
         if self._closed:
             return
         if self._preserve_ordering:
@@ -548,6 +618,8 @@ class Scheduler:
         if sequence not in self._executing:
             return  # finished in time
         del self._executing[sequence]
+        if self._slo is not None:
+            self._slo.ended(sequence, backlog=self._queue.size > 0)
         self._executing_rows -= rows
         self._instances.remove(instance)
         name = self.config.name
@@ -593,6 +665,8 @@ class Scheduler:
         fresh instance is up; queued requests wait for it (bounded by their queue timeouts)."""
         instance, batch, rows, _, dispatched_ns, sequence = context
         del self._executing[sequence]
+        if self._slo is not None:
+            self._slo.ended(sequence, backlog=self._queue.size > 0)
         self._executing_rows -= rows
         name = self.config.name
         log.error(

@@ -214,6 +214,9 @@ class ModelConfig:
     default_model_filename: str = ""
     #: Fraction of requests the payload log records (parameter payload_log_sample_rate; 0 = off).
     payload_log_sample_rate: float = 0.0
+    #: p99 request-latency objective in ms (parameter latency_slo_ms; 0 = none): batches are
+    #: sized and requests admitted to meet it (batching/slo.py).
+    latency_slo_ms: float = 0.0
     #: `model_transaction_policy { decoupled: true }`: 0..N responses per request, streamed.
     decoupled: bool = False
     #: Ragged batching: tensors the batcher adds to each batch, outputs it scatters by shape.

@@ -29,6 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import Histogram, ModelStats
 from convoy.batching.usage import UsageMeter, UsageTotals
 from convoy.engine.payload_log import PayloadLog
@@ -46,7 +47,7 @@ DISPATCH_REASONS = (
     "instance_freed",
     "unbatched",
 )
-REJECTION_REASONS = ("queue_full", "timeout", "deadline")
+REJECTION_REASONS = ("queue_full", "timeout", "deadline", "latency_slo")
 
 #: Triton's cumulative per-model counters: (name, help, value from the stats).
 _TRITON_COUNTERS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
@@ -158,6 +159,27 @@ class ModelCollector(Collector):
             "Requests waiting in the queue, by priority level (1 is highest)",
             labels=(*LABELS, "priority"),
         )
+        batch_limit = GaugeMetricFamily(
+            "convoy_batch_size_limit",
+            "Rows a batch may hold under sustained load: max_batch_size, or the size planned "
+            "for the model's latency objective",
+            labels=LABELS,
+        )
+        objective = GaugeMetricFamily(
+            "convoy_latency_objective_seconds",
+            "The model's latency objective (parameter latency_slo_ms), p99 from arrival",
+            labels=LABELS,
+        )
+        share = GaugeMetricFamily(
+            "convoy_latency_admission_share",
+            "Share of the latency objective admission currently works to (AIMD)",
+            labels=LABELS,
+        )
+        batch_cost = GaugeMetricFamily(
+            "convoy_batch_cost_seconds",
+            "Learned batch cost line for the latency objective: per batch (fixed) and per row",
+            labels=(*LABELS, "part"),
+        )
         for model, entry in loaded:
             version = str(entry.version)
             stats = entry.stats
@@ -180,7 +202,16 @@ class ModelCollector(Collector):
                 pending.add_metric([model, version], scheduler.in_flight)
                 for level, waiting in enumerate(scheduler.queue_depths, start=1):
                     depth.add_metric([model, version, str(level)], waiting)
-        yield from (failures, pending, dispatches, rejections, depth)
+                if isinstance(scheduler, Scheduler):  # the dynamic batcher's, not a sequence's
+                    batch_limit.add_metric([model, version], scheduler.batch_size_limit)
+                    plan = scheduler.latency_plan
+                    if plan is not None:
+                        objective.add_metric([model, version], plan.objective_s)
+                        share.add_metric([model, version], plan.admission_share)
+                        batch_cost.add_metric([model, version, "fixed"], plan.fixed_s)
+                        batch_cost.add_metric([model, version, "per_row"], plan.per_row_s)
+        yield from (failures, pending, dispatches, rejections, depth, batch_limit)
+        yield from (objective, share, batch_cost)
 
         for name, documentation, histogram_of, scale in _HISTOGRAMS:
             family = HistogramMetricFamily(name, documentation, labels=LABELS)

@@ -6,6 +6,7 @@ The parsed protobuf is kept beside the typed config for the ModelConfig API, whi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -255,6 +256,7 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         padding=padding,
         default_model_filename=proto.default_model_filename,
         payload_log_sample_rate=_sample_rate(proto, fail),
+        latency_slo_ms=_latency_slo(proto, dynamic, fail),
         decoupled=proto.model_transaction_policy.decoupled,
         batch_inputs=batch_inputs,
         batch_outputs=batch_outputs,
@@ -277,6 +279,31 @@ def _sample_rate(proto: mc.ModelConfig, fail) -> float:
             f"expected a fraction of requests between 0 and 1, got '{value}'",
         )
     return rate
+
+
+def _latency_slo(proto: mc.ModelConfig, dynamic, fail) -> float:
+    """The `latency_slo_ms` parameter: a p99 latency objective in ms, met by sizing dynamic
+    batches (so it needs dynamic_batching); 0 (absent) means none."""
+    parameter = proto.parameters.get("latency_slo_ms")
+    value = parameter.string_value.strip() if parameter is not None else ""
+    if not value:
+        return 0.0
+    try:
+        objective = float(value)
+    except ValueError:
+        objective = -1.0
+    if not (objective > 0 and math.isfinite(objective)):
+        raise fail(
+            "parameters.latency_slo_ms",
+            f"expected a positive number of milliseconds, got '{value}'",
+        )
+    if dynamic is None:
+        raise fail(
+            "parameters.latency_slo_ms",
+            "needs dynamic_batching (the objective is met by sizing batches); add a "
+            "dynamic_batching block or remove the parameter",
+        )
+    return objective
 
 
 def _tensor_spec(tensor, field: str, fail, batching: bool) -> TensorSpec:
