@@ -249,6 +249,8 @@ class Protocol:
     name: str
     client: object
     module: object
+    #: host:port of the server for this protocol (for tests that open more clients).
+    url: str = ""
 
     def status(self, grpc_code: str) -> str:
         """What InferenceServerException.status() says for this error on this protocol."""
@@ -369,7 +371,8 @@ def open_protocol(name: str, process: ConvoyProcess, http_concurrency: int = 8):
         client = httpclient.InferenceServerClient(process.http_url, concurrency=http_concurrency)
         module = httpclient
     try:
-        yield Protocol(name, client, module)
+        url = process.grpc_url if name == "grpc" else process.http_url
+        yield Protocol(name, client, module, url)
     finally:
         client.close()
 

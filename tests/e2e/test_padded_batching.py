@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -151,28 +152,44 @@ def tokens(tag: int, length: int) -> np.ndarray:
 
 
 def infer_concurrently(protocol, lengths: list[int], first_tag: int) -> list[dict[str, np.ndarray]]:
-    """Send one request per length at once; each one's outputs (or the exception it got)."""
+    """Send one request per length at once; each one's outputs (or the exception it got).
+
+    gRPC: the client's async_infer. HTTP: one thread and client (connection) per request:
+    tritonclient's gevent async_infer sends over one or two pooled connections here
+    (geventhttpclient 2.6), so its requests would reach the server one after another."""
     answers: queue.SimpleQueue = queue.SimpleQueue()
-    handles = []
-    for index, length in enumerate(lengths):
+
+    def inputs_of(module, index: int, length: int) -> list:
         ids = tokens(first_tag + index, length)
         inputs = [
-            protocol.input("input_ids", ids, "INT64"),
-            protocol.input("attention_mask", np.ones_like(ids), "INT64"),
+            module.InferInput("input_ids", list(ids.shape), "INT64"),
+            module.InferInput("attention_mask", list(ids.shape), "INT64"),
         ]
+        inputs[0].set_data_from_numpy(ids)
+        inputs[1].set_data_from_numpy(np.ones_like(ids))
+        return inputs
+
+    def over_http(index: int, length: int) -> None:
+        client = protocol.module.InferenceServerClient(protocol.url)
+        try:
+            answers.put((index, client.infer("padded", inputs_of(protocol.module, index, length)), None))
+        except InferenceServerException as error:
+            answers.put((index, None, error))
+        finally:
+            client.close()
+
+    threads = []
+    for index, length in enumerate(lengths):
         if protocol.name == "grpc":
             protocol.client.async_infer(
                 "padded",
-                inputs,
+                inputs_of(protocol.module, index, length),
                 lambda result, error, index=index: answers.put((index, result, error)),
             )
         else:
-            handles.append((index, protocol.client.async_infer("padded", inputs)))
-    for index, handle in handles:
-        try:
-            answers.put((index, handle.get_result(), None))
-        except InferenceServerException as error:
-            answers.put((index, None, error))
+            thread = threading.Thread(target=over_http, args=(index, length), daemon=True)
+            thread.start()
+            threads.append(thread)
     results: list = [None] * len(lengths)
     for _ in lengths:
         index, result, error = answers.get(timeout=60)
@@ -184,6 +201,8 @@ def infer_concurrently(protocol, lengths: list[int], first_tag: int) -> list[dic
                 for name in ("token_out", "row_sum", "padded_length", "batch_rows")
             }
         )
+    for thread in threads:
+        thread.join(timeout=60)
     return results
 
 
