@@ -192,6 +192,35 @@ class PriorityQueue:
                 break
         progress[:] = [rows, cost, lead]
 
+    def fills_budget(
+        self,
+        lead: Request,
+        key: Callable[[Request], Hashable],
+        budget: BatchBudget,
+        scan_limit: int = 256,
+    ) -> bool:
+        """Whether the batch `lead` would head already reaches the budget's cost ceiling: the
+        live requests `take` would add (its key's equals, and those the budget lets fill), at
+        their cost in a batch it leads. Reads the queue, changes nothing; looks at most at
+        `scan_limit` requests."""
+        lead_key = key(lead)
+        cost = 0
+        seen = 0
+        for index, fifo in enumerate(self._queues()):
+            delayed = index == len(self._levels)
+            for request in fifo:
+                if request.delayed is not delayed or not _live(request):
+                    continue
+                request_key = key(request)
+                if request_key == lead_key or budget.joins(lead_key, request_key):
+                    cost += budget.cost(lead_key, request)
+                    if cost >= budget.max_cost:
+                        return True
+                seen += 1
+                if seen >= scan_limit:
+                    return False
+        return False
+
     def drain(self) -> list[Request]:
         """Remove every live request (shutdown)."""
         left: list[Request] = []

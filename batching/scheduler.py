@@ -401,6 +401,15 @@ class Scheduler:
             return "instance_freed", limit
         if self._executing_rows == 0:
             return "queue_drained", limit
+        # Padded batching: the batch may be full by tokens (rows x padded length) before it is
+        # by rows; waiting longer would not let it grow.
+        budget = self._collation.budget
+        if (
+            budget is not None
+            and budget.max_cost
+            and self._queue.fills_budget(oldest, self._collation.key, budget)
+        ):
+            return "full", limit
         remaining = self._dispatch_by_ns(oldest) - now
         if remaining <= 0:
             return "delay_expired", limit

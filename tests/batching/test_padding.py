@@ -405,3 +405,32 @@ def test_scheduler_refuses_a_request_longer_than_the_longest_bucket():
                 scheduler.submit(request)
 
     asyncio.run(scenario())
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 3), st.integers(1, 32)), min_size=1, max_size=30),
+    st.integers(8, 256),
+)
+@settings(max_examples=80, deadline=None)
+def test_the_scheduler_sees_a_batch_full_by_tokens_exactly_when_its_leaders_batch_reaches_the_budget(
+    shapes, budget
+):
+    """`fills_budget` (the dispatch rule "full" for padded models) agrees with what `take`
+    gathers: when it says no, the leader's batch takes every request that may join it and still
+    costs less than the budget."""
+    collation = PaddedCollation(padded_config(max_batch_size=1024, max_batch_tokens=str(budget)))
+    requests = [padded_request(tag, length, rows) for tag, (rows, length) in enumerate(shapes)]
+    queue = queued(requests)
+    lead = requests[0]
+    lead_key = collation.key(lead)
+    joining = [
+        r
+        for r in requests
+        if collation.key(r) == lead_key or collation.joins(lead_key, collation.key(r))
+    ]
+    total = sum(collation.cost(lead_key, r) for r in joining)
+    full = queue.fills_budget(lead, collation.key, collation.budget)
+    assert full == (total >= budget)
+    if not full:
+        batch = queue.take(1024, 1024, collation.key, budget=collation.budget)
+        assert sorted(id(r) for r in batch) == sorted(id(r) for r in joining)
