@@ -25,7 +25,7 @@ from convoy.config import BatchInput, ModelConfig
 from convoy.datatypes import NUMPY_DTYPE
 from convoy.errors import ConvoyError, InferenceFailed
 from convoy.outputs import declared_types, missing
-from convoy.types import Request
+from convoy.types import DetachedFuture, Request
 
 from .assemble import Collation
 
@@ -157,26 +157,11 @@ def ragged_warmup(config: ModelConfig) -> Callable[[dict[str, np.ndarray]], dict
 
     def prepare(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = next(iter(inputs.values())).shape[0]
+        idle = DetachedFuture()
         requests = [
-            Request(f"warmup {row}", {n: a[row : row + 1] for n, a in inputs.items()}, (), 1, _Idle())
+            Request(f"warmup {row}", {n: a[row : row + 1] for n, a in inputs.items()}, (), 1, idle)
             for row in range(rows)
         ]
         return collation.merge(requests)
 
     return prepare
-
-
-class _Idle:
-    """The future of a warm-up request: never resolved."""
-
-    def done(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def set_result(self, result) -> None:
-        pass
-
-    def set_exception(self, exception) -> None:
-        pass

@@ -23,6 +23,25 @@ class OutcomeFuture(Protocol):
     def set_exception(self, exception: BaseException) -> None: ...
 
 
+class DetachedFuture:
+    """The future of a request nobody awaits (a warm-up sample, a request inside an isolated
+    worker, whose results travel back another way): never done, outcomes dropped."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result: Any) -> None:
+        pass
+
+    def set_exception(self, exception: BaseException) -> None:
+        pass
+
+
 class RequestState(enum.IntEnum):
     QUEUED = 0
     RUNNING = 1

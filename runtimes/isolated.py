@@ -45,7 +45,7 @@ from convoy.errors import (
     Unavailable,
     Unsupported,
 )
-from convoy.types import ModelCall, Response
+from convoy.types import DetachedFuture, ModelCall, Response
 from convoy.wire import FrameWriter, TensorMeta, read_tensors, receive_frame, send_frame
 
 log = logging.getLogger("convoy.runtimes.isolated")
@@ -504,22 +504,6 @@ class _ChannelCaller:
         )
 
 
-class _WorkerFuture:
-    """A request's future inside the worker: results travel back in the reply instead."""
-
-    def done(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def set_result(self, result) -> None:
-        pass
-
-    def set_exception(self, exception) -> None:
-        pass
-
-
 def _with_metrics(header: dict, metrics) -> dict:
     """The reply header, with the worker's custom metric families when the model defined any
     (the server sums them with its own and the other workers' on /metrics)."""
@@ -545,7 +529,7 @@ def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, 
                 own,
                 tuple(requested),
                 rows,
-                _WorkerFuture(),
+                DetachedFuture(),
                 timeout_us=timeout_us,
                 parameters=parameters,
                 callers=tuple(callers),

@@ -221,10 +221,10 @@ class PythonRuntime:
 
     def _infer_merged(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A merged batch (warm-up) through a TritonPythonModel: one request holding it."""
-        from convoy.types import Request
+        from convoy.types import DetachedFuture, Request
 
         rows = next(iter(inputs.values())).shape[0] if self._source.config.max_batch_size else 1
-        request = Request("warmup", inputs, (), rows, future=_NoFuture())
+        request = Request("warmup", inputs, (), rows, future=DetachedFuture())
         if self._source.config.decoupled:
             self._triton.warm_up_decoupled(request)
             return {}
@@ -242,19 +242,3 @@ class PythonRuntime:
         if finalize is not None:
             finalize()
         self._model = None
-
-
-class _NoFuture:
-    """The future of a warm-up request: never cancelled, results dropped."""
-
-    def done(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def set_result(self, result) -> None:
-        pass
-
-    def set_exception(self, exception) -> None:
-        pass

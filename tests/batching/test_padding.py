@@ -20,7 +20,7 @@ from convoy.batching.queue import PriorityQueue
 from convoy.config import DynamicBatching, ModelConfig
 from convoy.errors import Cancelled, InvalidConfig, InvalidInput
 from convoy.padding import Padding, parse_padding
-from convoy.types import Request, RequestState, Response, TensorSpec
+from convoy.types import DetachedFuture, Request, RequestState, Response, TensorSpec
 
 IDS_PAD = -7
 INPUTS = (
@@ -78,22 +78,8 @@ def padded_request(tag: int, length: int, rows: int = 1, future=None) -> Request
         "scale": np.full((rows, 2), tag, np.float32),
     }
     if future is None:
-        future = _NoFuture()
+        future = DetachedFuture()
     return Request(f"r{tag}", inputs, (), rows, future, received_ns=time.monotonic_ns())
-
-
-class _NoFuture:
-    def done(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def set_result(self, result) -> None:
-        pass
-
-    def set_exception(self, exception) -> None:
-        pass
 
 
 # --- parameters --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from convoy.batching.stats import ModelStats
 from convoy.config import BatchInput, BatchOutput, DynamicBatching, ModelConfig
 from convoy.errors import InferenceFailed
 from convoy.runtimes.base import RuntimeInstance
-from convoy.types import Request, TensorSpec
+from convoy.types import DetachedFuture, Request, TensorSpec
 
 KINDS = (
     "BATCH_ELEMENT_COUNT",
@@ -31,20 +31,6 @@ KINDS = (
     "BATCH_ITEM_SHAPE",
     "BATCH_ITEM_SHAPE_FLATTEN",
 )
-
-
-class _Future:
-    def done(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def set_result(self, result) -> None:
-        pass
-
-    def set_exception(self, exception) -> None:
-        pass
 
 
 def _config(rank: int = 1, datatype: str = "INT32", scatter: bool = True) -> ModelConfig:
@@ -73,7 +59,9 @@ def _request(index: int, ragged_shape: tuple[int, ...], outputs: tuple[str, ...]
     rows = ragged_shape[0]
     ragged = np.arange(np.prod(ragged_shape), dtype=np.float32).reshape(ragged_shape) + 1000 * index
     dense = np.full((rows, 2), index, dtype=np.float32)
-    return Request(f"r{index}", {"RAGGED": ragged, "DENSE": dense}, outputs, rows, future=_Future())
+    return Request(
+        f"r{index}", {"RAGGED": ragged, "DENSE": dense}, outputs, rows, future=DetachedFuture()
+    )
 
 
 def test_a_config_with_ragged_inputs_gets_the_ragged_collation_and_others_the_dense_one():
@@ -93,7 +81,8 @@ def test_the_documented_example_concatenates_into_one_dimension_with_end_offsets
         batch_inputs=(BatchInput("BATCH_ACCUMULATED_ELEMENT_COUNT", ("INDEX",), "FP32", "INPUT"),),
     )
     requests = [
-        Request(str(n), {"INPUT": np.full((1, n), n, np.float32)}, (), 1, _Future()) for n in (3, 4, 5)
+        Request(str(n), {"INPUT": np.full((1, n), n, np.float32)}, (), 1, DetachedFuture())
+        for n in (3, 4, 5)
     ]
     merged = RaggedCollation(config).merge(requests)
     assert merged["INPUT"].shape == (12,)
@@ -145,7 +134,7 @@ def test_every_target_name_receives_the_batch_input():
         inputs=(TensorSpec("X", "FP32", (-1,), allow_ragged_batch=True),),
         batch_inputs=(BatchInput("BATCH_ELEMENT_COUNT", ("A", "B"), "INT32", "X"),),
     )
-    requests = [Request("a", {"X": np.zeros((1, 2), np.float32)}, (), 1, _Future())]
+    requests = [Request("a", {"X": np.zeros((1, 2), np.float32)}, (), 1, DetachedFuture())]
     merged = RaggedCollation(config).merge(requests)
     assert merged["A"].tolist() == merged["B"].tolist() == [2]
 
