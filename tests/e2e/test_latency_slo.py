@@ -45,14 +45,17 @@ parameters {{ key: "latency_slo_ms" value {{ string_value: "{OBJECTIVE_MS}" }} }
 """
 
 
-@pytest.fixture(scope="module")
-def slo_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slo")
+@pytest.fixture(scope="module", params=["single-process", "workers"])
+def slo_server(request, tmp_path_factory):
+    """One process, and `--workers 2` (an engine behind two front-end processes): the batching
+    happens in the engine either way."""
+    root = tmp_path_factory.mktemp(f"slo-{request.param}")
     model = root / "models" / MODEL
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(CONFIG)
     (model / "1" / "model.py").write_text(MODEL_PY)
-    yield from serve_until_stopped(ConvoyProcess(root / "models", root / "server.log"))
+    extra = ("--workers", "2") if request.param == "workers" else ()
+    yield from serve_until_stopped(ConvoyProcess(root / "models", root / "server.log", extra))
 
 
 def payload(request_id: int) -> np.ndarray:

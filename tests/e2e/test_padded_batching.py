@@ -124,9 +124,11 @@ def _write(repository: Path, name: str, parameters: dict[str, str], source: str 
     (folder / "config.pbtxt").write_text("\n".join(lines) + "\n")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("padded")
+@pytest.fixture(scope="module", params=["single-process", "workers"])
+def server(request, tmp_path_factory):
+    """One process, and `--workers 2` (an engine behind two front-end processes): the batching
+    happens in the engine either way."""
+    root = tmp_path_factory.mktemp(f"padded-{request.param}")
     repository = root / "models"
     repository.mkdir()
     _write(repository, "padded", PARAMETERS)
@@ -137,7 +139,8 @@ def server(tmp_path_factory):
     _write(repository, "padded_isolated", {**PARAMETERS, "isolation": "process"})
     with (repository / "padded_warmed" / "config.pbtxt").open("a") as config:
         config.write(WARMUP)
-    process = ConvoyProcess(repository, root / "server.log")
+    extra = ("--workers", "2") if request.param == "workers" else ()
+    process = ConvoyProcess(repository, root / "server.log", extra)
     yield from serve_until_stopped(process, "live")
 
 

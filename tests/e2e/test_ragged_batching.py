@@ -352,10 +352,13 @@ def build_repository(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def ragged_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ragged")
-    process = ConvoyProcess(build_repository(root / "models"), root / "server.log")
+@pytest.fixture(scope="module", params=["single-process", "workers"])
+def ragged_server(request, tmp_path_factory):
+    """One process, and `--workers 2` (an engine behind two front-end processes): the batching
+    happens in the engine either way."""
+    root = tmp_path_factory.mktemp(f"ragged-{request.param}")
+    extra = ("--workers", "2") if request.param == "workers" else ()
+    process = ConvoyProcess(build_repository(root / "models"), root / "server.log", extra)
     yield from serve_until_stopped(process, "live")
 
 
