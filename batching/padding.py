@@ -39,6 +39,9 @@ class PaddedCollation(Collation):
         #: The token budget, read by the queue (`BatchBudget`).
         self.max_cost = padding.max_batch_tokens
         self.budget = self
+        #: Tokens of the batches executed: [real ones, padded ones] (their sum is what the model
+        #: computed); for the metrics, to choose buckets by.
+        self.tokens = [0, 0]
 
     # --- the request ---------------------------------------------------------------------------
     def length(self, request: Request) -> int:
@@ -149,10 +152,22 @@ class PaddedCollation(Collation):
             start = end
         return into
 
+    def _count_tokens(self, requests: list[Request]) -> None:
+        """Add an executed batch's real and pad tokens (rows x length, rows x pad)."""
+        lengths = [self.length(request) for request in requests]
+        padded_length = self.padding.bucket_for(max(lengths))
+        real = rows = 0
+        for request, length in zip(requests, lengths, strict=True):
+            real += request.rows * length
+            rows += request.rows
+        self.tokens[0] += real
+        self.tokens[1] += rows * padded_length - real
+
     def split(
         self, outputs: dict[str, np.ndarray], requests: list[Request], batched: bool
     ) -> list[dict[str, np.ndarray] | ConvoyError]:
         parts = split(outputs, requests, batched, self.config)
+        self._count_tokens(requests)
         trimmed = self.padding.outputs
         if not trimmed:
             return parts

@@ -332,6 +332,12 @@ class Scheduler:
         return self._slo.planned_size(len(self._instances))
 
     @property
+    def padding_tokens(self) -> tuple[int, int] | None:
+        """Padded batching: (real, pad) tokens of the batches executed so far; None without."""
+        tokens = getattr(self._collation, "tokens", None)
+        return None if tokens is None else (tokens[0], tokens[1])
+
+    @property
     def latency_plan(self) -> PlanState | None:
         """The latency objective's learned cost line and current plan; None without one."""
         if self._slo is None:

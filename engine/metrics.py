@@ -165,6 +165,13 @@ class ModelCollector(Collector):
             "for the model's latency objective",
             labels=LABELS,
         )
+        padding = CounterMetricFamily(
+            "convoy_padding_tokens",
+            "Tokens of the padded batches executed: the requests' own (kind real) and the pad "
+            "added to reach each batch's padded length (kind pad); pad / (real + pad) is the "
+            "share of the model's work that padding costs",
+            labels=(*LABELS, "kind"),
+        )
         objective = GaugeMetricFamily(
             "convoy_latency_objective_seconds",
             "The model's latency objective (parameter latency_slo_ms), p99 from arrival",
@@ -204,6 +211,10 @@ class ModelCollector(Collector):
                     depth.add_metric([model, version, str(level)], waiting)
                 if isinstance(scheduler, Scheduler):  # the dynamic batcher's, not a sequence's
                     batch_limit.add_metric([model, version], scheduler.batch_size_limit)
+                    tokens = scheduler.padding_tokens
+                    if tokens is not None:
+                        padding.add_metric([model, version, "real"], tokens[0])
+                        padding.add_metric([model, version, "pad"], tokens[1])
                     plan = scheduler.latency_plan
                     if plan is not None:
                         objective.add_metric([model, version], plan.objective_s)
@@ -211,7 +222,7 @@ class ModelCollector(Collector):
                         batch_cost.add_metric([model, version, "fixed"], plan.fixed_s)
                         batch_cost.add_metric([model, version, "per_row"], plan.per_row_s)
         yield from (failures, pending, dispatches, rejections, depth, batch_limit)
-        yield from (objective, share, batch_cost)
+        yield from (objective, share, batch_cost, padding)
 
         for name, documentation, histogram_of, scale in _HISTOGRAMS:
             family = HistogramMetricFamily(name, documentation, labels=LABELS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers import ConvoyProcess, open_protocol, poll, serve_until_stopped
+from helpers import ConvoyProcess, metric_value, open_protocol, poll, serve_until_stopped
 from tritonclient.utils import InferenceServerException
 
 BUCKETS = (8, 16, 32, 64)
@@ -213,9 +213,21 @@ def bucket_of(length: int) -> int:
     return next(bucket for bucket in BUCKETS if bucket >= length)
 
 
-def test_concurrent_requests_of_different_lengths_get_their_own_trimmed_results(protocol):
+def padding_tokens(server) -> tuple[float, float]:
+    """convoy_padding_tokens_total of model 'padded': (real, pad)."""
+    labels = {"model": "padded", "version": "1"}
+    return tuple(
+        metric_value(server, "convoy_padding_tokens_total", kind=kind, **labels)
+        for kind in ("real", "pad")
+    )
+
+
+def test_concurrent_requests_of_different_lengths_get_their_own_trimmed_results(protocol, server):
     rng = np.random.default_rng(20 if protocol.name == "grpc" else 21)
     seen_shared = []
+    # What the requests say they were padded to, against what /metrics counts.
+    own_tokens = [0, 0]
+    before = padding_tokens(server)
 
     def one_round():
         lengths = [int(n) for n in rng.integers(1, 65, size=24)]
@@ -229,6 +241,8 @@ def test_concurrent_requests_of_different_lengths_get_their_own_trimmed_results(
             assert int(result["row_sum"][0, 0]) == int(ids.sum())
             padded = int(result["padded_length"][0, 0])
             assert padded in BUCKETS and padded >= bucket_of(length)
+            own_tokens[0] += length
+            own_tokens[1] += padded - length
             rows = int(result["batch_rows"][0, 0])
             if rows > 1:
                 # A shared batch keeps the token budget (rows x padded length).
@@ -240,6 +254,8 @@ def test_concurrent_requests_of_different_lengths_get_their_own_trimmed_results(
     poll(one_round, "a shared batch padding a request past its own length", timeout=120)
     stats = protocol.statistics("padded")["1"]
     assert stats["execution_count"] < stats["inference_count"]
+    after = padding_tokens(server)
+    assert (after[0] - before[0], after[1] - before[1]) == tuple(own_tokens)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
