@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from convoy.batching.ragged import ragged_warmup
 from convoy.config import InstanceKind, ModelConfig, ServerConfig
 from convoy.datatypes import NUMPY_DTYPE
 from convoy.engine.model_config import build_model_config, read_config_proto
 from convoy.engine.repository import ModelRepository, ModelVersion
 from convoy.errors import ConvoyError
+from convoy.padding import with_full_lengths
 from convoy.runtimes.warmup import warmup_array
 
 #: How long one sample inference may take before the model fails the check.
@@ -148,13 +150,22 @@ async def _sample(entry: ModelVersion, version_path: Path) -> None:
     (the scheduler would convert a wrong datatype to the declared one on the way out)."""
     config = entry.config
     inputs, rows = sample_inputs(config, version_path)
-    outputs = await asyncio.wait_for(entry.instances[0].infer(inputs), SAMPLE_TIMEOUT_S)
+    instance = entry.instances[0]
+    # What the batcher would hand the model: a ragged batch with its batch inputs, a padded
+    # one with its lengths input.
+    if config.ragged and not instance.executes_requests:
+        inputs = ragged_warmup(config)(inputs)
+    if config.padding is not None:
+        inputs = with_full_lengths(config.padding, inputs)
+    outputs = await asyncio.wait_for(instance.infer(inputs), SAMPLE_TIMEOUT_S)
     check_outputs(config, outputs, rows)
 
 
 def check_outputs(config: ModelConfig, outputs: dict[str, np.ndarray], rows: int) -> None:
     """Every declared output present with the declared datatype and shape."""
     batching = config.max_batch_size > 0
+    # A batch_output's shape is its requests' (scattered by their source input), not its dims.
+    scattered = {name for b in config.batch_outputs for name in b.target_names}
     for spec in config.outputs:
         array = outputs.get(spec.name)
         if array is None:
@@ -168,6 +179,8 @@ def check_outputs(config: ModelConfig, outputs: dict[str, np.ndarray], rows: int
             raise OutputMismatch(
                 f"output '{spec.name}': declared {spec.datatype} ({wanted}), produced {array.dtype}"
             )
+        if spec.name in scattered:
+            continue
         dims = spec.reshape if spec.reshape is not None else spec.dims
         expected = [rows, *dims] if batching else list(dims)
         shape = list(array.shape)

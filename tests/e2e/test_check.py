@@ -121,3 +121,66 @@ def test_gpu_models_are_checked_for_config_only_without_a_gpu(tmp_path):
     (row,) = json.loads(done.stdout)
     assert row["result"] == "CONFIG ONLY"
     assert "no GPU" in row["reason"]
+
+
+RAGGED_CONFIG = """
+name: "ragged"
+backend: "python"
+max_batch_size: 4
+input [ { name: "RAGGED", data_type: TYPE_FP32, dims: [ -1 ], allow_ragged_batch: true } ]
+output [ { name: "SUMS", data_type: TYPE_FP32, dims: [ 1 ] } ]
+batch_input [ { kind: BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO, target_name: "OFFSETS",
+                data_type: TYPE_INT32, source_input: "RAGGED" } ]
+dynamic_batching { }
+"""
+
+RAGGED_MODEL = """
+import numpy as np
+
+
+class Model:
+    def execute(self, inputs):
+        values, offsets = inputs["RAGGED"], inputs["OFFSETS"]
+        assert values.ndim == 1, values.shape  # a ragged batch: flat, with its offsets
+        sums = [values[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:])]
+        return {"SUMS": np.asarray(sums, np.float32)[:, None]}
+"""
+
+PADDED_CONFIG = """
+name: "padded"
+backend: "python"
+max_batch_size: 4
+input [ { name: "IDS", data_type: TYPE_INT64, dims: [ -1 ] } ]
+output [ { name: "REAL", data_type: TYPE_INT64, dims: [ 1 ] } ]
+dynamic_batching { }
+parameters { key: "padding_inputs" value: { string_value: "IDS" } }
+parameters { key: "padding_buckets" value: { string_value: "8,16" } }
+parameters { key: "padding_lengths_input" value: { string_value: "LENGTHS:INT32" } }
+"""
+
+PADDED_MODEL = """
+import numpy as np
+
+
+class Model:
+    def execute(self, inputs):
+        lengths = inputs["LENGTHS"]  # fed by the batcher, never by a client
+        assert lengths.shape == (inputs["IDS"].shape[0],), lengths.shape
+        return {"REAL": lengths.astype(np.int64)[:, None]}
+"""
+
+
+def test_ragged_and_padded_models_are_checked_with_the_batch_the_batcher_makes(tmp_path):
+    """The sample inference gets what the batcher would hand the model: a ragged batch with its
+    batch inputs, a padded batch with its lengths input."""
+    repository = tmp_path / "models"
+    for name, config, source in (
+        ("ragged", RAGGED_CONFIG, RAGGED_MODEL),
+        ("padded", PADDED_CONFIG, PADDED_MODEL),
+    ):
+        (repository / name / "1").mkdir(parents=True)
+        (repository / name / "config.pbtxt").write_text(config)
+        (repository / name / "1" / "model.py").write_text(source)
+    done = _check(repository)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 of 2 passed" in done.stdout
