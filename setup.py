@@ -1,8 +1,13 @@
-"""Generates convoy.protos from protos/*.proto with grpcio-tools before the build copies modules.
+"""Generates convoy.protos from protos/*.proto with grpcio-tools before the build copies modules,
+and builds the native front end (server/native, a Rust crate) into convoy.server._native.
 
 The generated modules are written beside the .proto files (git ignores them), so editable and
 wheel installs see the same code. Nothing in them is edited by hand; the one rewrite below turns
 protoc's top-level import of a sibling module into a package-relative one.
+
+The extension is optional: without a Rust toolchain the install goes on without it, and
+`convoy serve` says at start that it serves with the Python front end and why. It is built
+against the stable ABI (abi3, CPython 3.11+), so one wheel serves every later CPython.
 """
 
 import re
@@ -10,6 +15,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools_rust import Binding, RustExtension
 
 PROTO_DIR = Path(__file__).resolve().parent / "protos"
 
@@ -47,4 +53,17 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+NATIVE = RustExtension(
+    "convoy.server._native",
+    path="server/native/py/Cargo.toml",
+    binding=Binding.PyO3,
+    py_limited_api="cp311",
+    optional=True,
+    debug=False,
+)
+
+setup(
+    cmdclass={"build_py": BuildPyWithProtos},
+    rust_extensions=[NATIVE],
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)
