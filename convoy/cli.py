@@ -194,6 +194,21 @@ def _serve_parser(sub) -> None:
         "engine and the runtimes, for many-core GPU hosts)",
     )
     p.add_argument(
+        "--frontend",
+        choices=("native", "python"),
+        default=None,
+        help="which front end owns the ports: native (Rust threads parse, check and answer "
+        "requests; the default when it is built) or python (grpc.aio and uvicorn; what --workers "
+        "runs)",
+    )
+    p.add_argument(
+        "--native-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="threads of the native front end (default 0: one per two cores, 1 to 4)",
+    )
+    p.add_argument(
         "--ipc-arena-mb",
         type=int,
         default=64,
@@ -528,6 +543,14 @@ def _settings(args) -> ServerConfig:
     if args.ipc_arena_mb < 0:
         raise SystemExit(f"convoy: --ipc-arena-mb must be 0 or more, got {args.ipc_arena_mb}")
     workers = _workers(args.workers)
+    if args.native_threads < 0:
+        raise SystemExit(f"convoy: --native-threads must be 0 or more, got {args.native_threads}")
+    if args.frontend == "native" and workers > 1:
+        raise SystemExit(
+            "convoy: --frontend native serves both protocols from one process; --workers runs "
+            "Python front ends (drop one of the two)"
+        )
+    frontend = args.frontend or ("python" if workers > 1 else "auto")
     return ServerConfig(
         model_repository=repository,
         host=host,
@@ -570,6 +593,8 @@ def _settings(args) -> ServerConfig:
         capacity_reports=tuple(args.capacity_report),
         workers=workers,
         ipc_arena_mb=args.ipc_arena_mb,
+        frontend=frontend,
+        native_threads=args.native_threads,
     )
 
 

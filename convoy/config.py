@@ -354,3 +354,8 @@ class ServerConfig:
     #: With workers: MiB of shared memory per front end for large inputs (engine/arena.py);
     #: 0 sends every tensor over the socket.
     ipc_arena_mb: int = 64
+    #: Which front end owns the ports: "native" (server/native, Rust), "python" (grpc.aio and
+    #: uvicorn), or "auto": native when the extension is built and one process serves.
+    frontend: str = "auto"
+    #: The native front end's threads (0: one per two cores, 1 to 4).
+    native_threads: int = 0

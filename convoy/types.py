@@ -15,6 +15,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from convoy.errors import Cancelled
+
 
 class OutcomeFuture(Protocol):
     def done(self) -> bool: ...
@@ -40,6 +42,74 @@ class DetachedFuture:
 
     def set_exception(self, exception: BaseException) -> None:
         pass
+
+
+class DirectOutcome:
+    """A request's future whose outcome goes straight to its owner, with no asyncio future and
+    no loop hop: a front end that answers many requests per loop turn (a --workers front end's
+    engine side, the native front end). Loop thread only. Subclasses say where an outcome goes
+    (`_deliver`); `cancel()` is the client going away while the request runs."""
+
+    __slots__ = ("_callbacks", "_cancelled", "_done", "_error", "_result")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._cancelled = False
+        self._result = None
+        self._error: BaseException | None = None
+        self._callbacks: list | None = None
+
+    def _deliver(self, result: Response | None, error: BaseException | None) -> None:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        """The client cancelled the request (what a running model's is_cancelled() reads)."""
+        return self._cancelled
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = self._cancelled = True
+            self._deliver(None, Cancelled("request cancelled by the client"))
+            self._run_callbacks()
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def set_result(self, result: Response) -> None:
+        if self._done:
+            return
+        self._done, self._result = True, result
+        self._deliver(result, None)
+        self._run_callbacks()
+
+    def set_exception(self, error: BaseException) -> None:
+        if self._done:
+            return
+        self._done, self._error = True, error
+        self._deliver(None, error)
+        self._run_callbacks()
+
+    def add_done_callback(self, callback) -> None:
+        if self._done:
+            callback(self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def _run_callbacks(self) -> None:
+        if self._callbacks:
+            for callback in self._callbacks:
+                callback(self)
+            self._callbacks = None
 
 
 class RequestState(enum.IntEnum):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from convoy import __version__
@@ -117,6 +117,11 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def models(self) -> Mapping[str, ModelEntry]:
         """Every model the engine knows (loaded, loading or failed), by name."""
+
+    @abc.abstractmethod
+    def watch_models(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` on the loop whenever a model or version changes state (the native
+        front end keeps its model table current with it)."""
 
     # --- inference -----------------------------------------------------------------------------
     def resolve(self, name: str, version: str = "") -> ModelView:

@@ -141,6 +141,9 @@ class Engine(EngineClient):
     def models(self) -> Mapping[str, ModelEntry]:
         return self.repository.models
 
+    def watch_models(self, listener: Callable[[], None]) -> None:
+        self.repository.listeners.append(listener)
+
     # --- inference -------------------------------------------------------------------------------
     def submit(self, model: ModelVersion, request: Request) -> None:
         """Queue a request on its model's scheduler (loop thread); errors go to its future."""

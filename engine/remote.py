@@ -22,7 +22,6 @@ import msgspec
 
 from convoy.config import ModelConfig, ServerConfig
 from convoy.errors import (
-    Cancelled,
     ConvoyError,
     EngineDead,
     InvalidInput,
@@ -31,7 +30,7 @@ from convoy.errors import (
 )
 from convoy.logs import LogControl
 from convoy.protos import model_config_pb2 as mc
-from convoy.types import Request, Response, StageTimes, StepTiming, StreamedResponse
+from convoy.types import DirectOutcome, Request, Response, StageTimes, StepTiming, StreamedResponse
 from convoy.wire import ErrorInfo, Link, TensorMeta, error_info, read_tensors, rebuild_error
 
 from .arena import Arena, open_arena
@@ -182,80 +181,20 @@ CALLS = frozenset(
 
 
 # --- the engine's side ----------------------------------------------------------------------------
-class _Outcome:
+class _Outcome(DirectOutcome):
     """A remote request's future in the engine: the outcome goes straight into the frame being
     built for its front end (no asyncio future, no callback hop)."""
 
-    __slots__ = (
-        "_callbacks",
-        "_cancelled",
-        "_done",
-        "_endpoint",
-        "_error",
-        "_result",
-        "call",
-        "model",
-    )
+    __slots__ = ("_endpoint", "call", "model")
 
     def __init__(self, endpoint: EngineEndpoint, call: int, model: ModelVersion) -> None:
+        super().__init__()
         self._endpoint = endpoint
         self.call = call
         self.model = model
-        self._done = False
-        self._cancelled = False
-        self._result = None
-        self._error: BaseException | None = None
-        self._callbacks: list | None = None
 
-    def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        """The client cancelled a running decoupled request (what the model's is_cancelled()
-        reads): its stream stops, as an in-process future's would."""
-        return self._cancelled
-
-    def cancel(self) -> None:
-        if not self._done:
-            self._done = self._cancelled = True
-            self._endpoint.answer(self, None, Cancelled("request cancelled by the client"))
-            self._run_callbacks()
-
-    def result(self):
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def exception(self) -> BaseException | None:
-        return self._error
-
-    def set_result(self, result: Response) -> None:
-        if self._done:
-            return
-        self._done, self._result = True, result
-        self._endpoint.answer(self, result, None)
-        self._run_callbacks()
-
-    def set_exception(self, error: BaseException) -> None:
-        if self._done:
-            return
-        self._done, self._error = True, error
-        self._endpoint.answer(self, None, error)
-        self._run_callbacks()
-
-    def add_done_callback(self, callback) -> None:
-        if self._done:
-            callback(self)
-        elif self._callbacks is None:
-            self._callbacks = [callback]
-        else:
-            self._callbacks.append(callback)
-
-    def _run_callbacks(self) -> None:
-        if self._callbacks:
-            for callback in self._callbacks:
-                callback(self)
-            self._callbacks = None
+    def _deliver(self, result: Response | None, error: BaseException | None) -> None:
+        self._endpoint.answer(self, result, error)
 
 
 class EngineEndpoint:
@@ -474,6 +413,7 @@ class RemoteEngine(EngineClient):
         self.settings: ServerConfig | None = None
         self.ports = (0, 0)
         self._table: dict[str, RemoteModel] = {}
+        self._model_listeners: list[Callable[[], None]] = []
         self._engine_accepting = False
         self._ids = itertools.count(1)
         # The engine answers by call id: the requests in flight are found by it (the one side
@@ -520,6 +460,9 @@ class RemoteEngine(EngineClient):
     # --- the model table -------------------------------------------------------------------------
     def models(self) -> Mapping[str, ModelEntry]:
         return self._table
+
+    def watch_models(self, listener: Callable[[], None]) -> None:
+        self._model_listeners.append(listener)
 
     def ready(self) -> bool:
         return self._engine_accepting and super().ready()
@@ -683,6 +626,8 @@ class RemoteEngine(EngineClient):
                 self._engine_accepting = message.accepting
                 for problem in self.shared_memory.mirror(message.regions):
                     log.warning("shared memory region not opened here: %s", problem)
+                for listener in self._model_listeners:
+                    listener()
             elif kind is LogUpdate:
                 if self.log_control is not None:
                     self.log_control.update(message.changes)

@@ -117,6 +117,32 @@ def _server_tls_context(settings: ServerConfig) -> ssl.SSLContext:
     return context
 
 
+def http_application(
+    engine: EngineClient,
+    settings: ServerConfig,
+    tracer: Tracer | None,
+    grpc_port: int,
+    keys: Keyring | None,
+    access_log: AccessLog | None,
+) -> tuple[HttpFrontend, object]:
+    """The HTTP front end's ASGI application, with its API-key and access-log middleware (what
+    both front ends serve HTTP with): (the app itself, the outermost wrapper)."""
+    catalog = Catalog(engine, grpc_port, settings.capacity_reports, keys_required=keys is not None)
+    frontend = HttpFrontend(
+        engine,
+        settings.http_max_body_bytes,
+        tracer,
+        catalog,
+        max_json_bytes=settings.http_max_json_bytes,
+    )
+    app = frontend
+    if keys is not None:
+        app = ApiKeyMiddleware(app, keys)
+    if access_log is not None:
+        app = AccessLogMiddleware(app, access_log)
+    return frontend, app
+
+
 class FrontEnds:
     """The gRPC and HTTP front ends over one engine client, with the access log and tracer
     they feed: what a single-process server and each --workers front-end process both run."""
@@ -173,24 +199,9 @@ class FrontEnds:
         )
         sock = self._http_socket = _bind(settings.host, http_port, self.reuse_port)
         self.http_port = sock.getsockname()[1]
-        catalog = Catalog(
-            self.engine,
-            self.grpc_port,
-            settings.capacity_reports,
-            keys_required=self.keys is not None,
+        self._http_app, app = http_application(
+            self.engine, settings, self.tracer, self.grpc_port, self.keys, self._access_log
         )
-        app = HttpFrontend(
-            self.engine,
-            settings.http_max_body_bytes,
-            self.tracer,
-            catalog,
-            max_json_bytes=settings.http_max_json_bytes,
-        )
-        self._http_app = app
-        if self.keys is not None:
-            app = ApiKeyMiddleware(app, self.keys)
-        if self._access_log is not None:
-            app = AccessLogMiddleware(app, self._access_log)
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -279,6 +290,24 @@ class FrontEnds:
             self.tracer.close()
 
 
+def choose_frontend(settings: ServerConfig) -> tuple[str, str]:
+    """("native" | "python", why the Python one when it is not what was asked). --frontend
+    native without the extension is an error; auto falls back, and says why."""
+    if settings.frontend == "python":
+        return "python", ""
+    try:
+        from convoy.server import _native  # noqa: F401
+    except ImportError as exc:
+        why = (
+            f"the native front end (convoy.server._native) is not built: {exc}; reinstall with "
+            "a Rust toolchain (cargo) on PATH to build it"
+        )
+        if settings.frontend == "native":
+            raise OSError(f"--frontend native: {why}") from None
+        return "python", why
+    return "native", ""
+
+
 class ConvoyServer:
     """One process: the engine, and both front ends holding it as their engine client."""
 
@@ -289,6 +318,8 @@ class ConvoyServer:
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
         self.engine = Engine(settings, self.log_control)
         self.front_ends: FrontEnds | None = None
+        #: "native" or "python": which front end serves (see choose_frontend).
+        self.frontend = ""
         self.http_port = 0
         self.grpc_port = 0
         #: -1 while metrics are off (--metrics-port -1), as the flag says.
@@ -303,7 +334,18 @@ class ConvoyServer:
     async def __aenter__(self) -> ConvoyServer:
         settings = self.settings
         # One keyring: the front ends check keys, the engine counts quotas.
-        self.front_ends = FrontEnds(self.engine, settings, self.log_control, keys=self.engine.keys)
+        frontend, why = choose_frontend(settings)
+        if frontend == "native":
+            from convoy.server.dataplane.frontend import NativeFrontEnds
+
+            self.front_ends = NativeFrontEnds(
+                self.engine, settings, self.log_control, keys=self.engine.keys
+            )
+        else:
+            if why:
+                log.warning("serving with the Python front end: %s", why)
+            self.front_ends = FrontEnds(self.engine, settings, self.log_control, keys=self.engine.keys)
+        self.frontend = frontend
         try:
             # Ports first: a port in use is found before any model loads; until the models
             # are loaded the server is live but not ready.

@@ -518,6 +518,16 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         await self._unsupported(context, "trace settings")
 
 
+def interceptor_chain(interceptors=(), keys: Keyring | None = None) -> list:
+    """Every call's interceptors, outermost first (both front ends run the same chain): an
+    undecodable message is answered before anything else sees it; `interceptors` (the access
+    log); with `keys`, the key check innermost, next to the handler."""
+    chain = [DecodeErrorInterceptor(), *interceptors]
+    if keys is not None:
+        chain.append(ApiKeyInterceptor(keys))
+    return chain
+
+
 async def start_grpc_server(
     engine: EngineClient,
     host: str,
@@ -537,15 +547,12 @@ async def start_grpc_server(
     interceptor in interceptors.py): handlers read it with current_key(). `max_connections`:
     connections past it are closed at once (0: no cap); `handshake_timeout`: seconds a new
     connection gets to finish its HTTP/2 (and TLS) handshake (0: gRPC's default, 120 s)."""
-    # Outermost: an undecodable message is answered before any other interceptor sees it.
-    interceptors = [DecodeErrorInterceptor(), *interceptors]
+    interceptors = interceptor_chain(interceptors, keys)
     limits = []
     if max_connections > 0:
         limits.append(("grpc.max_allowed_incoming_connections", max_connections))
     if handshake_timeout > 0:
         limits.append(("grpc.server_handshake_timeout_ms", int(handshake_timeout * 1000)))
-    if keys is not None:
-        interceptors.append(ApiKeyInterceptor(keys))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
