@@ -10,7 +10,12 @@ EXTRAS ?= dev
 SERVE_EXTRAS ?= text
 ARGS ?=
 
-.PHONY: serve test install lint
+.PHONY: serve test install lint native-check
+
+# The native front end's crates (server/native): a change to them rebuilds the extension.
+NATIVE_SOURCES := $(shell find server/native -path server/native/target -prune -o \( -name '*.rs' -o -name 'Cargo.*' \) -print)
+CARGO := cargo --quiet
+NATIVE_MANIFEST := --manifest-path server/native/Cargo.toml
 
 # pip's own warnings stay visible; its progress and notices do not.
 PIP := $(PY) -m pip install -q --disable-pip-version-check
@@ -21,12 +26,12 @@ $(VENV)/bin/python:
 
 # The CPU build of torch first where an extra needs it (it lies on local disk here); pyproject
 # asks only torch>=2.4, so a CUDA build already installed is kept.
-$(VENV)/.installed: pyproject.toml setup.py | $(VENV)/bin/python
+$(VENV)/.installed: pyproject.toml setup.py $(NATIVE_SOURCES) | $(VENV)/bin/python
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[$(EXTRAS)]'
 	touch $@ $(VENV)/.runtime
 
-$(VENV)/.runtime: pyproject.toml setup.py | $(VENV)/bin/python
+$(VENV)/.runtime: pyproject.toml setup.py $(NATIVE_SOURCES) | $(VENV)/bin/python
 	$(if $(filter text torch,$(subst $(comma), ,$(SERVE_EXTRAS))),$(PIP) torch==2.13.0)
 	$(PIP) -e '.$(if $(SERVE_EXTRAS),[$(SERVE_EXTRAS)])'
 	touch $@
@@ -38,7 +43,13 @@ install: $(VENV)/.installed
 serve: $(VENV)/.runtime
 	$(VENV)/bin/convoy serve $(ARGS)
 
-test: $(VENV)/.installed
+# The Rust crates' own tests and lints (the bindings crate is linted, its logic is tested
+# through Python): what CI runs besides pytest.
+native-check: $(VENV)/.installed
+	PYO3_PYTHON=$(abspath $(PY)) $(CARGO) test $(NATIVE_MANIFEST) -p convoy-wire
+	PYO3_PYTHON=$(abspath $(PY)) $(CARGO) clippy $(NATIVE_MANIFEST) --all-targets -- -D warnings
+
+test: $(VENV)/.installed native-check
 	bash .ci/install_perf_analyzer.sh >/dev/null
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q

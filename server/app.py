@@ -346,6 +346,7 @@ class ConvoyServer:
                 log.warning("serving with the Python front end: %s", why)
             self.front_ends = FrontEnds(self.engine, settings, self.log_control, keys=self.engine.keys)
         self.frontend = frontend
+        log.info("front end: %s", frontend)
         try:
             # Ports first: a port in use is found before any model loads; until the models
             # are loaded the server is live but not ready.

@@ -11,6 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from helpers import (
+    FRONTENDS,
     ConvoyProcess,
     Protocol,
     build_broken_repository,
@@ -19,17 +20,28 @@ from helpers import (
 )
 
 
+@pytest.fixture(scope="session", params=FRONTENDS)
+def frontend(request) -> str:
+    """The front end a protocol suite's server runs: each test taking it runs once per front
+    end (ids: [native], [python])."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    process = ConvoyProcess(build_serving_repository(root / "models"), root / "server.log")
+def server(tmp_path_factory, frontend):
+    root = tmp_path_factory.mktemp(f"serving-{frontend}")
+    process = ConvoyProcess(
+        build_serving_repository(root / "models"), root / "server.log", frontend=frontend
+    )
     yield from serve_until_stopped(process, "ready")
 
 
 @pytest.fixture(scope="session")
-def broken_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("broken")
-    process = ConvoyProcess(build_broken_repository(root / "models"), root / "server.log")
+def broken_server(tmp_path_factory, frontend):
+    root = tmp_path_factory.mktemp(f"broken-{frontend}")
+    process = ConvoyProcess(
+        build_broken_repository(root / "models"), root / "server.log", frontend=frontend
+    )
     # Readiness stays false while a model failed to load, so wait for liveness.
     yield from serve_until_stopped(process, "live")
 

@@ -46,6 +46,12 @@ DATATYPES = (
 )
 
 STARTUP_DEADLINE_S = 60.0
+
+#: The front ends the protocol suites (e2e, security, python_backend, reliability) run against,
+#: each test once per front end (the `frontend` fixture); CONVOY_TEST_FRONTENDS narrows it.
+FRONTENDS = tuple(
+    name for name in os.environ.get("CONVOY_TEST_FRONTENDS", "native,python").split(",") if name
+)
 SHUTDOWN_DEADLINE_S = 30.0
 
 _SERVING = re.compile(r"^convoy: serving .* http=(\d+) grpc=(\d+) metrics=(-?\d+)$")
@@ -111,6 +117,9 @@ class ConvoyProcess:
     grpc_port: int = 0
     metrics_port: int = 0
     stdout_lines: list[str] = field(default_factory=list)
+    #: "native" or "python": --frontend for this server ("": the default, native when built).
+    #: A server with --workers N runs Python front ends whatever this says.
+    frontend: str = ""
     _process: subprocess.Popen | None = None
     _log: IO[str] | None = None
     _lines: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -151,6 +160,7 @@ class ConvoyProcess:
                 "--metrics-port",
                 "0",
                 *self.extra_args,
+                *self._frontend_args(),
             ],
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -175,6 +185,11 @@ class ConvoyProcess:
             if found:
                 self.http_port, self.grpc_port, self.metrics_port = map(int, found.groups())
         self._wait_for_health(wait_until, deadline)
+
+    def _frontend_args(self) -> tuple[str, ...]:
+        if not self.frontend or "--workers" in self.extra_args:
+            return ()
+        return ("--frontend", self.frontend)
 
     def _read_stdout(self) -> None:
         assert self._process is not None and self._process.stdout is not None

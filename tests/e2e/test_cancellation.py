@@ -49,12 +49,12 @@ dynamic_batching {
 
 
 @pytest.fixture
-def gate_server(tmp_path):
+def gate_server(tmp_path, frontend):
     model = tmp_path / "models" / "gate"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(GATE_CONFIG)
     (model / "1" / "model.py").write_text(GATE_MODEL)
-    process = ConvoyProcess(tmp_path / "models", tmp_path / "server.log")
+    process = ConvoyProcess(tmp_path / "models", tmp_path / "server.log", frontend=frontend)
     process.start("ready")
     try:
         yield process, model

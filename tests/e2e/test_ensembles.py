@@ -98,9 +98,11 @@ def build_ensemble_repository(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ens_server(tmp_path_factory):
+def ens_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("ensembles")
-    process = ConvoyProcess(build_ensemble_repository(root / "models"), root / "server.log")
+    process = ConvoyProcess(
+        build_ensemble_repository(root / "models"), root / "server.log", frontend=frontend
+    )
     yield from serve_until_stopped(process, "live")
 
 

@@ -44,12 +44,12 @@ parameters { key: "execution_timeout_ms" value: { string_value: "300" } }
 
 
 @pytest.fixture
-def hang_server(tmp_path):
+def hang_server(tmp_path, frontend):
     model = tmp_path / "models" / "hang"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(HANG_CONFIG)
     (model / "1" / "model.py").write_text(HANG_MODEL)
-    process = ConvoyProcess(tmp_path / "models", tmp_path / "server.log")
+    process = ConvoyProcess(tmp_path / "models", tmp_path / "server.log", frontend=frontend)
     try:
         yield from serve_until_stopped(process, "ready")
     finally:

@@ -71,7 +71,7 @@ def _model(repository: Path, name: str, config: str, source: str | None) -> None
 
 
 @pytest.fixture(scope="module")
-def refusing_server(tmp_path_factory):
+def refusing_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("refusals")
     repository = root / "models"
     repository.mkdir()
@@ -83,7 +83,7 @@ def refusing_server(tmp_path_factory):
     _model(repository, "no_backend", "max_batch_size: 8\n", None)
     config = repository / "no_backend" / "config.pbtxt"
     config.write_text(config.read_text().replace('backend: "python"', 'backend: "tensorrt"'))
-    process = ConvoyProcess(repository, root / "server.log")
+    process = ConvoyProcess(repository, root / "server.log", frontend=frontend)
     yield from serve_until_stopped(process, "live")
 
 

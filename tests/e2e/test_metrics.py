@@ -64,12 +64,12 @@ dynamic_batching {
 
 
 @pytest.fixture(scope="module")
-def metered(tmp_path_factory):
+def metered(tmp_path_factory, frontend):
     """A server with `metered` and add_sub, a JSON log and an access log file."""
-    yield from serve_metered(tmp_path_factory.mktemp("metrics"))
+    yield from serve_metered(tmp_path_factory.mktemp("metrics"), frontend=frontend)
 
 
-def serve_metered(root, extra_args: tuple[str, ...] = ()):
+def serve_metered(root, extra_args: tuple[str, ...] = (), frontend: str = ""):
     """Fixture body: (server, the metered model's folder, the access log), stopped after."""
     repository = root / "models"
     model = repository / "metered"
@@ -83,6 +83,7 @@ def serve_metered(root, extra_args: tuple[str, ...] = ()):
         repository,
         root / "server.log",
         extra_args=("--log-format", "json", "--access-log", str(access_log), *extra_args),
+        frontend=frontend,
     )
     process.start("ready")
     try:

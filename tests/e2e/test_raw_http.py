@@ -349,12 +349,13 @@ BODY_LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def small_body_server(tmp_path_factory):
+def small_body_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("small_body")
     process = ConvoyProcess(
         build_broken_repository(root / "models"),
         root / "server.log",
         extra_args=("--http-max-body-bytes", str(BODY_LIMIT)),
+        frontend=frontend,
     )
     process.start("live")
     yield process

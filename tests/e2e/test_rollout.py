@@ -45,7 +45,7 @@ def _add_version(model_dir, number: int) -> None:
 
 
 @pytest.fixture(params=["1", "2"], ids=["one-process", "two-workers"])
-def polled(request, tmp_path):
+def polled(request, tmp_path, frontend):
     repository = tmp_path / "models"
     model_dir = repository / "rolling"
     model_dir.mkdir(parents=True)
@@ -55,6 +55,7 @@ def polled(request, tmp_path):
         repository,
         tmp_path / "server.log",
         ("--model-control-mode", "poll", "--repository-poll-secs", "0.2", "--workers", request.param),
+        frontend=frontend,
     )
     yield from serve_until_stopped(process)
 

@@ -212,9 +212,11 @@ def build_sequence_repository(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def seq_server(tmp_path_factory):
+def seq_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("sequences")
-    process = ConvoyProcess(build_sequence_repository(root / "models"), root / "server.log")
+    process = ConvoyProcess(
+        build_sequence_repository(root / "models"), root / "server.log", frontend=frontend
+    )
     yield from serve_until_stopped(process, "live")
 
 

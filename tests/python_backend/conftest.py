@@ -10,9 +10,9 @@ from python_backend_models import triton_repository
 
 
 @pytest.fixture(scope="session")
-def triton_server(tmp_path_factory):
+def triton_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("python_backend")
-    process = ConvoyProcess(triton_repository(root / "models"), root / "server.log")
+    process = ConvoyProcess(triton_repository(root / "models"), root / "server.log", frontend=frontend)
     yield from serve_until_stopped(process, "ready")
 
 

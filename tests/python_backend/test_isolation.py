@@ -17,11 +17,13 @@ from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture(scope="module")
-def isolated(tmp_path_factory):
+def isolated(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("python_backend_isolated")
     models = ["tp_add_sub", "tp_errors", "tp_repeat", "tp_bls", "tp_bls_async", "tp_slow"]
     repository = triton_repository(root / "models", models)
-    process = ConvoyProcess(repository, root / "server.log", extra_args=("--isolation", "process"))
+    process = ConvoyProcess(
+        repository, root / "server.log", extra_args=("--isolation", "process"), frontend=frontend
+    )
     # tp_repeat (decoupled) does not load under process isolation: wait for liveness.
     yield from serve_until_stopped(process, "live")
 

@@ -42,7 +42,7 @@ def model(repository, name: str, backend: str, extra: str, code: str | None) -> 
 
 
 @pytest.fixture(scope="module")
-def refusing(tmp_path_factory):
+def refusing(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("python_backend_refusals")
     repository = root / "models"
     decoupled = "model_transaction_policy { decoupled: true }\n"
@@ -61,7 +61,7 @@ def refusing(tmp_path_factory):
     shutil.copytree(words, repository / "warmup_fails")
     config = (words / "config.pbtxt").read_text().replace('name: "tp_words"', 'name: "warmup_fails"')
     (repository / "warmup_fails" / "config.pbtxt").write_text(config.replace("random_data", "zero_data"))
-    process = ConvoyProcess(repository, root / "server.log")
+    process = ConvoyProcess(repository, root / "server.log", frontend=frontend)
     yield from serve_until_stopped(process, "live")
 
 

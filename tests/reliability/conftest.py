@@ -54,7 +54,7 @@ def write_capacity_model(
 
 
 @pytest.fixture(scope="session")
-def reliability_server(tmp_path_factory):
+def reliability_server(tmp_path_factory, frontend):
     """One server for the overload and fuzzing tests (each leaves it serving)."""
     root = tmp_path_factory.mktemp("reliability")
     repository = root / "models"
@@ -62,5 +62,5 @@ def reliability_server(tmp_path_factory):
     write_capacity_model(repository, "capacity", batch_seconds=0.02)
     for datatype in ("FP32", "BYTES", "INT64", "BOOL", "FP16", "BF16"):
         write_identity_model(repository, f"identity_{datatype.lower()}", datatype)
-    process = ConvoyProcess(repository, root / "server.log")
+    process = ConvoyProcess(repository, root / "server.log", frontend=frontend)
     yield from serve_until_stopped(process, "ready")

@@ -24,7 +24,7 @@ DEADLINE_US = 50_000
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory):
+def slow_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("admission")
     write_capacity_model(root / "models", MODEL, batch_seconds=BATCH_SECONDS, timeout_us=0)
     config = root / "models" / MODEL / "config.pbtxt"
@@ -33,7 +33,9 @@ def slow_server(tmp_path_factory):
         .replace("max_queue_size: 8", "max_queue_size: 64")
         .replace("timeout_action: REJECT", "timeout_action: REJECT\n    allow_timeout_override: true")
     )
-    yield from serve_until_stopped(ConvoyProcess(root / "models", root / "server.log"))
+    yield from serve_until_stopped(
+        ConvoyProcess(root / "models", root / "server.log", frontend=frontend)
+    )
 
 
 def row(request_id: int) -> list[int]:

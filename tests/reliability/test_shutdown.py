@@ -79,19 +79,19 @@ def grpc_call(client, request_id: int) -> str:
     return "ok"
 
 
-def start_slow_server(root: Path) -> ConvoyProcess:
+def start_slow_server(root: Path, frontend: str = "") -> ConvoyProcess:
     # 150 ms batches and no queue timeout: requests are still executing when SIGTERM lands.
     write_capacity_model(root / "models", "slow", batch_seconds=0.15, timeout_us=0)
     config = root / "models" / "slow" / "config.pbtxt"
     config.write_text(config.read_text().replace("max_queue_size: 8", "max_queue_size: 64"))
-    process = ConvoyProcess(root / "models", root / "server.log")
+    process = ConvoyProcess(root / "models", root / "server.log", frontend=frontend)
     process.start("ready")
     return process
 
 
 @pytest.fixture
-def slow_server(tmp_path):
-    process = start_slow_server(tmp_path)
+def slow_server(tmp_path, frontend):
+    process = start_slow_server(tmp_path, frontend)
     try:
         yield process
     finally:
@@ -195,7 +195,7 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_zero(slow_server)
     )
 
 
-def test_requests_arriving_during_shutdown_get_unavailable_not_cut_off(tmp_path):
+def test_requests_arriving_during_shutdown_get_unavailable_not_cut_off(tmp_path, frontend):
     """Late arrivals are answered UNAVAILABLE / 503 or find the port closed, over several
     shutdowns. HTTP: never a connection reset after the request was sent (the listener drops new
     SYNs and drains its accept queue before it closes). gRPC: its core cancels calls it received
@@ -205,7 +205,7 @@ def test_requests_arriving_during_shutdown_get_unavailable_not_cut_off(tmp_path)
     http_cut_off, grpc_cut_off_runs, grpc_cut_off = [], 0, []
     totals: dict[str, int] = {}
     for attempt in range(SHUTDOWN_ATTEMPTS):
-        process = start_slow_server(tmp_path / str(attempt))
+        process = start_slow_server(tmp_path / str(attempt), frontend)
         try:
             run = sigterm_under_load(process)
         finally:

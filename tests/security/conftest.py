@@ -8,9 +8,9 @@ from security_helpers import Certificates, start_keyed
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory):
+def keyed(tmp_path_factory, frontend):
     """Keys on; health and metrics open (the defaults)."""
-    yield from start_keyed(tmp_path_factory.mktemp("keyed"))
+    yield from start_keyed(tmp_path_factory.mktemp("keyed"), frontend=frontend)
 
 
 @pytest.fixture(scope="session")

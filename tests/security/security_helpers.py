@@ -81,7 +81,7 @@ def make_keys(path: Path) -> dict[str, str]:
     }
 
 
-def start_keyed(root: Path, *extra: str, health_key: str | None = None):
+def start_keyed(root: Path, *extra: str, health_key: str | None = None, frontend: str = ""):
     """Fixture body: a server with the three keys and an access log (JSON lines)."""
     keys_file = root / "keys.json"
     keys = make_keys(keys_file)
@@ -99,6 +99,7 @@ def start_keyed(root: Path, *extra: str, health_key: str | None = None):
             *extra,
         ),
         health_request={"headers": bearer(keys[health_key])} if health_key else {},
+        frontend=frontend,
     )
     for server in serve_until_stopped(process):
         yield KeyedServer(server, keys_file, keys, access_log)

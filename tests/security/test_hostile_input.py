@@ -34,12 +34,13 @@ def _repository(root):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("hostile")
     process = ConvoyProcess(
         _repository(root),
         root / "server.log",
         extra_args=("--http-max-json-bytes", str(JSON_LIMIT), "--header-timeout", "1"),
+        frontend=frontend,
     )
     yield from serve_until_stopped(process)
 
@@ -242,12 +243,13 @@ def test_a_connection_that_sends_no_request_head_is_closed(server):
 
 
 @pytest.fixture(scope="module")
-def capped(tmp_path_factory):
+def capped(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("capped")
     process = ConvoyProcess(
         _repository(root),
         root / "server.log",
         extra_args=("--max-connections", "16", "--header-timeout", "60"),
+        frontend=frontend,
     )
     yield from serve_until_stopped(process)
 

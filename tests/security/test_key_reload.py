@@ -17,8 +17,8 @@ from convoy.auth import digest
 
 
 @pytest.fixture(scope="module")
-def reloading(tmp_path_factory):
-    yield from start_keyed(tmp_path_factory.mktemp("reload"))
+def reloading(tmp_path_factory, frontend):
+    yield from start_keyed(tmp_path_factory.mktemp("reload"), frontend=frontend)
 
 
 def metadata_status(server, key: str) -> int:

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def keyed_for_load(tmp_path_factory):
-    yield from start_keyed(tmp_path_factory.mktemp("perf"))
+def keyed_for_load(tmp_path_factory, frontend):
+    yield from start_keyed(tmp_path_factory.mktemp("perf"), frontend=frontend)
 
 
 def run(server, protocol: str, *headers: str) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready", "/v2/models/add_sub/ready
 
 
 @pytest.fixture(scope="module")
-def protected(tmp_path_factory):
+def protected(tmp_path_factory, frontend):
     yield from start_keyed(
         tmp_path_factory.mktemp("protected"),
         "--auth-health",
@@ -21,6 +21,7 @@ def protected(tmp_path_factory):
         "--auth-metrics",
         "protected",
         health_key="scraper",
+        frontend=frontend,
     )
 
 

@@ -19,11 +19,11 @@ RATE, BURST = 0.2, 2
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory):
-    yield from serve_limited(tmp_path_factory.mktemp("quotas"))
+def limited(tmp_path_factory, frontend):
+    yield from serve_limited(tmp_path_factory.mktemp("quotas"), frontend=frontend)
 
 
-def serve_limited(root, extra_args: tuple[str, ...] = ()):
+def serve_limited(root, extra_args: tuple[str, ...] = (), frontend: str = ""):
     """Fixture body: (server, the metered key, the unlimited key)."""
     keys_file = root / "keys.json"
     args = ["keys", "create", "--file", str(keys_file), "--name", "metered", "--models", "*"]
@@ -36,6 +36,7 @@ def serve_limited(root, extra_args: tuple[str, ...] = ()):
         build_repository(root),
         root / "server.log",
         extra_args=("--api-keys", str(keys_file), *extra_args),
+        frontend=frontend,
     )
     for server in serve_until_stopped(process):
         yield server, metered, unlimited
@@ -81,9 +82,9 @@ def test_key_over_its_quota_is_refused_with_a_retry_hint_and_others_are_not(limi
     assert metric_value(server, "convoy_quota_rejections_total", scrape, key="unlimited") == 0
 
 
-def test_quota_refusals_count_as_rejections_in_showback_and_convoy_usage(tmp_path):
+def test_quota_refusals_count_as_rejections_in_showback_and_convoy_usage(tmp_path, frontend):
     ledger = tmp_path / "usage.jsonl"
-    serving = serve_limited(tmp_path, ("--usage-ledger", str(ledger)))
+    serving = serve_limited(tmp_path, ("--usage-ledger", str(ledger)), frontend=frontend)
     server, metered, unlimited = next(serving)
     codes = [http_add_sub(server, metered).status_code for _ in range(BURST + 1)]
     assert codes == [200] * BURST + [429]

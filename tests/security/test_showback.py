@@ -37,7 +37,7 @@ class Model:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
+def shared_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("showback")
     model = root / "models" / "shared"
     (model / "1").mkdir(parents=True)
@@ -50,6 +50,7 @@ def shared_server(tmp_path_factory):
         root / "models",
         root / "server.log",
         extra_args=("--api-keys", str(keys_file), "--usage-ledger", str(ledger)),
+        frontend=frontend,
     )
     process.start("ready")
     try:

@@ -13,7 +13,7 @@ from security_helpers import build_repository
 from tritonclient.utils import InferenceServerException
 
 
-def tls_process(root, certificates, *extra: str, **health) -> ConvoyProcess:
+def tls_process(root, certificates, *extra: str, frontend: str = "", **health) -> ConvoyProcess:
     return ConvoyProcess(
         build_repository(root),
         root / "server.log",
@@ -26,22 +26,26 @@ def tls_process(root, certificates, *extra: str, **health) -> ConvoyProcess:
         ),
         scheme="https",
         health_request={"verify": str(certificates.ca), **health},
+        frontend=frontend,
     )
 
 
 @pytest.fixture(scope="module")
-def tls_server(tmp_path_factory, certificates):
-    yield from serve_until_stopped(tls_process(tmp_path_factory.mktemp("tls"), certificates))
+def tls_server(tmp_path_factory, certificates, frontend):
+    yield from serve_until_stopped(
+        tls_process(tmp_path_factory.mktemp("tls"), certificates, frontend=frontend)
+    )
 
 
 @pytest.fixture(scope="module")
-def mtls_server(tmp_path_factory, certificates):
+def mtls_server(tmp_path_factory, certificates, frontend):
     process = tls_process(
         tmp_path_factory.mktemp("mtls"),
         certificates,
         "--tls-client-ca",
         str(certificates.client_ca),
         cert=(str(certificates.client_cert), str(certificates.client_key)),
+        frontend=frontend,
     )
     yield from serve_until_stopped(process)
 
