@@ -284,14 +284,17 @@ class Scheduler:
         self._last_arrival_ns = now
         # The queue policy's timeout acts as the policy says (REJECT or DELAY); the client's own
         # deadline always rejects.
-        to_loop_time = self._loop.time() - now / 1e9
-        if timeout_us:
-            timeout_at = now / 1e9 + timeout_us / 1e6
-            self._loop.call_at(to_loop_time + timeout_at, self._expire, request, policy.timeout_action)
-        if request.deadline is not None:
-            self._loop.call_at(
-                to_loop_time + request.deadline, self._expire, request, TimeoutAction.REJECT
-            )
+        if timeout_us or request.deadline is not None:
+            to_loop_time = self._loop.time() - now / 1e9
+            if timeout_us:
+                timeout_at = now / 1e9 + timeout_us / 1e6
+                self._loop.call_at(
+                    to_loop_time + timeout_at, self._expire, request, policy.timeout_action
+                )
+            if request.deadline is not None:
+                self._loop.call_at(
+                    to_loop_time + request.deadline, self._expire, request, TimeoutAction.REJECT
+                )
         if self._idle:
             # On the next loop turn: requests arriving in the same turn share the batch.
             self._dispatch_soon()

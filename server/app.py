@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import socket
 import ssl
@@ -290,6 +291,14 @@ class FrontEnds:
             self.tracer.close()
 
 
+def settle_heap() -> None:
+    """Once the models are loaded, move everything alive into the collector's permanent
+    generation: start-up's modules, configs and weights never die, and traversing them again on
+    every full collection cost ~7% of the server's CPU under load (perf, 1-row add_sub, c=64)."""
+    gc.collect()
+    gc.freeze()
+
+
 def choose_frontend(settings: ServerConfig) -> tuple[str, str]:
     """("native" | "python", why the Python one when it is not what was asked). --frontend
     native without the extension is an error; auto falls back, and says why."""
@@ -354,6 +363,7 @@ class ConvoyServer:
             self.http_port = self.front_ends.http_port
             self.grpc_port = self.front_ends.grpc_port
             await self.engine.__aenter__()
+            settle_heap()
             if settings.metrics_port >= 0:
                 self._metrics_server = start_metrics(self.engine, settings)
                 self.metrics_port = self._metrics_server.server_port
