@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import importlib
 import logging
 import socket
 import ssl
@@ -305,7 +306,7 @@ def choose_frontend(settings: ServerConfig) -> tuple[str, str]:
     if settings.frontend == "python":
         return "python", ""
     try:
-        from convoy.server import _native  # noqa: F401
+        importlib.import_module("convoy.server._native")
     except ImportError as exc:
         why = (
             f"the native front end (convoy.server._native) is not built: {exc}; reinstall with "

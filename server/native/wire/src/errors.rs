@@ -75,3 +75,37 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::call::Item;
+
+    #[test]
+    fn a_panicking_handler_answers_its_fallback_and_logs_the_detail() {
+        let hub = Hub::new().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let answer = runtime.block_on(guard_async(
+            hub.clone(),
+            async {
+                if hub.pending() == 0 {
+                    panic!("index 7 out of range");
+                }
+                "served"
+            },
+            |_| "internal error",
+        ));
+        assert_eq!(answer, "internal error");
+        match hub.take().as_slice() {
+            [Item::Log(LogLevel::Error, line)] => assert!(line.contains("index 7 out of range"), "{line}"),
+            other => panic!("expected one log line, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_table_names_the_python_classes_and_their_statuses() {
+        let rows: Vec<_> = Kind::ALL.iter().map(|k| (k.class(), k.status())).collect();
+        assert_eq!(rows[0], ("InvalidInput", ("INVALID_ARGUMENT", 3, 400)));
+        assert_eq!(Kind::Unavailable.failure("x").http_status, 503);
+    }
+}
