@@ -258,7 +258,12 @@ class Scheduler:
             timeout_at = now / 1e9 + timeout_us / 1e6
             if deadline is None or timeout_at < deadline:
                 deadline = timeout_at
-        if deadline is not None and self._batches_measured >= _ESTIMATE_AFTER_BATCHES:
+        # A request that would be dispatched at once (an instance idles, nothing is queued)
+        # is always admitted: the estimate then is one batch's measured cost, and a noisy
+        # one (a loaded host stretches it) refusing such requests would stop the measurements
+        # that could correct it: no goodput while capacity is free.
+        waits = not self._idle or self._queue.size > 0
+        if deadline is not None and waits and self._batches_measured >= _ESTIMATE_AFTER_BATCHES:
             expected, batches = self._completion_estimate(request)
             left = deadline - now / 1e9
             if expected > left:

@@ -32,8 +32,11 @@ log = logging.getLogger("convoy.native")
 INFER, HTTP, GRPC, CANCEL, LOG = range(5)
 #: uvicorn's keep-alive timeout, which the Python front end serves with.
 KEEP_ALIVE_S = 30.0
-#: At shutdown: time for the native side to accept the connections queued in the backlog, then
-#: for requests already sent on open connections to arrive and be answered.
+#: At shutdown: how long the server still takes connections while it reports not ready (a
+#: readiness probe or a load balancer sees 503 before the port closes), then time for the
+#: native side to accept the connections queued in the backlog, then for requests already sent
+#: on open connections to arrive and be answered.
+_UNREADY_S = 0.1
 _ACCEPT_BACKLOG_S = 0.05
 _LATE_REQUEST_S = 0.1
 
@@ -136,6 +139,7 @@ class NativeFrontEnds:
         if native is None:
             return
         native.set_accepting(False)
+        await asyncio.sleep(_UNREADY_S)
         for problem in native.filter_new_connections():
             log.debug("%s", problem)
         await asyncio.sleep(_ACCEPT_BACKLOG_S)

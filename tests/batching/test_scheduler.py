@@ -692,6 +692,25 @@ def test_request_whose_deadline_can_be_met_is_admitted_behind_the_same_queue():
     asyncio.run(scenario())
 
 
+def test_a_request_dispatched_at_once_is_admitted_whatever_the_estimate_says():
+    async def scenario():
+        policy = QueuePolicy(timeout_action=TimeoutAction.REJECT, allow_timeout_override=True)
+        config = model_config(2, DynamicBatching(default_queue_policy=policy))
+        runtime = SlowRuntime("i0", BatchLog(), Gate(1000), work_s=BATCH_S)
+        async with serve(config, [runtime]) as scheduler:
+            for tag in (100, 101, 102):  # measured: each batch costs >= BATCH_S
+                warm = make_request(tag)
+                scheduler.submit(warm)
+                assert_served_correctly(warm, await outcome(warm))
+            # An idle instance and an empty queue: goes at once, so it is not refused on an
+            # estimate (one batch > its 10 ms); its queue timeout still guards the wait.
+            hurried = make_request(7, timeout_us=10_000)
+            scheduler.submit(hurried)
+            assert_served_correctly(hurried, await outcome(hurried))
+
+    asyncio.run(scenario())
+
+
 def test_higher_priority_requests_are_judged_by_the_work_ahead_of_them_only():
     async def scenario():
         gate = Gate(0)
