@@ -480,9 +480,8 @@ def parse_cache_config(values: list[str], byte_size: int = 0) -> CacheSettings |
         try:
             typed[key] = kind_of(setting)
         except ValueError:
-            raise FlagError(
-                f"--cache-config {kind},{key}={setting}: expected a {kind_of.__name__}"
-            ) from None
+            expected = "a whole number" if kind_of is int else "a number"
+            raise FlagError(f"--cache-config {kind},{key}={setting}: expected {expected}") from None
         if kind_of is not str and typed[key] < 0:
             raise FlagError(f"--cache-config {kind},{key}={setting}: must not be negative")
     ttl = typed.get("ttl", REDIS_DEFAULT_TTL_S if kind == "redis" else 0.0)

@@ -82,15 +82,20 @@ def key_prefix(
     return digest
 
 
-def _tensor_into(digest, name: str, datatype: str, array: np.ndarray) -> None:
-    digest.update(f"{name}\0{datatype}\0{array.shape}\0".encode())
-    if array.dtype == object:
+def _header(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    return f"{name}\0{datatype}\0{shape}\0".encode()
+
+
+def _data_into(digest, array: np.ndarray) -> None:
+    if array.dtype.hasobject:
         for element in array.reshape(-1):
             data = element.encode() if isinstance(element, str) else bytes(element)
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
+    elif array.flags.c_contiguous:
+        digest.update(array)  # the buffer itself: no copy
     else:
-        digest.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+        digest.update(np.ascontiguousarray(array))
 
 
 def request_key(prefix, config: ModelConfig, request: Request) -> bytes:
@@ -99,7 +104,8 @@ def request_key(prefix, config: ModelConfig, request: Request) -> bytes:
     for name in sorted(request.inputs):
         spec = config.input(name)
         array = request.inputs[name]
-        _tensor_into(digest, name, spec.datatype if spec else str(array.dtype), array)
+        digest.update(_header(name, spec.datatype if spec else array.dtype.str, array.shape))
+        _data_into(digest, array)
     return digest.digest()
 
 
@@ -107,14 +113,17 @@ def row_keys(prefix, config: ModelConfig, request: Request) -> list[bytes]:
     """One key per row of a batched request (the first dimension of every input)."""
     names = sorted(request.inputs)
     arrays = [request.inputs[name] for name in names]
-    datatypes = []
+    # Every row of an input has the same shape: its header is built once.
+    headers = []
     for name, array in zip(names, arrays, strict=True):
         spec = config.input(name)
-        datatypes.append(spec.datatype if spec else str(array.dtype))
+        headers.append(_header(name, spec.datatype if spec else array.dtype.str, array.shape[1:]))
+    tensors = list(zip(headers, arrays, strict=True))
     keys = []
     for row in range(request.rows):
         digest = prefix.copy()
-        for name, datatype, array in zip(names, datatypes, arrays, strict=True):
-            _tensor_into(digest, name, datatype, array[row])
+        for header, array in tensors:
+            digest.update(header)
+            _data_into(digest, array[row])
         keys.append(digest.digest())
     return keys

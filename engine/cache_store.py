@@ -79,38 +79,43 @@ class _Slot:
 
 
 class FrequencySketch:
-    """Count-min sketch of key frequencies (4 rows of 4-bit-capped counters), aged by halving."""
+    """Count-min sketch of key frequencies (4 rows of counters capped at 15), aged by halving.
+    A key's four counters come from 64 of its (uniformly distributed) digest bits."""
 
-    def __init__(self, width: int = 1 << 16) -> None:
-        self._mask = width - 1
-        self._width = width
-        self._counts = np.zeros(4 * width, dtype=np.uint8)
-        self._table = memoryview(self._counts)
+    def __init__(self, width_bits: int = 16) -> None:
+        self._bits = width_bits
+        self._mask = (1 << width_bits) - 1
+        width = 1 << width_bits
+        self._counts = bytearray(4 * width)
         self._additions = 0
         self._reset_at = 10 * width
 
     def _slots(self, key: bytes) -> tuple[int, int, int, int]:
-        mask, width = self._mask, self._width
+        h = int.from_bytes(key[:8], "little")
+        bits, mask = self._bits, self._mask
+        width = mask + 1
         return (
-            int.from_bytes(key[0:4], "little") & mask,
-            width + (int.from_bytes(key[4:8], "little") & mask),
-            2 * width + (int.from_bytes(key[8:12], "little") & mask),
-            3 * width + (int.from_bytes(key[12:16], "little") & mask),
+            h & mask,
+            width + ((h >> bits) & mask),
+            2 * width + ((h >> (2 * bits)) & mask),
+            3 * width + ((h >> (3 * bits)) & mask),
         )
 
     def add(self, key: bytes) -> None:
-        table = self._table
+        table = self._counts
         for slot in self._slots(key):
             if table[slot] < 15:
                 table[slot] += 1
         self._additions += 1
         if self._additions >= self._reset_at:
-            self._counts >>= 1
+            halved = np.frombuffer(self._counts, dtype=np.uint8) >> 1
+            self._counts[:] = halved.tobytes()
             self._additions //= 2
 
     def estimate(self, key: bytes) -> int:
-        table = self._table
-        return min(table[slot] for slot in self._slots(key))
+        table = self._counts
+        a, b, c, d = self._slots(key)
+        return min(table[a], table[b], table[c], table[d])
 
 
 class LocalStore:

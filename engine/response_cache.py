@@ -41,6 +41,9 @@ log = logging.getLogger("convoy.cache")
 
 #: The response parameter that says where an answer came from.
 CACHE_PARAMETER = "convoy-cache"
+#: The parameters of an answer the model set none for, one shared dict per outcome (front ends
+#: only read a response's parameters).
+_MARKERS = {result: {CACHE_PARAMETER: result} for result in ("hit", "miss", "partial")}
 
 
 def _resolve(request: Request, result=None, error: BaseException | None = None) -> bool:
@@ -211,7 +214,8 @@ class ResponseCache:
         self._assemblies[request] = assembly
         store = self.store
         if store.synchronous:
-            self._looked_up(assembly, [store.get(key) for key in keys])
+            get = store.get
+            self._looked_up(assembly, [get(key) for key in keys] if len(keys) > 1 else [get(keys[0])])
         else:
             store.get_many(keys, lambda found: self._looked_up(assembly, found))
         return True
@@ -252,6 +256,8 @@ class ResponseCache:
                 compute.append(index)
         if compute:
             self._compute(assembly, compute)
+        if assembly.finished:
+            return  # answered (or failed) while its sub-request was queued
         if assembly.pending == 0:
             self._complete(assembly)
         elif not assembly.subs and assembly.request.deadline is not None:
@@ -387,6 +393,8 @@ class ResponseCache:
         _resolve(assembly.request, error=error)
 
     def _complete(self, assembly: _Assembly) -> None:
+        if assembly.finished:
+            return
         assembly.finished = True
         self._assemblies.pop(assembly.request, None)
         if assembly.deadline_timer is not None:
@@ -419,7 +427,7 @@ class ResponseCache:
                 )
                 _resolve(request, error=error)
                 return
-        answer = {**parameters, CACHE_PARAMETER: result} if parameters else {CACHE_PARAMETER: result}
+        answer = {**parameters, CACHE_PARAMETER: result} if parameters else _MARKERS[result]
         response = Response(outputs, entry.config.name, str(entry.version), assembly.timings, answer)
         delivered = _resolve(request, response)
         # Statistics (loop thread, as the scheduler's).
