@@ -438,7 +438,11 @@ class ResponseCache:
             cache.coalesced += 1
         cache.rows_cached += assembly.reused_rows
         cache.rows_computed += request.rows - assembly.reused_rows
-        cache.saved_ns += assembly.reused_cost
+        # What the reused rows would cost now (the model's mean compute per row so far); the
+        # entries' own estimates where this replica has computed nothing yet (Redis entries).
+        per_row = self._cost_per_row(entry)
+        saved = per_row * assembly.reused_rows if per_row else assembly.reused_cost
+        cache.saved_ns += saved
         if result == "hit":
             cache.hit.add(assembly.lookup_ns)
             if delivered:
@@ -456,7 +460,7 @@ class ResponseCache:
                 str(entry.version),
                 request,
                 assembly.reused_rows,
-                assembly.reused_cost,
+                saved,
                 result == "hit",
             )
 
