@@ -106,13 +106,15 @@ def _repository(root):
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory, redis_server):
+def replicas(tmp_path_factory, redis_server, frontend):
     flags = ("--cache-config", f"redis,host=127.0.0.1,port={redis_server.port}")
     first_root = tmp_path_factory.mktemp("replica-a")
     second_root = tmp_path_factory.mktemp("replica-b")
     # The same model files in two folders (two pods): the revision is by content, so they agree.
-    first = ConvoyProcess(_repository(first_root), first_root / "server.log", flags)
-    second = ConvoyProcess(_repository(second_root), second_root / "server.log", flags)
+    first = ConvoyProcess(_repository(first_root), first_root / "server.log", flags, frontend=frontend)
+    second = ConvoyProcess(
+        _repository(second_root), second_root / "server.log", flags, frontend=frontend
+    )
     a = serve_until_stopped(first)
     b = serve_until_stopped(second)
     yield next(a), next(b)

@@ -60,7 +60,7 @@ CACHED = "response_cache { enable: true }\n"
 
 
 @pytest.fixture(scope="module")
-def cached_server(tmp_path_factory):
+def cached_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("cache")
     repository = root / "models"
     _model(repository, "rows", DOUBLING, CACHED + "dynamic_batching { }\n")
@@ -85,6 +85,7 @@ def cached_server(tmp_path_factory):
             "--load-model",
             "*",
         ),
+        frontend=frontend,
     )
     yield from serve_until_stopped(process)
 
