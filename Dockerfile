@@ -20,7 +20,7 @@ COPY protos ./protos
 COPY loadtests ./loadtests
 # The onnx extra names onnxruntime-gpu; on CPU the plain onnxruntime wheel is the smaller fit.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
-    && pip install "$(ls /wheels/convoy_inference-*.whl)[torch,text]" "onnxruntime>=1.18" "onnx>=1.16"
+    && pip install "$(ls /wheels/convoy_inference-*.whl)[torch,text,redis]" "onnxruntime>=1.18" "onnx>=1.16"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONUNBUFFERED=1 PATH=/opt/convoy/bin:$PATH

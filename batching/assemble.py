@@ -110,6 +110,11 @@ class Collation:
     ) -> list[dict[str, np.ndarray] | ConvoyError]:
         return split(outputs, requests, batched, self.config)
 
+    def batch_tokens(self, requests: list[Request]) -> tuple[int, int] | None:
+        """(the requests' own tokens, pad tokens) of an executed batch, for the batch-token
+        histograms; None for dense batches (their size is their rows)."""
+        return None
+
 
 def collation_for(config: ModelConfig) -> Collation:
     """The collation a model's config asks for."""

@@ -162,6 +162,13 @@ class PaddedCollation(Collation):
             rows += request.rows
         self.tokens[0] += real
         self.tokens[1] += rows * padded_length - real
+        self._last = (real, rows * padded_length - real)
+
+    _last = (0, 0)
+
+    def batch_tokens(self, requests: list[Request]) -> tuple[int, int] | None:
+        """The last split batch's (real, pad) tokens (split counts them; the loop runs both)."""
+        return self._last
 
     def split(
         self, outputs: dict[str, np.ndarray], requests: list[Request], batched: bool

@@ -69,6 +69,13 @@ class RaggedCollation(Collation):
                 dims = spec.dims if spec is not None else (-1,)
                 self._scatter[name] = (batch_output.source_input, (-1, *dims))
 
+    def batch_tokens(self, requests: list[Request]) -> tuple[int, int] | None:
+        """Elements of the batch's first ragged input (flattened: nothing is padded)."""
+        if not self._ragged:
+            return None
+        name = min(self._ragged)
+        return sum(request.inputs[name].size for request in requests if name in request.inputs), 0
+
     def key(self, request: Request) -> Hashable:
         """Per-row shapes must match, except the ragged inputs'."""
         ragged = self._ragged

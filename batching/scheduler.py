@@ -569,6 +569,9 @@ class Scheduler:
         self.stats.record_batch(
             rows, len(batch), merged - start, inferred - merged, done - inferred, reason
         )
+        tokens = self._collation.batch_tokens(batch)
+        if tokens is not None:
+            self.stats.record_tokens(*tokens)
         if self._batches_measured:
             self._batch_ns += (done - start - self._batch_ns) * _EWMA_WEIGHT
         else:

@@ -24,6 +24,28 @@ QUEUE_BOUNDS_NS = tuple(
 )
 #: Bucket upper bounds for rows per executed batch.
 BATCH_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Tokens per executed batch (padded or ragged models).
+TOKEN_BOUNDS = tuple(1 << n for n in range(4, 18))
+#: Share of an executed padded batch's tokens that are padding.
+PADDING_RATIO_BOUNDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: Triton's default buckets for nv_inference_first_response_histogram_ms (100, 500, 2000,
+#: 5000 ms), in nanoseconds.
+FIRST_RESPONSE_BOUNDS_NS = tuple(ms * 1_000_000 for ms in (100, 500, 2000, 5000))
+
+#: Histogram family -> (ModelStats attribute, scale from the family's unit to the stored one),
+#: for `model_metrics.metric_control` bucket overrides (engine/model_config.py lists them).
+HISTOGRAM_ATTRIBUTES = {
+    "convoy_request_latency_seconds": ("success", 1e9),
+    "convoy_queue_wait_seconds": ("queue", 1e9),
+    "convoy_compute_seconds": ("batch_compute", 1e9),
+    "convoy_compute_input_seconds": ("batch_input", 1e9),
+    "convoy_compute_infer_seconds": ("batch_infer", 1e9),
+    "convoy_compute_output_seconds": ("batch_output", 1e9),
+    "convoy_batch_size": ("batch_size", 1.0),
+    "convoy_batch_tokens": ("batch_tokens", 1.0),
+    "convoy_batch_padding_ratio": ("padding_ratio", 1.0),
+    "nv_inference_first_response_histogram_ms": ("first_response", 1e6),
+}
 
 
 @dataclass(slots=True)
@@ -76,6 +98,23 @@ class BatchSizeStats:
 
 
 @dataclass(slots=True)
+class CacheStats:
+    """The response cache's work for one model version (engine/response_cache.py)."""
+
+    #: Triton's cache_hit / cache_miss: requests answered from the cache (the lookup time), and
+    #: requests computed (lookup plus insert time). A partial answer counts as a miss.
+    hit: Duration = field(default_factory=Duration)
+    miss: Duration = field(default_factory=Duration)
+    partial: int = 0
+    #: Requests that waited for an identical request's computation (single-flight).
+    coalesced: int = 0
+    rows_cached: int = 0
+    rows_computed: int = 0
+    #: Estimated compute the cached rows would have cost.
+    saved_ns: int = 0
+
+
+@dataclass(slots=True)
 class ModelStats:
     #: Successful requests, receipt to response (the request-latency histogram).
     success: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
@@ -101,6 +140,32 @@ class ModelStats:
     #: Compute time per executed batch (input + infer + output), and rows per executed batch.
     batch_compute: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
     batch_size: Histogram = field(default_factory=partial(Histogram, BATCH_SIZE_BOUNDS))
+    #: Each executed batch's compute stages (Triton's compute input / infer / output), per batch.
+    batch_input: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_infer: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_output: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    #: Padded and ragged models: tokens per executed batch (real + pad) and the pad's share.
+    batch_tokens: Histogram = field(default_factory=partial(Histogram, TOKEN_BOUNDS))
+    padding_ratio: Histogram = field(default_factory=partial(Histogram, PADDING_RATIO_BOUNDS))
+    #: Decoupled models: receipt to the first response (Triton's first-response histogram).
+    first_response: Histogram = field(default_factory=partial(Histogram, FIRST_RESPONSE_BOUNDS_NS))
+    cache: CacheStats = field(default_factory=CacheStats)
+
+    @classmethod
+    def for_buckets(cls, buckets: dict[str, tuple[float, ...]]) -> ModelStats:
+        """Statistics whose histograms use a model's configured bounds (in each family's unit)."""
+        stats = cls()
+        for family, bounds in buckets.items():
+            attribute, scale = HISTOGRAM_ATTRIBUTES[family]
+            stored = tuple(round(b * scale) if scale != 1.0 else b for b in bounds)
+            setattr(stats, attribute, Histogram(stored))
+        return stats
+
+    def record_tokens(self, real: int, pad: int) -> None:
+        total = real + pad
+        self.batch_tokens.add(total)
+        if total:
+            self.padding_ratio.add(pad / total)
 
     def record_batch(
         self,
@@ -125,6 +190,9 @@ class ModelStats:
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.dispatch_reasons[reason] = self.dispatch_reasons.get(reason, 0) + 1
         self.batch_compute.add(input_ns + infer_ns + output_ns)
+        self.batch_input.add(input_ns)
+        self.batch_infer.add(infer_ns)
+        self.batch_output.add(output_ns)
         self.batch_size.add(rows)
 
     def record_failure(self, reason: str, duration_ns: int) -> None:

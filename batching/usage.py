@@ -31,6 +31,11 @@ class UsageTotals:
     queue_ns: int = 0
     #: This principal's share of the compute time of the batches its requests rode in.
     compute_ns: int = 0
+    #: Response cache: requests answered wholly from it, rows it answered, and the compute
+    #: those rows would have cost (estimated from the model's measured cost per row).
+    cache_hits: int = 0
+    cached_rows: int = 0
+    saved_compute_ns: int = 0
 
     def copy(self) -> UsageTotals:
         return UsageTotals(*(getattr(self, f.name) for f in fields(self)))
@@ -86,6 +91,21 @@ class UsageMeter:
             totals = self._entry((request.principal, model, version))
             totals.requests += 1
             totals.rejections += 1
+
+    def record_cache(
+        self, model: str, version: str, request: Request, rows: int, saved_ns: int, hit: bool
+    ) -> None:
+        """Rows of `request` answered by the response cache; a whole hit is also a request
+        (a partial answer's request is counted with its computed rows' batch)."""
+        if request.principal is None:
+            return
+        totals = self._entry((request.principal, model, version))
+        if hit:
+            totals.requests += 1
+            totals.cache_hits += 1
+        totals.rows += rows
+        totals.cached_rows += rows
+        totals.saved_compute_ns += saved_ns
 
     def snapshot(self) -> dict[UsageKey, UsageTotals]:
         """A consistent-enough copy for exporters (each entry copied field by field)."""

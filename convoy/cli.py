@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from convoy import __version__, auth
-from convoy.config import ServerConfig
+from convoy.config import FlagError, ServerConfig, parse_cache_config, parse_metrics_config
 from convoy.errors import ConvoyError
 from convoy.loadtests import cli as loadtests_cli
 
@@ -132,6 +132,48 @@ def _serve_parser(sub) -> None:
         default=True,
         metavar="BOOL",
         help="Triton's spelling: false disables metrics, as --metrics-port -1 does",
+    )
+    p.add_argument(
+        "--metrics-config",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="Triton's metric settings: counter_latencies=false drops the *_duration_us "
+        "counters, histogram_latencies=true adds nv_inference_first_response_histogram_ms "
+        "for decoupled models (repeatable)",
+    )
+    p.add_argument(
+        "--allow-gpu-metrics",
+        type=_flag,
+        default=True,
+        metavar="BOOL",
+        help="nv_gpu_* and nv_energy_consumption per GPU through NVML (the gpu extra)",
+    )
+    p.add_argument(
+        "--allow-cpu-metrics", type=_flag, default=True, metavar="BOOL", help="nv_cpu_* gauges"
+    )
+    p.add_argument(
+        "--metrics-interval-ms",
+        type=int,
+        default=2000,
+        help="how often the CPU and GPU gauges are sampled",
+    )
+    p.add_argument(
+        "--cache-config",
+        action="append",
+        default=[],
+        metavar="CACHE,KEY=VALUE",
+        help="the response cache, as Triton's flag: local,size=BYTES[,ttl=S] or "
+        "redis,host=H,port=P[,ttl=S,user=,password=,db=,connect_timeout=MS,socket_timeout=MS,"
+        "pool_size=N,wait_timeout=MS] (repeatable); models opt in with response_cache { enable: "
+        "true }",
+    )
+    p.add_argument(
+        "--response-cache-byte-size",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="Triton's deprecated spelling of --cache-config local,size=BYTES",
     )
     p.add_argument(
         "--max-queue-size",
@@ -551,6 +593,16 @@ def _settings(args) -> ServerConfig:
             "Python front ends (drop one of the two)"
         )
     frontend = args.frontend or ("python" if workers > 1 else "auto")
+    try:
+        cache = parse_cache_config(args.cache_config, args.response_cache_byte_size)
+        metrics = parse_metrics_config(
+            args.metrics_config,
+            args.allow_gpu_metrics,
+            args.allow_cpu_metrics,
+            args.metrics_interval_ms,
+        )
+    except FlagError as exc:
+        raise SystemExit(f"convoy: {exc}") from None
     return ServerConfig(
         model_repository=repository,
         host=host,
@@ -595,6 +647,8 @@ def _settings(args) -> ServerConfig:
         ipc_arena_mb=args.ipc_arena_mb,
         frontend=frontend,
         native_threads=args.native_threads,
+        cache=cache,
+        metrics=metrics,
     )
 
 

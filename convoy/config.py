@@ -191,6 +191,23 @@ class WarmupSample:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseCachePolicy:
+    """A model's `response_cache { enable: true }` and Convoy's `response_cache_*` parameters."""
+
+    #: Seconds an entry lives (parameter response_cache_ttl_s); 0: the cache's default `ttl`.
+    ttl_s: float = 0.0
+    #: Bytes this model's entries may hold in the local cache (response_cache_max_bytes); 0:
+    #: only the cache's global `size` bounds them.
+    max_bytes: int = 0
+    #: Look up each row of a batched request on its own and compute only the missing rows
+    #: (response_cache_rows; on by default with dynamic_batching, whose requests already share
+    #: batches row by row).
+    rows: bool = False
+    #: Entries are private to the API key that computed them (response_cache_per_key).
+    per_key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Everything Convoy needs to know about one model, validated."""
 
@@ -222,6 +239,11 @@ class ModelConfig:
     #: Ragged batching: tensors the batcher adds to each batch, outputs it scatters by shape.
     batch_inputs: tuple[BatchInput, ...] = ()
     batch_outputs: tuple[BatchOutput, ...] = ()
+    #: The response cache's settings for this model, or None (not cached).
+    response_cache: ResponseCachePolicy | None = None
+    #: Histogram bucket bounds by metric family (config `model_metrics.metric_control`), in the
+    #: family's own unit; families not named keep Convoy's defaults.
+    metric_buckets: dict[str, tuple[float, ...]] = field(default_factory=dict)
     #: The completed config as JSON (Triton's field names), for runtimes that hand it to model
     #: code (the python backend's `initialize(args)["model_config"]`); "" until completed.
     document: str = ""
@@ -359,3 +381,173 @@ class ServerConfig:
     frontend: str = "auto"
     #: The native front end's threads (0: one per two cores, 1 to 4).
     native_threads: int = 0
+    #: The response cache (--cache-config), or None: no model's responses are cached.
+    cache: CacheSettings | None = None
+    #: --metrics-config and the host/GPU gauges (--allow-gpu-metrics, --metrics-interval-ms).
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings())
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """`--cache-config local,size=N` or `--cache-config redis,host=H,port=P` (Triton's flag)."""
+
+    #: "local" (this process's memory) or "redis" (a Redis server shared by replicas).
+    kind: str
+    #: local: the byte budget of every model's entries together.
+    size: int = 0
+    #: Seconds an entry lives unless its model says otherwise; 0: until evicted.
+    ttl_s: float = 0.0
+    #: redis: where it is, and how to talk to it (Triton's redis cache options).
+    host: str = ""
+    port: int = 0
+    user: str = ""
+    password: str = ""
+    db: int = 0
+    #: Milliseconds; 0 waits forever (as Triton's redis cache).
+    connect_timeout_ms: int = 500
+    socket_timeout_ms: int = 200
+    pool_size: int = 4
+    wait_timeout_ms: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """What /metrics exports beyond the per-model counters (Triton's --metrics-config keys)."""
+
+    #: Triton's cumulative *_duration_us counters (counter_latencies).
+    counter_latencies: bool = True
+    #: Triton's histogram families (histogram_latencies): nv_inference_first_response_histogram_ms
+    #: for decoupled models. Convoy's own histograms are always exported.
+    histogram_latencies: bool = False
+    allow_gpu_metrics: bool = True
+    allow_cpu_metrics: bool = True
+    #: How often the host and GPU gauges are sampled (Triton's --metrics-interval-ms).
+    interval_ms: int = 2000
+
+
+class FlagError(ValueError):
+    """A command-line setting that cannot be honoured (the CLI reports it and exits)."""
+
+
+#: --cache-config keys per cache kind, with the type each takes.
+_CACHE_KEYS = {
+    "local": {"size": int, "ttl": float},
+    "redis": {
+        "host": str,
+        "port": int,
+        "user": str,
+        "password": str,
+        "db": int,
+        "connect_timeout": int,
+        "socket_timeout": int,
+        "pool_size": int,
+        "wait_timeout": int,
+        "ttl": float,
+    },
+}
+#: Seconds a Redis entry lives unless `ttl` says otherwise (Triton's redis cache sets none).
+REDIS_DEFAULT_TTL_S = 3600.0
+
+
+def parse_cache_config(values: list[str], byte_size: int = 0) -> CacheSettings | None:
+    """Triton's `--cache-config <cache>,<key>=<value>` (repeatable, one cache kind) and its
+    deprecated `--response-cache-byte-size N` (= local,size=N)."""
+    if byte_size:
+        values = [*values, f"local,size={byte_size}"]
+    if not values:
+        return None
+    kind = ""
+    given: dict[str, str] = {}
+    for value in values:
+        name, _, rest = value.partition(",")
+        name = name.strip()
+        if name not in _CACHE_KEYS:
+            raise FlagError(
+                f"--cache-config {value!r}: unknown cache '{name}'; expected local or redis "
+                "(--cache-config local,size=BYTES or --cache-config redis,host=H,port=P)"
+            )
+        if kind and name != kind:
+            raise FlagError(f"--cache-config: one cache at a time, got both {kind} and {name}")
+        kind = name
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, equals, setting = item.partition("=")
+            if not equals:
+                raise FlagError(f"--cache-config {value!r}: expected {name},<key>=<value>, got {item!r}")
+            if key not in _CACHE_KEYS[kind]:
+                raise FlagError(
+                    f"--cache-config {value!r}: '{key}' is not a {kind} cache setting; expected "
+                    f"one of {sorted(_CACHE_KEYS[kind])}"
+                )
+            given[key] = setting
+    typed: dict = {}
+    for key, setting in given.items():
+        kind_of = _CACHE_KEYS[kind][key]
+        try:
+            typed[key] = kind_of(setting)
+        except ValueError:
+            expected = "a whole number" if kind_of is int else "a number"
+            raise FlagError(f"--cache-config {kind},{key}={setting}: expected {expected}") from None
+        if kind_of is not str and typed[key] < 0:
+            raise FlagError(f"--cache-config {kind},{key}={setting}: must not be negative")
+    ttl = typed.get("ttl", REDIS_DEFAULT_TTL_S if kind == "redis" else 0.0)
+    if kind == "local":
+        if not typed.get("size"):
+            raise FlagError(
+                "--cache-config local needs size=BYTES (more than 0): the cache's byte budget"
+            )
+        return CacheSettings("local", size=typed["size"], ttl_s=ttl)
+    for required in ("host", "port"):
+        if required not in typed:
+            raise FlagError(f"--cache-config redis needs {required}= (as Triton's redis cache)")
+    defaults = CacheSettings("redis")
+    return CacheSettings(
+        "redis",
+        ttl_s=ttl,
+        host=typed["host"],
+        port=typed["port"],
+        user=typed.get("user", ""),
+        password=typed.get("password", ""),
+        db=typed.get("db", 0),
+        connect_timeout_ms=typed.get("connect_timeout", defaults.connect_timeout_ms),
+        socket_timeout_ms=typed.get("socket_timeout", defaults.socket_timeout_ms),
+        pool_size=typed.get("pool_size", defaults.pool_size),
+        wait_timeout_ms=typed.get("wait_timeout", defaults.wait_timeout_ms),
+    )
+
+
+def parse_metrics_config(
+    values: list[str], allow_gpu: bool = True, allow_cpu: bool = True, interval_ms: int = 2000
+) -> MetricsSettings:
+    """Triton's `--metrics-config <setting>=<value>` (repeatable)."""
+    settings = {"counter_latencies": True, "histogram_latencies": False}
+    for value in values:
+        key, equals, setting = value.partition("=")
+        key = key.strip()
+        if "," in key:
+            raise FlagError(
+                f"--metrics-config {value!r}: per-group settings (<group>,<setting>=<value>) are "
+                "not supported by Convoy; give <setting>=<value>"
+            )
+        if key in ("summary_latencies", "summary_quantiles"):
+            raise FlagError(
+                f"--metrics-config {key}: Convoy exports no summaries (their quantiles cannot be "
+                "aggregated across replicas); use the *_seconds histograms with histogram_quantile"
+            )
+        if key not in settings or not equals:
+            raise FlagError(
+                f"--metrics-config {value!r}: expected counter_latencies=true|false or "
+                "histogram_latencies=true|false"
+            )
+        lowered = setting.strip().lower()
+        if lowered not in ("true", "false"):
+            raise FlagError(f"--metrics-config {key}: expected true or false, got {setting!r}")
+        settings[key] = lowered == "true"
+    if interval_ms <= 0:
+        raise FlagError(f"--metrics-interval-ms must be positive, got {interval_ms}")
+    return MetricsSettings(
+        counter_latencies=settings["counter_latencies"],
+        histogram_latencies=settings["histogram_latencies"],
+        allow_gpu_metrics=allow_gpu,
+        allow_cpu_metrics=allow_cpu,
+        interval_ms=interval_ms,
+    )

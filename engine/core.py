@@ -33,6 +33,7 @@ from .overrides import parse_load_parameters
 from .payload_log import PayloadLog
 from .recent import Counts, RecentWindow
 from .repository import ModelRepository, ModelVersion
+from .response_cache import ResponseCache, open_store, owner_of
 from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("convoy.engine")
@@ -77,13 +78,29 @@ class Engine(EngineClient):
         self.log_listeners: list[Callable[[dict], None]] = []
         #: The catalog's live figures: recent traffic per version, counted from start.
         self.recent = RecentWindow(self._version_counts)
+        #: The response cache (--cache-config), between every front end and the schedulers.
+        self.cache: ResponseCache | None = None
+        if settings.cache is not None:
+            self.cache = ResponseCache(
+                open_store(settings.cache), self._schedule, self._unschedule, self.usage
+            )
+            self.repository.listeners.append(self._cache_models_changed)
 
     # --- lifetime --------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
         settings = self.settings
         self.payload_log = _start_payload_log(settings)
         try:
-            self.metrics = Metrics(self.repository, self.usage, self.payload_log, self.keys)
+            self.metrics = Metrics(
+                self.repository,
+                self.usage,
+                self.payload_log,
+                self.keys,
+                settings.metrics,
+                self.cache.store if self.cache is not None else None,
+            )
+            if self.cache is not None:
+                await self.cache.start()
             self.recent.start()
             await self.repository.__aenter__()
             self.started = True
@@ -135,6 +152,8 @@ class Engine(EngineClient):
             self.payload_log.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.cache is not None:
+            await self.cache.close()
         self.shared_memory.close()
 
     # --- the model table -------------------------------------------------------------------------
@@ -161,7 +180,18 @@ class Engine(EngineClient):
 
     def _queue(self, model: ModelVersion, request: Request) -> None:
         """`submit` without the quota: also how an ensemble's steps reach their models (the
-        ensemble request was counted once)."""
+        ensemble request was counted once), so composing models are cached too."""
+        if request.stream is not None:
+            request.stream = _first_response_timer(model, request, request.stream)
+        cache = self.cache
+        if cache is None or self.refusing or not cache.submit(model, request):
+            self._schedule(model, request)
+        # Every outcome (errors too) reaches the future, so the log sees them all.
+        if self.payload_log is not None:
+            self.payload_log.offer(model, request)
+
+    def _schedule(self, model: ModelVersion, request: Request) -> None:
+        """Queue a request on its model's scheduler; errors go to its future."""
         try:
             if self.refusing:
                 raise Unavailable("server is shutting down")
@@ -172,9 +202,21 @@ class Engine(EngineClient):
         except ConvoyError as exc:
             if not request.future.done():
                 request.future.set_exception(exc)
-        # Every outcome (errors too) reaches the future, so the log sees them all.
-        if self.payload_log is not None:
-            self.payload_log.offer(model, request)
+
+    def _unschedule(self, model: ModelVersion, request: Request) -> None:
+        scheduler = model.scheduler
+        if scheduler is not None:
+            scheduler.cancel(request)
+
+    def _cache_models_changed(self) -> None:
+        """Entries of versions no longer served (unloaded, rolled out, changed) are dropped."""
+        served = {
+            owner_of(entry)
+            for model in self.repository.models.values()
+            for entry in model.versions.values()
+            if entry.state in ("READY", "LOADING")
+        }
+        self.cache.retain(served)
 
     def _admit(self, model: ModelVersion, request: Request) -> None:
         """Take the request off its key's quota; a refusal (429) is a rejection in showback."""
@@ -186,6 +228,8 @@ class Engine(EngineClient):
             raise
 
     def cancel(self, model: ModelVersion, request: Request) -> None:
+        if self.cache is not None and self.cache.cancel(request):
+            return
         scheduler = model.scheduler
         if scheduler is not None:
             scheduler.cancel(request)
@@ -300,8 +344,8 @@ def _version_statistics(name: str, entry: ModelVersion) -> dict:
             "compute_input": _duration(s.compute_input),
             "compute_infer": _duration(s.compute_infer),
             "compute_output": _duration(s.compute_output),
-            "cache_hit": {"count": 0, "ns": 0},
-            "cache_miss": {"count": 0, "ns": 0},
+            "cache_hit": _duration(s.cache.hit),
+            "cache_miss": _duration(s.cache.miss),
         },
         "batch_stats": [
             {
@@ -313,6 +357,21 @@ def _version_statistics(name: str, entry: ModelVersion) -> dict:
             for size, b in sorted(s.batch_stats.items())
         ],
     }
+
+
+def _first_response_timer(model: ModelVersion, request: Request, sink):
+    """A decoupled request's sink that times its first response (Triton's first-response
+    histogram), then passes every response on."""
+    first = True
+
+    def stream(item) -> None:
+        nonlocal first
+        if first:
+            first = False
+            model.stats.first_response.add(time.monotonic_ns() - (request.received_ns or 0))
+        sink(item)
+
+    return stream
 
 
 def _start_payload_log(settings: ServerConfig) -> PayloadLog | None:

@@ -23,7 +23,16 @@ from convoy.batching.usage import UsageKey, UsageMeter, UsageTotals
 log = logging.getLogger("convoy.usage")
 
 #: Ledger fields summed by `convoy usage` (seconds are floats, the rest counts).
-SUMMED = ("requests", "rows", "failures", "rejections", "queue_seconds", "compute_seconds")
+SUMMED = (
+    "requests",
+    "rows",
+    "failures",
+    "rejections",
+    "queue_seconds",
+    "compute_seconds",
+    "cache_hits",
+    "saved_compute_seconds",
+)
 
 
 def _now() -> str:
@@ -46,6 +55,8 @@ def ledger_line(start: str, end: str, key: UsageKey, used: UsageTotals) -> bytes
                 "rejections": used.rejections,
                 "queue_seconds": used.queue_ns / 1e9,
                 "compute_seconds": used.compute_ns / 1e9,
+                "cache_hits": used.cache_hits,
+                "saved_compute_seconds": used.saved_compute_ns / 1e9,
             }
         )
         + b"\n"

@@ -13,11 +13,8 @@ typed counters. Host CPU and memory come from /proc; GPU gauges from NVML (nvidi
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -32,6 +29,8 @@ from prometheus_client.utils import floatToGoString
 from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import Histogram, ModelStats
 from convoy.batching.usage import UsageMeter, UsageTotals
+from convoy.config import MetricsSettings
+from convoy.engine.hardware_metrics import HardwareMonitor, load_pynvml
 from convoy.engine.payload_log import PayloadLog
 from convoy.engine.repository import ModelRepository, ModelVersion
 
@@ -106,6 +105,69 @@ _HISTOGRAMS: tuple[tuple[str, str, Callable[[ModelStats], Histogram], float], ..
         1e-9,
     ),
     ("convoy_batch_size", "Rows per executed batch", lambda s: s.batch_size, 1.0),
+    (
+        "convoy_compute_input_seconds",
+        "Compute input time per executed batch (merging the requests' inputs)",
+        lambda s: s.batch_input,
+        1e-9,
+    ),
+    (
+        "convoy_compute_infer_seconds",
+        "Compute infer time per executed batch (the model's own call)",
+        lambda s: s.batch_infer,
+        1e-9,
+    ),
+    (
+        "convoy_compute_output_seconds",
+        "Compute output time per executed batch (splitting the outputs back)",
+        lambda s: s.batch_output,
+        1e-9,
+    ),
+)
+
+#: Padded and ragged models' batch-token histograms.
+_TOKEN_HISTOGRAMS: tuple[tuple[str, str, Callable[[ModelStats], Histogram], float], ...] = (
+    (
+        "convoy_batch_tokens",
+        "Tokens per executed batch: rows x padded length (padded batching), or the elements "
+        "of the first ragged input (ragged batching)",
+        lambda s: s.batch_tokens,
+        1.0,
+    ),
+    (
+        "convoy_batch_padding_ratio",
+        "Share of each executed padded batch's tokens that are padding",
+        lambda s: s.padding_ratio,
+        1.0,
+    ),
+)
+
+#: Triton's response cache counters (models with response_cache enabled): name, help, value.
+_CACHE_COUNTERS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
+    (
+        "nv_cache_num_hits_per_model",
+        "Number of response cache hits per model",
+        lambda s: s.cache.hit.count,
+    ),
+    (
+        "nv_cache_num_misses_per_model",
+        "Number of response cache misses per model (partial answers included)",
+        lambda s: s.cache.miss.count,
+    ),
+)
+_CACHE_DURATIONS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
+    (
+        "nv_cache_hit_duration_per_model",
+        "Cumulative time requests spend retrieving a cached response per model on cache hits "
+        "(microseconds)",
+        lambda s: s.cache.hit.ns // 1000,
+    ),
+    (
+        "nv_cache_miss_duration_per_model",
+        "Cumulative time requests spend looking up and inserting responses into the cache on a "
+        "cache miss (microseconds)",
+        lambda s: s.cache.miss.ns // 1000,
+    ),
 )
 
 
@@ -116,8 +178,9 @@ def _untyped(name: str, documentation: str) -> Metric:
 class ModelCollector(Collector):
     """Per model-version metrics of every loaded version in the repository."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, settings: MetricsSettings | None = None) -> None:
         self.repository = repository
+        self.settings = settings or MetricsSettings()
 
     def _loaded(self) -> list[tuple[str, ModelVersion]]:
         loaded = []
@@ -129,7 +192,8 @@ class ModelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         loaded = self._loaded()
-        for name, documentation, value in _TRITON_COUNTERS:
+        counters = _TRITON_COUNTERS if self.settings.counter_latencies else _TRITON_COUNTERS[:3]
+        for name, documentation, value in counters:
             family = _untyped(name, documentation)
             for model, entry in loaded:
                 labels = {"model": model, "version": str(entry.version)}
@@ -225,12 +289,72 @@ class ModelCollector(Collector):
         yield from (objective, share, batch_cost, padding)
 
         for name, documentation, histogram_of, scale in _HISTOGRAMS:
-            family = HistogramMetricFamily(name, documentation, labels=LABELS)
-            for model, entry in loaded:
-                histogram = histogram_of(entry.stats)
-                buckets, total = _cumulative(histogram, scale)
-                family.add_metric([model, str(entry.version)], buckets, total)
+            yield _histogram_family(name, documentation, histogram_of, scale, loaded)
+        tokenised = [(m, e) for m, e in loaded if e.config.padding is not None or e.config.ragged]
+        for name, documentation, histogram_of, scale in _TOKEN_HISTOGRAMS:
+            if name == "convoy_batch_padding_ratio":
+                models = [(m, e) for m, e in tokenised if e.config.padding is not None]
+            else:
+                models = tokenised
+            yield _histogram_family(name, documentation, histogram_of, scale, models)
+        if self.settings.histogram_latencies:
+            decoupled = [(m, e) for m, e in loaded if e.config.decoupled]
+            yield _histogram_family(
+                "nv_inference_first_response_histogram_ms",
+                "Duration from request to first response in milliseconds",
+                lambda s: s.first_response,
+                1e-6,
+                decoupled,
+            )
+        yield from self._cache_families([(m, e) for m, e in loaded if e.config.response_cache])
+
+    def _cache_families(self, cached: list[tuple[str, ModelVersion]]) -> Iterator[Metric]:
+        if not cached:
+            return
+        durations = _CACHE_DURATIONS if self.settings.counter_latencies else ()
+        for name, documentation, value in (*_CACHE_COUNTERS, *durations):
+            family = _untyped(name, documentation)
+            for model, entry in cached:
+                labels = {"model": model, "version": str(entry.version)}
+                family.add_sample(name, labels, value(entry.stats))
             yield family
+        partial = CounterMetricFamily(
+            "convoy_cache_partial",
+            "Requests answered partly from the response cache (some rows computed)",
+            labels=LABELS,
+        )
+        coalesced = CounterMetricFamily(
+            "convoy_cache_coalesced",
+            "Requests that waited for an identical request's computation instead of computing",
+            labels=LABELS,
+        )
+        rows = CounterMetricFamily(
+            "convoy_cache_rows",
+            "Rows answered, by source: the cache (or an identical request in flight), or computed",
+            labels=(*LABELS, "source"),
+        )
+        saved = CounterMetricFamily(
+            "convoy_cache_saved_compute_seconds",
+            "Compute the cached rows would have cost (the model's measured compute per row)",
+            labels=LABELS,
+        )
+        for model, entry in cached:
+            cache = entry.stats.cache
+            version = str(entry.version)
+            partial.add_metric([model, version], cache.partial)
+            coalesced.add_metric([model, version], cache.coalesced)
+            rows.add_metric([model, version, "cache"], cache.rows_cached)
+            rows.add_metric([model, version, "computed"], cache.rows_computed)
+            saved.add_metric([model, version], cache.saved_ns / 1e9)
+        yield from (partial, coalesced, rows, saved)
+
+
+def _histogram_family(name, documentation, histogram_of, scale, models) -> Metric:
+    family = HistogramMetricFamily(name, documentation, labels=LABELS)
+    for model, entry in models:
+        buckets, total = _cumulative(histogram_of(entry.stats), scale)
+        family.add_metric([model, str(entry.version)], buckets, total)
+    return family
 
 
 def _cumulative(histogram: Histogram, scale: float) -> tuple[list[tuple[str, int]], float]:
@@ -267,123 +391,6 @@ class PayloadLogCollector(Collector):
         yield from (written, dropped)
 
 
-class HostCollector(Collector):
-    """Triton's host gauges from /proc: CPU utilisation since the last scrape, memory."""
-
-    def __init__(self, proc: Path = Path("/proc")) -> None:
-        self._proc = proc
-        self._lock = threading.Lock()  # two concurrent scrapes share the previous CPU sample
-        self._previous = self._cpu_times()
-
-    def _cpu_times(self) -> tuple[int, int] | None:
-        """(busy, total) jiffies over all CPUs, or None without /proc."""
-        try:
-            with (self._proc / "stat").open() as handle:
-                fields = [int(v) for v in handle.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return total - idle, total
-
-    def _memory(self) -> tuple[int, int] | None:
-        """(used, total) bytes, used being total minus what is available, or None."""
-        values = {}
-        try:
-            with (self._proc / "meminfo").open() as handle:
-                for line in handle:
-                    key, _, rest = line.partition(":")
-                    if key in ("MemTotal", "MemAvailable"):
-                        values[key] = int(rest.split()[0]) * 1024
-        except (OSError, ValueError, IndexError):
-            return None
-        if len(values) != 2:
-            return None
-        return values["MemTotal"] - values["MemAvailable"], values["MemTotal"]
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            now = self._cpu_times()
-            previous, self._previous = self._previous, now
-        if now is not None and previous is not None:
-            busy, total = now[0] - previous[0], now[1] - previous[1]
-            utilization = busy / total if total > 0 else 0.0
-            yield GaugeMetricFamily(
-                "nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]", value=utilization
-            )
-        memory = self._memory()
-        if memory is not None:
-            yield GaugeMetricFamily(
-                "nv_cpu_memory_used_bytes", "CPU memory used, in bytes", value=memory[0]
-            )
-            yield GaugeMetricFamily(
-                "nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes", value=memory[1]
-            )
-
-
-class GpuCollector(Collector):
-    """Triton's GPU gauges from NVML, one series per GPU (label `gpu_uuid`)."""
-
-    def __init__(self, nvml, handles: list, uuids: list[str]) -> None:
-        self._nvml = nvml
-        self._devices = list(zip(uuids, handles, strict=True))
-
-    @classmethod
-    def open(cls) -> GpuCollector | None:
-        """A collector over every visible GPU, or None without nvidia-ml-py, a driver or a GPU."""
-        try:
-            import pynvml
-        except ImportError:
-            return None
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError:
-            return None
-        try:
-            count = pynvml.nvmlDeviceGetCount()
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-            uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
-        except pynvml.NVMLError as exc:
-            log.warning("NVML sees no usable GPU, GPU metrics are off: %s", exc)
-            handles = []
-        if not handles:
-            pynvml.nvmlShutdown()
-            return None
-        return cls(pynvml, handles, uuids)
-
-    def close(self) -> None:
-        self._nvml.nvmlShutdown()
-
-    def collect(self) -> Iterator[Metric]:
-        nvml = self._nvml
-        utilization = GaugeMetricFamily(
-            "nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", labels=["gpu_uuid"]
-        )
-        used = GaugeMetricFamily(
-            "nv_gpu_memory_used_bytes", "GPU used memory, in bytes", labels=["gpu_uuid"]
-        )
-        total = GaugeMetricFamily(
-            "nv_gpu_memory_total_bytes", "GPU total memory, in bytes", labels=["gpu_uuid"]
-        )
-        power = GaugeMetricFamily("nv_gpu_power_usage", "GPU power usage in watts", labels=["gpu_uuid"])
-        for uuid, handle in self._devices:
-            # Each reading on its own: a GPU that cannot report one (no power sensor) still
-            # reports the others.
-            with contextlib.suppress(nvml.NVMLError):
-                utilization.add_metric([uuid], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
-            with contextlib.suppress(nvml.NVMLError):
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                used.add_metric([uuid], memory.used)
-                total.add_metric([uuid], memory.total)
-            with contextlib.suppress(nvml.NVMLError):
-                power.add_metric([uuid], nvml.nvmlDeviceGetPowerUsage(handle) / 1000)  # mW -> W
-        yield from (utilization, used, total, power)
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 #: Showback counters: (name, help, value from a principal's UsageTotals).
 _USAGE_COUNTERS: tuple[tuple[str, str, Callable[[UsageTotals], float]], ...] = (
     ("convoy_usage_requests", "Requests per API key (admitted or rejected)", lambda u: u.requests),
@@ -399,6 +406,16 @@ _USAGE_COUNTERS: tuple[tuple[str, str, Callable[[UsageTotals], float]], ...] = (
         "convoy_usage_compute_seconds",
         "Compute time per API key: each batch's time split by the key's share of its rows",
         lambda u: u.compute_ns / 1e9,
+    ),
+    (
+        "convoy_usage_cache_hits",
+        "Requests answered wholly from the response cache, per API key",
+        lambda u: u.cache_hits,
+    ),
+    (
+        "convoy_usage_saved_compute_seconds",
+        "Compute the response cache saved per API key (its cached rows at the model's cost per row)",
+        lambda u: u.saved_compute_ns / 1e9,
     ),
 )
 
@@ -461,8 +478,68 @@ class CustomCollector(Collector):
             yield metric
 
 
+class CacheStoreCollector(Collector):
+    """What the response cache's store holds and what it refused, evicted or failed to reach."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.store
+        counts = getattr(store, "counts", None)
+        if counts is not None:  # the local store
+            yield GaugeMetricFamily(
+                "convoy_cache_capacity_bytes", "The local response cache's byte budget", value=store.size
+            )
+            entries = GaugeMetricFamily(
+                "convoy_cache_entries", "Entries in the response cache", labels=LABELS
+            )
+            size = GaugeMetricFamily(
+                "convoy_cache_bytes", "Bytes the response cache's entries hold", labels=LABELS
+            )
+            evictions = CounterMetricFamily(
+                "convoy_cache_evictions", "Entries evicted to make room", labels=LABELS
+            )
+            expired = CounterMetricFamily(
+                "convoy_cache_expired", "Entries dropped because their TTL passed", labels=LABELS
+            )
+            inserted = CounterMetricFamily("convoy_cache_insertions", "Entries inserted", labels=LABELS)
+            rejected = CounterMetricFamily(
+                "convoy_cache_rejected",
+                "Responses not cached: admission (asked for less often than what they would "
+                "evict) or size (larger than the budget)",
+                labels=(*LABELS, "reason"),
+            )
+            for owner, count in sorted(counts.copy().items()):
+                model, version, _ = ([*owner.split("/"), "", ""])[:3]
+                labels = [model, version]
+                entries.add_metric(labels, count.entries)
+                size.add_metric(labels, count.bytes)
+                evictions.add_metric(labels, count.evictions)
+                expired.add_metric(labels, count.expired)
+                inserted.add_metric(labels, count.inserted)
+                rejected.add_metric([*labels, "admission"], count.rejected_admission)
+                rejected.add_metric([*labels, "size"], count.rejected_size)
+            yield from (entries, size, evictions, expired, inserted, rejected)
+        errors = getattr(store, "errors", None)
+        if errors is not None:  # Redis
+            family = CounterMetricFamily(
+                "convoy_cache_errors",
+                "Redis operations that failed (the request was served as a miss)",
+                labels=("operation",),
+            )
+            for operation in ("get", "set", "ping", "decode"):
+                family.add_metric([operation], errors.get(operation, 0))
+            yield family
+            yield CounterMetricFamily(
+                "convoy_cache_skipped",
+                "Cache operations skipped while Redis was failing (served as misses)",
+                value=store.skipped,
+            )
+
+
 class Metrics:
-    """The server's own registry: model, host, GPU and process collectors."""
+    """The server's own registry: model, cache, host, GPU and process collectors."""
 
     def __init__(
         self,
@@ -470,10 +547,15 @@ class Metrics:
         usage: UsageMeter | None = None,
         payload_log: PayloadLog | None = None,
         keys=None,
+        settings: MetricsSettings | None = None,
+        cache_store=None,
+        load_nvml=load_pynvml,
     ) -> None:
-        """`keys`: the server's convoy.auth.Keyring, for the quota counters."""
+        """`keys`: the server's convoy.auth.Keyring, for the quota counters; `cache_store`: the
+        response cache's store; `load_nvml`: how NVML is imported (tests give a fake)."""
+        settings = settings or MetricsSettings()
         self.registry = CollectorRegistry()
-        self.registry.register(ModelCollector(repository))
+        self.registry.register(ModelCollector(repository, settings))
         self.registry.register(CustomCollector(repository.custom_metrics))
         if usage is not None:
             self.registry.register(UsageCollector(usage))
@@ -481,17 +563,20 @@ class Metrics:
             self.registry.register(PayloadLogCollector(payload_log))
         if keys is not None:
             self.registry.register(QuotaCollector(keys))
-        self.registry.register(HostCollector())
-        self._gpu = GpuCollector.open()
-        if self._gpu is not None:
-            self.registry.register(self._gpu)
+        if cache_store is not None:
+            self.registry.register(CacheStoreCollector(cache_store))
+        self.hardware = HardwareMonitor(
+            settings.interval_ms / 1000,
+            cpu=settings.allow_cpu_metrics,
+            gpu=settings.allow_gpu_metrics,
+            load_nvml=load_nvml,
+        )
+        self.registry.register(self.hardware)
+        self.hardware.start()
         # Process and platform metrics as the default registry has them (not the GC collector:
         # it hooks gc.callbacks for the life of the process).
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
 
     def close(self) -> None:
-        if self._gpu is not None:
-            self.registry.unregister(self._gpu)
-            self._gpu.close()
-            self._gpu = None
+        self.hardware.close()

@@ -6,6 +6,7 @@ The parsed protobuf is kept beside the typed config for the ModelConfig API, whi
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from convoy.config import (
     InstanceKind,
     ModelConfig,
     QueuePolicy,
+    ResponseCachePolicy,
     SequenceBatching,
     SequenceControl,
     SequenceState,
@@ -91,10 +93,8 @@ class UnsupportedField:
 #: message field counts as set even when empty (`model_operations {}` is refused), so an entry
 #: names the scalar inside when only that matters (`response_cache.enable`).
 UNSUPPORTED_FIELDS: tuple[UnsupportedField, ...] = (
-    UnsupportedField("response_cache.enable", "responses would never be cached"),
     UnsupportedField("model_repository_agents", "the agents would never run"),
     UnsupportedField("model_operations", "the operation libraries would never be loaded"),
-    UnsupportedField("model_metrics", "the metric settings would be ignored"),
     UnsupportedField("metric_tags", "metrics would carry no such tags"),
     UnsupportedField("runtime", "the named runtime library would be ignored"),
     UnsupportedField("cc_model_filenames", "the per-GPU model files would be ignored"),
@@ -260,7 +260,132 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         decoupled=proto.model_transaction_policy.decoupled,
         batch_inputs=batch_inputs,
         batch_outputs=batch_outputs,
+        response_cache=_response_cache(proto, parameters, backend, dynamic, ragged, fail),
+        metric_buckets=_metric_buckets(proto, fail),
     )
+
+
+#: Convoy's response-cache parameters (config `parameters`, beside Triton's response_cache).
+CACHE_PARAMETERS = (
+    "response_cache_ttl_s",
+    "response_cache_max_bytes",
+    "response_cache_rows",
+    "response_cache_per_key",
+)
+
+
+def _boolean(value: str, field: str, fail) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise fail(field, f"expected true or false, got '{value}'")
+
+
+def _response_cache(proto, parameters, backend: str, dynamic, ragged: bool, fail):
+    """`response_cache { enable: true }` and the response_cache_* parameters, or None."""
+    given = {k: v for k, v in parameters.items() if k.startswith("response_cache")}
+    for key in given:
+        if key not in CACHE_PARAMETERS:
+            raise fail(
+                f"parameters.{key}",
+                f"is not a response cache parameter; expected one of {list(CACHE_PARAMETERS)}",
+            )
+    if not proto.response_cache.enable:
+        if given:
+            key = sorted(given)[0]
+            raise fail(f"parameters.{key}", "has no effect without response_cache { enable: true }")
+        return None
+    field = "response_cache.enable"
+    if proto.model_transaction_policy.decoupled:
+        raise fail(field, "a decoupled model's responses cannot be cached (as in Triton)")
+    if proto.HasField("sequence_batching"):
+        raise fail(field, "a sequence model's responses depend on its state and cannot be cached")
+    if backend == "ensemble":
+        raise fail(
+            field,
+            "an ensemble's responses are not cached; enable the cache on its composing models",
+        )
+    ttl = _non_negative(given.get("response_cache_ttl_s", ""), "parameters.response_cache_ttl_s", fail)
+    max_bytes = _non_negative(
+        given.get("response_cache_max_bytes", ""), "parameters.response_cache_max_bytes", fail
+    )
+    if max_bytes != int(max_bytes):
+        raise fail(
+            "parameters.response_cache_max_bytes", f"expected a whole number of bytes, got {max_bytes}"
+        )
+    rows = dynamic is not None and not ragged
+    if "response_cache_rows" in given:
+        rows = _boolean(given["response_cache_rows"], "parameters.response_cache_rows", fail)
+        if rows and (proto.max_batch_size <= 0 or ragged):
+            raise fail(
+                "parameters.response_cache_rows",
+                "row-level caching needs max_batch_size > 0 and no ragged batching",
+            )
+    per_key = _boolean(
+        given.get("response_cache_per_key", "false"), "parameters.response_cache_per_key", fail
+    )
+    return ResponseCachePolicy(ttl_s=ttl, max_bytes=int(max_bytes), rows=rows, per_key=per_key)
+
+
+def _non_negative(value: str, field: str, fail) -> float:
+    value = value.strip()
+    if not value:
+        return 0.0
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not (number >= 0 and math.isfinite(number)):
+        raise fail(field, f"expected a non-negative number, got '{value}'")
+    return number
+
+
+#: Histogram families whose buckets `model_metrics.metric_control` may set, with their unit.
+HISTOGRAM_FAMILIES = {
+    "nv_inference_first_response_histogram_ms": "milliseconds",
+    "convoy_request_latency_seconds": "seconds",
+    "convoy_queue_wait_seconds": "seconds",
+    "convoy_compute_seconds": "seconds",
+    "convoy_compute_input_seconds": "seconds",
+    "convoy_compute_infer_seconds": "seconds",
+    "convoy_compute_output_seconds": "seconds",
+    "convoy_batch_size": "rows",
+    "convoy_batch_tokens": "tokens",
+    "convoy_batch_padding_ratio": "share of the batch's tokens",
+}
+
+
+def _metric_buckets(proto, fail) -> dict[str, tuple[float, ...]]:
+    """Triton's `model_metrics { metric_control [...] }`: bucket bounds per histogram family."""
+    buckets: dict[str, tuple[float, ...]] = {}
+    for index, control in enumerate(proto.model_metrics.metric_control):
+        field = f"model_metrics.metric_control[{index}]"
+        family = control.metric_identifier.family
+        if family not in HISTOGRAM_FAMILIES:
+            raise fail(
+                f"{field}.metric_identifier.family",
+                f"'{family}' is not a histogram whose buckets can be set; expected one of "
+                f"{sorted(HISTOGRAM_FAMILIES)}",
+            )
+        if family in buckets:
+            raise fail(f"{field}.metric_identifier.family", f"'{family}' is set more than once")
+        if not control.HasField("histogram_options"):
+            raise fail(f"{field}.histogram_options", "must be set (the buckets)")
+        bounds = tuple(control.histogram_options.buckets)
+        if (
+            not bounds
+            or any(not math.isfinite(b) for b in bounds)
+            or any(a >= b for a, b in itertools.pairwise(bounds))
+        ):
+            raise fail(
+                f"{field}.histogram_options.buckets",
+                f"expected strictly increasing finite bounds in {HISTOGRAM_FAMILIES[family]}, "
+                f"got {list(bounds)}",
+            )
+        buckets[family] = bounds
+    return buckets
 
 
 def _sample_rate(proto: mc.ModelConfig, fail) -> float:

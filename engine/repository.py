@@ -25,6 +25,7 @@ from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import EnsembleStep, ModelConfig, ModelVersionSource, ServerConfig
 from convoy.engine.bls import LocalModelCaller
+from convoy.engine.cache_key import revision_digest
 from convoy.engine.client import check_name_length, parse_version
 from convoy.engine.ensemble import EnsembleScheduler
 from convoy.engine.ensemble_plan import plan_ensemble
@@ -82,6 +83,9 @@ class ModelVersion:
     instances: list[RuntimeInstance] = field(default_factory=list)
     #: The version folder's files as loaded (see engine/poller.py: fingerprint).
     fingerprint: str = ""
+    #: With a response cache: a digest of the config and the files' contents, part of every
+    #: cache key (engine/cache_key.py), so a changed model never answers from old entries.
+    revision: str = ""
 
     @property
     def ready(self) -> bool:
@@ -361,8 +365,9 @@ class ModelRepository:
                     ]
                     log.error("model '%s' failed to load: %s", name, exc)
             else:
+                served = model.config_proto.SerializeToString(deterministic=True)
                 fresh = await asyncio.gather(
-                    *(self._load_version(config, model_dir, v) for v in chosen if v not in kept)
+                    *(self._load_version(config, model_dir, v, served) for v in chosen if v not in kept)
                 )
             failed_new = [entry for entry in fresh if not entry.ready]
             if failed_new and serving:
@@ -465,10 +470,17 @@ class ModelRepository:
             self.changed()
             await self._stop(model)
 
-    async def _load_version(self, config: ModelConfig, model_dir: Path, version: int) -> ModelVersion:
+    async def _load_version(
+        self, config: ModelConfig, model_dir: Path, version: int, served_config: bytes = b""
+    ) -> ModelVersion:
         entry = ModelVersion(
-            config=config, version=version, fingerprint=fingerprint(model_dir / str(version))
+            config=config,
+            version=version,
+            fingerprint=fingerprint(model_dir / str(version)),
+            stats=ModelStats.for_buckets(config.metric_buckets),
         )
+        if config.response_cache is not None:
+            entry.revision = await asyncio.to_thread(revision_digest, served_config, model_dir, version)
         source = ModelVersionSource(
             config=runtime_view(config), version=version, path=model_dir / str(version)
         )

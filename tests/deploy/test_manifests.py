@@ -32,10 +32,11 @@ HEALTH_PATHS = {"/v2/health/live", "/v2/health/ready"}
 
 
 def _exported_metric_names() -> set[str]:
-    """Metric families engine/metrics.py declares, plus the series a histogram adds."""
-    text = (ROOT / "engine" / "metrics.py").read_text()
+    """Metric families engine/metrics.py and engine/hardware_metrics.py declare, plus the
+    series a histogram adds and the `_total` a typed counter gets."""
+    text = "".join((ROOT / "engine" / f).read_text() for f in ("metrics.py", "hardware_metrics.py"))
     names = set(re.findall(r'"((?:nv|convoy)_[a-z0-9_]+)"', text))
-    return names | {f"{n}_{suffix}" for n in names for suffix in ("sum", "count", "bucket")}
+    return names | {f"{n}_{suffix}" for n in names for suffix in ("sum", "count", "bucket", "total")}
 
 
 CONVOY_METRICS = _exported_metric_names()
@@ -441,7 +442,7 @@ def test_gpu_dockerfile_installs_cuda_torch_and_the_gpu_extras():
     text = (ROOT / "Dockerfile.gpu").read_text()
     assert re.search(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu2[24]\.04", text)
     assert "download.pytorch.org/whl/cu12" in text
-    assert "[torch,onnx,text,gpu]" in text
+    assert "[torch,onnx,text,gpu,redis]" in text
     assert "pip wheel" in text
 
 
@@ -454,3 +455,64 @@ def test_dockerfile_passes_hadolint(dockerfile):
         [hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the Grafana dashboard ----------------------------------------------------------------------
+
+DASHBOARD = DEPLOY / "grafana" / "convoy.json"
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    import json
+
+    board = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target["expr"])
+        for panel in board["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+def test_dashboard_queries_only_metrics_convoy_exports():
+    for title, expr in _dashboard_queries():
+        used = set(re.findall(r"\b((?:nv|convoy)_[a-z0-9_]+)", expr))
+        assert used, f"{title}: {expr} reads no Convoy metric"
+        assert used <= CONVOY_METRICS, f"{title}: {sorted(used - CONVOY_METRICS)} not exported"
+
+
+def test_dashboard_quantiles_aggregate_histogram_buckets_across_replicas():
+    """p50/p99 come from bucket rates summed over every replica (by le) before the quantile:
+    the aggregation summaries cannot give."""
+    quantiles = [(t, e) for t, e in _dashboard_queries() if "histogram_quantile" in e]
+    families = set()
+    for title, expr in quantiles:
+        assert re.search(r"histogram_quantile\(0\.\d+, sum by \(le[,)]", expr), f"{title}: {expr}"
+        assert "pod" not in expr and "instance" not in expr, f"{title}: quantile per replica"
+        families |= set(re.findall(r"\b((?:nv|convoy)_[a-z0-9_]+)_bucket", expr))
+    assert {
+        "convoy_request_latency_seconds",
+        "convoy_queue_wait_seconds",
+        "convoy_compute_seconds",
+        "convoy_compute_input_seconds",
+        "convoy_compute_infer_seconds",
+        "convoy_compute_output_seconds",
+        "convoy_batch_tokens",
+    } <= families
+    titles = {t for t, _ in quantiles}
+    assert any("p50" in t and "p99" in t for t in titles)
+
+
+def test_dashboard_shows_the_cache_and_every_gpu_family():
+    used = {m for _, e in _dashboard_queries() for m in re.findall(r"\b((?:nv|convoy)_[a-z0-9_]+)", e)}
+    for name in (
+        "nv_cache_num_hits_per_model",
+        "nv_cache_num_misses_per_model",
+        "convoy_cache_saved_compute_seconds_total",
+        "nv_gpu_utilization",
+        "nv_gpu_memory_used_bytes",
+        "nv_gpu_power_usage",
+        "nv_gpu_power_limit",
+        "nv_energy_consumption",
+        "nv_cpu_utilization",
+    ):
+        assert name in used, name
