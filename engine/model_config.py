@@ -6,6 +6,7 @@ The parsed protobuf is kept beside the typed config for the ModelConfig API, whi
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -675,6 +676,40 @@ def _numbers(value, key: str = ""):
 def config_document(proto: mc.ModelConfig) -> dict:
     """The config as Triton's JSON dict (proto field names, enums by name, numbers as numbers)."""
     return _numbers(json_format.MessageToDict(proto, preserving_proto_field_name=True))
+
+
+#: What Triton's normalisation adds to every non-ensemble config before model code sees it.
+_TRITON_DEFAULTS = {
+    "version_policy": {"latest": {"num_versions": 1}},
+    "optimization": {"input_pinned_memory": {"enable": True}, "output_pinned_memory": {"enable": True}},
+}
+
+
+def model_code_document(proto: mc.ModelConfig) -> dict:
+    """The config as Triton hands it to model code (auto_complete_config's ModelConfig,
+    initialize's args["model_config"]): every field with its default too (`input: []`,
+    `parameters: {}`, `max_batch_size: 0`, ...), and the version policy and pinned-memory
+    settings Triton's normalisation fills in."""
+    document = _numbers(
+        json_format.MessageToDict(
+            proto, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )
+    if not proto.HasField("ensemble_scheduling"):
+        for key, value in _TRITON_DEFAULTS.items():
+            document.setdefault(key, copy.deepcopy(value))
+    return document
+
+
+def without_filled_defaults(document: dict, proto: mc.ModelConfig) -> dict:
+    """`document` (from model_code_document(proto), then edited by model code) less the defaults
+    Triton's normalisation added, where model code left them as they were: what config.pbtxt
+    did not say stays unsaid."""
+    document = dict(document)
+    for key, value in _TRITON_DEFAULTS.items():
+        if not proto.HasField(key) and document.get(key) == value:
+            del document[key]
+    return document
 
 
 def proto_from_document(document: dict, where: Path) -> mc.ModelConfig:

@@ -71,6 +71,33 @@ def _services():
 
 
 # --- requests and responses ---------------------------------------------------------------------
+def checked_parameters(owner: str, parameters) -> dict:
+    """Request / response parameters as Triton takes them: a dict (or its JSON text) of str keys
+    and bool, int or str values (what the V2 protocol's parameters can carry)."""
+    if parameters is None:
+        return {}
+    if isinstance(parameters, str):
+        try:
+            parameters = json.loads(parameters) if parameters else {}
+        except ValueError as exc:
+            raise TritonModelException(f"{owner} parameters: not valid JSON ({exc})") from None
+    if not isinstance(parameters, dict):
+        raise TritonModelException(
+            f"{owner} parameters: expected a dict, got {type(parameters).__name__}"
+        )
+    for key, value in parameters.items():
+        if not isinstance(key, str):
+            raise TritonModelException(
+                f"{owner} parameters: keys must be str, got {type(key).__name__} ({key!r})"
+            )
+        if not isinstance(value, bool | int | str):
+            raise TritonModelException(
+                f"{owner} parameters: '{key}' must be a bool, int or str, got "
+                f"{type(value).__name__} ({value!r})"
+            )
+    return dict(parameters)
+
+
 class InferenceResponse:
     """What `execute` returns per request (or a response sender sends)."""
 
@@ -88,9 +115,7 @@ class InferenceResponse:
             raise TritonModelException("InferenceResponse error must be a pb_utils.TritonError")
         self._tensors = tensors
         self._error = error
-        if isinstance(parameters, str):
-            parameters = json.loads(parameters) if parameters else {}
-        self._parameters = dict(parameters or {})
+        self._parameters = checked_parameters("InferenceResponse", parameters)
 
     def output_tensors(self) -> list[Tensor]:
         return self._tensors
@@ -170,9 +195,7 @@ class InferenceRequest:
             raise TritonModelException("InferenceRequest timeout must be microseconds (int >= 0)")
         self._timeout = timeout or 0
         self.model_version = model_version
-        if isinstance(parameters, str):
-            parameters = json.loads(parameters) if parameters else {}
-        self._parameters = dict(parameters or {})
+        self._parameters = checked_parameters("InferenceRequest", parameters)
         # Server-side requests (handed to execute) only:
         self._origin = None  # the convoy Request
         self._deliver_to = None  # callable(request, StreamedResponse) on any thread

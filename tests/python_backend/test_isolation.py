@@ -99,8 +99,8 @@ def test_custom_metrics_of_worker_processes_are_exported(isolated):
     counted = {
         sample.labels["instance"]: sample.value
         for family in text_string_to_metric_families(text)
+        if family.name == "tp_add_sub_requests"  # a counter: the parser names samples _total
         for sample in family.samples
-        if sample.name == "tp_add_sub_requests"
     }
     # One series per worker (its instance name), summed by the server.
     assert set(counted) <= {"tp_add_sub_0_0", "tp_add_sub_0_1"} and counted
