@@ -22,9 +22,6 @@ executes per request (`executes_requests`), and may be decoupled.
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -33,35 +30,32 @@ from convoy.config import ModelVersionSource
 from convoy.errors import InferenceFailed, InstanceLost, ModelLoadFailed
 
 from .base import cuda_context_lost, where_in_model
+from .model_modules import ModelNamespace
 from .triton_python import pb_utils
 from .triton_python.adapter import TritonModelAdapter, install_module
 
-_module_ids = itertools.count()
 
-
-def _import_model_file(source: ModelVersionSource):
-    """Import a version's model.py as a fresh module (triton_python_backend_utils importable)."""
+def _import_model_file(source: ModelVersionSource) -> tuple:
+    """Import a version's model.py in a namespace of its own (runtimes/model_modules.py), with
+    triton_python_backend_utils importable: (module, path, namespace)."""
     config = source.config
     filename = config.default_model_filename or "model.py"
     path = source.path / filename
     if not path.is_file():
         raise ModelLoadFailed(f"{path}: python backend needs this file")
     install_module()
-    module_name = f"convoy_model_{config.name}_{source.version}_{next(_module_ids)}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ModelLoadFailed(f"{path}: cannot be imported")
-    module = importlib.util.module_from_spec(spec)
-    # Registered so that dataclasses/pickling inside the user's module can find it.
-    sys.modules[module_name] = module
+    namespace = ModelNamespace(f"{config.name}_{source.version}", [source.path, source.path.parent])
     try:
-        spec.loader.exec_module(module)
+        module = namespace.load(path)
     except Exception as exc:
-        sys.modules.pop(module_name, None)
+        namespace.close()
         raise ModelLoadFailed(
             f"{path}: import failed{where_in_model(exc, path)}: {type(exc).__name__}: {exc}"
         ) from exc
-    return module, path
+    except BaseException:
+        namespace.close()
+        raise
+    return module, path, namespace
 
 
 def _refuse_batch_io(source: ModelVersionSource) -> None:
@@ -89,6 +83,8 @@ class PythonRuntime:
         self._fatal_errors: tuple[type[BaseException], ...] = ()
         #: Set when model.py defines a TritonPythonModel.
         self._triton: TritonModelAdapter | None = None
+        #: The package model.py and its sibling modules were imported into.
+        self._namespace: ModelNamespace | None = None
         #: Execute per request (a Triton model) rather than on merged batches; known after load.
         self.executes_requests = False
 
@@ -103,17 +99,21 @@ class PythonRuntime:
                 return config
         except OSError:
             return config  # loading reports the missing file
-        module, path = _import_model_file(source)
-        model_class = getattr(module, "TritonPythonModel", None)
-        complete = getattr(model_class, "auto_complete_config", None)
-        if complete is None:
-            return config
+        module, path, namespace = _import_model_file(source)
         try:
-            completed = complete(pb_utils.ModelConfig(config))
-        except Exception as exc:
-            raise ModelLoadFailed(
-                f"{path}: auto_complete_config failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            model_class = getattr(module, "TritonPythonModel", None)
+            complete = getattr(model_class, "auto_complete_config", None)
+            if complete is None:
+                return config
+            try:
+                completed = complete(pb_utils.ModelConfig(config))
+            except Exception as exc:
+                raise ModelLoadFailed(
+                    f"{path}: auto_complete_config failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        finally:
+            # Triton's auto-complete runs in an interpreter of its own, gone afterwards.
+            namespace.close()
         if not isinstance(completed, pb_utils.ModelConfig):
             raise ModelLoadFailed(
                 f"{path}: auto_complete_config must return the ModelConfig it was given, got "
@@ -133,7 +133,7 @@ class PythonRuntime:
                 "conda-pack execution environments are not supported; install the model's "
                 "packages into Convoy's environment (or use isolation: process with them)"
             )
-        module, path = _import_model_file(self._source)
+        module, path, self._namespace = _import_model_file(self._source)
         model_class = getattr(module, "Model", None)
         triton_class = getattr(module, "TritonPythonModel", None)
         if model_class is None and triton_class is not None:
@@ -234,11 +234,16 @@ class PythonRuntime:
         return dict(result or {})
 
     def close(self) -> None:
-        if self._triton is not None:
-            adapter, self._triton = self._triton, None
-            adapter.close()
-            return
-        finalize = getattr(self._model, "finalize", None)
-        if finalize is not None:
-            finalize()
-        self._model = None
+        try:
+            if self._triton is not None:
+                adapter, self._triton = self._triton, None
+                adapter.close()
+                return
+            finalize = getattr(self._model, "finalize", None)
+            if finalize is not None:
+                finalize()
+            self._model = None
+        finally:
+            if self._namespace is not None:
+                self._namespace.close()
+                self._namespace = None
