@@ -91,6 +91,19 @@ class Request:
     delayed: bool = False
 
 
+class Rescheduled:
+    """What a per-request runtime returns for a request the model released with RESCHEDULE
+    (an iterative sequence): the sequence batcher queues it again for a later batch."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "RESCHEDULED"
+
+
+RESCHEDULED = Rescheduled()
+
+
 class StageTimes(NamedTuple):
     """When a batch went through each stage (monotonic ns), shared by the batch's requests."""
 

@@ -204,7 +204,9 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         dynamic = _dynamic_batching(proto.dynamic_batching, proto.max_batch_size, fail)
     sequence = None
     if proto.HasField("sequence_batching"):
-        sequence = _sequence_batching(proto.sequence_batching, proto.max_batch_size, inputs, fail)
+        sequence = _sequence_batching(
+            proto.sequence_batching, proto.max_batch_size, inputs, fail, backend
+        )
     ensemble = None
     if backend == "ensemble":
         if not proto.HasField("ensemble_scheduling"):
@@ -389,10 +391,21 @@ _CONTROL_KINDS = {
 _CORRID_TYPES = ("UINT64", "INT64", "UINT32", "INT32", "BYTES")
 
 
-def _sequence_batching(block, max_batch_size: int, inputs, fail) -> SequenceBatching:
+def _sequence_batching(block, max_batch_size: int, inputs, fail, backend: str = "") -> SequenceBatching:
     """The `sequence_batching` block; anything Convoy does not implement is refused."""
     if block.iterative_sequence:
-        raise fail("sequence_batching.iterative_sequence", "is not supported by Convoy")
+        if backend != "python":
+            raise fail(
+                "sequence_batching.iterative_sequence",
+                f"needs a python-backend TritonPythonModel (it reschedules requests with "
+                f"request.set_release_flags); the {backend} backend cannot",
+            )
+        if block.state:
+            raise fail(
+                "sequence_batching.iterative_sequence",
+                "with sequence_batching.state is not supported by Convoy (implicit state across "
+                "iterations; the model keeps its own)",
+            )
     declared = {spec.name for spec in inputs}
     taken: set[str] = set()
 
@@ -509,6 +522,7 @@ def _sequence_batching(block, max_batch_size: int, inputs, fail) -> SequenceBatc
         minimum_slot_utilization=utilization,
         max_candidate_sequences=candidates,
         preferred_batch_sizes=preferred,
+        iterative=block.iterative_sequence,
     )
 
 

@@ -45,7 +45,7 @@ from convoy.errors import (
     Unavailable,
     Unsupported,
 )
-from convoy.types import DetachedFuture, ModelCall, Response
+from convoy.types import RESCHEDULED, DetachedFuture, ModelCall, Response
 from convoy.wire import FrameWriter, TensorMeta, read_tensors, receive_frame, send_frame
 
 log = logging.getLogger("convoy.runtimes.isolated")
@@ -210,6 +210,9 @@ class IsolatedRuntime:
             raise _error_from(header["error"], self._name)
         results: list = []
         for index, result in enumerate(header["results"]):
+            if result.get("rescheduled"):
+                results.append(RESCHEDULED)
+                continue
             if "error" in result:
                 results.append(_error_from(result["error"], self._name))
                 continue
@@ -545,6 +548,9 @@ def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, 
     for index, result in enumerate(results):
         if isinstance(result, BaseException):
             described.append(_error_header(result, False))
+            continue
+        if result is RESCHEDULED:
+            described.append({"rescheduled": True})
             continue
         for name, array in result.items():
             tensors[f"{index}/{name}"] = array

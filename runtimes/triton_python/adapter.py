@@ -26,7 +26,7 @@ from concurrent.futures import Future, wait
 
 from convoy.config import ModelVersionSource
 from convoy.errors import InferenceFailed, ModelLoadFailed
-from convoy.types import Request, Response, StreamedResponse
+from convoy.types import RESCHEDULED, Request, Response, StreamedResponse
 
 from ..base import where_in_model
 from . import pb_utils
@@ -112,6 +112,8 @@ class TritonModelAdapter:
         self._decoupled = config.decoupled
         #: This instance, as the BLS deadlock rule knows it.
         self._waiter = f"{config.name}/{source.version}/{instance_index}"
+        #: sequence_batching.iterative_sequence: requests may be released with RESCHEDULE.
+        self._iterative = bool(config.sequence_batching and config.sequence_batching.iterative)
         self._model = None
         self._model_loop: _ModelLoop | None = None  # for `async def` model code
         self._async = False
@@ -198,7 +200,9 @@ class TritonModelAdapter:
     # --- execution ---------------------------------------------------------------------------------
     def wrap(self, request: Request, deliver: Callable | None) -> pb_utils.InferenceRequest:
         """The pb_utils view of a Convoy request (its arrays, no copy)."""
-        return pb_utils.ServerRequest(request, deliver, self._name, self._source.version)
+        return pb_utils.ServerRequest(
+            request, deliver, self._name, self._source.version, self._iterative
+        )
 
     def _scope(self, batch: list[Request], holds_instance: bool = True) -> pb_utils.Scope:
         serving = tuple(request.bls_call for request in batch if request.bls_call)
@@ -228,7 +232,7 @@ class TritonModelAdapter:
                 loop.call_soon_threadsafe(_emit_unary, wrapped._origin, item, name, version)
 
         requests = [self.wrap(request, deliver) for request in batch]
-        if self._async and self._decoupled and loop is not None:
+        if self._async and self._decoupled and not self._iterative and loop is not None:
             return self._start_background(requests, batch)
         token = pb_utils.enter_scope(self._scope(batch))
         try:
@@ -238,20 +242,27 @@ class TritonModelAdapter:
                 responses = self._model.execute(requests)
         finally:
             pb_utils.leave_scope(token)
+            for wrapped in requests:
+                wrapped._executing = False  # too late to reschedule now
+        rescheduled = [wrapped._rescheduled for wrapped in requests]
         if self._decoupled:
             if responses is not None and any(r is not None for r in responses):
                 raise InferenceFailed(
                     f"model '{self._name}' is decoupled: execute() must return None and send "
                     "responses with request.get_response_sender()"
                 )
-            return [None] * len(batch)
+            return [RESCHEDULED if again else None for again in rescheduled]
+        if responses is None and all(
+            r._sender is not None or again for r, again in zip(requests, rescheduled, strict=True)
+        ):
+            return [RESCHEDULED if again else None for again in rescheduled]
         if responses is None and any(r._sender is not None for r in requests):
             missing = InferenceFailed(
                 f"model '{self._name}': execute() returned None and sent no response for this "
                 "request through its response sender"
             )
             return [None if r._sender is not None else missing for r in requests]
-        return self.collect(responses, len(batch))
+        return self.collect(responses, len(batch), rescheduled)
 
     def _start_background(self, requests: list, batch: list[Request]) -> list:
         """A decoupled `async def execute`: start it on the instance's loop and return at once
@@ -306,8 +317,9 @@ class TritonModelAdapter:
         if errors:
             raise InferenceFailed(f"model '{self._name}' answered its warm-up with: {errors[0]}")
 
-    def collect(self, responses, count: int) -> list:
+    def collect(self, responses, count: int, rescheduled: list[bool] | None = None) -> list:
         name = self._name
+        rescheduled = rescheduled or [False] * count
         if responses is None:
             raise InferenceFailed(
                 f"model '{name}': execute() returned None; expected a list of {count} "
@@ -320,7 +332,16 @@ class TritonModelAdapter:
                 f"({count}), got {got}"
             )
         results: list = []
-        for response in responses:
+        for response, again in zip(responses, rescheduled, strict=True):
+            if again:
+                # Triton: a rescheduled request's place in the list holds None.
+                if response is not None:
+                    raise InferenceFailed(
+                        f"model '{name}': execute() returned a response for a request it "
+                        "rescheduled (TRITONSERVER_REQUEST_RELEASE_RESCHEDULE); put None in its place"
+                    )
+                results.append(RESCHEDULED)
+                continue
             if not isinstance(response, pb_utils.InferenceResponse):
                 raise InferenceFailed(
                     f"model '{name}': execute() returned {type(response).__name__} where an "

@@ -13,6 +13,7 @@ from convoy.types import ModelCall, StreamedResponse
 from .datatypes import (
     TRITONSERVER_REQUEST_FLAG_SEQUENCE_END,
     TRITONSERVER_REQUEST_FLAG_SEQUENCE_START,
+    TRITONSERVER_REQUEST_RELEASE_ALL,
     TRITONSERVER_REQUEST_RELEASE_RESCHEDULE,
     TRITONSERVER_RESPONSE_COMPLETE_FINAL,
 )
@@ -157,6 +158,10 @@ class InferenceRequest:
     """A request: handed to `execute` (one per client request), or built by model code to call
     another model (BLS: `exec`, `async_exec`)."""
 
+    #: Server requests of an iterative-sequence model may be rescheduled while execute() runs.
+    _reschedulable = False
+    _executing = False
+
     def __init__(
         self,
         model_name: str = "",
@@ -196,6 +201,7 @@ class InferenceRequest:
         self._deliver_to = None  # callable(request, StreamedResponse) on any thread
         self._sender: InferenceResponseSender | None = None
         self._final_sent = False
+        self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
 
     # -- accessors (Triton's names) --
     def inputs(self) -> list[Tensor]:
@@ -220,10 +226,27 @@ class InferenceRequest:
         return self._requested
 
     def set_release_flags(self, flags: int) -> None:
+        """TRITONSERVER_REQUEST_RELEASE_RESCHEDULE: run this request again in a later batch (a
+        model with sequence_batching.iterative_sequence; call it before execute() returns)."""
+        if isinstance(flags, bool) or not isinstance(flags, int):
+            raise TritonModelException(f"set_release_flags: expected an int, got {flags!r}")
         if flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
-            raise TritonModelException(
-                "request rescheduling (TRITONSERVER_REQUEST_RELEASE_RESCHEDULE) is not supported"
-            )
+            if not self._reschedulable:
+                # Triton's text (its core refuses the flag for such a model).
+                raise TritonModelException(
+                    "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, while the "
+                    "model is not configured to handle such a flag."
+                )
+            if not self._executing:
+                raise TritonModelException(
+                    "set_release_flags(TRITONSERVER_REQUEST_RELEASE_RESCHEDULE) must be called "
+                    "before execute() returns"
+                )
+        self._release_flags = flags
+
+    @property
+    def _rescheduled(self) -> bool:
+        return bool(self._release_flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)
 
     def get_response_sender(self) -> InferenceResponseSender:
         if self._deliver_to is None:
@@ -298,8 +321,13 @@ class ServerRequest(InferenceRequest):
 
     _sender = None
     _final_sent = False
+    _release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
 
-    def __init__(self, origin, deliver, model_name: str, model_version: int) -> None:
+    def __init__(
+        self, origin, deliver, model_name: str, model_version: int, reschedulable: bool = False
+    ) -> None:
+        self._reschedulable = reschedulable
+        self._executing = True
         self._origin = origin
         self._deliver_to = deliver
         self.model_name = model_name

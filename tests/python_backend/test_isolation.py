@@ -19,7 +19,15 @@ from tritonclient.utils import InferenceServerException
 @pytest.fixture(scope="module")
 def isolated(tmp_path_factory):
     root = tmp_path_factory.mktemp("python_backend_isolated")
-    models = ["tp_add_sub", "tp_errors", "tp_repeat", "tp_bls", "tp_bls_async", "tp_slow"]
+    models = [
+        "tp_add_sub",
+        "tp_errors",
+        "tp_repeat",
+        "tp_bls",
+        "tp_bls_async",
+        "tp_slow",
+        "tp_iterative",
+    ]
     repository = triton_repository(root / "models", models)
     process = ConvoyProcess(repository, root / "server.log", extra_args=("--isolation", "process"))
     # tp_repeat (decoupled) does not load under process isolation: wait for liveness.
@@ -105,3 +113,13 @@ def test_custom_metrics_of_worker_processes_are_exported(isolated):
     # One series per worker (its instance name), summed by the server.
     assert set(counted) <= {"tp_add_sub_0_0", "tp_add_sub_0_1"} and counted
     assert sum(counted.values()) >= 32
+
+
+def test_rescheduling_in_a_worker_process(isolated):
+    client = grpcclient.InferenceServerClient(isolated.grpc_url)
+    item = grpcclient.InferInput("STEPS", [1, 1], "INT32")
+    item.set_data_from_numpy(np.array([[3]], dtype=np.int32))
+    result = client.infer("tp_iterative", [item])
+    client.close()
+    assert result.as_numpy("ITERATIONS")[0, 0] == 3
+    assert result.as_numpy("STARTS")[0, 0] == 1

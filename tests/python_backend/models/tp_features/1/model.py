@@ -4,6 +4,7 @@
   such a value; MSG = the exception's message (or "ok" and the parameters sent along)
 - dlpack: Y = 2X computed in torch over the input's DLPack capsule (to_dlpack) and back
   (from_dlpack), and again through the __dlpack__ protocol (torch.from_dlpack(tensor))
+- reschedule: set_release_flags(RESCHEDULE) on a model without iterative_sequence; MSG = the error
 - log: one line per Logger level, through log() and the log_* helpers (text names the call)
 Every request counts in a counter, sets a gauge and observes a histogram (custom metrics)."""
 
@@ -61,6 +62,12 @@ class TritonPythonModel:
             again = torch.from_dlpack(x) * 1  # the __dlpack__ protocol, same memory
             assert torch.equal(again * 2, doubled)
             y = pb_utils.Tensor.from_dlpack("Y", torch.utils.dlpack.to_dlpack(doubled)).as_numpy()
+        elif mode == "reschedule":
+            try:
+                request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)
+                message = "no error"
+            except pb_utils.TritonModelException as exc:
+                message = str(exc)
         elif mode == "log":
             logger = pb_utils.Logger
             logger.log("tp_features log() INFO line", logger.INFO)
