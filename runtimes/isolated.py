@@ -154,6 +154,9 @@ class IsolatedRuntime:
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # A process group of its own: a model that signals its group (os.killpg) ends
+                # its worker, not the server (it dies with the server through PDEATHSIG).
+                start_new_session=True,
             )
         finally:
             theirs.close()

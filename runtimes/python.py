@@ -22,17 +22,25 @@ executes per request (`executes_requests`), and may be decoupled.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
 from convoy.config import ModelVersionSource
-from convoy.errors import InferenceFailed, InstanceLost, ModelLoadFailed
+from convoy.errors import InferenceFailed, InstanceExited, InstanceLost, ModelLoadFailed
 
+from . import exit_guard
 from .base import cuda_context_lost, where_in_model
 from .model_modules import ModelNamespace
 from .triton_python import pb_utils
 from .triton_python.adapter import TritonModelAdapter, install_module
+
+log = logging.getLogger("convoy.runtimes.python")
+
+#: What model code raises when it tries to end the process (see runtimes/exit_guard.py).
+_EXITS = (exit_guard.ModelExitRefused, SystemExit, KeyboardInterrupt)
 
 
 def _import_model_file(source: ModelVersionSource) -> tuple:
@@ -87,6 +95,8 @@ class PythonRuntime:
         self._namespace: ModelNamespace | None = None
         #: Execute per request (a Triton model) rather than on merged batches; known after load.
         self.executes_requests = False
+        #: In an isolated worker process, which model code may end (sys.exit): it is restarted.
+        self._isolated = False
 
     @staticmethod
     def complete_config_dict(source: ModelVersionSource, config: dict) -> dict:
@@ -99,6 +109,7 @@ class PythonRuntime:
                 return config
         except OSError:
             return config  # loading reports the missing file
+        exit_guard.install()  # always in the server's process
         module, path, namespace = _import_model_file(source)
         try:
             model_class = getattr(module, "TritonPythonModel", None)
@@ -124,8 +135,36 @@ class PythonRuntime:
     def bind_services(self, services) -> None:
         """The server's services for Triton model code (BLS calls, custom metrics)."""
         pb_utils.bind(services)
+        self._isolated = services.isolated
+        if not services.isolated:
+            exit_guard.install()  # model code shares the server's process: it may not end it
+
+    def _model_file(self) -> Path:
+        return self._source.path / (self._source.config.default_model_filename or "model.py")
+
+    def _exited(self, exc: BaseException, during: str) -> str:
+        """What model code that tried to end the process did, for the error it gets."""
+        if isinstance(exc, SystemExit):
+            what = f"sys.exit({exc.code!r})"
+        elif isinstance(exc, KeyboardInterrupt):
+            what = "KeyboardInterrupt"
+        else:
+            what = str(exc)
+        where = where_in_model(exc, self._model_file())
+        return (
+            f"model '{self._source.config.name}' instance {self._instance_index}: {during} called "
+            f"{what}{where}, which would end the server's process; refused"
+        )
 
     def load(self) -> None:
+        try:
+            self._load()
+        except _EXITS as exc:
+            if self._isolated:
+                raise
+            raise ModelLoadFailed(f"{self._exited(exc, 'loading')} (the model is not loaded)") from None
+
+    def _load(self) -> None:
         config = self._source.config
         if "EXECUTION_ENV_PATH" in config.parameters:
             raise ModelLoadFailed(
@@ -203,9 +242,22 @@ class PythonRuntime:
     def infer_requests(self, batch: list, loop) -> list:
         """Execute a batch request by request (a TritonPythonModel): per request its outputs,
         an exception, or None when the request is answered through its stream (decoupled)."""
-        return self._triton.execute(batch, loop)
+        try:
+            return self._triton.execute(batch, loop)
+        except _EXITS as exc:
+            if self._isolated:
+                raise
+            raise InstanceExited(f"{self._exited(exc, 'execute()')}; restarting the instance") from None
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._infer(inputs)
+        except _EXITS as exc:
+            if self._isolated:
+                raise
+            raise InstanceExited(f"{self._exited(exc, 'execute()')}; restarting the instance") from None
+
+    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._triton is not None:
             return self._infer_merged(inputs)
         outputs = self._model.execute(inputs)
@@ -234,6 +286,14 @@ class PythonRuntime:
         return dict(result or {})
 
     def close(self) -> None:
+        try:
+            self._close()
+        except _EXITS as exc:
+            if self._isolated:
+                raise
+            log.error("%s", self._exited(exc, "finalize()"))
+
+    def _close(self) -> None:
         try:
             if self._triton is not None:
                 adapter, self._triton = self._triton, None

@@ -29,6 +29,7 @@ from convoy.errors import InferenceFailed, ModelLoadFailed
 from convoy.types import RESCHEDULED, Request, Response, StreamedResponse
 
 from ..base import where_in_model
+from ..exit_guard import ModelExitRefused
 from . import pb_utils
 from .inference import current_scope
 
@@ -362,6 +363,9 @@ async def _in_scope(scope, awaitable):
     token = pb_utils.enter_scope(scope) if scope is not None else None
     try:
         return await awaitable
+    except SystemExit as exc:
+        # asyncio would re-raise SystemExit out of the instance's loop, ending its thread.
+        raise ModelExitRefused(f"sys.exit({exc.code!r})") from None
     finally:
         if token is not None:
             pb_utils.leave_scope(token)
