@@ -32,6 +32,7 @@ from convoy.errors import (
     ConvoyError,
     DeadlineExceeded,
     InferenceFailed,
+    InstanceExited,
     InvalidInput,
     Overloaded,
     Unavailable,
@@ -702,7 +703,11 @@ class Scheduler:
             instance.name,
             type(error).__name__,
             error,
-            "its worker" if instance.isolated else "every instance",
+            "its worker"
+            if instance.isolated
+            else "it"
+            if isinstance(error, InstanceExited)
+            else "every instance",
         )
         failure = error
         if not isinstance(error, ConvoyError):
@@ -711,7 +716,9 @@ class Scheduler:
             )
         self._fail_batch(batch, sequence, dispatched_ns, failure)
         self.restart_reason = f"reloading after a fatal error: {failure}"
-        lost = [instance] if instance.isolated else list(self._instances)
+        # A model that tried to end the process (InstanceExited) damaged nothing but itself.
+        alone = instance.isolated or isinstance(error, InstanceExited)
+        lost = [instance] if alone else list(self._instances)
         for each in lost:
             if each is instance or each in self._idle:
                 if each in self._idle:

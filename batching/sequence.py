@@ -15,11 +15,18 @@ The control inputs the config asks for (START, END, READY, CORRID) and the impli
 (`sequence_batching.state`) are added to each batch here; the runtime sees them as ordinary
 inputs. A sequence idle for `max_sequence_idle_microseconds` is released; its next request is
 an error that says so. Everything runs on the event loop.
+
+Iterative sequences (`iterative_sequence: true`, Triton's request rescheduling): a request is a
+whole sequence (one without a correlation ID gets one, and START); the model (a TritonPythonModel,
+executing requests one by one) releases it with RESCHEDULE to have it run again in a later batch,
+with no START or END, beside new requests (continuous batching); released without, it ends its
+sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -34,15 +41,17 @@ from convoy.errors import (
     ConvoyError,
     DeadlineExceeded,
     InferenceFailed,
+    InvalidConfig,
     InvalidInput,
     Overloaded,
     Unavailable,
 )
+from convoy.outputs import select_outputs
 from convoy.runtimes.base import RuntimeInstance
-from convoy.types import Request, RequestState, Response, StageTimes
+from convoy.types import RESCHEDULED, Request, RequestState, Response, StageTimes
 
 from .assemble import batch_key
-from .scheduler import _resolve
+from .scheduler import _execute_requests, _resolve
 from .sequence_assemble import Member, assemble, split_outputs
 from .stats import ModelStats
 from .usage import UsageMeter
@@ -185,6 +194,17 @@ class SequenceScheduler:
         self._closed = False
         #: Output names of the implicit states (kept by the batcher, not sent to clients).
         self._state_outputs = {state.output_name for state in self._policy.states}
+        #: Iterative sequences: requests execute one by one and may come back (RESCHEDULED).
+        self._iterative = self._policy.iterative
+        if self._iterative and not (instances and instances[0].executes_requests):
+            raise InvalidConfig(
+                f"model '{config.name}': sequence_batching.iterative_sequence: needs a "
+                "TritonPythonModel (it reschedules requests with request.set_release_flags); "
+                "Convoy's `Model` executes merged batches"
+            )
+        self._auto_ids = itertools.count(1)
+        #: Iterative sequences: each running request's own inputs (without control inputs).
+        self._client_inputs: dict[Request, dict[str, np.ndarray]] = {}
 
     # --- lifetime ---------------------------------------------------------------------------
     async def __aenter__(self) -> SequenceScheduler:
@@ -251,6 +271,11 @@ class SequenceScheduler:
         name = self.config.name
         if not self._accepting:
             raise Unavailable(f"model '{name}' is not accepting requests")
+        if self._iterative and not request.parameters.get("sequence_id"):
+            # Triton's iterative sequencer: a request without a correlation ID starts a
+            # sequence of its own.
+            request.parameters["sequence_id"] = self._auto_id()
+            request.parameters["sequence_start"] = True
         flags = sequence_flags(name, request.parameters)
         if self._batched and request.rows != 1:
             raise InvalidInput(
@@ -297,6 +322,12 @@ class SequenceScheduler:
             self._loop.call_at(self._loop.time() - now / 1e9 + request.deadline, self._expire, request)
         self._dispatch_soon()
 
+    def _auto_id(self) -> int:
+        while True:
+            value = next(self._auto_ids)
+            if ("int", value) not in self._sequences:
+                return value
+
     def _not_started(self, key: tuple, correlation_id) -> str:
         released = self._released.get(key)
         if released:
@@ -327,6 +358,7 @@ class SequenceScheduler:
         it carried moves to the next request, an END it carried is undone."""
         sequence = self._where.pop(request, None)
         request.state = RequestState.FINISHED
+        self._client_inputs.pop(request, None)
         if sequence is not None:
             items = list(sequence.pending)
             index = next(i for i, q in enumerate(items) if q.request is request)
@@ -511,6 +543,9 @@ class SequenceScheduler:
         self._executing_rows += len(items)
         lane.busy = True
         start = time.monotonic_ns()
+        if self._iterative:
+            self._start_requests(lane, items, reason, dispatched_ns, start)
+            return
         members = [
             Member(q.request.inputs, row, q.start, q.end, s.correlation_id, s.state)
             for (s, q), row in zip(items, rows_of, strict=True)
@@ -584,6 +619,94 @@ class SequenceScheduler:
                 _resolve(request, error=failure)
                 self.stats.record_failure("BACKEND", now - request.received_ns)
             if queued.end and not sequence.pending:
+                self._release(sequence, remember="")
+        if self._closed:
+            return
+        self._dispatch_all()
+
+    # --- iterative sequences -------------------------------------------------------------------
+    def _start_requests(self, lane: _Lane, items: list, reason: str, dispatched_ns: int, start: int):
+        """Hand the chosen requests themselves to the instance (iterative sequences): each with
+        its sequence flags (and control inputs, when the config asks for them) for this run."""
+        batch = []
+        for sequence, queued in items:
+            request = queued.request
+            own = self._client_inputs.setdefault(request, request.inputs)
+            request.parameters["sequence_start"] = queued.start
+            request.parameters["sequence_end"] = queued.end
+            if self._policy.controls:
+                member = Member(own, 0, queued.start, queued.end, sequence.correlation_id, {})
+                request.inputs = assemble(self._policy, self._batched, 1, [member])
+            batch.append(request)
+        context = (lane, items, reason, dispatched_ns, start)
+        job = (lane.instance, batch, self._loop)
+        lane.instance.run(self._finished_requests, context, _execute_requests, job)
+
+    def _finished_requests(self, lane, items, reason, dispatched_ns, start, result, error) -> None:
+        """An iterative batch came back: rescheduled requests queue again at the head of their
+        sequence; the others are answered and end their sequence."""
+        inferred = time.monotonic_ns()
+        if error is not None and lane.instance.is_fatal(error) and not self._closed:
+            self._replace(lane, error)
+        else:
+            lane.busy = False
+        self._executing_rows -= len(items)
+        name = self.config.name
+        outcomes: list = []
+        if error is None:
+            merged, results = result
+            done = time.monotonic_ns()
+            timings = StageTimes(dispatched_ns, start, merged, inferred, done)
+            self.stats.record_batch(
+                len(items), len(items), merged - start, inferred - merged, done - inferred, reason
+            )
+            outcomes = list(results)
+        else:
+            if not isinstance(error, ConvoyError):
+                log.error("model '%s' version %s failed a batch", name, self.version, exc_info=error)
+                error = InferenceFailed(
+                    f"model '{name}' failed to execute the batch: {type(error).__name__}: {error}"
+                )
+            outcomes = [error] * len(items)
+            timings = None
+        now = time.monotonic_ns()
+        loop_now = self._loop.time()
+        for (sequence, queued), outcome in zip(items, outcomes, strict=True):
+            request = queued.request
+            sequence.running = False
+            sequence.last_active = loop_now
+            if outcome is RESCHEDULED and not request.future.done():
+                request.state = RequestState.QUEUED
+                request.queued_ns = now
+                sequence.pending.appendleft(_Queued(request, False, False))
+                self._where[request] = sequence
+                self._queued += 1
+                continue
+            request.state = RequestState.FINISHED
+            self._client_inputs.pop(request, None)
+            self.stats.queue.add(dispatched_ns - request.queued_ns)
+            if outcome is None or outcome is RESCHEDULED:
+                # Answered through its stream (decoupled), or its client left meanwhile.
+                self.stats.success.add(now - request.received_ns)
+            elif isinstance(outcome, BaseException):
+                if not isinstance(outcome, ConvoyError):
+                    outcome = InferenceFailed(f"model '{name}': {type(outcome).__name__}: {outcome}")
+                _resolve(request, error=outcome)
+                self.stats.record_failure("BACKEND", now - request.received_ns)
+            else:
+                selected = select_outputs(outcome, request.requested_outputs, self.config)
+                if isinstance(selected, ConvoyError):
+                    _resolve(request, error=selected)
+                    self.stats.record_failure("BACKEND", now - request.received_ns)
+                else:
+                    parameters = getattr(outcome, "parameters", None)
+                    response = Response(selected, name, self.version, timings, parameters)
+                    if _resolve(request, response):
+                        self.stats.success.add(now - request.received_ns)
+                    else:
+                        self.stats.record_failure("CANCELED", now - request.received_ns)
+            # Released without RESCHEDULE: the sequence is over (Triton sends it END).
+            if not sequence.pending:
                 self._release(sequence, remember="")
         if self._closed:
             return

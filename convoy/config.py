@@ -87,6 +87,9 @@ class SequenceBatching:
     #: oldest: sequences one instance holds at once (0: max_batch_size); others wait.
     max_candidate_sequences: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
+    #: iterative_sequence: one request is a whole sequence, executed again each time the model
+    #: reschedules it (set_release_flags(TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)).
+    iterative: bool = False
 
     def control(self, kind: str) -> SequenceControl | None:
         for control in self.controls:

@@ -72,9 +72,22 @@ class InferenceFailed(ConvoyError):
     """The runtime raised while executing the batch this request rode in."""
 
 
+class ModelReportedUnknown(InferenceFailed):
+    """The model answered a request with an error of unknown kind (Triton's TritonError.UNKNOWN)."""
+
+
+class AlreadyExists(InferenceFailed):
+    """The model answered a request with TritonError.ALREADY_EXISTS."""
+
+
 class InstanceLost(InferenceFailed):
     """The batch's runtime instance is unusable after it (its worker process died, its CUDA
     context is poisoned); the model restarts the instance and is unready meanwhile."""
+
+
+class InstanceExited(InstanceLost):
+    """Model code tried to end the server's process (os._exit, a fatal signal to itself,
+    sys.exit); the call was refused and only that instance is restarted."""
 
 
 # --- the engine is gone ----------------------------------------------------------------------------
@@ -97,6 +110,9 @@ STATUS: dict[type[ConvoyError], tuple[str, int]] = {
     DeadlineExceeded: ("DEADLINE_EXCEEDED", 504),
     Cancelled: ("CANCELLED", 499),
     InferenceFailed: ("INTERNAL", 500),
+    # Triton answers these two codes with 400 over HTTP ("no direct matching code").
+    ModelReportedUnknown: ("UNKNOWN", 400),
+    AlreadyExists: ("ALREADY_EXISTS", 400),
     EngineDead: ("UNAVAILABLE", 503),
 }
 

@@ -144,9 +144,13 @@ class Request:
     #: (0..N, the last one `final`); set by the front end, None for unary requests. The future
     #: resolves (with an empty Response) at the final flag.
     stream: Callable[[StreamedResponse], None] | None = None
-    #: Names of the models whose execution waits on this request (BLS calls), outermost first:
-    #: a call to a model already in the chain is refused (it could deadlock its instances).
-    callers: tuple[str, ...] = ()
+    #: The BLS call this request is (engine/bls.py's token for it), 0 for a client's request:
+    #: what a model instance executing it tells the deadlock check when it calls out itself.
+    bls_call: int = 0
+    #: The caller asked to cancel it (a BLS response iterator's cancel()) while it may already be
+    #: executing: the model sees is_cancelled() and may still answer (Triton's request
+    #: cancellation), unlike a client that went away, whose future is cancelled.
+    cancel_requested: bool = False
     # --- owned by the scheduler -------------------------------------------------------------
     state: RequestState = RequestState.QUEUED
     #: When the request entered its queue (monotonic ns).
@@ -155,6 +159,19 @@ class Request:
     level: int = 0
     #: Its queue timeout passed under timeout_action DELAY: it now waits behind everything else.
     delayed: bool = False
+
+
+class Rescheduled:
+    """What a per-request runtime returns for a request the model released with RESCHEDULE
+    (an iterative sequence): the sequence batcher queues it again for a later batch."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "RESCHEDULED"
+
+
+RESCHEDULED = Rescheduled()
 
 
 class StageTimes(NamedTuple):
@@ -208,6 +225,9 @@ class StreamedResponse:
     #: Non-empty: this response reports an error (the model's message).
     error: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: The convoy.errors class name the error maps to ("" for InferenceFailed), so a BLS caller
+    #: sees the code the model gave it (Triton's TritonError codes).
+    error_kind: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +243,11 @@ class ModelCall:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: Queue timeout in microseconds (0: the model's policy).
     timeout_us: int = 0
-    #: Models waiting on this call (see Request.callers).
-    callers: tuple[str, ...] = ()
+    #: The model instance blocked while the call runs ("model/version/index"), "" when none is
+    #: (a thread the model started, a coroutine of a decoupled model running in the background).
+    waiter: str = ""
+    #: The BLS calls that instance is executing now (Request.bls_call of its batch's requests).
+    serving: tuple[int, ...] = ()
 
 
 class ModelCaller(Protocol):
@@ -235,9 +258,13 @@ class ModelCaller(Protocol):
     async def infer(self, call: ModelCall) -> Response:
         """One response from a model that is not decoupled."""
 
-    async def infer_stream(self, call: ModelCall, sink: Callable[[StreamedResponse], None]) -> None:
-        """Every response of the call, handed to `sink` on the loop as it comes; returns after
-        the final one. A model that is not decoupled yields its one response as the final."""
+    def stream_threadsafe(
+        self, call: ModelCall, sink: Callable[[StreamedResponse], None], future: OutcomeFuture
+    ) -> Callable[[], None]:
+        """From a thread other than the loop's: queue the call; every response goes to `sink` (on
+        the loop) as it comes, and `future` resolves after the last (or with the error). A model
+        that is not decoupled yields its one response as the final. Returns a function that
+        asks for cancellation (Triton's: the model sees is_cancelled() and may still answer)."""
 
     def submit_threadsafe(self, call: ModelCall, future: OutcomeFuture) -> Callable[[], None]:
         """From a thread other than the loop's: queue the call (its Response or error goes to
@@ -273,3 +300,6 @@ class ModelServices:
     loop_thread_id: int
     #: Custom metric families exported on /metrics (runtimes/custom_metrics.py), or None.
     metrics: Any = None
+    #: The model code runs in an isolated worker process of its own (runtimes/isolated.py),
+    #: which it may end: the server restarts the worker. False: it shares the server's process.
+    isolated: bool = False

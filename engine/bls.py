@@ -5,28 +5,118 @@ front ends use), so it batches with the model's other traffic, counts in its sta
 honours its queue policy. Inputs are checked against the callee's declared inputs here, as a
 front end's codec would.
 
-Deadlock rule: a model's instance waits while its BLS call runs, so models that call each
-other in a cycle (A -> A, or A -> B while B -> A) could each hold the instance the other waits
-for. Convoy keeps the graph of which model has called which (learned from the calls made from
-`execute`/`initialize`) and refuses, with InvalidInput naming the cycle, any call that would
-close a cycle in it. The graph stays acyclic, every wait points further down it and the models
-at its bottom never wait, so BLS cannot deadlock the schedulers. The caller is known from the
-executing model (`ModelCall.callers`, last = the immediate caller); calls from threads a model
-starts itself carry none and are not tracked (they hold no instance).
+Deadlock rule (`BlsWaits`): a model instance that makes a BLS call waits, holding the instance,
+until the call is answered. A call is refused, with InvalidInput, only when it could never be
+answered: when every instance of the model it calls is held by a call that (directly or through
+other models' instances) waits for this one. Instances that are free, or busy with work that
+does not wait on this call, will take the call sooner or later, so a model may call itself or
+call back its caller as long as an instance is left to do it (recursion bounded by the instance
+count), whatever the shape of the call graph. Calls with a timeout cannot block forever and are
+never refused for this. Calls made where no instance waits (threads the model started, the
+background coroutines of a decoupled `async def execute`) are not tracked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from convoy.datatypes import NUMPY_DTYPE
 from convoy.errors import InvalidInput, Unavailable
 from convoy.types import ModelCall, Request, Response, StreamedResponse
+
+
+@dataclass(slots=True)
+class _Call:
+    caller: str  # the waiting instance ("model/version/index")
+    callee: str  # the model version called ("model/version")
+    bounded: bool  # it has a timeout: it cannot wait forever
+
+
+class BlsWaits:
+    """Which model instances wait on which BLS calls, and whether a new call could ever be
+    answered (the deadlock rule above). Thread-safe: calls begin on model threads."""
+
+    def __init__(self, instance_count: Callable[[str], int]) -> None:
+        #: "model/version" -> how many working instances it has.
+        self._instance_count = instance_count
+        self._lock = threading.Lock()
+        self._calls: dict[int, _Call] = {}
+        #: waiting instance -> the calls it waits on.
+        self._waiting: dict[str, set[int]] = {}
+        #: call -> the instance executing it (learned when that instance calls out itself).
+        self._running_on: dict[int, str] = {}
+
+    def begin(self, token: int, call: ModelCall, callee: str) -> None:
+        """Record that `call.waiter` waits on `token` (a call to `callee`); raises InvalidInput
+        when no instance of `callee` could ever run it."""
+        if not call.waiter:
+            return
+        with self._lock:
+            for served in call.serving:
+                if served in self._calls:
+                    self._running_on[served] = call.waiter
+            self._calls[token] = _Call(call.waiter, callee, call.timeout_us > 0)
+            self._waiting.setdefault(call.waiter, set()).add(token)
+            if call.waiter in self._answerable():
+                return
+            self._forget(token)
+            count = self._instance_count(callee)
+        caller_model = call.waiter.rsplit("/", 2)[0]
+        callee_model = callee.rsplit("/", 1)[0]
+        raise InvalidInput(
+            f"BLS call from model '{caller_model}' to model '{callee_model}' refused: it could "
+            f"never run, since every instance of '{callee_model}' ({count}) is held by a BLS call "
+            "waiting for this one (a deadlock); give it more instances (instance_group count), "
+            "bound the recursion, or set a timeout on the request"
+        )
+
+    def end(self, token: int) -> None:
+        with self._lock:
+            self._forget(token)
+
+    def _forget(self, token: int) -> None:
+        call = self._calls.pop(token, None)
+        self._running_on.pop(token, None)
+        if call is not None:
+            waits = self._waiting.get(call.caller)
+            if waits is not None:
+                waits.discard(token)
+                if not waits:
+                    del self._waiting[call.caller]
+
+    def _answerable(self) -> set[str]:
+        """The waiting instances whose calls will all be answered: grown from nothing until it
+        stops changing (a call is answerable when it has a timeout, when the instance running it
+        is not waiting or is answerable, or, still queued, when its model has an instance that is
+        not stuck)."""
+        waiting = set(self._waiting)
+        answerable: set[str] = set()
+
+        def call_ok(token: int) -> bool:
+            call = self._calls[token]
+            if call.bounded:
+                return True
+            runner = self._running_on.get(token)
+            if runner is not None:
+                return runner not in waiting or runner in answerable
+            stuck = sum(1 for other in waiting - answerable if other.rsplit("/", 1)[0] == call.callee)
+            return self._instance_count(call.callee) > stuck
+
+        grew = True
+        while grew:
+            grew = False
+            for instance in waiting - answerable:
+                if all(call_ok(token) for token in self._waiting[instance]):
+                    answerable.add(instance)
+                    grew = True
+        return answerable
 
 
 class LocalModelCaller:
@@ -39,16 +129,24 @@ class LocalModelCaller:
         self.service = None
         #: The server's event loop (set with the repository's services).
         self.loop = None
-        #: caller model -> models it has called (BLS), kept acyclic (the deadlock rule).
-        self._edges: dict[str, set[str]] = {}
-        self._edges_lock = threading.Lock()
+        self.waits = BlsWaits(self._instance_count)
+        self._tokens = itertools.count(1)
+
+    def _instance_count(self, model_version: str) -> int:
+        name, _, version = model_version.rpartition("/")
+        try:
+            entry = self._repository.get(name, version)
+        except Exception:
+            return 0  # unloaded meanwhile: nothing will run the call
+        scheduler = entry.scheduler
+        if scheduler is not None:
+            return len(getattr(scheduler, "instances", ()))
+        return entry.config.instance_count
 
     def _request(self, call: ModelCall, future, stream) -> tuple:
         service = self.service or _SchedulerSubmit()
         entry = self._repository.get(call.model_name, call.model_version)
         config = entry.config
-        if call.callers:
-            self._add_edge(call.callers[-1], config.name)
         if config.decoupled and stream is None:
             raise InvalidInput(
                 f"model '{config.name}' is decoupled: call it with exec(decoupled=True) / "
@@ -62,6 +160,8 @@ class LocalModelCaller:
                     f"requested output '{name}' is not an output of model '{config.name}'; "
                     f"expected one of {sorted(declared)}"
                 )
+        token = next(self._tokens)
+        self.waits.begin(token, call, f"{config.name}/{entry.version}")
         request = Request(
             id=call.request_id,
             inputs=call.inputs,
@@ -72,52 +172,51 @@ class LocalModelCaller:
             parameters=dict(call.parameters),
             received_ns=time.monotonic_ns(),
             stream=stream,
-            callers=(*call.callers, config.name) if call.callers else (config.name,),
+            bls_call=token,
         )
+        future.add_done_callback(lambda _: self.waits.end(token))
         return service, entry, request
 
-    def _add_edge(self, caller: str, callee: str) -> None:
-        """Record caller -> callee, refusing an edge that closes a cycle of BLS calls."""
-        with self._edges_lock:
-            known = self._edges.get(caller)
-            if known is not None and callee in known:
-                return
-            path = self._path(callee, caller)
-            if path is not None:
-                cycle = " -> ".join((caller, *path))
-                raise InvalidInput(
-                    f"BLS call from model '{caller}' to model '{callee}' refused: it would close "
-                    f"a cycle of models calling each other ({cycle}), which can deadlock their "
-                    "instances"
-                )
-            self._edges.setdefault(caller, set()).add(callee)
+    def _canceller(self, entry, request: Request) -> Callable[[], None]:
+        """Cancel `request` from any thread: a queued one is dropped (answered Cancelled); a
+        running one sees is_cancelled(). Its wait no longer counts either way."""
+        loop = self.loop
 
-    def _path(self, start: str, goal: str) -> list[str] | None:
-        """Models from `start` to `goal` along recorded calls (both included), or None."""
-        if start == goal:
-            return [start]
-        seen = {start}
-        stack = [(start, [start])]
-        while stack:
-            node, path = stack.pop()
-            for following in self._edges.get(node, ()):
-                if following == goal:
-                    return [*path, following]
-                if following not in seen:
-                    seen.add(following)
-                    stack.append((following, [*path, following]))
-        return None
+        def on_loop() -> None:
+            request.cancel_requested = True
+            if entry.scheduler is not None:
+                entry.scheduler.cancel(request)
+
+        def cancel() -> None:
+            self.waits.end(request.bls_call)
+            loop.call_soon_threadsafe(on_loop)
+
+        return cancel
 
     def submit_threadsafe(self, call: ModelCall, future) -> Callable[[], None]:
         service, entry, request = self._request(call, future, None)
-        loop = self.loop
-        loop.call_soon_threadsafe(service.submit, entry, request)
+        self.loop.call_soon_threadsafe(service.submit, entry, request)
+        return self._canceller(entry, request)
 
-        def cancel() -> None:
-            if entry.scheduler is not None:
-                loop.call_soon_threadsafe(entry.scheduler.cancel, request)
+    def stream_threadsafe(
+        self, call: ModelCall, sink: Callable[[StreamedResponse], None], future
+    ) -> Callable[[], None]:
+        entry = self._repository.get(call.model_name, call.model_version)
+        decoupled = entry.config.decoupled
+        service, entry, request = self._request(call, future, sink if decoupled else None)
+        if not decoupled:
+            # A model that is not decoupled: its one response is the final one. (Callbacks run
+            # in the order added, so this comes before whatever the caller adds.)
+            names = call.requested_outputs
 
-        return cancel
+            def one(done) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    response = _requested(done.result(), names)
+                    sink(StreamedResponse(response.outputs, True, "", response.parameters or {}))
+
+            future.add_done_callback(one)
+        self.loop.call_soon_threadsafe(service.submit, entry, request)
+        return self._canceller(entry, request)
 
     async def infer(self, call: ModelCall) -> Response:
         future = asyncio.get_running_loop().create_future()
@@ -130,23 +229,6 @@ class LocalModelCaller:
                 entry.scheduler.cancel(request)
             raise
         return _requested(response, call.requested_outputs)
-
-    async def infer_stream(self, call: ModelCall, sink: Callable[[StreamedResponse], None]) -> None:
-        future = asyncio.get_running_loop().create_future()
-        entry = self._repository.get(call.model_name, call.model_version)
-        stream = sink if entry.config.decoupled else None
-        service, entry, request = self._request(call, future, stream)
-        service.submit(entry, request)
-        try:
-            response = await future
-        except asyncio.CancelledError:
-            if entry.scheduler is not None:
-                entry.scheduler.cancel(request)
-            raise
-        if stream is None:  # a model that is not decoupled: its one response is the final
-            response = _requested(response, call.requested_outputs)
-            sink(StreamedResponse(response.outputs, True, "", response.parameters or {}))
-        # A decoupled model's final flag already reached the sink (with the request's stream).
 
 
 class _SchedulerSubmit:

@@ -16,7 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -173,6 +178,53 @@ _CACHE_DURATIONS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
 
 def _untyped(name: str, documentation: str) -> Metric:
     return Metric(name, documentation, "unknown")
+
+
+class ExactCounter(Metric):
+    """A counter exposed under its exact name, as Triton exposes counters that model code
+    defines: `# TYPE name counter` and samples named `name` in the Prometheus text format
+    (`prometheus_text`; prometheus_client alone would type it as `name_total`). OpenMetrics
+    requires counters' samples to end in `_total`, so there it stays `unknown`."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        super().__init__(name, documentation, "unknown")
+
+
+class _Collected:
+    """Metrics already collected, as something generate_latest can read."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
+def prometheus_text(registry: CollectorRegistry) -> bytes:
+    """The registry in the Prometheus text format (0.0.4), as generate_latest writes it, with
+    ExactCounter families typed `counter`."""
+    parts: list[bytes] = []
+    plain: list[Metric] = []
+    for metric in registry.collect():
+        if not isinstance(metric, ExactCounter):
+            plain.append(metric)
+            continue
+        if plain:
+            parts.append(generate_latest(_Collected(plain)))
+            plain = []
+        text = generate_latest(_Collected([metric]))
+        # generate_latest writes this TYPE line for an `unknown` family; the name was checked
+        # as a legacy Prometheus name when the family was defined, so it is written as is.
+        parts.append(
+            text.replace(
+                f"# TYPE {metric.name} untyped\n".encode(),
+                f"# TYPE {metric.name} counter\n".encode(),
+                1,
+            )
+        )
+    if plain:
+        parts.append(generate_latest(_Collected(plain)))
+    return b"".join(parts)
 
 
 class ModelCollector(Collector):
@@ -471,8 +523,11 @@ class CustomCollector(Collector):
                     metric.add_sample(name + "_count", labels, count)
                     metric.add_sample(name + "_sum", labels, total)
             else:
-                # Counters keep their exact names (as Triton exports them): untyped, like nv_*.
-                metric = Metric(name, description, "gauge" if kind == "gauge" else "unknown")
+                # Counters keep their exact names (as Triton exports them): see ExactCounter.
+                if kind == "gauge":
+                    metric = Metric(name, description, "gauge")
+                else:
+                    metric = ExactCounter(name, description)
                 for labels, (total, _, _, _) in series.items():
                     metric.add_sample(name, dict(labels), total)
             yield metric

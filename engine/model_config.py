@@ -6,6 +6,7 @@ The parsed protobuf is kept beside the typed config for the ModelConfig API, whi
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -203,7 +204,9 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         dynamic = _dynamic_batching(proto.dynamic_batching, proto.max_batch_size, fail)
     sequence = None
     if proto.HasField("sequence_batching"):
-        sequence = _sequence_batching(proto.sequence_batching, proto.max_batch_size, inputs, fail)
+        sequence = _sequence_batching(
+            proto.sequence_batching, proto.max_batch_size, inputs, fail, backend
+        )
     ensemble = None
     if backend == "ensemble":
         if not proto.HasField("ensemble_scheduling"):
@@ -513,10 +516,21 @@ _CONTROL_KINDS = {
 _CORRID_TYPES = ("UINT64", "INT64", "UINT32", "INT32", "BYTES")
 
 
-def _sequence_batching(block, max_batch_size: int, inputs, fail) -> SequenceBatching:
+def _sequence_batching(block, max_batch_size: int, inputs, fail, backend: str = "") -> SequenceBatching:
     """The `sequence_batching` block; anything Convoy does not implement is refused."""
     if block.iterative_sequence:
-        raise fail("sequence_batching.iterative_sequence", "is not supported by Convoy")
+        if backend != "python":
+            raise fail(
+                "sequence_batching.iterative_sequence",
+                f"needs a python-backend TritonPythonModel (it reschedules requests with "
+                f"request.set_release_flags); the {backend} backend cannot",
+            )
+        if block.state:
+            raise fail(
+                "sequence_batching.iterative_sequence",
+                "with sequence_batching.state is not supported by Convoy (implicit state across "
+                "iterations; the model keeps its own)",
+            )
     declared = {spec.name for spec in inputs}
     taken: set[str] = set()
 
@@ -633,6 +647,7 @@ def _sequence_batching(block, max_batch_size: int, inputs, fail) -> SequenceBatc
         minimum_slot_utilization=utilization,
         max_candidate_sequences=candidates,
         preferred_batch_sizes=preferred,
+        iterative=block.iterative_sequence,
     )
 
 
@@ -800,6 +815,40 @@ def _numbers(value, key: str = ""):
 def config_document(proto: mc.ModelConfig) -> dict:
     """The config as Triton's JSON dict (proto field names, enums by name, numbers as numbers)."""
     return _numbers(json_format.MessageToDict(proto, preserving_proto_field_name=True))
+
+
+#: What Triton's normalisation adds to every non-ensemble config before model code sees it.
+_TRITON_DEFAULTS = {
+    "version_policy": {"latest": {"num_versions": 1}},
+    "optimization": {"input_pinned_memory": {"enable": True}, "output_pinned_memory": {"enable": True}},
+}
+
+
+def model_code_document(proto: mc.ModelConfig) -> dict:
+    """The config as Triton hands it to model code (auto_complete_config's ModelConfig,
+    initialize's args["model_config"]): every field with its default too (`input: []`,
+    `parameters: {}`, `max_batch_size: 0`, ...), and the version policy and pinned-memory
+    settings Triton's normalisation fills in."""
+    document = _numbers(
+        json_format.MessageToDict(
+            proto, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )
+    if not proto.HasField("ensemble_scheduling"):
+        for key, value in _TRITON_DEFAULTS.items():
+            document.setdefault(key, copy.deepcopy(value))
+    return document
+
+
+def without_filled_defaults(document: dict, proto: mc.ModelConfig) -> dict:
+    """`document` (from model_code_document(proto), then edited by model code) less the defaults
+    Triton's normalisation added, where model code left them as they were: what config.pbtxt
+    did not say stays unsaid."""
+    document = dict(document)
+    for key, value in _TRITON_DEFAULTS.items():
+        if not proto.HasField(key) and document.get(key) == value:
+            del document[key]
+    return document
 
 
 def proto_from_document(document: dict, where: Path) -> mc.ModelConfig:

@@ -32,11 +32,12 @@ from convoy.engine.ensemble_plan import plan_ensemble
 from convoy.engine.model_config import (
     build_model_config,
     complete_proto,
-    config_document,
+    model_code_document,
     proto_from_document,
     public_view,
     read_config_proto,
     runtime_view,
+    without_filled_defaults,
 )
 from convoy.engine.overrides import LoadOverrides, discard, materialise
 from convoy.engine.poller import RepositoryPoller, fingerprint
@@ -341,7 +342,7 @@ class ModelRepository:
             model.config_proto = complete_proto(proto, config)
             # The completed config as JSON, for model code (Triton's args["model_config"]).
             config = dataclasses.replace(
-                config, document=json.dumps(config_document(model.config_proto))
+                config, document=json.dumps(model_code_document(model.config_proto))
             )
             model.config = config
             kept: dict[int, ModelVersion] = {}
@@ -446,7 +447,8 @@ class ModelRepository:
             if complete_dict is not None:
                 # The model's own auto-complete (Triton's auto_complete_config) edits the
                 # config as a dict; it imports model code, so off the loop.
-                document = await asyncio.to_thread(complete_dict, newest, config_document(proto))
+                document = await asyncio.to_thread(complete_dict, newest, model_code_document(proto))
+                document = without_filled_defaults(document, proto)
                 proto = proto_from_document(document, model_dir / "config.pbtxt")
                 config = build_model_config(proto, model_dir)
                 newest = ModelVersionSource(runtime_view(config), chosen[0], newest.path)

@@ -68,6 +68,10 @@ class Family:
         for key in labels:
             if not isinstance(key, str) or not _LABEL.match(key):
                 raise InvalidInput(f"metric '{self.name}': label name {key!r} is not valid")
+        if buckets is not None and self.kind != "histogram":
+            raise InvalidInput(
+                f"metric '{self.name}': buckets are only for a histogram, not a {self.kind}"
+            )
         key = tuple(sorted((k, str(v)) for k, v in labels.items()))
         with self.lock:
             found = self.series.get(key)

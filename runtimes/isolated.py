@@ -45,7 +45,7 @@ from convoy.errors import (
     Unavailable,
     Unsupported,
 )
-from convoy.types import DetachedFuture, ModelCall, Response
+from convoy.types import RESCHEDULED, DetachedFuture, ModelCall, Response
 from convoy.wire import FrameWriter, TensorMeta, read_tensors, receive_frame, send_frame
 
 log = logging.getLogger("convoy.runtimes.isolated")
@@ -154,6 +154,9 @@ class IsolatedRuntime:
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # A process group of its own: a model that signals its group (os.killpg) ends
+                # its worker, not the server (it dies with the server through PDEATHSIG).
+                start_new_session=True,
             )
         finally:
             theirs.close()
@@ -193,7 +196,7 @@ class IsolatedRuntime:
             # The one copy on the way in: the requests' inputs into one message buffer.
             inputs = {n: np.concatenate([r.inputs[n] for r in batch]) for n in batch[0].inputs}
         meta = [
-            [r.id, r.rows, list(r.requested_outputs), r.parameters, r.timeout_us, list(r.callers)]
+            [r.id, r.rows, list(r.requested_outputs), r.parameters, r.timeout_us, r.bls_call]
             for r in batch
         ]
         if self._process.poll() is not None:
@@ -210,6 +213,9 @@ class IsolatedRuntime:
             raise _error_from(header["error"], self._name)
         results: list = []
         for index, result in enumerate(header["results"]):
+            if result.get("rescheduled"):
+                results.append(RESCHEDULED)
+                continue
             if "error" in result:
                 results.append(_error_from(result["error"], self._name))
                 continue
@@ -262,7 +268,8 @@ class IsolatedRuntime:
             request_id=header["id"],
             parameters=header["parameters"],
             timeout_us=header["timeout_us"],
-            callers=tuple(header["callers"]),
+            waiter=header["waiter"],
+            serving=tuple(header["serving"]),
         )
         future: Future = Future()
         cancel = None
@@ -411,7 +418,9 @@ def serve(sock: socket.socket) -> int:
 
             caller = _ChannelCaller(sock, reader)
             metrics = CustomMetrics()
-            bind(ModelServices(caller=caller, loop=None, loop_thread_id=0, metrics=metrics))
+            bind(
+                ModelServices(caller=caller, loop=None, loop_thread_id=0, metrics=metrics, isolated=True)
+            )
         runtime.load()
     except Exception as exc:
         if not isinstance(exc, ConvoyError):
@@ -475,7 +484,8 @@ class _ChannelCaller:
             "requested": list(call.requested_outputs),
             "parameters": call.parameters,
             "timeout_us": call.timeout_us,
-            "callers": list(call.callers),
+            "waiter": call.waiter,
+            "serving": list(call.serving),
             "id": call.request_id,
         }
         with self._lock:
@@ -497,7 +507,7 @@ class _ChannelCaller:
         # The worker's event loop (async execute) is the channel's only user meanwhile.
         return self.call(call)
 
-    async def infer_stream(self, call: ModelCall, sink) -> None:
+    def stream_threadsafe(self, call: ModelCall, sink, future) -> Callable[[], None]:
         raise Unsupported(
             "decoupled BLS calls (exec(decoupled=True)) are not available to a model in an "
             "isolated worker process"
@@ -519,7 +529,7 @@ def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, 
     batched = source.config.max_batch_size > 0
     requests = []
     start = 0
-    for request_id, rows, requested, parameters, timeout_us, callers in meta:
+    for request_id, rows, requested, parameters, timeout_us, bls_call in meta:
         end = start + rows
         own = {n: a[start:end] for n, a in inputs.items()} if batched else inputs
         start = end
@@ -532,7 +542,7 @@ def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, 
                 DetachedFuture(),
                 timeout_us=timeout_us,
                 parameters=parameters,
-                callers=tuple(callers),
+                bls_call=bls_call,
             )
         )
     results = runtime.infer_requests(requests, None)
@@ -541,6 +551,9 @@ def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, 
     for index, result in enumerate(results):
         if isinstance(result, BaseException):
             described.append(_error_header(result, False))
+            continue
+        if result is RESCHEDULED:
+            described.append({"rescheduled": True})
             continue
         for name, array in result.items():
             tensors[f"{index}/{name}"] = array

@@ -22,46 +22,48 @@ executes per request (`executes_requests`), and may be decoupled.
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
-import sys
+import logging
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
 from convoy.config import ModelVersionSource
-from convoy.errors import InferenceFailed, InstanceLost, ModelLoadFailed
+from convoy.errors import InferenceFailed, InstanceExited, InstanceLost, ModelLoadFailed
 
+from . import exit_guard
 from .base import cuda_context_lost, where_in_model
+from .model_modules import ModelNamespace
 from .triton_python import pb_utils
 from .triton_python.adapter import TritonModelAdapter, install_module
 
-_module_ids = itertools.count()
+log = logging.getLogger("convoy.runtimes.python")
+
+#: What model code raises when it tries to end the process (see runtimes/exit_guard.py).
+_EXITS = (exit_guard.ModelExitRefused, SystemExit, KeyboardInterrupt)
 
 
-def _import_model_file(source: ModelVersionSource):
-    """Import a version's model.py as a fresh module (triton_python_backend_utils importable)."""
+def _import_model_file(source: ModelVersionSource) -> tuple:
+    """Import a version's model.py in a namespace of its own (runtimes/model_modules.py), with
+    triton_python_backend_utils importable: (module, path, namespace)."""
     config = source.config
     filename = config.default_model_filename or "model.py"
     path = source.path / filename
     if not path.is_file():
         raise ModelLoadFailed(f"{path}: python backend needs this file")
     install_module()
-    module_name = f"convoy_model_{config.name}_{source.version}_{next(_module_ids)}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ModelLoadFailed(f"{path}: cannot be imported")
-    module = importlib.util.module_from_spec(spec)
-    # Registered so that dataclasses/pickling inside the user's module can find it.
-    sys.modules[module_name] = module
+    namespace = ModelNamespace(f"{config.name}_{source.version}", [source.path, source.path.parent])
     try:
-        spec.loader.exec_module(module)
+        module = namespace.load(path)
     except Exception as exc:
-        sys.modules.pop(module_name, None)
+        namespace.close()
         raise ModelLoadFailed(
             f"{path}: import failed{where_in_model(exc, path)}: {type(exc).__name__}: {exc}"
         ) from exc
-    return module, path
+    except BaseException:
+        namespace.close()
+        raise
+    return module, path, namespace
 
 
 def _refuse_batch_io(source: ModelVersionSource) -> None:
@@ -89,8 +91,12 @@ class PythonRuntime:
         self._fatal_errors: tuple[type[BaseException], ...] = ()
         #: Set when model.py defines a TritonPythonModel.
         self._triton: TritonModelAdapter | None = None
+        #: The package model.py and its sibling modules were imported into.
+        self._namespace: ModelNamespace | None = None
         #: Execute per request (a Triton model) rather than on merged batches; known after load.
         self.executes_requests = False
+        #: In an isolated worker process, which model code may end (sys.exit): it is restarted.
+        self._isolated = False
 
     @staticmethod
     def complete_config_dict(source: ModelVersionSource, config: dict) -> dict:
@@ -103,17 +109,22 @@ class PythonRuntime:
                 return config
         except OSError:
             return config  # loading reports the missing file
-        module, path = _import_model_file(source)
-        model_class = getattr(module, "TritonPythonModel", None)
-        complete = getattr(model_class, "auto_complete_config", None)
-        if complete is None:
-            return config
+        exit_guard.install()  # always in the server's process
+        module, path, namespace = _import_model_file(source)
         try:
-            completed = complete(pb_utils.ModelConfig(config))
-        except Exception as exc:
-            raise ModelLoadFailed(
-                f"{path}: auto_complete_config failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            model_class = getattr(module, "TritonPythonModel", None)
+            complete = getattr(model_class, "auto_complete_config", None)
+            if complete is None:
+                return config
+            try:
+                completed = complete(pb_utils.ModelConfig(config))
+            except Exception as exc:
+                raise ModelLoadFailed(
+                    f"{path}: auto_complete_config failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        finally:
+            # Triton's auto-complete runs in an interpreter of its own, gone afterwards.
+            namespace.close()
         if not isinstance(completed, pb_utils.ModelConfig):
             raise ModelLoadFailed(
                 f"{path}: auto_complete_config must return the ModelConfig it was given, got "
@@ -124,8 +135,36 @@ class PythonRuntime:
     def bind_services(self, services) -> None:
         """The server's services for Triton model code (BLS calls, custom metrics)."""
         pb_utils.bind(services)
+        self._isolated = services.isolated
+        if not services.isolated:
+            exit_guard.install()  # model code shares the server's process: it may not end it
+
+    def _model_file(self) -> Path:
+        return self._source.path / (self._source.config.default_model_filename or "model.py")
+
+    def _exited(self, exc: BaseException, during: str) -> str:
+        """What model code that tried to end the process did, for the error it gets."""
+        if isinstance(exc, SystemExit):
+            what = f"sys.exit({exc.code!r})"
+        elif isinstance(exc, KeyboardInterrupt):
+            what = "KeyboardInterrupt"
+        else:
+            what = str(exc)
+        where = where_in_model(exc, self._model_file())
+        return (
+            f"model '{self._source.config.name}' instance {self._instance_index}: {during} called "
+            f"{what}{where}, which would end the server's process; refused"
+        )
 
     def load(self) -> None:
+        try:
+            self._load()
+        except _EXITS as exc:
+            if self._isolated:
+                raise
+            raise ModelLoadFailed(f"{self._exited(exc, 'loading')} (the model is not loaded)") from None
+
+    def _load(self) -> None:
         config = self._source.config
         if "EXECUTION_ENV_PATH" in config.parameters:
             raise ModelLoadFailed(
@@ -133,7 +172,7 @@ class PythonRuntime:
                 "conda-pack execution environments are not supported; install the model's "
                 "packages into Convoy's environment (or use isolation: process with them)"
             )
-        module, path = _import_model_file(self._source)
+        module, path, self._namespace = _import_model_file(self._source)
         model_class = getattr(module, "Model", None)
         triton_class = getattr(module, "TritonPythonModel", None)
         if model_class is None and triton_class is not None:
@@ -203,9 +242,22 @@ class PythonRuntime:
     def infer_requests(self, batch: list, loop) -> list:
         """Execute a batch request by request (a TritonPythonModel): per request its outputs,
         an exception, or None when the request is answered through its stream (decoupled)."""
-        return self._triton.execute(batch, loop)
+        try:
+            return self._triton.execute(batch, loop)
+        except _EXITS as exc:
+            if self._isolated:
+                raise
+            raise InstanceExited(f"{self._exited(exc, 'execute()')}; restarting the instance") from None
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._infer(inputs)
+        except _EXITS as exc:
+            if self._isolated:
+                raise
+            raise InstanceExited(f"{self._exited(exc, 'execute()')}; restarting the instance") from None
+
+    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._triton is not None:
             return self._infer_merged(inputs)
         outputs = self._model.execute(inputs)
@@ -234,11 +286,24 @@ class PythonRuntime:
         return dict(result or {})
 
     def close(self) -> None:
-        if self._triton is not None:
-            adapter, self._triton = self._triton, None
-            adapter.close()
-            return
-        finalize = getattr(self._model, "finalize", None)
-        if finalize is not None:
-            finalize()
-        self._model = None
+        try:
+            self._close()
+        except _EXITS as exc:
+            if self._isolated:
+                raise
+            log.error("%s", self._exited(exc, "finalize()"))
+
+    def _close(self) -> None:
+        try:
+            if self._triton is not None:
+                adapter, self._triton = self._triton, None
+                adapter.close()
+                return
+            finalize = getattr(self._model, "finalize", None)
+            if finalize is not None:
+                finalize()
+            self._model = None
+        finally:
+            if self._namespace is not None:
+                self._namespace.close()
+                self._namespace = None

@@ -4,11 +4,14 @@ onto Convoy's errors."""
 from __future__ import annotations
 
 from convoy.errors import (
+    AlreadyExists,
     Cancelled,
     ConvoyError,
     DeadlineExceeded,
+    InferenceFailed,
     InvalidInput,
     ModelNotFound,
+    ModelReportedUnknown,
     Unavailable,
     Unsupported,
 )
@@ -48,30 +51,43 @@ class TritonModelException(Exception):
         return str(self)
 
 
+#: Convoy error class <-> TritonError code, the way Triton's front ends map its codes to statuses
+#: (UNKNOWN -> gRPC UNKNOWN, ALREADY_EXISTS -> ALREADY_EXISTS, ...). The first class listed for
+#: a code is the one a model's TritonError becomes; the others only map Convoy errors to codes.
 _ERROR_CODES: tuple[tuple[type[ConvoyError], int], ...] = (
     (InvalidInput, TritonError.INVALID_ARG),
     (ModelNotFound, TritonError.NOT_FOUND),
     (Unavailable, TritonError.UNAVAILABLE),
     (Unsupported, TritonError.UNSUPPORTED),
     (Cancelled, TritonError.CANCELLED),
+    (ModelReportedUnknown, TritonError.UNKNOWN),
+    (AlreadyExists, TritonError.ALREADY_EXISTS),
     (DeadlineExceeded, TritonError.UNAVAILABLE),
 )
 
 
 def error_of(exc: BaseException) -> TritonError:
     """The TritonError a BLS response carries for a Convoy error."""
+    return TritonError(str(exc), code_of(exc))
+
+
+def code_of(exc: BaseException) -> int:
+    """The TritonError code for a Convoy error (INTERNAL for anything else)."""
     for cls, code in _ERROR_CODES:
         if isinstance(exc, cls):
-            return TritonError(str(exc), code)
-    return TritonError(str(exc), TritonError.INTERNAL)
+            return code
+    return TritonError.INTERNAL
+
+
+def error_class(code: int) -> type[ConvoyError]:
+    """The Convoy error class a TritonError code becomes (InferenceFailed for INTERNAL and
+    codes Triton does not define)."""
+    for cls, known in _ERROR_CODES:
+        if known == code:
+            return cls
+    return InferenceFailed
 
 
 def convoy_error(error: TritonError, model: str) -> ConvoyError:
     """The Convoy error a client gets for a response's TritonError (status by its code)."""
-    message = error.message()
-    for cls, code in _ERROR_CODES:
-        if code == error.code() and cls is not DeadlineExceeded:
-            return cls(message)
-    from convoy.errors import InferenceFailed
-
-    return InferenceFailed(message or f"model '{model}' reported an error")
+    return error_class(error.code())(error.message() or f"model '{model}' reported an error")

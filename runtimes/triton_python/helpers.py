@@ -3,6 +3,7 @@ metrics (MetricFamily / Metric) and the ModelConfig that auto_complete_config ed
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 
@@ -70,36 +71,58 @@ _model_dirs: dict[int, str] = {}
 
 
 # --- logging ----------------------------------------------------------------------------------------
+class _LogLevel(enum.IntEnum):
+    """Triton's Logger.LogLevel, valued as the Python logging levels the lines are written at
+    (VERBOSE is DEBUG: shown once the log settings' log_verbose_level is above 0)."""
+
+    INFO = logging.INFO
+    WARNING = logging.WARNING
+    ERROR = logging.ERROR
+    VERBOSE = logging.DEBUG
+
+
 class Logger:
-    """Triton's model logger, writing to Convoy's log (logger `convoy.model`)."""
+    """Triton's model logger: lines go to the server log at their level, under the logger
+    `convoy.model.<model>` (the model executing on the calling thread; `convoy.model` when
+    that is not known, e.g. a thread the model started)."""
 
-    class LogLevel:
-        INFO = logging.INFO
-        WARNING = logging.WARNING
-        ERROR = logging.ERROR
-        VERBOSE = logging.DEBUG
+    LogLevel = _LogLevel
+    # Triton exports the levels into the class too: `logger.log(message, logger.INFO)`.
+    INFO = _LogLevel.INFO
+    WARNING = _LogLevel.WARNING
+    ERROR = _LogLevel.ERROR
+    VERBOSE = _LogLevel.VERBOSE
 
-    _log = logging.getLogger("convoy.model")
+    @staticmethod
+    def log(message: str, level: _LogLevel = _LogLevel.INFO) -> None:
+        if not isinstance(level, _LogLevel):
+            raise TritonModelException(
+                f"Logger.log: level must be one of Logger.INFO, WARNING, ERROR or VERBOSE, got {level!r}"
+            )
+        _logger().log(int(level), "%s", message, stacklevel=2)
 
-    @classmethod
-    def log(cls, message: str, level: int = logging.INFO) -> None:
-        cls._log.log(level, "%s", message)
+    @staticmethod
+    def log_info(message: str) -> None:
+        _logger().info("%s", message, stacklevel=2)
 
-    @classmethod
-    def log_info(cls, message: str) -> None:
-        cls._log.info("%s", message)
+    @staticmethod
+    def log_warn(message: str) -> None:
+        _logger().warning("%s", message, stacklevel=2)
 
-    @classmethod
-    def log_warn(cls, message: str) -> None:
-        cls._log.warning("%s", message)
+    @staticmethod
+    def log_error(message: str) -> None:
+        _logger().error("%s", message, stacklevel=2)
 
-    @classmethod
-    def log_error(cls, message: str) -> None:
-        cls._log.error("%s", message)
+    @staticmethod
+    def log_verbose(message: str) -> None:
+        _logger().debug("%s", message, stacklevel=2)
 
-    @classmethod
-    def log_verbose(cls, message: str) -> None:
-        cls._log.debug("%s", message)
+
+def _logger() -> logging.Logger:
+    scope = _scope.get()
+    if scope is None:
+        return logging.getLogger("convoy.model")
+    return logging.getLogger(f"convoy.model.{scope.model_name}")
 
 
 # --- custom metrics -----------------------------------------------------------------------------------

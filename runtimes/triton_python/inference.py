@@ -4,38 +4,36 @@ code reaches the server's services."""
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import json
-import threading
-from collections.abc import Iterator
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from convoy.errors import (
-    ConvoyError,
-)
 from convoy.types import ModelCall, StreamedResponse
 
 from .datatypes import (
     TRITONSERVER_REQUEST_FLAG_SEQUENCE_END,
     TRITONSERVER_REQUEST_FLAG_SEQUENCE_START,
+    TRITONSERVER_REQUEST_RELEASE_ALL,
     TRITONSERVER_REQUEST_RELEASE_RESCHEDULE,
     TRITONSERVER_RESPONSE_COMPLETE_FINAL,
 )
-from .errors import TritonError, TritonModelException, error_of
+from .errors import TritonError, TritonModelException, error_class
 from .tensor import Tensor
 
 
 # --- the server's services, bound by the adapter -----------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Which model is executing on this thread / task (set around initialize and execute)."""
+    """Which model code runs on this thread / task (set around initialize, execute, finalize)."""
 
     model_name: str
-    #: Models waiting on the current execution (the batch's requests' callers + this model).
-    callers: tuple[str, ...]
+    #: "initialize", "execute" or "finalize" (BLS is only allowed in execute, as on Triton).
+    phase: str = "execute"
+    #: The instance that waits while this code waits ("model/version/index"); "" when none
+    #: does (the background coroutines of a decoupled `async def execute`).
+    waiter: str = ""
+    #: The BLS calls among the requests being executed (Request.bls_call), for the deadlock rule.
+    serving: tuple[int, ...] = ()
 
 
 _scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("pb_utils_scope", default=None)
@@ -60,17 +58,38 @@ def leave_scope(token: contextvars.Token) -> None:
     _scope.reset(token)
 
 
-def _services():
-    services = _Binding.services
-    if services is None or services.caller is None:
-        raise TritonModelException(
-            "BLS calls are not available here (model code in an isolated worker process, or "
-            "outside a server)"
-        )
-    return services
+def current_scope() -> Scope | None:
+    return _scope.get()
 
 
 # --- requests and responses ---------------------------------------------------------------------
+def checked_parameters(owner: str, parameters) -> dict:
+    """Request / response parameters as Triton takes them: a dict (or its JSON text) of str keys
+    and bool, int or str values (what the V2 protocol's parameters can carry)."""
+    if parameters is None:
+        return {}
+    if isinstance(parameters, str):
+        try:
+            parameters = json.loads(parameters) if parameters else {}
+        except ValueError as exc:
+            raise TritonModelException(f"{owner} parameters: not valid JSON ({exc})") from None
+    if not isinstance(parameters, dict):
+        raise TritonModelException(
+            f"{owner} parameters: expected a dict, got {type(parameters).__name__}"
+        )
+    for key, value in parameters.items():
+        if not isinstance(key, str):
+            raise TritonModelException(
+                f"{owner} parameters: keys must be str, got {type(key).__name__} ({key!r})"
+            )
+        if not isinstance(value, bool | int | str):
+            raise TritonModelException(
+                f"{owner} parameters: '{key}' must be a bool, int or str, got "
+                f"{type(value).__name__} ({value!r})"
+            )
+    return dict(parameters)
+
+
 class InferenceResponse:
     """What `execute` returns per request (or a response sender sends)."""
 
@@ -88,9 +107,7 @@ class InferenceResponse:
             raise TritonModelException("InferenceResponse error must be a pb_utils.TritonError")
         self._tensors = tensors
         self._error = error
-        if isinstance(parameters, str):
-            parameters = json.loads(parameters) if parameters else {}
-        self._parameters = dict(parameters or {})
+        self._parameters = checked_parameters("InferenceResponse", parameters)
 
     def output_tensors(self) -> list[Tensor]:
         return self._tensors
@@ -141,6 +158,10 @@ class InferenceRequest:
     """A request: handed to `execute` (one per client request), or built by model code to call
     another model (BLS: `exec`, `async_exec`)."""
 
+    #: Server requests of an iterative-sequence model may be rescheduled while execute() runs.
+    _reschedulable = False
+    _executing = False
+
     def __init__(
         self,
         model_name: str = "",
@@ -155,28 +176,32 @@ class InferenceRequest:
         preferred_memory=None,
         trace=None,
     ) -> None:
-        self.model_name = model_name
+        # Triton's binding takes bytes for the string arguments too (the bls_sync example names
+        # the model with an element of a BYTES tensor).
+        self.model_name = _text("model_name", model_name)
         self._inputs = list(inputs or [])
         for tensor in self._inputs:
             if not isinstance(tensor, Tensor):
                 raise TritonModelException(
                     f"InferenceRequest inputs must hold pb_utils.Tensor, got {type(tensor).__name__}"
                 )
-        self._requested = list(requested_output_names or [])
-        self._request_id = request_id
+        self._requested = [
+            _text("requested_output_names", name) for name in requested_output_names or []
+        ]
+        self._request_id = _text("request_id", request_id)
         self._correlation_id = correlation_id
         self._flags = flags
         if timeout is not None and (not isinstance(timeout, int) or timeout < 0):
             raise TritonModelException("InferenceRequest timeout must be microseconds (int >= 0)")
         self._timeout = timeout or 0
         self.model_version = model_version
-        if isinstance(parameters, str):
-            parameters = json.loads(parameters) if parameters else {}
-        self._parameters = dict(parameters or {})
+        self._parameters = checked_parameters("InferenceRequest", parameters)
         # Server-side requests (handed to execute) only:
         self._origin = None  # the convoy Request
         self._deliver_to = None  # callable(request, StreamedResponse) on any thread
         self._sender: InferenceResponseSender | None = None
+        self._final_sent = False
+        self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
 
     # -- accessors (Triton's names) --
     def inputs(self) -> list[Tensor]:
@@ -201,10 +226,27 @@ class InferenceRequest:
         return self._requested
 
     def set_release_flags(self, flags: int) -> None:
+        """TRITONSERVER_REQUEST_RELEASE_RESCHEDULE: run this request again in a later batch (a
+        model with sequence_batching.iterative_sequence; call it before execute() returns)."""
+        if isinstance(flags, bool) or not isinstance(flags, int):
+            raise TritonModelException(f"set_release_flags: expected an int, got {flags!r}")
         if flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
-            raise TritonModelException(
-                "request rescheduling (TRITONSERVER_REQUEST_RELEASE_RESCHEDULE) is not supported"
-            )
+            if not self._reschedulable:
+                # Triton's text (its core refuses the flag for such a model).
+                raise TritonModelException(
+                    "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, while the "
+                    "model is not configured to handle such a flag."
+                )
+            if not self._executing:
+                raise TritonModelException(
+                    "set_release_flags(TRITONSERVER_REQUEST_RELEASE_RESCHEDULE) must be called "
+                    "before execute() returns"
+                )
+        self._release_flags = flags
+
+    @property
+    def _rescheduled(self) -> bool:
+        return bool(self._release_flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)
 
     def get_response_sender(self) -> InferenceResponseSender:
         if self._deliver_to is None:
@@ -223,18 +265,22 @@ class InferenceRequest:
         cancelled = getattr(origin, "cancelled", None)
         if cancelled is not None and not hasattr(origin, "future"):
             return bool(cancelled())
-        return origin.future.cancelled()
+        return origin.cancel_requested or origin.future.cancelled()
 
     def _deliver(self, response: InferenceResponse | None, final: bool) -> None:
+        if final:
+            self._final_sent = True
         if response is None:
             item = StreamedResponse({}, final=final)
         else:
             error = response.error()
+            kind = "" if error is None else error_class(error.code()).__name__
             item = StreamedResponse(
                 {t.name(): t.as_numpy() for t in response.output_tensors()},
                 final=final,
                 error="" if error is None else (error.message() or "model reported an error"),
                 parameters=response.parameter_dict(),
+                error_kind="" if kind == "InferenceFailed" else kind,
             )
         self._deliver_to(self, item)
 
@@ -243,6 +289,8 @@ class InferenceRequest:
         if not self.model_name:
             raise TritonModelException("InferenceRequest needs model_name to be executed")
         scope = _scope.get()
+        if scope is not None and scope.phase != "execute":
+            raise TritonModelException(bls.OUTSIDE_EXECUTE)
         version = self.model_version
         return ModelCall(
             model_name=self.model_name,
@@ -252,87 +300,34 @@ class InferenceRequest:
             request_id=self._request_id,
             parameters=self._parameters,
             timeout_us=self._timeout,
-            callers=scope.callers if scope is not None else (),
+            waiter=scope.waiter if scope is not None else "",
+            serving=scope.serving if scope is not None else (),
         )
 
     def exec(self, decoupled: bool = False):
         """Run the request on its model and wait (call it from the model's execution thread,
-        never from an event loop). decoupled=True: an iterator over the model's responses."""
-        services = _services()
-        if threading.get_ident() == services.loop_thread_id:
-            raise TritonModelException(
-                "InferenceRequest.exec() called on the server's event loop would block it; "
-                "use `await request.async_exec()`"
-            )
-        call = self._call()
-        wait = self._timeout / 1e6 if self._timeout else None
-        if decoupled:
-            if services.loop is None:  # a worker process: the caller says why it cannot stream
-                return iter(
-                    [
-                        InferenceResponse(
-                            error=TritonError(
-                                "decoupled BLS calls (exec(decoupled=True)) are not available to "
-                                "a model in an isolated worker process",
-                                TritonError.UNSUPPORTED,
-                            )
-                        )
-                    ]
-                )
-            return _stream(services, call, wait)
-        future = Future()
-        try:
-            cancel = services.caller.submit_threadsafe(call, future)
-            response = future.result(wait)
-        except FutureTimeout:
-            cancel()
-            return InferenceResponse(
-                error=TritonError(
-                    f"BLS request to '{call.model_name}' timed out", TritonError.UNAVAILABLE
-                )
-            )
-        except ConvoyError as exc:
-            return InferenceResponse(error=error_of(exc))
-        if call.requested_outputs:
-            outputs = response.outputs
-            return InferenceResponse(
-                [Tensor(n, outputs[n]) for n in call.requested_outputs if n in outputs],
-                parameters=response.parameters,
-            )
-        return _from_response(response)
+        never from an event loop). decoupled=True: an iterator over the model's responses as
+        they arrive, with `cancel()`."""
+        return bls.execute(self._call(), decoupled)
 
     async def async_exec(self, decoupled: bool = False):
-        """`await`-able exec for `async def execute`; decoupled=True: an iterator over the
-        responses (all of them received by the time the await returns)."""
-        services = _services()
-        call = self._call()
-        if decoupled:
-            return await _async_stream(services, call)
-        if services.loop is None:  # a worker process: the caller runs here
-            wrapped = asyncio.ensure_future(services.caller.infer(call))
-        else:
-            future = asyncio.run_coroutine_threadsafe(services.caller.infer(call), services.loop)
-            wrapped = asyncio.wrap_future(future)
-        try:
-            if self._timeout:
-                return _from_response(await asyncio.wait_for(wrapped, self._timeout / 1e6))
-            return _from_response(await wrapped)
-        except TimeoutError:
-            return InferenceResponse(
-                error=TritonError(
-                    f"BLS request to '{call.model_name}' timed out", TritonError.UNAVAILABLE
-                )
-            )
-        except ConvoyError as exc:
-            return InferenceResponse(error=error_of(exc))
+        """`await`-able exec for `async def execute`; decoupled=True: the response iterator,
+        once its first response has arrived."""
+        return await bls.execute_async(self._call(), decoupled)
 
 
 class ServerRequest(InferenceRequest):
     """A client's request as `execute` sees it: reads its Convoy request lazily (no copies)."""
 
     _sender = None
+    _final_sent = False
+    _release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
 
-    def __init__(self, origin, deliver, model_name: str, model_version: int) -> None:
+    def __init__(
+        self, origin, deliver, model_name: str, model_version: int, reschedulable: bool = False
+    ) -> None:
+        self._reschedulable = reschedulable
+        self._executing = True
         self._origin = origin
         self._deliver_to = deliver
         self.model_name = model_name
@@ -393,72 +388,14 @@ class ServerRequest(InferenceRequest):
         return self.inputs()
 
 
-def _from_response(response) -> InferenceResponse:
-    tensors = [Tensor(name, array) for name, array in response.outputs.items()]
-    return InferenceResponse(tensors, parameters=response.parameters)
+def _text(argument: str, value) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if not isinstance(value, str):
+        raise TritonModelException(
+            f"InferenceRequest {argument}: expected str (or bytes), got {type(value).__name__}"
+        )
+    return value
 
 
-def _from_streamed(item: StreamedResponse) -> InferenceResponse:
-    tensors = [Tensor(name, array) for name, array in item.outputs.items()]
-    error = TritonError(item.error) if item.error else None
-    return InferenceResponse(tensors, error=error, parameters=item.parameters)
-
-
-_END = object()
-
-
-def _stream(services, call: ModelCall, wait: float | None) -> Iterator[InferenceResponse]:
-    """Responses of a decoupled BLS call as an iterator; the last one is empty with the final
-    flag when the model sent its final flag without a response (as Triton's iterator does)."""
-    import queue
-
-    # Unbounded on purpose: the producer is the event loop, which must not block; the model
-    # under call bounds how many responses a request gets.
-    items: queue.SimpleQueue = queue.SimpleQueue()
-
-    async def run() -> None:
-        try:
-            await services.caller.infer_stream(call, items.put)
-        except ConvoyError as exc:
-            items.put(exc)
-        items.put(_END)
-
-    future = asyncio.run_coroutine_threadsafe(run(), services.loop)
-    while True:
-        try:
-            item = items.get(timeout=wait)
-        except queue.Empty:
-            future.cancel()
-            yield InferenceResponse(
-                error=TritonError(
-                    f"BLS request to '{call.model_name}' timed out", TritonError.UNAVAILABLE
-                )
-            )
-            return
-        if item is _END:
-            return
-        if isinstance(item, ConvoyError):
-            yield InferenceResponse(error=error_of(item))
-            continue
-        yield _from_streamed(item)
-
-
-async def _async_stream(services, call: ModelCall) -> Iterator[InferenceResponse]:
-    """A decoupled BLS call from `async def execute`: awaits every response (without blocking
-    the model's loop), then iterates over them, as Triton's awaited iterator does."""
-    collected: list[InferenceResponse] = []
-    if services.loop is None:  # a worker process: the caller says why it cannot stream
-        try:
-            await services.caller.infer_stream(call, collected.append)
-        except ConvoyError as exc:
-            return iter([InferenceResponse(error=error_of(exc))])
-
-    def sink(item: StreamedResponse) -> None:  # on the server's loop
-        collected.append(_from_streamed(item))
-
-    future = asyncio.run_coroutine_threadsafe(services.caller.infer_stream(call, sink), services.loop)
-    try:
-        await asyncio.wrap_future(future)
-    except ConvoyError as exc:
-        collected.append(InferenceResponse(error=error_of(exc)))
-    return iter(collected)
+from . import bls  # noqa: E402  (bls reads InferenceResponse from this module)

@@ -45,9 +45,27 @@ class Tensor:
         return True
 
     def to_dlpack(self):
-        if self._array.dtype == object:
+        """A DLPack capsule sharing the tensor's memory (torch.utils.dlpack.from_dlpack, cupy)."""
+        return self._exportable().__dlpack__()
+
+    def __dlpack__(self, stream=None, **kwargs):
+        """The DLPack protocol, so `torch.from_dlpack(tensor)` takes a Tensor directly."""
+        return self._exportable().__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+    def _exportable(self) -> np.ndarray:
+        """The array in a form DLPack can share. An input tensor views the request's bytes as
+        received, which are read-only (DLPack consumers may write, so numpy refuses to export
+        them): it is copied once, here, and the tensor keeps the copy (as_numpy() and later
+        exports then see the same memory the consumer holds)."""
+        array = self._array
+        if array.dtype == object:
             raise TritonModelException(f"tensor '{self._name}': BYTES tensors have no DLPack form")
-        return self._array.__dlpack__()
+        if not array.flags.writeable:
+            array = self._array = array.copy()
+        return array
 
     @staticmethod
     def from_dlpack(name: str, capsule) -> Tensor:

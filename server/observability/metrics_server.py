@@ -7,17 +7,20 @@ this serves the same WSGI app (`make_wsgi_app`) with both. Scrapes never touch t
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import socket
 import ssl
 import threading
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
 
 from convoy.auth import Keyring
+from convoy.engine.metrics import prometheus_text
 from convoy.errors import ConvoyError, status_of
 
 log = logging.getLogger("convoy.metrics")
@@ -68,6 +71,32 @@ def require_key(app, keys: Keyring):
     return guarded
 
 
+def metrics_app(registry: CollectorRegistry):
+    """prometheus_client's WSGI app, except that a scrape in the Prometheus text format (what
+    Triton serves, and what a plain `curl` gets) is written by `prometheus_text`, so counters
+    model code defines are typed `counter` under their exact names as on Triton."""
+    app = make_wsgi_app(registry)
+
+    def serve(environ, start_response):
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
+        if (
+            encoder is not generate_latest
+            or environ["REQUEST_METHOD"] != "GET"
+            or environ.get("PATH_INFO") == "/favicon.ico"
+            or "name[]" in parse_qs(environ.get("QUERY_STRING", ""))
+        ):
+            return app(environ, start_response)
+        output = prometheus_text(registry)
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")):
+            output = gzip.compress(output)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [output]
+
+    return serve
+
+
 def start_metrics_server(
     host: str,
     port: int,
@@ -77,7 +106,7 @@ def start_metrics_server(
 ) -> tuple[_Server, threading.Thread]:
     """Serve `registry` on host:port (0 = any free) on a daemon thread; the caller shuts it down.
     `keys`: every scrape needs a valid key."""
-    app = make_wsgi_app(registry)
+    app = metrics_app(registry)
     if keys is not None:
         app = require_key(app, keys)
 

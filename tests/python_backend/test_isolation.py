@@ -19,7 +19,15 @@ from tritonclient.utils import InferenceServerException
 @pytest.fixture(scope="module")
 def isolated(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("python_backend_isolated")
-    models = ["tp_add_sub", "tp_errors", "tp_repeat", "tp_bls", "tp_bls_async", "tp_slow"]
+    models = [
+        "tp_add_sub",
+        "tp_errors",
+        "tp_repeat",
+        "tp_bls",
+        "tp_bls_async",
+        "tp_slow",
+        "tp_iterative",
+    ]
     repository = triton_repository(root / "models", models)
     process = ConvoyProcess(
         repository, root / "server.log", extra_args=("--isolation", "process"), frontend=frontend
@@ -85,7 +93,7 @@ def test_bls_from_a_worker_process_reaches_the_servers_models(isolated):
     timed_out = bls(isolated, "tp_bls", x, "timeout").as_numpy("MSG")[0, 0].decode()
     assert "BLS request to 'tp_slow' timed out" in timed_out
     refused = bls(isolated, "tp_bls", x, "self").as_numpy("MSG")[0, 0].decode()
-    assert "would close a cycle of models calling each other (tp_bls -> tp_bls)" in refused
+    assert "refused: it could never run, since every instance of 'tp_bls' (1)" in refused
 
 
 def test_async_bls_from_a_worker(isolated):
@@ -101,9 +109,19 @@ def test_custom_metrics_of_worker_processes_are_exported(isolated):
     counted = {
         sample.labels["instance"]: sample.value
         for family in text_string_to_metric_families(text)
+        if family.name == "tp_add_sub_requests"  # a counter: the parser names samples _total
         for sample in family.samples
-        if sample.name == "tp_add_sub_requests"
     }
     # One series per worker (its instance name), summed by the server.
     assert set(counted) <= {"tp_add_sub_0_0", "tp_add_sub_0_1"} and counted
     assert sum(counted.values()) >= 32
+
+
+def test_rescheduling_in_a_worker_process(isolated):
+    client = grpcclient.InferenceServerClient(isolated.grpc_url)
+    item = grpcclient.InferInput("STEPS", [1, 1], "INT32")
+    item.set_data_from_numpy(np.array([[3]], dtype=np.int32))
+    result = client.infer("tp_iterative", [item])
+    client.close()
+    assert result.as_numpy("ITERATIONS")[0, 0] == 3
+    assert result.as_numpy("STARTS")[0, 0] == 1

@@ -93,8 +93,12 @@ def test_unsupported_feature_is_refused_with_a_reason_naming_the_field(refusing,
 
 def test_finalize_runs_when_the_server_stops(tmp_path):
     repository = tmp_path / "models"
-    shutil.copytree(MODELS / "tp_add_sub", repository / "tp_add_sub")
+    for name in ("tp_add_sub", "tp_bls_lifecycle"):
+        shutil.copytree(MODELS / name, repository / name)
     process = ConvoyProcess(repository, tmp_path / "server.log")
     process.start("ready")
     assert process.stop() == 0
     assert "tp_add_sub finalized" in process.log()
+    # BLS from finalize() is refused as Triton refuses it.
+    text = "tp_bls_lifecycle finalize BLS: BLS is only supported during the 'execute' function."
+    assert text in process.log()

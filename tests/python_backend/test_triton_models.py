@@ -154,15 +154,16 @@ def test_custom_metrics_are_exported(triton_server, grpc_client):
         "tp_add_sub", [tensor(grpcclient, "INPUT0", a, "FP32"), tensor(grpcclient, "INPUT1", a, "FP32")]
     )
     text = requests.get(f"http://127.0.0.1:{triton_server.metrics_port}/metrics", timeout=10).text
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+    counted = [
+        sample.value
         for family in text_string_to_metric_families(text)
+        if family.name == "tp_add_sub_requests"  # a counter: the parser names samples _total
         for sample in family.samples
-    }
-    counted = [v for (name, _), v in samples.items() if name == "tp_add_sub_requests"]
+    ]
     assert len(counted) == 2  # one series per instance (label `instance`)
     assert sum(counted) >= 1
     assert "# HELP tp_add_sub_requests Requests tp_add_sub has executed" in text
+    assert "# TYPE tp_add_sub_requests counter" in text
 
 
 def test_logger_writes_to_the_server_log(triton_server):

@@ -54,6 +54,14 @@ def test_sequence_batching_becomes_typed_config(tmp_path):
     assert policy.states[0].dims == (2, 3)
 
 
+def test_iterative_sequence_is_for_python_models(tmp_path):
+    policy = _build(tmp_path, SEQUENCE.format(block="iterative_sequence: true")).sequence_batching
+    assert policy.iterative
+    onnx = SEQUENCE.format(block="iterative_sequence: true").replace('"python"', '"onnxruntime"')
+    with pytest.raises(InvalidConfig, match="iterative_sequence: needs a python-backend"):
+        _build(tmp_path / "onnx", onnx)
+
+
 def test_sequence_batching_defaults_to_direct_and_one_second_idle(tmp_path):
     policy = _build(tmp_path, SEQUENCE.format(block="")).sequence_batching
     assert (policy.strategy, policy.max_sequence_idle_us) == ("direct", 1_000_000)
@@ -62,7 +70,11 @@ def test_sequence_batching_defaults_to_direct_and_one_second_idle(tmp_path):
 @pytest.mark.parametrize(
     ("block", "field"),
     [
-        ("iterative_sequence: true", "sequence_batching.iterative_sequence"),
+        (
+            'iterative_sequence: true state [ { input_name: "A", output_name: "B", '
+            "data_type: TYPE_FP32, dims: [ 1 ] } ]",
+            "sequence_batching.iterative_sequence",
+        ),
         ("oldest { preserve_ordering: true }", "sequence_batching.oldest.preserve_ordering"),
         ("oldest { preferred_batch_size: [ 9 ] }", "sequence_batching.oldest.preferred_batch_size"),
         ("direct { minimum_slot_utilization: 2 }", "minimum_slot_utilization"),

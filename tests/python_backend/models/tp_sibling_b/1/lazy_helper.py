@@ -1,0 +1,3 @@
+"""Imported only inside execute()."""
+
+NAME = "lazy-b"
