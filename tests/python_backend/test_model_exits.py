@@ -28,7 +28,7 @@ class TritonPythonModel:
 
 
 @pytest.fixture(scope="module", params=["thread", "process"])
-def exits(request, tmp_path_factory):
+def exits(request, tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp(f"exits-{request.param}")
     repository = triton_repository(root / "models", ["tp_exit", "tp_add_sub"])
     folder = repository / "tp_exit_init"
@@ -40,7 +40,9 @@ def exits(request, tmp_path_factory):
         .replace('"tp_exit"', '"tp_exit_init"')
         .replace("count: 2", "count: 1")
     )
-    process = ConvoyProcess(repository, root / "server.log", ("--isolation", request.param))
+    process = ConvoyProcess(
+        repository, root / "server.log", ("--isolation", request.param), frontend=frontend
+    )
     process.isolation = request.param
     # tp_exit_init never loads: wait for liveness.
     yield from serve_until_stopped(process, "live")

@@ -44,10 +44,12 @@ def test_sibling_modules_import_and_stay_the_models_own(triton_server, which):
 
 
 @pytest.fixture(scope="module")
-def isolated_siblings(tmp_path_factory):
+def isolated_siblings(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("siblings_isolated")
     repository = triton_repository(root / "models", ["tp_sibling_a", "tp_sibling_b"])
-    process = ConvoyProcess(repository, root / "server.log", extra_args=("--isolation", "process"))
+    process = ConvoyProcess(
+        repository, root / "server.log", extra_args=("--isolation", "process"), frontend=frontend
+    )
     yield from serve_until_stopped(process, "ready")
 
 
