@@ -287,7 +287,7 @@ class ResponseCache:
             request.parameters,
             request.received_ns,
             request.principal,
-            callers=request.callers,
+            bls_call=request.bls_call,
         )
         assembly.subs.append(sub)
         self._schedule(assembly.entry, sub)
