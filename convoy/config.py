@@ -42,6 +42,10 @@ class DynamicBatching:
     default_queue_policy: QueuePolicy = QueuePolicy()
     priority_queue_policy: dict[int, QueuePolicy] = field(default_factory=dict)
     preserve_ordering: bool = False
+    #: Convoy's latency-first dispatch (parameter batch_dispatch: latency_first, and every
+    #: latency_slo_ms model): a batch goes as soon as waiting cannot grow it. False: Triton's
+    #: rule, a batch waits up to max_queue_delay for a preferred (or the maximum) size.
+    latency_first: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,9 @@ dynamic_batching {
   max_queue_delay_microseconds: 100
   default_queue_policy { max_queue_size: 1 }
 }
+# The dispatch reasons counted below are the latency-first batcher's (queue_drained,
+# instance_freed); Triton's rule would count every batch delay_expired.
+parameters { key: "batch_dispatch" value { string_value: "latency_first" } }
 """
 
 
