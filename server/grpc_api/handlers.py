@@ -77,35 +77,38 @@ def decode_request(
     entry = engine.resolve(message.model_name, message.model_version)
     config = entry.config
     raw = message.raw_input_contents
-    refs = [_shared_memory_ref(tensor, "input") for tensor in message.inputs]
-    on_wire = sum(ref is None for ref in refs)
-    if raw and len(raw) != on_wire:
-        raise InvalidInput(
-            f"raw_input_contents holds {len(raw)} tensors for {on_wire} inputs not in shared "
-            "memory; expected one per input"
-        )
     inputs = {}
     raw_index = 0
-    for tensor, ref in zip(message.inputs, refs, strict=True):
+    for tensor in message.inputs:
         name = tensor.name
-        if name in inputs:
-            raise InvalidInput(f"input '{name}' appears more than once")
-        spec = tensors.input_spec(config, name)
+        tensors.check_new_input(name, inputs)
         shape = list(tensor.shape)
+        tensors.check_wire_shape(name, shape)
+        ref = _shared_memory_ref(tensor, "input")
+        has_contents = tensor.HasField("contents")
+        # Typed contents conflict with any raw_input_contents in the request (Triton's rule);
+        # an input without them takes the next raw entry, which must be there.
+        if ref is not None:
+            has_raw = False
+        elif has_contents:
+            has_raw = bool(raw)
+        else:
+            has_raw = raw_index < len(raw)
+        tensors.check_data_source(
+            name,
+            config.name,
+            shared_memory=ref is not None,
+            inline=has_contents,
+            binary=has_raw,
+            inline_field="contents field",
+            binary_field="raw_input_contents",
+        )
+        spec = tensors.input_spec(config, name)
         tensors.check_shape(config, spec, tensor.datatype, shape)
         if ref is not None:
-            if tensor.HasField("contents"):
-                raise InvalidInput(
-                    f"input '{name}': set either shared memory parameters or contents, not both"
-                )
             data = engine.read_shared_memory(ref, f"input '{name}'")
             array = tensors.from_raw(spec, tensor.datatype, shape, data)
-        elif raw:
-            if tensor.HasField("contents"):
-                raise InvalidInput(
-                    "contents field must not be specified when using raw_input_contents "
-                    f"for '{name}' for model '{config.name}'"
-                )
+        elif has_raw:
             array = tensors.from_raw(spec, tensor.datatype, shape, raw[raw_index])
             raw_index += 1
         else:
@@ -118,6 +121,11 @@ def decode_request(
             tensors.check_value_count(spec, shape, contents)  # before any conversion
             array = tensors.from_values(spec, tensor.datatype, shape, contents)
         inputs[name] = tensors.apply_reshape(config, spec, array)
+    if raw_index != len(raw):
+        raise InvalidInput(
+            f"raw_input_contents holds {len(raw)} tensors for {raw_index} inputs sent raw; "
+            "expected one per input not in shared memory"
+        )
     rows = tensors.check_complete(config, inputs)
     parameters = {k: _parameter(v) for k, v in message.parameters.items()}
     requested = tensors.check_requested_outputs(config, [o.name for o in message.outputs])

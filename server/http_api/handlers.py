@@ -45,6 +45,11 @@ _LIMITS_CACHED = 1024
 DECODE_THREADS = 2
 
 
+#: The JSON document of a raw binary request (it has none): no id, no parameters, every output
+#: returned in binary form.
+RAW_DOCUMENT = {"parameters": {"binary_data_output": True}}
+
+
 class BodyTooLarge(InvalidInput):
     """The request body is over the server's limit."""
 
@@ -459,6 +464,10 @@ class HttpFrontend:
             raise BodyTooLarge(
                 f"the request's JSON is {split} bytes; expected at most {limits.json} ({limits.reason})"
             )
+        if header_length is not None and split == 0:
+            # Triton's raw binary request: no JSON at all, the body is the only input's data.
+            inputs, rows = tensors.decode_raw_binary(config, memoryview(body))
+            return RAW_DOCUMENT, inputs, rows
         if header_length is not None:
             check_claimed_values(config, bytes(memoryview(body)[:split]))
             document = self._parse_json(memoryview(body)[:split])
@@ -510,22 +519,27 @@ class HttpFrontend:
             shape = item.get("shape")
             if not isinstance(name, str):
                 raise InvalidInput(f"inputs[{position}].name must be a string")
-            if name in inputs:
-                raise InvalidInput(f"input '{name}' appears more than once")
+            tensors.check_new_input(name, inputs)
             if not isinstance(shape, list) or not all(
                 isinstance(d, int) and not isinstance(d, bool) for d in shape
             ):
                 raise InvalidInput(f"input '{name}': shape must be a list of integers")
-            spec = tensors.input_spec(config, name)
-            tensors.check_shape(config, spec, datatype, shape)
+            tensors.check_wire_shape(name, shape)
             params = item.get("parameters") or {}
             size = params.get("binary_data_size") if isinstance(params, dict) else None
             ref = tensors.shared_memory_ref(params, f"input '{name}'")
+            tensors.check_data_source(
+                name,
+                config.name,
+                shared_memory=ref is not None,
+                inline="data" in item,
+                binary=size is not None,
+                inline_field="'data'",
+                binary_field="binary_data_size",
+            )
+            spec = tensors.input_spec(config, name)
+            tensors.check_shape(config, spec, datatype, shape)
             if ref is not None:
-                if size is not None or "data" in item:
-                    raise InvalidInput(
-                        f"input '{name}': set either shared memory parameters or data, not both"
-                    )
                 data = engine.read_shared_memory(ref, f"input '{name}'")
                 array = tensors.from_raw(spec, datatype, shape, data)
             elif size is not None:
@@ -541,8 +555,6 @@ class HttpFrontend:
                 array = tensors.from_raw(spec, datatype, shape, binary[offset : offset + size])
                 offset += size
             else:
-                if "data" not in item:
-                    raise InvalidInput(f"input '{name}': needs 'data' or a binary_data_size parameter")
                 data = item["data"]
                 if not isinstance(data, list):
                     data = [data]
