@@ -224,6 +224,24 @@ def _serve_parser(sub) -> None:
         "models and versions, unload removed ones",
     )
     p.add_argument(
+        "--allow-client-shm",
+        type=_flag,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="let clients register and unregister system shared-memory regions and name them "
+        "in requests (Triton 2.73's flag and default: off, since a region makes the server read "
+        "and write any segment its user can open)",
+    )
+    p.add_argument(
+        "--server-name",
+        "--id",
+        default="convoy",
+        metavar="NAME",
+        help="the name server metadata reports (Triton's --id; default convoy)",
+    )
+    p.add_argument(
         "--repository-poll-secs",
         type=float,
         default=15.0,
@@ -525,6 +543,8 @@ def _settings(args) -> ServerConfig:
         raise SystemExit(
             f"convoy: --repository-poll-secs must be positive, got {args.repository_poll_secs}"
         )
+    if not args.server_name.strip():
+        raise SystemExit("convoy: --server-name must not be empty")
     if args.ipc_arena_mb < 0:
         raise SystemExit(f"convoy: --ipc-arena-mb must be 0 or more, got {args.ipc_arena_mb}")
     workers = _workers(args.workers)
@@ -545,6 +565,7 @@ def _settings(args) -> ServerConfig:
         shutdown_grace=args.shutdown_grace,
         execution_timeout=args.execution_timeout,
         isolation=args.isolation,
+        model_control_mode=args.model_control_mode,
         load_all=load_all,
         repository_poll_secs=args.repository_poll_secs if args.model_control_mode == "poll" else 0.0,
         load_models=load_models,
@@ -554,6 +575,8 @@ def _settings(args) -> ServerConfig:
         access_log=args.access_log,
         trace_otlp_endpoint=args.trace_otlp_endpoint,
         trace_console=args.trace_console,
+        allow_client_shm=args.allow_client_shm,
+        server_name=args.server_name,
         api_keys_file=args.api_keys,
         protect_health=args.auth_health == "protected",
         protect_metrics=args.auth_metrics != "open" and args.api_keys is not None,

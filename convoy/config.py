@@ -309,6 +309,9 @@ class ServerConfig:
     #: Where model code runs unless a model's `isolation` parameter says otherwise: "thread"
     #: (in this process) or "process" (a worker process per instance).
     isolation: str = "thread"
+    #: --model-control-mode: "none", "explicit" or "poll". Only "explicit" takes load and
+    #: unload requests (Triton's rule).
+    model_control_mode: str = "none"
     #: Load every model at start; with False only `load_models` are loaded (explicit mode).
     load_all: bool = True
     load_models: tuple[str, ...] = ()
@@ -327,6 +330,12 @@ class ServerConfig:
     trace_otlp_endpoint: str = ""
     #: Print every request's spans to standard output as JSON lines.
     trace_console: bool = False
+    #: --allow-client-shm: clients may register and unregister shared-memory regions (Triton's
+    #: flag, off by default as in Triton 2.73: a region lets a client make the server read and
+    #: write any segment its user can open).
+    allow_client_shm: bool = False
+    #: The name server metadata reports (--server-name; Triton's --id).
+    server_name: str = "convoy"
     #: JSON file of API keys (see convoy/auth.py); None: every endpoint is open.
     api_keys_file: Path | None = None
     #: With API keys on: health (live/ready) and /metrics answer only to a valid key.

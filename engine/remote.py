@@ -689,6 +689,8 @@ class RemoteEngine(EngineClient):
             elif kind is Welcome:
                 self.settings = message.settings
                 self.strict_readiness = message.settings.strict_readiness
+                self.server_name = message.settings.server_name
+                self.allow_client_shm = message.settings.allow_client_shm
                 self.ports = (message.http_port, message.grpc_port)
                 if not self._welcomed.done():
                     self._welcomed.set_result(None)

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from convoy.auth import Keyring
 from convoy.datatypes import to_wire_bytes
 from convoy.engine.client import EngineClient, ModelView
-from convoy.engine.shared_memory import SharedMemoryRef
+from convoy.engine.shared_memory import SharedMemoryLease, SharedMemoryRef
 from convoy.errors import (
     ConvoyError,
     InvalidInput,
@@ -71,8 +71,10 @@ def decode_request(
     future,
     deadline: float | None,
     principal: str | None = None,
+    leases: list | None = None,
 ) -> tuple[ModelView, Request]:
-    """Validate a ModelInferRequest against its model and build the scheduler's Request."""
+    """Validate a ModelInferRequest against its model and build the scheduler's Request. The
+    shared-memory regions inputs name are leased into `leases` (released once answered)."""
     received = time.monotonic_ns()
     entry = engine.resolve(message.model_name, message.model_version)
     config = entry.config
@@ -106,8 +108,10 @@ def decode_request(
         spec = tensors.input_spec(config, name)
         tensors.check_shape(config, spec, tensor.datatype, shape)
         if ref is not None:
-            data = engine.read_shared_memory(ref, f"input '{name}'")
-            array = tensors.from_raw(spec, tensor.datatype, shape, data)
+            what = f"input '{name}'"
+            lease = engine.lease_shared_memory(ref, what)
+            leases.append(lease)
+            array = tensors.from_raw(spec, tensor.datatype, shape, lease.read(what))
         elif has_raw:
             array = tensors.from_raw(spec, tensor.datatype, shape, raw[raw_index])
             raw_index += 1
@@ -143,15 +147,16 @@ def _shared_memory_ref(tensor, kind: str) -> SharedMemoryRef | None:
     return tensors.shared_memory_ref(parameters, f"{kind} '{tensor.name}'")
 
 
-def output_refs(engine: EngineClient, message) -> dict[str, SharedMemoryRef]:
-    """Requested outputs to be written into shared memory, checked against their regions."""
-    refs = {}
+def output_leases(engine: EngineClient, message, leases: list) -> dict[str, SharedMemoryLease]:
+    """Requested outputs to be written into shared memory: their regions, checked and leased
+    (each lease is also added to `leases`, released once the request is answered)."""
+    out = {}
     for output in message.outputs:
         ref = _shared_memory_ref(output, "output")
         if ref is not None:
-            engine.check_shared_memory(ref, f"output '{output.name}'")
-            refs[output.name] = ref
-    return refs
+            out[output.name] = lease = engine.lease_shared_memory(ref, f"output '{output.name}'")
+            leases.append(lease)
+    return out
 
 
 def _traceparent(context) -> str | None:
@@ -166,12 +171,11 @@ def encode_response(
     entry: ModelView,
     request: Request,
     result: Response,
-    engine: EngineClient | None = None,
-    refs: dict[str, SharedMemoryRef] | None = None,
+    refs: dict[str, SharedMemoryLease] | None = None,
 ) -> pb.ModelInferResponse:
     """The response to `request`: the outputs it asked for (selected by the engine), from the
-    version that served it. `refs`: outputs to write into shared memory (they carry no bytes in
-    the response)."""
+    version that served it. `refs`: outputs to write into shared memory, by their leased
+    regions (they carry no bytes in the response)."""
     config = entry.config
     response = pb.ModelInferResponse(
         model_name=config.name, model_version=result.model_version, id=request.id
@@ -180,12 +184,13 @@ def encode_response(
     for name, array in result.outputs.items():
         datatype = tensors.output_datatype(config, name, array)
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        ref = refs.get(name) if refs else None
+        lease = refs.get(name) if refs else None
         blob = to_wire_bytes(array, datatype)
-        if ref is None:
+        if lease is None:
             blobs.append(blob)
             continue
-        engine.write_shared_memory(ref, blob, f"output '{name}'")
+        lease.write(blob, f"output '{name}'")
+        ref = lease.ref
         tensor.parameters[tensors.SHM_REGION].string_param = ref.region
         tensor.parameters[tensors.SHM_BYTE_SIZE].int64_param = memoryview(blob).nbytes
         if ref.offset:
@@ -326,9 +331,17 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     ):
         """Decode, queue and await one request; a cancelled await leaves the queue too.
         `stream`: where a decoupled model's responses go (ModelStreamInfer); None: unary."""
+        leases: list = []  # the shared-memory regions the request names, held until answered
+        try:
+            return await self._infer_leased(message, deadline, traceparent, principal, stream, leases)
+        finally:
+            for lease in leases:
+                lease.release()
+
+    async def _infer_leased(self, message, deadline, traceparent, principal, stream, leases):
         future = asyncio.get_running_loop().create_future()
-        entry, request = decode_request(self.engine, message, future, deadline, principal)
-        refs = output_refs(self.engine, message) if message.outputs else None
+        entry, request = decode_request(self.engine, message, future, deadline, principal, leases)
+        refs = output_leases(self.engine, message, leases) if message.outputs else None
         if entry.config.decoupled:
             if stream is None:
                 raise InvalidInput(DECOUPLED_UNARY)
@@ -346,7 +359,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 )
         if request.stream is not None:
             return None  # its responses went out through the stream
-        response = encode_response(entry, request, result, self.engine, refs)
+        response = encode_response(entry, request, result, refs)
         if result.parameters:  # set by the model (a Triton python model's response parameters)
             for key, value in result.parameters.items():
                 set_parameter(response.parameters, key, value)

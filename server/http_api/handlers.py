@@ -402,7 +402,44 @@ class HttpFrontend:
         body = await self._read_body(
             receive, BodyLimits(self.max_body_bytes, 0, "the server's limit") if encoding else limits
         )
-        decode = partial(self._decode_body, config, body, encoding, header_length, limits)
+        # Shared-memory regions the request names, held until it is answered.
+        leases: list = []
+        try:
+            await self._infer_body(
+                scope,
+                receive,
+                send,
+                entry,
+                body,
+                encoding,
+                header_length,
+                limits,
+                accept,
+                received,
+                principal,
+                leases,
+            )
+        finally:
+            for lease in leases:
+                lease.release()
+
+    async def _infer_body(
+        self,
+        scope,
+        receive,
+        send,
+        entry,
+        body,
+        encoding,
+        header_length,
+        limits,
+        accept,
+        received,
+        principal,
+        leases,
+    ) -> None:
+        config = entry.config
+        decode = partial(self._decode_body, config, body, encoding, header_length, limits, leases)
         if len(body) >= (OFF_LOOP_BYTES // 64 if encoding else OFF_LOOP_BYTES):
             async with self._decode_slots:
                 document, inputs, rows = await asyncio.get_running_loop().run_in_executor(
@@ -414,8 +451,10 @@ class HttpFrontend:
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be a JSON object")
         requested, binary_outputs = self._requested_outputs(config, document, parameters)
-        for name, ref in binary_outputs[2].items():
-            self.engine.check_shared_memory(ref, f"output '{name}'")
+        out_leases = binary_outputs[2]
+        for name, ref in list(out_leases.items()):
+            out_leases[name] = lease = self.engine.lease_shared_memory(ref, f"output '{name}'")
+            leases.append(lease)
         future = asyncio.get_running_loop().create_future()
         request = tensors.build_request(
             str(document.get("id", "")), inputs, requested, rows, parameters, future, received, principal
@@ -443,9 +482,12 @@ class HttpFrontend:
                 traceparent = value.decode("latin-1")
         self.tracer.record("http", entry.config.name, str(entry.version), request, future, traceparent)
 
-    def _decode_body(self, config, body: bytes, encoding: bytes, header_length, limits: BodyLimits):
+    def _decode_body(
+        self, config, body: bytes, encoding: bytes, header_length, limits: BodyLimits, leases: list
+    ):
         """Inflate, split, parse and convert an infer body (on the loop or a decode thread):
-        the JSON document, the input arrays and the batch rows."""
+        the JSON document, the input arrays and the batch rows. Shared-memory regions the inputs
+        name are leased into `leases`."""
         if encoding:
             body = self._decompress(body, encoding, limits)
         if header_length is not None:
@@ -476,7 +518,7 @@ class HttpFrontend:
             check_claimed_values(config, body)
             document = self._parse_json(body)
             binary = memoryview(b"")
-        inputs, rows = self._decode_inputs(config, document, binary, self.engine)
+        inputs, rows = self._decode_inputs(config, document, binary, self.engine, leases)
         return document, inputs, rows
 
     def _decompress(self, body: bytes, encoding: bytes, limits: BodyLimits) -> bytes:
@@ -505,7 +547,7 @@ class HttpFrontend:
         return b"".join(parts)
 
     @staticmethod
-    def _decode_inputs(config, document: dict, binary: memoryview, engine=None):
+    def _decode_inputs(config, document: dict, binary: memoryview, engine=None, leases=None):
         items = document.get("inputs")
         if not isinstance(items, list):
             raise InvalidInput("'inputs' must be a JSON list of tensors")
@@ -540,8 +582,10 @@ class HttpFrontend:
             spec = tensors.input_spec(config, name)
             tensors.check_shape(config, spec, datatype, shape)
             if ref is not None:
-                data = engine.read_shared_memory(ref, f"input '{name}'")
-                array = tensors.from_raw(spec, datatype, shape, data)
+                what = f"input '{name}'"
+                lease = engine.lease_shared_memory(ref, what)
+                leases.append(lease)
+                array = tensors.from_raw(spec, datatype, shape, lease.read(what))
             elif size is not None:
                 if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                     raise InvalidInput(
@@ -607,12 +651,12 @@ class HttpFrontend:
         for name, array in outputs.items():
             datatype = tensors.output_datatype(config, name, array)
             out = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-            ref = refs.get(name)
-            if ref is not None:
+            lease = refs.get(name)
+            if lease is not None:
                 blob = to_wire_bytes(array, datatype)
                 # No data and no parameters: clients read the region (Triton's C++ client
                 # takes any output `parameters` to hold binary_data_size).
-                self.engine.write_shared_memory(ref, blob, f"output '{name}'")
+                lease.write(blob, f"output '{name}'")
             elif per_output.get(name, default_binary):
                 blob = to_wire_bytes(array, datatype)
                 out["parameters"] = {"binary_data_size": len(blob)}

@@ -14,7 +14,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from ensemble_helpers import FP32_4, ensemble, step_model
-from helpers import ConvoyProcess, Protocol, serve_until_stopped
+from helpers import EXPLICIT, ConvoyProcess, Protocol, serve_until_stopped
 from tritonclient.utils import InferenceServerException
 
 
@@ -100,7 +100,7 @@ def build_ensemble_repository(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def ens_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ensembles")
-    process = ConvoyProcess(build_ensemble_repository(root / "models"), root / "server.log")
+    process = ConvoyProcess(build_ensemble_repository(root / "models"), root / "server.log", EXPLICIT)
     yield from serve_until_stopped(process, "live")
 
 
