@@ -138,6 +138,9 @@ class StreamedResponse:
     #: Non-empty: this response reports an error (the model's message).
     error: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: The error's gRPC status-code name (e.g. "INVALID_ARGUMENT", from the model's error
+    #: code); "" means INTERNAL. Ends the stream with it in Triton's triton_grpc_error mode.
+    error_status: str = ""
 
 
 @dataclass(frozen=True, slots=True)

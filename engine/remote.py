@@ -99,6 +99,7 @@ class Streamed(msgspec.Struct, tag="streamed", array_like=True):
     final: bool
     error: str
     parameters: dict[str, Any]
+    error_status: str = ""
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
@@ -368,7 +369,7 @@ class EngineEndpoint:
                 log.error("a streamed response could not be framed", exc_info=exc)
                 item = StreamedResponse({}, item.final, "the response could not be encoded")
                 writer, metas = link.writer(), []
-            writer.add(Streamed(call, metas, item.final, item.error, item.parameters))
+            writer.add(Streamed(call, metas, item.final, item.error, item.parameters, item.error_status))
 
         return sink
 
@@ -665,6 +666,7 @@ class RemoteEngine(EngineClient):
                             message.final,
                             message.error,
                             message.parameters,
+                            message.error_status,
                         )
                     )
             elif kind is Failure:

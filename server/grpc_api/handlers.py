@@ -32,7 +32,13 @@ from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server import codec as tensors
 from convoy.server.grpc_api.decoding import DecodeErrorInterceptor
-from convoy.server.grpc_api.decoupled import DECOUPLED_UNARY, set_parameter, stream_sink
+from convoy.server.grpc_api.decoupled import (
+    DECOUPLED_UNARY,
+    FINAL_FLAG,
+    StreamFailure,
+    set_parameter,
+    stream_sink,
+)
 from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
 from convoy.server.memory import MemoryTrim
 from convoy.server.observability.tracing import TRACEPARENT, Tracer
@@ -157,6 +163,17 @@ def output_leases(engine: EngineClient, message, leases: list) -> dict[str, Shar
             out[output.name] = lease = engine.lease_shared_memory(ref, f"output '{output.name}'")
             leases.append(lease)
     return out
+
+
+#: Triton's request header that makes a ModelStreamInfer error end the stream with its status.
+GRPC_ERROR_HEADER = "triton_grpc_error"
+
+
+def _wants_grpc_errors(context) -> bool:
+    for key, value in context.invocation_metadata() or ():
+        if key == GRPC_ERROR_HEADER:
+            return value == "true"
+    return False
 
 
 def _traceparent(context) -> str | None:
@@ -393,10 +410,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         await self._abort(context, failure)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Responses go out as each request completes; an error answers that request only.
-        With API keys, the call needs a valid key and each request a model in its scope."""
+        """Responses go out as each request completes; an error answers that request only,
+        unless the call's metadata holds `triton_grpc_error: true` (Triton's header): then the
+        first error ends the stream with its status. With API keys, the call needs a valid key
+        and each request a model in its scope."""
         key = current_key()
         principal = None if key is None else key.name
+        grpc_errors = _wants_grpc_errors(context)
         # Backpressure: at most STREAM_BACKLOG requests read but not yet answered on the wire.
         # A client that never reads its answers stops being read (HTTP/2 flow control then
         # stops its sending) instead of piling answers up in memory.
@@ -414,11 +434,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                     message, deadline, traceparent, principal, answers.put_nowait
                 )
                 if response is not None:
+                    # A model that is not decoupled answers once: its last response.
+                    response.parameters[FINAL_FLAG].bool_param = True
                     await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await answers.put(self._stream_error(message, exc))
+                await answers.put(StreamFailure(status_of(exc)[0], self._stream_error(message, exc)))
 
         async def read() -> None:
             messages = request_iterator.__aiter__()
@@ -433,6 +455,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 task.add_done_callback(pending.discard)
 
         reader = asyncio.create_task(read())
+        failure: tuple[str, str] | None = None
         try:
             while True:
                 if reader.done() and not pending and answers.empty():
@@ -440,16 +463,27 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 getter = asyncio.ensure_future(answers.get())
                 waiting = {getter, reader} if not reader.done() else {getter, *pending}
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                    unanswered.release()
-                else:
+                if not getter.done():
                     getter.cancel()
-            reader.result()
+                    continue
+                answer = getter.result()
+                unanswered.release()
+                code = ""
+                if type(answer) is StreamFailure:
+                    code, answer = answer
+                if code and grpc_errors:
+                    failure = (code, answer.error_message)
+                    break
+                yield answer
+            if failure is None:
+                reader.result()
         finally:
             reader.cancel()
             for task in list(pending):
                 task.cancel()
+        if failure is not None:
+            # Triton's triton_grpc_error mode: the stream ends with the error's status.
+            await context.abort(grpc.StatusCode[failure[0]], failure[1])
 
     @staticmethod
     def _stream_error(message, exc: BaseException) -> pb.ModelStreamInferResponse:
