@@ -15,6 +15,7 @@ from convoy import __version__, auth
 from convoy.config import ServerConfig
 from convoy.errors import ConvoyError
 from convoy.loadtests import cli as loadtests_cli
+from convoy.trace_settings import trace_setup
 
 #: Where the key file is when --api-keys / --file is not given.
 KEYS_FILE_ENV = "CONVOY_API_KEYS_FILE"
@@ -296,6 +297,17 @@ def _serve_parser(sub) -> None:
         action="store_true",
         help="print the same spans to standard output, one JSON object a line",
     )
+    p.add_argument(
+        "--trace-config",
+        action="append",
+        default=[],
+        metavar="[MODE,]SETTING=VALUE",
+        help="Triton's trace settings: level=OFF|TIMESTAMPS, rate=N, count=N, mode=opentelemetry, "
+        "opentelemetry,url=URL (default http://localhost:4318/v1/traces), "
+        "opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_max_queue_size|bsp_schedule_delay|"
+        "bsp_max_export_batch_size=N (repeatable; the trace API changes level, rate and count "
+        "while serving)",
+    )
     security = p.add_argument_group("security")
     security.add_argument(
         "--api-keys",
@@ -543,6 +555,10 @@ def _settings(args) -> ServerConfig:
         raise SystemExit(
             f"convoy: --repository-poll-secs must be positive, got {args.repository_poll_secs}"
         )
+    try:
+        trace_setup(args.trace_otlp_endpoint, args.trace_console, tuple(args.trace_config))
+    except ValueError as exc:
+        raise SystemExit(f"convoy: {exc}") from None
     if not args.server_name.strip():
         raise SystemExit("convoy: --server-name must not be empty")
     if args.ipc_arena_mb < 0:
@@ -575,6 +591,7 @@ def _settings(args) -> ServerConfig:
         access_log=args.access_log,
         trace_otlp_endpoint=args.trace_otlp_endpoint,
         trace_console=args.trace_console,
+        trace_config=tuple(args.trace_config),
         allow_client_shm=args.allow_client_shm,
         server_name=args.server_name,
         api_keys_file=args.api_keys,

@@ -330,6 +330,9 @@ class ServerConfig:
     trace_otlp_endpoint: str = ""
     #: Print every request's spans to standard output as JSON lines.
     trace_console: bool = False
+    #: Triton's --trace-config settings as given ("level=TIMESTAMPS", "opentelemetry,url=...");
+    #: read by convoy.trace_settings.trace_setup.
+    trace_config: tuple[str, ...] = ()
     #: --allow-client-shm: clients may register and unregister shared-memory regions (Triton's
     #: flag, off by default as in Triton 2.73: a region lets a client make the server read and
     #: write any segment its user can open).

@@ -28,6 +28,7 @@ from convoy.errors import (
     Unsupported,
 )
 from convoy.protos import model_config_pb2 as mc
+from convoy.trace_settings import TraceControl
 from convoy.types import Request
 
 from .shared_memory import (
@@ -293,6 +294,26 @@ class EngineClient(abc.ABC):
         tensor is read or written; released once the request is answered. A region
         unregistered meanwhile stays until then."""
         return self.shared_memory.lease(ref, what)
+
+    # --- trace settings ----------------------------------------------------------------------------
+    #: Triton's trace settings and the sampling they decide (convoy/trace_settings.py).
+    trace_control: TraceControl
+
+    def _check_trace_model(self, model: str) -> None:
+        """A model's trace settings need the model (ready, as in Triton; its words)."""
+        if model and not self.model_ready(model):
+            check_name_length(model)
+            raise InvalidInput(f"Request for unknown model : {model}")
+
+    def trace_settings(self, model: str = "") -> dict:
+        """The trace settings in force for `model` ("" global), as Triton's API answers them."""
+        self._check_trace_model(model)
+        return self.trace_control.settings(model)
+
+    @abc.abstractmethod
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+        """Apply trace setting changes (None clears one) for `model` ("" global) in every
+        process; the settings in force after them."""
 
     # --- log settings ------------------------------------------------------------------------------
     @abc.abstractmethod

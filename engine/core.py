@@ -24,6 +24,7 @@ from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
 from convoy.errors import ConvoyError, InvalidInput, ModelLoadFailed, Overloaded, Unavailable
 from convoy.logs import LogControl
+from convoy.trace_settings import TraceControl, trace_setup
 from convoy.types import Request
 
 from .client import EngineClient, ModelEntry, parse_version
@@ -77,6 +78,13 @@ class Engine(EngineClient):
         self.shared_memory = SharedMemoryRegistry()
         #: Called (on the loop) after log settings change, e.g. to tell other processes.
         self.log_listeners: list[Callable[[dict], None]] = []
+        self.trace_control = TraceControl(
+            trace_setup(
+                settings.trace_otlp_endpoint, settings.trace_console, settings.trace_config
+            ).defaults
+        )
+        #: Called (on the loop) with the whole trace state after trace settings change.
+        self.trace_listeners: list[Callable[[dict], None]] = []
         #: The catalog's live figures: recent traffic per version, counted from start.
         self.recent = RecentWindow(self._version_counts)
 
@@ -291,6 +299,15 @@ class Engine(EngineClient):
 
     async def system_shared_memory_status(self, name: str = "") -> list[dict]:
         return self.shared_memory.status(name)
+
+    # --- trace settings ----------------------------------------------------------------------------
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+        self._check_trace_model(model)
+        current = self.trace_control.update(model, changes)  # validates: a bad change raises first
+        state = self.trace_control.state()
+        for listener in self.trace_listeners:
+            listener(state)
+        return current
 
     # --- log settings ------------------------------------------------------------------------------
     def log_settings(self) -> dict[str, object]:

@@ -31,6 +31,7 @@ from convoy.errors import (
 )
 from convoy.logs import LogControl
 from convoy.protos import model_config_pb2 as mc
+from convoy.trace_settings import TraceControl, trace_setup
 from convoy.types import Request, Response, StageTimes, StepTiming, StreamedResponse
 from convoy.wire import ErrorInfo, Link, TensorMeta, error_info, read_tensors, rebuild_error
 
@@ -151,6 +152,12 @@ class LogUpdate(msgspec.Struct, tag="log", array_like=True):
     changes: dict[str, Any]
 
 
+class TraceState(msgspec.Struct, tag="trace", array_like=True):
+    """The engine's trace settings, whole (on connect and after every change)."""
+
+    levels: dict[str, dict[str, Any]]
+
+
 class Up(msgspec.Struct, tag="up", array_like=True):
     """A front end is serving."""
 
@@ -164,7 +171,7 @@ class SharedArena(msgspec.Struct, tag="arena", array_like=True):
 
 
 ToEngine = Infer | Cancel | Call | Up | SharedArena
-ToFrontEnd = Result | Streamed | Failure | Reply | Models | Welcome | LogUpdate
+ToFrontEnd = Result | Streamed | Failure | Reply | Models | Welcome | LogUpdate | TraceState
 
 #: The EngineClient methods a front end may call on the engine.
 CALLS = frozenset(
@@ -175,6 +182,7 @@ CALLS = frozenset(
         "unload_model",
         "catalog_figures",
         "update_log_settings",
+        "update_trace_settings",
         "register_system_shared_memory",
         "unregister_system_shared_memory",
         "system_shared_memory_status",
@@ -282,6 +290,7 @@ class EngineEndpoint:
 
     def welcome(self, settings: ServerConfig, http_port: int, grpc_port: int) -> None:
         self.link.send(Welcome(settings, http_port, grpc_port))
+        self.link.send(TraceState(self.engine.trace_control.state()))
         self.send_models()
 
     def send_models(self) -> None:
@@ -484,6 +493,8 @@ class RemoteEngine(EngineClient):
         self._calls: dict[int, asyncio.Future] = {}
         self._welcomed = asyncio.get_running_loop().create_future()
         self.shared_memory = SharedMemoryRegistry()
+        #: Replaced on the engine's welcome (its settings' defaults), then follows its changes.
+        self.trace_control = TraceControl()
         #: Where large inputs go to the engine (None: every tensor travels in frames), and the
         #: blocks each request in flight holds there, by call id.
         self.arena: Arena | None = None
@@ -639,6 +650,10 @@ class RemoteEngine(EngineClient):
         # The engine validates and applies them, then tells every front end (this one too).
         return await self._call("update_log_settings", changes)
 
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+        # The engine checks the model, validates and applies, then tells every front end.
+        return await self._call("update_trace_settings", model, changes)
+
     # --- messages from the engine ----------------------------------------------------------------------
     def _on_frame(self, messages: list, data: memoryview) -> None:
         for message in messages:
@@ -685,6 +700,8 @@ class RemoteEngine(EngineClient):
                 self._engine_accepting = message.accepting
                 for problem in self.shared_memory.mirror(message.regions):
                     log.warning("shared memory region not opened here: %s", problem)
+            elif kind is TraceState:
+                self.trace_control.restore(message.levels)
             elif kind is LogUpdate:
                 if self.log_control is not None:
                     self.log_control.update(message.changes)
@@ -692,6 +709,12 @@ class RemoteEngine(EngineClient):
                 self.settings = message.settings
                 self.strict_readiness = message.settings.strict_readiness
                 self.server_name = message.settings.server_name
+                settings = message.settings
+                self.trace_control = TraceControl(
+                    trace_setup(
+                        settings.trace_otlp_endpoint, settings.trace_console, settings.trace_config
+                    ).defaults
+                )
                 self.allow_client_shm = message.settings.allow_client_shm
                 self.ports = (message.http_port, message.grpc_port)
                 if not self._welcomed.done():

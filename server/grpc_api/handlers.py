@@ -25,7 +25,6 @@ from convoy.errors import (
     InvalidInput,
     Overloaded,
     Unavailable,
-    Unsupported,
     status_of,
 )
 from convoy.protos import grpc_service_pb2 as pb
@@ -525,9 +524,6 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, build)
 
     # --- shared memory -----------------------------------------------------------------------------
-    async def _unsupported(self, context, what: str):
-        await self._abort(context, Unsupported(f"{what} is not supported by Convoy"))
-
     async def _control(self, context, call, build):
         """A shared-memory call (any valid key may make one: see interceptors.py)."""
         try:
@@ -570,7 +566,21 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         return await self._control(context, call, lambda _: pb.CudaSharedMemoryUnregisterResponse())
 
     async def TraceSetting(self, request, context):
-        await self._unsupported(context, "trace settings")
+        """Triton's trace extension: no settings reads them; each given value list changes one
+        (an empty list clears it back to the global or start-up value)."""
+        try:
+            changes = {key: (list(value.value) or None) for key, value in request.settings.items()}
+            if changes:
+                current = await self.engine.update_trace_settings(request.model_name, changes)
+            else:
+                current = self.engine.trace_settings(request.model_name)
+            response = pb.TraceSettingResponse()
+            for key, value in current.items():
+                values = value if isinstance(value, list) else [value]
+                response.settings[key].value.extend(values)
+            return response
+        except Exception as exc:
+            await self._abort(context, exc)
 
 
 async def start_grpc_server(

@@ -234,6 +234,8 @@ class HttpFrontend:
                 return await self._json(send, answer)
             if len(rest) >= 2:
                 return await self._model_route(scope, receive, send, rest[1], rest[2:])
+        if head == "trace" and rest[1:] == ["setting"]:
+            return await self._trace_setting(scope, receive, send, "")
         if head == "logging" and len(rest) == 1:
             if method == "GET":
                 return await self._json(send, engine.log_settings())
@@ -263,6 +265,17 @@ class HttpFrontend:
                     await engine.unload_model(rest[2])
                 return await self._send(send, 200, b"")
         raise ModelNotFound(f"no endpoint at {scope['path']}")
+
+    async def _trace_setting(self, scope, receive, send, model: str) -> None:
+        """Triton's trace extension: GET reads the settings, POST changes them (JSON object of
+        setting -> string, list of strings or null to clear; an empty body changes nothing)."""
+        method = scope["method"]
+        if method == "GET":
+            return await self._json(send, self.engine.trace_settings(model))
+        self._expect(method, "POST", scope)
+        body = await self._read_body(receive)
+        changes = self._parse_json(body) if body.strip() else {}
+        return await self._json(send, await self.engine.update_trace_settings(model, changes))
 
     async def _shared_memory(self, scope, receive, send, head: str, rest: list[str]) -> None:
         """Triton's shared-memory extension: status, register, unregister (one or all)."""
@@ -344,6 +357,8 @@ class HttpFrontend:
         method = scope["method"]
         engine = self.engine
         action = rest[0] if rest else ""
+        if rest == ["trace", "setting"] and not version:
+            return await self._trace_setting(scope, receive, send, model)
         if len(rest) > 1:
             raise ModelNotFound(f"no endpoint at {scope['path']}")
         principal = scope.get("convoy.principal")
