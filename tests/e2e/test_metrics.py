@@ -430,7 +430,15 @@ def test_bad_log_setting_returns_invalid_argument(protocol):
     with pytest.raises(InferenceServerException) as caught:
         _settings(protocol, {"log_format": "xml"})
     assert caught.value.status() == protocol.status("INVALID_ARGUMENT")
-    assert "log_format" in caught.value.message()
+    assert caught.value.message().startswith("invalid argument for log_format, got: xml")
+    assert _settings(protocol) == TRITON_DEFAULTS
+
+
+def test_log_file_cannot_be_changed_over_the_network_in_tritons_words(protocol):
+    with pytest.raises(InferenceServerException) as caught:
+        _settings(protocol, {"log_file": "log_file.log", "log_info": False})
+    assert caught.value.status() == protocol.status("UNIMPLEMENTED")
+    assert caught.value.message() == "log file location can not be updated through network protocol"
     assert _settings(protocol) == TRITON_DEFAULTS
 
 
