@@ -2,11 +2,15 @@
 
 When to dispatch (the batcher's whole policy):
 - a batch is only formed when an instance is free; while all are busy, requests accumulate;
-- `max_queue_delay` is a ceiling, not a wait: the batch goes at once when it is full, reaches
+- by default, Triton's rule: the batch goes at once when the queue fills the largest preferred
+  size it can (without preferred sizes: max_batch_size); otherwise it waits, even while an
+  instance is idle, until its oldest request has waited `max_queue_delay` (0: at once);
+- latency-first (parameter batch_dispatch: latency_first, and every latency objective):
+  `max_queue_delay` is a ceiling, not a wait: the batch goes at once when it is full, reaches
   the largest preferred size, when no batch is executing (every in-flight request is already
   queued, so closed-loop clients cannot add to it), or when the measured arrival rate says
-  nothing more will arrive before the delay runs out;
-- otherwise it waits for an arrival, a free instance or the delay, whichever comes first.
+  nothing more will arrive before the delay runs out; otherwise it waits for an arrival, a
+  free instance or the delay, whichever comes first;
 - with a latency objective (parameter latency_slo_ms), its planner (batching/slo.py) sets the
   batch row limit and an earlier latest dispatch, and refuses on arrival what would miss it.
 
@@ -127,6 +131,9 @@ class Scheduler:
         #: The runtime takes the requests themselves (a Triton python model): no merge/split.
         self._per_request = bool(instances) and instances[0].executes_requests
         self._dynamic = batching is not None
+        #: Send a batch as soon as waiting cannot grow it (batch_dispatch: latency_first, and
+        #: latency objectives); otherwise Triton's rule (see _triton_decision).
+        self._latency_first = bool(batching and (batching.latency_first or config.latency_slo_ms))
         self._max_rows = config.max_batch_size if self._batched else 1
         self._max_delay_ns = batching.max_queue_delay_us * 1000 if batching else 0
         self._preferred = batching.preferred_batch_sizes if batching else ()
@@ -408,6 +415,8 @@ class Scheduler:
         if self._slo is not None:
             waited = now - (oldest.received_ns or oldest.queued_ns)
             limit = self._slo.batch_limit(waited, len(self._instances))
+        if not self._latency_first:
+            return self._triton_decision(oldest, rows, limit, now)
         if rows >= limit:
             return "full", limit
         if self._preferred and rows >= self._preferred[-1]:
@@ -430,6 +439,31 @@ class Scheduler:
             return "delay_expired", limit
         if self._arrival_gap_ns > remaining:
             return "queue_drained", limit
+        return None, limit
+
+    def _triton_decision(self, oldest: Request, rows: int, limit: int, now: int):
+        """Triton's dynamic batcher: the largest preferred size the queue can fill goes at once;
+        otherwise the batch waits, idle instance or not, until max_queue_delay has passed for
+        its oldest request (with no delay, what is queued goes now). Without preferred sizes
+        the batch goes once it reaches max_batch_size."""
+        preferred = self._preferred
+        if not preferred and rows >= limit:
+            return "full", limit
+        if preferred:
+            if rows >= preferred[-1]:
+                return "preferred_size", preferred[-1]
+            reachable = [size for size in preferred if size <= rows]
+            if reachable:
+                return "preferred_size", reachable[-1]
+        budget = self._collation.budget
+        if (
+            budget is not None
+            and budget.max_cost
+            and self._queue.fills_budget(oldest, self._collation.key, budget)
+        ):
+            return "full", limit
+        if self._dispatch_by_ns(oldest) <= now:
+            return "delay_expired", limit
         return None, limit
 
     def _dispatch_by_ns(self, oldest: Request) -> int:

@@ -122,6 +122,15 @@ class Server:
         self.log.close()
 
 
+def set_batch_dispatch(repository: Path, rule: str) -> None:
+    """Give every dynamically batched model of the workload `rule` (parameter batch_dispatch)."""
+    for config in repository.glob("*/config.pbtxt"):
+        text = config.read_text()
+        if "dynamic_batching" in text and "batch_dispatch" not in text:
+            parameter = f'parameters {{ key: "batch_dispatch" value {{ string_value: "{rule}" }} }}'
+            config.write_text(f"{text.rstrip()}\n{parameter}\n")
+
+
 def select_peers(spec: str | None) -> list[str]:
     """--peers value -> peer names; None (the default) means every peer, measured if installed."""
     if spec is None:
@@ -261,6 +270,8 @@ def markdown(report: dict) -> str:
         "client (perf_analyzer) and server share the machine.",
         f"Command: `{report['command']}`",
         f"Environment of every server: {report.get('server_env') or 'as inherited'}.",
+        f"Convoy's dynamic batcher: {report.get('batch_dispatch', 'latency_first')} "
+        "(peers always batch by Triton's rule).",
         f"Load average (1/5/15 min) at start {report['load_average']['start']}, "
         f"at end {report['load_average']['end']}: other processes share these cores. "
         "(unstable): perf_analyzer found no 3 windows within 25% of each other, so the numbers "
@@ -319,10 +330,25 @@ def main() -> int:
         help="OPENBLAS_NUM_THREADS/OMP_NUM_THREADS for every server, Convoy and peers alike "
         "(default: the libraries' own, one thread per core)",
     )
+    parser.add_argument(
+        "--batch-dispatch",
+        choices=["triton", "latency_first"],
+        default="triton",
+        help="Convoy's dynamic batcher rule for the workloads (default triton, the rule the peers "
+        "run: a batch waits max_queue_delay for a fuller one); latency_first measures Convoy's "
+        "own and cannot go with peers (their comparisons need the same rule on both sides)",
+    )
     parser.add_argument("--quick", action="store_true", help="short windows; CI checks the files")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     peer_names = select_peers(args.peers)
+    if args.batch_dispatch == "latency_first":
+        if args.peers not in (None, "none"):
+            raise SystemExit(
+                "--batch-dispatch latency_first: the peers batch by Triton's rule (wait for the "
+                "delay), so a comparison needs --batch-dispatch triton on Convoy's side too"
+            )
+        peer_names = []
     server_env = {}
     if args.blas_threads is not None:
         server_env = {
@@ -337,6 +363,7 @@ def main() -> int:
         "machine": describe(),
         "load_average": {"start": load_average()},
         "server_env": server_env,
+        "batch_dispatch": args.batch_dispatch,
         "workloads": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +374,7 @@ def main() -> int:
             workload = WORKLOADS[name]
             repository = scratch / name / "models"
             raw = workload.build(repository)
+            set_batch_dispatch(repository, args.batch_dispatch)
             result = {
                 "name": name,
                 "description": workload.description,

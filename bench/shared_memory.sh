@@ -19,7 +19,7 @@ input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 262144 ] } ]
 output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 262144 ] } ]
 CFG
 $py -m convoy serve --model-repository "$work/models" --host 127.0.0.1 \
-  --http-port 0 --grpc-port 0 --metrics-port -1 >"$work/out" 2>"$work/err" &
+  --http-port 0 --grpc-port 0 --metrics-port -1 --allow-client-shm >"$work/out" 2>"$work/err" &
 server=$!
 until grep -qs "^convoy: serving" "$work/out"; do sleep 0.1; done
 grpc=$(sed -n 's/.* grpc=\([0-9]*\).*/\1/p' "$work/out")

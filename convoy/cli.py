@@ -15,6 +15,7 @@ from convoy import __version__, auth
 from convoy.config import FlagError, ServerConfig, parse_cache_config, parse_metrics_config
 from convoy.errors import ConvoyError
 from convoy.loadtests import cli as loadtests_cli
+from convoy.trace_settings import trace_setup
 
 #: Where the key file is when --api-keys / --file is not given.
 KEYS_FILE_ENV = "CONVOY_API_KEYS_FILE"
@@ -281,6 +282,24 @@ def _serve_parser(sub) -> None:
         "models and versions, unload removed ones",
     )
     p.add_argument(
+        "--allow-client-shm",
+        type=_flag,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="let clients register and unregister system shared-memory regions and name them "
+        "in requests (Triton 2.73's flag and default: off, since a region makes the server read "
+        "and write any segment its user can open)",
+    )
+    p.add_argument(
+        "--server-name",
+        "--id",
+        default="convoy",
+        metavar="NAME",
+        help="the name server metadata reports (Triton's --id; default convoy)",
+    )
+    p.add_argument(
         "--repository-poll-secs",
         type=float,
         default=15.0,
@@ -334,6 +353,17 @@ def _serve_parser(sub) -> None:
         "--trace-console",
         action="store_true",
         help="print the same spans to standard output, one JSON object a line",
+    )
+    p.add_argument(
+        "--trace-config",
+        action="append",
+        default=[],
+        metavar="[MODE,]SETTING=VALUE",
+        help="Triton's trace settings: level=OFF|TIMESTAMPS, rate=N, count=N, mode=opentelemetry, "
+        "opentelemetry,url=URL (default http://localhost:4318/v1/traces), "
+        "opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_max_queue_size|bsp_schedule_delay|"
+        "bsp_max_export_batch_size=N (repeatable; the trace API changes level, rate and count "
+        "while serving)",
     )
     security = p.add_argument_group("security")
     security.add_argument(
@@ -582,6 +612,12 @@ def _settings(args) -> ServerConfig:
         raise SystemExit(
             f"convoy: --repository-poll-secs must be positive, got {args.repository_poll_secs}"
         )
+    try:
+        trace_setup(args.trace_otlp_endpoint, args.trace_console, tuple(args.trace_config))
+    except ValueError as exc:
+        raise SystemExit(f"convoy: {exc}") from None
+    if not args.server_name.strip():
+        raise SystemExit("convoy: --server-name must not be empty")
     if args.ipc_arena_mb < 0:
         raise SystemExit(f"convoy: --ipc-arena-mb must be 0 or more, got {args.ipc_arena_mb}")
     workers = _workers(args.workers)
@@ -620,6 +656,7 @@ def _settings(args) -> ServerConfig:
         shutdown_grace=args.shutdown_grace,
         execution_timeout=args.execution_timeout,
         isolation=args.isolation,
+        model_control_mode=args.model_control_mode,
         load_all=load_all,
         repository_poll_secs=args.repository_poll_secs if args.model_control_mode == "poll" else 0.0,
         load_models=load_models,
@@ -629,6 +666,9 @@ def _settings(args) -> ServerConfig:
         access_log=args.access_log,
         trace_otlp_endpoint=args.trace_otlp_endpoint,
         trace_console=args.trace_console,
+        trace_config=tuple(args.trace_config),
+        allow_client_shm=args.allow_client_shm,
+        server_name=args.server_name,
         api_keys_file=args.api_keys,
         protect_health=args.auth_health == "protected",
         protect_metrics=args.auth_metrics != "open" and args.api_keys is not None,

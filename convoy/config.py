@@ -42,6 +42,10 @@ class DynamicBatching:
     default_queue_policy: QueuePolicy = QueuePolicy()
     priority_queue_policy: dict[int, QueuePolicy] = field(default_factory=dict)
     preserve_ordering: bool = False
+    #: Convoy's latency-first dispatch (parameter batch_dispatch: latency_first, and every
+    #: latency_slo_ms model): a batch goes as soon as waiting cannot grow it. False: Triton's
+    #: rule, a batch waits up to max_queue_delay for a preferred (or the maximum) size.
+    latency_first: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +334,9 @@ class ServerConfig:
     #: Where model code runs unless a model's `isolation` parameter says otherwise: "thread"
     #: (in this process) or "process" (a worker process per instance).
     isolation: str = "thread"
+    #: --model-control-mode: "none", "explicit" or "poll". Only "explicit" takes load and
+    #: unload requests (Triton's rule).
+    model_control_mode: str = "none"
     #: Load every model at start; with False only `load_models` are loaded (explicit mode).
     load_all: bool = True
     load_models: tuple[str, ...] = ()
@@ -348,6 +355,15 @@ class ServerConfig:
     trace_otlp_endpoint: str = ""
     #: Print every request's spans to standard output as JSON lines.
     trace_console: bool = False
+    #: Triton's --trace-config settings as given ("level=TIMESTAMPS", "opentelemetry,url=...");
+    #: read by convoy.trace_settings.trace_setup.
+    trace_config: tuple[str, ...] = ()
+    #: --allow-client-shm: clients may register and unregister shared-memory regions (Triton's
+    #: flag, off by default as in Triton 2.73: a region lets a client make the server read and
+    #: write any segment its user can open).
+    allow_client_shm: bool = False
+    #: The name server metadata reports (--server-name; Triton's --id).
+    server_name: str = "convoy"
     #: JSON file of API keys (see convoy/auth.py); None: every endpoint is open.
     api_keys_file: Path | None = None
     #: With API keys on: health (live/ready) and /metrics answer only to a valid key.

@@ -29,7 +29,16 @@ class PermissionDenied(ConvoyError):
 
 
 class Unsupported(ConvoyError):
-    """The protocol feature exists but Convoy does not implement it (e.g. CUDA shared memory)."""
+    """The protocol feature exists but Convoy does not implement it (e.g. CUDA shared memory),
+    or this server was started without it (client shared memory)."""
+
+
+class AlreadyExists(ConvoyError):
+    """The request would create what already exists (a shared-memory region of that name)."""
+
+
+class RegionNotFound(ConvoyError):
+    """A named shared-memory region is not registered."""
 
 
 class NoDevice(ConvoyError):
@@ -43,6 +52,11 @@ class InvalidConfig(ConvoyError):
 
 class ModelLoadFailed(ConvoyError):
     """A model could not be loaded or warmed up; it stays NOT READY with this reason."""
+
+
+class ModelPollFailed(ConvoyError):
+    """A load request could not read what it names: no such model folder, an invalid config
+    (config.pbtxt or the load's `config`) or invalid file overrides (Triton: a poll failure)."""
 
 
 # --- try again later --------------------------------------------------------------------------
@@ -76,7 +90,7 @@ class ModelReportedUnknown(InferenceFailed):
     """The model answered a request with an error of unknown kind (Triton's TritonError.UNKNOWN)."""
 
 
-class AlreadyExists(InferenceFailed):
+class ModelReportedAlreadyExists(InferenceFailed):
     """The model answered a request with TritonError.ALREADY_EXISTS."""
 
 
@@ -102,9 +116,14 @@ STATUS: dict[type[ConvoyError], tuple[str, int]] = {
     Unauthenticated: ("UNAUTHENTICATED", 401),
     PermissionDenied: ("PERMISSION_DENIED", 403),
     Unsupported: ("UNIMPLEMENTED", 501),
+    AlreadyExists: ("ALREADY_EXISTS", 400),
+    RegionNotFound: ("NOT_FOUND", 404),
     NoDevice: ("UNAVAILABLE", 400),
     InvalidConfig: ("INVALID_ARGUMENT", 400),
-    ModelLoadFailed: ("INTERNAL", 400),
+    # Triton's statuses for load failures, which its clients check: a model that fails to load
+    # is INVALID_ARG, a load whose repository read (poll) fails is INTERNAL.
+    ModelLoadFailed: ("INVALID_ARGUMENT", 400),
+    ModelPollFailed: ("INTERNAL", 500),
     Overloaded: ("RESOURCE_EXHAUSTED", 429),
     Unavailable: ("UNAVAILABLE", 503),
     DeadlineExceeded: ("DEADLINE_EXCEEDED", 504),
@@ -112,7 +131,7 @@ STATUS: dict[type[ConvoyError], tuple[str, int]] = {
     InferenceFailed: ("INTERNAL", 500),
     # Triton answers these two codes with 400 over HTTP ("no direct matching code").
     ModelReportedUnknown: ("UNKNOWN", 400),
-    AlreadyExists: ("ALREADY_EXISTS", 400),
+    ModelReportedAlreadyExists: ("ALREADY_EXISTS", 400),
     EngineDead: ("UNAVAILABLE", 503),
 }
 

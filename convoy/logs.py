@@ -14,7 +14,7 @@ from typing import IO
 
 import orjson
 
-from convoy.errors import InvalidInput
+from convoy.errors import InvalidInput, Unsupported
 
 #: `log_format` values: Convoy's two, and Triton's (both text here; ISO8601 stamps the time so).
 LOG_FORMATS = ("text", "json", "default", "ISO8601")
@@ -134,24 +134,21 @@ class LogControl:
                 continue
             if key in ("log_info", "log_warning", "log_error"):
                 if not isinstance(value, bool):
-                    raise InvalidInput(f"log setting '{key}': expected a boolean, got {value!r}")
+                    raise InvalidInput(f"expect boolean for '{key}', got {value!r}")
             elif key == "log_verbose_level":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise InvalidInput(
-                        f"log setting '{key}': expected a non-negative integer, got {value!r}"
+                        f"expect int32 for '{key}' (a non-negative integer), got {value!r}"
                     )
             elif key == "log_format":
                 if value not in LOG_FORMATS:
                     raise InvalidInput(
-                        f"log setting 'log_format': expected one of {', '.join(LOG_FORMATS)}, "
-                        f"got {value!r}"
+                        f"invalid argument for log_format, got: {value} (expected one of "
+                        f"{', '.join(LOG_FORMATS)})"
                     )
             elif key == "log_file":
-                if value != "":
-                    raise InvalidInput(
-                        "log setting 'log_file': Convoy logs to standard error; only \"\" is "
-                        f"accepted, got {value!r}"
-                    )
+                if value != "":  # Triton's words; "" (where Convoy logs: standard error) is a no-op
+                    raise Unsupported("log file location can not be updated through network protocol")
             else:
                 raise InvalidInput(
                     f"unknown log setting '{key}'; expected one of {', '.join(self._settings)}"

@@ -228,6 +228,9 @@ class StreamedResponse:
     #: The convoy.errors class name the error maps to ("" for InferenceFailed), so a BLS caller
     #: sees the code the model gave it (Triton's TritonError codes).
     error_kind: str = ""
+    #: The error's gRPC status-code name (e.g. "INVALID_ARGUMENT", from the model's error
+    #: code); "" means INTERNAL. Ends the stream with it in Triton's triton_grpc_error mode.
+    error_status: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,29 @@ from typing import Any, Protocol
 
 from convoy import __version__
 from convoy.config import ModelConfig
-from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
+from convoy.errors import (
+    ConvoyError,
+    InvalidInput,
+    ModelNotFound,
+    RegionNotFound,
+    Unavailable,
+    Unsupported,
+)
 from convoy.protos import model_config_pb2 as mc
+from convoy.trace_settings import TraceControl
 from convoy.types import Request
 
-from .shared_memory import SharedMemoryRef, SharedMemoryRegistry, cuda_shared_memory_unavailable
+from .shared_memory import (
+    SharedMemoryLease,
+    SharedMemoryRef,
+    SharedMemoryRegistry,
+    cuda_shared_memory_unavailable,
+)
+
+#: Triton's answer to a shared-memory registration on a server started without the flag.
+CLIENT_SHM_DISABLED = (
+    "Client shared memory is disabled. Start the server with '--allow-client-shm=true' to enable."
+)
 
 EXTENSIONS = [
     "binary_tensor_data",
@@ -34,6 +52,8 @@ EXTENSIONS = [
     "statistics",
     "system_shared_memory",
     "cuda_shared_memory",
+    "logging",
+    "trace",
 ]
 
 #: What Triton reports as a model's platform when its config names only the backend.
@@ -108,6 +128,10 @@ class EngineClient(abc.ABC):
     started: bool = False
     #: Readiness also needs every model ready (--strict-readiness, the default).
     strict_readiness: bool = True
+    #: What server metadata calls this server (--server-name).
+    server_name: str = "convoy"
+    #: --allow-client-shm: clients may register and unregister shared-memory regions.
+    allow_client_shm: bool = False
     #: System shared-memory regions: the engine's own registry, or a front end's copy of it
     #: (each process opens the segments itself, so tensors are read and written where they
     #: are decoded and encoded).
@@ -174,7 +198,7 @@ class EngineClient(abc.ABC):
         return self.accepting
 
     def server_metadata(self) -> dict:
-        return {"name": "convoy", "version": __version__, "extensions": EXTENSIONS}
+        return {"name": self.server_name, "version": __version__, "extensions": EXTENSIONS}
 
     def _model(self, name: str, version: str = "") -> ModelEntry:
         model = self.models().get(name)
@@ -247,7 +271,14 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     async def system_shared_memory_status(self, name: str = "") -> list[dict]: ...
 
+    def check_client_shared_memory(self) -> None:
+        """Registering and unregistering regions needs --allow-client-shm (Triton's rule and
+        words); status answers either way."""
+        if not self.allow_client_shm:
+            raise Unsupported(CLIENT_SHM_DISABLED)
+
     async def register_cuda_shared_memory(self, name: str, *_) -> None:
+        self.check_client_shared_memory()
         raise cuda_shared_memory_unavailable(
             "this server has no GPU"
             if not os.path.exists("/dev/nvidiactl")
@@ -256,23 +287,38 @@ class EngineClient(abc.ABC):
 
     async def unregister_cuda_shared_memory(self, name: str = "") -> None:
         """Nothing can be registered, so there is nothing to unregister (not an error)."""
-        return None
+        self.check_client_shared_memory()
 
     async def cuda_shared_memory_status(self, name: str = "") -> list[dict]:
         if name:
-            raise ModelNotFound(f"no CUDA shared memory region named '{name}' is registered")
+            raise RegionNotFound(f"Unable to find cuda shared memory region: '{name}'")
         return []
 
-    def read_shared_memory(self, ref: SharedMemoryRef, what: str) -> bytes:
-        """A request tensor's bytes from a registered region."""
-        return self.shared_memory.read(ref, what)
+    def lease_shared_memory(self, ref: SharedMemoryRef, what: str) -> SharedMemoryLease:
+        """A request's hold on the region `ref` names (bounds checked), through which its
+        tensor is read or written; released once the request is answered. A region
+        unregistered meanwhile stays until then."""
+        return self.shared_memory.lease(ref, what)
 
-    def check_shared_memory(self, ref: SharedMemoryRef, what: str) -> None:
-        self.shared_memory.check(ref, what)
+    # --- trace settings ----------------------------------------------------------------------------
+    #: Triton's trace settings and the sampling they decide (convoy/trace_settings.py).
+    trace_control: TraceControl
 
-    def write_shared_memory(self, ref: SharedMemoryRef, data, what: str) -> None:
-        """Put an output's bytes into a registered region, whole or not at all."""
-        self.shared_memory.write(ref, data, what)
+    def _check_trace_model(self, model: str) -> None:
+        """A model's trace settings need the model (ready, as in Triton; its words)."""
+        if model and not self.model_ready(model):
+            check_name_length(model)
+            raise InvalidInput(f"Request for unknown model : {model}")
+
+    def trace_settings(self, model: str = "") -> dict:
+        """The trace settings in force for `model` ("" global), as Triton's API answers them."""
+        self._check_trace_model(model)
+        return self.trace_control.settings(model)
+
+    @abc.abstractmethod
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+        """Apply trace setting changes (None clears one) for `model` ("" global) in every
+        process; the settings in force after them."""
 
     # --- log settings ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -22,8 +22,9 @@ from convoy.auth import Keyring
 from convoy.batching.stats import quantile_ms
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
-from convoy.errors import ConvoyError, ModelLoadFailed, Overloaded, Unavailable
+from convoy.errors import ConvoyError, InvalidInput, ModelLoadFailed, Overloaded, Unavailable
 from convoy.logs import LogControl
+from convoy.trace_settings import TraceControl, trace_setup
 from convoy.types import Request
 
 from .client import EngineClient, ModelEntry, parse_version
@@ -32,7 +33,7 @@ from .metrics import Metrics
 from .overrides import parse_load_parameters
 from .payload_log import PayloadLog
 from .recent import Counts, RecentWindow
-from .repository import ModelRepository, ModelVersion
+from .repository import ModelRepository, ModelVersion, poll_failure
 from .response_cache import ResponseCache, open_store, owner_of
 from .shared_memory import SharedMemoryRegistry
 
@@ -56,6 +57,8 @@ class Engine(EngineClient):
     def __init__(self, settings: ServerConfig, log_control: LogControl | None = None) -> None:
         self.settings = settings
         self.strict_readiness = settings.strict_readiness
+        self.server_name = settings.server_name
+        self.allow_client_shm = settings.allow_client_shm
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
         #: Showback: per-principal usage, metered when callers are identified (API keys) or a
         #: usage ledger is asked for.
@@ -76,6 +79,13 @@ class Engine(EngineClient):
         self.shared_memory = SharedMemoryRegistry()
         #: Called (on the loop) after log settings change, e.g. to tell other processes.
         self.log_listeners: list[Callable[[dict], None]] = []
+        self.trace_control = TraceControl(
+            trace_setup(
+                settings.trace_otlp_endpoint, settings.trace_console, settings.trace_config
+            ).defaults
+        )
+        #: Called (on the loop) with the whole trace state after trace settings change.
+        self.trace_listeners: list[Callable[[dict], None]] = []
         #: The catalog's live figures: recent traffic per version, counted from start.
         self.recent = RecentWindow(self._version_counts)
         #: The response cache (--cache-config), between every front end and the schedulers.
@@ -254,15 +264,32 @@ class Engine(EngineClient):
             rows = [r for r in rows if r["state"] == "READY"]
         return rows
 
+    def _check_model_control(self) -> None:
+        """Load and unload requests need --model-control-mode explicit (Triton's rule: with
+        none or poll the repository decides what is loaded)."""
+        if self.settings.model_control_mode != "explicit":
+            raise Unavailable("explicit model load / unload is not allowed if polling is enabled")
+
     async def load_model(
         self, name: str, parameters: dict[str, Any] | None = None, base64_files: bool = False
     ) -> None:
-        overrides = parse_load_parameters(name, parameters or {}, base64_files)
+        """Triton's answers: a load that cannot read what it names (no such folder, an invalid
+        config or override) fails "failed to load '<m>', failed to poll from model repository"
+        (INTERNAL); a model whose versions fail to load, "load failed for model '<m>'"
+        (INVALID_ARGUMENT). The reason follows either."""
+        self._check_model_control()
+        try:
+            overrides = parse_load_parameters(name, parameters or {}, base64_files)
+        except InvalidInput as exc:
+            raise poll_failure(name, str(exc)) from None
         model = await self.repository.load(name, overrides)
+        if model.failed_polling:
+            raise poll_failure(name, model.load_error)
         if model.load_error or model.state != "READY":
-            raise ModelLoadFailed(f"failed to load '{name}', {model.load_error or model.reason}")
+            raise ModelLoadFailed(f"load failed for model '{name}': {model.load_error or model.reason}")
 
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        self._check_model_control()
         await self.repository.unload(name)
 
     def _version_counts(self) -> dict[str, Counts]:
@@ -308,15 +335,26 @@ class Engine(EngineClient):
     async def register_system_shared_memory(
         self, name: str, key: str, offset: int, byte_size: int
     ) -> None:
+        self.check_client_shared_memory()
         self.shared_memory.register(name, key, offset, byte_size)
         self.repository.changed()
 
     async def unregister_system_shared_memory(self, name: str = "") -> None:
+        self.check_client_shared_memory()
         self.shared_memory.unregister(name)
         self.repository.changed()
 
     async def system_shared_memory_status(self, name: str = "") -> list[dict]:
         return self.shared_memory.status(name)
+
+    # --- trace settings ----------------------------------------------------------------------------
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+        self._check_trace_model(model)
+        current = self.trace_control.update(model, changes)  # validates: a bad change raises first
+        state = self.trace_control.state()
+        for listener in self.trace_listeners:
+            listener(state)
+        return current
 
     # --- log settings ------------------------------------------------------------------------------
     def log_settings(self) -> dict[str, object]:

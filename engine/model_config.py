@@ -218,6 +218,16 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         raise fail("ensemble_scheduling", 'is only valid with platform: "ensemble"')
 
     parameters = {k: v.string_value for k, v in proto.parameters.items()}
+    latency_slo_ms = _latency_slo(proto, dynamic, fail)
+    if dynamic is not None and _latency_first(proto, latency_slo_ms, fail):
+        dynamic = replace(dynamic, latency_first=True)
+    elif dynamic is None and proto.parameters.get(BATCH_DISPATCH) is not None:
+        _latency_first(proto, latency_slo_ms, fail)  # a malformed value is named first
+        raise fail(
+            f"parameters.{BATCH_DISPATCH}",
+            "needs dynamic_batching (it chooses when the dynamic batcher sends a batch); add a "
+            "dynamic_batching block or remove the parameter",
+        )
     padding = parse_padding(parameters, inputs, outputs, proto.max_batch_size, fail)
     if padding is not None and (sequence is not None or ensemble is not None):
         raise fail("parameters.padding_inputs", "padded batching needs dynamic batching")
@@ -259,7 +269,7 @@ def build_model_config(proto: mc.ModelConfig, model_dir: Path) -> ModelConfig:
         padding=padding,
         default_model_filename=proto.default_model_filename,
         payload_log_sample_rate=_sample_rate(proto, fail),
-        latency_slo_ms=_latency_slo(proto, dynamic, fail),
+        latency_slo_ms=latency_slo_ms,
         decoupled=proto.model_transaction_policy.decoupled,
         batch_inputs=batch_inputs,
         batch_outputs=batch_outputs,
@@ -407,6 +417,35 @@ def _sample_rate(proto: mc.ModelConfig, fail) -> float:
             f"expected a fraction of requests between 0 and 1, got '{value}'",
         )
     return rate
+
+
+#: The parameter choosing when the dynamic batcher sends a batch, and its values.
+BATCH_DISPATCH = "batch_dispatch"
+DISPATCH_TRITON = "triton"
+DISPATCH_LATENCY_FIRST = "latency_first"
+
+
+def _latency_first(proto: mc.ModelConfig, latency_slo_ms: float, fail) -> bool:
+    """The `batch_dispatch` parameter: `triton` (the default: a batch waits up to
+    max_queue_delay_microseconds for a preferred or the maximum size, as Triton's dynamic
+    batcher does) or `latency_first` (it goes as soon as waiting cannot grow it). A latency
+    objective plans its own batches, so latency_slo_ms models are latency-first."""
+    parameter = proto.parameters.get(BATCH_DISPATCH)
+    value = parameter.string_value.strip() if parameter is not None else ""
+    if parameter is not None and value not in (DISPATCH_TRITON, DISPATCH_LATENCY_FIRST):
+        raise fail(
+            f"parameters.{BATCH_DISPATCH}",
+            f"expected '{DISPATCH_TRITON}' (wait up to max_queue_delay_microseconds for a "
+            f"preferred or the maximum batch size) or '{DISPATCH_LATENCY_FIRST}' (send a batch "
+            f"as soon as waiting cannot grow it), got '{value}'",
+        )
+    if latency_slo_ms and value == DISPATCH_TRITON:
+        raise fail(
+            f"parameters.{BATCH_DISPATCH}",
+            f"'{DISPATCH_TRITON}' cannot go with latency_slo_ms: a latency objective sizes and "
+            "sends batches itself (latency-first); remove one of the two parameters",
+        )
+    return bool(latency_slo_ms) or value == DISPATCH_LATENCY_FIRST
 
 
 def _latency_slo(proto: mc.ModelConfig, dynamic, fail) -> float:

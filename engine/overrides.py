@@ -99,21 +99,34 @@ def _parse_config(name: str, value: object) -> mc.ModelConfig:
 
 
 def _file_path(key: str) -> str:
+    """Where a `file:` override goes, relative to the model's folder. As Triton does, the path
+    is joined to the folder (leading slashes dropped: `file:/1/model.py` is `1/model.py`) and
+    normalised; it must stay inside the folder. config.pbtxt comes from `config` only."""
     relative = key[len(FILE_PREFIX) :]
-    path = PurePosixPath(relative)
-    parts = path.parts
-    if (
-        len(parts) < 2
-        or path.is_absolute()
-        or not parts[0].isdigit()
-        or any(part in ("..", ".", "") for part in parts)
-        or "\\" in relative
-    ):
+    if "\\" in relative or "\x00" in relative:
         raise InvalidInput(
-            f"load parameter '{key}': expected 'file:<version>/<file name>' with a numeric "
-            "version folder and a relative path without '..'"
+            f"load parameter '{key}': expected 'file:<version>/<file name>' without '\\' or NUL"
         )
-    return str(path)
+    parts: list[str] = []
+    for part in relative.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise InvalidInput(
+                    f"load parameter '{key}': the path must stay within the model's folder "
+                    "(expected 'file:<version>/<file name>')"
+                )
+            parts.pop()
+            continue
+        parts.append(part)
+    if not parts:
+        raise InvalidInput(f"load parameter '{key}': expected 'file:<version>/<file name>'")
+    if parts == ["config.pbtxt"]:
+        raise InvalidInput(
+            f"load parameter '{key}': the configuration comes from the load parameter 'config'"
+        )
+    return str(PurePosixPath(*parts))
 
 
 def _file_contents(key: str, value: object, base64_files: bool) -> bytes:

@@ -30,6 +30,7 @@ from convoy.errors import (
 )
 from convoy.logs import LogControl
 from convoy.protos import model_config_pb2 as mc
+from convoy.trace_settings import TraceControl, trace_setup
 from convoy.types import DirectOutcome, Request, Response, StageTimes, StepTiming, StreamedResponse
 from convoy.wire import ErrorInfo, Link, TensorMeta, error_info, read_tensors, rebuild_error
 
@@ -98,6 +99,7 @@ class Streamed(msgspec.Struct, tag="streamed", array_like=True):
     final: bool
     error: str
     parameters: dict[str, Any]
+    error_status: str = ""
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
@@ -149,6 +151,12 @@ class LogUpdate(msgspec.Struct, tag="log", array_like=True):
     changes: dict[str, Any]
 
 
+class TraceState(msgspec.Struct, tag="trace", array_like=True):
+    """The engine's trace settings, whole (on connect and after every change)."""
+
+    levels: dict[str, dict[str, Any]]
+
+
 class Up(msgspec.Struct, tag="up", array_like=True):
     """A front end is serving."""
 
@@ -162,7 +170,7 @@ class SharedArena(msgspec.Struct, tag="arena", array_like=True):
 
 
 ToEngine = Infer | Cancel | Call | Up | SharedArena
-ToFrontEnd = Result | Streamed | Failure | Reply | Models | Welcome | LogUpdate
+ToFrontEnd = Result | Streamed | Failure | Reply | Models | Welcome | LogUpdate | TraceState
 
 #: The EngineClient methods a front end may call on the engine.
 CALLS = frozenset(
@@ -173,6 +181,7 @@ CALLS = frozenset(
         "unload_model",
         "catalog_figures",
         "update_log_settings",
+        "update_trace_settings",
         "register_system_shared_memory",
         "unregister_system_shared_memory",
         "system_shared_memory_status",
@@ -220,6 +229,7 @@ class EngineEndpoint:
 
     def welcome(self, settings: ServerConfig, http_port: int, grpc_port: int) -> None:
         self.link.send(Welcome(settings, http_port, grpc_port))
+        self.link.send(TraceState(self.engine.trace_control.state()))
         self.send_models()
 
     def send_models(self) -> None:
@@ -307,7 +317,7 @@ class EngineEndpoint:
                 log.error("a streamed response could not be framed", exc_info=exc)
                 item = StreamedResponse({}, item.final, "the response could not be encoded")
                 writer, metas = link.writer(), []
-            writer.add(Streamed(call, metas, item.final, item.error, item.parameters))
+            writer.add(Streamed(call, metas, item.final, item.error, item.parameters, item.error_status))
 
         return sink
 
@@ -423,6 +433,8 @@ class RemoteEngine(EngineClient):
         self._calls: dict[int, asyncio.Future] = {}
         self._welcomed = asyncio.get_running_loop().create_future()
         self.shared_memory = SharedMemoryRegistry()
+        #: Replaced on the engine's welcome (its settings' defaults), then follows its changes.
+        self.trace_control = TraceControl()
         #: Where large inputs go to the engine (None: every tensor travels in frames), and the
         #: blocks each request in flight holds there, by call id.
         self.arena: Arena | None = None
@@ -581,6 +593,10 @@ class RemoteEngine(EngineClient):
         # The engine validates and applies them, then tells every front end (this one too).
         return await self._call("update_log_settings", changes)
 
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+        # The engine checks the model, validates and applies, then tells every front end.
+        return await self._call("update_trace_settings", model, changes)
+
     # --- messages from the engine ----------------------------------------------------------------------
     def _on_frame(self, messages: list, data: memoryview) -> None:
         for message in messages:
@@ -608,6 +624,7 @@ class RemoteEngine(EngineClient):
                             message.final,
                             message.error,
                             message.parameters,
+                            message.error_status,
                         )
                     )
             elif kind is Failure:
@@ -628,12 +645,22 @@ class RemoteEngine(EngineClient):
                     log.warning("shared memory region not opened here: %s", problem)
                 for listener in self._model_listeners:
                     listener()
+            elif kind is TraceState:
+                self.trace_control.restore(message.levels)
             elif kind is LogUpdate:
                 if self.log_control is not None:
                     self.log_control.update(message.changes)
             elif kind is Welcome:
                 self.settings = message.settings
                 self.strict_readiness = message.settings.strict_readiness
+                self.server_name = message.settings.server_name
+                settings = message.settings
+                self.trace_control = TraceControl(
+                    trace_setup(
+                        settings.trace_otlp_endpoint, settings.trace_console, settings.trace_config
+                    ).defaults
+                )
+                self.allow_client_shm = message.settings.allow_client_shm
                 self.ports = (message.http_port, message.grpc_port)
                 if not self._welcomed.done():
                     self._welcomed.set_result(None)

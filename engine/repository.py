@@ -41,7 +41,14 @@ from convoy.engine.model_config import (
 )
 from convoy.engine.overrides import LoadOverrides, discard, materialise
 from convoy.engine.poller import RepositoryPoller, fingerprint
-from convoy.errors import ConvoyError, InvalidConfig, InvalidInput, ModelNotFound, Unavailable
+from convoy.errors import (
+    ConvoyError,
+    InvalidConfig,
+    InvalidInput,
+    ModelNotFound,
+    ModelPollFailed,
+    Unavailable,
+)
 from convoy.protos import model_config_pb2 as mc
 from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
 from convoy.runtimes.custom_metrics import CustomMetrics
@@ -52,6 +59,15 @@ from convoy.types import ModelServices, Request
 log = logging.getLogger("convoy.repository")
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def poll_failure(name: str, reason: str) -> ModelPollFailed:
+    """A load that could not read what it names, in Triton's words (which clients match on)."""
+    return ModelPollFailed(f"failed to load '{name}', failed to poll from model repository: {reason}")
+
+
+#: _plan failures that are about reading the model, not loading it (Triton: poll failures).
+_POLL_ERRORS = (InvalidConfig, InvalidInput, ModelNotFound, ModelPollFailed)
 
 
 def check_model_name(name: str) -> None:
@@ -120,6 +136,9 @@ class Model:
     load_error: str = ""
     #: The private directory the model was loaded from (load with file overrides), or None.
     private_dir: Path | None = None
+    #: The last load failed reading the model (its folder, config or the load's overrides)
+    #: before any version loaded: Triton's "failed to poll from model repository".
+    failed_polling: bool = False
 
     def latest_ready(self) -> ModelVersion | None:
         for number in sorted(self.versions, reverse=True):
@@ -288,10 +307,7 @@ class ModelRepository:
             raise InvalidInput(f"model name '{name}' points outside the model repository")
         if not path.is_dir():
             if loading:  # Triton's words, which clients and tools match on
-                raise ModelNotFound(
-                    f"failed to load '{name}', failed to poll from model repository: "
-                    f"no folder '{name}' in the model repository"
-                )
+                raise poll_failure(name, f"no folder '{name}' in the model repository")
             raise ModelNotFound(f"model '{name}' is not found in the model repository")
         return path
 
@@ -309,7 +325,10 @@ class ModelRepository:
         private = None
         if overrides is not None and overrides.files:
             self._check_name(name)
-            private = materialise(name, overrides)
+            try:
+                private = materialise(name, overrides)
+            except OSError as exc:  # e.g. a path component past the filesystem's NAME_MAX
+                raise poll_failure(name, f"cannot write the load's files: {exc.strerror}") from None
             model_dir = private
         else:
             model_dir = self._model_dir(name, loading=True)
@@ -318,10 +337,11 @@ class ModelRepository:
             serving = previous is not None and previous.latest_ready() is not None
             try:
                 proto, config, chosen = await self._plan(model_dir, overrides)
-            except InvalidInput:
+            except InvalidInput as exc:  # the load's own overrides: the model is left as it was
                 discard(private)
-                raise
+                raise poll_failure(name, str(exc)) from None
             except Exception as exc:
+                polling = isinstance(exc, _POLL_ERRORS)
                 discard(private)
                 reason = str(exc) if isinstance(exc, ConvoyError) else f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, ConvoyError):
@@ -331,8 +351,15 @@ class ModelRepository:
                 reason = self.relative(reason)  # the log keeps full paths; clients see these
                 if serving:
                     previous.load_error = reason
+                    previous.failed_polling = polling
                     return previous
-                failed = Model(name=name, state="UNAVAILABLE", reason=reason, load_error=reason)
+                failed = Model(
+                    name=name,
+                    state="UNAVAILABLE",
+                    reason=reason,
+                    load_error=reason,
+                    failed_polling=polling,
+                )
                 self.models[name] = failed
                 self.changed()
                 if previous is not None:
@@ -382,6 +409,7 @@ class ModelRepository:
                     versions.setdefault(entry.version, entry)
                 previous.versions = versions
                 previous.load_error = reason
+                previous.failed_polling = False
                 self.changed()
                 log.error("model '%s': new version failed, old versions keep serving: %s", name, reason)
                 discard(private)

@@ -33,6 +33,7 @@ from convoy.server.http_api.middleware import ApiKeyMiddleware
 from convoy.server.observability.access_log import AccessLog, AccessLogInterceptor, AccessLogMiddleware
 from convoy.server.observability.metrics_server import start_metrics_server
 from convoy.server.observability.tracing import Tracer
+from convoy.trace_settings import trace_setup
 
 log = logging.getLogger("convoy.server")
 
@@ -177,8 +178,9 @@ class FrontEnds:
 
     async def start(self, http_port: int, grpc_port: int) -> None:
         settings = self.settings
-        if settings.trace_otlp_endpoint or settings.trace_console:
-            self.tracer = Tracer(settings.trace_otlp_endpoint, settings.trace_console)
+        setup = trace_setup(settings.trace_otlp_endpoint, settings.trace_console, settings.trace_config)
+        if setup.exporting:
+            self.tracer = Tracer(setup, self.engine.trace_control)
         interceptors = []
         max_connections = connection_cap(settings.max_connections)
         if settings.access_log:

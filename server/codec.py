@@ -23,6 +23,72 @@ from convoy.types import Request, TensorSpec
 
 #: Hard cap on elements of one tensor, whatever its declared shape says (forged shapes).
 MAX_ELEMENTS = 1 << 31
+#: Triton's limit on a shape's element count (an int64).
+INT64_MAX = (1 << 63) - 1
+
+
+def check_new_input(name: str, seen) -> None:
+    """An input named twice in one request is refused (Triton's words)."""
+    if name in seen:
+        raise InvalidInput(f"input '{name}' already exists in request")
+
+
+def shape_text(shape) -> str:
+    """A shape as Triton writes it in messages: [1,-2,3]."""
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def check_wire_shape(name: str, shape) -> None:
+    """A request shape's own validity, before it is compared with the model: no negative
+    dimension and an element count within an int64, read left to right as Triton reads it
+    (a 0 dimension ends the count: the tensor is empty)."""
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise InvalidInput(
+                f"invalid shape for input '{name}': shape {shape_text(shape)} contains one or "
+                "more invalid dimensions"
+            )
+        if dim == 0:
+            return
+        count *= dim
+        if count > INT64_MAX:
+            raise InvalidInput(
+                f"invalid shape for input '{name}': shape {shape_text(shape)} causes total "
+                f"element count to exceed maximum size of {INT64_MAX}"
+            )
+
+
+def check_data_source(
+    name: str,
+    model: str,
+    *,
+    shared_memory: bool,
+    inline: bool,
+    binary: bool,
+    inline_field: str,
+    binary_field: str,
+) -> None:
+    """Where an input's data comes from must be unambiguous, checked (Triton's order and words)
+    before the input is compared with the model: shared memory excludes data in the request;
+    inline values (gRPC `contents`, HTTP `data`) exclude raw bytes (gRPC
+    `raw_input_contents`, HTTP binary data); some source is needed."""
+    if shared_memory:
+        if inline or binary:
+            raise InvalidInput(
+                "unexpected 'content' provided when using shared memory for input tensor "
+                f"'{name}' for model '{model}'"
+            )
+        return
+    if inline and binary:
+        raise InvalidInput(
+            f"{inline_field} must not be specified when using {binary_field} for '{name}' for "
+            f"model '{model}'"
+        )
+    if not (inline or binary):
+        raise InvalidInput(
+            f"unable to find data for input tensor '{name}' for model '{model}' in request."
+        )
 
 
 def input_spec(config: ModelConfig, name: str) -> TensorSpec:
@@ -42,8 +108,7 @@ def check_shape(config: ModelConfig, spec: TensorSpec, datatype: str, shape: lis
         raise InvalidInput(
             f"input '{name}': expected datatype {spec.datatype}, got {datatype or '(none)'}"
         )
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
+    check_wire_shape(name, shape)
     dims = spec.dims
     if config.max_batch_size > 0:
         expected = [-1, *dims]
@@ -215,7 +280,58 @@ def check_complete(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
     return rows or 1
 
 
+def decode_raw_binary(config: ModelConfig, body) -> tuple[dict[str, np.ndarray], int]:
+    """Triton's raw binary request (HTTP `Inference-Header-Content-Length: 0`): the whole body
+    is the data of the model's only input, one batch row when the model batches; its shape is
+    the config's dims with at most one variable dimension, deduced from the byte count. A BYTES
+    input must have dims [1]: the body is that one element. (inputs, rows)"""
+    if len(config.inputs) != 1:
+        raise InvalidInput(
+            "Raw request must only have 1 input (found 1) to be deduced but got "
+            f"{len(config.inputs)} inputs in '{config.name}' model configuration"
+        )
+    spec = config.inputs[0]
+    shape = [1] if config.max_batch_size > 0 else []
+    variable = -1
+    fixed = 1
+    for dim in spec.dims:
+        if dim == -1:
+            if variable != -1:
+                raise InvalidInput(
+                    f"The shape of the raw input '{spec.name}' can not be deduced because there "
+                    "are more than one variable-sized dimension"
+                )
+            variable = len(shape)
+        else:
+            fixed *= dim
+        shape.append(dim)
+    size = memoryview(body).nbytes
+    if spec.datatype == "BYTES":
+        if variable != -1 or fixed != 1:
+            raise InvalidInput(
+                f"For BYTE datatype raw input '{spec.name}', the model must have input shape [1]"
+            )
+        check_shape(config, spec, spec.datatype, shape)
+        array = np.empty(1, dtype=object)
+        array[0] = bytes(body)
+        array = array.reshape(shape)
+    else:
+        if variable != -1:
+            itemsize = ITEMSIZE[spec.datatype]
+            shape[variable] = size // (fixed * itemsize) if fixed else 0
+        check_shape(config, spec, spec.datatype, shape)
+        array = from_raw(spec, spec.datatype, shape, body)
+    inputs = {spec.name: apply_reshape(config, spec, array)}
+    return inputs, check_complete(config, inputs)
+
+
 def check_requested_outputs(config: ModelConfig, names) -> tuple[str, ...]:
+    """The outputs a request names: each once (Triton's words), each one the model declares."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise InvalidInput(f"output '{name}' already exists in request")
+        seen.add(name)
     if config.outputs:
         for name in names:
             if config.output(name) is None:

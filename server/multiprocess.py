@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from convoy.config import ServerConfig
 from convoy.engine.core import Engine
-from convoy.engine.remote import EngineEndpoint, LogUpdate
+from convoy.engine.remote import EngineEndpoint, LogUpdate, TraceState
 from convoy.logs import LogControl
 
 from .app import start_metrics, stop_metrics
@@ -135,6 +135,7 @@ class MultiProcessServer:
             self.http_port, self.grpc_port = (s.getsockname()[1] for s in self._reserved)
             self.engine.repository.listeners.append(self._models_changed)
             self.engine.log_listeners.append(self._log_changed)
+            self.engine.trace_listeners.append(self._trace_changed)
             await self.engine.__aenter__()
             self._models_changed()  # started: readiness may have changed
             if settings.metrics_port >= 0:
@@ -236,6 +237,11 @@ class MultiProcessServer:
         for worker in self.workers:
             if worker.endpoint is not None:
                 worker.endpoint.send(LogUpdate(changes))
+
+    def _trace_changed(self, state: dict) -> None:
+        for worker in self.workers:
+            if worker.endpoint is not None:
+                worker.endpoint.send(TraceState(state))
 
     # --- front-end processes ---------------------------------------------------------------------------
     async def _spawn(self, worker: WorkerSlot) -> None:

@@ -1,7 +1,9 @@
 """Session fixtures: real `convoy serve` processes on generated model repositories, and clients.
 
 `server` serves models that all load (it must report ready); `broken_server` serves add_sub beside
-a model that fails to import and one with an invalid config.pbtxt. Both bind port 0, are waited
+a model that fails to import and one with an invalid config.pbtxt. Both run Triton's explicit
+model control with every model loaded at start (the repository tests load and unload), and
+`server` lets clients register shared memory (--allow-client-shm). Both bind port 0, are waited
 for by polling their health endpoint with a deadline, and must exit 0 on SIGTERM.
 """
 
@@ -11,6 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from helpers import (
+    EXPLICIT,
     FRONTENDS,
     ConvoyProcess,
     Protocol,
@@ -31,7 +34,10 @@ def frontend(request) -> str:
 def server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp(f"serving-{frontend}")
     process = ConvoyProcess(
-        build_serving_repository(root / "models"), root / "server.log", frontend=frontend
+        build_serving_repository(root / "models"),
+        root / "server.log",
+        (*EXPLICIT, "--allow-client-shm"),
+        frontend=frontend,
     )
     yield from serve_until_stopped(process, "ready")
 
@@ -40,7 +46,7 @@ def server(tmp_path_factory, frontend):
 def broken_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp(f"broken-{frontend}")
     process = ConvoyProcess(
-        build_broken_repository(root / "models"), root / "server.log", frontend=frontend
+        build_broken_repository(root / "models"), root / "server.log", EXPLICIT, frontend=frontend
     )
     # Readiness stays false while a model failed to load, so wait for liveness.
     yield from serve_until_stopped(process, "live")

@@ -45,6 +45,10 @@ DATATYPES = (
     "BF16",
 )
 
+#: Triton's model control for servers whose tests load and unload models: every model loads at
+#: start, and the repository API takes load and unload requests (refused in the other modes).
+EXPLICIT = ("--model-control-mode", "explicit", "--load-model", "*")
+
 STARTUP_DEADLINE_S = 60.0
 
 #: The front ends the protocol suites (e2e, security, python_backend, reliability) run against,
@@ -254,6 +258,7 @@ HTTP_STATUS = {
     "INTERNAL": 500,
     "UNAVAILABLE": 503,
     "UNIMPLEMENTED": 501,
+    "ALREADY_EXISTS": 400,
 }
 
 

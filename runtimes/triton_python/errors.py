@@ -11,6 +11,7 @@ from convoy.errors import (
     InferenceFailed,
     InvalidInput,
     ModelNotFound,
+    ModelReportedAlreadyExists,
     ModelReportedUnknown,
     Unavailable,
     Unsupported,
@@ -61,6 +62,7 @@ _ERROR_CODES: tuple[tuple[type[ConvoyError], int], ...] = (
     (Unsupported, TritonError.UNSUPPORTED),
     (Cancelled, TritonError.CANCELLED),
     (ModelReportedUnknown, TritonError.UNKNOWN),
+    (ModelReportedAlreadyExists, TritonError.ALREADY_EXISTS),
     (AlreadyExists, TritonError.ALREADY_EXISTS),
     (DeadlineExceeded, TritonError.UNAVAILABLE),
 )

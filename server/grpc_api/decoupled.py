@@ -1,15 +1,17 @@
 """Decoupled models over gRPC ModelStreamInfer: each response the model sends becomes one
 ModelStreamInferResponse on the stream, as it is produced.
 
-As Triton does: a request with parameter `triton_enable_empty_final_response: true` gets the
-parameter `triton_final_response` on every response, and an empty response marking the end when
-the model's final flag came without one; without it, a bare final flag sends nothing.
+As Triton does: every response carries the parameter `triton_final_response` (true on the
+request's last), beside the model's own response parameters; a request with parameter
+`triton_enable_empty_final_response: true` also gets an empty response marking the end when the
+model's final flag came without one; without it, a bare final flag sends nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 from convoy.errors import ConvoyError, status_of
 from convoy.outputs import select_outputs
@@ -23,6 +25,14 @@ DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transact
 
 EMPTY_FINAL = "triton_enable_empty_final_response"
 FINAL_FLAG = "triton_final_response"
+
+
+class StreamFailure(NamedTuple):
+    """A stream's error answer and its status (the status ends the stream when the client
+    asked with Triton's triton_grpc_error header)."""
+
+    code: str
+    response: pb.ModelStreamInferResponse
 
 
 def set_parameter(target, key: str, value) -> None:
@@ -50,11 +60,12 @@ def stream_sink(
         )
 
     def sink(item: StreamedResponse) -> None:
-        if item.error:
-            put(pb.ModelStreamInferResponse(error_message=item.error, infer_response=bare()))
-            if not (item.final and empty_final):
-                return
-            item = StreamedResponse({}, final=True)
+        if item.error:  # one response, which says whether it was the last (as Triton's)
+            failed = bare()
+            failed.parameters[FINAL_FLAG].bool_param = item.final
+            response = pb.ModelStreamInferResponse(error_message=item.error, infer_response=failed)
+            put(StreamFailure(item.error_status or "INTERNAL", response))
+            return
         if not item.outputs and not item.parameters and not (item.final and empty_final):
             return  # a bare final flag: nothing to send unless the client asked for it
         try:
@@ -68,15 +79,18 @@ def stream_sink(
             else:
                 response = bare()
         except Exception as exc:
-            _, _, text = status_of(exc)
+            code, _, text = status_of(exc)
             if not isinstance(exc, ConvoyError):
                 log.error("encoding a streamed response failed", exc_info=exc)
-            put(pb.ModelStreamInferResponse(error_message=text, infer_response=bare()))
+            put(
+                StreamFailure(
+                    code, pb.ModelStreamInferResponse(error_message=text, infer_response=bare())
+                )
+            )
             return
         for key, value in item.parameters.items():
             set_parameter(response.parameters, key, value)
-        if empty_final:
-            response.parameters[FINAL_FLAG].bool_param = item.final
+        response.parameters[FINAL_FLAG].bool_param = item.final
         put(pb.ModelStreamInferResponse(infer_response=response))
 
     return sink

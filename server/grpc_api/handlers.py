@@ -19,20 +19,25 @@ from google.protobuf import json_format
 from convoy.auth import Keyring
 from convoy.datatypes import to_wire_bytes
 from convoy.engine.client import EngineClient, ModelView
-from convoy.engine.shared_memory import SharedMemoryRef
+from convoy.engine.shared_memory import SharedMemoryLease, SharedMemoryRef
 from convoy.errors import (
     ConvoyError,
     InvalidInput,
     Overloaded,
     Unavailable,
-    Unsupported,
     status_of,
 )
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server import codec as tensors
 from convoy.server.grpc_api.decoding import DecodeErrorInterceptor
-from convoy.server.grpc_api.decoupled import DECOUPLED_UNARY, set_parameter, stream_sink
+from convoy.server.grpc_api.decoupled import (
+    DECOUPLED_UNARY,
+    FINAL_FLAG,
+    StreamFailure,
+    set_parameter,
+    stream_sink,
+)
 from convoy.server.grpc_api.interceptors import ApiKeyInterceptor, current_key
 from convoy.server.memory import MemoryTrim
 from convoy.server.observability.tracing import TRACEPARENT, Tracer
@@ -71,41 +76,48 @@ def decode_request(
     future,
     deadline: float | None,
     principal: str | None = None,
+    leases: list | None = None,
 ) -> tuple[ModelView, Request]:
-    """Validate a ModelInferRequest against its model and build the scheduler's Request."""
+    """Validate a ModelInferRequest against its model and build the scheduler's Request. The
+    shared-memory regions inputs name are leased into `leases` (released once answered)."""
     received = time.monotonic_ns()
     entry = engine.resolve(message.model_name, message.model_version)
     config = entry.config
     raw = message.raw_input_contents
-    refs = [_shared_memory_ref(tensor, "input") for tensor in message.inputs]
-    on_wire = sum(ref is None for ref in refs)
-    if raw and len(raw) != on_wire:
-        raise InvalidInput(
-            f"raw_input_contents holds {len(raw)} tensors for {on_wire} inputs not in shared "
-            "memory; expected one per input"
-        )
     inputs = {}
     raw_index = 0
-    for tensor, ref in zip(message.inputs, refs, strict=True):
+    for tensor in message.inputs:
         name = tensor.name
-        if name in inputs:
-            raise InvalidInput(f"input '{name}' appears more than once")
-        spec = tensors.input_spec(config, name)
+        tensors.check_new_input(name, inputs)
         shape = list(tensor.shape)
+        tensors.check_wire_shape(name, shape)
+        ref = _shared_memory_ref(tensor, "input")
+        has_contents = tensor.HasField("contents")
+        # Typed contents conflict with any raw_input_contents in the request (Triton's rule);
+        # an input without them takes the next raw entry, which must be there.
+        if ref is not None:
+            has_raw = False
+        elif has_contents:
+            has_raw = bool(raw)
+        else:
+            has_raw = raw_index < len(raw)
+        tensors.check_data_source(
+            name,
+            config.name,
+            shared_memory=ref is not None,
+            inline=has_contents,
+            binary=has_raw,
+            inline_field="contents field",
+            binary_field="raw_input_contents",
+        )
+        spec = tensors.input_spec(config, name)
         tensors.check_shape(config, spec, tensor.datatype, shape)
         if ref is not None:
-            if tensor.HasField("contents"):
-                raise InvalidInput(
-                    f"input '{name}': set either shared memory parameters or contents, not both"
-                )
-            data = engine.read_shared_memory(ref, f"input '{name}'")
-            array = tensors.from_raw(spec, tensor.datatype, shape, data)
-        elif raw:
-            if tensor.HasField("contents"):
-                raise InvalidInput(
-                    "contents field must not be specified when using raw_input_contents "
-                    f"for '{name}' for model '{config.name}'"
-                )
+            what = f"input '{name}'"
+            lease = engine.lease_shared_memory(ref, what)
+            leases.append(lease)
+            array = tensors.from_raw(spec, tensor.datatype, shape, lease.read(what))
+        elif has_raw:
             array = tensors.from_raw(spec, tensor.datatype, shape, raw[raw_index])
             raw_index += 1
         else:
@@ -118,6 +130,11 @@ def decode_request(
             tensors.check_value_count(spec, shape, contents)  # before any conversion
             array = tensors.from_values(spec, tensor.datatype, shape, contents)
         inputs[name] = tensors.apply_reshape(config, spec, array)
+    if raw_index != len(raw):
+        raise InvalidInput(
+            f"raw_input_contents holds {len(raw)} tensors for {raw_index} inputs sent raw; "
+            "expected one per input not in shared memory"
+        )
     rows = tensors.check_complete(config, inputs)
     parameters = {k: _parameter(v) for k, v in message.parameters.items()}
     requested = tensors.check_requested_outputs(config, [o.name for o in message.outputs])
@@ -135,15 +152,27 @@ def _shared_memory_ref(tensor, kind: str) -> SharedMemoryRef | None:
     return tensors.shared_memory_ref(parameters, f"{kind} '{tensor.name}'")
 
 
-def output_refs(engine: EngineClient, message) -> dict[str, SharedMemoryRef]:
-    """Requested outputs to be written into shared memory, checked against their regions."""
-    refs = {}
+def output_leases(engine: EngineClient, message, leases: list) -> dict[str, SharedMemoryLease]:
+    """Requested outputs to be written into shared memory: their regions, checked and leased
+    (each lease is also added to `leases`, released once the request is answered)."""
+    out = {}
     for output in message.outputs:
         ref = _shared_memory_ref(output, "output")
         if ref is not None:
-            engine.check_shared_memory(ref, f"output '{output.name}'")
-            refs[output.name] = ref
-    return refs
+            out[output.name] = lease = engine.lease_shared_memory(ref, f"output '{output.name}'")
+            leases.append(lease)
+    return out
+
+
+#: Triton's request header that makes a ModelStreamInfer error end the stream with its status.
+GRPC_ERROR_HEADER = "triton_grpc_error"
+
+
+def _wants_grpc_errors(context) -> bool:
+    for key, value in context.invocation_metadata() or ():
+        if key == GRPC_ERROR_HEADER:
+            return value == "true"
+    return False
 
 
 def _traceparent(context) -> str | None:
@@ -158,12 +187,11 @@ def encode_response(
     entry: ModelView,
     request: Request,
     result: Response,
-    engine: EngineClient | None = None,
-    refs: dict[str, SharedMemoryRef] | None = None,
+    refs: dict[str, SharedMemoryLease] | None = None,
 ) -> pb.ModelInferResponse:
     """The response to `request`: the outputs it asked for (selected by the engine), from the
-    version that served it. `refs`: outputs to write into shared memory (they carry no bytes in
-    the response)."""
+    version that served it. `refs`: outputs to write into shared memory, by their leased
+    regions (they carry no bytes in the response)."""
     config = entry.config
     response = pb.ModelInferResponse(
         model_name=config.name, model_version=result.model_version, id=request.id
@@ -172,12 +200,13 @@ def encode_response(
     for name, array in result.outputs.items():
         datatype = tensors.output_datatype(config, name, array)
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        ref = refs.get(name) if refs else None
+        lease = refs.get(name) if refs else None
         blob = to_wire_bytes(array, datatype)
-        if ref is None:
+        if lease is None:
             blobs.append(blob)
             continue
-        engine.write_shared_memory(ref, blob, f"output '{name}'")
+        lease.write(blob, f"output '{name}'")
+        ref = lease.ref
         tensor.parameters[tensors.SHM_REGION].string_param = ref.region
         tensor.parameters[tensors.SHM_BYTE_SIZE].int64_param = memoryview(blob).nbytes
         if ref.offset:
@@ -318,9 +347,17 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     ):
         """Decode, queue and await one request; a cancelled await leaves the queue too.
         `stream`: where a decoupled model's responses go (ModelStreamInfer); None: unary."""
+        leases: list = []  # the shared-memory regions the request names, held until answered
+        try:
+            return await self._infer_leased(message, deadline, traceparent, principal, stream, leases)
+        finally:
+            for lease in leases:
+                lease.release()
+
+    async def _infer_leased(self, message, deadline, traceparent, principal, stream, leases):
         future = asyncio.get_running_loop().create_future()
-        entry, request = decode_request(self.engine, message, future, deadline, principal)
-        refs = output_refs(self.engine, message) if message.outputs else None
+        entry, request = decode_request(self.engine, message, future, deadline, principal, leases)
+        refs = output_leases(self.engine, message, leases) if message.outputs else None
         if entry.config.decoupled:
             if stream is None:
                 raise InvalidInput(DECOUPLED_UNARY)
@@ -338,7 +375,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 )
         if request.stream is not None:
             return None  # its responses went out through the stream
-        response = encode_response(entry, request, result, self.engine, refs)
+        response = encode_response(entry, request, result, refs)
         if result.parameters:  # set by the model (a Triton python model's response parameters)
             for key, value in result.parameters.items():
                 set_parameter(response.parameters, key, value)
@@ -372,10 +409,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         await self._abort(context, failure)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Responses go out as each request completes; an error answers that request only.
-        With API keys, the call needs a valid key and each request a model in its scope."""
+        """Responses go out as each request completes; an error answers that request only,
+        unless the call's metadata holds `triton_grpc_error: true` (Triton's header): then the
+        first error ends the stream with its status. With API keys, the call needs a valid key
+        and each request a model in its scope."""
         key = current_key()
         principal = None if key is None else key.name
+        grpc_errors = _wants_grpc_errors(context)
         # Backpressure: at most STREAM_BACKLOG requests read but not yet answered on the wire.
         # A client that never reads its answers stops being read (HTTP/2 flow control then
         # stops its sending) instead of piling answers up in memory.
@@ -393,11 +433,13 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                     message, deadline, traceparent, principal, answers.put_nowait
                 )
                 if response is not None:
+                    # A model that is not decoupled answers once: its last response.
+                    response.parameters[FINAL_FLAG].bool_param = True
                     await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await answers.put(self._stream_error(message, exc))
+                await answers.put(StreamFailure(status_of(exc)[0], self._stream_error(message, exc)))
 
         async def read() -> None:
             messages = request_iterator.__aiter__()
@@ -412,6 +454,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 task.add_done_callback(pending.discard)
 
         reader = asyncio.create_task(read())
+        failure: tuple[str, str] | None = None
         try:
             while True:
                 if reader.done() and not pending and answers.empty():
@@ -419,16 +462,27 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 getter = asyncio.ensure_future(answers.get())
                 waiting = {getter, reader} if not reader.done() else {getter, *pending}
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                    unanswered.release()
-                else:
+                if not getter.done():
                     getter.cancel()
-            reader.result()
+                    continue
+                answer = getter.result()
+                unanswered.release()
+                code = ""
+                if type(answer) is StreamFailure:
+                    code, answer = answer
+                if code and grpc_errors:
+                    failure = (code, answer.error_message)
+                    break
+                yield answer
+            if failure is None:
+                reader.result()
         finally:
             reader.cancel()
             for task in list(pending):
                 task.cancel()
+        if failure is not None:
+            # Triton's triton_grpc_error mode: the stream ends with the error's status.
+            await context.abort(grpc.StatusCode[failure[0]], failure[1])
 
     @staticmethod
     def _stream_error(message, exc: BaseException) -> pb.ModelStreamInferResponse:
@@ -470,9 +524,6 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, build)
 
     # --- shared memory -----------------------------------------------------------------------------
-    async def _unsupported(self, context, what: str):
-        await self._abort(context, Unsupported(f"{what} is not supported by Convoy"))
-
     async def _control(self, context, call, build):
         """A shared-memory call (any valid key may make one: see interceptors.py)."""
         try:
@@ -515,7 +566,21 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         return await self._control(context, call, lambda _: pb.CudaSharedMemoryUnregisterResponse())
 
     async def TraceSetting(self, request, context):
-        await self._unsupported(context, "trace settings")
+        """Triton's trace extension: no settings reads them; each given value list changes one
+        (an empty list clears it back to the global or start-up value)."""
+        try:
+            changes = {key: (list(value.value) or None) for key, value in request.settings.items()}
+            if changes:
+                current = await self.engine.update_trace_settings(request.model_name, changes)
+            else:
+                current = self.engine.trace_settings(request.model_name)
+            response = pb.TraceSettingResponse()
+            for key, value in current.items():
+                values = value if isinstance(value, list) else [value]
+                response.settings[key].value.extend(values)
+            return response
+        except Exception as exc:
+            await self._abort(context, exc)
 
 
 def interceptor_chain(interceptors=(), keys: Keyring | None = None) -> list:

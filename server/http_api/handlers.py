@@ -45,6 +45,11 @@ _LIMITS_CACHED = 1024
 DECODE_THREADS = 2
 
 
+#: The JSON document of a raw binary request (it has none): no id, no parameters, every output
+#: returned in binary form.
+RAW_DOCUMENT = {"parameters": {"binary_data_output": True}}
+
+
 class BodyTooLarge(InvalidInput):
     """The request body is over the server's limit."""
 
@@ -229,6 +234,8 @@ class HttpFrontend:
                 return await self._json(send, answer)
             if len(rest) >= 2:
                 return await self._model_route(scope, receive, send, rest[1], rest[2:])
+        if head == "trace" and rest[1:] == ["setting"]:
+            return await self._trace_setting(scope, receive, send, "")
         if head == "logging" and len(rest) == 1:
             if method == "GET":
                 return await self._json(send, engine.log_settings())
@@ -258,6 +265,17 @@ class HttpFrontend:
                     await engine.unload_model(rest[2])
                 return await self._send(send, 200, b"")
         raise ModelNotFound(f"no endpoint at {scope['path']}")
+
+    async def _trace_setting(self, scope, receive, send, model: str) -> None:
+        """Triton's trace extension: GET reads the settings, POST changes them (JSON object of
+        setting -> string, list of strings or null to clear; an empty body changes nothing)."""
+        method = scope["method"]
+        if method == "GET":
+            return await self._json(send, self.engine.trace_settings(model))
+        self._expect(method, "POST", scope)
+        body = await self._read_body(receive)
+        changes = self._parse_json(body) if body.strip() else {}
+        return await self._json(send, await self.engine.update_trace_settings(model, changes))
 
     async def _shared_memory(self, scope, receive, send, head: str, rest: list[str]) -> None:
         """Triton's shared-memory extension: status, register, unregister (one or all)."""
@@ -339,6 +357,8 @@ class HttpFrontend:
         method = scope["method"]
         engine = self.engine
         action = rest[0] if rest else ""
+        if rest == ["trace", "setting"] and not version:
+            return await self._trace_setting(scope, receive, send, model)
         if len(rest) > 1:
             raise ModelNotFound(f"no endpoint at {scope['path']}")
         principal = scope.get("convoy.principal")
@@ -397,7 +417,44 @@ class HttpFrontend:
         body = await self._read_body(
             receive, BodyLimits(self.max_body_bytes, 0, "the server's limit") if encoding else limits
         )
-        decode = partial(self._decode_body, config, body, encoding, header_length, limits)
+        # Shared-memory regions the request names, held until it is answered.
+        leases: list = []
+        try:
+            await self._infer_body(
+                scope,
+                receive,
+                send,
+                entry,
+                body,
+                encoding,
+                header_length,
+                limits,
+                accept,
+                received,
+                principal,
+                leases,
+            )
+        finally:
+            for lease in leases:
+                lease.release()
+
+    async def _infer_body(
+        self,
+        scope,
+        receive,
+        send,
+        entry,
+        body,
+        encoding,
+        header_length,
+        limits,
+        accept,
+        received,
+        principal,
+        leases,
+    ) -> None:
+        config = entry.config
+        decode = partial(self._decode_body, config, body, encoding, header_length, limits, leases)
         if len(body) >= (OFF_LOOP_BYTES // 64 if encoding else OFF_LOOP_BYTES):
             async with self._decode_slots:
                 document, inputs, rows = await asyncio.get_running_loop().run_in_executor(
@@ -409,8 +466,10 @@ class HttpFrontend:
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be a JSON object")
         requested, binary_outputs = self._requested_outputs(config, document, parameters)
-        for name, ref in binary_outputs[2].items():
-            self.engine.check_shared_memory(ref, f"output '{name}'")
+        out_leases = binary_outputs[2]
+        for name, ref in list(out_leases.items()):
+            out_leases[name] = lease = self.engine.lease_shared_memory(ref, f"output '{name}'")
+            leases.append(lease)
         future = asyncio.get_running_loop().create_future()
         request = tensors.build_request(
             str(document.get("id", "")), inputs, requested, rows, parameters, future, received, principal
@@ -438,9 +497,12 @@ class HttpFrontend:
                 traceparent = value.decode("latin-1")
         self.tracer.record("http", entry.config.name, str(entry.version), request, future, traceparent)
 
-    def _decode_body(self, config, body: bytes, encoding: bytes, header_length, limits: BodyLimits):
+    def _decode_body(
+        self, config, body: bytes, encoding: bytes, header_length, limits: BodyLimits, leases: list
+    ):
         """Inflate, split, parse and convert an infer body (on the loop or a decode thread):
-        the JSON document, the input arrays and the batch rows."""
+        the JSON document, the input arrays and the batch rows. Shared-memory regions the inputs
+        name are leased into `leases`."""
         if encoding:
             body = self._decompress(body, encoding, limits)
         if header_length is not None:
@@ -459,6 +521,10 @@ class HttpFrontend:
             raise BodyTooLarge(
                 f"the request's JSON is {split} bytes; expected at most {limits.json} ({limits.reason})"
             )
+        if header_length is not None and split == 0:
+            # Triton's raw binary request: no JSON at all, the body is the only input's data.
+            inputs, rows = tensors.decode_raw_binary(config, memoryview(body))
+            return RAW_DOCUMENT, inputs, rows
         if header_length is not None:
             check_claimed_values(config, bytes(memoryview(body)[:split]))
             document = self._parse_json(memoryview(body)[:split])
@@ -467,7 +533,7 @@ class HttpFrontend:
             check_claimed_values(config, body)
             document = self._parse_json(body)
             binary = memoryview(b"")
-        inputs, rows = self._decode_inputs(config, document, binary, self.engine)
+        inputs, rows = self._decode_inputs(config, document, binary, self.engine, leases)
         return document, inputs, rows
 
     def _decompress(self, body: bytes, encoding: bytes, limits: BodyLimits) -> bytes:
@@ -496,7 +562,7 @@ class HttpFrontend:
         return b"".join(parts)
 
     @staticmethod
-    def _decode_inputs(config, document: dict, binary: memoryview, engine=None):
+    def _decode_inputs(config, document: dict, binary: memoryview, engine=None, leases=None):
         items = document.get("inputs")
         if not isinstance(items, list):
             raise InvalidInput("'inputs' must be a JSON list of tensors")
@@ -510,24 +576,31 @@ class HttpFrontend:
             shape = item.get("shape")
             if not isinstance(name, str):
                 raise InvalidInput(f"inputs[{position}].name must be a string")
-            if name in inputs:
-                raise InvalidInput(f"input '{name}' appears more than once")
+            tensors.check_new_input(name, inputs)
             if not isinstance(shape, list) or not all(
                 isinstance(d, int) and not isinstance(d, bool) for d in shape
             ):
                 raise InvalidInput(f"input '{name}': shape must be a list of integers")
-            spec = tensors.input_spec(config, name)
-            tensors.check_shape(config, spec, datatype, shape)
+            tensors.check_wire_shape(name, shape)
             params = item.get("parameters") or {}
             size = params.get("binary_data_size") if isinstance(params, dict) else None
             ref = tensors.shared_memory_ref(params, f"input '{name}'")
+            tensors.check_data_source(
+                name,
+                config.name,
+                shared_memory=ref is not None,
+                inline="data" in item,
+                binary=size is not None,
+                inline_field="'data'",
+                binary_field="binary_data_size",
+            )
+            spec = tensors.input_spec(config, name)
+            tensors.check_shape(config, spec, datatype, shape)
             if ref is not None:
-                if size is not None or "data" in item:
-                    raise InvalidInput(
-                        f"input '{name}': set either shared memory parameters or data, not both"
-                    )
-                data = engine.read_shared_memory(ref, f"input '{name}'")
-                array = tensors.from_raw(spec, datatype, shape, data)
+                what = f"input '{name}'"
+                lease = engine.lease_shared_memory(ref, what)
+                leases.append(lease)
+                array = tensors.from_raw(spec, datatype, shape, lease.read(what))
             elif size is not None:
                 if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                     raise InvalidInput(
@@ -541,8 +614,6 @@ class HttpFrontend:
                 array = tensors.from_raw(spec, datatype, shape, binary[offset : offset + size])
                 offset += size
             else:
-                if "data" not in item:
-                    raise InvalidInput(f"input '{name}': needs 'data' or a binary_data_size parameter")
                 data = item["data"]
                 if not isinstance(data, list):
                     data = [data]
@@ -595,12 +666,12 @@ class HttpFrontend:
         for name, array in outputs.items():
             datatype = tensors.output_datatype(config, name, array)
             out = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-            ref = refs.get(name)
-            if ref is not None:
+            lease = refs.get(name)
+            if lease is not None:
                 blob = to_wire_bytes(array, datatype)
                 # No data and no parameters: clients read the region (Triton's C++ client
                 # takes any output `parameters` to hold binary_data_size).
-                self.engine.write_shared_memory(ref, blob, f"output '{name}'")
+                lease.write(blob, f"output '{name}'")
             elif per_output.get(name, default_binary):
                 blob = to_wire_bytes(array, datatype)
                 out["parameters"] = {"binary_data_size": len(blob)}

@@ -48,6 +48,8 @@ def need(parts: list[str]) -> Need | None:
         tail = rest[2:]
         if len(tail) >= 2 and tail[0] == "versions":
             tail = tail[2:]
+        if tail == ["trace", "setting"]:
+            return Need(model=rest[1], manage=True)
         # A model's readiness needs a key in scope even with health open: it is no probe, and
         # would tell real models from fake ones to anyone.
         return Need(model=rest[1])

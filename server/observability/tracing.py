@@ -4,9 +4,11 @@ Each request gets a span "infer {model}" from its arrival to its outcome, with c
 (waiting for a batch), "compute" (merge, run, split) and "compute_infer" (the runtime's call)
 (an ensemble: a child "step {i} {model}" per step, holding that step's "queue" and "compute"),
 built after the fact from the monotonic times the scheduler stamped, so nothing runs on the
-request path while tracing is off and only this record() call while it is on. The span's parent
-is the client's W3C `traceparent` (HTTP header or gRPC metadata). Spans leave through a
-BatchSpanProcessor on its own thread.
+request path while tracing is off and only this record() call while it is on. Which requests are
+traced is Triton's trace settings' decision (trace_level, trace_rate, trace_count: the trace
+API, convoy/trace_settings.py), asked once per request. The span's parent is the client's W3C
+`traceparent` (HTTP header or gRPC metadata). Spans leave through a BatchSpanProcessor on its
+own thread.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 
 from convoy.errors import status_of
+from convoy.trace_settings import TraceControl, TraceSetup
 from convoy.types import Request
 
 TRACEPARENT = "traceparent"
@@ -25,7 +28,10 @@ TRACEPARENT = "traceparent"
 class Tracer:
     """Turns finished requests into spans and exports them over OTLP/HTTP or to standard output."""
 
-    def __init__(self, otlp_endpoint: str = "", console: bool = False) -> None:
+    def __init__(self, setup: TraceSetup, control: TraceControl) -> None:
+        """`setup`: where spans go (trace_setup); `control`: which requests are traced."""
+        otlp_endpoint, console = setup.otlp_endpoint, setup.console
+        self._control = control
         try:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
@@ -39,8 +45,18 @@ class Tracer:
         from convoy import __version__
 
         self._provider = TracerProvider(
-            resource=Resource.create({"service.name": "convoy", "service.version": __version__})
+            resource=Resource.create(
+                {"service.name": "convoy", "service.version": __version__, **setup.resource}
+            )
         )
+        batching = {
+            "max_queue_size": setup.batch.get("bsp_max_queue_size"),
+            "schedule_delay_millis": setup.batch.get("bsp_schedule_delay"),
+            "max_export_batch_size": setup.batch.get("bsp_max_export_batch_size"),
+        }
+        batching = {k: v for k, v in batching.items() if v is not None}
+        if batching.get("max_export_batch_size", 0) > batching.get("max_queue_size", 1 << 62):
+            batching["max_export_batch_size"] = batching["max_queue_size"]  # OTel requires it
         if otlp_endpoint:
             try:
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -50,14 +66,14 @@ class Tracer:
                     "pip install 'convoy-inference[tracing]'"
                 ) from exc
             self._provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint))
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint), **batching)
             )
         if console:
             # One JSON object per line on standard output.
             exporter = ConsoleSpanExporter(
                 out=sys.stdout, formatter=lambda span: span.to_json(indent=None) + os.linesep
             )
-            self._provider.add_span_processor(BatchSpanProcessor(exporter))
+            self._provider.add_span_processor(BatchSpanProcessor(exporter, **batching))
         self._tracer = self._provider.get_tracer("convoy")
         self._propagator = TraceContextTextMapPropagator()
         self._server_kind = SpanKind.SERVER
@@ -73,7 +89,10 @@ class Tracer:
         future: asyncio.Future,
         traceparent: str | None,
     ) -> None:
-        """Emit the spans of one request whose future is resolved (or whose wait was abandoned)."""
+        """Emit the spans of one request whose future is resolved (or whose wait was abandoned),
+        if the trace settings sample it."""
+        if not self._control.sample(model, traceparent is not None):
+            return
         end = time.monotonic_ns()
         to_wall = time.time_ns() - end  # monotonic ns + to_wall = wall-clock ns
         timings = None

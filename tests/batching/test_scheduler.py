@@ -106,6 +106,7 @@ def scenarios(draw) -> Scenario:
                 st.dictionaries(st.integers(1, max(levels, 1)), queue_policies, max_size=levels)
             ),
             preserve_ordering=draw(st.booleans()),
+            latency_first=draw(st.booleans()),
         )
     arrival = st.builds(
         Arrival,
@@ -766,10 +767,138 @@ def test_delay_action_timeouts_and_unmeasured_models_never_reject_on_arrival():
 # --- when to dispatch ----------------------------------------------------------------------
 
 
-def test_lone_request_is_dispatched_without_waiting_out_the_delay():
+# Triton's rule (the default): a batch waits up to max_queue_delay for a preferred or the
+# maximum size, even while an instance is idle. The delays are long (a minute): a test that
+# finished would have waited it out only if the batcher sent too late, never too early.
+HOLD_US = 60_000_000
+
+
+def test_idle_instance_holds_a_lone_request_until_the_batch_fills():
+    async def scenario():
+        log = BatchLog()
+        stats = ModelStats()
+        config = model_config(2, DynamicBatching(max_queue_delay_us=HOLD_US))
+        async with serve(config, [EchoRuntime("i0", log)], stats=stats) as scheduler:
+            first = make_request(1)
+            scheduler.submit(first)
+            for _ in range(20):  # many loop turns: a latency-first batcher would have sent it
+                await asyncio.sleep(0)
+            assert not first.future.done() and first.state is RequestState.QUEUED
+            second = make_request(2)
+            scheduler.submit(second)
+            for request in (first, second):
+                assert_served_correctly(request, await outcome(request))
+        assert [b.request_tags for b in log.snapshot()] == [[1, 2]]
+        assert stats.dispatch_reasons == {"full": 1}
+
+    asyncio.run(scenario())
+
+
+def test_largest_reachable_preferred_size_goes_at_once_the_rest_waits():
+    async def scenario():
+        log = BatchLog()
+        stats = ModelStats()
+        config = model_config(
+            8, DynamicBatching(max_queue_delay_us=HOLD_US, preferred_batch_sizes=(2, 4))
+        )
+        async with serve(config, [EchoRuntime("i0", log)], stats=stats) as scheduler:
+            requests = [make_request(tag) for tag in range(1, 4)]
+            for request in requests:  # queued together: 3 rows reach preferred size 2, not 4
+                scheduler.submit(request)
+            for request in requests[:2]:
+                assert_served_correctly(request, await outcome(request))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert requests[2].state is RequestState.QUEUED  # 1 row: no preferred size yet
+            last = make_request(4)
+            scheduler.submit(last)
+            for request in (requests[2], last):
+                assert_served_correctly(request, await outcome(request))
+        assert [b.request_tags for b in log.snapshot()] == [[1, 2], [3, 4]]
+        assert stats.dispatch_reasons == {"preferred_size": 2}
+
+    asyncio.run(scenario())
+
+
+def test_preferred_size_caps_the_batch_below_max_batch_size():
+    async def scenario():
+        log = BatchLog()
+        config = model_config(8, DynamicBatching(max_queue_delay_us=HOLD_US, preferred_batch_sizes=(3,)))
+        async with serve(config, [EchoRuntime("i0", log)]) as scheduler:
+            requests = [make_request(tag) for tag in range(1, 7)]
+            for request in requests:
+                scheduler.submit(request)
+            for request in requests:
+                assert_served_correctly(request, await outcome(request))
+        assert [b.request_tags for b in log.snapshot()] == [[1, 2, 3], [4, 5, 6]]
+
+    asyncio.run(scenario())
+
+
+def test_lone_request_goes_when_the_delay_expires():
     async def scenario():
         stats = ModelStats()
-        config = model_config(8, DynamicBatching(max_queue_delay_us=200_000))
+        config = model_config(8, DynamicBatching(max_queue_delay_us=20_000))
+        async with serve(config, [EchoRuntime("i0", BatchLog())], stats=stats) as scheduler:
+            request = make_request(1)
+            scheduler.submit(request)
+            assert_served_correctly(request, await outcome(request))
+        assert stats.dispatch_reasons == {"delay_expired": 1}
+
+    asyncio.run(scenario())
+
+
+def test_without_a_delay_whatever_is_queued_goes_at_once():
+    async def scenario():
+        log = BatchLog()
+        stats = ModelStats()
+        config = model_config(8, DynamicBatching())
+        async with serve(config, [EchoRuntime("i0", log)], stats=stats) as scheduler:
+            requests = [make_request(tag) for tag in range(1, 4)]
+            for request in requests:
+                scheduler.submit(request)
+            for request in requests:
+                assert_served_correctly(request, await outcome(request))
+        assert [b.request_tags for b in log.snapshot()] == [[1, 2, 3]]
+        assert stats.dispatch_reasons == {"delay_expired": 1}
+
+    asyncio.run(scenario())
+
+
+def test_freed_instance_does_not_cut_the_delay_short():
+    async def scenario():
+        log = BatchLog()
+        gate = Gate(0)
+        stats = ModelStats()
+        config = model_config(4, DynamicBatching(max_queue_delay_us=HOLD_US))
+        async with serve(config, [SlowRuntime("i0", log, gate)], gates=[gate], stats=stats) as scheduler:
+            blockers = [make_request(tag) for tag in range(4)]
+            for request in blockers:  # a full batch goes at once and holds the instance
+                scheduler.submit(request)
+            await gate.wait_entered()
+            queued = make_request(10)
+            scheduler.submit(queued)
+            gate.open()
+            for request in blockers:
+                assert_served_correctly(request, await outcome(request))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert queued.state is RequestState.QUEUED  # the instance is free, the delay is not up
+            rest = [make_request(tag) for tag in range(11, 14)]
+            for request in rest:
+                scheduler.submit(request)
+            for request in (queued, *rest):
+                assert_served_correctly(request, await outcome(request))
+        assert [b.request_tags for b in log.snapshot()] == [[0, 1, 2, 3], [10, 11, 12, 13]]
+        assert stats.dispatch_reasons == {"full": 2}
+
+    asyncio.run(scenario())
+
+
+def test_latency_first_sends_a_lone_request_without_waiting_out_the_delay():
+    async def scenario():
+        stats = ModelStats()
+        config = model_config(8, DynamicBatching(max_queue_delay_us=200_000, latency_first=True))
         async with serve(config, [EchoRuntime("i0", BatchLog())], stats=stats) as scheduler:
             request = make_request(1)
             scheduler.submit(request)
@@ -779,12 +908,12 @@ def test_lone_request_is_dispatched_without_waiting_out_the_delay():
     asyncio.run(scenario())
 
 
-def test_freed_instance_takes_everything_queued_in_one_batch():
+def test_latency_first_freed_instance_takes_everything_queued_in_one_batch():
     async def scenario():
         log = BatchLog()
         gate = Gate(0)
         stats = ModelStats()
-        config = model_config(8, DynamicBatching(max_queue_delay_us=200_000))
+        config = model_config(8, DynamicBatching(max_queue_delay_us=200_000, latency_first=True))
         async with serve(config, [SlowRuntime("i0", log, gate)], gates=[gate], stats=stats) as scheduler:
             blocker = make_request(0)
             scheduler.submit(blocker)

@@ -14,7 +14,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from ensemble_helpers import FP32_4, ensemble, step_model
-from helpers import ConvoyProcess, Protocol, serve_until_stopped
+from helpers import EXPLICIT, ConvoyProcess, Protocol, serve_until_stopped
 from tritonclient.utils import InferenceServerException
 
 
@@ -101,7 +101,7 @@ def build_ensemble_repository(root: Path) -> Path:
 def ens_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("ensembles")
     process = ConvoyProcess(
-        build_ensemble_repository(root / "models"), root / "server.log", frontend=frontend
+        build_ensemble_repository(root / "models"), root / "server.log", EXPLICIT, frontend=frontend
     )
     yield from serve_until_stopped(process, "live")
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from helpers import DATATYPES, identity_model_name
+import shutil
+
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from helpers import DATATYPES, ConvoyProcess, identity_model_name, serve_until_stopped
+
+from convoy.cli import demo_repository
 
 
 def test_server_is_live_and_ready(protocol):
@@ -14,8 +21,34 @@ def test_server_metadata_names_convoy_and_its_extensions(protocol):
     metadata = protocol.server_metadata()
     assert metadata["name"] == "convoy"
     assert metadata["version"]
-    for extension in ("binary_tensor_data", "model_repository", "statistics", "model_configuration"):
+    for extension in (
+        "binary_tensor_data",
+        "model_repository",
+        "statistics",
+        "model_configuration",
+        "logging",
+        "trace",
+    ):
         assert extension in metadata["extensions"]
+
+
+@pytest.fixture(scope="module")
+def named_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("named")
+    shutil.copytree(demo_repository() / "add_sub", root / "models" / "add_sub")
+    process = ConvoyProcess(root / "models", root / "server.log", ("--server-name", "triton"))
+    yield from serve_until_stopped(process)
+
+
+def test_server_name_is_what_server_name_says_for_clients_that_check_it(named_server):
+    grpc = grpcclient.InferenceServerClient(named_server.grpc_url)
+    http = httpclient.InferenceServerClient(named_server.http_url)
+    try:
+        assert grpc.get_server_metadata(as_json=True)["name"] == "triton"
+        assert http.get_server_metadata()["name"] == "triton"
+    finally:
+        grpc.close()
+        http.close()
 
 
 def test_every_served_model_is_ready(protocol):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import MODEL_SOURCES, ConvoyProcess, Protocol, serve_until_stopped
+from helpers import EXPLICIT, MODEL_SOURCES, ConvoyProcess, Protocol, serve_until_stopped
 from tritonclient.utils import InferenceServerException
 
 IDENTITY_IO = (
@@ -83,7 +83,7 @@ def refusing_server(tmp_path_factory, frontend):
     _model(repository, "no_backend", "max_batch_size: 8\n", None)
     config = repository / "no_backend" / "config.pbtxt"
     config.write_text(config.read_text().replace('backend: "python"', 'backend: "tensorrt"'))
-    process = ConvoyProcess(repository, root / "server.log", frontend=frontend)
+    process = ConvoyProcess(repository, root / "server.log", EXPLICIT, frontend=frontend)
     yield from serve_until_stopped(process, "live")
 
 

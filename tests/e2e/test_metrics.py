@@ -60,6 +60,9 @@ dynamic_batching {
   max_queue_delay_microseconds: 100
   default_queue_policy { max_queue_size: 1 }
 }
+# The dispatch reasons counted below are the latency-first batcher's (queue_drained,
+# instance_freed); Triton's rule would count every batch delay_expired.
+parameters { key: "batch_dispatch" value { string_value: "latency_first" } }
 """
 
 
@@ -428,7 +431,15 @@ def test_bad_log_setting_returns_invalid_argument(protocol):
     with pytest.raises(InferenceServerException) as caught:
         _settings(protocol, {"log_format": "xml"})
     assert caught.value.status() == protocol.status("INVALID_ARGUMENT")
-    assert "log_format" in caught.value.message()
+    assert caught.value.message().startswith("invalid argument for log_format, got: xml")
+    assert _settings(protocol) == TRITON_DEFAULTS
+
+
+def test_log_file_cannot_be_changed_over_the_network_in_tritons_words(protocol):
+    with pytest.raises(InferenceServerException) as caught:
+        _settings(protocol, {"log_file": "log_file.log", "log_info": False})
+    assert caught.value.status() == protocol.status("UNIMPLEMENTED")
+    assert caught.value.message() == "log file location can not be updated through network protocol"
     assert _settings(protocol) == TRITON_DEFAULTS
 
 

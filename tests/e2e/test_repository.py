@@ -62,11 +62,13 @@ def test_loading_a_loaded_model_again_keeps_it_serving(protocol):
     np.testing.assert_array_equal(_infer_reloadable(protocol).as_numpy("OUTPUT0"), [[5, 6]])
 
 
-def test_loading_a_model_absent_from_disk_returns_not_found(protocol):
+def test_loading_a_model_absent_from_disk_fails_polling_as_in_triton(protocol):
     with pytest.raises(InferenceServerException) as caught:
         protocol.client.load_model("no_such_model")
-    assert caught.value.status() == protocol.status("NOT_FOUND")
-    assert "no_such_model" in caught.value.message()
+    assert caught.value.status() == protocol.status("INTERNAL")
+    assert caught.value.message().startswith(
+        "failed to load 'no_such_model', failed to poll from model repository: "
+    )
 
 
 def test_unloading_an_unknown_model_returns_not_found(protocol):
@@ -128,8 +130,9 @@ def test_model_with_invalid_config_is_unavailable_with_file_and_field_named(brok
 def test_loading_a_model_that_fails_to_import_reports_the_reason(broken):
     with pytest.raises(InferenceServerException) as caught:
         broken.client.load_model("broken_import")
-    expected = "StatusCode.INTERNAL" if broken.name == "grpc" else "400"
-    assert caught.value.status() == expected
+    # Triton's answer for a model that fails to load.
+    assert caught.value.status() == broken.status("INVALID_ARGUMENT")
+    assert caught.value.message().startswith("load failed for model 'broken_import': ")
     assert "cannot be imported on purpose" in caught.value.message()
     assert broken.client.is_model_ready("add_sub")
 

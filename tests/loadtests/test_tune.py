@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import REPO_ROOT, ConvoyProcess, poll
+from helpers import EXPLICIT, REPO_ROOT, ConvoyProcess, poll
 
 from convoy.engine.model_config import build_model_config, read_config_proto
 from convoy.loadtests.capacity import Slo, StepRow
@@ -429,7 +429,9 @@ def convoy_tune(*args: str, timeout: float = 150) -> subprocess.CompletedProcess
 def tuned(tmp_path_factory):
     """`convoy tune --url` against a running server, within a 30 s budget."""
     root = tmp_path_factory.mktemp("tune")
-    process = ConvoyProcess(paced_repository(root), root / "server.log", ("--log-level", "WARNING"))
+    process = ConvoyProcess(
+        paced_repository(root), root / "server.log", ("--log-level", "WARNING", *EXPLICIT)
+    )
     process.start("ready")
     try:
         before = requests.get(f"{process.base_url}/v2/models/paced/config", timeout=5).json()

@@ -99,7 +99,100 @@ def test_stream_without_empty_final_sends_only_responses(triton_server):
     client.close()
     assert all(error is None for _, error in seen)
     assert sorted(int(r.as_numpy("OUT")[0]) for r, _ in seen) == [1, 2, 3]
-    assert all("triton_final_response" not in r.get_response().parameters for r, _ in seen)
+    # Every streamed response says whether it is its request's last, as Triton's do; the model
+    # sent its final flag alone, so none of these is.
+    finals = [r.get_response().parameters["triton_final_response"].bool_param for r, _ in seen]
+    assert finals == [False, False, False]
+
+
+def _parameters(result) -> dict:
+    out = {}
+    for key, value in result.get_response().parameters.items():
+        out[key] = getattr(value, value.WhichOneof("parameter_choice"))
+    return out
+
+
+def test_streamed_responses_with_parameters_carry_the_final_flag_beside_them(triton_server):
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"hello big world"], dtype=np.object_))
+    got = collect(client, 1, requests=[{"model_name": "tp_words", "inputs": [text]}])
+    client.close()
+    assert [error for _, error in got] == [None, None, None]
+    assert [_parameters(result) for result, _ in got] == [
+        {"index": 0, "triton_final_response": False},
+        {"index": 1, "triton_final_response": False},
+        {"index": 2, "triton_final_response": True},
+    ]
+
+
+def _grpc_error_stream(triton_server, requests_: list[dict]) -> list:
+    """Stream `requests_` with Triton's triton_grpc_error header; every callback until the
+    stream ends (an error ends it)."""
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(
+        callback=lambda result, error: answers.put((result, error)),
+        headers={"triton_grpc_error": "true"},
+    )
+    got = []
+    try:
+        for request in requests_:
+            client.async_stream_infer(**request)
+            got.append(answers.get(timeout=DEADLINE_S))
+            if got[-1][1] is not None:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    return got
+
+
+def test_triton_grpc_error_header_ends_the_stream_with_the_errors_status(triton_server):
+    good = {
+        "model_name": "tp_repeat",
+        "inputs": [repeat_input([4])],
+        "enable_empty_final_response": False,
+    }
+    got = _grpc_error_stream(
+        triton_server, [good, {"model_name": "no_such_model", "inputs": [repeat_input([1])]}]
+    )
+    assert got[0][1] is None and int(got[0][0].as_numpy("OUT")[0]) == 4
+    error = got[1][1]
+    assert error is not None and got[1][0] is None
+    assert error.status() == "StatusCode.NOT_FOUND"
+    assert "no_such_model" in error.message()
+
+
+def test_triton_grpc_error_header_ends_the_stream_on_a_model_error(triton_server):
+    empty = grpcclient.InferInput("text_input", [1], "BYTES")
+    empty.set_data_from_numpy(np.array([b""], dtype=np.object_))
+    got = _grpc_error_stream(triton_server, [{"model_name": "tp_words", "inputs": [empty]}])
+    (only,) = got
+    assert only[0] is None
+    assert only[1].message() == "text_input is empty"
+    assert only[1].status() is not None and only[1].status() != "StatusCode.OK"
+
+
+def test_without_the_header_a_stream_error_answers_that_request_only(triton_server):
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    got = collect(
+        client,
+        2,
+        requests=[
+            {"model_name": "no_such_model", "inputs": [repeat_input([1])]},
+            {
+                "model_name": "tp_repeat",
+                "inputs": [repeat_input([8])],
+                "enable_empty_final_response": True,
+            },
+        ],
+    )
+    client.close()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1 and "no_such_model" in errors[0].message()
+    values = [int(r.as_numpy("OUT")[0]) for r, e in got if e is None and r.as_numpy("OUT") is not None]
+    assert values == [8]
 
 
 def test_unary_model_infer_on_a_decoupled_model_is_refused(triton_server):

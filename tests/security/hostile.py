@@ -382,7 +382,8 @@ def main(argv: list[str]) -> None:
     from convoy.cli import demo_repository
 
     # As the default cap would be under the common open-file limit of 1024 (set below).
-    extra = ["--max-connections=384"] + [arg for arg in argv if arg.startswith("--")]
+    extra = ["--max-connections=384", "--model-control-mode=explicit", "--load-model=*"]
+    extra += [arg for arg in argv if arg.startswith("--")]
     wanted = {arg for arg in argv if not arg.startswith("--")}
     with tempfile.TemporaryDirectory() as root:
         repository = Path(root) / "models"

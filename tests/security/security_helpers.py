@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import REPO_ROOT, ConvoyProcess, serve_until_stopped, write_identity_model
+from helpers import EXPLICIT, REPO_ROOT, ConvoyProcess, serve_until_stopped, write_identity_model
 
 from convoy.cli import demo_repository
 
@@ -96,6 +96,7 @@ def start_keyed(root: Path, *extra: str, health_key: str | None = None, frontend
             str(access_log),
             "--log-format",
             "json",
+            *EXPLICIT,
             *extra,
         ),
         health_request={"headers": bearer(keys[health_key])} if health_key else {},

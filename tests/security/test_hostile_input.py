@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import ConvoyProcess, poll, serve_until_stopped, write_identity_model
+from helpers import EXPLICIT, ConvoyProcess, poll, serve_until_stopped, write_identity_model
 from tritonclient.utils import InferenceServerException
 
 from convoy.cli import demo_repository
@@ -39,7 +39,7 @@ def server(tmp_path_factory, frontend):
     process = ConvoyProcess(
         _repository(root),
         root / "server.log",
-        extra_args=("--http-max-json-bytes", str(JSON_LIMIT), "--header-timeout", "1"),
+        extra_args=("--http-max-json-bytes", str(JSON_LIMIT), "--header-timeout", "1", *EXPLICIT),
         frontend=frontend,
     )
     yield from serve_until_stopped(process)

@@ -17,6 +17,8 @@ from security_helpers import bearer, create_key
 ROUNDS = 6
 #: Each round, a `blocker` request holds the model (0.3 s) while one 1-row request of `small` and
 #: one 3-row request of `large` queue behind it; the freed instance takes both in one batch.
+#: Latency-first dispatch: the blocker goes alone at once (Triton's rule would hold it for the
+#: delay, and the pair would join it).
 SHARED_CONFIG = """
 name: "shared"
 backend: "python"
@@ -24,6 +26,7 @@ max_batch_size: 4
 input [ { name: "IN", data_type: TYPE_INT64, dims: [ 2 ] } ]
 output [ { name: "OUT", data_type: TYPE_INT64, dims: [ 2 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 2000000 }
+parameters { key: "batch_dispatch" value { string_value: "latency_first" } }
 """
 SHARED_MODEL = """
 import time

@@ -124,3 +124,65 @@ def test_config_without_backend_or_model_file_is_rejected(tmp_path):
 )
 def test_version_policy_selects_versions_highest_first(policy, available, served):
     assert policy.select(available) == served
+
+
+# --- batch_dispatch: Triton's waiting rule by default, latency-first on request -------------
+
+
+def _dispatch_config(
+    extra: str, batching: str = "dynamic_batching { max_queue_delay_microseconds: 100 }"
+) -> str:
+    return (
+        'name: "m"\nbackend: "python"\nmax_batch_size: 8\n'
+        'input [ { name: "IN", data_type: TYPE_FP32, dims: [ 4 ] } ]\n'
+        'output [ { name: "OUT", data_type: TYPE_FP32, dims: [ 4 ] } ]\n'
+        f"{batching}\n{extra}\n"
+    )
+
+
+def _parameter(key: str, value: str) -> str:
+    return f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}'
+
+
+@pytest.mark.parametrize(
+    ("extra", "latency_first"),
+    [
+        ("", False),
+        (_parameter("batch_dispatch", "triton"), False),
+        (_parameter("batch_dispatch", "latency_first"), True),
+        (_parameter("latency_slo_ms", "50"), True),
+        (
+            _parameter("latency_slo_ms", "50") + "\n" + _parameter("batch_dispatch", "latency_first"),
+            True,
+        ),
+    ],
+)
+def test_dynamic_batcher_waits_as_triton_does_unless_latency_first_is_asked_for(
+    tmp_path, extra, latency_first
+):
+    config = _build(_model_dir(tmp_path, _dispatch_config(extra)))
+    assert config.dynamic_batching.latency_first is latency_first
+
+
+@pytest.mark.parametrize(
+    ("extra", "batching", "expected"),
+    [
+        (_parameter("batch_dispatch", "fast"), None, "expected 'triton'"),
+        (_parameter("batch_dispatch", ""), None, "got ''"),
+        (
+            _parameter("batch_dispatch", "triton") + "\n" + _parameter("latency_slo_ms", "50"),
+            None,
+            "cannot go with latency_slo_ms",
+        ),
+        (_parameter("batch_dispatch", "latency_first"), "", "needs dynamic_batching"),
+        (_parameter("batch_dispatch", "sometimes"), "", "expected 'triton'"),
+    ],
+)
+def test_malformed_batch_dispatch_fails_the_load_naming_the_parameter(
+    tmp_path, extra, batching, expected
+):
+    text = _dispatch_config(extra) if batching is None else _dispatch_config(extra, batching)
+    with pytest.raises(InvalidConfig) as raised:
+        _build(_model_dir(tmp_path, text))
+    assert "config.pbtxt: parameters.batch_dispatch:" in str(raised.value)
+    assert expected in str(raised.value)

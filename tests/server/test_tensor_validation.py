@@ -50,7 +50,7 @@ def test_unknown_input_lists_the_expected_ones():
         ("FP32", [3], "expected shape [-1, 3]"),
         ("FP32", [0, 3], "batch dimension must be >= 1"),
         ("FP32", [5, 3], "batch size 5 exceeds max_batch_size 4"),
-        ("FP32", [1, -3], "negative dimension"),
+        ("FP32", [1, -3], "shape [1,-3] contains one or more invalid dimensions"),
     ],
 )
 def test_bad_datatype_or_shape_is_rejected_naming_the_input(datatype, shape, fragment):

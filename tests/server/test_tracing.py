@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from helpers import ConvoyProcess
+from tritonclient.utils import InferenceServerException
 
 from convoy.cli import demo_repository
 
@@ -228,3 +229,150 @@ def test_ensemble_request_has_a_span_per_step(tmp_path, monkeypatch):
         assert sorted(s["name"] for s in inner) == ["compute", "queue"]
     finally:
         assert server.stop() == 0, server.log()
+
+
+# --- Triton's trace settings API, deciding which requests get spans -------------------------------
+
+
+@pytest.fixture(scope="module")
+def console_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trace-api")
+    shutil.copytree(demo_repository() / "add_sub", root / "models" / "add_sub")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        server = ConvoyProcess(root / "models", root / "server.log", ("--trace-console",))
+        server.start()
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _traced_ids(server: ConvoyProcess) -> list[str]:
+    """The request ids of the "infer add_sub" spans printed so far, in order."""
+    ids = []
+    for line in list(server.stdout_lines):
+        if line.startswith("{"):
+            span = json.loads(line)
+            if span["name"] == "infer add_sub":
+                ids.append(span["attributes"]["convoy.request_id"])
+    return ids
+
+
+def _send(server: ConvoyProcess, request_id: str, traceparent: str | None = None) -> None:
+    client = httpclient.InferenceServerClient(server.http_url)
+    a = np.ones((1, 16), dtype=np.float32)
+    inputs = [httpclient.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(a)
+    headers = {"traceparent": traceparent} if traceparent else None
+    client.infer("add_sub", inputs, request_id=request_id, headers=headers)
+    client.close()
+
+
+def _traced_before_marker(server: ConvoyProcess, marker: str) -> list[str]:
+    """Every traced id up to a final request that is traced for sure (it carries a trace
+    context): once its span is out, every earlier request's span is out too."""
+    _send(server, marker, _traceparent()[1])
+    deadline = time.monotonic() + DEADLINE_S
+    pause = threading.Event()
+    while marker not in _traced_ids(server):
+        assert time.monotonic() < deadline, f"no span for {marker}"
+        pause.wait(0.05)
+    ids = _traced_ids(server)
+    return ids[: ids.index(marker)]
+
+
+def _grpc_settings(response) -> dict:
+    return {key: list(value.value) for key, value in response.settings.items()}
+
+
+def test_trace_settings_answer_on_both_protocols_globally_and_per_model(console_server):
+    http = httpclient.InferenceServerClient(console_server.http_url)
+    grpc = grpcclient.InferenceServerClient(console_server.grpc_url)
+    try:
+        expected = {
+            "trace_level": ["TIMESTAMPS"],
+            "trace_rate": "1",
+            "trace_count": "-1",
+            "trace_mode": "opentelemetry",
+            "bsp_max_queue_size": "2048",
+            "bsp_schedule_delay": "100",
+            "bsp_max_export_batch_size": "512",
+        }
+        assert http.get_trace_settings() == expected
+        assert http.get_trace_settings(model_name="add_sub") == expected
+        as_lists = {k: v if isinstance(v, list) else [v] for k, v in expected.items()}
+        assert _grpc_settings(grpc.get_trace_settings()) == as_lists
+        assert _grpc_settings(grpc.get_trace_settings(model_name="add_sub")) == as_lists
+        for call in (
+            lambda: http.get_trace_settings(model_name="does-not-exist"),
+            lambda: grpc.update_trace_settings(
+                model_name="does-not-exist", settings={"trace_rate": "2"}
+            ),
+        ):
+            with pytest.raises(InferenceServerException) as caught:
+                call()
+            assert "Request for unknown model : does-not-exist" in caught.value.message()
+        with pytest.raises(InferenceServerException) as caught:
+            http.update_trace_settings(settings={"trace_file": "model.log"})
+        assert (
+            caught.value.message() == "trace file location can not be updated through network protocol"
+        )
+        with pytest.raises(InferenceServerException) as caught:
+            grpc.update_trace_settings(settings={"trace_rate": "often"})
+        assert caught.value.message() == "Unable to parse 'trace_rate', got: often"
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        http.close()
+        grpc.close()
+
+
+def test_rate_and_count_decide_which_requests_are_traced_and_clearing_restores(console_server):
+    http = httpclient.InferenceServerClient(console_server.http_url)
+    grpc = grpcclient.InferenceServerClient(console_server.grpc_url)
+    try:
+        answer = http.update_trace_settings(settings={"trace_rate": "2"})
+        assert answer["trace_rate"] == "2"
+        model = _grpc_settings(
+            grpc.update_trace_settings(model_name="add_sub", settings={"trace_count": "1"})
+        )
+        assert (model["trace_rate"], model["trace_count"]) == (["2"], ["1"])
+        assert http.get_trace_settings()["trace_count"] == "-1"  # the global level's own
+        for index in range(5):
+            _send(console_server, f"counted-{index}")
+        traced = [
+            i for i in _traced_before_marker(console_server, "marker-1") if i.startswith("counted-")
+        ]
+        assert traced == ["counted-1"]  # the second request (rate 2), then the count ran out
+        assert http.get_trace_settings(model_name="add_sub")["trace_count"] == "0"
+        # Clearing both puts the model back on the global (start-up) settings.
+        http.update_trace_settings(model_name="add_sub", settings={"trace_count": None})
+        grpc.update_trace_settings(settings={"trace_rate": []})
+        assert http.get_trace_settings(model_name="add_sub")["trace_rate"] == "1"
+        assert http.get_trace_settings(model_name="add_sub")["trace_count"] == "-1"
+        for index in range(2):
+            _send(console_server, f"every-{index}")
+        traced = [i for i in _traced_before_marker(console_server, "marker-2") if i.startswith("every-")]
+        assert traced == ["every-0", "every-1"]
+    finally:
+        http.close()
+        grpc.close()
+
+
+def test_level_off_traces_nothing_until_it_is_turned_on_again(console_server):
+    http = httpclient.InferenceServerClient(console_server.http_url)
+    try:
+        assert http.update_trace_settings(settings={"trace_level": ["OFF"]})["trace_level"] == ["OFF"]
+        _send(console_server, "silent", _traceparent()[1])  # not even a propagated context
+        http.update_trace_settings(settings={"trace_level": None})
+        assert "silent" not in _traced_before_marker(console_server, "marker-3")
+    finally:
+        http.close()
+
+
+def test_a_server_without_an_exporter_refuses_to_turn_tracing_on(http_client, grpc_client):
+    assert http_client.get_trace_settings()["trace_level"] == ["OFF"]
+    with pytest.raises(InferenceServerException) as caught:
+        grpc_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    assert "nowhere to send traces" in caught.value.message()

@@ -12,6 +12,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from e2e.test_cancellation import GATE_CONFIG, GATE_MODEL
 from helpers import (
+    EXPLICIT,
     ConvoyProcess,
     Protocol,
     build_broken_repository,
@@ -24,14 +25,20 @@ from worker_metrics import WORKERS
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("workers-serving")
-    process = ConvoyProcess(build_serving_repository(root / "models"), root / "server.log", WORKERS)
+    process = ConvoyProcess(
+        build_serving_repository(root / "models"),
+        root / "server.log",
+        (*WORKERS, *EXPLICIT, "--allow-client-shm"),
+    )
     yield from serve_until_stopped(process, "ready")
 
 
 @pytest.fixture(scope="session")
 def broken_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("workers-broken")
-    process = ConvoyProcess(build_broken_repository(root / "models"), root / "server.log", WORKERS)
+    process = ConvoyProcess(
+        build_broken_repository(root / "models"), root / "server.log", (*WORKERS, *EXPLICIT)
+    )
     yield from serve_until_stopped(process, "live")
 
 

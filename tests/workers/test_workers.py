@@ -215,6 +215,25 @@ def test_log_settings_changed_through_one_worker_reach_every_worker(server):
         poll(lambda: settings_on_fresh_connections() == {0}, "every worker to turn it off again")
 
 
+def test_trace_settings_changed_through_one_worker_reach_every_worker(server):
+    url = f"{server.base_url}/v2/models/add_sub/trace/setting"
+
+    def rates_on_fresh_connections() -> set[str]:
+        seen = set()
+        for _ in range(8):
+            with requests.Session() as fresh:
+                seen.add(fresh.get(url, timeout=10).json()["trace_rate"])
+        return seen
+
+    assert rates_on_fresh_connections() == {"1"}
+    try:
+        assert requests.post(url, json={"trace_rate": "7"}, timeout=10).json()["trace_rate"] == "7"
+        poll(lambda: rates_on_fresh_connections() == {"7"}, "every worker to see the new rate")
+    finally:
+        requests.post(url, json={"trace_rate": None}, timeout=10)
+        poll(lambda: rates_on_fresh_connections() == {"1"}, "every worker to clear it again")
+
+
 def test_errors_raised_in_the_engine_keep_their_status_through_a_worker(protocol):
     """The scheduler (in the engine) rejects a priority the model has no level for: the worker
     answers INVALID_ARGUMENT / 400 with the engine's message."""
