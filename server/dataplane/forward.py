@@ -21,11 +21,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from convoy.auth import Keyring
-from convoy.errors import ConvoyError, InvalidInput
+from convoy.errors import ConvoyError, InvalidInput, status_of
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
 from convoy.server.grpc_api.decoding import Undecodable
-from convoy.server.grpc_api.handlers import GrpcFrontend
+from convoy.server.grpc_api.decoupled import FINAL_FLAG, StreamFailure
+from convoy.server.grpc_api.handlers import GRPC_ERROR_HEADER, GrpcFrontend
 from convoy.server.grpc_api.interceptors import _KEY
 from convoy.server.observability.access_log import AccessLog
 from convoy.server.observability.tracing import TRACEPARENT
@@ -202,6 +203,7 @@ class GrpcForwarder:
         decoupled model's many) as stream messages, then the slot's end."""
         metadata = dict(metadata)
         traceparent = metadata.get(TRACEPARENT)
+        grpc_errors = metadata.get(GRPC_ERROR_HEADER) == "true"
         started = time.monotonic_ns()
         try:
             parsed = pb.ModelInferRequest.FromString(message)
@@ -211,6 +213,20 @@ class GrpcForwarder:
             return
         del message
         principal = None
+
+        def put(item) -> None:
+            """One response (or StreamFailure) of this message onto the stream."""
+            code = ""
+            if type(item) is StreamFailure:
+                code, item = item
+            self._log_stream(item, started, principal)
+            if code and grpc_errors:
+                # Triton's triton_grpc_error mode: the stream ends with the error's status.
+                status = grpc.StatusCode[code]
+                self.answer((slot, FAILURE, status.value[0], 500, item.error_message, None, True))
+            else:
+                self.answer((slot, MESSAGE, item.SerializeToString()))
+
         try:
             if self.keys is not None:
                 try:
@@ -221,21 +237,16 @@ class GrpcForwarder:
                 key.require(parsed.model_name)
                 principal = key.name
                 _KEY.set(key)
-
-            def put(response: pb.ModelStreamInferResponse) -> None:
-                self._log_stream(response, started, principal)
-                self.answer((slot, MESSAGE, response.SerializeToString()))
-
             deadline = None if deadline_ns is None else deadline_ns / 1e9
             response = await self.servicer._infer(parsed, deadline, traceparent, principal, put)
             if response is not None:
+                # A model that is not decoupled answers once: its last response.
+                response.parameters[FINAL_FLAG].bool_param = True
                 put(pb.ModelStreamInferResponse(infer_response=response))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = self.servicer._stream_error(parsed, exc)
-            self._log_stream(error, started, principal)
-            self.answer((slot, MESSAGE, error.SerializeToString()))
+            put(StreamFailure(status_of(exc)[0], self.servicer._stream_error(parsed, exc)))
         self.answer((slot, FINISHED))
 
     def _log_stream(self, response, started: int, principal) -> None:

@@ -18,7 +18,7 @@ use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, En
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::call::{Answer, Failure, GrpcForward, Item, LogLevel, Protocol};
+use crate::call::{Answer, Failure, GrpcForward, Item, LogLevel, Param, Protocol};
 use crate::errors::{self, INTERNAL_MESSAGE};
 use crate::grpc_infer::{self, Envelope};
 use crate::hub::{monotonic_ns, Hub, SlotGuard};
@@ -327,13 +327,28 @@ impl tower_service::Service<Request<Streaming<Bytes>>> for StreamCall {
         Box::pin(async move {
             let received_ns = monotonic_ns();
             let (metadata, _, inbound) = request.into_parts();
+            // Triton's header: the first error ends the stream with its status.
+            let grpc_errors = text(&metadata, GRPC_ERROR_HEADER).as_deref() == Some("true");
             let (sender, receiver) = mpsc::unbounded_channel();
             let in_flight: InFlightMap = Arc::default();
             let reader = tokio::spawn(read_stream(front.clone(), metadata, received_ns, inbound, sender, in_flight.clone()));
-            Ok(Response::new(ResponseStream { hub: front.hub.clone(), receiver, in_flight, reader, reader_done: false }))
+            Ok(Response::new(ResponseStream {
+                hub: front.hub.clone(),
+                receiver,
+                in_flight,
+                reader,
+                reader_done: false,
+                grpc_errors,
+            }))
         })
     }
 }
+
+/// The request header of Triton's that makes a stream's first error end it with its status.
+const GRPC_ERROR_HEADER: &str = "triton_grpc_error";
+/// The response parameter every ModelStreamInferResponse carries: whether it is its request's
+/// last (always, for a model that is not decoupled).
+const FINAL_FLAG: &str = "triton_final_response";
 
 /// Slot 0 on a stream's channel: the reader's own news (the client half-closed, or its
 /// messages could not be read).
@@ -417,6 +432,8 @@ pub struct ResponseStream {
     in_flight: InFlightMap,
     reader: tokio::task::JoinHandle<()>,
     reader_done: bool,
+    /// `triton_grpc_error: true`: an error ends the call with its status.
+    grpc_errors: bool,
 }
 
 impl ResponseStream {
@@ -454,12 +471,13 @@ impl futures_core::Stream for ResponseStream {
             let outgoing = match answer {
                 Answer::Outputs { version, outputs, parameters } => {
                     let Some(flight) = self.in_flight.lock().remove(&slot) else { continue };
-                    let response = grpc_infer::encode_response(flight.model, flight.id, version, outputs, &parameters);
+                    let mut response = grpc_infer::encode_response(flight.model, flight.id, version, outputs, &parameters);
+                    response.parameters.insert(FINAL_FLAG.to_owned(), grpc_infer::to_infer_parameter(&Param::Bool(true)));
                     Outgoing::Stream(Box::new(ModelStreamInferResponse { error_message: String::new(), infer_response: Some(response) }))
                 }
                 Answer::Failed(failure) => {
                     let Some(flight) = self.in_flight.lock().remove(&slot) else { continue };
-                    if failure.fatal {
+                    if failure.fatal || self.grpc_errors {
                         return Poll::Ready(Some(Err(status_of(failure))));
                     }
                     Self::error_response(&flight, failure.message)

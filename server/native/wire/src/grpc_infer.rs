@@ -37,7 +37,8 @@ pub fn decode(table: &ModelTable, message: ModelInferRequest, envelope: Envelope
         }
         let accepted = checker.accept(&tensor.name, &tensor.datatype, &tensor.shape)?;
         let data = if raw.is_empty() {
-            contents_bytes(accepted.dtype, accepted.count, tensor.contents.as_ref())?
+            // An input with neither raw bytes nor typed contents has no data (Python says so).
+            contents_bytes(accepted.dtype, accepted.count, Some(tensor.contents.as_ref()?))?
         } else {
             if tensor.contents.is_some() {
                 return None;
@@ -102,8 +103,7 @@ pub fn to_infer_parameter(value: &Param) -> InferParameter {
 /// when the count is off, a value does not fit the datatype, or the datatype has no numeric
 /// field here (FP16, BF16 travel raw; BYTES contents are decoded by Python).
 fn contents_bytes(dtype: Dtype, count: u64, contents: Option<&InferTensorContents>) -> Option<Bytes> {
-    let empty = InferTensorContents::default();
-    let contents = contents.unwrap_or(&empty);
+    let contents = contents?;
     let mut out = BytesMut::with_capacity(count as usize * dtype.itemsize()?);
     macro_rules! fill {
         ($values:expr, $convert:expr, $put:ident) => {{
@@ -225,9 +225,11 @@ mod tests {
         mixed.inputs[0].contents = Some(InferTensorContents::default());
         let mut short = raw_request();
         short.raw_input_contents.pop();
+        let mut no_data = raw_request();
+        no_data.raw_input_contents.clear();
         let mut output = raw_request();
         output.outputs.push(InferRequestedOutputTensor { name: "OUTPUT9".into(), parameters: Default::default() });
-        for message in [unknown, shm, mixed, short, output] {
+        for message in [unknown, shm, mixed, short, output, no_data] {
             assert!(decode(&table, message, envelope()).is_none());
         }
     }

@@ -129,6 +129,8 @@ pub fn decode(model: &ModelSpec, body: &Bytes, json_length: Option<usize>, envel
             }
         }
         let data = match size {
+            // Data given both ways is Python's to refuse (Triton's check).
+            Some(_) if input.data.is_some() => return None,
             Some(size) => {
                 let end = offset.checked_add(size)?;
                 if end > binary.len() {
