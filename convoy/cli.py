@@ -231,6 +231,14 @@ def _serve_parser(sub) -> None:
         help="with --model-control-mode poll: seconds between repository scans (default 15)",
     )
     p.add_argument(
+        "--rollout-state",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="keep roll-outs (shadow, canary, A/B) in FILE so a restart resumes or aborts them "
+        "(each roll-out's on_restart); needed to start one through the API (`convoy rollout`)",
+    )
+    p.add_argument(
         "--load-model",
         action="append",
         default=[],
@@ -412,7 +420,7 @@ def _usage(args) -> int:
         import orjson
 
         document = [
-            {"period": r.period, "key": r.key, "model": r.model, **r.sums}
+            {"period": r.period, "key": r.key, "model": r.model, "traffic": r.traffic, **r.sums}
             | ({"cost": r.cost(rate)} if rate else {})
             for r in rows
         ]
@@ -422,14 +430,15 @@ def _usage(args) -> int:
     from rich.table import Table
 
     table = Table(title="Convoy usage" + (f" (cost at {rate:g} per compute second)" if rate else ""))
-    columns = ["period", "key", "model", *SUMMED] + (["cost"] if rate else [])
+    columns = ["period", "key", "model", "traffic", *SUMMED] + (["cost"] if rate else [])
     for column in columns:
-        table.add_column(column.replace("_", " "), justify="left" if column in columns[:3] else "right")
+        table.add_column(column.replace("_", " "), justify="left" if column in columns[:4] else "right")
     for r in rows:
         numbers = [
             f"{r.sums[n]:.3f}" if n.endswith("seconds") else f"{int(r.sums[n]):,}" for n in SUMMED
         ]
-        table.add_row(r.period, r.key, r.model, *numbers, *([f"{r.cost(rate):.4f}"] if rate else []))
+        cost = [f"{r.cost(rate):.4f}"] if rate else []
+        table.add_row(r.period, r.key, r.model, r.traffic, *numbers, *cost)
     Console(width=200).print(table)
     return 0
 
@@ -570,6 +579,7 @@ def _settings(args) -> ServerConfig:
         capacity_reports=tuple(args.capacity_report),
         workers=workers,
         ipc_arena_mb=args.ipc_arena_mb,
+        rollout_state=args.rollout_state,
     )
 
 

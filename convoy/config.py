@@ -354,3 +354,6 @@ class ServerConfig:
     #: With workers: MiB of shared memory per front end for large inputs (engine/arena.py);
     #: 0 sends every tensor over the socket.
     ipc_arena_mb: int = 64
+    #: Where roll-outs keep their state across restarts (engine/rollout/manager.py); None: in
+    #: memory only (the admin API then refuses to start one).
+    rollout_state: Path | None = None

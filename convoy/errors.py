@@ -36,6 +36,10 @@ class NoDevice(ConvoyError):
     """The feature needs a device this server does not have (CUDA shared memory without a GPU)."""
 
 
+class Conflict(ConvoyError):
+    """The call conflicts with what the server is doing (a roll-out already runs on the model)."""
+
+
 # --- the repository / a model's configuration is bad ------------------------------------------
 class InvalidConfig(ConvoyError):
     """A model's config.pbtxt or files are invalid; the message names the file and the field."""
@@ -90,6 +94,7 @@ STATUS: dict[type[ConvoyError], tuple[str, int]] = {
     PermissionDenied: ("PERMISSION_DENIED", 403),
     Unsupported: ("UNIMPLEMENTED", 501),
     NoDevice: ("UNAVAILABLE", 400),
+    Conflict: ("FAILED_PRECONDITION", 409),
     InvalidConfig: ("INVALID_ARGUMENT", 400),
     ModelLoadFailed: ("INTERNAL", 400),
     Overloaded: ("RESOURCE_EXHAUSTED", 429),

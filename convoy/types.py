@@ -77,6 +77,16 @@ class Request:
     #: Names of the models whose execution waits on this request (BLS calls), outermost first:
     #: a call to a model already in the chain is refused (it could deadlock its instances).
     callers: tuple[str, ...] = ()
+    #: Roll-outs: the value of the header the model's roll-out splits traffic by (set by the
+    #: front end when the resolved version names one in `split_header`), else None: the engine
+    #: then splits by `principal`.
+    split_key: str | None = None
+    #: A roll-out's paired copy of a client's request (engine/rollout): it waits behind every
+    #: priority level, does not count against the levels' queue sizes, and answers the roll-out,
+    #: never a client.
+    mirror: bool = False
+    #: The model version a roll-out routed this request to (engine-owned: cancel finds it here).
+    routed_to: Any = None
     # --- owned by the scheduler -------------------------------------------------------------
     state: RequestState = RequestState.QUEUED
     #: When the request entered its queue (monotonic ns).

@@ -33,6 +33,8 @@ from .overrides import parse_load_parameters
 from .payload_log import PayloadLog
 from .recent import Counts, RecentWindow
 from .repository import ModelRepository, ModelVersion
+from .rollout import RolloutManager, RolloutRoute
+from .rollout.metrics import RolloutCollector
 from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("convoy.engine")
@@ -65,6 +67,10 @@ class Engine(EngineClient):
         self.repository.model_caller.service = self
         # Ensemble steps reach their composing models through this engine's submit path.
         self.repository.submit_step = self._queue
+        #: Roll-outs: which versions each model holds and serves, and how requests naming no
+        #: version are split while one runs.
+        self.rollouts = RolloutManager(settings, self.repository)
+        self.repository.rollouts = self.rollouts
         #: API keys: the engine takes each request off its key's quota (front ends check keys).
         #: Read here, so a broken key file stops start-up before any model loads.
         self.keys: Keyring | None = load_keys(settings)
@@ -84,8 +90,13 @@ class Engine(EngineClient):
         self.payload_log = _start_payload_log(settings)
         try:
             self.metrics = Metrics(self.repository, self.usage, self.payload_log, self.keys)
+            self.metrics.registry.register(RolloutCollector(self.rollouts))
+            self.rollouts.payload_log = self.payload_log
             self.recent.start()
+            # The state file first: the versions its roll-outs hold load with the models.
+            self.rollouts.prepare()
             await self.repository.__aenter__()
+            await self.rollouts.begin()
             self.started = True
             if settings.usage_ledger is not None and self.usage is not None:
                 self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
@@ -123,6 +134,7 @@ class Engine(EngineClient):
         self.accepting = False
         self.refusing = True
         await self.recent.close()
+        await self.rollouts.close()
         if self._keys_watch is not None:
             self._keys_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -142,7 +154,16 @@ class Engine(EngineClient):
         return self.repository.models
 
     # --- inference -------------------------------------------------------------------------------
-    def submit(self, model: ModelVersion, request: Request) -> None:
+    def resolve(self, name: str, version: str = ""):
+        """As EngineClient.resolve; a request naming no version of a model under a running
+        roll-out gets the roll-out's route (its split happens in `submit`)."""
+        if not version:
+            route = self.rollouts.routes.get(name)
+            if route is not None and route.ready:
+                return route
+        return super().resolve(name, version)
+
+    def submit(self, model: ModelVersion | RolloutRoute, request: Request) -> None:
         """Queue a request on its model's scheduler (loop thread); errors go to its future."""
         if self.keys is not None and request.principal is not None and not self.refusing:
             # Quotas are counted here, where every front end's requests meet.
@@ -151,9 +172,12 @@ class Engine(EngineClient):
             except ConvoyError as exc:
                 if not request.future.done():
                     request.future.set_exception(exc)
-                if self.payload_log is not None:
+                if self.payload_log is not None and type(model) is not RolloutRoute:
                     self.payload_log.offer(model, request)
                 return
+        if type(model) is RolloutRoute:
+            model.rollout.submit(request, self._queue)
+            return
         self._queue(model, request)
 
     def _queue(self, model: ModelVersion, request: Request) -> None:
@@ -183,6 +207,8 @@ class Engine(EngineClient):
             raise
 
     def cancel(self, model: ModelVersion, request: Request) -> None:
+        if request.routed_to is not None:
+            model = request.routed_to  # the version its roll-out sent it to
         scheduler = model.scheduler
         if scheduler is not None:
             scheduler.cancel(request)
@@ -217,6 +243,22 @@ class Engine(EngineClient):
 
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await self.repository.unload(name)
+
+    # --- roll-outs ----------------------------------------------------------------------------------
+    async def rollout_start(self, name: str, document: dict) -> dict:
+        return await self.rollouts.start(name, document)
+
+    async def rollout_status(self, name: str = "") -> dict:
+        return self.rollouts.status(name)
+
+    async def rollout_promote(self, name: str) -> dict:
+        return self.rollouts.promote(name)
+
+    async def rollout_abort(self, name: str) -> dict:
+        return self.rollouts.abort(name)
+
+    async def rollout_report(self, name: str) -> dict:
+        return self.rollouts.report(name)
 
     def _version_counts(self) -> dict[str, Counts]:
         """Every version's (failures, success latency buckets), keyed "model/version"."""
@@ -254,6 +296,7 @@ class Engine(EngineClient):
             "payload_log_on": self.payload_log is not None,
             "window_s": self.recent.window_s,
             "versions": versions,
+            "rollouts": self.rollouts.catalog_summary(),
         }
 
     # --- shared memory -----------------------------------------------------------------------------

@@ -416,6 +416,19 @@ class UsageCollector(Collector):
             for (principal, model, version), totals in snapshot.items():
                 family.add_metric([principal, model, version], value_of(totals))
             yield family
+        # A roll-out's shadow work (mirrored copies of the key's requests), counted apart.
+        shadow = self.meter.snapshot(shadow=True)
+        for name, documentation, value_of in _USAGE_COUNTERS:
+            if name == "convoy_usage_rejections":
+                continue  # mirrors are dropped by their budget, never rejected by a queue
+            family = CounterMetricFamily(
+                name.replace("convoy_usage_", "convoy_usage_shadow_"),
+                f"Roll-out shadow work: {documentation[0].lower()}{documentation[1:]}",
+                labels=("key", *LABELS),
+            )
+            for (principal, model, version), totals in shadow.items():
+                family.add_metric([principal, model, version], value_of(totals))
+            yield family
 
 
 class QuotaCollector(Collector):
