@@ -14,6 +14,7 @@ from pathlib import Path
 from convoy import __version__, auth
 from convoy.config import ServerConfig
 from convoy.errors import ConvoyError
+from convoy import rollout_cli
 from convoy.loadtests import cli as loadtests_cli
 
 #: Where the key file is when --api-keys / --file is not given.
@@ -746,6 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     _keys_parser(sub)
     _usage_parser(sub)
     _check_parser(sub)
+    rollout_cli.add_parser(sub)
     loadtests_cli.add_parsers(sub)
     _use_help_formatter(parser)
     args = parser.parse_args(argv)
@@ -755,6 +757,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_keys(args))
     if args.command == "usage":
         sys.exit(_usage(args))
+    if args.command == "rollout":
+        sys.exit(rollout_cli.main(args))
     from convoy.logs import configure_logging
 
     if args.command == "check":
