@@ -11,10 +11,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from convoy import __version__, auth
+from convoy import __version__, auth, rollout_cli
 from convoy.config import ServerConfig
 from convoy.errors import ConvoyError
-from convoy import rollout_cli
 from convoy.loadtests import cli as loadtests_cli
 
 #: Where the key file is when --api-keys / --file is not given.

@@ -22,9 +22,9 @@ buckets. A page view only reads them, so traffic before the first view counts to
 "capacity": {...} | null, "rollout": {"state", "mode", "step", "candidate_weight", "reason",
 "pairs", "agreement", "arms": [{"arm" (stable | candidate), "version", "served": {requests,
 errors, error_rate, p50_ms, p90_ms, p99_ms}, "mirrored": {...}}]} | null (a roll-out's two arms
-side by side, over the whole roll-out)}]}. Addresses: the HTTP host:port from the request's Host header (one
-that is not a plain host[:port] is replaced, so nothing odd reaches the shell snippets), the gRPC
-port the server actually bound.
+side by side, over the whole roll-out)}]}. Addresses: the HTTP host:port from the request's Host
+header (one that is not a plain host[:port] is replaced, so nothing odd reaches the shell
+snippets), the gRPC port the server actually bound.
 """
 
 from __future__ import annotations

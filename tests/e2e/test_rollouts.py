@@ -159,7 +159,8 @@ def test_bad_roll_outs_are_refused_naming_the_field(server):
         return answer.json()["error"]
 
     assert refused({"stable": 1, "candidate": 9}).startswith(
-        "candidate: version 9: model 'refusals' has no version folder 9 (versions on disk: [1, 2, 3, 4, 5, 6])"
+        "candidate: version 9: model 'refusals' has no version folder 9 "
+        "(versions on disk: [1, 2, 3, 4, 5, 6])"
     )
     assert refused({"stable": 8, "candidate": 2}).startswith("stable: version 8")
     assert "weights stable 80 + candidate 30 = 110" in refused(

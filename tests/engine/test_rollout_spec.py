@@ -3,6 +3,8 @@ refused with a message naming the field and what was expected."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -176,7 +178,7 @@ def test_a_template_names_no_versions():
 @given(st.lists(st.floats(0.5, 100, allow_nan=False), min_size=1, max_size=8))
 def test_any_steps_accepted_grow_strictly_and_any_refused_do_not(shares):
     document = {"stable": 1, "candidate": 2, "steps": shares}
-    growing = all(b > a for a, b in zip(shares, shares[1:], strict=False))
+    growing = all(b > a for a, b in itertools.pairwise(shares))
     if growing:
         spec = parse_spec(document)
         assert [s.candidate_percent for s in spec.steps] == shares
