@@ -10,6 +10,7 @@ Versions of every roll-out model (OUTPUT0 for INPUT0 = x):
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import ConvoyProcess
+from helpers import ConvoyProcess, poll
 from tritonclient.utils import InferenceServerException
 
 CONFIG = """
@@ -90,6 +91,25 @@ def status(server: ConvoyProcess, model: str, headers=None) -> dict:
     answer = admin(server, "GET", f"/{model}", headers=headers)
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+def wait_for_state(
+    server: ConvoyProcess, model: str, states: tuple[str, ...], timeout: float = 60.0
+) -> dict:
+    """The roll-out's status once its state is one of `states`; on timeout the failure shows
+    the last status and the server's log."""
+    last: dict = {}
+
+    def reached():
+        nonlocal last
+        answer = admin(server, "GET", f"/{model}")
+        last = answer.json()
+        return answer.status_code == 200 and last["state"] in states and last
+
+    try:
+        return poll(reached, f"the roll-out of {model} to be {' or '.join(states)}", timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{json.dumps(last, indent=1)[:4000]}\n{server.log()}") from None
 
 
 def start(server: ConvoyProcess, model: str, spec: dict, headers=None) -> dict:

@@ -5,8 +5,9 @@ Routing (engine loop, per request): while the roll-out runs, a caller is put in 
 arm when a hash of its split key (the chosen header's value, else its API key name) falls under
 the step's candidate share, so one caller sees one arm and, as the share grows, callers only
 ever move from stable to the candidate; callers with neither are split by count. A request is
-mirrored to the other arm (in a shadow step: to the candidate, `mirror.sample_rate` of them; in
-weighted steps `compare.sample_rate` of them) when that arm's budget allows: the copy runs
+mirrored to the other arm (in a shadow step: stable's to the candidate, `mirror.sample_rate` of
+them; in weighted steps `compare.sample_rate` of the candidate's to stable, so the candidate runs
+only its own traffic) when that arm's budget allows: the copy runs
 behind every priority level, and its outcome only ever reaches this roll-out. The client's
 request keeps its own future (wrapped here to note the outcome and add the response parameter
 `convoy_rollout_arm`); nothing about it waits on the mirror.
@@ -355,7 +356,10 @@ class Rollout:
         start = time.monotonic_ns()
         pair = None
         mirror = None
-        wanted = self._mirror_share.take() if shadow else self._compare_share.take()
+        # Shadow: stable's requests are copied to the candidate. Weighted steps: the requests
+        # the candidate answered are copied to stable, never the other way, so the candidate
+        # runs exactly its own traffic and its latency is its own.
+        wanted = self._mirror_share.take() if shadow else to_candidate and self._compare_share.take()
         if wanted and other.ready and other.scheduler is not None:
             reason = self._budget(other).admit(start)
             if reason:

@@ -6,8 +6,12 @@ Guards, each over the current step's samples (a new step starts with empty windo
 - error rate: candidate error rate - stable error rate <= max_error_rate_delta;
 - agreement: agreeing pairs / compared pairs >= min_agreement.
 Each needs `min_samples` behind it (candidate requests, stable requests, pairs) before it can hold
-or break. The windows compared: the candidate's mirrored requests in a shadow step (it serves no
-client there), the requests it served otherwise; stable's served requests, or at a 100% step
+or break, and breaks only on evidence (BREACH_ALPHA): more than 1% of the candidate's requests over
+the latency limit, its error rate above stable's by more than the delta, or more disagreeing pairs
+than 1 - min_agreement allows, each beyond chance by a one-sided test. Out of limit without that
+evidence, the step neither breaks nor advances: it waits for samples. The windows compared: the
+candidate's mirrored requests in a shadow step (it serves no client there), the requests it
+served otherwise; stable's served requests, or at a 100% step
 (where it serves none) its mirrored ones.
 
 Decision: any guard broken -> roll back, at once. Before the bake time has passed -> bake. A guard
@@ -23,10 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .spec import RolloutSpec, Step
-from .stats import ArmWindow, StepStats, mann_whitney, two_proportions
+from .stats import ArmWindow, StepStats, binomial_tail, mann_whitney, rate_excess, two_proportions
 
 #: Latency differences below this are scheduling noise, not a slower candidate (ms).
 P99_SLACK_MS = 1.0
+#: A guard breaks only on evidence: the chance of measuring what was measured if the guard in
+#: fact held must be below this (a one-sided test); until then an out-of-limit step waits. Small,
+#: because the gate looks again every check interval (repeated looks at 0.01 broke a good
+#: candidate on a busy 2-core host) and a host's stalls hit requests in bunches.
+BREACH_ALPHA = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,74 +83,73 @@ def check_guards(spec: RolloutSpec, stats: StepStats, step: Step) -> tuple[Guard
     stable, candidate = reference_windows(stats, step)
     checks = []
     if guards.max_p99_ratio is not None:
-        samples = min(len(stable.latencies.values), len(candidate.latencies.values))
-        stable_p99 = stable.latencies.quantile_ms(0.99)
-        candidate_p99 = candidate.latencies.quantile_ms(0.99)
-        if samples < needed or stable_p99 is None or candidate_p99 is None:
-            checks.append(
-                GuardCheck("latency", None, candidate_p99, None, samples, needed, "collecting latencies")
-            )
-        else:
-            limit = guards.max_p99_ratio * stable_p99 + P99_SLACK_MS
-            holds = candidate_p99 <= limit
-            checks.append(
-                GuardCheck(
-                    "latency",
-                    holds,
-                    candidate_p99,
-                    limit,
-                    samples,
-                    needed,
-                    f"candidate p99 {candidate_p99:.2f} ms vs stable p99 {stable_p99:.2f} ms "
-                    f"(limit {guards.max_p99_ratio:g} x stable + {P99_SLACK_MS:g} ms = {limit:.2f} ms)",
-                )
-            )
+        checks.append(_latency(guards, stable, candidate, needed))
     if guards.max_error_rate_delta is not None:
-        samples = min(stable.requests, candidate.requests)
-        if samples < needed:
-            checks.append(
-                GuardCheck("error_rate", None, None, None, samples, needed, "collecting outcomes")
-            )
-        else:
-            delta = candidate.error_rate - stable.error_rate
-            holds = delta <= guards.max_error_rate_delta
-            checks.append(
-                GuardCheck(
-                    "error_rate",
-                    holds,
-                    delta,
-                    guards.max_error_rate_delta,
-                    samples,
-                    needed,
-                    f"candidate error rate {candidate.error_rate:.4f} ({candidate.errors}/"
-                    f"{candidate.requests}) vs stable {stable.error_rate:.4f} ({stable.errors}/"
-                    f"{stable.requests}); delta {delta:+.4f}, limit {guards.max_error_rate_delta:g}",
-                )
-            )
+        checks.append(_error_rate(guards, stable, candidate, needed))
     if guards.min_agreement is not None:
-        pairs = stats.pairs
-        if pairs.pairs < needed:
-            checks.append(
-                GuardCheck(
-                    "agreement", None, pairs.agreement, None, pairs.pairs, needed, "collecting pairs"
-                )
-            )
-        else:
-            holds = pairs.agreement >= guards.min_agreement
-            worst = _worst_output(stats)
-            checks.append(
-                GuardCheck(
-                    "agreement",
-                    holds,
-                    pairs.agreement,
-                    guards.min_agreement,
-                    pairs.pairs,
-                    needed,
-                    f"{pairs.agree} of {pairs.pairs} pairs agree ({pairs.agreement:.4f}, needs "
-                    f">= {guards.min_agreement:g}){worst}",
-                )
-            )
+        checks.append(_agreement(guards, stats, needed))
     return tuple(checks)
+
+
+def _verdict(within: bool, evidence: float) -> bool | None:
+    """Holds when the measurement is within the limit, breaks when it is not and the evidence
+    says so (p < BREACH_ALPHA), else undecided (more samples needed)."""
+    if within:
+        return True
+    return False if evidence < BREACH_ALPHA else None
+
+
+def _latency(guards, stable: ArmWindow, candidate: ArmWindow, needed: int) -> GuardCheck:
+    samples = min(len(stable.latencies.values), len(candidate.latencies.values))
+    stable_p99 = stable.latencies.quantile_ms(0.99)
+    candidate_p99 = candidate.latencies.quantile_ms(0.99)
+    if samples < needed or stable_p99 is None or candidate_p99 is None:
+        return GuardCheck("latency", None, candidate_p99, None, samples, needed, "collecting latencies")
+    limit = guards.max_p99_ratio * stable_p99 + P99_SLACK_MS
+    values = candidate.latencies.values
+    over = int(np.count_nonzero(np.asarray(values, dtype=np.float64) > limit * 1e6))
+    # The candidate's p99 is over the limit exactly when more than 1% of its requests are: a
+    # breach needs that excess to be beyond chance.
+    evidence = binomial_tail(over, len(values), 0.01)
+    holds = _verdict(candidate_p99 <= limit, evidence)
+    detail = (
+        f"candidate p99 {candidate_p99:.2f} ms vs stable p99 {stable_p99:.2f} ms (limit "
+        f"{guards.max_p99_ratio:g} x stable + {P99_SLACK_MS:g} ms = {limit:.2f} ms; {over} of "
+        f"{len(values)} candidate requests over it, p = {evidence:.2g})"
+    )
+    return GuardCheck("latency", holds, candidate_p99, limit, samples, needed, detail)
+
+
+def _error_rate(guards, stable: ArmWindow, candidate: ArmWindow, needed: int) -> GuardCheck:
+    samples = min(stable.requests, candidate.requests)
+    if samples < needed:
+        return GuardCheck("error_rate", None, None, None, samples, needed, "collecting outcomes")
+    limit = guards.max_error_rate_delta
+    delta = candidate.error_rate - stable.error_rate
+    evidence = rate_excess(candidate.errors, candidate.requests, stable.errors, stable.requests, limit)
+    holds = _verdict(delta <= limit, evidence)
+    detail = (
+        f"candidate error rate {candidate.error_rate:.4f} ({candidate.errors}/{candidate.requests}) "
+        f"vs stable {stable.error_rate:.4f} ({stable.errors}/{stable.requests}); delta "
+        f"{delta:+.4f}, limit {limit:g}, p = {evidence:.2g}"
+    )
+    return GuardCheck("error_rate", holds, delta, limit, samples, needed, detail)
+
+
+def _agreement(guards, stats: StepStats, needed: int) -> GuardCheck:
+    pairs = stats.pairs
+    if pairs.pairs < needed:
+        return GuardCheck(
+            "agreement", None, pairs.agreement, None, pairs.pairs, needed, "collecting pairs"
+        )
+    limit = guards.min_agreement
+    evidence = binomial_tail(pairs.pairs - pairs.agree, pairs.pairs, 1 - limit)
+    holds = _verdict(pairs.agreement >= limit, evidence)
+    detail = (
+        f"{pairs.agree} of {pairs.pairs} pairs agree ({pairs.agreement:.4f}, needs >= {limit:g}; "
+        f"p = {evidence:.2g}){_worst_output(stats)}"
+    )
+    return GuardCheck("agreement", holds, pairs.agreement, limit, pairs.pairs, needed, detail)
 
 
 def _worst_output(stats: StepStats) -> str:
@@ -171,7 +179,12 @@ def decide(spec: RolloutSpec, step_index: int, elapsed_s: float, stats: StepStat
         return Decision("bake", f"baking ({elapsed_s:.1f} of {step.bake_seconds:g} s)", checks)
     short = [c for c in checks if c.holds is None]
     if short:
-        waiting = ", ".join(f"{c.name} {c.samples}/{c.needed}" for c in short)
+        waiting = ", ".join(
+            f"{c.name} {c.samples}/{c.needed}"
+            if c.samples < c.needed
+            else f"{c.name} out of limit, not yet significant"
+            for c in short
+        )
         if spec.max_step_seconds and elapsed_s >= spec.max_step_seconds:
             return Decision(
                 "rollback",

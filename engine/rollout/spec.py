@@ -100,9 +100,9 @@ class OutputCompare:
 
 @dataclass(frozen=True, slots=True)
 class ComparePolicy:
-    """Paired comparison: in canary and A/B steps `sample_rate` of requests are also run on the
-    other arm (in shadow steps every mirrored request is a pair); disagreeing pairs go to the
-    payload log at `log_disagreements` (with --payload-log-dir)."""
+    """Paired comparison: in canary and A/B steps `sample_rate` of the requests the candidate
+    answers are also run on stable (in shadow steps every mirrored request is a pair);
+    disagreeing pairs go to the payload log at `log_disagreements` (with --payload-log-dir)."""
 
     sample_rate: float = 0.1
     outputs: dict[str, OutputCompare] = field(default_factory=dict)

@@ -313,6 +313,43 @@ def mann_whitney(x: list[int] | np.ndarray, y: list[int] | np.ndarray) -> tuple[
     return u1, min(1.0, _two_sided_p(max(z, 0.0)))
 
 
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): exact while the expected counts are small, else the
+    normal approximation with continuity correction (n p (1 - p) >= 9)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    variance = n * p * (1 - p)
+    if variance >= 9:
+        z = (k - 0.5 - n * p) / math.sqrt(variance)
+        return 0.5 * math.erfc(z / math.sqrt(2.0))
+    log_p, log_q = math.log(p), math.log1p(-p)
+    base = math.lgamma(n + 1)
+    total = 0.0
+    for i in range(k, n + 1):
+        term = math.exp(base - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
+        total += term
+        if term < total * 1e-17 and i > n * p:
+            break
+    return min(total, 1.0)
+
+
+def rate_excess(errors_a: int, n_a: int, errors_b: int, n_b: int, margin: float) -> float:
+    """One-sided p-value that a's rate exceeds b's by more than `margin` (unpooled z); 0 when
+    there is no spread and it does, 1 when there is none and it does not."""
+    if n_a == 0 or n_b == 0:
+        return 1.0
+    rate_a, rate_b = errors_a / n_a, errors_b / n_b
+    spread = math.sqrt(rate_a * (1 - rate_a) / n_a + rate_b * (1 - rate_b) / n_b)
+    excess = rate_a - rate_b - margin
+    if spread == 0:
+        return 0.0 if excess > 0 else 1.0
+    return 0.5 * math.erfc((excess / spread) / math.sqrt(2.0))
+
+
 def two_proportions(errors_a: int, n_a: int, errors_b: int, n_b: int) -> tuple[float, float]:
     """Two-proportion z test (pooled): (z of a's rate minus b's, two-sided p). (0, 1) when it
     cannot tell (an empty sample, or no or only errors in both)."""

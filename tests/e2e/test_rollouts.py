@@ -16,7 +16,7 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 from helpers import REPO_ROOT, ConvoyProcess, metric_value, poll, serve_until_stopped
-from rollout_helpers import ClosedLoop, admin, start, status, write_model
+from rollout_helpers import ClosedLoop, admin, start, status, wait_for_state, write_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MODELS = ("differs", "slower", "good", "refusals", "catalogued", "reported", "reverted")
@@ -37,11 +37,7 @@ def server(tmp_path_factory):
 
 
 def _finished(server, model: str, timeout: float = 60.0) -> dict:
-    return poll(
-        lambda: (s := status(server, model))["state"] not in ("running", "ready") and s,
-        f"the roll-out of {model} to finish",
-        timeout,
-    )
+    return wait_for_state(server, model, ("promoted", "rolled_back", "aborted"), timeout)
 
 
 def _index(server) -> dict[str, str]:
@@ -119,7 +115,11 @@ def test_a_good_candidate_is_promoted_step_by_step_and_each_caller_stays_on_one_
             "candidate": 2,
             "steps": ["shadow", 25, 50, 100],
             "bake_seconds": 1.5,
-            "guards": {"min_samples": 20},
+            # Latency off here: clients and server share 2 busy cores, where one host stall of
+            # 100+ ms can land on a few dozen of one arm's sub-millisecond requests and break a
+            # p99 guard between equal versions now and then. Its own test is
+            # test_a_slower_candidate_is_rolled_back_by_the_latency_guard.
+            "guards": {"min_samples": 50, "max_p99_ratio": None},
             "compare": {"sample_rate": 1.0},
             "split": {"header": "x-user"},
         },
@@ -147,8 +147,8 @@ def test_a_good_candidate_is_promoted_step_by_step_and_each_caller_stays_on_one_
         arms = [a[3] for a in routed if a[1] == user]
         if "candidate" in arms:
             assert "stable" not in arms[arms.index("candidate") :], (user, arms)
-    # Promoted: every answer since comes from version 2.
-    assert {a[2] for a in load.answers[promoted_at + 8 :]} == {2}
+    # Promoted: the answers since come from version 2, unrouted.
+    assert {a[2:] for a in load.answers[-8:]} == {(2, None)}
     assert status(server, "good")["serving_version"] == 2
 
 
@@ -307,5 +307,5 @@ def test_abort_after_promotion_reverts_to_the_previous_stable_at_once(server):
         assert reverted["state"] == "reverted" and reverted["serving_version"] == 1
         before = len(load.answers)
         poll(lambda: len(load.answers) > before + 20, "answers after the revert")
-    assert {a[2] for a in load.answers[before + 4 :]} == {1}
+    assert {a[2] for a in load.answers[-8:]} == {1}
     assert load.errors == []

@@ -16,6 +16,7 @@ from convoy.engine.rollout.stats import (
     TIMELINE_POINTS,
     StepStats,
     Timeline,
+    binomial_tail,
     mann_whitney,
     two_proportions,
 )
@@ -234,10 +235,12 @@ def test_latency_within_the_slack_is_noise_not_a_breach():
     assert decide(SPEC, 0, 5.0, stats).action == "advance"
 
 
-def test_more_errors_than_allowed_roll_back():
-    stats = _stats([2.0] * 100, [2.0] * 90, pairs=100, agreeing=100, errors=10)
+def test_more_errors_than_allowed_roll_back_and_a_few_more_wait_for_evidence():
+    stats = _stats([2.0] * 100, [2.0] * 80, pairs=100, agreeing=100, errors=20)
     decision = decide(SPEC, 0, 0.5, stats)
     assert decision.action == "rollback" and "error_rate" in decision.reason
+    stats = _stats([2.0] * 100, [2.0] * 97, pairs=100, agreeing=100, errors=3)
+    assert decide(SPEC, 0, 10.0, stats).action == "wait"
 
 
 def test_too_few_samples_wait_and_decide_nothing():
@@ -279,3 +282,31 @@ def test_ab_names_the_faster_arm_the_winner_or_keeps_collecting():
     assert decide(spec, 0, 5.0, tie).action == "wait"
     decision = decide(spec, 0, 50.0, tie)  # ten bake times: on_tie (stable) wins
     assert decision.action == "rollback" and "no significant difference" in decision.reason
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 3000), st.integers(1, 3000), st.floats(0.0005, 0.5))
+def test_binomial_tail_matches_scipy(k, n, p):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    k = min(k, n + 1)
+    expected = scipy_stats.binom.sf(k - 1, n, p)
+    # Exact where the counts are small; the normal approximation elsewhere is within 0.01.
+    assert binomial_tail(k, n, p) == pytest.approx(expected, abs=0.01)
+
+
+def test_a_p99_over_the_limit_by_a_few_stalls_waits_for_evidence_instead_of_rolling_back():
+    # 3 stalls in 200 candidate requests: its p99 is over the limit, but 1.5% over is chance.
+    candidate = [2.0] * 197 + [50.0] * 3
+    stats = _stats([2.0] * 200, candidate, pairs=200, agreeing=200)
+    decision = decide(SPEC, 0, 10.0, stats)
+    assert decision.action == "wait" and "latency out of limit, not yet significant" in decision.reason
+    # 10 in 200 (5%) is beyond chance: rolled back.
+    stats = _stats([2.0] * 200, [2.0] * 190 + [50.0] * 10, pairs=200, agreeing=200)
+    assert decide(SPEC, 0, 10.0, stats).action == "rollback"
+
+
+def test_one_disagreeing_pair_in_a_hundred_is_not_yet_evidence_against_99_percent():
+    stats = _stats([2.0] * 100, [2.0] * 100, pairs=100, agreeing=98)
+    assert decide(SPEC, 0, 10.0, stats).action == "wait"
+    stats = _stats([2.0] * 100, [2.0] * 100, pairs=100, agreeing=94)
+    assert decide(SPEC, 0, 0.5, stats).action == "rollback"
