@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -25,6 +26,13 @@ from rollout_helpers import (
     write_model,
     write_version,
 )
+
+
+@pytest.fixture
+def server_args() -> tuple[str, ...]:
+    """Extra `convoy serve` flags (tests/workers runs these tests with --workers 2)."""
+    return ()
+
 
 #: A server for the length of a `with` block (SIGTERM at its end, exit code 0 required).
 serving = contextlib.contextmanager(serve_until_stopped)
@@ -43,12 +51,12 @@ def _arm_of_users(server: ConvoyProcess, model: str, users: range) -> dict[int, 
     return seen
 
 
-def test_a_restart_mid_roll_out_resumes_or_aborts_as_each_roll_out_says(tmp_path):
+def test_a_restart_mid_roll_out_resumes_or_aborts_as_each_roll_out_says(tmp_path, server_args):
     repository = tmp_path / "models"
     write_model(repository, "resumed")
     write_model(repository, "aborted")
     state = tmp_path / "rollouts.json"
-    arguments = ("--rollout-state", str(state))
+    arguments = (*server_args, "--rollout-state", str(state))
     first = ConvoyProcess(repository, tmp_path / "first.log", arguments)
     split = {"steps": [50, 100], "bake_seconds": 600, "split": {"header": "x-user"}}
     with serving(first) as process:
@@ -94,7 +102,9 @@ def test_a_roll_out_through_the_api_needs_a_state_file(tmp_path):
         )
 
 
-def test_rollout_json_declares_a_roll_out_and_a_new_version_folder_becomes_the_candidate(tmp_path):
+def test_rollout_json_declares_a_roll_out_and_a_new_version_folder_becomes_the_candidate(
+    tmp_path, server_args
+):
     repository = tmp_path / "models"
     declared = write_model(repository, "declared", versions=(1, 2), policy="latest { num_versions: 1 }")
     (declared / "rollout.json").write_text(
