@@ -2,7 +2,8 @@
 
 A token bucket measured in instance-nanoseconds: it refills at `share` x instances per nanosecond
 (share 0.25 with 2 instances: half a second of compute per second of wall time) and holds at most
-one second of that. A mirror is admitted while the bucket is not empty and fewer than `max_queue`
+BURST_S of that, so mirrors are spread out rather than run back to back (a full second of burst
+let 250 ms of candidate compute run at once, which showed in stable's p99). A mirror is admitted while the bucket is not empty and fewer than `max_queue`
 mirrors are queued or running on the version; when its batch finishes, the batch's compute time
 is taken from the bucket (once per batch, however many mirrors rode in it: the whole batch, which
 over-charges a batch shared with clients' requests, never under-charges). Anything else is
@@ -14,6 +15,8 @@ from __future__ import annotations
 from convoy.types import StageTimes
 
 NS = 1_000_000_000
+#: Seconds of refill the bucket holds.
+BURST_S = 0.05
 
 
 class MirrorBudget:
@@ -21,7 +24,7 @@ class MirrorBudget:
 
     def __init__(self, share: float, instances: int, max_queue: int, now_ns: int) -> None:
         self.rate = share * max(instances, 1)
-        self.capacity_ns = self.rate * NS
+        self.capacity_ns = self.rate * NS * BURST_S
         self.tokens_ns = self.capacity_ns
         self.max_queue = max_queue
         self.in_flight = 0

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convoy.engine.rollout.budget import MirrorBudget
+from convoy.engine.rollout.budget import BURST_S, MirrorBudget
 from convoy.engine.rollout.compare import compare_pair
 from convoy.engine.rollout.gates import P99_SLACK_MS, decide
 from convoy.engine.rollout.spec import OutputCompare, parse_spec
@@ -141,14 +141,17 @@ def _times(start_ns: int, compute_ns: int) -> StageTimes:
 def test_the_budget_stops_mirrors_once_their_share_of_instance_time_is_spent():
     now = 0
     budget = MirrorBudget(share=0.25, instances=1, max_queue=1000, now_ns=now)
-    # 1 s of wall time at a 0.25 share: 250 ms of compute, here in 50 ms batches.
+    assert budget.capacity_ns == pytest.approx(0.25 * BURST_S * 1e9)
+    # Mirrors go while the bucket holds anything; each 10 ms batch is paid when it returns.
     admitted = 0
     while not budget.admit(now):
         admitted += 1
-        budget.finished(_times(now, 50 * MS), now)
-    assert admitted == 5
+        budget.finished(_times(now, 10 * MS), now)
+    assert admitted == -(-budget.capacity_ns // (10 * MS))
     assert budget.admit(now) == "budget"
-    now += 400 * MS  # 100 ms of compute refilled
+    # A 0.25 share refills 10 ms of compute in 40 ms of wall time.
+    deficit = -budget.tokens_ns
+    now += int(deficit / 0.25) + 1
     assert budget.admit(now) == ""
 
 
