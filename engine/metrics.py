@@ -261,10 +261,26 @@ class PayloadLogCollector(Collector):
             "Sampled requests not logged because the payload log's queue was full",
             labels=["model"],
         )
-        for family, counts in ((written, self.payload_log.written), (dropped, self.payload_log.dropped)):
+        pairs_written = CounterMetricFamily(
+            "convoy_payload_log_pairs_written",
+            "Roll-out disagreements written to the payload log",
+            labels=["model"],
+        )
+        pairs_dropped = CounterMetricFamily(
+            "convoy_payload_log_pairs_dropped",
+            "Roll-out disagreements not logged because the payload log's queue was full",
+            labels=["model"],
+        )
+        log = self.payload_log
+        for family, counts in (
+            (written, log.written),
+            (dropped, log.dropped),
+            (pairs_written, log.pairs_written),
+            (pairs_dropped, log.pairs_dropped),
+        ):
             for model, count in sorted(counts.copy().items()):
                 family.add_metric([model], count)
-        yield from (written, dropped)
+        yield from (written, dropped, pairs_written, pairs_dropped)
 
 
 class HostCollector(Collector):
