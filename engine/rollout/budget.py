@@ -3,8 +3,9 @@
 A token bucket measured in instance-nanoseconds: it refills at `share` x instances per nanosecond
 (share 0.25 with 2 instances: half a second of compute per second of wall time) and holds at most
 BURST_S of that, so mirrors are spread out rather than run back to back (a full second of burst
-let 250 ms of candidate compute run at once, which showed in stable's p99). A mirror is admitted while the bucket is not empty and fewer than `max_queue`
-mirrors are queued or running on the version; when its batch finishes, the batch's compute time
+let 250 ms of candidate compute run at once, which showed in stable's p99). A mirror is admitted
+while the bucket is not empty and fewer than `max_queue` mirrors are queued or running on the
+version; when its batch finishes, the batch's compute time
 is taken from the bucket (once per batch, however many mirrors rode in it: the whole batch, which
 over-charges a batch shared with clients' requests, never under-charges). Anything else is
 dropped and counted by reason: the client's answer never waits on a mirror.
