@@ -470,6 +470,7 @@ class HttpFrontend:
         watcher.add_done_callback(partial(_on_disconnect, self.engine, entry, request))
         try:
             result = await future
+            scope["convoy.served_version"] = result.model_version  # for the access log
         finally:
             watcher.cancel()
             if self.tracer is not None:

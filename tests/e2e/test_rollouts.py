@@ -30,9 +30,17 @@ def server(tmp_path_factory):
     process = ConvoyProcess(
         root / "models",
         root / "server.log",
-        ("--rollout-state", str(root / "rollouts.json"), "--payload-log-dir", str(root / "payloads")),
+        (
+            "--rollout-state",
+            str(root / "rollouts.json"),
+            "--payload-log-dir",
+            str(root / "payloads"),
+            "--access-log",
+            str(root / "access.log"),
+        ),
     )
     process.payloads = root / "payloads"
+    process.access_log = root / "access.log"
     yield from serve_until_stopped(process)
 
 
@@ -150,6 +158,21 @@ def test_a_good_candidate_is_promoted_step_by_step_and_each_caller_stays_on_one_
     # Promoted: the answers since come from version 2, unrouted.
     assert {a[2:] for a in load.answers[-8:]} == {(2, None)}
     assert status(server, "good")["serving_version"] == 2
+    # The access log names the version that answered, over both protocols.
+    served = poll(
+        lambda: (
+            {
+                (line.split()[-6], line.split()[-5])
+                for line in server.access_log.read_text().splitlines()
+                if " good " in line
+            }
+            >= {("http", "good"), ("grpc", "good")}
+            and server.access_log.read_text()
+        ),
+        "access-log lines for good",
+    )
+    versions = {line.split()[-4] for line in served.splitlines() if " good " in line}
+    assert {"1", "2"} <= versions
 
 
 def test_bad_roll_outs_are_refused_naming_the_field(server):

@@ -41,7 +41,10 @@ def server(tmp_path_factory):
             str(root / "rollouts.json"),
             "--payload-log-dir",
             str(root / "payloads"),
+            "--access-log",
+            str(root / "access.log"),
         ),
     )
     process.payloads = root / "payloads"
+    process.access_log = root / "access.log"
     yield from serve_until_stopped(process)
