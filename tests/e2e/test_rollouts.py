@@ -19,7 +19,7 @@ from helpers import REPO_ROOT, ConvoyProcess, metric_value, poll, serve_until_st
 from rollout_helpers import ClosedLoop, admin, start, status, wait_for_state, write_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-MODELS = ("differs", "slower", "good", "refusals", "catalogued", "reported", "reverted")
+MODELS = ("differs", "slower", "good", "refusals", "catalogued", "reported", "reverted", "tested")
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +332,27 @@ def test_abort_after_promotion_reverts_to_the_previous_stable_at_once(server):
         poll(lambda: len(load.answers) > before + 20, "answers after the revert")
     assert {a[2] for a in load.answers[-8:]} == {1}
     assert load.errors == []
+
+
+def test_an_ab_split_ends_with_a_test_that_names_the_faster_arm(server):
+    start(
+        server,
+        "tested",
+        {
+            "stable": 1,
+            "candidate": 4,
+            "mode": "ab",
+            "steps": [50],
+            "bake_seconds": 1,
+            "guards": {"min_samples": 40, "max_p99_ratio": None, "max_error_rate_delta": None},
+            "split": {"header": "x-user"},
+        },
+    )
+    with ClosedLoop(server, "tested", users=8) as load:
+        final = _finished(server, "tested")
+    assert final["state"] == "rolled_back", final
+    assert final["reason"].startswith("A/B: stable wins, mann_whitney_u on latency: p = ")
+    test = final["history"][-1]["test"]
+    assert test["winner"] == "stable" and test["p_value"] < 0.05
+    assert test["candidate_median_ms"] > test["stable_median_ms"] + 20  # the candidate sleeps 40 ms
+    assert load.errors == [] and load.wrong == [] and load.versions() == {1, 4}

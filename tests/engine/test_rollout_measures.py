@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from convoy.engine.rollout.budget import BURST_S, MirrorBudget
 from convoy.engine.rollout.compare import compare_pair
+from convoy.engine.rollout.controller import Rollout, split_point
 from convoy.engine.rollout.gates import P99_SLACK_MS, decide
 from convoy.engine.rollout.spec import OutputCompare, parse_spec
 from convoy.engine.rollout.stats import (
@@ -20,7 +21,7 @@ from convoy.engine.rollout.stats import (
     mann_whitney,
     two_proportions,
 )
-from convoy.types import StageTimes
+from convoy.types import Request, StageTimes
 
 MS = 1_000_000
 
@@ -313,3 +314,46 @@ def test_one_disagreeing_pair_in_a_hundred_is_not_yet_evidence_against_99_percen
     assert decide(SPEC, 0, 10.0, stats).action == "wait"
     stats = _stats([2.0] * 100, [2.0] * 100, pairs=100, agreeing=94)
     assert decide(SPEC, 0, 0.5, stats).action == "rollback"
+
+
+# --- the split -------------------------------------------------------------------------------------
+def _rollout(steps) -> Rollout:
+    spec = parse_spec({"stable": 1, "candidate": 2, "steps": steps})
+    return Rollout("m", spec, {}, {}, True, lambda version: None, lambda rollout: None)
+
+
+def _caller(principal=None, split_key=None) -> Request:
+    return Request("r", {}, (), 1, None, principal=principal, split_key=split_key)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=40, unique=True))
+def test_a_caller_only_ever_moves_from_stable_to_the_candidate_as_its_share_grows(keys):
+    rollout = _rollout([10, 50, 90])
+    arms = []
+    for index in range(3):
+        rollout.step_index = index
+        rollout._set_weight()
+        arms.append({key for key in keys if rollout._in_candidate_arm(_caller(principal=key))})
+        # The same caller, the same arm, however often it asks.
+        assert arms[-1] == {key for key in keys if rollout._in_candidate_arm(_caller(principal=key))}
+    assert arms[0] <= arms[1] <= arms[2]
+
+
+def test_the_split_header_decides_before_the_api_key_and_callers_with_neither_split_by_count():
+    rollout = _rollout([50])
+    by_header = {rollout._in_candidate_arm(_caller("key", f"user-{n}")) for n in range(64)}
+    assert by_header == {True, False}  # the header's values spread callers of one key
+    assert len({rollout._in_candidate_arm(_caller("key")) for _ in range(20)}) == 1
+    keyless = [rollout._in_candidate_arm(_caller()) for _ in range(100)]
+    assert sum(keyless) == 50
+
+
+def test_callers_split_in_proportion_to_the_weight():
+    points = [split_point("m:1:2", f"user-{n}") for n in range(20_000)]
+    for weight in (0.01, 0.1, 0.5):
+        share = sum(p < weight for p in points) / len(points)
+        assert abs(share - weight) < 0.01
+    # Another roll-out of the model reshuffles who goes first.
+    other = [split_point("m:2:3", f"user-{n}") for n in range(200)]
+    assert other != points[:200]
