@@ -476,7 +476,8 @@ class RolloutManager:
         return report_document(self._get(name))
 
     def catalog_summary(self) -> dict:
-        return {name: rollout.status() for name, rollout in self.rollouts.items()}
+        """Each roll-out's status without its history (the catalog re-reads it every few s)."""
+        return {name: rollout.status() | {"history": []} for name, rollout in self.rollouts.items()}
 
     # --- after every transition -----------------------------------------------------------------------
     def _changed(self, rollout: Rollout) -> None:

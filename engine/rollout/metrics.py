@@ -112,7 +112,7 @@ class RolloutCollector(Collector):
             window = totals.pairs
             pairs.add_metric([model, "agree"], window.agree)
             pairs.add_metric([model, "disagree"], window.pairs - window.agree)
-            for output, counts in sorted(window.outputs.items()):
+            for output, counts in sorted(list(window.outputs.items())):  # one copy: the loop adds
                 output_pairs.add_metric([model, output, "agree"], counts.agree)
                 output_pairs.add_metric([model, output, "disagree"], counts.pairs - counts.agree)
                 if sum(counts.abs_error):
