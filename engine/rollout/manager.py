@@ -19,22 +19,18 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
-
-from convoy.config import ModelConfig, ServerConfig
+from convoy.config import ServerConfig
 from convoy.errors import Conflict, ConvoyError, InvalidConfig, InvalidInput, ModelNotFound
-from convoy.types import Request
 
-from ..check import sample_inputs
+from .checks import check_model, check_signatures
 from .controller import RUNNING, Rollout
 from .report import report_document
 from .spec import RolloutSpec, output_rules, parse_spec
+from .state import read_state, write_state
 
 log = logging.getLogger("convoy.rollout")
 
@@ -42,9 +38,6 @@ log = logging.getLogger("convoy.rollout")
 CHECK_INTERVAL_S = 0.2
 #: The declaration beside config.pbtxt.
 ROLLOUT_FILE = "rollout.json"
-#: How long the signature check's sample inference may take per version.
-SAMPLE_TIMEOUT_S = 60.0
-STATE_FORMAT = 1
 
 
 class RolloutManager:
@@ -73,17 +66,9 @@ class RolloutManager:
     # --- lifetime --------------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Read the state file (before any model loads, so held versions load with them)."""
-        if self.state_path is None or not self.state_path.exists():
+        if self.state_path is None:
             return
-        try:
-            document = json.loads(self.state_path.read_text())
-            records = document["rollouts"]
-            if not isinstance(records, dict):
-                raise ValueError("'rollouts' is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InvalidConfig(
-                f"--rollout-state {self.state_path}: not a roll-out state file ({exc})"
-            ) from None
+        records = read_state(self.state_path)
         for name, record in records.items():
             try:
                 spec = parse_spec(record["spec"])
@@ -239,7 +224,7 @@ class RolloutManager:
         config = model.config
         if config is None:
             raise InvalidInput(f"model: '{name}' has no valid configuration: {model.reason}")
-        _check_model(config)
+        check_model(config)
         current = self.rollouts.get(name)
         if current is not None and current.state in RUNNING:
             raise Conflict(
@@ -263,7 +248,7 @@ class RolloutManager:
                     raise InvalidInput(
                         f"{field}: model '{name}' version {version} is not ready: {reason}"
                     )
-            await self._check_signatures(name, spec)
+            await check_signatures(self.repository.models[name], spec, self.repository.root)
         except BaseException:
             if previous_holds is None:
                 self._holds.pop(name, None)
@@ -305,62 +290,6 @@ class RolloutManager:
     def _lookup(self, name: str, version: int):
         model = self.repository.models.get(name)
         return None if model is None else model.versions.get(version)
-
-    async def _check_signatures(self, name: str, spec: RolloutSpec) -> None:
-        """One sample inference on each version; the candidate must answer it with the same
-        outputs (names, datatypes, shapes) as stable."""
-        model = self.repository.models[name]
-        config = model.config
-        model_dir = model.private_dir or self.repository.root / name
-        inputs, rows = sample_inputs(config, model_dir / str(spec.stable))
-        answers = {}
-        for version in (spec.stable, spec.candidate):
-            entry = model.versions[version]
-            future = asyncio.get_running_loop().create_future()
-            request = Request(
-                id="convoy-rollout-signature-check",
-                inputs={k: np.array(v) for k, v in inputs.items()},
-                requested_outputs=(),
-                rows=rows,
-                future=future,
-                received_ns=time.monotonic_ns(),
-            )
-            try:
-                entry.scheduler.submit(request)
-                answers[version] = await asyncio.wait_for(future, SAMPLE_TIMEOUT_S)
-            except Exception as exc:
-                answers[version] = exc
-        stable, candidate = answers[spec.stable], answers[spec.candidate]
-        if isinstance(stable, BaseException):
-            log.warning(
-                "roll-out of '%s': stable version %d failed the sample inference (%s); the "
-                "candidate's output signature is not checked",
-                name,
-                spec.stable,
-                stable,
-            )
-            return
-        if isinstance(candidate, BaseException):
-            raise InvalidInput(
-                f"candidate: version {spec.candidate} failed the sample inference version "
-                f"{spec.stable} answers: {candidate}"
-            )
-
-        def signature(response) -> dict:
-            return {n: (str(a.dtype), list(a.shape)) for n, a in sorted(response.outputs.items())}
-
-        ours, theirs = signature(stable), signature(candidate)
-        if ours != theirs:
-            differences = []
-            for output in sorted(set(ours) | set(theirs)):
-                if ours.get(output) != theirs.get(output):
-                    got = theirs.get(output, "missing")
-                    want = ours.get(output, "missing")
-                    differences.append(f"'{output}' {got} vs {want}")
-            raise InvalidInput(
-                f"candidate: version {spec.candidate} has a different output signature from "
-                f"version {spec.stable} on the same sample inference: " + "; ".join(differences)
-            )
 
     # --- restoring ------------------------------------------------------------------------------------
     async def _restore(self, name: str, record: dict) -> None:
@@ -501,40 +430,8 @@ class RolloutManager:
         self.repository.changed()
 
     def _save(self) -> None:
-        if self.state_path is None:
-            return
-        records = {}
-        for name, rollout in self.rollouts.items():
-            until = None
-            if rollout.previous_until_s is not None:
-                until = time.time() + max(rollout.previous_until_s - time.monotonic(), 0.0)
-            records[name] = {
-                "spec": rollout.spec.document
-                | {"stable": rollout.stable, "candidate": rollout.candidate},
-                "stable": rollout.stable,
-                "candidate": rollout.candidate,
-                "state": rollout.state,
-                "reason": rollout.reason,
-                "step_index": rollout.step_index,
-                "started_at": rollout.started_at,
-                "finished_at": rollout.finished_at,
-                "previous": rollout.previous,
-                "previous_until": until,
-                "candidate_released": rollout.candidate_released,
-                "history": rollout.history,
-                "step_results": rollout.step_results,
-            }
-        document = {"format": STATE_FORMAT, "rollouts": records}
-        path = self.state_path
-        temporary = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_bytes(
-                orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
-            )
-            os.replace(temporary, path)
-        except OSError:
-            log.exception("cannot write the roll-out state file %s", path)
+        if self.state_path is not None:
+            write_state(self.state_path, self.rollouts)
 
     # --- disagreements into the payload log -----------------------------------------------------------
     def _log_disagreement(self, rollout: Rollout, pair, verdict, stable, candidate) -> None:
@@ -553,19 +450,3 @@ class RolloutManager:
             candidate.outputs,
             verdict.describe(),
         )
-
-
-def _check_model(config: ModelConfig) -> None:
-    name = config.name
-    if config.decoupled:
-        raise InvalidInput(
-            f"model: '{name}' is decoupled (model_transaction_policy.decoupled); a roll-out "
-            "compares one response per request"
-        )
-    if config.sequence_batching is not None:
-        raise InvalidInput(
-            f"model: '{name}' uses sequence_batching; a roll-out would split a sequence's "
-            "requests (and state) between two versions"
-        )
-    if config.ensemble is not None:
-        raise InvalidInput(f"model: '{name}' is an ensemble; roll out its composing models instead")

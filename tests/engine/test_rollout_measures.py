@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from convoy.engine.rollout.budget import BURST_S, MirrorBudget
 from convoy.engine.rollout.compare import compare_pair
-from convoy.engine.rollout.controller import Rollout, split_point
+from convoy.engine.rollout.controller import Rollout
 from convoy.engine.rollout.gates import P99_SLACK_MS, decide
+from convoy.engine.rollout.routing import split_point
 from convoy.engine.rollout.spec import OutputCompare, parse_spec
 from convoy.engine.rollout.stats import (
     TIMELINE_POINTS,
