@@ -19,7 +19,18 @@ from helpers import REPO_ROOT, ConvoyProcess, metric_value, poll, serve_until_st
 from rollout_helpers import ClosedLoop, admin, start, status, wait_for_state, write_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-MODELS = ("differs", "slower", "good", "refusals", "catalogued", "reported", "reverted", "tested")
+MODELS = (
+    "differs",
+    "slower",
+    "good",
+    "refusals",
+    "catalogued",
+    "reported",
+    "reverted",
+    "tested",
+    "perfed",
+)
+PERF_ANALYZER = REPO_ROOT / ".perf_analyzer" / "perf_analyzer"
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +367,24 @@ def test_an_ab_split_ends_with_a_test_that_names_the_faster_arm(server):
     assert test["winner"] == "stable" and test["p_value"] < 0.05
     assert test["candidate_median_ms"] > test["stable_median_ms"] + 20  # the candidate sleeps 40 ms
     assert load.errors == [] and load.wrong == [] and load.versions() == {1, 4}
+
+
+@pytest.mark.skipif(not PERF_ANALYZER.is_file(), reason="perf_analyzer is not installed")
+@pytest.mark.parametrize("wire", ["grpc", "http"])
+def test_perf_analyzer_drives_a_model_under_a_shadow_roll_out(server, tmp_path, wire):
+    if admin(server, "GET", "/perfed").status_code == 404:  # the first of the two runs starts it
+        start(server, "perfed", {"stable": 1, "candidate": 2, "mode": "shadow", "bake_seconds": 600})
+    before = status(server, "perfed")["totals"]["pairs"]["pairs"]
+    port = server.grpc_port if wire == "grpc" else server.http_port
+    done = subprocess.run(
+        [str(PERF_ANALYZER), "-m", "perfed", "-u", f"127.0.0.1:{port}", "-i", wire,
+         "--concurrency-range", "4", "--measurement-mode", "count_windows",
+         "--measurement-request-count", "50", "-r", "10", "-s", "100"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = poll(
+        lambda: (s := status(server, "perfed"))["totals"]["pairs"]["pairs"] > before and s, "pairs"
+    )
+    assert after["state"] == "running" and after["totals"]["pairs"]["agreement"] == 1.0
+    assert after["totals"]["stable"]["served"]["errors"] == 0
