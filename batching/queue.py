@@ -1,8 +1,11 @@
 """The bounded priority queue a scheduler draws its batches from.
 
 One FIFO per priority level (index 0 is the highest) plus one for requests whose timeout passed
-under the DELAY action, which wait behind everything else. Requests that leave early (cancelled,
-expired) are discarded lazily: their slot is freed at once, the entry is skipped when reached.
+under the DELAY action, which wait behind everything else. A roll-out's mirrored requests
+(`Request.mirror`) join that last FIFO on arrival: they run only when nothing else waits, and
+count against no level's capacity (the roll-out bounds them itself). Requests that leave early
+(cancelled, expired) are discarded lazily: their slot is freed at once, the entry is skipped when
+reached.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class PriorityQueue:
         #: Live requests and their rows over all levels.
         self.size = 0
         self.rows = 0
+        #: Live mirrored requests (in the last FIFO, on no level's count).
+        self.mirrors = 0
 
     @property
     def level_count(self) -> int:
@@ -62,7 +67,14 @@ class PriorityQueue:
         return self._counts[level] < self._capacities[level]
 
     def push(self, request: Request) -> None:
-        """Append to its level (the caller checked `has_room`)."""
+        """Append to its level (the caller checked `has_room`); a mirror goes behind everything."""
+        if request.mirror:
+            request.delayed = True
+            self._delayed.append(request)
+            self.mirrors += 1
+            self.size += 1
+            self.rows += request.rows
+            return
         self._levels[request.level].append(request)
         self._counts[request.level] += 1
         self._level_rows[request.level] += request.rows
@@ -71,8 +83,11 @@ class PriorityQueue:
 
     def discard(self, request: Request) -> None:
         """Account for a queued request leaving early; its entry is skipped later."""
-        self._counts[request.level] -= 1
-        self._level_rows[request.level] -= request.rows
+        if request.mirror:
+            self.mirrors -= 1
+        else:
+            self._counts[request.level] -= 1
+            self._level_rows[request.level] -= request.rows
         self.size -= 1
         self.rows -= request.rows
 

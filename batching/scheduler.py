@@ -237,6 +237,9 @@ class Scheduler:
                 f"max_batch_size {self._max_rows}"
             )
         self._collation.admit(request)
+        if request.mirror:
+            self._queue_mirror(request, now)
+            return
         level = request.priority or self._default_level
         if not 1 <= level <= self._queue.level_count:
             raise InvalidInput(
@@ -310,6 +313,19 @@ class Scheduler:
                 )
         if self._idle:
             # On the next loop turn: requests arriving in the same turn share the batch.
+            self._dispatch_soon()
+        else:
+            self._waited_for_instance = True
+
+    def _queue_mirror(self, request: Request, now: int) -> None:
+        """A roll-out's mirrored request: behind every priority level, outside their queue
+        sizes and admission checks (the roll-out bounds its mirrors and drops what its budget
+        cannot carry), so it never takes a client's place or slot."""
+        request.level = self._queue.level_count - 1
+        request.state = RequestState.QUEUED
+        request.queued_ns = now
+        self._queue.push(request)
+        if self._idle:
             self._dispatch_soon()
         else:
             self._waited_for_instance = True

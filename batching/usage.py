@@ -5,7 +5,10 @@ rode in a batch with three others'. The scheduler can, so it apportions each bat
 to the requests in it by their rows, and adds it to their caller's totals here.
 
 Only requests that carry a principal (the API key's name, set by the front ends when keys are
-configured) are counted. Updated on the event loop thread; read by the metrics exporter and the
+configured) are counted. A roll-out's mirrored requests (shadow work: the candidate's copies of
+clients' requests, and stable's copies in canary comparisons) are counted apart, under the
+caller whose request was mirrored, so a team sees what its candidate costs. Updated on the event
+loop thread; read by the metrics exporter and the
 usage ledger from theirs (new keys are added under a lock; counters are plain attribute updates).
 """
 
@@ -54,13 +57,16 @@ UsageKey = tuple[str, str, str]
 class UsageMeter:
     def __init__(self) -> None:
         self._totals: dict[UsageKey, UsageTotals] = {}
+        #: Shadow work (mirrored requests), per the caller whose request was mirrored.
+        self._shadow: dict[UsageKey, UsageTotals] = {}
         self._lock = threading.Lock()
 
-    def _entry(self, key: UsageKey) -> UsageTotals:
-        totals = self._totals.get(key)
+    def _entry(self, key: UsageKey, shadow: bool = False) -> UsageTotals:
+        table = self._shadow if shadow else self._totals
+        totals = table.get(key)
         if totals is None:
             with self._lock:
-                totals = self._totals.setdefault(key, UsageTotals())
+                totals = table.setdefault(key, UsageTotals())
         return totals
 
     def record_batch(
@@ -79,7 +85,7 @@ class UsageMeter:
             principal = request.principal
             if principal is None:
                 continue
-            totals = self._entry((principal, model, version))
+            totals = self._entry((principal, model, version), request.mirror)
             totals.requests += 1
             totals.rows += request.rows
             totals.failures += failed
@@ -107,8 +113,9 @@ class UsageMeter:
         totals.cached_rows += rows
         totals.saved_compute_ns += saved_ns
 
-    def snapshot(self) -> dict[UsageKey, UsageTotals]:
-        """A consistent-enough copy for exporters (each entry copied field by field)."""
+    def snapshot(self, shadow: bool = False) -> dict[UsageKey, UsageTotals]:
+        """A consistent-enough copy for exporters (each entry copied field by field); `shadow`:
+        the mirrored requests' usage instead of the clients' own."""
         with self._lock:
-            items = list(self._totals.items())
+            items = list((self._shadow if shadow else self._totals).items())
         return {key: totals.copy() for key, totals in items}

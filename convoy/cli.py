@@ -11,7 +11,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from convoy import __version__, auth
+from convoy import __version__, auth, rollout_cli
 from convoy.config import FlagError, ServerConfig, parse_cache_config, parse_metrics_config
 from convoy.errors import ConvoyError
 from convoy.loadtests import cli as loadtests_cli
@@ -307,6 +307,14 @@ def _serve_parser(sub) -> None:
         help="with --model-control-mode poll: seconds between repository scans (default 15)",
     )
     p.add_argument(
+        "--rollout-state",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="keep roll-outs (shadow, canary, A/B) in FILE so a restart resumes or aborts them "
+        "(each roll-out's on_restart); needed to start one through the API (`convoy rollout`)",
+    )
+    p.add_argument(
         "--load-model",
         action="append",
         default=[],
@@ -499,7 +507,7 @@ def _usage(args) -> int:
         import orjson
 
         document = [
-            {"period": r.period, "key": r.key, "model": r.model, **r.sums}
+            {"period": r.period, "key": r.key, "model": r.model, "traffic": r.traffic, **r.sums}
             | ({"cost": r.cost(rate)} if rate else {})
             for r in rows
         ]
@@ -509,14 +517,15 @@ def _usage(args) -> int:
     from rich.table import Table
 
     table = Table(title="Convoy usage" + (f" (cost at {rate:g} per compute second)" if rate else ""))
-    columns = ["period", "key", "model", *SUMMED] + (["cost"] if rate else [])
+    columns = ["period", "key", "model", "traffic", *SUMMED] + (["cost"] if rate else [])
     for column in columns:
-        table.add_column(column.replace("_", " "), justify="left" if column in columns[:3] else "right")
+        table.add_column(column.replace("_", " "), justify="left" if column in columns[:4] else "right")
     for r in rows:
         numbers = [
             f"{r.sums[n]:.3f}" if n.endswith("seconds") else f"{int(r.sums[n]):,}" for n in SUMMED
         ]
-        table.add_row(r.period, r.key, r.model, *numbers, *([f"{r.cost(rate):.4f}"] if rate else []))
+        cost = [f"{r.cost(rate):.4f}"] if rate else []
+        table.add_row(r.period, r.key, r.model, r.traffic, *numbers, *cost)
     Console(width=200).print(table)
     return 0
 
@@ -689,6 +698,7 @@ def _settings(args) -> ServerConfig:
         native_threads=args.native_threads,
         cache=cache,
         metrics=metrics,
+        rollout_state=args.rollout_state,
     )
 
 
@@ -855,6 +865,7 @@ def main(argv: list[str] | None = None) -> None:
     _keys_parser(sub)
     _usage_parser(sub)
     _check_parser(sub)
+    rollout_cli.add_parser(sub)
     loadtests_cli.add_parsers(sub)
     _use_help_formatter(parser)
     args = parser.parse_args(argv)
@@ -864,6 +875,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_keys(args))
     if args.command == "usage":
         sys.exit(_usage(args))
+    if args.command == "rollout":
+        sys.exit(rollout_cli.main(args))
     from convoy.logs import configure_logging
 
     if args.command == "check":

@@ -404,6 +404,9 @@ class ServerConfig:
     cache: CacheSettings | None = None
     #: --metrics-config and the host/GPU gauges (--allow-gpu-metrics, --metrics-interval-ms).
     metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings())
+    #: Where roll-outs keep their state across restarts (engine/rollout/manager.py); None: in
+    #: memory only (the admin API then refuses to start one).
+    rollout_state: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

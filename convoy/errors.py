@@ -45,6 +45,10 @@ class NoDevice(ConvoyError):
     """The feature needs a device this server does not have (CUDA shared memory without a GPU)."""
 
 
+class Conflict(ConvoyError):
+    """The call conflicts with what the server is doing (a roll-out already runs on the model)."""
+
+
 # --- the repository / a model's configuration is bad ------------------------------------------
 class InvalidConfig(ConvoyError):
     """A model's config.pbtxt or files are invalid; the message names the file and the field."""
@@ -119,6 +123,7 @@ STATUS: dict[type[ConvoyError], tuple[str, int]] = {
     AlreadyExists: ("ALREADY_EXISTS", 400),
     RegionNotFound: ("NOT_FOUND", 404),
     NoDevice: ("UNAVAILABLE", 400),
+    Conflict: ("FAILED_PRECONDITION", 409),
     InvalidConfig: ("INVALID_ARGUMENT", 400),
     # Triton's statuses for load failures, which its clients check: a model that fails to load
     # is INVALID_ARG, a load whose repository read (poll) fails is INTERNAL.

@@ -151,6 +151,16 @@ class Request:
     #: executing: the model sees is_cancelled() and may still answer (Triton's request
     #: cancellation), unlike a client that went away, whose future is cancelled.
     cancel_requested: bool = False
+    #: Roll-outs: the value of the header the model's roll-out splits traffic by (set by the
+    #: front end when the resolved version names one in `split_header`), else None: the engine
+    #: then splits by `principal`.
+    split_key: str | None = None
+    #: A roll-out's paired copy of a client's request (engine/rollout): it waits behind every
+    #: priority level, does not count against the levels' queue sizes, and answers the roll-out,
+    #: never a client.
+    mirror: bool = False
+    #: The model version a roll-out routed this request to (engine-owned: cancel finds it here).
+    routed_to: Any = None
     # --- owned by the scheduler -------------------------------------------------------------
     state: RequestState = RequestState.QUEUED
     #: When the request entered its queue (monotonic ns).

@@ -72,6 +72,10 @@ class ModelView(Protocol):
     version: int
     state: str
     reason: str
+    #: A roll-out splits requests for this model that name no version by the value of this
+    #: request header (HTTP header / gRPC metadata key, lower case): the front end puts it in
+    #: `Request.split_key`. "": no header (a roll-out then splits by API key).
+    split_header: str
 
     @property
     def ready(self) -> bool: ...
@@ -86,6 +90,9 @@ class ModelEntry(Protocol):
     config: ModelConfig | None
     config_proto: mc.ModelConfig | None
     versions: Mapping[int, ModelView]
+    #: The version a roll-out serves requests naming none (its stable, or the version it
+    #: promoted); None: the latest ready.
+    default_version: int | None
 
 
 def check_name_length(name: str) -> None:
@@ -164,6 +171,15 @@ class EngineClient(abc.ABC):
             if not found.ready:
                 raise Unavailable(
                     f"model '{name}' version {version} is not ready: {found.reason or found.state}"
+                )
+            return found
+        held = model.default_version
+        if held is not None and held in model.versions:
+            found = model.versions[held]
+            if not found.ready:  # never another version in its place: the roll-out decided
+                raise Unavailable(
+                    f"model '{name}' version {held} (the version its roll-out serves) is not "
+                    f"ready: {found.reason or found.state}"
                 )
             return found
         for number in sorted(model.versions, reverse=True):
@@ -253,6 +269,28 @@ class EngineClient(abc.ABC):
 
     @abc.abstractmethod
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None: ...
+
+    # --- roll-outs (engine/rollout): JSON in, JSON out, the admin API's documents ---------------
+    @abc.abstractmethod
+    async def rollout_start(self, name: str, document: dict) -> dict:
+        """Start a roll-out of `name` from its JSON spec (engine/rollout/spec.py); its status."""
+
+    @abc.abstractmethod
+    async def rollout_status(self, name: str = "") -> dict:
+        """One model's roll-out status, or {"rollouts": [...]} for every model that has one."""
+
+    @abc.abstractmethod
+    async def rollout_promote(self, name: str) -> dict:
+        """Promote the candidate now (whatever step the roll-out is at)."""
+
+    @abc.abstractmethod
+    async def rollout_abort(self, name: str) -> dict:
+        """Roll back a running roll-out, revert a promotion whose previous stable is still
+        loaded, or release a rolled-back candidate."""
+
+    @abc.abstractmethod
+    async def rollout_report(self, name: str) -> dict:
+        """Everything the roll-out measured, for `convoy rollout report`."""
 
     @abc.abstractmethod
     async def catalog_figures(self) -> dict:

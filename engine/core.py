@@ -35,6 +35,8 @@ from .payload_log import PayloadLog
 from .recent import Counts, RecentWindow
 from .repository import ModelRepository, ModelVersion, poll_failure
 from .response_cache import ResponseCache, open_store, owner_of
+from .rollout import RolloutManager, RolloutRoute
+from .rollout.metrics import RolloutCollector
 from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("convoy.engine")
@@ -69,6 +71,10 @@ class Engine(EngineClient):
         self.repository.model_caller.service = self
         # Ensemble steps reach their composing models through this engine's submit path.
         self.repository.submit_step = self._queue
+        #: Roll-outs: which versions each model holds and serves, and how requests naming no
+        #: version are split while one runs.
+        self.rollouts = RolloutManager(settings, self.repository)
+        self.repository.rollouts = self.rollouts
         #: API keys: the engine takes each request off its key's quota (front ends check keys).
         #: Read here, so a broken key file stops start-up before any model loads.
         self.keys: Keyring | None = load_keys(settings)
@@ -111,8 +117,13 @@ class Engine(EngineClient):
             )
             if self.cache is not None:
                 await self.cache.start()
+            self.metrics.registry.register(RolloutCollector(self.rollouts))
+            self.rollouts.payload_log = self.payload_log
             self.recent.start()
+            # The state file first: the versions its roll-outs hold load with the models.
+            self.rollouts.prepare()
             await self.repository.__aenter__()
+            await self.rollouts.begin()
             self.started = True
             if settings.usage_ledger is not None and self.usage is not None:
                 self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
@@ -150,6 +161,7 @@ class Engine(EngineClient):
         self.accepting = False
         self.refusing = True
         await self.recent.close()
+        await self.rollouts.close()
         if self._keys_watch is not None:
             self._keys_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,7 +186,16 @@ class Engine(EngineClient):
         self.repository.listeners.append(listener)
 
     # --- inference -------------------------------------------------------------------------------
-    def submit(self, model: ModelVersion, request: Request) -> None:
+    def resolve(self, name: str, version: str = ""):
+        """As EngineClient.resolve; a request naming no version of a model under a running
+        roll-out gets the roll-out's route (its split happens in `submit`)."""
+        if not version:
+            route = self.rollouts.routes.get(name)
+            if route is not None and route.ready:
+                return route
+        return super().resolve(name, version)
+
+    def submit(self, model: ModelVersion | RolloutRoute, request: Request) -> None:
         """Queue a request on its model's scheduler (loop thread); errors go to its future."""
         if self.keys is not None and request.principal is not None and not self.refusing:
             # Quotas are counted here, where every front end's requests meet.
@@ -183,9 +204,12 @@ class Engine(EngineClient):
             except ConvoyError as exc:
                 if not request.future.done():
                     request.future.set_exception(exc)
-                if self.payload_log is not None:
+                if self.payload_log is not None and type(model) is not RolloutRoute:
                     self.payload_log.offer(model, request)
                 return
+        if type(model) is RolloutRoute:
+            model.rollout.submit(request, self._queue)
+            return
         self._queue(model, request)
 
     def _queue(self, model: ModelVersion, request: Request) -> None:
@@ -240,6 +264,8 @@ class Engine(EngineClient):
     def cancel(self, model: ModelVersion, request: Request) -> None:
         if self.cache is not None and self.cache.cancel(request):
             return
+        if request.routed_to is not None:
+            model = request.routed_to  # the version its roll-out sent it to
         scheduler = model.scheduler
         if scheduler is not None:
             scheduler.cancel(request)
@@ -292,6 +318,22 @@ class Engine(EngineClient):
         self._check_model_control()
         await self.repository.unload(name)
 
+    # --- roll-outs ----------------------------------------------------------------------------------
+    async def rollout_start(self, name: str, document: dict) -> dict:
+        return await self.rollouts.start(name, document)
+
+    async def rollout_status(self, name: str = "") -> dict:
+        return self.rollouts.status(name)
+
+    async def rollout_promote(self, name: str) -> dict:
+        return self.rollouts.promote(name)
+
+    async def rollout_abort(self, name: str) -> dict:
+        return self.rollouts.abort(name)
+
+    async def rollout_report(self, name: str) -> dict:
+        return self.rollouts.report(name)
+
     def _version_counts(self) -> dict[str, Counts]:
         """Every version's (failures, success latency buckets), keyed "model/version"."""
         return {
@@ -328,6 +370,7 @@ class Engine(EngineClient):
             "payload_log_on": self.payload_log is not None,
             "window_s": self.recent.window_s,
             "versions": versions,
+            "rollouts": self.rollouts.catalog_summary(),
         }
 
     # --- shared memory -----------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 summary `convoy usage` prints from it.
 
 Every `interval` seconds a thread takes the usage meter's totals, subtracts what it wrote last
-time and appends one line per (key, model, version) that used anything in the interval. Lines are
-never rewritten, so the file can be shipped or tailed while the server runs; a restart starts a
+time and appends one line per (key, model, version) that used anything in the interval; a roll-out's
+shadow work (mirrored requests) gets lines of its own with `"traffic": "shadow"`. Lines are never
+rewritten, so the file can be shipped or tailed while the server runs; a restart starts a
 new run of intervals (the meter's totals start at zero again) and the sums stay right.
 """
 
@@ -39,11 +40,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def ledger_line(start: str, end: str, key: UsageKey, used: UsageTotals) -> bytes:
+def ledger_line(start: str, end: str, key: UsageKey, used: UsageTotals, shadow: bool = False) -> bytes:
     principal, model, version = key
+    extra = {"traffic": "shadow"} if shadow else {}
     return (
         orjson.dumps(
             {
+                **extra,
                 "start": start,
                 "end": end,
                 "key": principal,
@@ -70,7 +73,8 @@ class UsageLedger:
         self.path = Path(path)
         self.meter = meter
         self.interval = interval
-        self._written: dict[UsageKey, UsageTotals] = {}
+        #: What the last flush saw, by (shadow, key).
+        self._written: dict[tuple[bool, UsageKey], UsageTotals] = {}
         self._since = _now()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="convoy-usage-ledger", daemon=True)
@@ -88,11 +92,12 @@ class UsageLedger:
         """Append the usage since the last flush; returns the lines written."""
         end = _now()
         lines = []
-        for key, totals in self.meter.snapshot().items():
-            used = totals.minus(self._written.get(key, UsageTotals()))
-            if used:
-                lines.append(ledger_line(self._since, end, key, used))
-            self._written[key] = totals
+        for shadow in (False, True):
+            for key, totals in self.meter.snapshot(shadow).items():
+                used = totals.minus(self._written.get((shadow, key), UsageTotals()))
+                if used:
+                    lines.append(ledger_line(self._since, end, key, used, shadow))
+                self._written[(shadow, key)] = totals
         if lines:
             try:
                 with self.path.open("ab") as out:
@@ -120,6 +125,8 @@ class UsageRow:
     period: str
     key: str
     model: str
+    #: "served" (clients' own requests) or "shadow" (a roll-out's mirrored copies of them).
+    traffic: str = "served"
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMMED, 0))
 
     def cost(self, rate: float) -> float:
@@ -145,18 +152,22 @@ def summarise(
     since: str = "",
     until: str = "",
 ) -> list[UsageRow]:
-    """Sum ledger lines per period (of their interval's start, UTC), key and (optionally) model."""
+    """Sum ledger lines per period (of their interval's start, UTC), key, (optionally) model and
+    traffic (shadow work in rows of its own)."""
     width = PERIODS[period]
-    rows: dict[tuple[str, str, str], UsageRow] = {}
+    rows: dict[tuple[str, str, str, str], UsageRow] = {}
     for entry in entries:
         start = entry["start"]
         if (since and start < since) or (until and start >= until):
             continue
         slot = start[:width] if width else "all"
         model = entry["model"] if by_model else "*"
-        row = rows.get((slot, entry["key"], model))
+        traffic = entry.get("traffic", "served")
+        row = rows.get((slot, entry["key"], model, traffic))
         if row is None:
-            row = rows[(slot, entry["key"], model)] = UsageRow(slot, entry["key"], model)
+            row = rows[(slot, entry["key"], model, traffic)] = UsageRow(
+                slot, entry["key"], model, traffic
+            )
         for name in SUMMED:
             row.sums[name] += entry.get(name, 0)
     return [rows[k] for k in sorted(rows)]

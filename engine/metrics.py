@@ -437,10 +437,26 @@ class PayloadLogCollector(Collector):
             "Sampled requests not logged because the payload log's queue was full",
             labels=["model"],
         )
-        for family, counts in ((written, self.payload_log.written), (dropped, self.payload_log.dropped)):
+        pairs_written = CounterMetricFamily(
+            "convoy_payload_log_pairs_written",
+            "Roll-out disagreements written to the payload log",
+            labels=["model"],
+        )
+        pairs_dropped = CounterMetricFamily(
+            "convoy_payload_log_pairs_dropped",
+            "Roll-out disagreements not logged because the payload log's queue was full",
+            labels=["model"],
+        )
+        log = self.payload_log
+        for family, counts in (
+            (written, log.written),
+            (dropped, log.dropped),
+            (pairs_written, log.pairs_written),
+            (pairs_dropped, log.pairs_dropped),
+        ):
             for model, count in sorted(counts.copy().items()):
                 family.add_metric([model], count)
-        yield from (written, dropped)
+        yield from (written, dropped, pairs_written, pairs_dropped)
 
 
 #: Showback counters: (name, help, value from a principal's UsageTotals).
@@ -483,6 +499,19 @@ class UsageCollector(Collector):
         for name, documentation, value_of in _USAGE_COUNTERS:
             family = CounterMetricFamily(name, documentation, labels=("key", *LABELS))
             for (principal, model, version), totals in snapshot.items():
+                family.add_metric([principal, model, version], value_of(totals))
+            yield family
+        # A roll-out's shadow work (mirrored copies of the key's requests), counted apart.
+        shadow = self.meter.snapshot(shadow=True)
+        for name, documentation, value_of in _USAGE_COUNTERS:
+            if name == "convoy_usage_rejections":
+                continue  # mirrors are dropped by their budget, never rejected by a queue
+            family = CounterMetricFamily(
+                name.replace("convoy_usage_", "convoy_usage_shadow_"),
+                f"Roll-out shadow work: {documentation[0].lower()}{documentation[1:]}",
+                labels=("key", *LABELS),
+            )
+            for (principal, model, version), totals in shadow.items():
                 family.add_metric([principal, model, version], value_of(totals))
             yield family
 

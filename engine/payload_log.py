@@ -18,6 +18,12 @@ One line per sampled request:
   base64-encoded. BF16 is written as float32 values; NaN and infinities become null (JSON).
 - A tensor over `max_elements` elements keeps its first `max_elements` in "data" and gains
   "truncated": true and "elements": the full count (0 disables truncation).
+
+A roll-out's disagreeing pairs (engine/rollout) go to `<dir>/<model>.rollout.jsonl`, whether or
+not the model samples its requests, one line per sampled pair:
+    {"timestamp", "model", "kind": "rollout_disagreement", "stable_version", "candidate_version",
+     "id", "comparison": {"agrees": false, "outputs": {name: {kind, agrees, max_abs, ...}}},
+     "inputs": [tensor, ...], "stable_outputs": [tensor, ...], "candidate_outputs": [tensor, ...]}
 """
 
 from __future__ import annotations
@@ -43,6 +49,46 @@ from convoy.types import Request
 log = logging.getLogger("convoy.payload_log")
 
 _STOP = object()
+
+
+class _Pair:
+    """A roll-out's disagreeing pair on its way to the writer (references only)."""
+
+    __slots__ = (
+        "candidate",
+        "candidate_outputs",
+        "comparison",
+        "config",
+        "inputs",
+        "request_id",
+        "stable",
+        "stable_outputs",
+        "wall",
+    )
+
+    def __init__(
+        self,
+        wall,
+        config,
+        stable,
+        candidate,
+        request_id,
+        inputs,
+        stable_outputs,
+        candidate_outputs,
+        comparison,
+    ):
+        self.wall = wall
+        self.config = config
+        self.stable = stable
+        self.candidate = candidate
+        self.request_id = request_id
+        self.inputs = inputs
+        self.stable_outputs = stable_outputs
+        self.candidate_outputs = candidate_outputs
+        self.comparison = comparison
+
+
 #: Most lines, and bytes, the writer takes off the queue and writes at once.
 _RUN_LINES = 512
 _RUN_BYTES = 1 << 20
@@ -78,6 +124,9 @@ class PayloadLog:
         #: Lines per model: dropped on a full queue (loop thread), written (writer thread).
         self.dropped: dict[str, int] = {}
         self.written: dict[str, int] = {}
+        #: The same for roll-out disagreements, per model.
+        self.pairs_dropped: dict[str, int] = {}
+        self.pairs_written: dict[str, int] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._write_lines, name="convoy-payload-log", daemon=True)
@@ -122,6 +171,37 @@ class PayloadLog:
 
         future.add_done_callback(done)
 
+    def offer_pair(
+        self,
+        config: ModelConfig,
+        stable: int,
+        candidate: int,
+        request_id: str,
+        inputs: dict[str, np.ndarray],
+        stable_outputs: dict[str, np.ndarray],
+        candidate_outputs: dict[str, np.ndarray],
+        comparison: dict,
+    ) -> None:
+        """A roll-out's disagreeing pair (the roll-out sampled it); dropped and counted when the
+        queue is full. `inputs` are the mirror's own copies, so nothing else reuses them."""
+        model = config.name
+        if self._queue.qsize() >= self.queue_size:
+            self.pairs_dropped[model] = self.pairs_dropped.get(model, 0) + 1
+            return
+        self._queue.put(
+            _Pair(
+                time.time(),
+                config,
+                stable,
+                candidate,
+                request_id,
+                inputs,
+                stable_outputs,
+                candidate_outputs,
+                comparison,
+            )
+        )
+
     # --- writer thread ------------------------------------------------------------------------
     def _write_lines(self) -> None:
         """Drain the queue in runs: one write (and one rotation check) per run of lines, which
@@ -134,23 +214,32 @@ class PayloadLog:
                     run.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            lines: dict[str, list[bytes]] = {}
+            lines: dict[tuple[str, bool], list[bytes]] = {}
             for item in run:
                 if item is _STOP:
                     stopping = True
                     continue
-                model = item[2].name
+                pair = type(item) is _Pair
+                model = item.config.name if pair else item[2].name
                 try:
-                    line = orjson.dumps(self._record(*item), option=orjson.OPT_SERIALIZE_NUMPY)
+                    record = self._pair_record(item) if pair else self._record(*item)
+                    line = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
                 except Exception:
                     log.exception("payload log: could not serialise a request of model '%s'", model)
                     continue
-                lines.setdefault(model, []).append(line)
-            for model, model_lines in lines.items():
-                self._write(model, model_lines)
+                lines.setdefault((model, pair), []).append(line)
+            for (model, pair), model_lines in lines.items():
+                if pair:
+                    self._write(f"{model}.rollout", model_lines, self.pairs_written, model)
+                else:
+                    self._write(model, model_lines)
 
-    def _write(self, model: str, lines: list[bytes]) -> None:
-        handler = self._handler(model)
+    def _write(self, stem: str, lines: list[bytes], counts: dict | None = None, model: str = "") -> None:
+        """Append `lines` to `<stem>.jsonl`, counting them in `counts[model]` (default: the
+        model's written requests)."""
+        counts = self.written if counts is None else counts
+        model = model or stem
+        handler = self._handler(stem)
         # Pieces no larger than a file may grow, so rotating before a piece keeps files in bounds.
         limit = min(self.max_bytes - 1, _RUN_BYTES) if self.max_bytes > 1 else _RUN_BYTES
         piece: list[bytes] = []
@@ -159,7 +248,7 @@ class PayloadLog:
             if piece and (line is None or size + len(line) + 1 > limit):
                 record = logging.makeLogRecord({"msg": b"\n".join(piece).decode("utf-8")})
                 handler.emit(record)  # reports a failed write (full disk) through handleError
-                self.written[model] = self.written.get(model, 0) + len(piece)
+                counts[model] = counts.get(model, 0) + len(piece)
                 piece, size = [], 0
             if line is not None:
                 piece.append(line)
@@ -222,6 +311,28 @@ class PayloadLog:
             for name, array in response.outputs.items()
         ]
         return record
+
+    def _pair_record(self, pair: _Pair) -> dict:
+        config = pair.config
+
+        def tensors(arrays, spec_of) -> list[dict]:
+            return [
+                self._tensor(name, declared_datatype(spec_of(name), array), array)
+                for name, array in arrays.items()
+            ]
+
+        return {
+            "timestamp": datetime.fromtimestamp(pair.wall, UTC).isoformat(),
+            "model": config.name,
+            "kind": "rollout_disagreement",
+            "stable_version": str(pair.stable),
+            "candidate_version": str(pair.candidate),
+            "id": pair.request_id,
+            "comparison": pair.comparison,
+            "inputs": tensors(pair.inputs, config.input),
+            "stable_outputs": tensors(pair.stable_outputs, config.output),
+            "candidate_outputs": tensors(pair.candidate_outputs, config.output),
+        }
 
     def _tensor(self, name: str, datatype: str, array: np.ndarray) -> dict:
         flat = array.reshape(-1)

@@ -64,6 +64,8 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     #: A decoupled model's request: its responses come back as `Streamed` messages, then its
     #: final `Result` (empty) or `Failure`.
     streamed: bool = False
+    #: The roll-out split key the front end read (Request.split_key).
+    split_key: str | None = None
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -127,6 +129,10 @@ class ModelState(msgspec.Struct, array_like=True):
     #: The completed ModelConfig protobuf, serialised.
     config_proto: bytes | None
     versions: list[VersionState]
+    #: The version a roll-out serves requests naming none (ModelEntry.default_version).
+    default_version: int | None = None
+    #: While a roll-out splits the model: the header its split key comes from ("" for none).
+    split_header: str = ""
 
 
 class Models(msgspec.Struct, tag="models", array_like=True):
@@ -182,6 +188,11 @@ CALLS = frozenset(
         "catalog_figures",
         "update_log_settings",
         "update_trace_settings",
+        "rollout_start",
+        "rollout_status",
+        "rollout_promote",
+        "rollout_abort",
+        "rollout_report",
         "register_system_shared_memory",
         "unregister_system_shared_memory",
         "system_shared_memory_status",
@@ -214,8 +225,9 @@ class EngineEndpoint:
         self.name = name
         self._on_up = on_up
         self.link: Link | None = None
-        #: Requests of this front end not yet answered, by call id (for cancels and its death).
-        self._in_flight: dict[int, Request] = {}
+        #: Requests of this front end not yet answered and the version each was submitted to,
+        #: by call id (for cancels and its death).
+        self._in_flight: dict[int, tuple[Request, Any]] = {}
         self.requests = 0
         #: Control-plane calls being answered.
         self._calls: set[asyncio.Future] = set()
@@ -243,8 +255,8 @@ class EngineEndpoint:
     def _on_lost(self, exc) -> None:
         """The front end is gone: its queued requests leave the queues (nobody waits)."""
         in_flight, self._in_flight = self._in_flight, {}
-        for request in in_flight.values():
-            self.engine.cancel(request.future.model, request)
+        for request, model in in_flight.values():
+            self.engine.cancel(model, request)
         self.lost.set()
 
     def _on_frame(self, messages: list, data: memoryview) -> None:
@@ -254,9 +266,10 @@ class EngineEndpoint:
             if kind is Infer:
                 self._infer(engine, message, data)
             elif kind is Cancel:
-                request = self._in_flight.get(message.call)
-                if request is not None:
-                    engine.cancel(request.future.model, request)
+                found = self._in_flight.get(message.call)
+                if found is not None:
+                    request, model = found
+                    engine.cancel(model, request)
                     if request.stream is not None:
                         request.future.cancel()  # running: the model's is_cancelled() sees it
             elif kind is Call:
@@ -276,7 +289,12 @@ class EngineEndpoint:
         try:
             model = engine.models().get(message.model)
             entry = None if model is None else model.versions.get(message.version)
-            if entry is None or (message.latest and not entry.ready):
+            route = engine.rollouts.routes.get(message.model) if message.latest else None
+            if route is not None:
+                entry = engine.resolve(message.model)  # a running roll-out splits it
+            elif entry is None or (
+                message.latest and (not entry.ready or model.default_version is not None)
+            ):
                 if not message.latest:
                     raise Unavailable(f"model '{message.model}' version {message.version} is not loaded")
                 entry = engine.resolve(message.model)  # a roll-out moved "latest" meanwhile
@@ -298,9 +316,10 @@ class EngineEndpoint:
             message.received_ns,
             message.principal,
         )
+        request.split_key = message.split_key
         if message.streamed:
             request.stream = self._stream_to(message.call)
-        self._in_flight[message.call] = request
+        self._in_flight[message.call] = (request, entry)
         engine.submit(entry, request)
 
     def _stream_to(self, call: int) -> Callable[[StreamedResponse], None]:
@@ -371,7 +390,20 @@ def model_table(engine: Engine) -> Models:
             VersionState(number, entry.state, entry.reason, entry.ready)
             for number, entry in sorted(model.versions.items())
         ]
-        models.append(ModelState(name, model.state, model.reason, model.config, proto, versions))
+        route = engine.rollouts.routes.get(name)
+        split_header = route.split_header if route is not None else ""
+        models.append(
+            ModelState(
+                name,
+                model.state,
+                model.reason,
+                model.config,
+                proto,
+                versions,
+                model.default_version,
+                split_header,
+            )
+        )
     return Models(engine.started, engine.accepting, models, engine.shared_memory.status())
 
 
@@ -379,10 +411,25 @@ def model_table(engine: Engine) -> Models:
 class RemoteVersion:
     """A model version as a front end sees it (from the engine's last model table)."""
 
-    __slots__ = ("as_latest", "config", "latest", "name", "ready", "reason", "state", "version")
+    __slots__ = (
+        "as_latest",
+        "config",
+        "latest",
+        "name",
+        "ready",
+        "reason",
+        "split_header",
+        "state",
+        "version",
+    )
 
     def __init__(
-        self, name: str, config: ModelConfig, state: VersionState, latest: bool = False
+        self,
+        name: str,
+        config: ModelConfig,
+        state: VersionState,
+        latest: bool = False,
+        split_header: str = "",
     ) -> None:
         self.name = name
         self.config = config
@@ -392,25 +439,30 @@ class RemoteVersion:
         self.ready = state.ready
         #: Resolved for a request that named no version.
         self.latest = latest
+        #: Only a request naming no version is split by a roll-out.
+        self.split_header = split_header if latest else ""
         #: The same version as resolved for such a request (built once, not per request).
-        self.as_latest = self if latest else RemoteVersion(name, config, state, True)
+        self.as_latest = self if latest else RemoteVersion(name, config, state, True, split_header)
 
 
 class RemoteModel:
-    __slots__ = ("config", "config_proto", "name", "reason", "state", "versions")
+    __slots__ = ("config", "config_proto", "default_version", "name", "reason", "state", "versions")
 
     def __init__(self, state: ModelState) -> None:
         self.name = state.name
         self.state = state.state
         self.reason = state.reason
         self.config = state.config
+        self.default_version = state.default_version
         self.config_proto = None
         if state.config_proto is not None:
             self.config_proto = mc.ModelConfig()
             self.config_proto.ParseFromString(state.config_proto)
         config = state.config
         self.versions = {
-            v.version: RemoteVersion(state.name, config, v) for v in state.versions if config
+            v.version: RemoteVersion(state.name, config, v, split_header=state.split_header)
+            for v in state.versions
+            if config
         }
 
 
@@ -517,6 +569,7 @@ class RemoteEngine(EngineClient):
                     request.principal,
                     metas,
                     request.stream is not None,
+                    request.split_key,
                 )
             )
         except ConvoyError as exc:
@@ -574,6 +627,21 @@ class RemoteEngine(EngineClient):
 
     async def catalog_figures(self) -> dict:
         return await self._call("catalog_figures")
+
+    async def rollout_start(self, name: str, document: dict) -> dict:
+        return await self._call("rollout_start", name, document)
+
+    async def rollout_status(self, name: str = "") -> dict:
+        return await self._call("rollout_status", name)
+
+    async def rollout_promote(self, name: str) -> dict:
+        return await self._call("rollout_promote", name)
+
+    async def rollout_abort(self, name: str) -> dict:
+        return await self._call("rollout_abort", name)
+
+    async def rollout_report(self, name: str) -> dict:
+        return await self._call("rollout_report", name)
 
     async def register_system_shared_memory(
         self, name: str, key: str, offset: int, byte_size: int

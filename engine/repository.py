@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 from convoy.batching.ragged import ragged_warmup
 from convoy.batching.scheduler import Scheduler
@@ -103,6 +104,8 @@ class ModelVersion:
     #: With a response cache: a digest of the config and the files' contents, part of every
     #: cache key (engine/cache_key.py), so a changed model never answers from old entries.
     revision: str = ""
+    #: A named version is served as asked: no roll-out splits it (see RolloutRoute).
+    split_header: ClassVar[str] = ""
 
     @property
     def ready(self) -> bool:
@@ -139,12 +142,41 @@ class Model:
     #: The last load failed reading the model (its folder, config or the load's overrides)
     #: before any version loaded: Triton's "failed to poll from model repository".
     failed_polling: bool = False
+    #: The version requests naming none go to, set by a roll-out (its stable, or the version
+    #: it promoted); None: the latest ready version.
+    default_version: int | None = None
 
     def latest_ready(self) -> ModelVersion | None:
         for number in sorted(self.versions, reverse=True):
             if self.versions[number].ready:
                 return self.versions[number]
         return None
+
+    def serving(self) -> ModelVersion | None:
+        """The version a request naming none gets (not split by a roll-out): the roll-out's
+        version when one holds it (None while that one is not ready: never another version
+        in its place), else the latest ready."""
+        if self.default_version is not None and self.default_version in self.versions:
+            found = self.versions[self.default_version]
+            return found if found.ready else None
+        return self.latest_ready()
+
+
+class RolloutHooks(Protocol):
+    """What the roll-outs (engine/rollout) add to loading a model: versions they keep loaded
+    whatever the version policy says, the version requests naming none go to, and what a load
+    starts (a roll-out rollout.json declares, or a new version folder made the candidate)."""
+
+    def plan_versions(
+        self, name: str, model_dir: Path, previous: Model | None, chosen: list[int]
+    ) -> list[int]:
+        """The versions to load: the policy's `chosen` and those roll-outs hold (newest first).
+        Raises InvalidConfig for a bad rollout.json."""
+
+    def default_version(self, name: str) -> int | None: ...
+
+    def loaded(self, name: str, model: Model) -> None:
+        """`model` was (re)loaded and now serves."""
 
 
 class ModelRepository:
@@ -173,6 +205,8 @@ class ModelRepository:
         #: Metric families model code defines (pb_utils.MetricFamily), exported on /metrics.
         self.custom_metrics = CustomMetrics()
         self._services: ModelServices | None = None
+        #: The engine's roll-outs (None: versions follow the version policy alone).
+        self.rollouts: RolloutHooks | None = None
 
     def changed(self) -> None:
         for listener in self.listeners:
@@ -239,8 +273,14 @@ class ModelRepository:
                     f"model '{name}' version {version} is not ready: {found.reason or found.state}"
                 )
             return found
-        found = model.latest_ready()
+        found = model.serving()
         if found is None:
+            if model.default_version is not None and model.default_version in model.versions:
+                entry = model.versions[model.default_version]
+                raise Unavailable(
+                    f"model '{name}' version {entry.version} (the version its roll-out serves) is "
+                    f"not ready: {entry.reason or entry.state}"
+                )
             reason = model.reason
             for entry in model.versions.values():
                 if entry.state == "READY" and entry.scheduler is not None:
@@ -337,6 +377,8 @@ class ModelRepository:
             serving = previous is not None and previous.latest_ready() is not None
             try:
                 proto, config, chosen = await self._plan(model_dir, overrides)
+                if self.rollouts is not None and config.ensemble is None:
+                    chosen = self.rollouts.plan_versions(name, model_dir, previous, chosen)
             except InvalidInput as exc:  # the load's own overrides: the model is left as it was
                 discard(private)
                 raise poll_failure(name, str(exc)) from None
@@ -366,6 +408,8 @@ class ModelRepository:
                     await self._stop(previous)
                 return failed
             model = Model(name=name, state="LOADING", private_dir=private)
+            if self.rollouts is not None:
+                model.default_version = self.rollouts.default_version(name)
             model.config_proto = complete_proto(proto, config)
             # The completed config as JSON, for model code (Triton's args["model_config"]).
             config = dataclasses.replace(
@@ -430,6 +474,8 @@ class ModelRepository:
             # Front ends in other processes learn of it now; a request one of them already
             # sent to a retired version of "latest" is routed by the engine to the new latest.
             self.changed()
+            if self.rollouts is not None:
+                self.rollouts.loaded(name, model)
             for entry in retired:
                 await self._stop_version(entry)
             if previous is not None and previous.private_dir not in (None, private):
@@ -488,6 +534,59 @@ class ModelRepository:
                 )
             config = public_view(autocomplete(factory, newest))
         return proto, config, chosen
+
+    async def add_versions(self, name: str, numbers: set[int]) -> None:
+        """Load versions of a loaded model beside those it serves (a roll-out's stable or
+        candidate outside the version policy), with the model's current config. Raises
+        InvalidInput naming the version when one has no folder or fails to load."""
+        async with self._name_locked(name):
+            model = self.model(name)
+            if model.config is None:
+                raise Unavailable(f"model '{name}' is not ready: {model.reason}")
+            model_dir = model.private_dir or self._model_dir(name)
+            missing = sorted(n for n in numbers if n not in model.versions)
+            for number in missing:
+                if not (model_dir / str(number)).is_dir():
+                    on_disk = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+                    raise InvalidInput(
+                        f"version {number}: model '{name}' has no version folder {number} "
+                        f"(versions on disk: {on_disk or 'none'})"
+                    )
+            fresh = await asyncio.gather(
+                *(self._load_version(model.config, model_dir, n) for n in missing)
+            )
+            failed = [entry for entry in fresh if not entry.ready]
+            if failed:
+                for entry in fresh:
+                    if entry.ready:
+                        await self._stop_version(entry)
+                raise InvalidInput(
+                    "; ".join(f"version {e.version}: failed to load: {e.reason}" for e in failed)
+                )
+            if fresh:
+                model.versions = dict(
+                    sorted({**model.versions, **{e.version: e for e in fresh}}.items())
+                )
+                self.changed()
+
+    async def release_versions(self, name: str, held: set[int]) -> None:
+        """Unload the versions of `name` neither its version policy nor `held` wants any more
+        (a roll-out let them go)."""
+        async with self._name_locked(name):
+            model = self.models.get(name)
+            if model is None or model.config is None or model.config.ensemble is not None:
+                return
+            model_dir = model.private_dir or self._model_dir(name)
+            available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+            wanted = set(model.config.version_policy.select(available)) | held
+            retired = [entry for number, entry in model.versions.items() if number not in wanted]
+            if not retired or len(retired) == len(model.versions):
+                return
+            model.versions = {n: e for n, e in model.versions.items() if n in wanted}
+            self.changed()
+            for entry in retired:
+                log.info("model '%s': version %d released by its roll-out", name, entry.version)
+                await self._stop_version(entry)
 
     async def unload(self, name: str) -> None:
         check_model_name(name)

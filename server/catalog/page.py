@@ -19,9 +19,12 @@ buckets. A page view only reads them, so traffic before the first view counts to
 "platform", "backend", "max_batch_size", "inputs", "outputs" (name, datatype, shape), "config"
 (the ModelConfig API's JSON), "payload_log_sample_rate", "payload_log_on", "example_inputs",
 "snippets": {"curl", "python_grpc", "python_http", "python_requests"} | null (not ready),
-"capacity": {...} | null}]}. Addresses: the HTTP host:port from the request's Host header (one
-that is not a plain host[:port] is replaced, so nothing odd reaches the shell snippets), the gRPC
-port the server actually bound.
+"capacity": {...} | null, "rollout": {"state", "mode", "step", "candidate_weight", "reason",
+"pairs", "agreement", "arms": [{"arm" (stable | candidate), "version", "served": {requests,
+errors, error_rate, p50_ms, p90_ms, p99_ms}, "mirrored": {...}}]} | null (a roll-out's two arms
+side by side, over the whole roll-out)}]}. Addresses: the HTTP host:port from the request's Host
+header (one that is not a plain host[:port] is replaced, so nothing odd reaches the shell
+snippets), the gRPC port the server actually bound.
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ class Catalog:
             "payload_log_on": figures["payload_log_on"],
             "snippets": None,
             "capacity": capacity,
+            "rollout": _rollout_summary(figures.get("rollouts", {}).get(name)),
         }
         config = model.config if model is not None else None
         if config is None:
@@ -195,6 +199,32 @@ class Catalog:
             .replace("<!--HEADER-->", header + errors)
             .replace("<!--MODELS-->", body)
         )
+
+
+def _rollout_summary(status: dict | None) -> dict | None:
+    """What the catalog shows of a model's roll-out: both arms side by side."""
+    if status is None:
+        return None
+    totals = status["totals"]
+    decision = status.get("decision") or {}
+    return {
+        "state": status["state"],
+        "mode": status["mode"],
+        "step": status["step"]["label"],
+        "candidate_weight": status["candidate_weight"],
+        "reason": decision.get("reason") or status.get("reason") or "",
+        "pairs": totals["pairs"]["pairs"],
+        "agreement": totals["pairs"]["agreement"],
+        "arms": [
+            {
+                "arm": arm,
+                "version": status[arm],
+                "served": totals[arm]["served"],
+                "mirrored": totals[arm]["mirrored"],
+            }
+            for arm in ("stable", "candidate")
+        ],
+    }
 
 
 def _host_and_port(host_header: str, server_port: int) -> tuple[str, int]:
@@ -305,6 +335,8 @@ def _render_model(model: dict) -> str:
         f"<tr><th>name</th><th>datatype</th><th>shape</th></tr>{_tensor_rows(model['outputs'])}</table>"
         "</div>",
     ]
+    if model.get("rollout"):
+        parts.append(_render_rollout(name, model["rollout"]))
     capacity = model.get("capacity")
     if capacity:
         parts.append(_render_capacity(capacity))
@@ -330,6 +362,38 @@ def _render_model(model: dict) -> str:
         )
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _render_rollout(name: str, rollout: dict) -> str:
+    """The roll-out's arms side by side; cells carry data-rollout-* so the page's script
+    refreshes them."""
+    arms = rollout["arms"]
+    header = "".join(f"<th>{escape(a['arm'])} (version {_fmt(a['version'])})</th>" for a in arms)
+    rows = []
+    for kind in ("served", "mirrored"):
+        for field, label, digits in (
+            ("requests", "requests", 0),
+            ("error_rate", "error rate", 4),
+            ("p50_ms", "p50 ms", 2),
+            ("p99_ms", "p99 ms", 2),
+        ):
+            cells = "".join(
+                f'<td data-rollout-arm="{escape(a["arm"])}" data-rollout-kind="{kind}" '
+                f'data-rollout-field="{field}">{_fmt(a[kind][field], digits)}</td>'
+                for a in arms
+            )
+            rows.append(f"<tr><th>{kind} {label}</th>{cells}</tr>")
+    return (
+        f'<div class="rollout" data-model="{name}"><h3>roll-out: '
+        f'<span data-rollout="state">{escape(rollout["state"])}</span> &middot; '
+        f'{escape(rollout["mode"])} &middot; step <span data-rollout="step">'
+        f"{escape(rollout['step'])}</span> &middot; candidate weight "
+        f'<span data-rollout="candidate_weight">{_fmt(rollout["candidate_weight"] * 100, 0)}</span>%'
+        f' &middot; agreement <span data-rollout="agreement">{_fmt(rollout["agreement"], 4)}</span>'
+        f' over <span data-rollout="pairs">{_fmt(rollout["pairs"])}</span> pairs</h3>'
+        f'<p data-rollout="reason">{escape(rollout["reason"])}</p>'
+        f"<table><tr><th></th>{header}</tr>{''.join(rows)}</table></div>"
+    )
 
 
 def _render_capacity(capacity: dict) -> str:

@@ -175,6 +175,14 @@ def _wants_grpc_errors(context) -> bool:
     return False
 
 
+def _metadata_value(context, name: str) -> str | None:
+    """The call's metadata entry `name` (lower case), or None."""
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else None
+    return None
+
+
 def _traceparent(context) -> str | None:
     """The client's W3C traceparent from the call's metadata, or None."""
     for key, value in context.invocation_metadata() or ():
@@ -344,19 +352,25 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         traceparent: str | None = None,
         principal: str | None = None,
         stream=None,
+        context=None,
     ):
         """Decode, queue and await one request; a cancelled await leaves the queue too.
-        `stream`: where a decoupled model's responses go (ModelStreamInfer); None: unary."""
+        `stream`: where a decoupled model's responses go (ModelStreamInfer); None: unary.
+        `context`: the call's, for the metadata a roll-out may split callers by."""
         leases: list = []  # the shared-memory regions the request names, held until answered
         try:
-            return await self._infer_leased(message, deadline, traceparent, principal, stream, leases)
+            return await self._infer_leased(
+                message, deadline, traceparent, principal, stream, context, leases
+            )
         finally:
             for lease in leases:
                 lease.release()
 
-    async def _infer_leased(self, message, deadline, traceparent, principal, stream, leases):
+    async def _infer_leased(self, message, deadline, traceparent, principal, stream, context, leases):
         future = asyncio.get_running_loop().create_future()
         entry, request = decode_request(self.engine, message, future, deadline, principal, leases)
+        if entry.split_header and context is not None:
+            request.split_key = _metadata_value(context, entry.split_header)
         refs = output_leases(self.engine, message, leases) if message.outputs else None
         if entry.config.decoupled:
             if stream is None:
@@ -391,6 +405,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 self._deadline(context),
                 None if self.tracer is None else _traceparent(context),
                 principal,
+                context=context,
             )
             await self._hold()
             return response
@@ -430,7 +445,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                 if key is not None:
                     key.require(message.model_name)
                 response = await self._infer(
-                    message, deadline, traceparent, principal, answers.put_nowait
+                    message, deadline, traceparent, principal, answers.put_nowait, context
                 )
                 if response is not None:
                     # A model that is not decoupled answers once: its last response.

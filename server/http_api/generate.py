@@ -61,8 +61,11 @@ def _input_array(config, spec, value) -> np.ndarray:
     return tensors.apply_reshape(config, spec, array)
 
 
-def _answer(entry, outputs: dict, parameters: dict | None = None, request_id: str = "") -> dict:
-    answer = {"model_name": entry.config.name, "model_version": str(entry.version)}
+def _answer(
+    entry, outputs: dict, parameters: dict | None = None, request_id: str = "", version: str = ""
+) -> dict:
+    """`version`: the one that served it (a roll-out's arm), else the resolved one."""
+    answer = {"model_name": entry.config.name, "model_version": version or str(entry.version)}
     if request_id:
         answer["id"] = request_id
     selected = select_outputs(outputs, (), entry.config)
@@ -77,6 +80,15 @@ def _answer(entry, outputs: dict, parameters: dict | None = None, request_id: st
     if parameters:
         answer["parameters"] = parameters
     return answer
+
+
+def header_value(scope, name: str) -> str | None:
+    """The request header `name` (lower case), decoded, or None."""
+    wanted = name.encode("latin-1")
+    for key, value in scope["headers"]:
+        if key == wanted:
+            return value.decode("latin-1")
+    return None
 
 
 def build_request(engine, model: str, version: str, document: dict, future, principal):
@@ -118,6 +130,8 @@ async def generate(frontend, scope, receive, send, model: str, version: str, pri
     document = frontend._parse_json(await frontend._read_body(receive))
     future = asyncio.get_running_loop().create_future()
     entry, request = build_request(engine, model, version, document, future, principal)
+    if entry.split_header:  # a roll-out splits this model's callers by a header
+        request.split_key = header_value(scope, entry.split_header)
     scope["convoy.entry"] = entry
     scope["convoy.request_id"] = request.id
     items: asyncio.Queue = asyncio.Queue()  # unbounded: filled on the loop by the model's responses
@@ -150,7 +164,7 @@ async def generate(frontend, scope, receive, send, model: str, version: str, pri
 async def _unary(frontend, send, entry, request, future, items) -> None:
     if not entry.config.decoupled:
         result = await future
-        answer = _answer(entry, result.outputs, result.parameters, request.id)
+        answer = _answer(entry, result.outputs, result.parameters, request.id, result.model_version)
         return await frontend._json(send, answer)
     responses: list[StreamedResponse] = []
     while True:
@@ -199,7 +213,9 @@ async def _stream(send, entry, request, future, items) -> None:
                 future.result()  # raises the request's error, if any
         else:
             result = await future
-            await event(_answer(entry, result.outputs, result.parameters, request.id))
+            await event(
+                _answer(entry, result.outputs, result.parameters, request.id, result.model_version)
+            )
     except asyncio.CancelledError:
         raise
     except Exception as exc:

@@ -22,10 +22,11 @@ import orjson
 
 from convoy.datatypes import bf16_bits_to_float32, to_wire_bytes
 from convoy.engine.client import EngineClient
+from convoy.engine.rollout.report import render_html
 from convoy.errors import ConvoyError, InvalidInput, ModelNotFound, status_of
 from convoy.server import codec as tensors
 from convoy.server.http_api.body_limits import BodyLimits, body_limits, check_claimed_values
-from convoy.server.http_api.generate import generate
+from convoy.server.http_api.generate import generate, header_value
 from convoy.server.observability.tracing import Tracer
 from convoy.types import Request
 
@@ -244,6 +245,8 @@ class HttpFrontend:
             return await self._json(send, await engine.update_log_settings(changes))
         if head in ("systemsharedmemory", "cudasharedmemory"):
             return await self._shared_memory(scope, receive, send, head, rest[1:])
+        if head == "rollouts":
+            return await self._rollouts(scope, receive, send, rest[1:])
         if head == "repository":
             self._expect(method, "POST", scope)
             if rest[1:] == ["index"]:
@@ -311,6 +314,46 @@ class HttpFrontend:
                 name, key, document.get("offset", 0), document.get("byte_size")
             )
             return await self._send(send, 200, b"")
+        raise ModelNotFound(f"no endpoint at {scope['path']}")
+
+    async def _rollouts(self, scope, receive, send, rest: list[str]) -> None:
+        """The roll-out admin API (engine/rollout): list, status, start, promote, abort, report."""
+        engine = self.engine
+        method = scope["method"]
+        if not rest or rest == [""]:
+            self._expect(method, "GET", scope)
+            answer = await engine.rollout_status()
+            key = scope.get("convoy.key")
+            if key is not None:  # only the models the key may use
+                answer["rollouts"] = [r for r in answer["rollouts"] if key.allows(r["model"])]
+            return await self._json(send, answer)
+        name, action = rest[0], rest[1:]
+        if not action:
+            self._expect(method, "GET", scope)
+            return await self._json(send, await engine.rollout_status(name))
+        if len(action) == 1 and action[0] in ("start", "promote", "abort"):
+            self._expect(method, "POST", scope)
+            body = await self._read_body(receive)
+            if action[0] == "start":
+                if not body:
+                    raise InvalidInput("rollout start: expected the roll-out's JSON spec as the body")
+                try:
+                    document = orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+                return await self._json(send, await engine.rollout_start(name, document))
+            if action[0] == "promote":
+                return await self._json(send, await engine.rollout_promote(name))
+            return await self._json(send, await engine.rollout_abort(name))
+        if action in (["report"], ["report.html"]):
+            self._expect(method, "GET", scope)
+            document = await engine.rollout_report(name)
+            if action[0] == "report":
+                return await self._json(send, document)
+            page = render_html(document).encode()
+            return await self._send(
+                send, 200, page, b"text/html; charset=utf-8", [(b"cache-control", b"no-store")]
+            )
         raise ModelNotFound(f"no endpoint at {scope['path']}")
 
     def _body_limits(self, config) -> BodyLimits:
@@ -474,6 +517,8 @@ class HttpFrontend:
         request = tensors.build_request(
             str(document.get("id", "")), inputs, requested, rows, parameters, future, received, principal
         )
+        if entry.split_header:  # a roll-out splits this model's callers by a header
+            request.split_key = header_value(scope, entry.split_header)
         # For the access log, when it is on (two dict stores otherwise unread).
         scope["convoy.entry"] = entry
         scope["convoy.request_id"] = request.id
@@ -484,6 +529,7 @@ class HttpFrontend:
         watcher.add_done_callback(partial(_on_disconnect, self.engine, entry, request))
         try:
             result = await future
+            scope["convoy.served_version"] = result.model_version  # for the access log
         finally:
             watcher.cancel()
             if self.tracer is not None:

@@ -61,6 +61,12 @@ def need(parts: list[str]) -> Need | None:
         return ANY_KEY
     if head in ("systemsharedmemory", "cudasharedmemory"):
         return ANY_KEY
+    if head == "rollouts":
+        if len(rest) < 2 or not rest[1]:
+            return ANY_KEY  # the list shows only the models the key may use
+        if rest[2:] in (["start"], ["promote"], ["abort"]):
+            return Need(model=rest[1], manage=True)
+        return Need(model=rest[1])
     if head == "trace":
         return Need(manage=True)
     return None

@@ -142,7 +142,8 @@ class AccessLogMiddleware:
             # The front end notes the version it served and the request id once it knows them.
             entry = scope.get("convoy.entry")
             if entry is not None:
-                version = str(entry.version)
+                # The version that answered (a roll-out's arm), else the one resolved.
+                version = scope.get("convoy.served_version") or str(entry.version)
             self.access_log.write(
                 "http",
                 model,

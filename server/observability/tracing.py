@@ -105,6 +105,7 @@ class Tracer:
             status = "OK"
             timings = future.result().timings
             steps = future.result().steps
+            version = future.result().model_version or version  # a roll-out's arm may differ
         parent = self._propagator.extract({TRACEPARENT: traceparent}) if traceparent else None
         span = self._tracer.start_span(
             f"infer {model}",
