@@ -120,6 +120,25 @@ def _server_tls_context(settings: ServerConfig) -> ssl.SSLContext:
     return context
 
 
+def observers(
+    engine: EngineClient, settings: ServerConfig, log_control: LogControl, keys: Keyring | None
+) -> tuple[Tracer | None, AccessLog | None, list]:
+    """What both front ends feed: the tracer (when spans go anywhere), the access log (started)
+    and the gRPC interceptors that write it."""
+    tracer = None
+    setup = trace_setup(settings.trace_otlp_endpoint, settings.trace_console, settings.trace_config)
+    if setup.exporting:
+        tracer = Tracer(setup, engine.trace_control)
+    access_log = None
+    interceptors = []
+    if settings.access_log:
+        access_log = AccessLog(settings.access_log, settings.log_format)
+        log_control.follow_format(access_log.handler)
+        access_log.start()
+        interceptors.append(AccessLogInterceptor(access_log, keys))
+    return tracer, access_log, interceptors
+
+
 def http_application(
     engine: EngineClient,
     settings: ServerConfig,
@@ -178,16 +197,10 @@ class FrontEnds:
 
     async def start(self, http_port: int, grpc_port: int) -> None:
         settings = self.settings
-        setup = trace_setup(settings.trace_otlp_endpoint, settings.trace_console, settings.trace_config)
-        if setup.exporting:
-            self.tracer = Tracer(setup, self.engine.trace_control)
-        interceptors = []
+        self.tracer, self._access_log, interceptors = observers(
+            self.engine, settings, self.log_control, self.keys
+        )
         max_connections = connection_cap(settings.max_connections)
-        if settings.access_log:
-            self._access_log = AccessLog(settings.access_log, settings.log_format)
-            self.log_control.follow_format(self._access_log.handler)
-            self._access_log.start()
-            interceptors.append(AccessLogInterceptor(self._access_log, self.keys))
         self._grpc, self._grpc_frontend, self.grpc_port = await start_grpc_server(
             self.engine,
             settings.host,

@@ -156,6 +156,7 @@ class NativeCalls:
             deadline_ns,
             authorization,
             traceparent,
+            split_key,
         ) = item
         try:
             principal = None
@@ -191,6 +192,8 @@ class NativeCalls:
                 log.error("native inference request failed", exc_info=exc)
             self._log_refusal(protocol, model, version, request_id, received_ns, exc)
             return
+        if split_key is not None and entry.split_header:
+            request.split_key = split_key  # the header the model's roll-out splits callers by
         outcome.request = request
         outcome.started_ns = received_ns
         outcome.traceparent = traceparent
@@ -252,8 +255,10 @@ class NativeCalls:
         if self.tracer is not None:
             protocol = "http" if outcome.protocol == "http" else "grpc"
             entry = outcome.entry
+            # The version that answered (a roll-out may route to another than resolved).
+            version = result.model_version if result is not None else str(entry.version)
             self.tracer.record(
-                protocol, entry.config.name, str(entry.version), request, outcome, outcome.traceparent
+                protocol, entry.config.name, version, request, outcome, outcome.traceparent
             )
 
     # --- the access log: the lines the Python front end's middleware and interceptor write ----

@@ -16,11 +16,12 @@ import time
 from convoy.auth import Keyring
 from convoy.config import ServerConfig
 from convoy.engine.client import EngineClient
+from convoy.errors import ConvoyError
 from convoy.logs import LogControl
 from convoy.server.grpc_api.handlers import GrpcFrontend, interceptor_chain
 from convoy.server.http_api.body_limits import body_limits
 from convoy.server.http_api.connections import connection_cap
-from convoy.server.observability.access_log import AccessLog, AccessLogInterceptor
+from convoy.server.observability.access_log import AccessLog
 from convoy.server.observability.tracing import Tracer
 
 from .calls import NativeCalls, model_plan
@@ -86,19 +87,14 @@ class NativeFrontEnds:
 
     # --- lifetime ---------------------------------------------------------------------------------
     async def start(self, http_port: int, grpc_port: int) -> None:
-        from convoy.server.app import http_application
+        from convoy.server.app import http_application, observers
 
         settings = self.settings
         native = _load_extension()
         self._loop = asyncio.get_running_loop()
-        if settings.trace_otlp_endpoint or settings.trace_console:
-            self.tracer = Tracer(settings.trace_otlp_endpoint, settings.trace_console)
-        interceptors = []
-        if settings.access_log:
-            self._access_log = AccessLog(settings.access_log, settings.log_format)
-            self.log_control.follow_format(self._access_log.handler)
-            self._access_log.start()
-            interceptors.append(AccessLogInterceptor(self._access_log, self.keys))
+        self.tracer, self._access_log, interceptors = observers(
+            self.engine, settings, self.log_control, self.keys
+        )
         self._native = native.Frontend(
             {
                 "host": settings.host,
@@ -193,6 +189,10 @@ class NativeFrontEnds:
             token = self._token(config)
             live.add(token)
             limits = body_limits(config, settings.http_max_body_bytes, settings.http_max_json_bytes)
+            try:  # a roll-out's split header, when the model runs one that splits by header
+                split_header = self.engine.resolve(name).split_header
+            except ConvoyError:
+                split_header = ""
             rows.append(
                 (
                     name,
@@ -205,6 +205,7 @@ class NativeFrontEnds:
                     limits.body,
                     limits.json,
                     limits.reason,
+                    split_header,
                 )
             )
         for key, (_, token) in list(self._tokens.items()):

@@ -79,7 +79,7 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
 }
 
 /// One model as `set_models` takes it.
-type ModelRow = (String, u64, i64, bool, Vec<(String, String, Vec<i64>, bool)>, Vec<String>, usize, usize, String);
+type ModelRow = (String, u64, i64, bool, Vec<(String, String, Vec<i64>, bool)>, Vec<String>, usize, usize, String, String);
 
 #[pyclass(module = "convoy.server._native")]
 struct Frontend {
@@ -183,12 +183,13 @@ impl Frontend {
     }
 
     /// Replace the model table: tuples (name, token, max_batch_size, native,
-    /// [(input, datatype, dims, optional)], [output names], body_limit, json_limit, reason).
+    /// [(input, datatype, dims, optional)], [output names], body_limit, json_limit, reason,
+    /// roll-out split header or "").
     fn set_models(&self, models: &Bound<'_, PyList>) -> PyResult<()> {
         guarded("set_models", || {
             let mut specs = Vec::with_capacity(models.len());
             for entry in models.iter() {
-                let (name, token, max_batch_size, native, inputs, outputs, body_limit, json_limit, limit_reason): ModelRow =
+                let (name, token, max_batch_size, native, inputs, outputs, body_limit, json_limit, limit_reason, split_header): ModelRow =
                     entry.extract()?;
                 let mut declared = Vec::with_capacity(inputs.len());
                 let mut native = native;
@@ -198,7 +199,18 @@ impl Frontend {
                         None => native = false,
                     }
                 }
-                specs.push(ModelSpec { name, token, max_batch_size, inputs: declared, outputs, native, body_limit, json_limit, limit_reason });
+                specs.push(ModelSpec {
+                    name,
+                    token,
+                    max_batch_size,
+                    inputs: declared,
+                    outputs,
+                    native,
+                    body_limit,
+                    json_limit,
+                    limit_reason,
+                    split_header: split_header.to_ascii_lowercase(),
+                });
             }
             self.hub.set_models(ModelTable::new(specs));
             Ok(())
@@ -316,6 +328,7 @@ fn infer_to_python(py: Python<'_>, call: InferCall) -> PyResult<Bound<'_, PyTupl
         call.deadline_ns.into_pyobject(py)?.into_any(),
         call.authorization.into_pyobject(py)?.into_any(),
         call.traceparent.into_pyobject(py)?.into_any(),
+        call.split_key.into_pyobject(py)?.into_any(),
     ];
     PyTuple::new(py, fields)
 }

@@ -66,6 +66,8 @@ pub struct InferCall {
     pub deadline_ns: Option<u64>,
     pub authorization: Option<String>,
     pub traceparent: Option<String>,
+    /// The value of the header the model's roll-out splits callers by, when it has one.
+    pub split_key: Option<String>,
 }
 
 /// An HTTP request answered by the Python handlers (the ASGI app): everything but the infer

@@ -256,6 +256,7 @@ async fn unary(front: Arc<GrpcFront>, method: Option<&'static str>, request: Req
                 deadline_ns,
                 authorization: text(&metadata, "authorization"),
                 traceparent: text(&metadata, "traceparent"),
+                metadata: Some(&metadata),
             };
             native = grpc_infer::decode(&hub.models(), decoded, envelope);
         }
@@ -404,6 +405,7 @@ async fn read_stream(
                 deadline_ns,
                 authorization: authorization.clone(),
                 traceparent: traceparent.clone(),
+                metadata: Some(&metadata),
             };
             grpc_infer::decode(&hub.models(), decoded, envelope)
         });

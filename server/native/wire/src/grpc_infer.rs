@@ -13,13 +13,15 @@ use crate::tensor::Dtype;
 use crate::validate::Checker;
 
 /// What the caller knows beyond the message (when and from whom it came).
-pub struct Envelope {
+pub struct Envelope<'m> {
     pub slot: u64,
     pub protocol: Protocol,
     pub received_ns: u64,
     pub deadline_ns: Option<u64>,
     pub authorization: Option<String>,
     pub traceparent: Option<String>,
+    /// The call's metadata, for the roll-out split header the model may name.
+    pub metadata: Option<&'m tonic::metadata::MetadataMap>,
 }
 
 /// The request as the native path serves it, or None: the Python handlers take it (anything
@@ -72,7 +74,15 @@ pub fn decode(table: &ModelTable, message: ModelInferRequest, envelope: Envelope
         deadline_ns: envelope.deadline_ns,
         authorization: envelope.authorization,
         traceparent: envelope.traceparent,
+        split_key: split_key(&model.split_header, envelope.metadata),
     })
+}
+
+fn split_key(header: &str, metadata: Option<&tonic::metadata::MetadataMap>) -> Option<String> {
+    if header.is_empty() {
+        return None;
+    }
+    metadata?.get(header)?.to_str().ok().map(str::to_owned)
 }
 
 pub fn param(value: &InferParameter) -> Option<Param> {
@@ -170,8 +180,16 @@ mod tests {
     use crate::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
     use crate::validate::tests::add_sub;
 
-    fn envelope() -> Envelope {
-        Envelope { slot: 9, protocol: Protocol::Grpc, received_ns: 1, deadline_ns: None, authorization: None, traceparent: None }
+    fn envelope() -> Envelope<'static> {
+        Envelope {
+            slot: 9,
+            protocol: Protocol::Grpc,
+            received_ns: 1,
+            deadline_ns: None,
+            authorization: None,
+            traceparent: None,
+            metadata: None,
+        }
     }
 
     fn tensor(name: &str, contents: Option<InferTensorContents>) -> InferInputTensor {

@@ -309,6 +309,11 @@ impl HttpFront {
                     received_ns,
                     authorization: header(headers, "authorization").and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned),
                     traceparent: header(headers, "traceparent").and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned),
+                    split_key: (!spec.split_header.is_empty())
+                        .then(|| header(headers, &spec.split_header))
+                        .flatten()
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map(str::to_owned),
                 };
                 http_infer::decode(spec, &body, json_length, envelope)
             }

@@ -97,6 +97,8 @@ pub struct HttpEnvelope {
     pub received_ns: u64,
     pub authorization: Option<String>,
     pub traceparent: Option<String>,
+    /// The value of the model's roll-out split header, when it names one.
+    pub split_key: Option<String>,
 }
 
 /// The body (decompressed; `json_length` from Inference-Header-Content-Length, None: all JSON)
@@ -196,6 +198,7 @@ pub fn decode(model: &ModelSpec, body: &Bytes, json_length: Option<usize>, envel
         deadline_ns: None,
         authorization: envelope.authorization,
         traceparent: envelope.traceparent,
+        split_key: envelope.split_key,
     };
     Some((call, plan))
 }
@@ -551,7 +554,7 @@ mod tests {
     use crate::validate::tests::add_sub;
 
     fn envelope() -> HttpEnvelope {
-        HttpEnvelope { slot: 3, version: String::new(), received_ns: 0, authorization: None, traceparent: None }
+        HttpEnvelope { slot: 3, version: String::new(), received_ns: 0, authorization: None, traceparent: None, split_key: None }
     }
 
     fn body(text: &str) -> Bytes {

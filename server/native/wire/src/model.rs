@@ -40,6 +40,8 @@ pub struct ModelSpec {
     pub body_limit: usize,
     pub json_limit: usize,
     pub limit_reason: String,
+    /// A roll-out splits this model's callers by this request header (lower case); "" none.
+    pub split_header: String,
 }
 
 impl ModelSpec {

@@ -111,6 +111,7 @@ pub(crate) mod tests {
             body_limit: 1 << 20,
             json_limit: 1 << 20,
             limit_reason: "test".into(),
+            split_header: String::new(),
         }
     }
 
