@@ -10,6 +10,18 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/convoy
 ENV PATH=/opt/convoy/bin:$PATH
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4"
+# The native front end (server/native) is Rust: a toolchain in the build stage only, so the
+# wheel carries convoy.server._native (checked below: without it Convoy would fall back to
+# the Python front end).
+ARG RUST_VERSION=1.95.0
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends curl ca-certificates gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
+       | sh -s -- -y --profile minimal --default-toolchain "${RUST_VERSION}"
+ENV PATH=/root/.cargo/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY convoy ./convoy
@@ -20,7 +32,8 @@ COPY protos ./protos
 COPY loadtests ./loadtests
 # The onnx extra names onnxruntime-gpu; on CPU the plain onnxruntime wheel is the smaller fit.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
-    && pip install "$(ls /wheels/convoy_inference-*.whl)[torch,text,redis]" "onnxruntime>=1.18" "onnx>=1.16"
+    && pip install "$(ls /wheels/convoy_inference-*.whl)[torch,text,redis]" "onnxruntime>=1.18" "onnx>=1.16" \
+    && python3 -c "import convoy.server._native"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONUNBUFFERED=1 PATH=/opt/convoy/bin:$PATH

@@ -30,7 +30,7 @@ LATENCY_FIRST = 'parameters { key: "batch_dispatch" value { string_value: "laten
 
 
 @pytest.fixture(scope="module")
-def batching_server(tmp_path_factory):
+def batching_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("batching")
     repository = root / "models"
     for name, extra in (("held", ""), ("eager", LATENCY_FIRST)):
@@ -39,7 +39,7 @@ def batching_server(tmp_path_factory):
             CONFIG.format(name=name, delay=HOLD_US, extra=extra)
         )
         shutil.copy(MODEL_SOURCES / "identity" / "model.py", repository / name / "1" / "model.py")
-    yield from serve_until_stopped(ConvoyProcess(repository, root / "server.log"))
+    yield from serve_until_stopped(ConvoyProcess(repository, root / "server.log", frontend=frontend))
 
 
 def _infer(server, model: str, value: int) -> int:

@@ -33,10 +33,12 @@ def test_server_metadata_names_convoy_and_its_extensions(protocol):
 
 
 @pytest.fixture(scope="module")
-def named_server(tmp_path_factory):
+def named_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("named")
     shutil.copytree(demo_repository() / "add_sub", root / "models" / "add_sub")
-    process = ConvoyProcess(root / "models", root / "server.log", ("--server-name", "triton"))
+    process = ConvoyProcess(
+        root / "models", root / "server.log", ("--server-name", "triton"), frontend=frontend
+    )
     yield from serve_until_stopped(process)
 
 

@@ -175,12 +175,14 @@ def test_a_new_version_that_fails_leaves_the_old_serving_with_the_reason(control
 
 
 @pytest.fixture(scope="module", params=["none", "poll"])
-def uncontrolled_server(request, tmp_path_factory):
+def uncontrolled_server(request, tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp(f"mode-{request.param}")
     repository = root / "models"
     repository.mkdir()
     copy_model(repository, "versioned_latest")
-    process = ConvoyProcess(repository, root / "server.log", ("--model-control-mode", request.param))
+    process = ConvoyProcess(
+        repository, root / "server.log", ("--model-control-mode", request.param), frontend=frontend
+    )
     yield from serve_until_stopped(process)
 
 

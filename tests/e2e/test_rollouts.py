@@ -34,7 +34,7 @@ PERF_ANALYZER = REPO_ROOT / ".perf_analyzer" / "perf_analyzer"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("rollouts")
     for name in MODELS:
         write_model(root / "models", name)
@@ -49,6 +49,7 @@ def server(tmp_path_factory):
             "--access-log",
             str(root / "access.log"),
         ),
+        frontend=frontend,
     )
     process.payloads = root / "payloads"
     process.access_log = root / "access.log"

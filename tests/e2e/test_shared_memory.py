@@ -347,13 +347,15 @@ class Model:
 
 
 @pytest.fixture(scope="module")
-def gated_server(tmp_path_factory):
+def gated_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("gated")
     model = root / "models" / "gated"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(GATED_CONFIG)
     (model / "1" / "model.py").write_text(GATED_MODEL)
-    process = ConvoyProcess(root / "models", root / "server.log", ("--allow-client-shm",))
+    process = ConvoyProcess(
+        root / "models", root / "server.log", ("--allow-client-shm",), frontend=frontend
+    )
     process.start()
     try:
         yield process, model
@@ -414,11 +416,13 @@ def test_a_region_unregistered_during_an_inference_stays_until_it_ends(gated_ser
 
 
 @pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
+def default_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("shm-off")
     (root / "models").mkdir()
     shutil.copytree(demo_repository() / "add_sub", root / "models" / "add_sub")
-    yield from serve_until_stopped(ConvoyProcess(root / "models", root / "server.log"))
+    yield from serve_until_stopped(
+        ConvoyProcess(root / "models", root / "server.log", frontend=frontend)
+    )
 
 
 @pytest.mark.parametrize("protocol_name", ["grpc", "http"])

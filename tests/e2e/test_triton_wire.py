@@ -32,7 +32,7 @@ RAW_MODELS = {
 
 
 @pytest.fixture(scope="module")
-def raw_server(tmp_path_factory):
+def raw_server(tmp_path_factory, frontend):
     root = tmp_path_factory.mktemp("raw")
     repository = root / "models"
     for name, (batching, datatype, dims) in RAW_MODELS.items():
@@ -44,7 +44,7 @@ def raw_server(tmp_path_factory):
         )
         shutil.copy(MODEL_SOURCES / "identity" / "model.py", repository / name / "1" / "model.py")
     shutil.copytree(demo_repository() / "add_sub", repository / "add_sub")
-    yield from serve_until_stopped(ConvoyProcess(repository, root / "server.log"))
+    yield from serve_until_stopped(ConvoyProcess(repository, root / "server.log", frontend=frontend))
 
 
 def _binary_answer(answer: requests.Response) -> tuple[dict, bytes]:
