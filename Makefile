@@ -44,9 +44,10 @@ serve: $(VENV)/.runtime
 	$(VENV)/bin/convoy serve $(ARGS)
 
 # The Rust crates' own tests and lints (the bindings crate is linted, its logic is tested
-# through Python): what CI runs besides pytest.
+# through Python): what CI runs besides pytest. The tests build in release, beside the
+# extension pip just built, so its dependencies are compiled once.
 native-check: $(VENV)/.installed
-	PYO3_PYTHON=$(abspath $(PY)) $(CARGO) test $(NATIVE_MANIFEST) -p convoy-wire
+	PYO3_PYTHON=$(abspath $(PY)) $(CARGO) test --release $(NATIVE_MANIFEST) -p convoy-wire
 	PYO3_PYTHON=$(abspath $(PY)) $(CARGO) clippy $(NATIVE_MANIFEST) --all-targets -- -D warnings
 
 test: $(VENV)/.installed native-check
