@@ -20,8 +20,9 @@ from convoy.types import Request
 
 
 def batch_key(request: Request) -> Hashable:
-    """Requests may share a batch when every input has the same per-row shape and dtype."""
-    return tuple((name, array.shape[1:], array.dtype.str) for name, array in request.inputs.items())
+    """Requests may share a batch when every input has the same per-row shape and dtype (the
+    dtype object itself: equal dtypes compare and hash alike, and `.str` builds a string)."""
+    return tuple([(name, array.shape[1:], array.dtype) for name, array in request.inputs.items()])
 
 
 def merge(requests: list[Request], buffers: Callable | None = None) -> dict[str, np.ndarray]:

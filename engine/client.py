@@ -182,9 +182,15 @@ class EngineClient(abc.ABC):
                     f"ready: {found.reason or found.state}"
                 )
             return found
-        for number in sorted(model.versions, reverse=True):
-            if model.versions[number].ready:
-                return model.versions[number]
+        versions = model.versions
+        if len(versions) == 1:  # most models: no need to order the versions
+            for only in versions.values():
+                if only.ready:
+                    return only
+        else:
+            for number in sorted(versions, reverse=True):
+                if versions[number].ready:
+                    return versions[number]
         versions = (v.reason for v in model.versions.values() if v.reason)
         reason = model.reason or next(versions, "") or model.state
         raise Unavailable(f"model '{name}' is not ready: {reason}")

@@ -84,6 +84,8 @@ type ModelRow = (String, u64, i64, bool, Vec<(String, String, Vec<i64>, bool)>, 
 #[pyclass(module = "convoy.server._native")]
 struct Frontend {
     hub: Arc<Hub>,
+    /// Python strings for the names requests repeat (models, versions, tensors), made once.
+    names: Mutex<Names>,
     server: Mutex<Option<Server>>,
     #[pyo3(get)]
     http_port: u16,
@@ -142,7 +144,13 @@ impl Frontend {
                 py.detach(move || Server::start(network, hub, tls))
             };
             let server = started.map_err(|e| PyOSError::new_err(e.to_string()))?;
-            Ok(Frontend { hub, http_port: server.http_port, grpc_port: server.grpc_port, server: Mutex::new(Some(server)) })
+            Ok(Frontend {
+                hub,
+                names: Mutex::new(Names::default()),
+                http_port: server.http_port,
+                grpc_port: server.grpc_port,
+                server: Mutex::new(Some(server)),
+            })
         })
     }
 
@@ -155,8 +163,9 @@ impl Frontend {
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let items = self.hub.take();
         let list = PyList::empty(py);
+        let mut names = self.names.lock();
         for item in items {
-            let converted = catch_unwind(AssertUnwindSafe(|| item_to_python(py, item)));
+            let converted = catch_unwind(AssertUnwindSafe(|| item_to_python(py, item, &mut names)));
             match converted {
                 Ok(Ok(tuple)) => list.append(tuple)?,
                 Ok(Err(error)) => return Err(error),
@@ -296,13 +305,35 @@ fn address(py: Python<'_>, address: Option<SocketAddr>) -> PyResult<Bound<'_, Py
     }
 }
 
-fn infer_to_python(py: Python<'_>, call: InferCall) -> PyResult<Bound<'_, PyTuple>> {
+/// Python strings for the names requests repeat, each made once (bounded: cleared when full).
+#[derive(Default)]
+struct Names {
+    strings: std::collections::HashMap<String, Py<PyString>>,
+}
+
+impl Names {
+    const LIMIT: usize = 4096;
+
+    fn get<'py>(&mut self, py: Python<'py>, name: &str) -> Bound<'py, PyString> {
+        if let Some(found) = self.strings.get(name) {
+            return found.bind(py).clone();
+        }
+        if self.strings.len() >= Self::LIMIT {
+            self.strings.clear();
+        }
+        let made = PyString::new(py, name);
+        self.strings.insert(name.to_owned(), made.clone().unbind());
+        made
+    }
+}
+
+fn infer_to_python<'py>(py: Python<'py>, call: InferCall, names: &mut Names) -> PyResult<Bound<'py, PyTuple>> {
     let inputs = PyList::empty(py);
     for tensor in call.inputs {
         let shape = PyTuple::new(py, &tensor.shape)?;
-        inputs.append((PyString::new(py, &tensor.name), dtype_name(py, tensor.dtype), shape, wire(py, tensor.data)?))?;
+        inputs.append((names.get(py, &tensor.name), dtype_name(py, tensor.dtype), shape, wire(py, tensor.data)?))?;
     }
-    let outputs = PyTuple::new(py, &call.outputs)?;
+    let outputs = PyTuple::new(py, call.outputs.iter().map(|name| names.get(py, name)))?;
     let parameters = PyDict::new(py);
     for (key, value) in &call.parameters {
         parameters.set_item(key, param_to_python(py, value)?)?;
@@ -316,8 +347,8 @@ fn infer_to_python(py: Python<'_>, call: InferCall) -> PyResult<Bound<'_, PyTupl
         0u8.into_pyobject(py)?.into_any(),
         call.slot.into_pyobject(py)?.into_any(),
         protocol.clone().into_any(),
-        PyString::new(py, &call.model).into_any(),
-        PyString::new(py, &call.version).into_any(),
+        names.get(py, &call.model).into_any(),
+        names.get(py, &call.version).into_any(),
         PyString::new(py, &call.id).into_any(),
         call.token.into_pyobject(py)?.into_any(),
         call.rows.into_pyobject(py)?.into_any(),
@@ -370,9 +401,9 @@ fn grpc_to_python(py: Python<'_>, forward: GrpcForward) -> PyResult<Bound<'_, Py
     PyTuple::new(py, fields)
 }
 
-fn item_to_python(py: Python<'_>, item: Item) -> PyResult<Bound<'_, PyTuple>> {
+fn item_to_python<'py>(py: Python<'py>, item: Item, names: &mut Names) -> PyResult<Bound<'py, PyTuple>> {
     match item {
-        Item::Infer(call) => infer_to_python(py, call),
+        Item::Infer(call) => infer_to_python(py, call, names),
         Item::Http(forward) => http_to_python(py, forward),
         Item::Grpc(forward) => grpc_to_python(py, forward),
         Item::Cancel(slot) => (3, slot).into_pyobject(py),
