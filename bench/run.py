@@ -76,7 +76,9 @@ def measure_raw(raw, batch: int, seconds: float) -> dict:
 class Server:
     """`convoy serve` in a subprocess on free ports."""
 
-    def __init__(self, repository: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, repository: Path, log: Path, env: dict[str, str] | None = None, frontend: str = ""
+    ) -> None:
         self.log = log.open("w")
         self.process = subprocess.Popen(
             [
@@ -96,6 +98,7 @@ class Server:
                 "127.0.0.1",
                 "--log-level",
                 "WARNING",
+                *(("--frontend", frontend) if frontend else ()),
             ],
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -338,6 +341,12 @@ def main() -> int:
         "run: a batch waits max_queue_delay for a fuller one); latency_first measures Convoy's "
         "own and cannot go with peers (their comparisons need the same rule on both sides)",
     )
+    parser.add_argument(
+        "--frontend",
+        choices=["native", "python"],
+        default="",
+        help="Convoy's front end (default: the server's own choice, native when built)",
+    )
     parser.add_argument("--quick", action="store_true", help="short windows; CI checks the files")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -383,7 +392,7 @@ def main() -> int:
             }
             with_peers = peer_names if name in PEER_WORKLOADS else []
             with ExitStack() as stack:
-                server = Server(repository, scratch / name / "server.log", server_env)
+                server = Server(repository, scratch / name / "server.log", server_env, args.frontend)
                 stack.callback(server.stop)
                 # Every server stays up for the whole run (idle, each costs next to nothing) so
                 # Convoy and the peers are measured back to back at each point: on a machine
