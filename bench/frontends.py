@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from machine import describe  # noqa: E402
-from workers import find_perf_analyzer, perf_analyzer  # noqa: E402
+from workers import Server, find_perf_analyzer, perf_analyzer  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -55,53 +55,6 @@ def thread_cpu(pid: int) -> dict[str, float]:
         else:
             roles["other"] += seconds
     return roles
-
-
-class Server:
-    """`convoy serve --frontend X` on free ports, only the model under test loaded."""
-
-    def __init__(
-        self, frontend: str, repository: Path | None, model: str, log: Path, extra: list[str]
-    ) -> None:
-        import subprocess
-
-        command = [sys.executable, "-m", "convoy", "serve", "--frontend", frontend, *extra]
-        if repository is not None:
-            command += ["--model-repository", str(repository)]
-        command += [
-            "--model-control-mode", "explicit", "--load-model", model,
-            "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "-1",
-            "--log-level", "WARNING",
-        ]  # fmt: skip
-        self.model = model
-        self.log = log.open("w")
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.http = self.grpc = 0
-        deadline = time.monotonic() + 180
-        for line in self.process.stdout:
-            if line.startswith("convoy: serving"):
-                fields = dict(part.split("=") for part in line.split() if "=" in part)
-                self.http, self.grpc = int(fields["http"]), int(fields["grpc"])
-                break
-            if time.monotonic() > deadline:
-                break
-        if not self.http:
-            self.stop()
-            raise SystemExit(f"convoy --frontend {frontend} did not start; see {log}")
-
-    def served(self) -> int:
-        import urllib.request
-
-        url = f"http://127.0.0.1:{self.http}/v2/models/{self.model}/stats"
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            stats = json.load(answer)["model_stats"]
-        return sum(s["inference_stats"]["success"]["count"] for s in stats)
-
-    def stop(self) -> int:
-        self.process.terminate()
-        code = self.process.wait(timeout=90)
-        self.log.close()
-        return code
 
 
 def measure(server: Server, binary: str, protocol: str, concurrency: int, args, scratch: Path) -> dict:
@@ -196,9 +149,8 @@ def main() -> int:
         scratch = Path(scratch)
         for round_ in range(args.rounds):
             for frontend in args.frontends:
-                server = Server(
-                    frontend, args.repository, args.model, scratch / f"{frontend}.log", args.serve_arg
-                )
+                extra = ["--frontend", frontend, *args.serve_arg]
+                server = Server(args.repository, args.model, 1, scratch / f"{frontend}.log", extra)
                 try:
                     for protocol in args.protocols:
                         for concurrency in args.concurrency:
