@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import ConvoyProcess, serve_until_stopped, write_identity_model
+from helpers import FRONTENDS, ConvoyProcess, serve_until_stopped, write_identity_model
 
 #: Each batch costs BATCH_SECONDS whatever its size: capacity is about 4 / BATCH_SECONDS rows/s.
 CAPACITY_MODEL = """
@@ -51,6 +51,14 @@ def write_capacity_model(
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(CAPACITY_CONFIG.format(name=name, timeout_us=timeout_us))
     (model / "1" / "model.py").write_text(CAPACITY_MODEL.format(batch_seconds=batch_seconds))
+
+
+@pytest.fixture(scope="session", params=FRONTENDS[:1])
+def frontend(request) -> str:
+    """The long tail (fuzzing, overload, admission, shutdown, schemathesis) runs against the
+    first front end only, the native one by default, to keep CI inside its time: the Python
+    front end's handling of these did not change with the native one beside it."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
