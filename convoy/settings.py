@@ -619,33 +619,29 @@ def build_config(args: argparse.Namespace, default_repository: Path) -> ServerCo
     )
     # Settings named like a field pass as given (lists as tuples); the rest are combined here.
     fields = {field.name for field in dataclasses.fields(ServerConfig)}
-    given = {
+    values: dict[str, Any] = {
         s.name: tuple(value) if isinstance(value := getattr(args, s.name), list) else value
         for s in SETTINGS
         if s.name in fields
     }
-    return ServerConfig(
-        **given
-        | {
-            "model_repository": repository,
-            "host": host,
-            "metrics_port": args.metrics_port if args.allow_metrics else -1,
-            "load_all": load_all,
-            "load_models": load_models,
-            "repository_poll_secs": (
-                args.repository_poll_secs if args.model_control_mode == "poll" else 0.0
-            ),
-            "log_level": "DEBUG" if args.log_verbose > 0 else args.log_level,
-            "api_keys_file": args.api_keys,
-            "protect_health": args.auth_health == "protected",
-            "protect_metrics": args.auth_metrics != "open" and args.api_keys is not None,
-            "capacity_reports": tuple(args.capacity_report),
-            "workers": workers,
-            "frontend": args.frontend or ("python" if workers > 1 else "auto"),
-            "cache": cache,
-            "metrics": metrics,
-        }
+    values.update(
+        model_repository=repository,
+        host=host,
+        metrics_port=args.metrics_port if args.allow_metrics else -1,
+        load_all=load_all,
+        load_models=load_models,
+        repository_poll_secs=args.repository_poll_secs if args.model_control_mode == "poll" else 0.0,
+        log_level="DEBUG" if args.log_verbose > 0 else args.log_level,
+        api_keys_file=args.api_keys,
+        protect_health=args.auth_health == "protected",
+        protect_metrics=args.auth_metrics != "open" and args.api_keys is not None,
+        capacity_reports=tuple(args.capacity_report),
+        workers=workers,
+        frontend=args.frontend or ("python" if workers > 1 else "auto"),
+        cache=cache,
+        metrics=metrics,
     )
+    return ServerConfig(**values)
 
 
 def _models_to_load(args: argparse.Namespace, repository: Path) -> tuple[bool, tuple[str, ...]]:
