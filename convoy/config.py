@@ -540,7 +540,8 @@ def parse_cache_config(values: list[str], byte_size: int = 0) -> CacheSettings |
 def parse_metrics_config(
     values: list[str], allow_gpu: bool = True, allow_cpu: bool = True, interval_ms: int = 2000
 ) -> MetricsSettings:
-    """Triton's `--metrics-config <setting>=<value>` (repeatable)."""
+    """Triton's `--metrics-config <setting>=<value>` (repeatable); convoy/settings.py has
+    already checked --metrics-interval-ms against its bound."""
     settings = {"counter_latencies": True, "histogram_latencies": False}
     for value in values:
         key, equals, setting = value.partition("=")
