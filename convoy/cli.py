@@ -90,7 +90,7 @@ def demo_models_served(installed=_installed) -> tuple[tuple[str, ...], list[str]
     return tuple(served), notes
 
 
-def _serve_parser(sub) -> None:
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="serve a model repository over gRPC and HTTP")
     add_serve_arguments(serve)
 
@@ -219,7 +219,8 @@ def _check(args) -> int:
     return 0 if results and all(r.passed for r in results) else 1
 
 
-def _settings(args) -> ServerConfig:
+def _settings(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig `convoy serve` asks for; a setting that cannot be honoured exits."""
     try:
         config = build_config(args, demo_repository())
     except FlagError as exc:
