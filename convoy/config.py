@@ -303,7 +303,8 @@ class ModelVersionSource:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """Server-wide settings from the command line."""
+    """Server-wide settings, built from the command line by convoy/settings.py (where each
+    flag, its default and its bounds are declared)."""
 
     model_repository: Path
     host: str = "0.0.0.0"
@@ -345,7 +346,6 @@ class ServerConfig:
     strict_readiness: bool = True
     #: --model-control-mode poll: seconds between scans of the repository (0: no polling).
     repository_poll_secs: float = 0.0
-    strict_readiness: bool = True
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
     log_format: str = "text"
@@ -540,7 +540,8 @@ def parse_cache_config(values: list[str], byte_size: int = 0) -> CacheSettings |
 def parse_metrics_config(
     values: list[str], allow_gpu: bool = True, allow_cpu: bool = True, interval_ms: int = 2000
 ) -> MetricsSettings:
-    """Triton's `--metrics-config <setting>=<value>` (repeatable)."""
+    """Triton's `--metrics-config <setting>=<value>` (repeatable); convoy/settings.py has
+    already checked --metrics-interval-ms against its bound."""
     settings = {"counter_latencies": True, "histogram_latencies": False}
     for value in values:
         key, equals, setting = value.partition("=")
@@ -564,8 +565,6 @@ def parse_metrics_config(
         if lowered not in ("true", "false"):
             raise FlagError(f"--metrics-config {key}: expected true or false, got {setting!r}")
         settings[key] = lowered == "true"
-    if interval_ms <= 0:
-        raise FlagError(f"--metrics-interval-ms must be positive, got {interval_ms}")
     return MetricsSettings(
         counter_latencies=settings["counter_latencies"],
         histogram_latencies=settings["histogram_latencies"],

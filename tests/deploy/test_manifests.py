@@ -26,7 +26,7 @@ CHART = DEPLOY / "helm" / "convoy"
 DOCKERFILES = [ROOT / "Dockerfile.gpu", ROOT / "Dockerfile"]
 K8S_VERSION = "1.37.0"
 
-# What `convoy serve` listens on by default (convoy/cli.py) and its health endpoints.
+# What `convoy serve` listens on by default (convoy/settings.py) and its health endpoints.
 CONVOY_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 HEALTH_PATHS = {"/v2/health/live", "/v2/health/ready"}
 
