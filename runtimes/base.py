@@ -155,7 +155,7 @@ def is_fatal(runtime: Runtime, error: BaseException) -> bool:
         return False
 
 
-def where_in_model(error: BaseException, path) -> str:
+def where_in_model(error: BaseException, path: object) -> str:
     """' at line N in func()': the deepest frame of the model's own file in `error`'s traceback
     (a SyntaxError names its line itself); '' when the model file is not in it."""
     if isinstance(error, SyntaxError):
@@ -197,13 +197,19 @@ def runtime_factory(backend: str) -> RuntimeFactory:
     return factory
 
 
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
     if future.done():
         return  # the awaiting coroutine was cancelled meanwhile
     if error is None:
         future.set_result(result)
     else:
         future.set_exception(error)
+
+
+#: One job for an instance's thread: (loop, callback, context, function, argument).
+_Job = tuple[
+    asyncio.AbstractEventLoop, Callable[..., object], tuple[Any, ...], Callable[[Any], Any], Any
+]
 
 
 class RuntimeInstance:
@@ -224,7 +230,8 @@ class RuntimeInstance:
         self.isolated = runtime.capabilities.isolated
         #: The runtime's batch buffers (see Runtime), or None: the scheduler allocates.
         self.batch_buffers = runtime.batch_buffers if runtime.capabilities.batch_buffers else None
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        #: None ends the thread.
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -234,47 +241,59 @@ class RuntimeInstance:
             if job is None:
                 return
             loop, callback, context, function, argument = job
+            # The ignores: mypy cannot match a `...` callback to `*context` plus two arguments.
             try:
                 result = function(argument)
             except BaseException as exc:  # handed to the callback on the loop
-                loop.call_soon_threadsafe(callback, *context, None, exc)
+                loop.call_soon_threadsafe(callback, *context, None, exc)  # type: ignore[arg-type]
             else:
-                loop.call_soon_threadsafe(callback, *context, result, None)
+                loop.call_soon_threadsafe(callback, *context, result, None)  # type: ignore[arg-type]
 
     @property
     def executes_requests(self) -> bool:
         """The runtime executes per request (`infer_requests`); read once it is loaded."""
         return self.runtime.executes_requests
 
-    def submit_requests(self, callback: Callable, context: tuple, requests: list) -> None:
+    def submit_requests(
+        self, callback: Callable[..., None], context: tuple[Any, ...], requests: list[Request]
+    ) -> None:
         """Run `infer_requests(requests, loop)` on this instance's thread, then
         `callback(*context, results, error)` on the calling loop. Call it on the loop."""
         loop = asyncio.get_running_loop()
         self._jobs.put((loop, callback, context, self._infer_requests, (requests, loop)))
 
-    def _infer_requests(self, argument):
+    def _infer_requests(self, argument: tuple[list[Request], asyncio.AbstractEventLoop]) -> list[Any]:
         return self.runtime.infer_requests(*argument)
 
-    def submit(self, callback: Callable, context: tuple, inputs: dict[str, np.ndarray]) -> None:
+    def submit(
+        self, callback: Callable[..., None], context: tuple[Any, ...], inputs: dict[str, np.ndarray]
+    ) -> None:
         """Run `infer(inputs)` on this instance's thread, then `callback(*context, outputs,
         error)` on the calling loop. Call it on the loop."""
         self._jobs.put((asyncio.get_running_loop(), callback, context, self.runtime.infer, inputs))
 
-    def run(self, callback: Callable, context: tuple, function: Callable, argument) -> None:
+    def run(
+        self,
+        callback: Callable[..., None],
+        context: tuple[Any, ...],
+        function: Callable[[Any], Any],
+        argument: object,
+    ) -> None:
         """Run `function(argument)` on this instance's thread, then `callback(*context, result,
         error)` on the calling loop (the scheduler: assemble a batch, then infer). Call it on the
         loop."""
         self._jobs.put((asyncio.get_running_loop(), callback, context, function, argument))
 
-    async def call(self, function: Callable, *args):
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking runtime verb on this instance's thread and await its result."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._jobs.put((loop, _settle, (future,), lambda _: function(*args), None))
         return await future
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return await self.call(self.runtime.infer, inputs)
+        outputs: dict[str, np.ndarray] = await self.call(self.runtime.infer, inputs)
+        return outputs
 
     def is_fatal(self, error: BaseException) -> bool:
         return is_fatal(self.runtime, error)
