@@ -124,6 +124,8 @@ class Engine(EngineClient):
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
+        # Registered first, so closed last: the regions clients registered while it served.
+        stack.callback(self.shared_memory.close)
         self.payload_log = _start_payload_log(settings)
         if self.payload_log is not None:
             stack.push_async_callback(self._close_payload_log, self.payload_log)
@@ -167,7 +169,6 @@ class Engine(EngineClient):
         roll-outs, the models, then the writers that record their last answers."""
         self.enter(ShutdownPhase.STOPPING)
         await self._lifetime.aclose()
-        self.shared_memory.close()
         self.enter(ShutdownPhase.STOPPED)
 
     def _close_ledger(self) -> None:
