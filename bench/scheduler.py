@@ -26,11 +26,11 @@ from machine import describe
 from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
 from convoy.config import DynamicBatching, ModelConfig
-from convoy.runtimes.base import RuntimeInstance
+from convoy.runtimes.base import RuntimeBase, RuntimeInstance
 from convoy.types import Request, TensorSpec
 
 
-class NoOpRuntime:
+class NoOpRuntime(RuntimeBase):
     def load(self) -> None:
         pass
 

@@ -39,7 +39,7 @@ from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
 from convoy.config import DynamicBatching, ModelConfig, QueuePolicy, TimeoutAction
 from convoy.errors import ConvoyError
-from convoy.runtimes.base import RuntimeInstance
+from convoy.runtimes.base import RuntimeBase, RuntimeInstance
 from convoy.types import Request, TensorSpec
 
 FIXED_S = 0.008
@@ -51,7 +51,7 @@ SLO_DELAY_US = 10_000
 WARMUP_S = 0.3
 
 
-class CostCurveRuntime:
+class CostCurveRuntime(RuntimeBase):
     """OUT = IN after sleeping FIXED_S + PER_ROW_S per row (the known cost curve)."""
 
     def load(self) -> None:

@@ -66,13 +66,13 @@ def load_runtime(repository: Path, name: str):
     """The model as the server runs it: the same config parsing and backend, in-process."""
     from convoy.config import ModelVersionSource
     from convoy.engine.model_config import build_model_config, read_config_proto
-    from convoy.runtimes.base import autocomplete, runtime_factory
+    from convoy.runtimes.base import runtime_factory
 
     model_dir = repository / name
     config = build_model_config(read_config_proto(model_dir / "config.pbtxt"), model_dir)
     source = ModelVersionSource(config, 1, model_dir / "1")
     factory = runtime_factory(config.backend)
-    source = ModelVersionSource(autocomplete(factory, source), 1, model_dir / "1")
+    source = ModelVersionSource(factory.complete_config(source), 1, model_dir / "1")
     runtime = factory(source, 0)
     runtime.load()
     return runtime

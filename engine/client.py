@@ -13,6 +13,7 @@ readiness answers are written once here, over that table.
 from __future__ import annotations
 
 import abc
+import enum
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -120,16 +121,32 @@ def parse_version(version: str) -> int | None:
     return number
 
 
+class ShutdownPhase(enum.IntEnum):
+    """How far a server's shutdown has come; it only moves forward (`EngineClient.enter`)."""
+
+    #: Requests are taken (and readiness holds once the models are loaded).
+    SERVING = 0
+    #: Readiness is false and answers tell clients to go (HTTP `Connection: close`), but
+    #: requests still arriving on open connections are served while the front ends stop.
+    DRAINING = 1
+    #: The front ends have stopped taking requests: anything that still reaches `submit` is
+    #: refused UNAVAILABLE; what is queued or executing finishes.
+    STOPPING = 2
+    #: The models are unloaded and the engine's writers closed.
+    STOPPED = 3
+
+
 class EngineClient(abc.ABC):
     """What a front end may ask of the engine. Inference is fire-and-forget: `submit` queues the
     request and its outcome (a Response with the requested outputs, or an error) arrives on
     `request.future`; everything else answers directly."""
 
-    #: False once shutdown begins: readiness goes false and answers tell clients to go (HTTP
-    #: `Connection: close`), but requests still arriving on open connections are served.
+    #: Where shutdown stands; the one place it is held, moved forward by `enter` only.
+    phase: ShutdownPhase = ShutdownPhase.SERVING
+    #: Still SERVING: ready, and answers keep their connections open. Written by `enter`
+    #: alone, a plain attribute because the request path reads it.
     accepting: bool = True
-    #: True once the front ends have stopped taking requests: anything that still reaches
-    #: `submit` is refused UNAVAILABLE.
+    #: STOPPING or later: a request that still reaches `submit` is refused (as `accepting`).
     refusing: bool = False
     #: True once the models asked for at start-up have been loaded (or failed to).
     started: bool = False
@@ -143,6 +160,13 @@ class EngineClient(abc.ABC):
     #: (each process opens the segments itself, so tensors are read and written where they
     #: are decoded and encoded).
     shared_memory: SharedMemoryRegistry
+
+    def enter(self, phase: ShutdownPhase) -> None:
+        """Move shutdown on to `phase` (never back: a later step may be reached twice)."""
+        if phase > self.phase:
+            self.phase = phase
+            self.accepting = phase is ShutdownPhase.SERVING
+            self.refusing = phase >= ShutdownPhase.STOPPING
 
     # --- the model table both implementations answer from -------------------------------------
     @abc.abstractmethod

@@ -27,7 +27,7 @@ from convoy.logs import LogControl
 from convoy.trace_settings import TraceControl, trace_setup
 from convoy.types import Request
 
-from .client import EngineClient, ModelEntry, parse_version
+from .client import EngineClient, ModelEntry, ShutdownPhase, parse_version
 from .ledger import UsageLedger
 from .metrics import Metrics
 from .overrides import parse_load_parameters
@@ -81,7 +81,8 @@ class Engine(EngineClient):
         self.payload_log: PayloadLog | None = None
         self.metrics: Metrics | None = None
         self._ledger: UsageLedger | None = None
-        self._keys_watch: asyncio.Task | None = None
+        #: What `start` started, closed by `close` in reverse.
+        self._lifetime = contextlib.AsyncExitStack()
         self.shared_memory = SharedMemoryRegistry()
         #: Called (on the loop) after log settings change, e.g. to tell other processes.
         self.log_listeners: list[Callable[[dict], None]] = []
@@ -104,43 +105,80 @@ class Engine(EngineClient):
 
     # --- lifetime --------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
-        settings = self.settings
-        self.payload_log = _start_payload_log(settings)
-        try:
-            self.metrics = Metrics(
-                self.repository,
-                self.usage,
-                self.payload_log,
-                self.keys,
-                settings.metrics,
-                self.cache.store if self.cache is not None else None,
-            )
-            if self.cache is not None:
-                await self.cache.start()
-            self.metrics.registry.register(RolloutCollector(self.rollouts))
-            self.rollouts.payload_log = self.payload_log
-            self.recent.start()
-            # The state file first: the versions its roll-outs hold load with the models.
-            self.rollouts.prepare()
-            await self.repository.__aenter__()
-            await self.rollouts.begin()
-            self.started = True
-            if settings.usage_ledger is not None and self.usage is not None:
-                self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
-                self._ledger.start()
-            if self.keys is not None:
-                self._keys_watch = asyncio.get_running_loop().create_task(
-                    self.keys.watch(), name="convoy-keys-watch"
-                )
-        except BaseException:
-            await self.close(time.monotonic())
-            raise
+        await self.start()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
-        self.accepting = False
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.enter(ShutdownPhase.DRAINING)
         await self.drain(time.monotonic() + self.settings.shutdown_grace)
-        await self.close(time.monotonic() + self.settings.shutdown_grace)
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the engine's writers, load the models, begin the roll-outs. A start that fails
+        midway closes what it had started (`close`)."""
+        try:
+            await self._start(self._lifetime)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        settings = self.settings
+        # Registered first, so closed last: the regions clients registered while it served.
+        stack.callback(self.shared_memory.close)
+        self.payload_log = _start_payload_log(settings)
+        if self.payload_log is not None:
+            stack.push_async_callback(self._close_payload_log, self.payload_log)
+        self.metrics = Metrics(
+            self.repository,
+            self.usage,
+            self.payload_log,
+            self.keys,
+            settings.metrics,
+            self.cache.store if self.cache is not None else None,
+        )
+        stack.callback(self.metrics.close)
+        if self.cache is not None:
+            await self.cache.start()
+            stack.push_async_callback(self.cache.close)
+        self.metrics.registry.register(RolloutCollector(self.rollouts))
+        self.rollouts.payload_log = self.payload_log
+        self.recent.start()
+        stack.push_async_callback(self.recent.close)
+        # Before the models, so it closes after them: the last interval counts the final answers.
+        stack.callback(self._close_ledger)
+        # The state file first: the versions its roll-outs hold load with the models.
+        self.rollouts.prepare()
+        # Its exit first, so models loaded before a failed (or cancelled) start are unloaded.
+        stack.push_async_exit(self.repository)
+        await self.repository.__aenter__()
+        stack.push_async_callback(self.rollouts.close)
+        await self.rollouts.begin()
+        self.started = True
+        if settings.usage_ledger is not None and self.usage is not None:
+            self._ledger = UsageLedger(settings.usage_ledger, self.usage, settings.usage_interval)
+            self._ledger.start()
+        if self.keys is not None:
+            keys_watch = asyncio.get_running_loop().create_task(
+                self.keys.watch(), name="convoy-keys-watch"
+            )
+            stack.push_async_callback(_cancel, keys_watch)
+
+    async def close(self) -> None:
+        """Refuse what still arrives, then close what `start` started, in reverse: the
+        roll-outs, the models, then the writers that record their last answers."""
+        self.enter(ShutdownPhase.STOPPING)
+        await self._lifetime.aclose()
+        self.enter(ShutdownPhase.STOPPED)
+
+    def _close_ledger(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()  # the last interval, up to the final answers
+
+    @staticmethod
+    async def _close_payload_log(payload_log: PayloadLog) -> None:
+        await asyncio.sleep(0)  # outcome callbacks scheduled by the last answers run first
+        payload_log.close()
 
     def reload_keys(self) -> None:
         """Reread the API key file now (SIGHUP); safe from a signal handler on the loop."""
@@ -148,35 +186,14 @@ class Engine(EngineClient):
             self.keys.request_reload()
 
     async def drain(self, deadline: float) -> None:
-        """Wait until no model has requests queued or executing, or until `deadline`."""
+        """Wait until no model has requests queued or executing, or until `deadline`. Polled:
+        the schedulers signal no change of their in-flight count."""
         while time.monotonic() < deadline and any(
             entry.scheduler is not None and entry.scheduler.in_flight
             for model in self.repository.models.values()
             for entry in model.versions.values()
         ):
             await asyncio.sleep(0.01)
-
-    async def close(self, deadline: float) -> None:
-        """Unload every model and stop the engine's writers."""
-        self.accepting = False
-        self.refusing = True
-        await self.recent.close()
-        await self.rollouts.close()
-        if self._keys_watch is not None:
-            self._keys_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keys_watch
-        await self.repository.__aexit__(None, None, None)
-        if self._ledger is not None:
-            self._ledger.close()  # the last interval, up to the final answers
-        if self.payload_log is not None:
-            await asyncio.sleep(0)  # outcome callbacks scheduled by the last answers run first
-            self.payload_log.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.cache is not None:
-            await self.cache.close()
-        self.shared_memory.close()
 
     # --- the model table -------------------------------------------------------------------------
     def models(self) -> Mapping[str, ModelEntry]:
@@ -453,6 +470,12 @@ def _first_response_timer(model: ModelVersion, request: Request, sink):
         sink(item)
 
     return stream
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _start_payload_log(settings: ServerConfig) -> PayloadLog | None:

@@ -12,6 +12,7 @@ steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -83,6 +84,8 @@ class EnsembleScheduler:
         self._runs: dict[Request, _Run] = {}
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: While `close` waits for the runs in progress: resolved when the last one ends.
+        self._drained: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> EnsembleScheduler:
         self._loop = asyncio.get_running_loop()
@@ -91,9 +94,10 @@ class EnsembleScheduler:
 
     async def close(self, grace: float = 30.0) -> None:
         self._accepting = False
-        deadline = time.monotonic() + grace
-        while self._runs and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        if self._runs:
+            self._drained = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained, grace)
         for run in list(self._runs.values()):
             self._fail(run, Unavailable(f"model '{self.config.name}' is shutting down"))
 
@@ -284,7 +288,7 @@ class EnsembleScheduler:
     def _succeed(self, run: _Run) -> None:
         run.done = True
         request = run.request
-        self._runs.pop(request, None)
+        self._forget(request)
         request.state = RequestState.FINISHED
         outputs = {spec.name: run.tensors[spec.name] for spec in self.config.outputs}
         response = Response(outputs, self.config.name, self.version, None, steps=tuple(run.timings))
@@ -302,12 +306,19 @@ class EnsembleScheduler:
         else:
             stats.record_failure("CANCELED", now - request.received_ns)
 
+    def _forget(self, request: Request) -> None:
+        """The run of `request` has ended; the last one to end wakes a waiting `close`."""
+        self._runs.pop(request, None)
+        drained = self._drained
+        if drained is not None and not self._runs and not drained.done():
+            drained.set_result(None)
+
     def _fail(self, run: _Run, error: BaseException, reason: str = "BACKEND") -> None:
         if run.done:
             return
         run.done = True
         request = run.request
-        self._runs.pop(request, None)
+        self._forget(request)
         request.state = RequestState.FINISHED
         # Stop what is still running: queued steps leave their queues; an executing step
         # finishes and its answer is dropped.

@@ -51,7 +51,7 @@ from convoy.errors import (
     Unavailable,
 )
 from convoy.protos import model_config_pb2 as mc
-from convoy.runtimes.base import RuntimeInstance, autocomplete, runtime_factory
+from convoy.runtimes.base import RuntimeInstance, runtime_factory
 from convoy.runtimes.custom_metrics import CustomMetrics
 from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
@@ -517,22 +517,23 @@ class ModelRepository:
             # What the model file itself declares fills what config.pbtxt left out.
             newest = ModelVersionSource(runtime_view(config), chosen[0], model_dir / str(chosen[0]))
             factory = _factory(config.backend, model_dir)
-            complete_dict = getattr(factory, "complete_config_dict", None)
-            if complete_dict is not None:
+            if factory.capabilities.edits_config:
                 # The model's own auto-complete (Triton's auto_complete_config) edits the
                 # config as a dict; it imports model code, so off the loop.
-                document = await asyncio.to_thread(complete_dict, newest, model_code_document(proto))
+                document = await asyncio.to_thread(
+                    factory.complete_config_dict, newest, model_code_document(proto)
+                )
                 document = without_filled_defaults(document, proto)
                 proto = proto_from_document(document, model_dir / "config.pbtxt")
                 config = build_model_config(proto, model_dir)
                 newest = ModelVersionSource(runtime_view(config), chosen[0], newest.path)
-            if config.decoupled and not getattr(factory, "supports_decoupled", False):
+            if config.decoupled and not factory.capabilities.decoupled:
                 raise InvalidConfig(
                     f"{model_dir / 'config.pbtxt'}: model_transaction_policy.decoupled: "
                     f"the {config.backend} backend returns one response per request; "
                     "decoupled models need the python backend (TritonPythonModel)"
                 )
-            config = public_view(autocomplete(factory, newest))
+            config = public_view(factory.complete_config(newest))
         return proto, config, chosen
 
     async def add_versions(self, name: str, numbers: set[int]) -> None:
@@ -714,9 +715,7 @@ class ModelRepository:
         """Create, load and warm up instance `index` of a model version on its own thread."""
         config = source.config
         runtime = factory(source, index)
-        bind = getattr(runtime, "bind_services", None)
-        if bind is not None:
-            bind(self.services())
+        runtime.bind_services(self.services())
         instance = RuntimeInstance(runtime, f"{config.name}-{source.version}-{index}", index)
         try:
             await instance.call(instance.runtime.load)

@@ -1,4 +1,5 @@
-"""The runtime contract: load -> warm up -> infer a batch -> close, and the backend registry.
+"""The runtime contract: load -> warm up -> infer a batch -> close, the capabilities a backend
+declares beyond those verbs, and the backend registry.
 
 A runtime is one *instance* of a model version; `instance_group.count` creates that many. Its
 verbs block, so Convoy calls them on a thread the instance owns (see `RuntimeInstance`), never
@@ -14,19 +15,48 @@ import queue
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from convoy.config import ModelConfig, ModelVersionSource
 from convoy.errors import InstanceLost, InvalidConfig
+from convoy.types import ModelServices, Request
 
 log = logging.getLogger("convoy.runtimes")
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers beyond load / infer / close, declared once on its runtime class
+    (`capabilities = Capabilities(...)`) and read by the repository and the scheduler."""
+
+    #: Its models may be decoupled (`model_transaction_policy { decoupled: true }`): many
+    #: responses per request, answered through `request.stream`.
+    decoupled: bool = False
+    #: `complete_config_dict` runs the model's own code on the config (Triton's
+    #: `auto_complete_config`), as a dict, before `complete_config`.
+    edits_config: bool = False
+    #: `batch_buffers` may hand out the buffers batches are assembled into.
+    batch_buffers: bool = False
+    #: Executes in a worker process of its own (runtimes/isolated.py): a fatal error poisons
+    #: only that process, and `kill` ends a hung batch.
+    isolated: bool = False
+
+
 @runtime_checkable
 class Runtime(Protocol):
-    """One loaded copy of a model version, executing batches on the calling thread."""
+    """One loaded copy of a model version, executing batches on the calling thread.
+
+    `RuntimeBase` gives every optional member its default; a runtime overrides what its
+    `capabilities` declare.
+    """
+
+    capabilities: ClassVar[Capabilities]
+    #: Read after load: the runtime takes the batch's requests themselves (`infer_requests`)
+    #: instead of merged inputs (a Triton python model).
+    executes_requests: bool
 
     def load(self) -> None:
         """Read the model files and get ready to execute (may take long)."""
@@ -38,20 +68,72 @@ class Runtime(Protocol):
     def close(self) -> None:
         """Release the model's resources."""
 
-    # Optional: `is_fatal(error) -> bool`, True when the instance cannot be trusted after
-    # `error` (see `is_fatal` below for the default).
-    #
-    # Optional: `batch_buffers(rows, like) -> dict[str, np.ndarray] | None`: writable arrays of
-    # `rows` rows, per-row shape and dtype as in `like` (one request's inputs), that the
-    # scheduler assembles a batch into; e.g. pinned host memory the device copies from without
-    # another staging copy. Called on the instance's thread, so buffers may be reused from one
-    # batch to the next. None: let the scheduler allocate.
-    #
-    # Optional, declared: `executes_requests` (bool, read after load): the runtime takes the
-    # batch's requests themselves, `infer_requests(requests, loop) -> list` (per request: its
-    # outputs, an exception, or None when it answers through `request.stream`), instead of
-    # merged inputs; `supports_decoupled` (bool, on the factory): such requests may be
-    # decoupled; `bind_services(ModelServices)`: the server's services for model code.
+    def infer_requests(self, requests: list[Request], loop: Any) -> list[Any]:
+        """Run one batch request by request (when `executes_requests`): per request its
+        outputs, an exception, or None when it answers through `request.stream`."""
+
+    def is_fatal(self, error: BaseException) -> bool:
+        """True when the instance cannot be trusted after `error` and must be replaced."""
+
+    def batch_buffers(self, rows: int, like: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Writable arrays of `rows` rows, per-row shape and dtype as in `like` (one request's
+        inputs), that the scheduler assembles a batch into (e.g. pinned host memory the device
+        copies from without another staging copy); None: let the scheduler allocate. Called on
+        the instance's thread, so buffers may be reused from one batch to the next."""
+
+    def kill(self) -> None:
+        """End a hung batch now, from any thread (where the runtime can)."""
+
+    def bind_services(self, services: ModelServices) -> None:
+        """The server's services for model code (BLS calls, custom metrics), before load."""
+
+
+class RuntimeFactory(Protocol):
+    """Makes a backend's instances; the runtime class itself, with `RuntimeBase`'s defaults."""
+
+    capabilities: Capabilities
+
+    def __call__(self, source: ModelVersionSource, instance_index: int) -> Runtime: ...
+
+    def complete_config(self, source: ModelVersionSource) -> ModelConfig:
+        """The config with what the backend reads from the model file filled in."""
+        ...
+
+    def complete_config_dict(self, source: ModelVersionSource, config: dict[str, Any]) -> dict[str, Any]:
+        """The config (Triton's JSON dict) as the model's own code completes it (when
+        `capabilities.edits_config`)."""
+        ...
+
+
+class RuntimeBase:
+    """The defaults of the runtime contract: no optional capability. Subclasses implement
+    load / infer / close and override what their `capabilities` declare."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    executes_requests: bool = False
+
+    def infer_requests(self, requests: list[Request], loop: Any) -> list[Any]:
+        raise TypeError(f"{type(self).__name__} executes merged batches, not requests")
+
+    def is_fatal(self, error: BaseException) -> bool:
+        return isinstance(error, InstanceLost) or cuda_context_lost(error)
+
+    def batch_buffers(self, rows: int, like: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        return None
+
+    def kill(self) -> None:
+        """An in-process runtime's thread cannot be ended: it is abandoned instead."""
+
+    def bind_services(self, services: ModelServices) -> None:
+        """Model code that uses no server services ignores them."""
+
+    @staticmethod
+    def complete_config(source: ModelVersionSource) -> ModelConfig:
+        return source.config
+
+    @staticmethod
+    def complete_config_dict(source: ModelVersionSource, config: dict[str, Any]) -> dict[str, Any]:
+        return config
 
 
 def cuda_context_lost(error: BaseException) -> bool:
@@ -64,19 +146,16 @@ def cuda_context_lost(error: BaseException) -> bool:
 
 
 def is_fatal(runtime: Runtime, error: BaseException) -> bool:
-    """Whether `runtime` must be replaced after `error` (rather than failing only the batch):
-    the runtime's own `is_fatal` hook where it has one, else InstanceLost or a lost CUDA context."""
-    check = getattr(runtime, "is_fatal", None)
-    if check is None:
-        return isinstance(error, InstanceLost) or cuda_context_lost(error)
+    """Whether `runtime` must be replaced after `error` (rather than failing only the batch);
+    a hook that raises counts as not fatal."""
     try:
-        return bool(check(error))
+        return bool(runtime.is_fatal(error))
     except Exception:
         log.exception("is_fatal hook of %s raised; treating the error as not fatal", type(runtime))
         return False
 
 
-def where_in_model(error: BaseException, path) -> str:
+def where_in_model(error: BaseException, path: object) -> str:
     """' at line N in func()': the deepest frame of the model's own file in `error`'s traceback
     (a SyntaxError names its line itself); '' when the model file is not in it."""
     if isinstance(error, SyntaxError):
@@ -85,20 +164,6 @@ def where_in_model(error: BaseException, path) -> str:
     if not frames:
         return ""
     return f" at line {frames[-1].lineno} in {frames[-1].name}()"
-
-
-class RuntimeFactory(Protocol):
-    def __call__(self, source: ModelVersionSource, instance_index: int) -> Runtime: ...
-
-
-def autocomplete(factory: RuntimeFactory, source: ModelVersionSource) -> ModelConfig:
-    """The config with what the backend can read from the model file filled in.
-
-    A backend offers this by giving its factory a `complete_config(source) -> ModelConfig`
-    (ONNX Runtime reads inputs/outputs from the graph); others return the config unchanged.
-    """
-    complete = getattr(factory, "complete_config", None)
-    return source.config if complete is None else complete(source)
 
 
 #: backend name -> "module:attribute" of its factory, imported on first use so a missing
@@ -112,20 +177,12 @@ BACKENDS: dict[str, str] = {
 #: backend name -> the convoy-inference extra that installs what it imports.
 BACKEND_EXTRAS: dict[str, str] = {"pytorch": "torch", "onnxruntime": "onnx"}
 
-#: Extra backends registered at run time (tests register fakes here through `register_backend`).
-_registered: dict[str, RuntimeFactory] = {}
-
-
-def register_backend(name: str, factory: RuntimeFactory) -> None:
-    _registered[name] = factory
-
 
 def runtime_factory(backend: str) -> RuntimeFactory:
-    if backend in _registered:
-        return _registered[backend]
+    """The runtime class of `backend`, imported now."""
     target = BACKENDS.get(backend)
     if target is None:
-        known = sorted(set(BACKENDS) | set(_registered))
+        known = sorted(BACKENDS)
         raise InvalidConfig(f"backend '{backend}' is not available; expected one of {known}")
     module_name, _, attribute = target.partition(":")
     try:
@@ -136,16 +193,23 @@ def runtime_factory(backend: str) -> RuntimeFactory:
             f"backend '{backend}' needs a package that is not installed ({exc.name}); "
             f"install it with: pip install 'convoy-inference[{extra}]'"
         ) from None
-    return getattr(module, attribute)
+    factory: RuntimeFactory = getattr(module, attribute)  # the table names it: no probe
+    return factory
 
 
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
     if future.done():
         return  # the awaiting coroutine was cancelled meanwhile
     if error is None:
         future.set_result(result)
     else:
         future.set_exception(error)
+
+
+#: One job for an instance's thread: (loop, callback, context, function, argument).
+_Job = tuple[
+    asyncio.AbstractEventLoop, Callable[..., object], tuple[Any, ...], Callable[[Any], Any], Any
+]
 
 
 class RuntimeInstance:
@@ -163,10 +227,11 @@ class RuntimeInstance:
         self.index = index
         #: The runtime executes in a process of its own (see runtimes/isolated.py): a fatal
         #: error then poisons only this instance, not the others sharing the server's process.
-        self.isolated = bool(getattr(runtime, "isolated", False))
-        #: The runtime's batch buffers (see Runtime), or None.
-        self.batch_buffers = getattr(runtime, "batch_buffers", None)
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.isolated = runtime.capabilities.isolated
+        #: The runtime's batch buffers (see Runtime), or None: the scheduler allocates.
+        self.batch_buffers = runtime.batch_buffers if runtime.capabilities.batch_buffers else None
+        #: None ends the thread.
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -176,47 +241,59 @@ class RuntimeInstance:
             if job is None:
                 return
             loop, callback, context, function, argument = job
+            # The ignores: mypy cannot match a `...` callback to `*context` plus two arguments.
             try:
                 result = function(argument)
             except BaseException as exc:  # handed to the callback on the loop
-                loop.call_soon_threadsafe(callback, *context, None, exc)
+                loop.call_soon_threadsafe(callback, *context, None, exc)  # type: ignore[arg-type]
             else:
-                loop.call_soon_threadsafe(callback, *context, result, None)
+                loop.call_soon_threadsafe(callback, *context, result, None)  # type: ignore[arg-type]
 
     @property
     def executes_requests(self) -> bool:
         """The runtime executes per request (`infer_requests`); read once it is loaded."""
-        return bool(getattr(self.runtime, "executes_requests", False))
+        return self.runtime.executes_requests
 
-    def submit_requests(self, callback: Callable, context: tuple, requests: list) -> None:
+    def submit_requests(
+        self, callback: Callable[..., None], context: tuple[Any, ...], requests: list[Request]
+    ) -> None:
         """Run `infer_requests(requests, loop)` on this instance's thread, then
         `callback(*context, results, error)` on the calling loop. Call it on the loop."""
         loop = asyncio.get_running_loop()
         self._jobs.put((loop, callback, context, self._infer_requests, (requests, loop)))
 
-    def _infer_requests(self, argument):
+    def _infer_requests(self, argument: tuple[list[Request], asyncio.AbstractEventLoop]) -> list[Any]:
         return self.runtime.infer_requests(*argument)
 
-    def submit(self, callback: Callable, context: tuple, inputs: dict[str, np.ndarray]) -> None:
+    def submit(
+        self, callback: Callable[..., None], context: tuple[Any, ...], inputs: dict[str, np.ndarray]
+    ) -> None:
         """Run `infer(inputs)` on this instance's thread, then `callback(*context, outputs,
         error)` on the calling loop. Call it on the loop."""
         self._jobs.put((asyncio.get_running_loop(), callback, context, self.runtime.infer, inputs))
 
-    def run(self, callback: Callable, context: tuple, function: Callable, argument) -> None:
+    def run(
+        self,
+        callback: Callable[..., None],
+        context: tuple[Any, ...],
+        function: Callable[[Any], Any],
+        argument: object,
+    ) -> None:
         """Run `function(argument)` on this instance's thread, then `callback(*context, result,
         error)` on the calling loop (the scheduler: assemble a batch, then infer). Call it on the
         loop."""
         self._jobs.put((asyncio.get_running_loop(), callback, context, function, argument))
 
-    async def call(self, function: Callable, *args):
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking runtime verb on this instance's thread and await its result."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._jobs.put((loop, _settle, (future,), lambda _: function(*args), None))
         return await future
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return await self.call(self.runtime.infer, inputs)
+        outputs: dict[str, np.ndarray] = await self.call(self.runtime.infer, inputs)
+        return outputs
 
     def is_fatal(self, error: BaseException) -> bool:
         return is_fatal(self.runtime, error)
@@ -225,9 +302,7 @@ class RuntimeInstance:
         """Give up on a thread stuck in a batch: it exits once (if ever) the batch returns. An
         isolated runtime's worker process is killed, which also ends the batch."""
         self._jobs.put(None)
-        kill = getattr(self.runtime, "kill", None)
-        if kill is not None:
-            kill()
+        self.runtime.kill()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Close the runtime on its thread. A thread stuck in a hung batch is abandoned after

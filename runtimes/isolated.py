@@ -45,6 +45,7 @@ from convoy.errors import (
     Unavailable,
     Unsupported,
 )
+from convoy.runtimes.base import Capabilities, RuntimeBase
 from convoy.types import RESCHEDULED, DetachedFuture, ModelCall, Response
 from convoy.wire import FrameWriter, TensorMeta, read_tensors, receive_frame, send_frame
 
@@ -118,13 +119,13 @@ def _describe_exit(code: int | None) -> str:
 
 
 # --- the server's side ---------------------------------------------------------------------------
-class IsolatedRuntime:
+class IsolatedRuntime(RuntimeBase):
     """A runtime that forwards load / infer / close to `backend` running in a worker process.
 
     Called on its instance's thread, like any runtime; `kill` may come from any thread.
     """
 
-    isolated = True
+    capabilities = Capabilities(isolated=True)
 
     def __init__(self, backend: str, source: ModelVersionSource, instance_index: int) -> None:
         self._backend = backend
@@ -410,17 +411,15 @@ def serve(sock: socket.socket) -> int:
     backend, source, index = setup.backend, setup.source, setup.instance_index
     try:
         runtime = runtime_factory(backend)(source, index)
-        bind = getattr(runtime, "bind_services", None)
-        if bind is not None:
-            # BLS calls go over the channel; custom metrics travel with every answer.
-            from convoy.runtimes.custom_metrics import CustomMetrics
-            from convoy.types import ModelServices
+        # BLS calls go over the channel; custom metrics travel with every answer.
+        from convoy.runtimes.custom_metrics import CustomMetrics
+        from convoy.types import ModelServices
 
-            caller = _ChannelCaller(sock, reader)
-            metrics = CustomMetrics()
-            bind(
-                ModelServices(caller=caller, loop=None, loop_thread_id=0, metrics=metrics, isolated=True)
-            )
+        caller = _ChannelCaller(sock, reader)
+        metrics = CustomMetrics()
+        runtime.bind_services(
+            ModelServices(caller=caller, loop=None, loop_thread_id=0, metrics=metrics, isolated=True)
+        )
         runtime.load()
     except Exception as exc:
         if not isinstance(exc, ConvoyError):
@@ -428,8 +427,7 @@ def serve(sock: socket.socket) -> int:
             exc = ModelLoadFailed(f"model '{source.config.name}': {type(exc).__name__}: {exc}")
         _send(sock, _error_header(exc, False))
         return 1
-    executes_requests = bool(getattr(runtime, "executes_requests", False))
-    _send(sock, {"ok": True, "executes_requests": executes_requests})
+    _send(sock, {"ok": True, "executes_requests": runtime.executes_requests})
     while True:
         try:
             header, inputs = _receive(reader)

@@ -34,6 +34,8 @@ from convoy.datatypes import NUMPY_DTYPE, V2_TO_CONFIG
 from convoy.errors import InvalidConfig, InvalidInput, ModelLoadFailed
 from convoy.types import TensorSpec
 
+from .base import RuntimeBase
+
 log = logging.getLogger("convoy.runtimes.onnx")
 
 CUDA = "CUDAExecutionProvider"
@@ -91,7 +93,7 @@ def cuda_device_count() -> int:
     return min(found, len(visible.split(","))) if visible is not None else found
 
 
-class OnnxRuntime:
+class OnnxRuntime(RuntimeBase):
     def __init__(self, source: ModelVersionSource, instance_index: int) -> None:
         self._source = source
         self._instance_index = instance_index

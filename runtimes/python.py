@@ -32,7 +32,7 @@ from convoy.config import ModelVersionSource
 from convoy.errors import InferenceFailed, InstanceExited, InstanceLost, ModelLoadFailed
 
 from . import exit_guard
-from .base import cuda_context_lost, where_in_model
+from .base import Capabilities, RuntimeBase, cuda_context_lost, where_in_model
 from .model_modules import ModelNamespace
 from .triton_python import pb_utils
 from .triton_python.adapter import TritonModelAdapter, install_module
@@ -80,9 +80,9 @@ def _refuse_batch_io(source: ModelVersionSource) -> None:
             )
 
 
-class PythonRuntime:
-    #: Declared capability: `model_transaction_policy { decoupled: true }` (Triton models).
-    supports_decoupled = True
+class PythonRuntime(RuntimeBase):
+    #: Triton models may be decoupled, and their `auto_complete_config` edits the config.
+    capabilities = Capabilities(decoupled=True, edits_config=True)
 
     def __init__(self, source: ModelVersionSource, instance_index: int) -> None:
         self._source = source

@@ -46,7 +46,7 @@ from convoy.errors import ConvoyError, InferenceFailed, InstanceLost, ModelLoadF
 from convoy.padding import with_full_lengths
 from convoy.types import TensorSpec
 
-from .base import cuda_context_lost
+from .base import Capabilities, RuntimeBase, cuda_context_lost
 from .cuda_graphs import CudaGraphs, StaticInput, graph_plan
 
 log = logging.getLogger("convoy.runtimes.pytorch")
@@ -85,7 +85,10 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-class TorchRuntime:
+class TorchRuntime(RuntimeBase):
+    #: Pinned host buffers on a GPU (see `batch_buffers`).
+    capabilities = Capabilities(batch_buffers=True)
+
     def __init__(self, source: ModelVersionSource, instance_index: int) -> None:
         self._source = source
         #: Ragged batching: ragged inputs arrive flat, the batch inputs follow the declared

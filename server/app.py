@@ -22,7 +22,7 @@ import uvicorn
 
 from convoy.auth import Keyring
 from convoy.config import ServerConfig
-from convoy.engine.client import EngineClient
+from convoy.engine.client import EngineClient, ShutdownPhase
 from convoy.engine.core import Engine
 from convoy.logs import LogControl
 from convoy.server.catalog.page import Catalog
@@ -50,11 +50,21 @@ _STOP_BEGUN_S = 0.01
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: the Convoy server owns shutdown."""
+    """uvicorn without its own signal handling: the Convoy server owns shutdown; `up` is set
+    once it listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.up = asyncio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.up.set()
 
 
 #: SO_ATTACH_FILTER, and a classic BPF program of one instruction, `ret #0`: drop every packet.
@@ -236,11 +246,14 @@ class FrontEnds:
         )
         self._http = _Uvicorn(config)
         self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[sock]))
-        while not self._http.started:
-            if self._http_task.done():
-                self._http_task.result()
-                raise OSError("HTTP server stopped during start-up")
-            await asyncio.sleep(0.01)
+        up = asyncio.ensure_future(self._http.up.wait())
+        try:
+            await asyncio.wait({up, self._http_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+        if not self._http.started:
+            self._http_task.result()
+            raise OSError("HTTP server stopped during start-up")
 
     async def stop(self, deadline: float) -> None:
         """Stop accepting without cutting off requests already sent; calls in flight get until
@@ -270,6 +283,8 @@ class FrontEnds:
             started = time.monotonic()
             limit = min(_HOLD_MAX_S, grace / 2)
             seen, quiet_since = -1, started
+            # Polled on purpose: what is awaited is a quiet spell (no call newly held for
+            # _HOLD_QUIET_S), a lapse of time rather than an event.
             while time.monotonic() - started < limit:
                 if frontend.held_count != seen or frontend.held_count < frontend.active_calls:
                     seen, quiet_since = frontend.held_count, time.monotonic()
@@ -351,6 +366,8 @@ class ConvoyServer:
         self.metrics_port = -1
         self._metrics_server = None
         self._stopped = asyncio.Event()
+        #: What `__aenter__` started (front ends, engine, metrics), closed in reverse.
+        self._lifetime = contextlib.AsyncExitStack()
 
     @property
     def tracer(self) -> Tracer | None:
@@ -372,16 +389,20 @@ class ConvoyServer:
             self.front_ends = FrontEnds(self.engine, settings, self.log_control, keys=self.engine.keys)
         self.frontend = frontend
         log.info("front end: %s", frontend)
+        lifetime = self._lifetime
         try:
             # Ports first: a port in use is found before any model loads; until the models
-            # are loaded the server is live but not ready.
+            # are loaded the server is live but not ready. Closed whatever part of it started.
+            lifetime.callback(self.front_ends.close)
             await self.front_ends.start(settings.http_port, settings.grpc_port)
             self.http_port = self.front_ends.http_port
             self.grpc_port = self.front_ends.grpc_port
-            await self.engine.__aenter__()
+            await self.engine.start()
+            lifetime.push_async_callback(self.engine.close)
             settle_heap()
             if settings.metrics_port >= 0:
                 self._metrics_server = start_metrics(self.engine, settings)
+                lifetime.callback(stop_metrics, self._metrics_server)
                 self.metrics_port = self._metrics_server.server_port
         except BaseException:
             await self._shutdown(grace=0)
@@ -406,16 +427,13 @@ class ConvoyServer:
         started = time.monotonic()
         # Readiness goes false at once; the front ends stop taking connections and serve what
         # arrives on the open ones until their clients have been told (see FrontEnds.stop).
-        self.engine.accepting = False
+        self.engine.enter(ShutdownPhase.DRAINING)
         deadline = started + grace
         if self.front_ends is not None:
             await self.front_ends.stop(deadline)
-        self.engine.refusing = True
+        self.engine.enter(ShutdownPhase.STOPPING)
         await self.engine.drain(deadline)
-        stop_metrics(self._metrics_server)
-        await self.engine.close(deadline)
-        if self.front_ends is not None:
-            self.front_ends.close()
+        await self._lifetime.aclose()  # metrics, the engine, the front ends
         log.info("server stopped after %.2f s", time.monotonic() - started)
 
 

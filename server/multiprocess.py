@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from convoy.config import ServerConfig
+from convoy.engine.client import ShutdownPhase
 from convoy.engine.core import Engine
 from convoy.engine.remote import EngineEndpoint, LogUpdate, TraceState
 from convoy.logs import LogControl
@@ -118,30 +119,41 @@ class MultiProcessServer:
         self.metrics_port = -1
         self._metrics_server = None
         self._reserved: list[socket.socket] = []
+        #: What `__aenter__` started (ports, engine, metrics, front-end tasks), closed in reverse.
+        self._lifetime = contextlib.AsyncExitStack()
         self._tasks: set[asyncio.Task] = set()
-        self._stopping = False
         self._table_pending = False
         self._stopped = asyncio.Event()
+        #: Set when a front end reports serving or its process ends (start-up waits on it).
+        self._worker_news = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifetime ----------------------------------------------------------------------------------
     async def __aenter__(self) -> MultiProcessServer:
         settings = self.settings
         self._loop = asyncio.get_running_loop()
+        lifetime = self._lifetime
         try:
             # Ports first: one in use is found before any model loads.
             for port, what in ((settings.http_port, "HTTP"), (settings.grpc_port, "gRPC")):
-                self._reserved.append(_reserve_port(settings.host, port, what))
+                sock = _reserve_port(settings.host, port, what)
+                lifetime.callback(sock.close)
+                self._reserved.append(sock)
             self.http_port, self.grpc_port = (s.getsockname()[1] for s in self._reserved)
+            # The front ends' links outlive the engine: they carry its last answers.
+            lifetime.callback(self._close_links)
             self.engine.repository.listeners.append(self._models_changed)
             self.engine.log_listeners.append(self._log_changed)
             self.engine.trace_listeners.append(self._trace_changed)
-            await self.engine.__aenter__()
+            await self.engine.start()
+            lifetime.push_async_callback(self.engine.close)
             self._models_changed()  # started: readiness may have changed
             if settings.metrics_port >= 0:
                 self._metrics_server = start_metrics(self.engine, settings)
+                lifetime.callback(stop_metrics, self._metrics_server)
                 self.engine.metrics.registry.register(WorkerCollector(self.workers))
                 self.metrics_port = self._metrics_server.server_port
+            lifetime.push_async_callback(self._cancel_tasks)
             for worker in self.workers:
                 await self._spawn(worker)
             await self._wait_serving()
@@ -175,21 +187,24 @@ class MultiProcessServer:
         return task
 
     async def _wait_serving(self) -> None:
+        """Until every front end reports serving; one that exits, or WORKER_START_S passing,
+        fails start-up."""
         deadline = time.monotonic() + WORKER_START_S
         while not all(w.serving for w in self.workers):
             for worker in self.workers:
                 code = worker.process.returncode if worker.process else None
                 if code is not None:
                     raise OSError(f"worker {worker.index} exited with {code} during start-up")
-            if time.monotonic() > deadline:
-                raise OSError(f"workers not serving within {WORKER_START_S:.0f} s")
-            await asyncio.sleep(0.01)
+            self._worker_news.clear()
+            try:
+                await asyncio.wait_for(self._worker_news.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise OSError(f"workers not serving within {WORKER_START_S:.0f} s") from None
 
     async def _shutdown(self, grace: float) -> None:
         started = time.monotonic()
         deadline = started + grace
-        self._stopping = True
-        self.engine.accepting = False
+        self.engine.enter(ShutdownPhase.DRAINING)
         self._models_changed()
         # Front ends turn unready, refuse new requests and drain theirs (the engine answers).
         for worker in self.workers:
@@ -206,19 +221,20 @@ class MultiProcessServer:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
                 await worker.process.wait()
-        self.engine.refusing = True  # every front end has stopped
+        self.engine.enter(ShutdownPhase.STOPPING)  # every front end has stopped
         await self.engine.drain(deadline)
+        await self._lifetime.aclose()  # supervisors, metrics, the engine, links, ports
+        log.info("engine stopped after %.2f s", time.monotonic() - started)
+
+    async def _cancel_tasks(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        stop_metrics(self._metrics_server)
-        await self.engine.close(deadline)
+
+    def _close_links(self) -> None:
         for worker in self.workers:
             if worker.endpoint is not None and worker.endpoint.link is not None:
                 worker.endpoint.link.close()
-        for sock in self._reserved:
-            sock.close()
-        log.info("engine stopped after %.2f s", time.monotonic() - started)
 
     # --- the engine's news for every front end -------------------------------------------------------
     def _models_changed(self) -> None:
@@ -267,6 +283,7 @@ class MultiProcessServer:
 
         def up() -> None:
             worker.serving = True
+            self._worker_news.set()
             log.info("worker %d (pid %d) serving", worker.index, worker.pid)
 
         endpoint = EngineEndpoint(self.engine, f"worker {worker.index}", up)
@@ -281,13 +298,14 @@ class MultiProcessServer:
         """Restart the front end when its process ends, unless the server is stopping."""
         code = await process.wait()
         worker.serving = False
-        if self._stopping:
-            return
+        self._worker_news.set()
+        if self.engine.phase > ShutdownPhase.SERVING:
+            return  # the server is stopping
         log.warning("worker %d (pid %d) exited with %s; restarting", worker.index, process.pid, code)
         if worker.endpoint is not None and worker.endpoint.link is not None:
             worker.endpoint.link.close()  # its queued requests leave the queues
         worker.restarts += 1
         if time.monotonic() - worker.started < 1.0:
             await asyncio.sleep(1.0)  # a front end that cannot start does not spin the engine
-        if not self._stopping:
+        if self.engine.phase is ShutdownPhase.SERVING:
             await self._spawn(worker)

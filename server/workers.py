@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 
+from convoy.engine.client import ShutdownPhase
 from convoy.engine.core import load_keys
 from convoy.engine.remote import RemoteEngine, wait_drained
 from convoy.errors import EngineDead
@@ -67,13 +68,13 @@ async def serve(fd: int, index: int) -> int:
         await asyncio.wait({lost, stop}, return_when=asyncio.FIRST_COMPLETED)
         # Unready at once; requests still arriving on open connections are served while the
         # front ends stop (FrontEnds.stop), then the rest are refused.
-        engine.accepting = False
+        engine.enter(ShutdownPhase.DRAINING)
         deadline = time.monotonic() + settings.shutdown_grace
         if engine.lost.is_set():
             deadline = time.monotonic() + 1
     finally:
         await front_ends.stop(deadline)
-        engine.refusing = True
+        engine.enter(ShutdownPhase.STOPPING)
         await wait_drained(engine, deadline)
         front_ends.close()
         for task in (lost, stop, keys_watch):

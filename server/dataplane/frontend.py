@@ -142,6 +142,8 @@ class NativeFrontEnds:
         native.close_listeners()
         await asyncio.sleep(_LATE_REQUEST_S)
         native.shutdown_connections()
+        # Polled: the open connections are counted on the native side's threads, which wake
+        # the loop for requests only, not when a connection closes.
         while time.monotonic() < deadline:
             http, grpc, _ = native.status()
             if http == 0 and grpc == 0:

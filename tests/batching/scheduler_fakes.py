@@ -23,7 +23,7 @@ from convoy.batching.stats import ModelStats
 from convoy.batching.usage import UsageMeter
 from convoy.config import ModelConfig
 from convoy.errors import ConvoyError
-from convoy.runtimes.base import Runtime, RuntimeInstance
+from convoy.runtimes.base import Capabilities, Runtime, RuntimeBase, RuntimeInstance
 from convoy.types import Request, Response, TensorSpec
 
 #: Row ids are tag * ROWS_PER_TAG + row, so a request may carry up to this many rows.
@@ -168,7 +168,7 @@ class Gate:
         await wait_until(self.entered.is_set)
 
 
-class EchoRuntime:
+class EchoRuntime(RuntimeBase):
     """Known function (OUTPUT0 = INPUT0 * 2 + 1) that records every batch it is given."""
 
     def __init__(self, name: str, log: BatchLog, work_s: float = 0.0) -> None:
@@ -283,6 +283,8 @@ async def serve(
 class BufferedRuntime(SlowRuntime):
     """Declares batch buffers (as a GPU runtime's pinned staging memory): one reusable buffer per
     per-row shape; records whether each batch it ran was assembled into that buffer."""
+
+    capabilities = Capabilities(batch_buffers=True)
 
     def __init__(self, name: str, log: BatchLog, *gates: Gate) -> None:
         super().__init__(name, log, *gates)

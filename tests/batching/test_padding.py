@@ -20,6 +20,7 @@ from convoy.batching.queue import PriorityQueue
 from convoy.config import DynamicBatching, ModelConfig
 from convoy.errors import Cancelled, InvalidConfig, InvalidInput
 from convoy.padding import Padding, parse_padding
+from convoy.runtimes.base import RuntimeBase
 from convoy.types import DetachedFuture, Request, RequestState, Response, TensorSpec
 
 IDS_PAD = -7
@@ -307,7 +308,7 @@ def test_every_batch_keeps_the_token_budget_and_the_oldest_request_leads(shapes,
 
 
 # --- through the scheduler -----------------------------------------------------------------------
-class PaddedRuntime:
+class PaddedRuntime(RuntimeBase):
     """The fake model above on a real instance thread; records each batch's shape and lengths."""
 
     def __init__(self) -> None:

@@ -20,7 +20,7 @@ from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import ModelStats
 from convoy.config import BatchInput, BatchOutput, DynamicBatching, ModelConfig
 from convoy.errors import InferenceFailed
-from convoy.runtimes.base import RuntimeInstance
+from convoy.runtimes.base import RuntimeBase, RuntimeInstance
 from convoy.types import DetachedFuture, Request, TensorSpec
 
 KINDS = (
@@ -265,7 +265,7 @@ def test_without_a_batch_output_every_output_goes_back_by_rows():
 # --- through the scheduler ---------------------------------------------------------------------
 
 
-class _RaggedRuntime:
+class _RaggedRuntime(RuntimeBase):
     """Answers from the batch inputs alone: each request's elements found by its offsets; a
     threading.Event holds the first batch so the others pile up behind it."""
 

@@ -18,13 +18,13 @@ from convoy.batching.sequence import SequenceScheduler, sequence_flags
 from convoy.batching.stats import ModelStats
 from convoy.config import ModelConfig, SequenceBatching, SequenceControl, SequenceState
 from convoy.errors import Cancelled, InvalidInput
-from convoy.runtimes.base import RuntimeInstance
+from convoy.runtimes.base import RuntimeBase, RuntimeInstance
 from convoy.types import Request, TensorSpec
 
 PATIENCE_S = 20.0
 
 
-class Accumulator:
+class Accumulator(RuntimeBase):
     """Adds INPUT to the sequence's total (by CORRID, or the implicit state ACC_IN when the
     config has one); records every batch as (instance, [(corrid, row)])."""
 
