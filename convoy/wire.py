@@ -1,4 +1,4 @@
-"""The one wire format for every process boundary: front end <-> engine (engine/remote.py) and
+"""The one wire format for every process boundary: front end <-> engine (engine/remote/) and
 engine <-> isolated runtime worker (runtimes/isolated.py).
 
 A frame carries any number of typed messages and the raw bytes of their tensors:

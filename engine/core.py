@@ -3,7 +3,7 @@
 Repository and model lifecycle, schedulers, statistics and metrics, usage metering, quotas and
 the payload log. In a single process the front ends hold the `Engine` itself as their
 `EngineClient`; with --workers the engine process serves it to the front-end processes over
-IPC (engine/remote.py), and they hold a `RemoteEngine`.
+IPC (engine/remote/endpoint.py), and they hold a `RemoteEngine` (engine/remote/client.py).
 
 async with Engine(settings, log_control) as engine:
     engine.submit(engine.resolve("add_sub"), request)
@@ -391,7 +391,7 @@ class Engine(EngineClient):
         }
 
     # --- shared memory -----------------------------------------------------------------------------
-    # Front ends in other processes get the regions with the model table (engine/remote.py).
+    # Front ends in other processes get the regions with the model table (engine/remote/endpoint.py).
     async def register_system_shared_memory(
         self, name: str, key: str, offset: int, byte_size: int
     ) -> None:

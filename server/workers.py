@@ -19,7 +19,7 @@ import time
 
 from convoy.engine.client import ShutdownPhase
 from convoy.engine.core import load_keys
-from convoy.engine.remote import RemoteEngine, wait_drained
+from convoy.engine.remote.client import RemoteEngine, wait_drained
 from convoy.errors import EngineDead
 from convoy.logs import configure_logging
 
