@@ -17,8 +17,8 @@ import socket
 import sys
 import time
 
+from convoy.auth import load_keys
 from convoy.engine.client import ShutdownPhase
-from convoy.engine.core import load_keys
 from convoy.engine.remote.client import RemoteEngine, wait_drained
 from convoy.errors import EngineDead
 from convoy.logs import configure_logging
