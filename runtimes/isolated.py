@@ -454,9 +454,11 @@ def serve(sock: socket.socket) -> int:
             return 0
         inputs = read_tensors(message.inputs, data)
         per_request = type(message) is ExecuteRequests
+        writer = FrameWriter()
         try:
             if per_request:
-                results = _execute_requests(runtime, source, message.requests, inputs)
+                outcomes = _execute_requests(runtime, source, message.requests, inputs)
+                results = _described(outcomes, writer)
             else:
                 outputs = runtime.infer(inputs)
         except Exception as exc:
@@ -467,9 +469,8 @@ def serve(sock: socket.socket) -> int:
             if fatal:
                 return 1  # this process cannot be trusted any more; the server starts another
             continue
-        writer = FrameWriter()
         if per_request:
-            answer = RequestResults(results=_described(results, writer), metrics=_snapshot(metrics))
+            answer = RequestResults(results=results, metrics=_snapshot(metrics))
         else:
             answer = Outputs(outputs=_put(writer, outputs), metrics=_snapshot(metrics))
         _send(sock, answer, writer)
