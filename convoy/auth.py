@@ -35,8 +35,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convoy.errors import InvalidConfig, Overloaded, PermissionDenied, Unauthenticated
+
+if TYPE_CHECKING:
+    from convoy.config import ServerConfig
 
 log = logging.getLogger("convoy.auth")
 
@@ -297,3 +301,11 @@ class Keyring:
                 await asyncio.to_thread(self.reload if forced else self.reload_if_changed)
             except Exception:  # the watcher must outlive any surprise; the log says what
                 log.exception("checking the API key file failed")
+
+
+def load_keys(settings: ServerConfig) -> Keyring | None:
+    """The API keys of --api-keys, or None (everything open). The engine and each --workers
+    front end read them (the front ends check keys, the engine keeps the quotas)."""
+    if settings.api_keys_file is None:
+        return None
+    return Keyring(settings.api_keys_file, settings.protect_health, settings.protect_metrics)

@@ -1,5 +1,5 @@
-"""The one wire format for every process boundary: front end <-> engine (engine/remote.py) and
-engine <-> isolated runtime worker (runtimes/isolated.py).
+"""The one wire format for every process boundary: front end <-> engine (engine/remote/) and
+engine <-> isolated runtime worker (runtimes/isolated_messages.py).
 
 A frame carries any number of typed messages and the raw bytes of their tensors:
 

@@ -2,7 +2,7 @@
 
 Front ends (gRPC, HTTP, the catalog) see the engine only through this interface. Two
 implementations: the `Engine` itself (engine/core.py, same process) and `RemoteEngine`
-(engine/remote.py, a --workers front-end process talking to the engine process over IPC). A
+(engine/remote/client.py, a --workers front-end process talking to the engine process over IPC). A
 front end never knows which one it holds.
 
 Model state both implementations answer from a `ModelTable`: the engine's live repository, or

@@ -3,7 +3,7 @@
 Repository and model lifecycle, schedulers, statistics and metrics, usage metering, quotas and
 the payload log. In a single process the front ends hold the `Engine` itself as their
 `EngineClient`; with --workers the engine process serves it to the front-end processes over
-IPC (engine/remote.py), and they hold a `RemoteEngine`.
+IPC (engine/remote/endpoint.py), and they hold a `RemoteEngine` (engine/remote/client.py).
 
 async with Engine(settings, log_control) as engine:
     engine.submit(engine.resolve("add_sub"), request)
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from convoy.auth import Keyring
+from convoy.auth import Keyring, load_keys
 from convoy.batching.stats import quantile_ms
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
@@ -35,8 +35,9 @@ from .payload_log import PayloadLog
 from .recent import Counts, RecentWindow
 from .repository import ModelRepository, ModelVersion, poll_failure
 from .response_cache import ResponseCache, open_store, owner_of
-from .rollout import RolloutManager, RolloutRoute
+from .rollout.manager import RolloutManager
 from .rollout.metrics import RolloutCollector
+from .rollout.routing import RolloutRoute
 from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("convoy.engine")
@@ -44,13 +45,6 @@ log = logging.getLogger("convoy.engine")
 
 def _duration(d) -> dict:
     return {"count": d.count, "ns": d.ns}
-
-
-def load_keys(settings: ServerConfig) -> Keyring | None:
-    """The API keys of --api-keys, or None (everything open)."""
-    if settings.api_keys_file is None:
-        return None
-    return Keyring(settings.api_keys_file, settings.protect_health, settings.protect_metrics)
 
 
 class Engine(EngineClient):
@@ -391,7 +385,7 @@ class Engine(EngineClient):
         }
 
     # --- shared memory -----------------------------------------------------------------------------
-    # Front ends in other processes get the regions with the model table (engine/remote.py).
+    # Front ends in other processes get the regions with the model table (engine/remote/endpoint.py).
     async def register_system_shared_memory(
         self, name: str, key: str, offset: int, byte_size: int
     ) -> None:

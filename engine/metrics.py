@@ -8,7 +8,8 @@ Triton's metric names and labels (`model`, `version`) come first, so Triton dash
 unchanged. prometheus_client appends `_total` to anything typed counter, so Triton's counters,
 whose names lack it, are exposed untyped under their exact names; Convoy's own counters are
 typed counters. Host CPU and memory come from /proc; GPU gauges from NVML (nvidia-ml-py, the
-`gpu` extra) when it is importable and sees a GPU, and are left out otherwise.
+`gpu` extra) when it is importable and sees a GPU, and are left out otherwise. How the families
+are written out (counters that keep their exact names) is engine/exposition.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from prometheus_client import (
     CollectorRegistry,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
 )
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -35,6 +35,7 @@ from convoy.batching.scheduler import Scheduler
 from convoy.batching.stats import Histogram, ModelStats
 from convoy.batching.usage import UsageMeter, UsageTotals
 from convoy.config import MetricsSettings
+from convoy.engine.exposition import ExactCounter
 from convoy.engine.hardware_metrics import HardwareMonitor, load_pynvml
 from convoy.engine.payload_log import PayloadLog
 from convoy.engine.repository import ModelRepository, ModelVersion
@@ -178,53 +179,6 @@ _CACHE_DURATIONS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
 
 def _untyped(name: str, documentation: str) -> Metric:
     return Metric(name, documentation, "unknown")
-
-
-class ExactCounter(Metric):
-    """A counter exposed under its exact name, as Triton exposes counters that model code
-    defines: `# TYPE name counter` and samples named `name` in the Prometheus text format
-    (`prometheus_text`; prometheus_client alone would type it as `name_total`). OpenMetrics
-    requires counters' samples to end in `_total`, so there it stays `unknown`."""
-
-    def __init__(self, name: str, documentation: str) -> None:
-        super().__init__(name, documentation, "unknown")
-
-
-class _Collected:
-    """Metrics already collected, as something generate_latest can read."""
-
-    def __init__(self, metrics: list[Metric]) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._metrics)
-
-
-def prometheus_text(registry: CollectorRegistry) -> bytes:
-    """The registry in the Prometheus text format (0.0.4), as generate_latest writes it, with
-    ExactCounter families typed `counter`."""
-    parts: list[bytes] = []
-    plain: list[Metric] = []
-    for metric in registry.collect():
-        if not isinstance(metric, ExactCounter):
-            plain.append(metric)
-            continue
-        if plain:
-            parts.append(generate_latest(_Collected(plain)))
-            plain = []
-        text = generate_latest(_Collected([metric]))
-        # generate_latest writes this TYPE line for an `unknown` family; the name was checked
-        # as a legacy Prometheus name when the family was defined, so it is written as is.
-        parts.append(
-            text.replace(
-                f"# TYPE {metric.name} untyped\n".encode(),
-                f"# TYPE {metric.name} counter\n".encode(),
-                1,
-            )
-        )
-    if plain:
-        parts.append(generate_latest(_Collected(plain)))
-    return b"".join(parts)
 
 
 class ModelCollector(Collector):

@@ -195,7 +195,7 @@ class ModelRepository:
         #: so step requests take the front ends' path.
         self.submit_step = _submit_to_scheduler
         #: Called (on the loop) whenever a model or version changes state, e.g. to tell the
-        #: --workers front ends (engine/remote.py).
+        #: --workers front ends (engine/remote/endpoint.py).
         self.listeners: list[Callable[[], None]] = []
         #: --model-control-mode poll: the watcher and its task (None otherwise).
         self._poller: RepositoryPoller | None = None

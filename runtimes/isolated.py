@@ -7,9 +7,9 @@ worker that crashes (segfault, os._exit, OOM kill) fails only the batch it was e
 instance raises InstanceLost, which the scheduler answers by starting a fresh worker.
 
 The channel is a private Unix socket pair carrying convoy/wire.py frames, as every process
-boundary in Convoy does: a msgpack message (what is asked or answered; the model's typed config
-when it loads) and the tensors' raw bytes; BYTES tensors travel length-prefixed as on the V2
-wire. Nothing is pickled.
+boundary in Convoy does: the typed messages of runtimes/isolated_messages.py (what is asked or
+answered; the model's typed config when it loads; failures with their kind) and the tensors' raw
+bytes; BYTES tensors travel length-prefixed as on the V2 wire. Nothing is pickled.
 
 The worker exits when the server does, however it ends: it reads EOF when the server's end
 of the socket closes, and it asks the kernel for SIGKILL when its parent dies (prctl) in case
@@ -29,12 +29,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
 
-import msgspec
 import numpy as np
 
-from convoy import errors, wire
+from convoy import errors
 from convoy.config import ModelVersionSource
 from convoy.errors import (
     ConvoyError,
@@ -46,6 +44,23 @@ from convoy.errors import (
     Unsupported,
 )
 from convoy.runtimes.base import Capabilities, RuntimeBase
+from convoy.runtimes.isolated_messages import (
+    BlsAnswer,
+    BlsCall,
+    Close,
+    Closed,
+    Execute,
+    ExecuteRequests,
+    FromWorker,
+    Load,
+    Loaded,
+    Outputs,
+    RequestInfo,
+    RequestResult,
+    RequestResults,
+    ToWorker,
+    WorkerFailure,
+)
 from convoy.types import RESCHEDULED, DetachedFuture, ModelCall, Response
 from convoy.wire import FrameWriter, TensorMeta, read_tensors, receive_frame, send_frame
 
@@ -70,41 +85,31 @@ class WorkerGone(Exception):
 
 
 # --- the channel ---------------------------------------------------------------------------------
-class _Setup(msgspec.Struct, array_like=True):
-    """What the worker loads: the backend, the model version (its typed config) and which
-    instance it is."""
-
-    backend: str
-    source: ModelVersionSource
-    instance_index: int
+def _put(writer: FrameWriter, tensors: dict | None) -> list[TensorMeta]:
+    """Queue the tensors' bytes in the frame (sent from the arrays' own memory); their metas."""
+    return writer.tensors({n: np.asarray(a) for n, a in tensors.items()}) if tensors else []
 
 
-class ChannelMessage(msgspec.Struct, array_like=True):
-    """One message on a worker's channel: what it asks or answers (`op`, outcomes, request
-    metadata, metrics) and the tensors it carries, in convoy/wire.py frames like every other
-    process boundary."""
-
-    header: dict[str, Any]
-    tensors: list[TensorMeta] = []
-
-
-def _send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
-    """One frame: the header and the tensors' bytes (sent from the arrays' own memory)."""
-    writer = FrameWriter()
-    metas = writer.tensors({n: np.asarray(a) for n, a in tensors.items()}) if tensors else []
-    writer.add(ChannelMessage(header, metas))
+def _send(sock: socket.socket, message, writer: FrameWriter | None = None) -> None:
+    """One frame: the message, and the tensors queued in `writer` for it."""
+    if writer is None:  # (an empty writer is falsy)
+        writer = FrameWriter()
+    writer.add(message)
     send_frame(sock, writer)
 
 
-def _receive(reader) -> tuple[dict, dict[str, np.ndarray]]:
-    """(header, tensors): tensors view one received buffer (the copy out of the socket is the
-    only one)."""
+def _receive(reader, kind) -> tuple:
+    """(message, data): one message of `kind` (a Union) and its frame's data, which the
+    message's tensors view (the copy out of the socket is the only one)."""
     try:
-        messages, data = receive_frame(reader, ChannelMessage)
+        messages, data = receive_frame(reader, kind)
     except EOFError:
         raise WorkerGone("channel closed") from None
-    message = messages[0]
-    return message.header, read_tensors(message.tensors, data)
+    return messages[0], data
+
+
+def _failure(exc: BaseException, fatal: bool = False) -> WorkerFailure:
+    return WorkerFailure(kind=type(exc).__name__, message=str(exc), fatal=fatal)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -163,20 +168,20 @@ class IsolatedRuntime(RuntimeBase):
             theirs.close()
         self._sock = ours
         self._reader = ours.makefile("rb")
-        setup = wire.encode(_Setup(self._backend, self._source, self._instance_index))
+        load = Load(backend=self._backend, source=self._source, instance_index=self._instance_index)
         try:
-            _send(self._sock, {"op": "load", "setup": setup})
-            header, _ = self._reply()  # BLS calls from the model's initialize are served
+            _send(self._sock, load)
+            reply, _ = self._reply()  # BLS calls from the model's initialize are served
         except (WorkerGone, OSError):
             code = self._reap()
             raise ModelLoadFailed(
                 f"model '{self._name}' worker {_describe_exit(code)} while loading"
             ) from None
-        if "error" in header:
+        if isinstance(reply, WorkerFailure):
             self._reap()
-            raise ModelLoadFailed(header["error"]["message"])
+            raise ModelLoadFailed(reply.message)
         #: The backend executes per request (a Triton python model): see `infer_requests`.
-        self.executes_requests = bool(header.get("executes_requests", False))
+        self.executes_requests = isinstance(reply, Loaded) and reply.executes_requests
 
     def infer_requests(self, batch: list, loop) -> list:
         """A per-request runtime's batch: the requests' inputs go as one merged buffer with
@@ -196,33 +201,41 @@ class IsolatedRuntime(RuntimeBase):
         else:
             # The one copy on the way in: the requests' inputs into one message buffer.
             inputs = {n: np.concatenate([r.inputs[n] for r in batch]) for n in batch[0].inputs}
-        meta = [
-            [r.id, r.rows, list(r.requested_outputs), r.parameters, r.timeout_us, r.bls_call]
+        requests = [
+            RequestInfo(
+                id=r.id,
+                rows=r.rows,
+                requested=r.requested_outputs,
+                parameters=r.parameters,
+                timeout_us=r.timeout_us,
+                bls_call=r.bls_call,
+            )
             for r in batch
         ]
         if self._process.poll() is not None:
             self._restart_idle()
         try:
-            _send(self._sock, {"op": "requests", "requests": meta}, inputs)
-            header, tensors = self._reply()
+            writer = FrameWriter()
+            _send(self._sock, ExecuteRequests(requests=requests, inputs=_put(writer, inputs)), writer)
+            reply, data = self._reply()
         except (WorkerGone, OSError):
             code = self._reap()
             raise InstanceLost(
                 f"model '{self._name}' worker {_describe_exit(code)} while executing; restarting"
             ) from None
-        if "error" in header:
-            raise _error_from(header["error"], self._name)
+        if isinstance(reply, WorkerFailure):
+            raise _error_from(reply, self._name)
         results: list = []
-        for index, result in enumerate(header["results"]):
-            if result.get("rescheduled"):
+        for result in reply.results:
+            if result.rescheduled:
                 results.append(RESCHEDULED)
                 continue
-            if "error" in result:
-                results.append(_error_from(result["error"], self._name))
+            if result.error is not None:
+                results.append(_error_from(result.error, self._name))
                 continue
-            outputs = {name: tensors[f"{index}/{name}"] for name in result["outputs"]}
-            if result.get("parameters"):
-                outputs = _WithParameters(outputs, result["parameters"])
+            outputs = read_tensors(result.outputs, data)
+            if result.parameters:
+                outputs = _WithParameters(outputs, result.parameters)
             results.append(outputs)
         return results
 
@@ -230,47 +243,50 @@ class IsolatedRuntime(RuntimeBase):
         if self._process.poll() is not None:
             self._restart_idle()
         try:
-            _send(self._sock, {"op": "infer"}, inputs)
-            header, outputs = self._reply()
+            writer = FrameWriter()
+            _send(self._sock, Execute(inputs=_put(writer, inputs)), writer)
+            reply, data = self._reply()
         except (WorkerGone, OSError):
             code = self._reap()
             raise InstanceLost(
                 f"model '{self._name}' worker {_describe_exit(code)} while executing; restarting"
             ) from None
-        if "error" in header:
-            raise _error_from(header["error"], self._name)
-        return outputs
+        if isinstance(reply, WorkerFailure):
+            raise _error_from(reply, self._name)
+        return read_tensors(reply.outputs, data)
 
     def bind_services(self, services) -> None:
         """The server's services: BLS calls the worker's model code makes come through here."""
         self._services = services
 
-    def _reply(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """The worker's answer to the batch; BLS calls it makes meanwhile are served first."""
+    def _reply(self) -> tuple:
+        """(message, data): the worker's answer to what was asked; BLS calls it makes
+        meanwhile are served first."""
         while True:
-            header, tensors = _receive(self._reader)
-            if header.get("op") != "bls":
-                metrics = header.get("metrics")
+            message, data = _receive(self._reader, FromWorker)
+            kind = type(message)
+            if kind is not BlsCall:
+                metrics = message.metrics if kind is Outputs or kind is RequestResults else None
                 if metrics is not None and self._services is not None:
                     source = f"{self._name}-{self._source.version}-{self._instance_index}"
                     self._services.metrics.apply_snapshot(source, metrics)
-                return header, tensors
-            self._serve_bls(header, tensors)
+                return message, data
+            self._serve_bls(message, read_tensors(message.inputs, data))
 
-    def _serve_bls(self, header: dict, inputs: dict[str, np.ndarray]) -> None:
+    def _serve_bls(self, message: BlsCall, inputs: dict[str, np.ndarray]) -> None:
         """Run a BLS call for the worker (on this instance's thread, which waits anyway)."""
         services = self._services
-        requested = tuple(header["requested"])
+        requested = message.requested
         call = ModelCall(
-            model_name=header["model"],
+            model_name=message.model,
             inputs=inputs,
             requested_outputs=requested,
-            model_version=header["version"],
-            request_id=header["id"],
-            parameters=header["parameters"],
-            timeout_us=header["timeout_us"],
-            waiter=header["waiter"],
-            serving=tuple(header["serving"]),
+            model_version=message.version,
+            request_id=message.id,
+            parameters=message.parameters,
+            timeout_us=message.timeout_us,
+            waiter=message.waiter,
+            serving=message.serving,
         )
         future: Future = Future()
         cancel = None
@@ -283,15 +299,17 @@ class IsolatedRuntime(RuntimeBase):
             if cancel is not None:
                 cancel()
             error = DeadlineExceeded(f"BLS request to '{call.model_name}' timed out")
-            _send(self._sock, _error_header(error, False))
+            _send(self._sock, _failure(error))
             return
         except ConvoyError as exc:
-            _send(self._sock, _error_header(exc, False))
+            _send(self._sock, _failure(exc))
             return
         outputs = response.outputs
         if requested:
             outputs = {n: outputs[n] for n in requested if n in outputs}
-        _send(self._sock, {"ok": True, "parameters": response.parameters}, outputs)
+        writer = FrameWriter()
+        answer = BlsAnswer(outputs=_put(writer, outputs), parameters=response.parameters)
+        _send(self._sock, answer, writer)
 
     def _restart_idle(self) -> None:
         """The worker died between batches (the OOM killer picks big idle processes too): start
@@ -319,8 +337,8 @@ class IsolatedRuntime(RuntimeBase):
         if self._process is None:
             return
         try:
-            _send(self._sock, {"op": "close"})
-            _receive(self._reader)
+            _send(self._sock, Close())
+            _receive(self._reader, FromWorker)  # Closed: the model is finalized
         except (WorkerGone, OSError):
             pass  # already gone: nothing to finalize
         self._reap(CLOSE_TIMEOUT_S)
@@ -348,18 +366,18 @@ class IsolatedRuntime(RuntimeBase):
             return process.wait()
 
 
-def _error_from(error: dict, model: str) -> ConvoyError:
-    """The exception the server raises for an error the worker reported."""
-    if error.get("fatal"):
+def _error_from(failure: WorkerFailure, model: str) -> ConvoyError:
+    """The exception raised for a failure the other side of the channel reported."""
+    if failure.fatal:
         return InstanceLost(
-            f"model '{model}' hit a fatal error ({error['type']}: {error['message']}); "
+            f"model '{model}' hit a fatal error ({failure.kind}: {failure.message}); "
             "restarting its worker"
         )
-    cls = getattr(errors, error["type"], None)
+    cls = getattr(errors, failure.kind, None)
     if isinstance(cls, type) and issubclass(cls, ConvoyError):
-        return cls(error["message"])
+        return cls(failure.message)
     return InferenceFailed(
-        f"model '{model}' failed to execute the batch: {error['type']}: {error['message']}"
+        f"model '{model}' failed to execute the batch: {failure.kind}: {failure.message}"
     )
 
 
@@ -393,10 +411,6 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)  # the server died before the request above took effect
 
 
-def _error_header(exc: BaseException, fatal: bool) -> dict:
-    return {"error": {"type": type(exc).__name__, "message": str(exc), "fatal": fatal}}
-
-
 def serve(sock: socket.socket) -> int:
     """The worker loop: load, then execute batches until `close` or EOF."""
     from convoy.runtimes.base import is_fatal, runtime_factory
@@ -404,11 +418,10 @@ def serve(sock: socket.socket) -> int:
     reader = sock.makefile("rb")
     metrics = None  # the model's custom metrics, reported with every answer once it has any
     try:
-        header, _ = _receive(reader)
+        load, _ = _receive(reader, ToWorker)
     except WorkerGone:
         return 0
-    setup = wire.decode(header["setup"], _Setup)
-    backend, source, index = setup.backend, setup.source, setup.instance_index
+    backend, source, index = load.backend, load.source, load.instance_index
     try:
         runtime = runtime_factory(backend)(source, index)
         # BLS calls go over the channel; custom metrics travel with every answer.
@@ -425,44 +438,42 @@ def serve(sock: socket.socket) -> int:
         if not isinstance(exc, ConvoyError):
             log.exception("model '%s' worker failed to load", source.config.name)
             exc = ModelLoadFailed(f"model '{source.config.name}': {type(exc).__name__}: {exc}")
-        _send(sock, _error_header(exc, False))
+        _send(sock, _failure(exc))
         return 1
-    _send(sock, {"ok": True, "executes_requests": runtime.executes_requests})
+    _send(sock, Loaded(executes_requests=runtime.executes_requests))
     while True:
         try:
-            header, inputs = _receive(reader)
+            message, data = _receive(reader, ToWorker)
         except WorkerGone:
             return 0
-        if header["op"] == "close":
+        if type(message) is Close:
             try:
                 runtime.close()
             finally:
-                _send(sock, {"ok": True})
+                _send(sock, Closed())
             return 0
-        if header["op"] == "requests":
-            try:
-                header, outputs = _execute_requests(runtime, source, header["requests"], inputs)
-            except Exception as exc:
-                fatal = is_fatal(runtime, exc)
-                if not isinstance(exc, ConvoyError) or fatal:
-                    log.error("model '%s' failed a batch", source.config.name, exc_info=exc)
-                _send(sock, _error_header(exc, fatal))
-                if fatal:
-                    return 1
-                continue
-            _send(sock, _with_metrics(header, metrics), outputs)
-            continue
+        inputs = read_tensors(message.inputs, data)
+        per_request = type(message) is ExecuteRequests
+        writer = FrameWriter()
         try:
-            outputs = runtime.infer(inputs)
+            if per_request:
+                outcomes = _execute_requests(runtime, source, message.requests, inputs)
+                results = _described(outcomes, writer)
+            else:
+                outputs = runtime.infer(inputs)
         except Exception as exc:
             fatal = is_fatal(runtime, exc)
             if not isinstance(exc, ConvoyError) or fatal:
                 log.error("model '%s' failed a batch", source.config.name, exc_info=exc)
-            _send(sock, _error_header(exc, fatal))
+            _send(sock, _failure(exc, fatal))
             if fatal:
                 return 1  # this process cannot be trusted any more; the server starts another
             continue
-        _send(sock, _with_metrics({"ok": True}, metrics), outputs)
+        if per_request:
+            answer = RequestResults(results=results, metrics=_snapshot(metrics))
+        else:
+            answer = Outputs(outputs=_put(writer, outputs), metrics=_snapshot(metrics))
+        _send(sock, answer, writer)
 
 
 class _ChannelCaller:
@@ -475,24 +486,26 @@ class _ChannelCaller:
         self._lock = threading.Lock()
 
     def call(self, call: ModelCall) -> Response:
-        header = {
-            "op": "bls",
-            "model": call.model_name,
-            "version": call.model_version,
-            "requested": list(call.requested_outputs),
-            "parameters": call.parameters,
-            "timeout_us": call.timeout_us,
-            "waiter": call.waiter,
-            "serving": list(call.serving),
-            "id": call.request_id,
-        }
+        writer = FrameWriter()
+        message = BlsCall(
+            model=call.model_name,
+            version=call.model_version,
+            requested=tuple(call.requested_outputs),
+            parameters=call.parameters,
+            timeout_us=call.timeout_us,
+            waiter=call.waiter,
+            serving=tuple(call.serving),
+            id=call.request_id,
+            inputs=_put(writer, call.inputs),
+        )
         with self._lock:
-            _send(self._sock, header, call.inputs)
-            reply, outputs = _receive(self._reader)
-        if "error" in reply:
-            raise _error_from(reply["error"], call.model_name)
+            _send(self._sock, message, writer)
+            reply, data = _receive(self._reader, ToWorker)
+        if isinstance(reply, WorkerFailure):
+            raise _error_from(reply, call.model_name)
+        outputs = read_tensors(reply.outputs, data)
         version = call.model_version or ""
-        return Response(outputs, call.model_name, version, None, reply.get("parameters"))
+        return Response(outputs, call.model_name, version, None, reply.parameters)
 
     def submit_threadsafe(self, call: ModelCall, future) -> Callable[[], None]:
         try:
@@ -512,51 +525,55 @@ class _ChannelCaller:
         )
 
 
-def _with_metrics(header: dict, metrics) -> dict:
-    """The reply header, with the worker's custom metric families when the model defined any
-    (the server sums them with its own and the other workers' on /metrics)."""
+def _snapshot(metrics) -> list | None:
+    """The worker's custom metric families for the answer, when the model defined any (the
+    server sums them with its own and the other workers' on /metrics)."""
     if metrics is not None and metrics.families:
-        header["metrics"] = metrics.snapshot()
-    return header
+        return metrics.snapshot()
+    return None
 
 
-def _execute_requests(runtime, source, meta: list, inputs: dict) -> tuple[dict, dict]:
-    """Run a per-request batch: each request sees views of its rows of the merged inputs."""
+def _execute_requests(runtime, source, infos: list[RequestInfo], inputs: dict) -> list:
+    """Run a per-request batch: each request sees views of its rows of the merged inputs; what
+    the runtime returned for each (outputs, RESCHEDULED or an exception)."""
     from convoy.types import Request
 
     batched = source.config.max_batch_size > 0
     requests = []
     start = 0
-    for request_id, rows, requested, parameters, timeout_us, bls_call in meta:
-        end = start + rows
+    for info in infos:
+        end = start + info.rows
         own = {n: a[start:end] for n, a in inputs.items()} if batched else inputs
         start = end
         requests.append(
             Request(
-                request_id,
+                info.id,
                 own,
-                tuple(requested),
-                rows,
+                info.requested,
+                info.rows,
                 DetachedFuture(),
-                timeout_us=timeout_us,
-                parameters=parameters,
-                bls_call=bls_call,
+                timeout_us=info.timeout_us,
+                parameters=info.parameters,
+                bls_call=info.bls_call,
             )
         )
-    results = runtime.infer_requests(requests, None)
-    described = []
-    tensors = {}
-    for index, result in enumerate(results):
+    return runtime.infer_requests(requests, None)
+
+
+def _described(outcomes: list, writer: FrameWriter) -> list[RequestResult]:
+    """The per-request outcomes as messages, their outputs queued in `writer`."""
+    results = []
+    for result in outcomes:
         if isinstance(result, BaseException):
-            described.append(_error_header(result, False))
-            continue
-        if result is RESCHEDULED:
-            described.append({"rescheduled": True})
-            continue
-        for name, array in result.items():
-            tensors[f"{index}/{name}"] = array
-        described.append({"outputs": list(result), "parameters": getattr(result, "parameters", None)})
-    return {"ok": True, "results": described}, tensors
+            results.append(RequestResult(error=_failure(result)))
+        elif result is RESCHEDULED:
+            results.append(RequestResult(rescheduled=True))
+        else:
+            outputs = _put(writer, result)
+            results.append(
+                RequestResult(outputs=outputs, parameters=getattr(result, "parameters", None))
+            )
+    return results
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ import socket
 import ssl
 import struct
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 import uvicorn
@@ -23,7 +24,6 @@ import uvicorn
 from convoy.auth import Keyring
 from convoy.config import ServerConfig
 from convoy.engine.client import EngineClient, ShutdownPhase
-from convoy.engine.core import Engine
 from convoy.logs import LogControl
 from convoy.server.catalog.page import Catalog
 from convoy.server.grpc_api.handlers import start_grpc_server
@@ -34,6 +34,9 @@ from convoy.server.observability.access_log import AccessLog, AccessLogIntercept
 from convoy.server.observability.metrics_server import start_metrics_server
 from convoy.server.observability.tracing import Tracer
 from convoy.trace_settings import trace_setup
+
+if TYPE_CHECKING:
+    from convoy.engine.core import Engine
 
 log = logging.getLogger("convoy.server")
 
@@ -356,6 +359,10 @@ class ConvoyServer:
         without one, only the root logger's level follows the settings."""
         self.settings = settings
         self.log_control = log_control or LogControl(settings.log_level, settings.log_format)
+        # Imported here: a --workers front-end process imports this module for FrontEnds and
+        # must not load the engine (its schedulers, its runtimes).
+        from convoy.engine.core import Engine
+
         self.engine = Engine(settings, self.log_control)
         self.front_ends: FrontEnds | None = None
         #: "native" or "python": which front end serves (see choose_frontend).

@@ -1,7 +1,7 @@
 """`convoy serve --workers N`: one engine process behind N front-end processes.
 
 This process holds the engine (models, schedulers, metrics) and serves it to each front-end
-process (server/workers.py) over a private Unix socket pair (engine/remote.py). The front ends
+process (server/workers.py) over a private Unix socket pair (engine/remote/). The front ends
 share the HTTP and gRPC ports (SO_REUSEPORT; the ports are picked here so port 0 works). A front
 end that dies is restarted and only its own requests are lost; when the engine exits its front
 ends see their socket close and exit too; SIGTERM drains every process.
@@ -28,7 +28,8 @@ from prometheus_client.registry import Collector
 from convoy.config import ServerConfig
 from convoy.engine.client import ShutdownPhase
 from convoy.engine.core import Engine
-from convoy.engine.remote import EngineEndpoint, LogUpdate, TraceState
+from convoy.engine.remote.endpoint import EngineEndpoint
+from convoy.engine.remote.messages import LogUpdate, TraceState
 from convoy.logs import LogControl
 
 from .app import start_metrics, stop_metrics
@@ -252,12 +253,12 @@ class MultiProcessServer:
     def _log_changed(self, changes: dict) -> None:
         for worker in self.workers:
             if worker.endpoint is not None:
-                worker.endpoint.send(LogUpdate(changes))
+                worker.endpoint.send(LogUpdate(changes=changes))
 
     def _trace_changed(self, state: dict) -> None:
         for worker in self.workers:
             if worker.endpoint is not None:
-                worker.endpoint.send(TraceState(state))
+                worker.endpoint.send(TraceState(levels=state))
 
     # --- front-end processes ---------------------------------------------------------------------------
     async def _spawn(self, worker: WorkerSlot) -> None:

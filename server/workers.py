@@ -17,9 +17,9 @@ import socket
 import sys
 import time
 
+from convoy.auth import load_keys
 from convoy.engine.client import ShutdownPhase
-from convoy.engine.core import load_keys
-from convoy.engine.remote import RemoteEngine, wait_drained
+from convoy.engine.remote.client import RemoteEngine, wait_drained
 from convoy.errors import EngineDead
 from convoy.logs import configure_logging
 

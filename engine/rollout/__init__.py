@@ -4,10 +4,7 @@ controller.py: one roll-out (routing, mirrors, pairs, its state); routing.py: th
 futures it wraps; compare.py: how a pair's outputs are judged; stats.py: what is measured;
 gates.py: what happens next; budget.py: how much a mirror may cost; manager.py: every roll-out of
 the engine; state.py: the --rollout-state file; report.py: `convoy rollout report`; metrics.py:
-their Prometheus families."""
+their Prometheus families.
 
-from .controller import Rollout
-from .manager import RolloutManager
-from .routing import ARM_PARAMETER, RolloutRoute
-
-__all__ = ["ARM_PARAMETER", "Rollout", "RolloutManager", "RolloutRoute"]
+Nothing is re-exported: importing report.py (a front end renders the HTML page) loads no
+controller, scheduler or runtime."""

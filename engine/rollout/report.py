@@ -14,8 +14,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from html import escape
 
-from convoy.batching.stats import LATENCY_BOUNDS_NS
-
 ARMS = ("stable_served", "candidate_served", "stable_mirrored", "candidate_mirrored")
 COLOURS = {
     "stable_served": "#1f77b4",
@@ -38,6 +36,8 @@ ACTION_COLOURS = {
 
 def report_document(rollout) -> dict:
     histograms = rollout.histograms
+    # Every arm counts into the same latency buckets (batching/stats.py's LATENCY_BOUNDS_NS).
+    bounds = histograms.stable_served.bounds
     arms = {}
     for arm in ARMS:
         histogram = getattr(histograms, arm)
@@ -48,7 +48,7 @@ def report_document(rollout) -> dict:
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "status": rollout.status(),
         "spec": rollout.spec.describe(),
-        "latency": {"bounds_ms": [b / 1e6 for b in LATENCY_BOUNDS_NS], "arms": arms},
+        "latency": {"bounds_ms": [b / 1e6 for b in bounds], "arms": arms},
         "agreement_timeline": rollout.timeline.describe(),
         "steps": list(rollout.step_results),
         "history": list(rollout.history),

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
 
 from convoy.auth import Keyring
-from convoy.engine.metrics import prometheus_text
+from convoy.engine.exposition import prometheus_text
 from convoy.errors import ConvoyError, status_of
 
 log = logging.getLogger("convoy.metrics")

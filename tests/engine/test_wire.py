@@ -1,4 +1,4 @@
-"""The wire format every process boundary speaks (convoy/wire.py, engine/remote.py): typed
+"""The wire format every process boundary speaks (convoy/wire.py, engine/remote/messages.py): typed
 messages and raw tensor bytes survive a round trip through a real socket pair, for every
 datatype (BYTES and BF16 included), empty and large tensors, and errors of every kind."""
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from convoy import errors
 from convoy.datatypes import NUMPY_DTYPE
-from convoy.engine.remote import Failure, Infer, Result, ToEngine, ToFrontEnd
+from convoy.engine.remote.messages import Failure, Infer, Result, ToEngine, ToFrontEnd
 from convoy.wire import (
     FrameWriter,
     Link,
@@ -63,7 +63,22 @@ def test_infer_message_round_trips_every_datatype(arrays, call):
     writer = FrameWriter()
     metas = writer.tensors(arrays)
     writer.add(
-        Infer(call, "m", 3, True, "id", ("OUT",), 1, 0, 0, None, {"p": 1, "s": "x"}, 5, None, metas)
+        Infer(
+            call=call,
+            model="m",
+            version=3,
+            latest=True,
+            id="id",
+            requested=("OUT",),
+            rows=1,
+            priority=0,
+            timeout_us=0,
+            deadline=None,
+            parameters={"p": 1, "s": "x"},
+            received_ns=5,
+            principal=None,
+            inputs=metas,
+        )
     )
     [message], data = _parse(_frame_bytes(writer), ToEngine)
     assert isinstance(message, Infer) and message.call == call and message.parameters["s"] == "x"
@@ -83,7 +98,7 @@ def test_large_tensor_and_many_messages_share_one_frame():
     big = np.arange(3_000_000, dtype=np.float32).reshape(1000, 3000)
     for call in range(100):
         metas = writer.tensors({"OUTPUT0": big[call : call + 1]})
-        writer.add(Result(call, "m", "1", (1, 2, 3, 4, 5), metas))
+        writer.add(Result(call=call, model="m", version="1", timings=(1, 2, 3, 4, 5), outputs=metas))
     messages, data = _parse(_frame_bytes(writer), ToFrontEnd)
     assert [m.call for m in messages] == list(range(100))
     for message in messages:
@@ -108,7 +123,7 @@ def test_large_tensor_and_many_messages_share_one_frame():
 )
 def test_errors_keep_their_kind_and_status(error):
     writer = FrameWriter()
-    writer.add(Failure(7, error_info(error)))
+    writer.add(Failure(call=7, error=error_info(error)))
     [message], _ = _parse(_frame_bytes(writer), ToFrontEnd)
     rebuilt = rebuild_error(message.error)
     if isinstance(error, errors.ConvoyError):
@@ -143,11 +158,20 @@ def test_link_delivers_frames_split_across_reads_in_order():
         await loop.create_unix_connection(lambda: Link(ToFrontEnd, on_frame, lambda e: None), sock=right)
         big = np.random.default_rng(0).random((512, 1024))  # 4 MiB, many reads
         writer = sender.writer()
-        writer.add(Result(0, "m", "1", None, writer.tensors({"x": big})))
+        metas = writer.tensors({"x": big})
+        writer.add(Result(call=0, model="m", version="1", timings=None, outputs=metas))
         await asyncio.sleep(0)
         for call in range(1, 201):
             writer = sender.writer()
-            writer.add(Result(call, "m", "1", None, writer.tensors({"x": np.array([call])})))
+            writer.add(
+                Result(
+                    call=call,
+                    model="m",
+                    version="1",
+                    timings=None,
+                    outputs=writer.tensors({"x": np.array([call])}),
+                )
+            )
         await asyncio.wait_for(done.wait(), 10)
         sender.close()
         assert [c for c, _ in got] == list(range(201))
@@ -165,7 +189,8 @@ def test_an_ensembles_step_timings_travel_with_its_result():
         StepTiming(1, "post", "2", 13, 14, 15, None),
     )
     writer = FrameWriter()
-    writer.add(Result(1, "pipeline", "1", None, writer.tensors({}), steps))
+    metas = writer.tensors({})
+    writer.add(Result(call=1, model="pipeline", version="1", timings=None, outputs=metas, steps=steps))
     [message], _ = _parse(_frame_bytes(writer), ToFrontEnd)
     assert message.steps == steps
     assert isinstance(message.steps[0], StepTiming)
