@@ -1,0 +1,188 @@
+"""Admission: whether a request arriving at the dynamic batcher joins its queue or is refused now.
+
+Three rules, in order, each refusing with `Overloaded` (RESOURCE_EXHAUSTED / 429, with a
+Retry-After) and counting the rejection by reason:
+- `queue_full`: its priority level's queue is at its bound (queue policy max_queue_size, else
+  the server's --max-queue-size);
+- `deadline`: given the work queued ahead of it and the measured batch cost, it cannot finish
+  before its deadline (the client's, or the queue policy's REJECT timeout, whichever is
+  sooner); a request dispatched at once (an instance idles, nothing is queued) is always
+  admitted;
+- `latency_slo`: the latency objective's planner (batching/slo.py) predicts it would miss it.
+"""
+
+from __future__ import annotations
+
+from convoy.config import QueuePolicy, TimeoutAction
+from convoy.errors import Overloaded
+from convoy.types import Request
+
+from .queue import PriorityQueue
+from .slo import LatencyPlanner
+from .stats import ModelStats
+from .usage import UsageMeter
+
+#: Batches measured before the cost estimate is trusted to refuse a request.
+ESTIMATE_AFTER_BATCHES = 3
+#: Weight of a new sample in the running estimate (EWMA).
+ESTIMATE_WEIGHT = 0.125
+
+
+class CostEstimate:
+    """One batch's execution cost (ns): an EWMA over the batches measured."""
+
+    __slots__ = ("batches", "ns")
+
+    def __init__(self) -> None:
+        #: Batches measured so far.
+        self.batches = 0
+        #: The estimate (0 until a batch was measured).
+        self.ns = 0.0
+
+    @property
+    def trusted(self) -> bool:
+        """Enough batches measured to refuse requests on the estimate."""
+        return self.batches >= ESTIMATE_AFTER_BATCHES
+
+    def observe(self, cost_ns: float) -> None:
+        if self.batches:
+            self.ns += (cost_ns - self.ns) * ESTIMATE_WEIGHT
+        else:
+            self.ns = float(cost_ns)
+        self.batches += 1
+
+
+def refuse(
+    stats: ModelStats,
+    usage: UsageMeter | None,
+    model: str,
+    version: str,
+    request: Request,
+    reason: str,
+    now: int,
+) -> None:
+    """Count a request turned away at submit (statistics by `reason`, the caller's usage)."""
+    stats.record_rejection(reason, now - (request.received_ns or now))
+    if usage is not None:
+        usage.record_rejection(model, version, request)
+
+
+class AdmissionPolicy:
+    """The dynamic batcher's admission rules over its queue (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        queue: PriorityQueue,
+        policies: list[QueuePolicy],
+        stats: ModelStats,
+        usage: UsageMeter | None,
+        max_rows: int,
+        dynamic: bool,
+        planner: LatencyPlanner | None,
+    ) -> None:
+        """`policies[i]`: the queue policy of priority level i + 1; `max_rows`: rows a batch
+        holds; `dynamic`: batches merge requests (else one request a batch); `planner`: the
+        latency objective's, or None."""
+        self.model = model
+        self.version = version
+        self.policies = policies
+        self.estimate = CostEstimate()
+        self._queue = queue
+        self._stats = stats
+        self._usage = usage
+        self._max_rows = max_rows
+        self._dynamic = dynamic
+        self._planner = planner
+
+    def admit(self, request: Request, now: int, idle: int, instances: int) -> int:
+        """Admit `request` (its `level` set) arriving at `now` (monotonic ns) with `idle` of
+        `instances` free, or raise Overloaded. Returns its queue timeout (µs, 0: none)."""
+        queue = self._queue
+        level = request.level
+        if not queue.has_room(level):
+            self._refuse(request, "queue_full", now)
+            raise Overloaded(
+                f"model '{self.model}' queue is full ({queue.depth(level)} requests at "
+                f"priority {level + 1}); retry later",
+                retry_after=self.completion_estimate(request, instances)[0] or 1.0,
+            )
+        policy = self.policies[level]
+        timeout_us = policy.default_timeout_us
+        if request.timeout_us and policy.allow_timeout_override:
+            timeout_us = request.timeout_us
+        # Deadline-aware admission: a request that cannot finish before its deadline, given the
+        # work queued ahead of it and the measured batch cost, is turned away now, not after it
+        # waited. The estimate is optimistic (a batch in flight counts as done), so only a
+        # request that is sure to miss is rejected; the queue timers still enforce the rest.
+        deadline = request.deadline
+        if timeout_us and policy.timeout_action is TimeoutAction.REJECT:
+            timeout_at = now / 1e9 + timeout_us / 1e6
+            if deadline is None or timeout_at < deadline:
+                deadline = timeout_at
+        # A request that would be dispatched at once (an instance idles, nothing is queued)
+        # is always admitted: the estimate then is one batch's measured cost, and a noisy
+        # one (a loaded host stretches it) refusing such requests would stop the measurements
+        # that could correct it: no goodput while capacity is free.
+        waits = not idle or queue.size > 0
+        if deadline is not None and waits and self.estimate.trusted:
+            self._meet_deadline(request, now, deadline, instances)
+        if self._planner is not None:
+            self._within_objective(request, now, idle, instances)
+        return timeout_us
+
+    def completion_estimate(self, request: Request, instances: int) -> tuple[float, int]:
+        """(seconds until a request arriving now would have its batch done, batches counted):
+        the rows queued at its priority and above, packed into batches, run on the instances
+        in parallel waves at the estimated batch cost; a batch in flight counts as done, so
+        the estimate is a lower bound. (0, 0) before any batch was measured."""
+        if not self.estimate.batches:
+            return 0.0, 0
+        queue = self._queue
+        if self._dynamic:
+            rows = queue.rows_through(request.level) + request.rows
+            batches = -(-rows // self._max_rows)
+        else:
+            batches = 1 + sum(queue.depth(level) for level in range(request.level + 1))
+        waves = -(-batches // max(instances, 1))
+        return waves * self.estimate.ns / 1e9, batches
+
+    def _meet_deadline(self, request: Request, now: int, deadline: float, instances: int) -> None:
+        """Refuse a request whose batch cannot complete before `deadline` (monotonic s)."""
+        expected, batches = self.completion_estimate(request, instances)
+        left = deadline - now / 1e9
+        if expected <= left:
+            return
+        self._refuse(request, "deadline", now)
+        raise Overloaded(
+            f"model '{self.model}' cannot meet the request's deadline: "
+            f"{max(left, 0) * 1000:.1f} ms left, about {expected * 1000:.1f} ms of work "
+            f"until its batch completes ({batches} batches of ~"
+            f"{self.estimate.ns / 1e6:.1f} ms at priority {request.level + 1} and above); "
+            "retry later",
+            retry_after=expected,
+        )
+
+    def _within_objective(self, request: Request, now: int, idle: int, instances: int) -> None:
+        """Refuse a request the latency objective predicts it would miss (see batching/slo.py)."""
+        planner = self._planner
+        assert planner is not None
+        age = now - (request.received_ns or now)
+        verdict = planner.admission(
+            self._queue.rows_through(request.level), request.rows, age, idle, instances, now
+        )
+        if verdict.admitted:
+            return
+        self._refuse(request, "latency_slo", now)
+        raise Overloaded(
+            f"model '{self.model}' cannot answer within its latency objective "
+            f"(latency_slo_ms {planner.objective_ns / 1e6:g}): about "
+            f"{verdict.completion_ns / 1e6:.1f} ms of work until its batch completes "
+            f"({verdict.batches} batches at priority {request.level + 1} and above), "
+            f"{max(verdict.budget_ns, 0) / 1e6:.1f} ms allowed; retry later",
+            retry_after=max(verdict.completion_ns - verdict.budget_ns, 1e6) / 1e9,
+        )
+
+    def _refuse(self, request: Request, reason: str, now: int) -> None:
+        refuse(self._stats, self._usage, self.model, self.version, request, reason, now)
