@@ -4,14 +4,21 @@ Three rules, in order, each refusing with `Overloaded` (RESOURCE_EXHAUSTED / 429
 Retry-After) and counting the rejection by reason:
 - `queue_full`: its priority level's queue is at its bound (queue policy max_queue_size, else
   the server's --max-queue-size);
-- `deadline`: given the work queued ahead of it and the measured batch cost, it cannot finish
-  before its deadline (the client's, or the queue policy's REJECT timeout, whichever is
-  sooner); a request dispatched at once (an instance idles, nothing is queued) is always
-  admitted;
+- `deadline`: with work queued ahead, it is sure to miss its deadline: the client's deadline if
+  its batch cannot complete in time, the queue policy's REJECT timeout if the work queued ahead
+  of it alone outlasts it (the timeout bounds waiting in the queue, not execution);
 - `latency_slo`: the latency objective's planner (batching/slo.py) predicts it would miss it.
+
+An estimate never refuses a request that would be dispatched at once (an instance idles and
+nothing is queued): refusing it would also stop the measurements that could correct a wrong
+estimate, and a noisy one (a loaded host stretching a few batches) would then refuse every
+request while capacity is free. Once admitted, a request's queue timeout is enforced by what it
+actually waits (the scheduler's timers), never by a prediction.
 """
 
 from __future__ import annotations
+
+import statistics
 
 from convoy.config import QueuePolicy, TimeoutAction
 from convoy.errors import Overloaded
@@ -26,18 +33,25 @@ from .usage import UsageMeter
 ESTIMATE_AFTER_BATCHES = 3
 #: Weight of a new sample in the running estimate (EWMA).
 ESTIMATE_WEIGHT = 0.125
+#: A sample above this multiple of the estimate counts as this multiple: one slow batch (a
+#: stall, a loaded host) moves the estimate by at most ESTIMATE_WEIGHT x (MAX_RISE - 1).
+MAX_RISE = 2.0
 
 
 class CostEstimate:
-    """One batch's execution cost (ns): an EWMA over the batches measured."""
+    """One batch's execution cost (ns), robust to noisy samples: the median of the first
+    ESTIMATE_AFTER_BATCHES batches (a slow first batch, still warming up, does not set it),
+    then an EWMA whose rises are bounded (MAX_RISE); falls are followed in full, so a wrong
+    estimate errs towards admitting."""
 
-    __slots__ = ("batches", "ns")
+    __slots__ = ("_warmup", "batches", "ns")
 
     def __init__(self) -> None:
         #: Batches measured so far.
         self.batches = 0
         #: The estimate (0 until a batch was measured).
         self.ns = 0.0
+        self._warmup: list[float] = []
 
     @property
     def trusted(self) -> bool:
@@ -45,11 +59,14 @@ class CostEstimate:
         return self.batches >= ESTIMATE_AFTER_BATCHES
 
     def observe(self, cost_ns: float) -> None:
-        if self.batches:
-            self.ns += (cost_ns - self.ns) * ESTIMATE_WEIGHT
-        else:
-            self.ns = float(cost_ns)
         self.batches += 1
+        if self.batches <= ESTIMATE_AFTER_BATCHES:
+            self._warmup.append(cost_ns)
+            self.ns = statistics.median(self._warmup)
+            if self.batches == ESTIMATE_AFTER_BATCHES:
+                self._warmup = []
+            return
+        self.ns += (min(cost_ns, self.ns * MAX_RISE) - self.ns) * ESTIMATE_WEIGHT
 
 
 def refuse(
@@ -112,24 +129,13 @@ class AdmissionPolicy:
         timeout_us = policy.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
-        # Deadline-aware admission: a request that cannot finish before its deadline, given the
-        # work queued ahead of it and the measured batch cost, is turned away now, not after it
-        # waited. The estimate is optimistic (a batch in flight counts as done), so only a
-        # request that is sure to miss is rejected; the queue timers still enforce the rest.
-        deadline = request.deadline
-        if timeout_us and policy.timeout_action is TimeoutAction.REJECT:
-            timeout_at = now / 1e9 + timeout_us / 1e6
-            if deadline is None or timeout_at < deadline:
-                deadline = timeout_at
-        # A request that would be dispatched at once (an instance idles, nothing is queued)
-        # is always admitted: the estimate then is one batch's measured cost, and a noisy
-        # one (a loaded host stretches it) refusing such requests would stop the measurements
-        # that could correct it: no goodput while capacity is free.
-        waits = not idle or queue.size > 0
-        if deadline is not None and waits and self.estimate.trusted:
-            self._meet_deadline(request, now, deadline, instances)
-        if self._planner is not None:
-            self._within_objective(request, now, idle, instances)
+        if not idle or queue.size:
+            # Dispatched at once otherwise: never refused on an estimate (see the module).
+            if self.estimate.trusted:
+                reject_after_us = timeout_us if policy.timeout_action is TimeoutAction.REJECT else 0
+                self._meet_deadline(request, now, reject_after_us, instances)
+            if self._planner is not None:
+                self._within_objective(request, now, idle, instances)
         return timeout_us
 
     def completion_estimate(self, request: Request, instances: int) -> tuple[float, int]:
@@ -148,19 +154,26 @@ class AdmissionPolicy:
         waves = -(-batches // max(instances, 1))
         return waves * self.estimate.ns / 1e9, batches
 
-    def _meet_deadline(self, request: Request, now: int, deadline: float, instances: int) -> None:
-        """Refuse a request whose batch cannot complete before `deadline` (monotonic s)."""
+    def _meet_deadline(self, request: Request, now: int, timeout_us: int, instances: int) -> None:
+        """Refuse a request sure to miss its client deadline (its batch cannot complete in
+        time) or its REJECT queue timeout (the waves of batches ahead of its own outlast it)."""
         expected, batches = self.completion_estimate(request, instances)
-        left = deadline - now / 1e9
-        if expected <= left:
+        batch_s = self.estimate.ns / 1e9
+        waited = expected - batch_s  # the waves before its own
+        now_s = now / 1e9
+        if request.deadline is not None and expected > request.deadline - now_s:
+            left = request.deadline - now_s
+            work = f"about {expected * 1000:.1f} ms of work until its batch completes"
+        elif timeout_us and waited > timeout_us / 1e6:
+            left = timeout_us / 1e6
+            work = f"about {waited * 1000:.1f} ms of queued work ahead of it (its queue timeout)"
+        else:
             return
         self._refuse(request, "deadline", now)
         raise Overloaded(
             f"model '{self.model}' cannot meet the request's deadline: "
-            f"{max(left, 0) * 1000:.1f} ms left, about {expected * 1000:.1f} ms of work "
-            f"until its batch completes ({batches} batches of ~"
-            f"{self.estimate.ns / 1e6:.1f} ms at priority {request.level + 1} and above); "
-            "retry later",
+            f"{max(left, 0) * 1000:.1f} ms left, {work} ({batches} batches of ~"
+            f"{batch_s * 1000:.1f} ms at priority {request.level + 1} and above); retry later",
             retry_after=expected,
         )
 
