@@ -196,8 +196,6 @@ class SequenceScheduler:
         self._dispatch_pending = False
         self._accepting = False
         self._closed = False
-        #: Output names of the implicit states (kept by the batcher, not sent to clients).
-        self._state_outputs = {state.output_name for state in self._policy.states}
         #: Iterative sequences: requests execute one by one and may come back (RESCHEDULED).
         self._iterative = self._policy.iterative
         if self._iterative and not (instances and instances[0].executes_requests):
