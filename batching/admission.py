@@ -24,6 +24,7 @@ from convoy.config import QueuePolicy, TimeoutAction
 from convoy.errors import Overloaded
 from convoy.types import Request
 
+from .instances import InstancePool
 from .queue import PriorityQueue
 from .slo import LatencyPlanner
 from .stats import ModelStats
@@ -92,6 +93,7 @@ class AdmissionPolicy:
         model: str,
         version: str,
         queue: PriorityQueue,
+        pool: InstancePool,
         policies: list[QueuePolicy],
         stats: ModelStats,
         usage: UsageMeter | None,
@@ -99,7 +101,8 @@ class AdmissionPolicy:
         dynamic: bool,
         planner: LatencyPlanner | None,
     ) -> None:
-        """`policies[i]`: the queue policy of priority level i + 1; `max_rows`: rows a batch
+        """`pool`: the instances the queue drains into (how many work, how many are free);
+        `policies[i]`: the queue policy of priority level i + 1; `max_rows`: rows a batch
         holds; `dynamic`: batches merge requests (else one request a batch); `planner`: the
         latency objective's, or None."""
         self.model = model
@@ -107,15 +110,16 @@ class AdmissionPolicy:
         self.policies = policies
         self.estimate = CostEstimate()
         self._queue = queue
+        self._pool = pool
         self._stats = stats
         self._usage = usage
         self._max_rows = max_rows
         self._dynamic = dynamic
         self._planner = planner
 
-    def admit(self, request: Request, now: int, idle: int, instances: int) -> int:
-        """Admit `request` (its `level` set) arriving at `now` (monotonic ns) with `idle` of
-        `instances` free, or raise Overloaded. Returns its queue timeout (µs, 0: none)."""
+    def admit(self, request: Request, now: int) -> int:
+        """Admit `request` (its `level` set) arriving at `now` (monotonic ns), or raise
+        Overloaded. Returns its queue timeout (µs, 0: none)."""
         queue = self._queue
         level = request.level
         if not queue.has_room(level):
@@ -123,22 +127,22 @@ class AdmissionPolicy:
             raise Overloaded(
                 f"model '{self.model}' queue is full ({queue.depth(level)} requests at "
                 f"priority {level + 1}); retry later",
-                retry_after=self.completion_estimate(request, instances)[0] or 1.0,
+                retry_after=self.completion_estimate(request)[0] or 1.0,
             )
         policy = self.policies[level]
         timeout_us = policy.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
-        if not idle or queue.size:
+        if queue.size or not self._pool.idle:
             # Dispatched at once otherwise: never refused on an estimate (see the module).
-            if self.estimate.trusted:
-                reject_after_us = timeout_us if policy.timeout_action is TimeoutAction.REJECT else 0
-                self._meet_deadline(request, now, reject_after_us, instances)
+            rejects_after_us = timeout_us if policy.timeout_action is TimeoutAction.REJECT else 0
+            if (rejects_after_us or request.deadline is not None) and self.estimate.trusted:
+                self._meet_deadline(request, now, rejects_after_us)
             if self._planner is not None:
-                self._within_objective(request, now, idle, instances)
+                self._within_objective(request, now)
         return timeout_us
 
-    def completion_estimate(self, request: Request, instances: int) -> tuple[float, int]:
+    def completion_estimate(self, request: Request) -> tuple[float, int]:
         """(seconds until a request arriving now would have its batch done, batches counted):
         the rows queued at its priority and above, packed into batches, run on the instances
         in parallel waves at the estimated batch cost; a batch in flight counts as done, so
@@ -151,13 +155,13 @@ class AdmissionPolicy:
             batches = -(-rows // self._max_rows)
         else:
             batches = 1 + sum(queue.depth(level) for level in range(request.level + 1))
-        waves = -(-batches // max(instances, 1))
+        waves = -(-batches // max(self._pool.count, 1))
         return waves * self.estimate.ns / 1e9, batches
 
-    def _meet_deadline(self, request: Request, now: int, timeout_us: int, instances: int) -> None:
+    def _meet_deadline(self, request: Request, now: int, timeout_us: int) -> None:
         """Refuse a request sure to miss its client deadline (its batch cannot complete in
         time) or its REJECT queue timeout (the waves of batches ahead of its own outlast it)."""
-        expected, batches = self.completion_estimate(request, instances)
+        expected, batches = self.completion_estimate(request)
         batch_s = self.estimate.ns / 1e9
         waited = expected - batch_s  # the waves before its own
         now_s = now / 1e9
@@ -177,13 +181,18 @@ class AdmissionPolicy:
             retry_after=expected,
         )
 
-    def _within_objective(self, request: Request, now: int, idle: int, instances: int) -> None:
+    def _within_objective(self, request: Request, now: int) -> None:
         """Refuse a request the latency objective predicts it would miss (see batching/slo.py)."""
         planner = self._planner
         assert planner is not None
         age = now - (request.received_ns or now)
         verdict = planner.admission(
-            self._queue.rows_through(request.level), request.rows, age, idle, instances, now
+            self._queue.rows_through(request.level),
+            request.rows,
+            age,
+            self._pool.idle,
+            self._pool.count,
+            now,
         )
         if verdict.admitted:
             return

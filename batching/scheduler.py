@@ -123,6 +123,7 @@ class Scheduler:
             config.name,
             version,
             self._queue,
+            self._pool,
             policies,
             stats,
             usage,
@@ -248,8 +249,7 @@ class Scheduler:
                 f"1..{self._queue.level_count}, got {request.priority}"
             )
         request.level = level - 1
-        pool = self._pool
-        timeout_us = self._admission.admit(request, now, pool.idle, pool.count)
+        timeout_us = self._admission.admit(request, now)
         request.state = RequestState.QUEUED
         request.queued_ns = now
         self._queue.push(request)
@@ -266,7 +266,7 @@ class Scheduler:
                 self._loop.call_at(
                     to_loop_time + request.deadline, self._expire, request, TimeoutAction.REJECT
                 )
-        if pool.idle:
+        if self._pool.idle:
             # On the next loop turn: requests arriving in the same turn share the batch.
             self._dispatch_soon()
         else:

@@ -24,8 +24,11 @@ class Recorder:
         self.changes = 0
         self.release = asyncio.Event()
         self.release.set()
+        #: Set once the pool asked for a fresh instance (the lost one is closed by then).
+        self.asked = asyncio.Event()
 
     async def make(self, lost: RuntimeInstance) -> RuntimeInstance:
+        self.asked.set()
         await self.release.wait()
         if self.fail:
             raise RuntimeError("no capacity for a fresh instance")
@@ -146,6 +149,7 @@ def test_close_cancels_a_replacement_under_way():
         recorder.release.clear()  # the factory never finishes on its own
         pool = recorder.pool([a])
         pool.retire(pool.acquire())
+        await asyncio.wait_for(recorder.asked.wait(), 5)
         await asyncio.wait_for(pool.close(), 5)
         assert not recorder.made and not recorder.replaced and not recorder.unreplaced
 
