@@ -133,11 +133,11 @@ class AdmissionPolicy:
         timeout_us = policy.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
-        if queue.size or not self._pool.idle:
+        if queue.size or not self._pool.free:
             # Dispatched at once otherwise: never refused on an estimate (see the module).
-            rejects_after_us = timeout_us if policy.timeout_action is TimeoutAction.REJECT else 0
-            if (rejects_after_us or request.deadline is not None) and self.estimate.trusted:
-                self._meet_deadline(request, now, rejects_after_us)
+            if (timeout_us or request.deadline is not None) and self.estimate.trusted:
+                rejecting = policy.timeout_action is TimeoutAction.REJECT
+                self._meet_deadline(request, now, timeout_us if rejecting else 0)
             if self._planner is not None:
                 self._within_objective(request, now)
         return timeout_us
@@ -190,7 +190,7 @@ class AdmissionPolicy:
             self._queue.rows_through(request.level),
             request.rows,
             age,
-            self._pool.idle,
+            len(self._pool.free),
             self._pool.count,
             now,
         )

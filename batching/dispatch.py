@@ -48,7 +48,7 @@ class DispatchRule:
         self._arrival_gap_ns = float(1 << 40)
 
     def arrived(self, now: int) -> None:
-        """A request was queued at `now` (the arrival-rate estimate)."""
+        """A request was queued at `now` (the arrival-rate estimate latency-first reads)."""
         if self._last_arrival_ns:
             gap = now - self._last_arrival_ns
             self._arrival_gap_ns += (gap - self._arrival_gap_ns) * ARRIVAL_WEIGHT

@@ -43,7 +43,9 @@ class InstancePool:
         #: Why the model is unready while it has no working instance.
         self.restart_reason = ""
         self._working = list(instances)
-        self._idle = list(instances)
+        #: The working instances with nothing to run, taken by `acquire` (a plain list: the
+        #: dynamic batcher checks it on every request). Read it, never change it.
+        self.free = list(instances)
         #: Busy instances to retire when their batch returns.
         self._retiring: set[RuntimeInstance] = set()
         self._replace_instance = replace_instance
@@ -68,15 +70,10 @@ class InstancePool:
     def count(self) -> int:
         return len(self._working)
 
-    @property
-    def idle(self) -> int:
-        """Working instances with nothing to run (the dynamic batcher's)."""
-        return len(self._idle)
-
     # --- the dynamic batcher takes and returns instances ---------------------------------------
     def acquire(self) -> RuntimeInstance:
-        """A free instance, now busy (there must be one: see `idle`)."""
-        return self._idle.pop()
+        """A free instance, now busy (there must be one: see `free`)."""
+        return self.free.pop()
 
     def release(self, instance: RuntimeInstance) -> None:
         """`instance`'s batch returned: it is free again, or retired if it was marked."""
@@ -84,13 +81,13 @@ class InstancePool:
             self._retiring.discard(instance)
             self.retire(instance)
         else:
-            self._idle.append(instance)
+            self.free.append(instance)
 
     # --- losing instances -------------------------------------------------------------------------
     def retire(self, instance: RuntimeInstance) -> None:
         """Take a non-busy `instance` out of service, close it and start a fresh one."""
-        if instance in self._idle:
-            self._idle.remove(instance)
+        if instance in self.free:
+            self.free.remove(instance)
         if instance in self._working:
             self._working.remove(instance)
         self._start_replacement(instance, close_lost=True)
@@ -113,7 +110,7 @@ class InstancePool:
         sharing its process and device contexts too, the busy ones when their batch returns."""
         lost = [instance] if alone else list(self._working)
         for each in lost:
-            if each is instance or each in self._idle:
+            if each is instance or each in self.free:
                 self.retire(each)
             else:
                 self.retire_when_free(each)
@@ -149,7 +146,7 @@ class InstancePool:
             await fresh.close()
             return
         self._working.append(fresh)
-        self._idle.append(fresh)
+        self.free.append(fresh)
         log.info("model '%s': instance %s replaced", self.model, lost.name)
         if self._replaced is not None:
             self._replaced(lost, fresh)

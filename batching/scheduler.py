@@ -119,6 +119,8 @@ class Scheduler:
                 config.latency_slo_ms, self._max_rows, batching.preferred_batch_sizes
             )
         self._rule = DispatchRule(config, self._collation, self._slo)
+        #: Only latency-first dispatch reads the arrival rate (so only it is told of arrivals).
+        self._tracks_arrivals = self._rule.latency_first
         self._admission = AdmissionPolicy(
             config.name,
             version,
@@ -253,7 +255,8 @@ class Scheduler:
         request.state = RequestState.QUEUED
         request.queued_ns = now
         self._queue.push(request)
-        self._rule.arrived(now)
+        if self._tracks_arrivals:
+            self._rule.arrived(now)
         # The queue policy's timeout acts as the policy says (REJECT or DELAY); the client's own
         # deadline always rejects.
         if timeout_us or request.deadline is not None:
@@ -266,7 +269,7 @@ class Scheduler:
                 self._loop.call_at(
                     to_loop_time + request.deadline, self._expire, request, TimeoutAction.REJECT
                 )
-        if self._pool.idle:
+        if self._pool.free:
             # On the next loop turn: requests arriving in the same turn share the batch.
             self._dispatch_soon()
         else:
@@ -280,7 +283,7 @@ class Scheduler:
         request.state = RequestState.QUEUED
         request.queued_ns = now
         self._queue.push(request)
-        if self._pool.idle:
+        if self._pool.free:
             self._dispatch_soon()
         else:
             self._waited_for_instance = True
@@ -321,7 +324,7 @@ class Scheduler:
         queue = self._queue
         pool = self._pool
         rule = self._rule
-        while queue.size and pool.idle:
+        while queue.size and pool.free:
             oldest = queue.oldest()
             if oldest is None:
                 break
@@ -347,7 +350,7 @@ class Scheduler:
                 break  # nothing live fits (cannot happen while `oldest` fits): never spin
             self._waited_for_instance = False
             self._start(batch, reason, now)
-        if queue.size and not pool.idle:
+        if queue.size and not pool.free:
             self._waited_for_instance = True
 
     def _dispatch_soon(self) -> None:

@@ -102,16 +102,17 @@ def test_slow_first_batches_do_not_refuse_requests_with_ample_deadlines():
     async def scenario():
         gate = Gate(0)
         # The first batch is slow (warming up, a loaded host), the rest cost next to nothing.
-        runtime = ScriptedRuntime("i0", [0.4], gate)
-        async with serve(rejecting_config(), [runtime], gates=[gate]) as scheduler:
+        runtime = ScriptedRuntime("i0", [0.6], gate)
+        async with serve(rejecting_config(1), [runtime], gates=[gate]) as scheduler:
             await warm_up(scheduler, ESTIMATE_AFTER_BATCHES)
             scheduler.submit(make_request(0))
             await gate.wait_entered()
             ahead = [make_request(tag, timeout_us=30_000_000) for tag in (1, 2)]
             for request in ahead:
                 scheduler.submit(request)
-            # Two batches of ~0 ms ahead of and including its own: 150 ms is ample.
-            hurried = make_request(7, deadline=time.monotonic() + 0.15)
+            # Three one-row batches of ~0 ms until its own completes: 800 ms is ample (an
+            # estimate the slow batch had set would count over 1.3 s).
+            hurried = make_request(7, deadline=time.monotonic() + 0.8)
             scheduler.submit(hurried)
             gate.open()
             for request in [*ahead, hurried]:
@@ -123,15 +124,15 @@ def test_slow_first_batches_do_not_refuse_requests_with_ample_deadlines():
 def test_queue_timeout_counts_the_work_queued_ahead_not_the_batch_in_flight():
     async def scenario():
         gate = Gate(0)
-        # Measured batches of 100 ms; the one held at the gate then returns at once.
-        runtime = ScriptedRuntime("i0", [0.1] * ESTIMATE_AFTER_BATCHES, gate)
+        # Measured batches of 250 ms; the one held at the gate then returns at once.
+        runtime = ScriptedRuntime("i0", [0.25] * ESTIMATE_AFTER_BATCHES, gate)
         async with serve(rejecting_config(), [runtime], gates=[gate]) as scheduler:
             await warm_up(scheduler, ESTIMATE_AFTER_BATCHES)
             scheduler.submit(make_request(0))
             await gate.wait_entered()
-            # Nothing is queued ahead of it: its 60 ms queue timeout (shorter than one measured
+            # Nothing is queued ahead of it: its 150 ms queue timeout (shorter than one measured
             # batch) is for its actual wait to judge, which ends when the instance frees.
-            waiting = make_request(1, timeout_us=60_000)
+            waiting = make_request(1, timeout_us=150_000)
             scheduler.submit(waiting)
             gate.open()
             assert_served_correctly(waiting, await outcome(waiting))

@@ -63,12 +63,12 @@ def test_acquired_instances_are_busy_until_released():
     async def scenario():
         a, b = instance("a"), instance("b")
         pool = Recorder().pool([a, b])
-        assert (pool.idle, pool.count, pool.available) == (2, 2, True)
+        assert (len(pool.free), pool.count, pool.available) == (2, 2, True)
         first = pool.acquire()
         second = pool.acquire()
-        assert {first, second} == {a, b} and pool.idle == 0
+        assert {first, second} == {a, b} and len(pool.free) == 0
         pool.release(first)
-        assert pool.idle == 1 and pool.acquire() is first
+        assert len(pool.free) == 1 and pool.acquire() is first
         await pool.close()
         await close_all(a, b)
 
@@ -87,7 +87,7 @@ def test_a_retired_instance_is_closed_and_replaced_by_a_free_fresh_one():
         recorder.release.set()
         await wait_until(lambda: pool.available)
         (fresh,) = recorder.made
-        assert pool.instances == [fresh] and pool.idle == 1 and pool.replacing == 0
+        assert pool.instances == [fresh] and len(pool.free) == 1 and pool.replacing == 0
         assert recorder.replaced == [("a", "a-fresh")] and recorder.changes == 2
         await pool.close()
         await close_all(fresh)
