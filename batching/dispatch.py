@@ -41,7 +41,10 @@ class DispatchRule:
         self.max_rows = config.max_batch_size if config.max_batch_size > 0 else 1
         self.max_delay_ns = batching.max_queue_delay_us * 1000 if batching else 0
         self.preferred = batching.preferred_batch_sizes if batching else ()
-        self._collation = collation
+        self._key = collation.key
+        #: Padded batching's token ceiling, or None (no ceiling: the batch is full by rows only).
+        budget = collation.budget
+        self._budget = budget if budget is not None and budget.max_cost else None
         self._planner = planner
         self._last_arrival_ns = 0
         #: Inter-arrival gap (EWMA, ns); "never" until two requests arrived.
@@ -59,7 +62,6 @@ class DispatchRule:
         queue: PriorityQueue,
         oldest: Request,
         now: int,
-        *,
         executing_rows: int,
         waited_for_instance: bool,
         instances: int,
@@ -84,8 +86,8 @@ class DispatchRule:
             return "instance_freed", limit
         if executing_rows == 0:
             return "queue_drained", limit
-        if self._fills_budget(queue, oldest):
-            return "full", limit
+        if self._budget is not None and queue.fills_budget(oldest, self._key, self._budget):
+            return "full", limit  # padded: full by tokens (rows x padded length) before by rows
         remaining = self.dispatch_by_ns(oldest, instances) - now
         if remaining <= 0:
             return "delay_expired", limit
@@ -106,21 +108,11 @@ class DispatchRule:
             reachable = [size for size in preferred if size <= rows]
             if reachable:
                 return "preferred_size", reachable[-1]
-        if self._fills_budget(queue, oldest):
-            return "full", limit
+        if self._budget is not None and queue.fills_budget(oldest, self._key, self._budget):
+            return "full", limit  # padded: full by tokens (rows x padded length) before by rows
         if self.dispatch_by_ns(oldest, instances) <= now:
             return "delay_expired", limit
         return None, limit
-
-    def _fills_budget(self, queue: PriorityQueue, oldest: Request) -> bool:
-        """Padded batching: the batch may be full by tokens (rows x padded length) before it is
-        by rows; waiting longer would not let it grow."""
-        budget = self._collation.budget
-        return bool(
-            budget is not None
-            and budget.max_cost
-            and queue.fills_budget(oldest, self._collation.key, budget)
-        )
 
     def dispatch_by_ns(self, oldest: Request, instances: int) -> int:
         """When the batch `oldest` heads must go at the latest: max_queue_delay after it was

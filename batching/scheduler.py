@@ -133,6 +133,8 @@ class Scheduler:
             self._rule.dynamic,
             self._slo,
         )
+        #: The batch-cost estimate admission judges deadlines by (fed by every batch measured).
+        self._estimate = self._admission.estimate
         self._delivery = Delivery(stats, bool(batching and batching.preserve_ordering))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -330,12 +332,7 @@ class Scheduler:
                 break
             now = time.monotonic_ns()
             reason, limit = rule.decide(
-                queue,
-                oldest,
-                now,
-                executing_rows=self._executing_rows,
-                waited_for_instance=self._waited_for_instance,
-                instances=pool.count,
+                queue, oldest, now, self._executing_rows, self._waited_for_instance, pool.count
             )
             if reason is None:
                 self._arm_timer(rule.dispatch_by_ns(oldest, pool.count))
@@ -465,7 +462,7 @@ class Scheduler:
         tokens = self._collation.batch_tokens(requests)
         if tokens is not None:
             self.stats.record_tokens(*tokens)
-        self._admission.estimate.observe(done - start)
+        self._estimate.observe(done - start)
         if self._slo is not None:
             arrived = min(request.received_ns or request.queued_ns for request in requests)
             self._slo.observe(batch.sequence, batch.rows, done - start, done, done - arrived)
