@@ -30,7 +30,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,8 +50,10 @@ from convoy.outputs import select_outputs
 from convoy.runtimes.base import RuntimeInstance
 from convoy.types import RESCHEDULED, Request, RequestState, Response, StageTimes
 
+from .admission import refuse
 from .assemble import batch_key
-from .scheduler import _execute_requests, _resolve
+from .completion import Outcome, RequestsJob, deliver, execute_requests, resolve
+from .instances import InstancePool, ReplaceInstance
 from .sequence_assemble import Member, assemble, split_outputs
 from .stats import ModelStats
 from .usage import UsageMeter
@@ -132,12 +134,13 @@ class _Lane:
     instance: RuntimeInstance
     slots: list[Sequence | None]
     busy: bool = False
-    #: Its instance failed fatally and a fresh one is being made (busy meanwhile).
+    #: Its instance failed fatally and a fresh one is being made (busy meanwhile); stays set
+    #: when none could be made.
     replacing: bool = False
 
 
 class SequenceScheduler:
-    """Scheduler for a model with `sequence_batching` (same surface as batching.Scheduler)."""
+    """Scheduler for a model with `sequence_batching` (a batching.protocol.ModelScheduler)."""
 
     def __init__(
         self,
@@ -147,7 +150,7 @@ class SequenceScheduler:
         stats: ModelStats,
         max_queue_size: int,
         usage: UsageMeter | None = None,
-        replace_instance: Callable[[RuntimeInstance], Awaitable[RuntimeInstance]] | None = None,
+        replace_instance: ReplaceInstance | None = None,
         on_available_change: Callable[[], None] | None = None,
         **_not_supported,
     ) -> None:
@@ -160,13 +163,15 @@ class SequenceScheduler:
         self.config = config
         self.version = version
         self.stats = stats
-        self.restart_reason = ""
-        self.replacing = 0
         self._usage = usage
-        self._replace_instance = replace_instance
-        #: Told when `available` may have changed (an instance lost or replaced).
-        self._on_available_change = on_available_change or (lambda: None)
-        self._replacements: set[asyncio.Task] = set()
+        self._pool = InstancePool(
+            config.name,
+            instances,
+            replace_instance,
+            on_available_change,
+            replaced=self._instance_replaced,
+            unreplaced=self._instance_unreplaced,
+        )
         self._policy: SequenceBatching = config.sequence_batching
         self._batched = config.max_batch_size > 0
         self._max_rows = config.max_batch_size if self._batched else 1
@@ -175,7 +180,6 @@ class SequenceScheduler:
             slots = self._max_rows
         else:
             slots = self._policy.max_candidate_sequences or self._max_rows
-        self._instances = list(instances)
         self._lanes = [_Lane(instance, [None] * slots) for instance in instances]
         self._max_queue_size = max_queue_size
         self._sequences: dict[tuple, Sequence] = {}
@@ -192,8 +196,6 @@ class SequenceScheduler:
         self._dispatch_pending = False
         self._accepting = False
         self._closed = False
-        #: Output names of the implicit states (kept by the batcher, not sent to clients).
-        self._state_outputs = {state.output_name for state in self._policy.states}
         #: Iterative sequences: requests execute one by one and may come back (RESCHEDULED).
         self._iterative = self._policy.iterative
         if self._iterative and not (instances and instances[0].executes_requests):
@@ -229,25 +231,28 @@ class SequenceScheduler:
             while sequence.pending:
                 queued = sequence.pending.popleft()
                 queued.request.state = RequestState.FINISHED
-                _resolve(queued.request, error=shutting_down)
+                resolve(queued.request, error=shutting_down)
         self._queued = 0
         self._where.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for timer in self._timers.values():
             timer.cancel()
-        for task in list(self._replacements):
-            task.cancel()
-        await asyncio.gather(*self._replacements, return_exceptions=True)
+        await self._pool.close()
 
     @property
     def available(self) -> bool:
         """At least one lane has a working instance."""
-        return any(not lane.replacing for lane in self._lanes)
+        return self._pool.available
+
+    @property
+    def restart_reason(self) -> str:
+        """Why the model is unready while it has no working instance."""
+        return self._pool.restart_reason
 
     @property
     def instances(self) -> list[RuntimeInstance]:
-        return list(self._instances)
+        return self._pool.instances
 
     @property
     def queued(self) -> int:
@@ -293,10 +298,9 @@ class SequenceScheduler:
                     f"got {flags.correlation_id!r}"
                 )
         if self._queued >= self._max_queue_size:
-            now = time.monotonic_ns()
-            self.stats.record_rejection("queue_full", now - (request.received_ns or now))
-            if self._usage is not None:
-                self._usage.record_rejection(name, self.version, request)
+            refuse(
+                self.stats, self._usage, name, self.version, request, "queue_full", time.monotonic_ns()
+            )
             raise Overloaded(
                 f"model '{name}' queue is full ({self._queued} sequence requests); retry later"
             )
@@ -373,7 +377,7 @@ class SequenceScheduler:
             sequence.pending = deque(items)
             self._queued -= 1
         self.stats.record_failure(reason, time.monotonic_ns() - request.received_ns)
-        _resolve(request, error=error)
+        resolve(request, error=error)
 
     # --- slots --------------------------------------------------------------------------------
     def _bind(self, sequence: Sequence) -> None:
@@ -601,23 +605,18 @@ class SequenceScheduler:
                 dispatched_ns,
                 failure is not None,
             )
-        now = time.monotonic_ns()
+        if failure is None:
+            outcomes: list[Outcome] = [
+                (queued.request, Response(answer, name, self.version, timings), None)
+                for (_, queued), answer in zip(items, answers, strict=True)
+            ]
+        else:
+            outcomes = [(queued.request, None, failure) for _, queued in items]
+        deliver(self.stats, outcomes, dispatched_ns)
         loop_now = self._loop.time()
-        for index, (sequence, queued) in enumerate(items):
-            request = queued.request
-            request.state = RequestState.FINISHED
+        for sequence, queued in items:
             sequence.running = False
             sequence.last_active = loop_now
-            self.stats.queue.add(dispatched_ns - request.queued_ns)
-            if failure is None:
-                response = Response(answers[index], name, self.version, timings)
-                if _resolve(request, response):
-                    self.stats.success.add(now - request.received_ns)
-                else:
-                    self.stats.record_failure("CANCELED", now - request.received_ns)
-            else:
-                _resolve(request, error=failure)
-                self.stats.record_failure("BACKEND", now - request.received_ns)
             if queued.end and not sequence.pending:
                 self._release(sequence, remember="")
         if self._closed:
@@ -639,8 +638,8 @@ class SequenceScheduler:
                 request.inputs = assemble(self._policy, self._batched, 1, [member])
             batch.append(request)
         context = (lane, items, reason, dispatched_ns, start)
-        job = (lane.instance, batch, self._loop)
-        lane.instance.run(self._finished_requests, context, _execute_requests, job)
+        job = RequestsJob(lane.instance, batch, self._loop)
+        lane.instance.run(self._finished_requests, context, execute_requests, job)
 
     def _finished_requests(self, lane, items, reason, dispatched_ns, start, result, error) -> None:
         """An iterative batch came back: rescheduled requests queue again at the head of their
@@ -671,6 +670,8 @@ class SequenceScheduler:
             timings = None
         now = time.monotonic_ns()
         loop_now = self._loop.time()
+        answered: list[Outcome] = []
+        ended: list[Sequence] = []
         for (sequence, queued), outcome in zip(items, outcomes, strict=True):
             request = queued.request
             sequence.running = False
@@ -682,35 +683,33 @@ class SequenceScheduler:
                 self._where[request] = sequence
                 self._queued += 1
                 continue
-            request.state = RequestState.FINISHED
             self._client_inputs.pop(request, None)
-            self.stats.queue.add(dispatched_ns - request.queued_ns)
-            if outcome is None or outcome is RESCHEDULED:
-                # Answered through its stream (decoupled), or its client left meanwhile.
-                self.stats.success.add(now - request.received_ns)
-            elif isinstance(outcome, BaseException):
-                if not isinstance(outcome, ConvoyError):
-                    outcome = InferenceFailed(f"model '{name}': {type(outcome).__name__}: {outcome}")
-                _resolve(request, error=outcome)
-                self.stats.record_failure("BACKEND", now - request.received_ns)
-            else:
-                selected = select_outputs(outcome, request.requested_outputs, self.config)
-                if isinstance(selected, ConvoyError):
-                    _resolve(request, error=selected)
-                    self.stats.record_failure("BACKEND", now - request.received_ns)
-                else:
-                    parameters = getattr(outcome, "parameters", None)
-                    response = Response(selected, name, self.version, timings, parameters)
-                    if _resolve(request, response):
-                        self.stats.success.add(now - request.received_ns)
-                    else:
-                        self.stats.record_failure("CANCELED", now - request.received_ns)
+            answered.append(self._request_outcome(request, outcome, timings))
             # Released without RESCHEDULE: the sequence is over (Triton sends it END).
             if not sequence.pending:
-                self._release(sequence, remember="")
+                ended.append(sequence)
+        deliver(self.stats, answered, dispatched_ns)
+        for sequence in ended:
+            self._release(sequence, remember="")
         if self._closed:
             return
         self._dispatch_all()
+
+    def _request_outcome(self, request: Request, result, timings: StageTimes | None) -> Outcome:
+        """What an iterative request gets from its result: its outputs, its error, or neither
+        (answered through its stream, or its client left before it was rescheduled)."""
+        if result is None or result is RESCHEDULED:
+            return (request, None, None)
+        name = self.config.name
+        if isinstance(result, BaseException):
+            if not isinstance(result, ConvoyError):
+                result = InferenceFailed(f"model '{name}': {type(result).__name__}: {result}")
+            return (request, None, result)
+        selected = select_outputs(result, request.requested_outputs, self.config)
+        if isinstance(selected, ConvoyError):
+            return (request, None, selected)
+        parameters = getattr(result, "parameters", None)
+        return (request, Response(selected, name, self.version, timings, parameters), None)
 
     def _replace(self, lane: _Lane, error: BaseException) -> None:
         name = self.config.name
@@ -723,46 +722,28 @@ class SequenceScheduler:
             error,
         )
         lane.replacing = True
-        self._on_available_change()
-        self.restart_reason = f"restarting an instance after a fatal error: {error}"
-        self.replacing += 1
-        task = self._loop.create_task(self._swap(lane))
-        self._replacements.add(task)
-        task.add_done_callback(self._replacements.discard)
+        self._pool.restart_reason = f"restarting an instance after a fatal error: {error}"
+        self._pool.retire(lane.instance)
 
-    async def _swap(self, lane: _Lane) -> None:
-        lost = lane.instance
-        try:
-            await lost.close()
-        except Exception:
-            log.warning("model '%s': closing instance %s failed", self.config.name, lost.name)
-        fresh = None
-        try:
-            if self._replace_instance is not None:
-                fresh = await self._replace_instance(lost)
-        except Exception:
-            log.exception("model '%s': replacing instance %s failed", self.config.name, lost.name)
-        finally:
-            self.replacing -= 1
-        if fresh is None or self._closed:
-            if fresh is not None:
-                await fresh.close()
-            self._instances.remove(lost)
-            # Nothing will serve this lane: answer what waits on it now.
-            gone = Unavailable(f"model '{self.config.name}' could not restart an instance")
-            for sequence in lane.slots:
-                while sequence is not None and sequence.pending:
-                    queued = sequence.pending.popleft()
-                    self._where.pop(queued.request, None)
-                    self._queued -= 1
-                    queued.request.state = RequestState.FINISHED
-                    _resolve(queued.request, error=gone)
-            return
-        self._instances[self._instances.index(lost)] = fresh
+    def _lane_of(self, instance: RuntimeInstance) -> _Lane:
+        return next(lane for lane in self._lanes if lane.instance is instance)
+
+    def _instance_replaced(self, lost: RuntimeInstance, fresh: RuntimeInstance) -> None:
+        lane = self._lane_of(lost)
         lane.instance = fresh
         lane.replacing = lane.busy = False
         if not any(other.replacing for other in self._lanes):
-            self.restart_reason = ""
-        self._on_available_change()
-        log.info("model '%s': instance %s replaced", self.config.name, lost.name)
+            self._pool.restart_reason = ""
         self._dispatch_all()
+
+    def _instance_unreplaced(self, lost: RuntimeInstance) -> None:
+        """Nothing will serve the lane: answer what waits on it now."""
+        lane = self._lane_of(lost)
+        gone = Unavailable(f"model '{self.config.name}' could not restart an instance")
+        for sequence in lane.slots:
+            while sequence is not None and sequence.pending:
+                queued = sequence.pending.popleft()
+                self._where.pop(queued.request, None)
+                self._queued -= 1
+                queued.request.state = RequestState.FINISHED
+                resolve(queued.request, error=gone)

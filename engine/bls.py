@@ -140,7 +140,7 @@ class LocalModelCaller:
             return 0  # unloaded meanwhile: nothing will run the call
         scheduler = entry.scheduler
         if scheduler is not None:
-            return len(getattr(scheduler, "instances", ()))
+            return len(scheduler.instances)
         return entry.config.instance_count
 
     def _request(self, call: ModelCall, future, stream) -> tuple:

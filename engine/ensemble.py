@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convoy.batching.scheduler import _resolve
+from convoy.batching import completion
 from convoy.batching.stats import ModelStats
 from convoy.config import EnsembleStep, ModelConfig
 from convoy.datatypes import NUMPY_DTYPE
@@ -52,7 +52,7 @@ class _Run:
 
 
 class EnsembleScheduler:
-    """The scheduler of an ensemble version (same surface as batching.Scheduler)."""
+    """The scheduler of an ensemble version (a batching.protocol.ModelScheduler)."""
 
     def __init__(
         self,
@@ -74,7 +74,6 @@ class EnsembleScheduler:
         self.version = version
         self.stats = stats
         self.plan = plan
-        self.replacing = 0
         self._resolve = resolve
         self._submit = submit
         self._max_runs = max_runs
@@ -295,7 +294,7 @@ class EnsembleScheduler:
         now = time.monotonic_ns()
         stats = self.stats
         rows = request.rows
-        if _resolve(request, response):
+        if completion.resolve(request, response):
             stats.success.add(now - request.received_ns)
             # Queue time of an ensemble request: its steps' waits (as Triton counts it; and
             # perf_analyzer finds a model's served version by its queue count growing).
@@ -330,7 +329,7 @@ class EnsembleScheduler:
                 step_request.future.cancel()
         run.running.clear()
         self.stats.record_failure(reason, time.monotonic_ns() - request.received_ns)
-        _resolve(request, None, error)
+        completion.resolve(request, None, error)
 
 
 def _version(step: EnsembleStep) -> str:

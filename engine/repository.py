@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from convoy.batching.protocol import ModelScheduler
 from convoy.batching.ragged import ragged_warmup
 from convoy.batching.scheduler import Scheduler
 from convoy.batching.sequence import SequenceScheduler
@@ -97,7 +98,7 @@ class ModelVersion:
     #: Why it failed to load or went away (`reason` adds why a READY version is unavailable).
     failure: str = ""
     stats: ModelStats = field(default_factory=ModelStats)
-    scheduler: Scheduler | None = None
+    scheduler: ModelScheduler | None = None
     instances: list[RuntimeInstance] = field(default_factory=list)
     #: The version folder's files as loaded (see engine/poller.py: fingerprint).
     fingerprint: str = ""

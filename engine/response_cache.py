@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from convoy.batching.completion import resolve
 from convoy.batching.usage import UsageMeter
 from convoy.config import CacheSettings
 from convoy.errors import Cancelled, DeadlineExceeded, InferenceFailed
@@ -44,20 +45,6 @@ CACHE_PARAMETER = "convoy-cache"
 #: The parameters of an answer the model set none for, one shared dict per outcome (front ends
 #: only read a response's parameters).
 _MARKERS = {result: {CACHE_PARAMETER: result} for result in ("hit", "miss", "partial")}
-
-
-def _resolve(request: Request, result=None, error: BaseException | None = None) -> bool:
-    future = request.future
-    if future.done():
-        return False
-    try:
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
-    except Exception:  # cancelled from another thread between the check and the set
-        return False
-    return True
 
 
 def owner_of(entry: ModelVersion) -> str:
@@ -390,7 +377,7 @@ class ResponseCache:
             assembly.deadline_timer.cancel()
         for sub in list(assembly.subs):
             self._cancel(assembly.entry, sub)
-        _resolve(assembly.request, error=error)
+        resolve(assembly.request, error=error)
 
     def _complete(self, assembly: _Assembly) -> None:
         if assembly.finished:
@@ -425,11 +412,11 @@ class ResponseCache:
                     f"model '{entry.config.name}': cached rows do not stitch into one response "
                     f"({type(exc).__name__}: {exc})"
                 )
-                _resolve(request, error=error)
+                resolve(request, error=error)
                 return
         answer = {**parameters, CACHE_PARAMETER: result} if parameters else _MARKERS[result]
         response = Response(outputs, entry.config.name, str(entry.version), assembly.timings, answer)
-        delivered = _resolve(request, response)
+        delivered = resolve(request, response)
         # Statistics (loop thread, as the scheduler's).
         stats = entry.stats
         cache = stats.cache
