@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from conftest import write_capacity_model
+from capacity_models import write_capacity_model
 from helpers import ConvoyProcess, metric_value, poll, serve_until_stopped
 
 from convoy.protos import grpc_service_pb2 as pb

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import write_capacity_model
+from capacity_models import write_capacity_model
 from helpers import ConvoyProcess, metric_value, poll
 from tritonclient.utils import InferenceServerException
 
