@@ -5,6 +5,10 @@ a model that fails to import and one with an invalid config.pbtxt. Both run Trit
 model control with every model loaded at start (the repository tests load and unload), and
 `server` lets clients register shared memory (--allow-client-shm). Both bind port 0, are waited
 for by polling their health endpoint with a deadline, and must exit 0 on SIGTERM.
+
+Each starts once per `frontend` its tests run with: the native and the Python front end, and for
+suites marked `frontends(*WITH_WORKERS)` also `--workers 2` (an engine behind two front-end
+processes), so one suite checks that every answer is the same whichever process split serves it.
 """
 
 from __future__ import annotations
@@ -23,11 +27,35 @@ from helpers import (
 )
 
 
-@pytest.fixture(scope="session", params=FRONTENDS)
-def frontend(request) -> str:
-    """The front end a protocol suite's server runs: each test taking it runs once per front
-    end (ids: [native], [python])."""
-    return request.param
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "frontends(*names): the `frontend` values a test runs with (default: FRONTENDS); "
+        "WITH_WORKERS adds a --workers 2 server",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    """`frontend`, the front end a protocol suite's server runs: each test that reaches it
+    (through its server fixture) runs once per name its closest `frontends` marker gives, else
+    once per FRONTENDS entry (ids: [native], [python], [workers]). Session-scoped, so each
+    server fixture starts once per front end."""
+    if "frontend" not in metafunc.fixturenames or _parametrizes_frontend_itself(metafunc):
+        return
+    marker = metafunc.definition.get_closest_marker("frontends")
+    names = marker.args if marker is not None else FRONTENDS
+    metafunc.parametrize("frontend", names, scope="session")
+
+
+def _parametrizes_frontend_itself(metafunc) -> bool:
+    """A test with its own @pytest.mark.parametrize("frontend", ...) picks its front ends."""
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [name.strip() for name in names.split(",")]
+        if "frontend" in names:
+            return True
+    return False
 
 
 @pytest.fixture(scope="session")

@@ -52,10 +52,17 @@ EXPLICIT = ("--model-control-mode", "explicit", "--load-model", "*")
 STARTUP_DEADLINE_S = 60.0
 
 #: The front ends the protocol suites (e2e, security, python_backend, reliability) run against,
-#: each test once per front end (the `frontend` fixture); CONVOY_TEST_FRONTENDS narrows it.
+#: each test once per front end (the `frontend` parameter, see conftest.py's
+#: pytest_generate_tests); CONVOY_TEST_FRONTENDS narrows it.
 FRONTENDS = tuple(
     name for name in os.environ.get("CONVOY_TEST_FRONTENDS", "native,python").split(",") if name
 )
+#: A `frontend` value that is not a front end but a server shape: `convoy serve --workers 2`, an
+#: engine behind two (Python) front-end processes. Suites whose answers must not depend on the
+#: process split take it with `@pytest.mark.frontends(*WITH_WORKERS)`.
+WORKERS_FRONTEND = "workers"
+WORKER_FLAGS = ("--workers", "2")
+WITH_WORKERS = (*FRONTENDS, WORKERS_FRONTEND)
 SHUTDOWN_DEADLINE_S = 30.0
 
 _SERVING = re.compile(r"^convoy: serving .* http=(\d+) grpc=(\d+) metrics=(-?\d+)$")
@@ -121,8 +128,9 @@ class ConvoyProcess:
     grpc_port: int = 0
     metrics_port: int = 0
     stdout_lines: list[str] = field(default_factory=list)
-    #: "native" or "python": --frontend for this server ("": the default, native when built).
-    #: A server with --workers N runs Python front ends whatever this says.
+    #: "native" or "python": --frontend for this server ("": the default, native when built);
+    #: "workers" (WORKERS_FRONTEND): --workers 2 instead. A server with --workers N runs Python
+    #: front ends whatever this says.
     frontend: str = ""
     _process: subprocess.Popen | None = None
     _log: IO[str] | None = None
@@ -191,6 +199,8 @@ class ConvoyProcess:
         self._wait_for_health(wait_until, deadline)
 
     def _frontend_args(self) -> tuple[str, ...]:
+        if self.frontend == WORKERS_FRONTEND:
+            return WORKER_FLAGS
         if not self.frontend or "--workers" in self.extra_args:
             return ()
         return ("--frontend", self.frontend)

@@ -15,9 +15,19 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import requests
-from helpers import REPO_ROOT, ConvoyProcess, copy_model, poll, serve_until_stopped
+from helpers import (
+    FRONTENDS,
+    REPO_ROOT,
+    WORKERS_FRONTEND,
+    ConvoyProcess,
+    copy_model,
+    poll,
+    serve_until_stopped,
+)
 
 from convoy.cli import demo_repository
+
+pytestmark = pytest.mark.frontends(FRONTENDS[0])
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = (
@@ -106,10 +116,13 @@ def capacity_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory, capacity_dir):
+def demo_server(tmp_path_factory, capacity_dir, frontend):
     root = tmp_path_factory.mktemp("catalog")
     process = ConvoyProcess(
-        demo_repository(), root / "server.log", ("--capacity-report", str(capacity_dir))
+        demo_repository(),
+        root / "server.log",
+        ("--capacity-report", str(capacity_dir)),
+        frontend=frontend,
     )
     yield from serve_until_stopped(process)
 
@@ -184,6 +197,7 @@ def test_text_embedding_snippet_prints_a_unit_length_embedding(demo_server, demo
     assert abs(float(np.linalg.norm(embedding)) - 1.0) < 1e-3
 
 
+@pytest.mark.frontends(FRONTENDS[0], WORKERS_FRONTEND)
 def test_live_figures_follow_traffic_and_agree_with_the_statistics_api(demo_server):
     url = f"{demo_server.base_url}/catalog.json"
 
@@ -216,6 +230,7 @@ def test_live_figures_follow_traffic_and_agree_with_the_statistics_api(demo_serv
     assert after["p50_ms"] <= after["p99_ms"]
 
 
+@pytest.mark.frontends(FRONTENDS[0], WORKERS_FRONTEND)
 def test_capacity_figures_of_a_capacity_run_appear_on_the_page(demo_server, capacity_dir, tmp_path):
     document = requests.get(f"{demo_server.base_url}/catalog.json", timeout=5).json()
     assert all(m["capacity"] is None for m in document["models"])  # no report yet
@@ -266,6 +281,7 @@ def test_capacity_figures_of_a_capacity_run_appear_on_the_page(demo_server, capa
     assert f"{recommendation['per_replica_rps']:,.0f}" in page.sections["add_sub"]
 
 
+@pytest.mark.frontends(FRONTENDS[0], WORKERS_FRONTEND)
 def test_host_header_sets_the_snippet_addresses_and_a_hostile_one_is_ignored(demo_server):
     url = f"{demo_server.base_url}/catalog.json"
     named = requests.get(url, headers={"Host": "inference.example:8123"}, timeout=5).json()
@@ -281,6 +297,7 @@ def test_host_header_sets_the_snippet_addresses_and_a_hostile_one_is_ignored(dem
         assert "$(" not in json.dumps(model["snippets"])
 
 
+@pytest.mark.frontends(FRONTENDS[0], WORKERS_FRONTEND)
 def test_catalog_answers_only_get(demo_server):
     answer = requests.post(f"{demo_server.base_url}/catalog", timeout=5)
     assert answer.status_code == 400

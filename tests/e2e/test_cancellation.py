@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import ConvoyProcess, poll
+from helpers import WITH_WORKERS, ConvoyProcess, poll
 from tritonclient.utils import InferenceServerException
 
 GATE_MODEL = '''
@@ -89,6 +89,7 @@ def start_blocking_request(process: ConvoyProcess, model: Path) -> threading.Thr
     return thread
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_http_client_disconnect_removes_request_from_queue(gate_server):
     process, model = gate_server
     first = start_blocking_request(process, model)
@@ -111,6 +112,7 @@ def test_http_client_disconnect_removes_request_from_queue(gate_server):
     assert final["inference_count"] == 1
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_grpc_deadline_removes_request_from_queue(gate_server):
     process, model = gate_server
     first = start_blocking_request(process, model)
@@ -128,6 +130,7 @@ def test_grpc_deadline_removes_request_from_queue(gate_server):
     assert stats(process)["execution_count"] == 1
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_full_queue_rejects_with_resource_exhausted_and_429(gate_server):
     process, model = gate_server
     first = start_blocking_request(process, model)

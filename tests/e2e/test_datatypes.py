@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import DATATYPES, assert_same_tensor, identity_model_name, sample_tensor
+from helpers import DATATYPES, WITH_WORKERS, assert_same_tensor, identity_model_name, sample_tensor
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from convoy.datatypes import serialize_bytes
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 #: V2 datatype -> InferTensorContents field (FP16 and BF16 have none: raw only).
 CONTENTS_FIELD = {

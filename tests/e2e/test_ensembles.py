@@ -14,7 +14,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from ensemble_helpers import FP32_4, ensemble, step_model
-from helpers import EXPLICIT, ConvoyProcess, Protocol, serve_until_stopped
+from helpers import EXPLICIT, WITH_WORKERS, ConvoyProcess, Protocol, serve_until_stopped
 from tritonclient.utils import InferenceServerException
 
 
@@ -143,10 +143,12 @@ def index_row(server, model: str) -> dict:
     return next(r for r in rows if r["name"] == model)
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_chain_runs_each_step_in_order(protocol):
     assert np.array_equal(infer(protocol, "ens_chain")["OUT"], (X + 1) * 2)
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_fan_out_fan_in(protocol):
     got = infer(protocol, "ens_diamond", outputs=("OUT", "LEFT"))
     assert np.array_equal(got["OUT"], (X + 1) + X * 2)
@@ -168,6 +170,7 @@ def test_ensemble_metadata_and_config(protocol, ens_server):
     assert [s["model_name"] for s in config["ensemble_scheduling"]["step"]] == ["plus1", "scale2"]
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_step_error_ends_the_request_and_names_the_step(protocol, grpc):
     before = grpc.get_inference_statistics("plus1", as_json=True)["model_stats"][0]
     with pytest.raises(InferenceServerException) as caught:

@@ -9,7 +9,10 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from helpers import WITH_WORKERS
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 RESPONSE_DEADLINE_S = 30
 

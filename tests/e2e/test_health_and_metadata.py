@@ -7,9 +7,11 @@ import shutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import DATATYPES, ConvoyProcess, identity_model_name, serve_until_stopped
+from helpers import DATATYPES, WITH_WORKERS, ConvoyProcess, identity_model_name, serve_until_stopped
 
 from convoy.cli import demo_repository
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 
 def test_server_is_live_and_ready(protocol):

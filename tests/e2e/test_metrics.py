@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import REPO_ROOT, ConvoyProcess, copy_model, poll
+from helpers import REPO_ROOT, WITH_WORKERS, ConvoyProcess, copy_model, poll
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from convoy.cli import demo_repository
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 DEADLINE_S = 30.0
 
@@ -135,13 +137,19 @@ def post_in_background(process: ConvoyProcess, number: float) -> tuple[threading
 
 
 def hang_up_while_queued(process: ConvoyProcess, number: float) -> None:
-    """Send a whole request, then close the connection without reading the answer."""
+    """Send a whole request, wait until it waits in the model's queue, then close the connection
+    without reading the answer. (Closed at once, the server may see the hang-up before the request
+    reaches the queue: then it is dropped unsubmitted and nothing is cancelled.)"""
     body = infer_body(number)
     with socket.create_connection(("127.0.0.1", process.http_port), timeout=10) as sock:
         sock.sendall(
             b"POST /v2/models/metered/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
+        )
+        poll(
+            lambda: value(scrape(process), "convoy_queue_depth", priority="1") == 1,
+            "the request to hang up on to queue",
         )
 
 

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, WITH_WORKERS
 
 RUN_DEADLINE_S = 120
 
@@ -26,11 +26,14 @@ def _perf_analyzer() -> Path | None:
 
 PERF_ANALYZER = _perf_analyzer()
 
-pytestmark = pytest.mark.skipif(
-    PERF_ANALYZER is None,
-    reason="perf_analyzer not found: set PERF_ANALYZER or run .ci/install_perf_analyzer.sh "
-    "(installs .perf_analyzer/perf_analyzer)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        PERF_ANALYZER is None,
+        reason="perf_analyzer not found: set PERF_ANALYZER or run .ci/install_perf_analyzer.sh "
+        "(installs .perf_analyzer/perf_analyzer)",
+    ),
+    pytest.mark.frontends(*WITH_WORKERS),
+]
 
 
 def _run(server, protocol: str, concurrency: int, csv_path: Path) -> list[dict]:

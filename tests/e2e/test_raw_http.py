@@ -10,7 +10,9 @@ import zlib
 import numpy as np
 import pytest
 import requests
-from helpers import ConvoyProcess, build_broken_repository
+from helpers import FRONTENDS, WITH_WORKERS, ConvoyProcess, build_broken_repository
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 TIMEOUT = 10
 
@@ -362,6 +364,7 @@ def small_body_server(tmp_path_factory, frontend):
     assert process.stop() == 0, process.log()
 
 
+@pytest.mark.frontends(*FRONTENDS)
 def test_body_over_the_limit_returns_400(small_body_server):
     body = _add_sub_body()
     body["padding"] = "x" * BODY_LIMIT
@@ -369,6 +372,7 @@ def test_body_over_the_limit_returns_400(small_body_server):
     _assert_json_error(answer, 400, str(BODY_LIMIT))
 
 
+@pytest.mark.frontends(*FRONTENDS)
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 def test_compressed_body_inflating_past_the_limit_returns_400(small_body_server, encoding):
     document = json.dumps({**_add_sub_body(), "padding": " " * (BODY_LIMIT * 64)}).encode()
@@ -383,6 +387,7 @@ def test_compressed_body_inflating_past_the_limit_returns_400(small_body_server,
     _assert_json_error(answer, 400, str(BODY_LIMIT))
 
 
+@pytest.mark.frontends(*FRONTENDS)
 def test_compressed_body_within_the_limit_is_served(small_body_server):
     answer = _post(
         small_body_server,

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import DATATYPES, Protocol, identity_model_name
+from helpers import DATATYPES, WITH_WORKERS, Protocol, identity_model_name
 from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 
 def _index(protocol) -> dict[str, list[dict]]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from helpers import Protocol
+from helpers import WITH_WORKERS, Protocol
 from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 
 def _vectors(rows: int = 1, width: int = 16) -> tuple[np.ndarray, np.ndarray]:

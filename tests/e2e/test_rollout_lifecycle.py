@@ -16,7 +16,15 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import REPO_ROOT, ConvoyProcess, metric_value, poll, serve_until_stopped
+from helpers import (
+    FRONTENDS,
+    REPO_ROOT,
+    WORKERS_FRONTEND,
+    ConvoyProcess,
+    metric_value,
+    poll,
+    serve_until_stopped,
+)
 from rollout_helpers import (
     ClosedLoop,
     admin,
@@ -26,13 +34,6 @@ from rollout_helpers import (
     write_model,
     write_version,
 )
-
-
-@pytest.fixture
-def server_args() -> tuple[str, ...]:
-    """Extra `convoy serve` flags (tests/workers runs these tests with --workers 2)."""
-    return ()
-
 
 #: A server for the length of a `with` block (SIGTERM at its end, exit code 0 required).
 serving = contextlib.contextmanager(serve_until_stopped)
@@ -51,13 +52,14 @@ def _arm_of_users(server: ConvoyProcess, model: str, users: range) -> dict[int, 
     return seen
 
 
-def test_a_restart_mid_roll_out_resumes_or_aborts_as_each_roll_out_says(tmp_path, server_args):
+@pytest.mark.frontends(FRONTENDS[0], WORKERS_FRONTEND)
+def test_a_restart_mid_roll_out_resumes_or_aborts_as_each_roll_out_says(tmp_path, frontend):
     repository = tmp_path / "models"
     write_model(repository, "resumed")
     write_model(repository, "aborted")
     state = tmp_path / "rollouts.json"
-    arguments = (*server_args, "--rollout-state", str(state))
-    first = ConvoyProcess(repository, tmp_path / "first.log", arguments)
+    arguments = ("--rollout-state", str(state))
+    first = ConvoyProcess(repository, tmp_path / "first.log", arguments, frontend=frontend)
     split = {"steps": [50, 100], "bake_seconds": 600, "split": {"header": "x-user"}}
     with serving(first) as process:
         start(process, "resumed", {"stable": 1, "candidate": 2, **split})
@@ -66,7 +68,7 @@ def test_a_restart_mid_roll_out_resumes_or_aborts_as_each_roll_out_says(tmp_path
     assert {arm for _, arm in before.values()} == {"stable", "candidate"}
     assert json.loads(state.read_text())["rollouts"]["resumed"]["state"] == "running"
 
-    second = ConvoyProcess(repository, tmp_path / "second.log", arguments)
+    second = ConvoyProcess(repository, tmp_path / "second.log", arguments, frontend=frontend)
     with serving(second) as process:
         # The first answers after the restart: the same caller, the same arm and version.
         assert _arm_of_users(process, "resumed", range(40)) == before
@@ -102,8 +104,9 @@ def test_a_roll_out_through_the_api_needs_a_state_file(tmp_path):
         )
 
 
+@pytest.mark.frontends(FRONTENDS[0], WORKERS_FRONTEND)
 def test_rollout_json_declares_a_roll_out_and_a_new_version_folder_becomes_the_candidate(
-    tmp_path, server_args
+    tmp_path, frontend
 ):
     repository = tmp_path / "models"
     declared = write_model(repository, "declared", versions=(1, 2), policy="latest { num_versions: 1 }")
@@ -139,6 +142,7 @@ def test_rollout_json_declares_a_roll_out_and_a_new_version_folder_becomes_the_c
         repository,
         tmp_path / "server.log",
         ("--model-control-mode", "poll", "--repository-poll-secs", "0.2"),
+        frontend=frontend,
     )
     with serving(process, "live") as server:
         rows = requests.post(f"{server.base_url}/v2/repository/index", timeout=10).json()

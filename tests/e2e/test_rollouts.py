@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as httpclient
-from helpers import REPO_ROOT, ConvoyProcess, metric_value, poll, serve_until_stopped
+from helpers import REPO_ROOT, WITH_WORKERS, ConvoyProcess, metric_value, poll, serve_until_stopped
 from rollout_helpers import ClosedLoop, admin, start, status, wait_for_state, write_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -65,6 +65,7 @@ def _index(server) -> dict[str, str]:
     return {f"{r['name']}/{r['version']}": r["state"] for r in rows}
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_a_candidate_with_different_outputs_is_rolled_back_by_the_agreement_guard(server):
     start(
         server,
@@ -126,6 +127,7 @@ def test_a_slower_candidate_is_rolled_back_by_the_latency_guard(server):
     assert checks["latency"]["holds"] is False and checks["agreement"]["holds"] is True
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_a_good_candidate_is_promoted_step_by_step_and_each_caller_stays_on_one_arm(server):
     start(
         server,
@@ -187,6 +189,7 @@ def test_a_good_candidate_is_promoted_step_by_step_and_each_caller_stays_on_one_
     assert {"1", "2"} <= versions
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_bad_roll_outs_are_refused_naming_the_field(server):
     def refused(body, code: int = 400, model: str = "refusals") -> str:
         answer = admin(server, "POST", f"/{model}/start", body)
@@ -225,6 +228,7 @@ def test_bad_roll_outs_are_refused_naming_the_field(server):
     poll(lambda: not {"refusals/5", "refusals/9"} & set(_index(server)), "version 5 unloaded")
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_the_catalog_shows_both_arms_side_by_side(server):
     start(server, "catalogued", {"stable": 1, "candidate": 2, "bake_seconds": 600})
     with ClosedLoop(server, "catalogued", users=2) as load:
@@ -333,6 +337,7 @@ def test_convoy_rollout_drives_a_roll_out_and_writes_a_report_a_browser_renders(
     assert screenshot.stat().st_size > 10_000  # a drawn page, not a blank one
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_abort_after_promotion_reverts_to_the_previous_stable_at_once(server):
     start(server, "reverted", {"stable": 1, "candidate": 2, "bake_seconds": 600})
     assert admin(server, "POST", "/reverted/promote").json()["state"] == "promoted"

@@ -17,7 +17,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import MODEL_SOURCES, ConvoyProcess, Protocol, serve_until_stopped
+from helpers import MODEL_SOURCES, WITH_WORKERS, ConvoyProcess, Protocol, serve_until_stopped
 from tritonclient.utils import InferenceServerException
 
 CONTROLS = """
@@ -261,6 +261,7 @@ def running_totals(values) -> list[int]:
     return [int(x) for x in np.cumsum(values)]
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 @pytest.mark.parametrize(
     "model",
     ["seq_direct", "seq_oldest", "seq_unbatched", "seq_state", "seq_ensemble", *BACKEND_MODELS],
@@ -288,6 +289,7 @@ def test_string_id_for_a_uint64_model_is_refused(protocol):
     assert "sequence_id" in caught.value.message()
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_missing_correlation_id_gets_tritons_error(protocol):
     tensor = protocol.input("INPUT", np.ones((1, 1), dtype=np.int32), "INT32")
     with pytest.raises(InferenceServerException) as caught:
@@ -310,6 +312,7 @@ def test_request_after_end_needs_a_new_start(protocol):
     assert "START" in caught.value.message()
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 @pytest.mark.parametrize("model", ["seq_direct", "seq_oldest", "seq_string"])
 def test_interleaved_concurrent_sequences_keep_their_own_totals(protocol, model, seq_server):
     """Eight sequences in eight threads, each request waiting for the one before: every
@@ -346,6 +349,7 @@ def test_interleaved_concurrent_sequences_keep_their_own_totals(protocol, model,
     assert got == {key: running_totals(values) for key, values in plans.items()}
 
 
+@pytest.mark.frontends(*WITH_WORKERS)
 def test_grpc_stream_sequences(seq_server):
     """Two sequences interleaved on one gRPC stream (Triton's sequence stream client)."""
     answers: queue.Queue = queue.Queue()

@@ -15,10 +15,20 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from helpers import REPO_ROOT, ConvoyProcess, Protocol, poll, serve_until_stopped
+from helpers import (
+    FRONTENDS,
+    REPO_ROOT,
+    WITH_WORKERS,
+    ConvoyProcess,
+    Protocol,
+    poll,
+    serve_until_stopped,
+)
 from tritonclient.utils import InferenceServerException
 
 from convoy.cli import demo_repository
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 ROWS = 2
 TENSOR_BYTES = ROWS * 16 * 4  # add_sub: FP32 [rows, 16]
@@ -364,6 +374,10 @@ def gated_server(tmp_path_factory, frontend):
         assert process.stop() == 0, process.log()
 
 
+# Not through --workers (a known gap): there the worker that took the request reads and writes
+# the regions, and the engine's registry, which answers status and registration, does not know
+# they are in use, so it lists and frees them at once.
+@pytest.mark.frontends(*FRONTENDS)
 @pytest.mark.parametrize("protocol_name", ["grpc", "http"])
 def test_a_region_unregistered_during_an_inference_stays_until_it_ends(gated_server, protocol_name):
     process, model = gated_server

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import WITH_WORKERS
 from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 
 def _identity_int32(protocol, rows: int):

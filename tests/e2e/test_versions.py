@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import WITH_WORKERS
 from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 
 def _plus_version(protocol, model: str, version: str = "") -> int:

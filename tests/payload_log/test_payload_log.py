@@ -15,10 +15,20 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import ConvoyProcess, copy_model, poll, serve_until_stopped, write_identity_model
+from helpers import (
+    FRONTENDS,
+    WORKERS_FRONTEND,
+    ConvoyProcess,
+    copy_model,
+    poll,
+    serve_until_stopped,
+    write_identity_model,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from convoy.cli import demo_repository
+
+pytestmark = pytest.mark.frontends(FRONTENDS[0], WORKERS_FRONTEND)
 
 MAX_BYTES = 16_000
 BACKUPS = 2
@@ -44,11 +54,11 @@ def add_sub_copy(repository, name: str, rate: str | None) -> None:
 
 
 @pytest.fixture(scope="module")
-def logged_server(tmp_path_factory):
-    yield from serve_logged(tmp_path_factory.mktemp("payload_log"))
+def logged_server(tmp_path_factory, frontend):
+    yield from serve_logged(tmp_path_factory.mktemp("payload_log"), frontend)
 
 
-def serve_logged(root, extra_args: tuple[str, ...] = ()):
+def serve_logged(root, frontend: str):
     """Fixture body: a server whose models opt in to payload logging at various rates."""
     repository = root / "models"
     repository.mkdir()
@@ -76,8 +86,8 @@ def serve_logged(root, extra_args: tuple[str, ...] = ()):
             str(BACKUPS),
             "--payload-log-max-elements",
             str(MAX_ELEMENTS),
-            *extra_args,
         ),
+        frontend=frontend,
     )
     process.payload_dir = root / "payloads"
     # bad_rate fails to load, so the server never reports ready: wait for liveness.
@@ -242,6 +252,7 @@ def test_fractional_rate_logs_that_fraction_of_requests(logged_server):
     assert logged == [str(i) for i in range(3, 40, 4)]
 
 
+@pytest.mark.frontends(FRONTENDS[0])
 def test_catalog_shows_the_sample_rate_and_that_the_log_is_on(logged_server):
     document = requests.get(f"{logged_server.base_url}/catalog.json", timeout=5).json()
     (model,) = [m for m in document["models"] if m["name"] == "sampled"]

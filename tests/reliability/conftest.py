@@ -1,19 +1,16 @@
 """Fixtures for the reliability tests: a server over a small repository of capacity-bounded models
-(capacity_models.py)."""
+(capacity_models.py).
+
+The long tail here (fuzzing, overload, admission, shutdown, schemathesis) runs against the first
+front end only (each module's `frontends(FRONTENDS[0])` marker), the native one by default, to
+keep CI inside its time: the Python front end's handling of these did not change with the native
+one beside it."""
 
 from __future__ import annotations
 
 import pytest
 from capacity_models import write_capacity_model
-from helpers import FRONTENDS, ConvoyProcess, serve_until_stopped, write_identity_model
-
-
-@pytest.fixture(scope="session", params=FRONTENDS[:1])
-def frontend(request) -> str:
-    """The long tail (fuzzing, overload, admission, shutdown, schemathesis) runs against the
-    first front end only, the native one by default, to keep CI inside its time: the Python
-    front end's handling of these did not change with the native one beside it."""
-    return request.param
+from helpers import ConvoyProcess, serve_until_stopped, write_identity_model
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import requests
 from capacity_models import write_capacity_model
-from helpers import ConvoyProcess, metric_value, poll, serve_until_stopped
+from helpers import FRONTENDS, ConvoyProcess, metric_value, poll, serve_until_stopped
 
 from convoy.protos import grpc_service_pb2 as pb
 from convoy.protos import grpc_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.frontends(FRONTENDS[0])
 
 MODEL = "slow"
 BATCH_SECONDS = 0.1

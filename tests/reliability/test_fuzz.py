@@ -11,11 +11,14 @@ import struct
 import grpc
 import pytest
 import requests
+from helpers import FRONTENDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from convoy.errors import INTERNAL_MESSAGE
+
+pytestmark = pytest.mark.frontends(FRONTENDS[0])
 
 
 def fuzz(examples: int) -> settings:

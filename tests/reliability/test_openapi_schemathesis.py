@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FRONTENDS
+
+pytestmark = pytest.mark.frontends(FRONTENDS[0])
 
 pytest.importorskip("schemathesis")
 

@@ -12,9 +12,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http.aio as httpaio
+from helpers import FRONTENDS
 from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.frontends(FRONTENDS[0])
 
 MODEL = "capacity"
 MEASURE_SECONDS = 2.0

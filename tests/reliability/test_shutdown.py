@@ -19,8 +19,10 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from capacity_models import write_capacity_model
-from helpers import ConvoyProcess, metric_value, poll
+from helpers import FRONTENDS, ConvoyProcess, metric_value, poll
 from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.frontends(FRONTENDS[0])
 
 LOAD_THREADS = 6
 MAX_REQUESTS_PER_THREAD = 400

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import ConvoyProcess, metric_value, serve_until_stopped
+from helpers import WITH_WORKERS, ConvoyProcess, metric_value, serve_until_stopped
 from security_helpers import bearer, build_repository, convoy_cli, create_key
 from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.frontends(*WITH_WORKERS)
 
 #: Two requests at once, then one every five seconds: the third in a row is always refused.
 RATE, BURST = 0.2, 2

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from helpers import metric_value, poll
+from helpers import WORKERS_FRONTEND, metric_value, poll
+
+pytestmark = pytest.mark.frontends(WORKERS_FRONTEND)
 
 ROWS = 1
 TENSOR_BYTES = ROWS * 16 * 4

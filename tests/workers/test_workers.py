@@ -13,8 +13,10 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import poll
+from helpers import WORKERS_FRONTEND, poll
 from worker_metrics import per_worker_requests, scrape, worker_pids
+
+pytestmark = pytest.mark.frontends(WORKERS_FRONTEND)
 
 CLIENTS = 12
 REQUESTS_PER_CLIENT = 40

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import requests
+from helpers import WORKER_FLAGS
 from prometheus_client.parser import text_string_to_metric_families
 
-WORKERS = ("--workers", "2")
+WORKERS = WORKER_FLAGS
 
 
 def scrape(process) -> dict[tuple[str, frozenset], float]:
