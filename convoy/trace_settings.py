@@ -59,11 +59,9 @@ class _Sampler:
 
     values: TraceValues
     seen: int = 0
-    remaining: int = -1
+    remaining: int | None = -1
 
     def __post_init__(self) -> None:
-        # A sampler's values are in force (over the defaults, which set every field).
-        assert self.values.count is not None
         self.remaining = self.values.count
 
     def sample(self, has_parent: bool) -> bool:
@@ -72,12 +70,14 @@ class _Sampler:
         if has_parent:
             return True  # the client asked for this trace (its context is propagated)
         rate = self.values.rate
-        assert rate is not None  # values in force (see __post_init__)
         if rate == 0 or self.remaining == 0:
             return False  # rate 0: only requests that carry a trace context
         self.seen += 1
+        # A sampler's values are in force (over the defaults, which set every field).
+        assert rate is not None
         if self.seen % rate:
             return False
+        assert self.remaining is not None  # as `rate`
         if self.remaining > 0:
             self.remaining -= 1
         return True

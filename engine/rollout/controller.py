@@ -75,10 +75,10 @@ class Rollout:
         self.rules = rules
         self.datatypes = datatypes
         self.batched = batched
-        # Set: a spec's versions are loaded (and so named) before its roll-out exists.
-        assert spec.stable is not None and spec.candidate is not None
-        self.stable: int = spec.stable
-        self.candidate: int = spec.candidate
+        # A roll-out's spec names both versions (RolloutManager loads them before it starts one
+        # and restores it from a state record that has them).
+        self.stable: int = spec.stable  # type: ignore[assignment]
+        self.candidate: int = spec.candidate  # type: ignore[assignment]
         self._lookup = lookup
         self._on_change = on_change
         self._on_disagreement = on_disagreement
