@@ -75,7 +75,7 @@ class ApiKey:
     rate_limit: float = 0.0
     burst: int = 0
     #: All of `models` as one regex: a scope check is a single match per request.
-    scope: re.Pattern = field(init=False, repr=False, compare=False)
+    scope: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         pattern = "|".join(fnmatch.translate(p) for p in self.models) or r"(?!)"
@@ -91,7 +91,7 @@ class ApiKey:
             # At most 200 characters of the name: the message travels in gRPC metadata.
             raise PermissionDenied(f"API key '{self.name}' may not use model '{model[:200]}'")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "sha256": self.sha256,

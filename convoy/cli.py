@@ -9,14 +9,23 @@ import dataclasses
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from convoy import __version__, auth, rollout_cli
 from convoy.config import FlagError, ServerConfig
 from convoy.errors import ConvoyError
 from convoy.loadtests import cli as loadtests_cli
 from convoy.settings import KEYS_FILE_ENV, LOG_LEVELS, add_serve_arguments, build_config
+
+if TYPE_CHECKING:
+    from convoy.logs import LogControl
+    from convoy.server.app import ConvoyServer
+    from convoy.server.multiprocess import MultiProcessServer
+
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 DESCRIPTION = """\
 Convoy: an inference server speaking the Open Inference Protocol (KServe V2) with Triton's
@@ -33,7 +42,7 @@ examples:
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's help ends with its default, unless it is off/empty or already said."""
 
-    def _get_help_string(self, action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
         if (
@@ -74,9 +83,12 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def demo_models_served(installed=_installed) -> tuple[tuple[str, ...], list[str]]:
+def demo_models_served(
+    installed: Callable[[str], bool] = _installed,
+) -> tuple[tuple[str, ...], list[str]]:
     """(the demo models this install can serve, a note per one left out naming its extra)."""
-    served, notes = [], []
+    served: list[str] = []
+    notes: list[str] = []
     for name in sorted(p.name for p in demo_repository().iterdir() if p.is_dir()):
         extra, modules = DEMO_EXTRAS.get(name, ("", ()))
         missing = [m for m in modules if not installed(m)]
@@ -90,12 +102,12 @@ def demo_models_served(installed=_installed) -> tuple[tuple[str, ...], list[str]
     return tuple(served), notes
 
 
-def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _serve_parser(sub: _SubParsers) -> None:
     serve = sub.add_parser("serve", help="serve a model repository over gRPC and HTTP")
     add_serve_arguments(serve)
 
 
-def _usage_parser(sub) -> None:
+def _usage_parser(sub: _SubParsers) -> None:
     p = sub.add_parser("usage", help="summarise usage ledgers (showback) per period and API key")
     p.add_argument("ledger", type=Path, nargs="+", help="ledger files written by --usage-ledger")
     p.add_argument(
@@ -121,7 +133,7 @@ def _usage_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
 
 
-def _usage(args) -> int:
+def _usage(args: argparse.Namespace) -> int:
     from convoy.engine.ledger import SUMMED, read_ledger, summarise
 
     try:
@@ -159,7 +171,7 @@ def _usage(args) -> int:
     return 0
 
 
-def _check_parser(sub) -> None:
+def _check_parser(sub: _SubParsers) -> None:
     p = sub.add_parser(
         "check",
         help="CI gate: load every model of a repository, warm it up, run one sample inference "
@@ -171,7 +183,7 @@ def _check_parser(sub) -> None:
     p.add_argument("--log-level", default="ERROR", choices=LOG_LEVELS)
 
 
-def _check(args) -> int:
+def _check(args: argparse.Namespace) -> int:
     from convoy.engine.check import CONFIG_ONLY, FAIL, as_json, check_repository, write_junit
 
     if not args.repository.is_dir():
@@ -235,7 +247,7 @@ def _settings(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
-def _keys_parser(sub) -> None:
+def _keys_parser(sub: _SubParsers) -> None:
     p = sub.add_parser("keys", help="create, list and revoke API keys in a key file")
     verbs = p.add_subparsers(dest="verb", required=True)
     default = os.environ.get(KEYS_FILE_ENV) or None
@@ -268,7 +280,7 @@ def _keys_parser(sub) -> None:
     revoke.add_argument("--name", required=True)
 
 
-def _keys(args) -> int:
+def _keys(args: argparse.Namespace) -> int:
     """`convoy keys ...`; a running server picks the change up within about a second."""
     if args.file is None:
         print(f"convoy keys: give --file or set ${KEYS_FILE_ENV}", file=sys.stderr)
@@ -312,13 +324,18 @@ def _keys(args) -> int:
     return 0
 
 
-async def _serve(settings: ServerConfig, log_control=None) -> None:
+async def _serve(settings: ServerConfig, log_control: LogControl | None = None) -> None:
+    server_class: type[ConvoyServer] | type[MultiProcessServer]
     if settings.workers > 1:
-        from convoy.server.multiprocess import MultiProcessServer as ConvoyServer
+        from convoy.server.multiprocess import MultiProcessServer
+
+        server_class = MultiProcessServer
     else:
         from convoy.server.app import ConvoyServer
 
-    async with ConvoyServer(settings, log_control) as server:
+        server_class = ConvoyServer
+
+    async with server_class(settings, log_control) as server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
@@ -338,7 +355,7 @@ async def _serve(settings: ServerConfig, log_control=None) -> None:
         print("convoy: shutting down", flush=True)
 
 
-def _run(coroutine) -> None:
+def _run(coroutine: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from convoy.padding import Padding
 from convoy.types import TensorSpec
@@ -501,7 +502,8 @@ def parse_cache_config(values: list[str], byte_size: int = 0) -> CacheSettings |
                     f"one of {sorted(_CACHE_KEYS[kind])}"
                 )
             given[key] = setting
-    typed: dict = {}
+    # Each value has its key's type in _CACHE_KEYS (str, int or float).
+    typed: dict[str, Any] = {}
     for key, setting in given.items():
         kind_of = _CACHE_KEYS[kind][key]
         try:

@@ -8,10 +8,14 @@ BYTES tensors are numpy ``object`` arrays of ``bytes``.
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from convoy.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from convoy.types import TensorSpec
 
 #: V2 datatype -> numpy dtype in which the tensor travels (little-endian, as on the wire).
 NUMPY_DTYPE: dict[str, np.dtype] = {
@@ -71,7 +75,7 @@ def v2_datatype_of(array: np.ndarray) -> str:
     return found
 
 
-def declared_datatype(spec, array: np.ndarray) -> str:
+def declared_datatype(spec: TensorSpec | None, array: np.ndarray) -> str:
     """The V2 datatype an output goes out as: its TensorSpec's, else the array's own."""
     return spec.datatype if spec is not None else v2_datatype_of(array)
 

@@ -147,7 +147,7 @@ def status_of(exc: BaseException) -> tuple[str, int, str]:
     """(gRPC status name, HTTP status, client-safe message) for any exception."""
     if isinstance(exc, ConvoyError):
         for cls in type(exc).__mro__:
-            found = STATUS.get(cls)  # type: ignore[arg-type]
+            found = STATUS.get(cls)
             if found is not None:
                 return found[0], found[1], str(exc)
     return "INTERNAL", 500, INTERNAL_MESSAGE

@@ -32,10 +32,10 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._iso_time = iso_time
 
-    def formatTime(self, record, datefmt=None) -> str:
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return _iso_time(record.created) if self._iso_time else super().formatTime(record, datefmt)
 
-    def formatMessage(self, record) -> str:
+    def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
         request_id = getattr(record, "request_id", None)
         return f"{line} (request {request_id})" if request_id else line
@@ -45,7 +45,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: timestamp, level, logger, message, request_id when known,
     structured `fields` when the record has them, and the traceback of an error."""
 
-    def format(self, record) -> str:
+    def format(self, record: logging.LogRecord) -> str:
         entry = {
             "timestamp": _iso_time(record.created),
             "level": record.levelname,
@@ -80,7 +80,7 @@ class _LevelFilter(logging.Filter):
         super().__init__()
         self.disabled: frozenset[int] = frozenset()
 
-    def filter(self, record) -> bool:
+    def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno not in self.disabled
 
 
@@ -160,8 +160,10 @@ class LogControl:
 
     def _apply(self) -> None:
         s = self._settings
+        verbose = s["log_verbose_level"]
+        assert isinstance(verbose, int)  # set so in __init__; update() takes only an int
         enabled = {
-            logging.DEBUG: s["log_verbose_level"] > 0,
+            logging.DEBUG: verbose > 0,
             logging.INFO: s["log_info"],
             logging.WARNING: s["log_warning"],
             logging.ERROR: s["log_error"],

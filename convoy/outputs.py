@@ -36,7 +36,7 @@ def declared_types(outputs: dict[str, np.ndarray], config: ModelConfig) -> dict[
     return outputs if converted is None else converted
 
 
-def missing(outputs: dict, names: tuple[str, ...], model: str) -> ConvoyError | None:
+def missing(outputs: dict[str, np.ndarray], names: tuple[str, ...], model: str) -> ConvoyError | None:
     for name in names:
         if name not in outputs:
             return InferenceFailed(f"model '{model}' did not produce output '{name}'")
@@ -44,7 +44,7 @@ def missing(outputs: dict, names: tuple[str, ...], model: str) -> ConvoyError | 
 
 
 def select_names(
-    outputs: dict, names: tuple[str, ...], model: str
+    outputs: dict[str, np.ndarray], names: tuple[str, ...], model: str
 ) -> dict[str, np.ndarray] | ConvoyError:
     if tuple(outputs) == names:
         return outputs

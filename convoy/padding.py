@@ -31,6 +31,8 @@ PADDING_KEYS = (
 _NUMERIC = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
 _FLOATING = ("FP16", "FP32", "FP64", "BF16")
 LENGTHS_DATATYPES = ("INT32", "INT64")
+#: `fail(field, message)`: builds the error raised for a bad value.
+_Fail = Callable[[str, str], Exception]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +126,7 @@ def parse_padding(
     )
 
 
-def _refuse_unknown(parameters: dict[str, str], fail) -> None:
+def _refuse_unknown(parameters: dict[str, str], fail: _Fail) -> None:
     """A near miss of a padding key is a typo; with padding on, so is any other `padding_*`
     key. With padding off, other `padding_*` keys (a python model's own `padding_side`) pass."""
     padding_on = bool(parameters.get("padding_inputs", "").strip())
@@ -144,7 +146,7 @@ def _entries(text: str) -> list[str]:
     return [entry.strip() for entry in text.split(",") if entry.strip()]
 
 
-def _number(text: str, field: str, fail) -> int | float:
+def _number(text: str, field: str, fail: _Fail) -> int | float:
     try:
         return int(text)
     except ValueError:
@@ -155,7 +157,7 @@ def _number(text: str, field: str, fail) -> int | float:
         raise fail(field, f"expected a number, got '{text}'") from None
 
 
-def _count(text: str, key: str, least: int, default: int, fail) -> int:
+def _count(text: str, key: str, least: int, default: int, fail: _Fail) -> int:
     if not text:
         return default
     if not text.isdigit() or int(text) < least:
@@ -163,7 +165,7 @@ def _count(text: str, key: str, least: int, default: int, fail) -> int:
     return int(text)
 
 
-def _axis(spec: TensorSpec, text: str | None, field: str, fail) -> int:
+def _axis(spec: TensorSpec, text: str | None, field: str, fail: _Fail) -> int:
     """The variable dim to pad/trim: given, or the only -1 in `dims`."""
     variable = [index for index, dim in enumerate(spec.dims) if dim == -1]
     if text is None:
@@ -183,7 +185,9 @@ def _axis(spec: TensorSpec, text: str | None, field: str, fail) -> int:
     return int(text)
 
 
-def _padded_inputs(text: str, inputs, default_value, fail) -> tuple[PaddedInput, ...]:
+def _padded_inputs(
+    text: str, inputs: tuple[TensorSpec, ...], default_value: int | float, fail: _Fail
+) -> tuple[PaddedInput, ...]:
     field = "parameters.padding_inputs"
     declared = {spec.name: spec for spec in inputs}
     padded: list[PaddedInput] = []
@@ -213,7 +217,7 @@ def _padded_inputs(text: str, inputs, default_value, fail) -> tuple[PaddedInput,
     return tuple(padded)
 
 
-def _padded_outputs(text: str, outputs, fail) -> tuple[PaddedOutput, ...]:
+def _padded_outputs(text: str, outputs: tuple[TensorSpec, ...], fail: _Fail) -> tuple[PaddedOutput, ...]:
     field = "parameters.padding_outputs"
     declared = {spec.name: spec for spec in outputs}
     trimmed: list[PaddedOutput] = []
@@ -227,7 +231,7 @@ def _padded_outputs(text: str, outputs, fail) -> tuple[PaddedOutput, ...]:
     return tuple(trimmed)
 
 
-def _buckets(text: str, fail) -> tuple[int, ...]:
+def _buckets(text: str, fail: _Fail) -> tuple[int, ...]:
     if text.lower() in ("", "none"):
         return ()
     field = "parameters.padding_buckets"
@@ -241,7 +245,7 @@ def _buckets(text: str, fail) -> tuple[int, ...]:
     return tuple(buckets)
 
 
-def _lengths_input(text: str, inputs, fail) -> tuple[str, str]:
+def _lengths_input(text: str, inputs: tuple[TensorSpec, ...], fail: _Fail) -> tuple[str, str]:
     if not text:
         return "", "INT64"
     field = "parameters.padding_lengths_input"

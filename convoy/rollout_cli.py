@@ -9,12 +9,16 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 #: Where the API key comes from when --api-key is not given.
 KEY_ENV = "CONVOY_API_KEY"
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "rollout",
         help="shadow, canary and A/B roll-outs on a running server: start, status, promote, "
@@ -22,7 +26,7 @@ def add_parser(sub) -> None:
     )
     verbs = p.add_subparsers(dest="verb", required=True)
 
-    def common(parser) -> None:
+    def common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--url", default="http://localhost:8000", help="the server's HTTP address")
         parser.add_argument(
             "--api-key", default=None, help=f"a key with --manage to change things (default ${KEY_ENV})"
@@ -62,8 +66,8 @@ def add_parser(sub) -> None:
     common(report)
 
 
-def _spec(args) -> dict:
-    document: dict = {}
+def _spec(args: argparse.Namespace) -> dict[str, Any]:
+    document: dict[str, Any] = {}
     if args.file is not None:
         document = json.loads(args.file.read_text())
         if not isinstance(document, dict):
@@ -96,7 +100,9 @@ class CallFailed(Exception):
         self.status = status
 
 
-def _call(args, method: str, path: str, body: dict | None = None) -> dict:
+def _call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
     url = args.url.rstrip("/")
     if "://" not in url:
         url = f"http://{url}"
@@ -108,7 +114,8 @@ def _call(args, method: str, path: str, body: dict | None = None) -> dict:
         request.add_header("authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as answer:
-            return json.loads(answer.read() or b"{}")
+            document: dict[str, Any] = json.loads(answer.read() or b"{}")
+            return document
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read()).get("error", "")
@@ -117,7 +124,7 @@ def _call(args, method: str, path: str, body: dict | None = None) -> dict:
         raise CallFailed(exc.code, message or f"HTTP {exc.code}") from None
 
 
-def _line(status: dict) -> str:
+def _line(status: dict[str, Any]) -> str:
     step = status["step"]
     where = f"step {step['index'] + 1}/{step['of']} {step['label']}"
     if status["state"] in ("running", "ready") and step.get("elapsed_s") is not None:
@@ -131,7 +138,7 @@ def _line(status: dict) -> str:
     )
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     try:
         if args.verb == "start":
             status = _call(args, "POST", f"/v2/rollouts/{args.model}/start", _spec(args))

@@ -17,7 +17,9 @@ engine's changes to its own copy, so a trace_count is counted per front end).
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from convoy.errors import InvalidInput, Unsupported
 
@@ -57,7 +59,7 @@ class _Sampler:
 
     values: TraceValues
     seen: int = 0
-    remaining: int = -1
+    remaining: int | None = -1
 
     def __post_init__(self) -> None:
         self.remaining = self.values.count
@@ -71,8 +73,11 @@ class _Sampler:
         if rate == 0 or self.remaining == 0:
             return False  # rate 0: only requests that carry a trace context
         self.seen += 1
+        # A sampler's values are in force (over the defaults, which set every field).
+        assert rate is not None
         if self.seen % rate:
             return False
+        assert self.remaining is not None  # as `rate`
         if self.remaining > 0:
             self.remaining -= 1
         return True
@@ -107,6 +112,7 @@ class TraceControl:
         with self._lock:
             sampler = self._sampler(model)
             values = sampler.values
+            assert values.level is not None  # values in force (over the defaults)
             answer: dict[str, str | list[str]] = {
                 "trace_level": list(values.level),
                 "trace_rate": str(values.rate),
@@ -142,13 +148,13 @@ class TraceControl:
         return self.settings(model)
 
     # --- between processes -----------------------------------------------------------------------
-    def state(self) -> dict[str, dict]:
+    def state(self) -> dict[str, dict[str, Any]]:
         """Every level's own values ("" is global), to hand to another process's copy."""
         with self._lock:
             levels = {"": self._global, **self._models}
             return {name: _as_dict(values) for name, values in levels.items()}
 
-    def restore(self, state: dict[str, dict]) -> None:
+    def restore(self, state: dict[str, dict[str, Any]]) -> None:
         """Take another process's `state` (its samplers start afresh)."""
         with self._lock:
             self._global = _from_dict(state.get("", {}))
@@ -180,7 +186,7 @@ class TraceControl:
             )
 
 
-def _as_dict(values: TraceValues) -> dict:
+def _as_dict(values: TraceValues) -> dict[str, Any]:
     return {
         "level": None if values.level is None else list(values.level),
         "rate": values.rate,
@@ -189,7 +195,7 @@ def _as_dict(values: TraceValues) -> dict:
     }
 
 
-def _from_dict(document: dict) -> TraceValues:
+def _from_dict(document: dict[str, Any]) -> TraceValues:
     level = document.get("level")
     return TraceValues(
         None if level is None else tuple(level),
@@ -202,7 +208,9 @@ def _from_dict(document: dict) -> TraceValues:
 def _apply(current: TraceValues, parsed: dict[str, object]) -> TraceValues:
     fields = {"trace_level": "level", "trace_rate": "rate", "trace_count": "count"}
     fields["log_frequency"] = "log_frequency"
-    return replace(current, **{fields[key]: value for key, value in parsed.items()})
+    # Each value has its field's type (parse_changes checked it).
+    updates: dict[str, Any] = {fields[key]: value for key, value in parsed.items()}
+    return replace(current, **updates)
 
 
 def parse_changes(changes: dict[str, object]) -> dict[str, object]:
@@ -236,7 +244,7 @@ def parse_changes(changes: dict[str, object]) -> dict[str, object]:
     return parsed
 
 
-def _one(key: str, value) -> str:
+def _one(key: str, value: object) -> str:
     if isinstance(value, list):
         if len(value) != 1:
             raise InvalidInput(f"trace setting '{key}': expected one value, got {value!r}")
@@ -248,7 +256,7 @@ def _one(key: str, value) -> str:
     return value
 
 
-def _levels(value) -> tuple[str, ...]:
+def _levels(value: object) -> tuple[str, ...]:
     levels = [value] if isinstance(value, str) else value
     if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
         raise InvalidInput(f"trace setting 'trace_level': expected a list of levels, got {value!r}")
@@ -268,7 +276,7 @@ def _levels(value) -> tuple[str, ...]:
     return ("TIMESTAMPS",)
 
 
-def _integer(key: str, value, low: int, high: int) -> int:
+def _integer(key: str, value: object, low: int, high: int) -> int:
     text = _one(key, value)
     try:
         number = int(text)
@@ -314,7 +322,10 @@ class TraceSetup:
 
 
 def trace_setup(
-    otlp_endpoint: str = "", console: bool = False, configs: tuple[str, ...] = (), env=None
+    otlp_endpoint: str = "",
+    console: bool = False,
+    configs: tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
 ) -> TraceSetup:
     """Read Convoy's trace flags and Triton's `--trace-config` ones (`level=`, `rate=`,
     `count=`, `mode=opentelemetry`, `opentelemetry,url=`, `opentelemetry,resource=k=v`,

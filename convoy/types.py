@@ -55,9 +55,9 @@ class DirectOutcome:
     def __init__(self) -> None:
         self._done = False
         self._cancelled = False
-        self._result = None
+        self._result: Response | None = None
         self._error: BaseException | None = None
-        self._callbacks: list | None = None
+        self._callbacks: list[Callable[[DirectOutcome], object]] | None = None
 
     def _deliver(self, result: Response | None, error: BaseException | None) -> None:
         raise NotImplementedError
@@ -75,7 +75,7 @@ class DirectOutcome:
             self._deliver(None, Cancelled("request cancelled by the client"))
             self._run_callbacks()
 
-    def result(self):
+    def result(self) -> Response | None:
         if self._error is not None:
             raise self._error
         return self._result
@@ -97,7 +97,7 @@ class DirectOutcome:
         self._deliver(None, error)
         self._run_callbacks()
 
-    def add_done_callback(self, callback) -> None:
+    def add_done_callback(self, callback: Callable[[DirectOutcome], object]) -> None:
         if self._done:
             callback(self)
         elif self._callbacks is None:
@@ -200,7 +200,7 @@ class StageTimes(NamedTuple):
 class StepTiming(NamedTuple):
     """One ensemble step as it ran (monotonic ns), for the ensemble request's trace."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field name that shadows tuple.index, by design
     model: str
     version: str
     submitted_ns: int

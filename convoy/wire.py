@@ -22,7 +22,7 @@ import functools
 import logging
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import numpy as np
@@ -30,6 +30,10 @@ import numpy as np
 from convoy import errors
 from convoy.datatypes import deserialize_bytes, element_count, serialize_bytes
 from convoy.errors import ConvoyError
+
+if TYPE_CHECKING:
+    import io
+    import socket
 
 log = logging.getLogger("convoy.wire")
 
@@ -84,19 +88,19 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
     return RemoteInternalError(info.message)
 
 
-def decoder(message_type) -> msgspec.msgpack.Decoder:
+def decoder(message_type: Any) -> msgspec.msgpack.Decoder[list[Any]]:
     """A decoder for a frame's header: a list of `message_type` (usually a tagged Union)."""
     return msgspec.msgpack.Decoder(list[message_type], dec_hook=_dec_hook)
 
 
-def _enc_hook(value):
+def _enc_hook(value: object) -> str:
     # Paths (in configs and settings) travel as strings.
     if hasattr(value, "__fspath__"):
         return str(value)
     raise NotImplementedError(f"{type(value).__name__} cannot travel between processes")
 
 
-def _dec_hook(kind, value):
+def _dec_hook(kind: type, value: Any) -> Any:
     from pathlib import Path
 
     if kind is Path:
@@ -108,24 +112,35 @@ _ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
 # --- building and reading frames ----------------------------------------------------------------
+class TensorArena(Protocol):
+    """Shared memory a writer may place large tensors in (engine/arena.py's Arena)."""
+
+    threshold: int
+
+    def place(self, array: np.ndarray) -> int | None: ...
+
+
 class FrameWriter:
     """Collects messages and their tensors' bytes until `take()` turns them into one frame."""
 
     __slots__ = ("_buffers", "_messages", "_size")
 
     def __init__(self) -> None:
-        self._messages: list = []
-        self._buffers: list = []
+        self._messages: list[object] = []
+        self._buffers: list[bytes | memoryview] = []
         self._size = 0
 
     def __bool__(self) -> bool:
         return bool(self._messages)
 
-    def tensors(self, arrays: dict[str, np.ndarray], arena=None) -> list[TensorMeta]:
+    def tensors(
+        self, arrays: dict[str, np.ndarray], arena: TensorArena | None = None
+    ) -> list[TensorMeta]:
         """Queue the arrays' bytes; the metas to put in the message that carries them. With an
         `arena` (engine/arena.py), large numeric tensors are copied there instead when it has
         room."""
         metas = []
+        data: bytes | memoryview
         for name, array in arrays.items():
             if arena is not None and array.nbytes >= arena.threshold and array.dtype.kind != "O":
                 offset = arena.place(array)
@@ -153,15 +168,15 @@ class FrameWriter:
                 self._size += nbytes
         return metas
 
-    def add(self, message) -> None:
+    def add(self, message: object) -> None:
         self._messages.append(message)
 
-    def take(self) -> list:
+    def take(self) -> list[bytes | memoryview]:
         """The frame's buffers (prefix, header, tensor bytes); the writer is empty again. A
         small frame is one buffer (one copy of a few KiB costs less than an iovec per tensor);
         a large one leaves the tensors' memory where it is."""
         header = _ENCODER.encode(self._messages)
-        frame = [PREFIX.pack(len(header), self._size), header, *self._buffers]
+        frame: list[bytes | memoryview] = [PREFIX.pack(len(header), self._size), header, *self._buffers]
         if self._size < _COALESCE_BYTES:
             frame = [b"".join(frame)]
         self._messages, self._buffers, self._size = [], [], 0
@@ -198,17 +213,18 @@ def read_tensors(
 
 
 @functools.cache
-def _dtype(name: str) -> np.dtype:
+def _dtype(name: str) -> np.dtype[Any]:
     try:
         return np.dtype(name)
     except TypeError:
         import ml_dtypes  # bfloat16 and friends are named, not coded, dtypes
 
-        return np.dtype(getattr(ml_dtypes, name))
+        dtype: np.dtype[Any] = np.dtype(getattr(ml_dtypes, name))
+        return dtype
 
 
 # --- frames over a blocking socket (isolated runtime workers) ---------------------------------------
-def send_frame(sock, writer: FrameWriter) -> None:
+def send_frame(sock: socket.socket, writer: FrameWriter) -> None:
     """Send the writer's frame whole (partial sends of large payloads resumed)."""
     parts = [part for part in writer.take() if len(part)]
     while parts:
@@ -220,7 +236,7 @@ def send_frame(sock, writer: FrameWriter) -> None:
             parts[0] = memoryview(parts[0])[sent:]
 
 
-def receive_frame(reader, message_type) -> tuple[list, memoryview]:
+def receive_frame(reader: io.BufferedIOBase, message_type: Any) -> tuple[list[Any], memoryview]:
     """(messages, data) of the next frame from a binary file over a socket; EOFError when the
     other end closed. The data is one buffer read straight from the socket."""
     prefix = reader.read(PREFIX.size)
@@ -235,7 +251,7 @@ def receive_frame(reader, message_type) -> tuple[list, memoryview]:
 
 
 @functools.cache
-def _decoders(message_type) -> msgspec.msgpack.Decoder:
+def _decoders(message_type: Any) -> msgspec.msgpack.Decoder[list[Any]]:
     return decoder(message_type)
 
 
@@ -255,8 +271,8 @@ class Link(asyncio.BufferedProtocol):
 
     def __init__(
         self,
-        message_type,
-        on_frame: Callable[[list, memoryview], None],
+        message_type: Any,
+        on_frame: Callable[[list[Any], memoryview], None],
         on_lost: Callable[[Exception | None], None],
     ) -> None:
         self._decoder = decoder(message_type)
@@ -280,7 +296,7 @@ class Link(asyncio.BufferedProtocol):
             self._loop.call_soon(self._flush)
         return self._writer
 
-    def send(self, message) -> None:
+    def send(self, message: object) -> None:
         self.writer().add(message)
 
     @property
@@ -302,8 +318,9 @@ class Link(asyncio.BufferedProtocol):
             self._transport.close()
 
     # --- asyncio.BufferedProtocol -----------------------------------------------------------------
-    def connection_made(self, transport) -> None:
-        self._transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream socket's transport; uvloop's is not an asyncio.Transport subclass.
+        self._transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -350,10 +367,10 @@ class Link(asyncio.BufferedProtocol):
         return False
 
 
-def encode(value) -> bytes:
+def encode(value: object) -> bytes:
     """One value (a Struct, config or settings) as msgpack, as frames carry them."""
     return _ENCODER.encode(value)
 
 
-def decode(data: bytes, kind) -> Any:
+def decode(data: bytes, kind: Any) -> Any:
     return msgspec.msgpack.decode(data, type=kind, dec_hook=_dec_hook)

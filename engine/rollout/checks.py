@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,11 @@ from convoy.types import Request
 
 from ..check import sample_inputs
 from .spec import RolloutSpec
+
+if TYPE_CHECKING:
+    from convoy.types import Response
+
+    from ..repository import Model
 
 log = logging.getLogger("convoy.rollout")
 
@@ -41,14 +47,16 @@ def check_model(config: ModelConfig) -> None:
         raise InvalidInput(f"model: '{name}' is an ensemble; roll out its composing models instead")
 
 
-async def check_signatures(model, spec: RolloutSpec, root: Path) -> None:
+async def check_signatures(model: Model, spec: RolloutSpec, root: Path) -> None:
     """One sample inference on each version; the candidate must answer it with the same
     outputs (names, datatypes, shapes) as stable."""
     name = model.name
     config = model.config
+    # The manager started the roll-out: both versions are set, loaded and ready.
+    assert config is not None and spec.stable is not None and spec.candidate is not None
     model_dir = model.private_dir or root / name
     inputs, rows = sample_inputs(config, model_dir / str(spec.stable))
-    answers = {}
+    answers: dict[int, Response | Exception] = {}
     for version in (spec.stable, spec.candidate):
         entry = model.versions[version]
         future = asyncio.get_running_loop().create_future()
@@ -61,6 +69,7 @@ async def check_signatures(model, spec: RolloutSpec, root: Path) -> None:
             received_ns=time.monotonic_ns(),
         )
         try:
+            assert entry.scheduler is not None  # a ready version (not an ensemble: check_model)
             entry.scheduler.submit(request)
             answers[version] = await asyncio.wait_for(future, SAMPLE_TIMEOUT_S)
         except Exception as exc:
@@ -81,7 +90,7 @@ async def check_signatures(model, spec: RolloutSpec, root: Path) -> None:
             f"{spec.stable} answers: {candidate}"
         )
 
-    def signature(response) -> dict:
+    def signature(response: Response) -> dict[str, tuple[str, list[int]]]:
         return {n: (str(a.dtype), list(a.shape)) for n, a in sorted(response.outputs.items())}
 
     ours, theirs = signature(stable), signature(candidate)

@@ -16,6 +16,7 @@ Runs on the engine's loop when a pair completes: numpy on the request's own rows
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class PairVerdict:
     agrees: bool
     outputs: tuple[OutputVerdict, ...]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "agrees": self.agrees,
             "outputs": {

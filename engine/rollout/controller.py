@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,8 +33,13 @@ from .budget import MirrorBudget
 from .compare import compare_pair
 from .gates import Decision, decide
 from .routing import MirrorOutcome, Pair, RolloutRoute, RoutedOutcome, Share, split_point
-from .spec import OutputCompare, RolloutSpec
+from .spec import OutputCompare, RolloutSpec, Step
 from .stats import ArmHistograms, StepStats, Timeline
+
+if TYPE_CHECKING:
+    from convoy.types import Response
+
+    from ..repository import ModelVersion
 
 log = logging.getLogger("convoy.rollout")
 
@@ -57,7 +62,7 @@ class Rollout:
         rules: dict[str, OutputCompare],
         datatypes: dict[str, str],
         batched: bool,
-        lookup: Callable[[int], Any],
+        lookup: Callable[[int], ModelVersion | None],
         on_change: Callable[[Rollout], None],
         on_disagreement: Callable[..., None] | None = None,
     ) -> None:
@@ -70,8 +75,10 @@ class Rollout:
         self.rules = rules
         self.datatypes = datatypes
         self.batched = batched
-        self.stable: int = spec.stable
-        self.candidate: int = spec.candidate
+        # A roll-out's spec names both versions (RolloutManager loads them before it starts one
+        # and restores it from a state record that has them).
+        self.stable: int = spec.stable  # type: ignore[assignment]
+        self.candidate: int = spec.candidate  # type: ignore[assignment]
         self._lookup = lookup
         self._on_change = on_change
         self._on_disagreement = on_disagreement
@@ -93,9 +100,9 @@ class Rollout:
         self.totals = StepStats()
         self.histograms = ArmHistograms()
         self.timeline = Timeline()
-        self.history: list[dict] = []
+        self.history: list[dict[str, Any]] = []
         #: Each finished step: its label, the decision that ended it, what it measured.
-        self.step_results: list[dict] = []
+        self.step_results: list[dict[str, Any]] = []
         self.decision: Decision | None = None
         self.route = RolloutRoute(self)
         self._salt = f"{model}:{self.stable}:{self.candidate}"
@@ -108,11 +115,11 @@ class Rollout:
         self._set_weight()
 
     # --- lookups -----------------------------------------------------------------------------------
-    def entry(self, version: int):
+    def entry(self, version: int) -> ModelVersion | None:
         return self._lookup(version)
 
     @property
-    def step(self):
+    def step(self) -> Step:
         return self.spec.steps[self.step_index]
 
     @property
@@ -194,6 +201,7 @@ class Rollout:
             self.stats.mirrors.sent += 1
             self.totals.mirrors.sent += 1
             try:
+                assert other.scheduler is not None  # checked above, when the mirror was made
                 other.scheduler.submit(mirror)
             except Exception as exc:  # refused (shutting down, unready): a failed mirror
                 mirror.future.set_exception(exc)
@@ -207,7 +215,7 @@ class Rollout:
             return self._keyless.take()
         return split_point(self._salt, key) < weight
 
-    def _budget(self, entry) -> MirrorBudget:
+    def _budget(self, entry: ModelVersion) -> MirrorBudget:
         budget = self._budgets.get(entry.version)
         if budget is None:
             config = entry.config
@@ -226,7 +234,13 @@ class Rollout:
 
     # --- outcomes (loop thread) ----------------------------------------------------------------------
     def served(
-        self, arm: str, start_ns: int, generation: int, response, error, pair: Pair | None
+        self,
+        arm: str,
+        start_ns: int,
+        generation: int,
+        response: Response | None,
+        error: BaseException | None,
+        pair: Pair | None,
     ) -> None:
         """A client's request routed by this roll-out was answered."""
         if isinstance(error, Cancelled):
@@ -248,7 +262,9 @@ class Rollout:
         if pair is not None:
             pair.primary_done(response, error)
 
-    def mirrored(self, outcome: MirrorOutcome, response, error) -> None:
+    def mirrored(
+        self, outcome: MirrorOutcome, response: Response | None, error: BaseException | None
+    ) -> None:
         """A mirrored request came back."""
         now = time.monotonic_ns()
         budget = self._budgets.get(outcome.version)
@@ -276,6 +292,7 @@ class Rollout:
     def paired(self, pair: Pair) -> None:
         """Both sides answered: compare them (when both succeeded)."""
         primary, mirror = pair.primary, pair.mirror
+        assert primary is not None and mirror is not None  # called once both sides answered
         if primary[1] is not None or mirror[1] is not None:
             current = pair.generation == self.generation
             for counts in [self.totals.mirrors] + ([self.stats.mirrors] if current else []):
@@ -285,6 +302,8 @@ class Rollout:
             candidate, stable = primary[0], mirror[0]
         else:
             stable, candidate = primary[0], mirror[0]
+        # No error on either side: both answered with a response.
+        assert stable is not None and candidate is not None
         verdict = compare_pair(
             self.rules, self.datatypes, stable.outputs, candidate.outputs, self.batched
         )
@@ -413,7 +432,7 @@ class Rollout:
         del self.history[:-HISTORY]
 
     # --- what status and the report show ---------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         now = time.monotonic()
         step = self.step
         return {
@@ -447,10 +466,10 @@ class Rollout:
         }
 
 
-def _decision(decision: Decision | None) -> dict | None:
+def _decision(decision: Decision | None) -> dict[str, Any] | None:
     if decision is None:
         return None
-    out = {
+    out: dict[str, Any] = {
         "action": decision.action,
         "reason": decision.reason,
         "checks": [c.describe() for c in decision.checks],

@@ -23,10 +23,11 @@ needs its test to name a winner).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .spec import RolloutSpec, Step
+from .spec import Guards, RolloutSpec, Step
 from .stats import ArmWindow, StepStats, binomial_tail, mann_whitney, rate_excess, two_proportions
 
 #: Latency differences below this are scheduling noise, not a slower candidate (ms).
@@ -49,7 +50,7 @@ class GuardCheck:
     needed: int
     detail: str
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "guard": self.name,
             "holds": self.holds,
@@ -68,7 +69,7 @@ class Decision:
     reason: str
     checks: tuple[GuardCheck, ...] = ()
     #: The A/B test's figures, when one ran.
-    test: dict | None = None
+    test: dict[str, Any] | None = None
 
 
 def reference_windows(stats: StepStats, step: Step) -> tuple[ArmWindow, ArmWindow]:
@@ -99,7 +100,8 @@ def _verdict(within: bool, evidence: float) -> bool | None:
     return False if evidence < BREACH_ALPHA else None
 
 
-def _latency(guards, stable: ArmWindow, candidate: ArmWindow, needed: int) -> GuardCheck:
+def _latency(guards: Guards, stable: ArmWindow, candidate: ArmWindow, needed: int) -> GuardCheck:
+    assert guards.max_p99_ratio is not None  # check_guards checks a guard only when it is on
     samples = min(len(stable.latencies.values), len(candidate.latencies.values))
     stable_p99 = stable.latencies.quantile_ms(0.99)
     candidate_p99 = candidate.latencies.quantile_ms(0.99)
@@ -120,11 +122,14 @@ def _latency(guards, stable: ArmWindow, candidate: ArmWindow, needed: int) -> Gu
     return GuardCheck("latency", holds, candidate_p99, limit, samples, needed, detail)
 
 
-def _error_rate(guards, stable: ArmWindow, candidate: ArmWindow, needed: int) -> GuardCheck:
+def _error_rate(guards: Guards, stable: ArmWindow, candidate: ArmWindow, needed: int) -> GuardCheck:
+    assert guards.max_error_rate_delta is not None  # check_guards checks a guard only when it is on
     samples = min(stable.requests, candidate.requests)
     if samples < needed:
         return GuardCheck("error_rate", None, None, None, samples, needed, "collecting outcomes")
     limit = guards.max_error_rate_delta
+    # min_samples is at least 1, so both arms have requests (and error rates) here.
+    assert candidate.error_rate is not None and stable.error_rate is not None
     delta = candidate.error_rate - stable.error_rate
     evidence = rate_excess(candidate.errors, candidate.requests, stable.errors, stable.requests, limit)
     holds = _verdict(delta <= limit, evidence)
@@ -136,13 +141,15 @@ def _error_rate(guards, stable: ArmWindow, candidate: ArmWindow, needed: int) ->
     return GuardCheck("error_rate", holds, delta, limit, samples, needed, detail)
 
 
-def _agreement(guards, stats: StepStats, needed: int) -> GuardCheck:
+def _agreement(guards: Guards, stats: StepStats, needed: int) -> GuardCheck:
+    assert guards.min_agreement is not None  # check_guards checks a guard only when it is on
     pairs = stats.pairs
     if pairs.pairs < needed:
         return GuardCheck(
             "agreement", None, pairs.agreement, None, pairs.pairs, needed, "collecting pairs"
         )
     limit = guards.min_agreement
+    assert pairs.agreement is not None  # min_samples is at least 1: there are pairs
     evidence = binomial_tail(pairs.pairs - pairs.agree, pairs.pairs, 1 - limit)
     holds = _verdict(pairs.agreement >= limit, evidence)
     detail = (
@@ -203,7 +210,13 @@ def decide(spec: RolloutSpec, step_index: int, elapsed_s: float, stats: StepStat
     return Decision("promote", f"every step passed (last: {step.label})", checks)
 
 
-def _ab_decision(spec: RolloutSpec, step: Step, elapsed_s: float, stats: StepStats, checks) -> Decision:
+def _ab_decision(
+    spec: RolloutSpec,
+    step: Step,
+    elapsed_s: float,
+    stats: StepStats,
+    checks: tuple[GuardCheck, ...],
+) -> Decision:
     ab = spec.ab
     stable, candidate = stats.stable_served, stats.candidate_served
     if ab.metric == "latency":

@@ -20,8 +20,9 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convoy.config import ServerConfig
 from convoy.errors import Conflict, ConvoyError, InvalidConfig, InvalidInput, ModelNotFound
@@ -31,6 +32,14 @@ from .controller import RUNNING, Rollout
 from .report import report_document
 from .spec import RolloutSpec, output_rules, parse_spec
 from .state import read_state, write_state
+
+if TYPE_CHECKING:
+    from convoy.types import Response
+
+    from ..payload_log import PayloadLog
+    from ..repository import Model, ModelRepository, ModelVersion
+    from .compare import PairVerdict
+    from .routing import Pair
 
 log = logging.getLogger("convoy.rollout")
 
@@ -43,7 +52,7 @@ ROLLOUT_FILE = "rollout.json"
 class RolloutManager:
     """Owns every Rollout; the repository asks it which versions to hold and serve."""
 
-    def __init__(self, settings: ServerConfig, repository) -> None:
+    def __init__(self, settings: ServerConfig, repository: ModelRepository) -> None:
         self.repository = repository
         self.state_path: Path | None = settings.rollout_state
         #: The current (running or finished) roll-out of each model that has one.
@@ -51,16 +60,17 @@ class RolloutManager:
         #: Models whose requests naming no version a running roll-out splits: name -> route.
         self.routes: dict[str, Any] = {}
         #: Set by the engine: where disagreeing pairs are logged (None: not logged).
-        self.payload_log = None
+        self.payload_log: PayloadLog | None = None
         #: From the state file, until restored (after the start-up loads).
-        self._records: dict[str, dict] = {}
+        self._records: dict[str, dict[str, Any]] = {}
         #: Starts a load asked for (rollout.json, a poll's new version), run once it serves.
         self._pending: dict[str, RolloutSpec] = {}
         #: Versions held and served before a roll-out object exists (records, pending starts).
         self._holds: dict[str, set[int]] = {}
-        self._defaults: dict[str, int] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._tick: asyncio.Task | None = None
+        #: None for a spec that names no versions (start() refuses it once it tries to load them).
+        self._defaults: dict[str, int | None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tick: asyncio.Task[None] | None = None
         self.started = False
 
     # --- lifetime --------------------------------------------------------------------------------------
@@ -113,7 +123,7 @@ class RolloutManager:
                 except Exception:
                     log.exception("roll-out of '%s': gate check failed", rollout.model)
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -134,7 +144,9 @@ class RolloutManager:
             return None  # done: the version policy decides again
         return rollout.serving_version
 
-    def plan_versions(self, name: str, model_dir: Path, previous, chosen: list[int]) -> list[int]:
+    def plan_versions(
+        self, name: str, model_dir: Path, previous: Model | None, chosen: list[int]
+    ) -> list[int]:
         spec = self._declared(name, model_dir)
         current = self.rollouts.get(name)
         if spec is not None and spec.stable is not None:
@@ -170,11 +182,12 @@ class RolloutManager:
         return sorted(set(chosen) | held, reverse=True)
 
     def _hold(self, name: str, spec: RolloutSpec) -> None:
+        assert spec.stable is not None and spec.candidate is not None  # plan_versions' specs name both
         self._pending[name] = spec
         self._holds[name] = {spec.stable, spec.candidate}
         self._defaults[name] = spec.stable
 
-    def loaded(self, name: str, model) -> None:
+    def loaded(self, name: str, model: Model) -> None:
         if self.started and name in self._pending:
             self._spawn(self._start_pending(name))
 
@@ -205,7 +218,7 @@ class RolloutManager:
             self._defaults.pop(name, None)
             self._publish(name)
 
-    async def start(self, name: str, document: Any) -> dict:
+    async def start(self, name: str, document: Any) -> dict[str, Any]:
         """The admin API's start: refused (naming the field) unless everything checks out."""
         spec = parse_spec(document)
         if self.state_path is None:
@@ -233,7 +246,9 @@ class RolloutManager:
             )
         rules = output_rules(spec, config)
         previous_holds = self._holds.get(name)
-        self._holds[name] = {spec.stable, spec.candidate}
+        # A spec naming no versions (new_versions: candidate, from the API) holds {None} until
+        # add_versions below refuses it.
+        self._holds[name] = {spec.stable, spec.candidate}  # type: ignore[arg-type]
         self._defaults[name] = spec.stable
         try:
             for field in ("stable", "candidate"):
@@ -263,7 +278,7 @@ class RolloutManager:
             rules,
             {s.name: s.datatype for s in config.outputs},
             config.max_batch_size > 0,
-            lambda version, name=name: self._lookup(name, version),
+            lambda version: self._lookup(name, version),
             self._changed,
             self._log_disagreement,
         )
@@ -287,12 +302,12 @@ class RolloutManager:
         self._changed(rollout)
         return rollout
 
-    def _lookup(self, name: str, version: int):
+    def _lookup(self, name: str, version: int) -> ModelVersion | None:
         model = self.repository.models.get(name)
         return None if model is None else model.versions.get(version)
 
     # --- restoring ------------------------------------------------------------------------------------
-    async def _restore(self, name: str, record: dict) -> None:
+    async def _restore(self, name: str, record: dict[str, Any]) -> None:
         model = self.repository.models.get(name)
         if model is None or model.config is None:
             log.error("--rollout-state: model '%s' is not loaded; its roll-out is dropped", name)
@@ -315,7 +330,7 @@ class RolloutManager:
             rules,
             {s.name: s.datatype for s in config.outputs},
             config.max_batch_size > 0,
-            lambda version, name=name: self._lookup(name, version),
+            lambda version: self._lookup(name, version),
             self._changed,
             self._log_disagreement,
         )
@@ -327,7 +342,7 @@ class RolloutManager:
         self.rollouts[name] = rollout
         self._holds.pop(name, None)
         self._defaults.pop(name, None)
-        missing = [v for v in (spec.stable, spec.candidate) if self._lookup(name, v) is None]
+        missing = [v for v in (rollout.stable, rollout.candidate) if self._lookup(name, v) is None]
         if state in RUNNING:
             if missing:
                 rollout.finish(
@@ -368,12 +383,12 @@ class RolloutManager:
             raise ModelNotFound(f"model '{name}' has no roll-out")
         return rollout
 
-    def status(self, name: str = "") -> dict:
+    def status(self, name: str = "") -> dict[str, Any]:
         if name:
             return self._get(name).status()
         return {"rollouts": [self.rollouts[n].status() for n in sorted(self.rollouts)]}
 
-    def promote(self, name: str) -> dict:
+    def promote(self, name: str) -> dict[str, Any]:
         rollout = self._get(name)
         if rollout.state in RUNNING or (
             rollout.state in ("rolled_back", "aborted") and not rollout.candidate_released
@@ -384,7 +399,7 @@ class RolloutManager:
             return rollout.status()
         raise Conflict(f"model '{name}': the roll-out is {rollout.state}; nothing to promote")
 
-    def abort(self, name: str) -> dict:
+    def abort(self, name: str) -> dict[str, Any]:
         rollout = self._get(name)
         if rollout.state in RUNNING:
             rollout.finish("aborted", f"aborted by the operator at {rollout.step.label}")
@@ -401,10 +416,10 @@ class RolloutManager:
             raise Conflict(f"model '{name}': the roll-out is {rollout.state}; nothing to abort")
         return rollout.status()
 
-    def report(self, name: str) -> dict:
+    def report(self, name: str) -> dict[str, Any]:
         return report_document(self._get(name))
 
-    def catalog_summary(self) -> dict:
+    def catalog_summary(self) -> dict[str, Any]:
         """Each roll-out's status without its history (the catalog re-reads it every few s)."""
         return {name: rollout.status() | {"history": []} for name, rollout in self.rollouts.items()}
 
@@ -434,7 +449,14 @@ class RolloutManager:
             write_state(self.state_path, self.rollouts)
 
     # --- disagreements into the payload log -----------------------------------------------------------
-    def _log_disagreement(self, rollout: Rollout, pair, verdict, stable, candidate) -> None:
+    def _log_disagreement(
+        self,
+        rollout: Rollout,
+        pair: Pair,
+        verdict: PairVerdict,
+        stable: Response,
+        candidate: Response,
+    ) -> None:
         if self.payload_log is None:
             return
         model = self.repository.models.get(rollout.model)

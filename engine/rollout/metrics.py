@@ -3,7 +3,8 @@ request path never calls the Prometheus client)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,16 +20,22 @@ from convoy.batching.stats import Histogram
 from .controller import RUNNING
 from .stats import ABS_ERROR_BOUNDS, COSINE_BOUNDS
 
+if TYPE_CHECKING:
+    from .manager import RolloutManager
+
 STATES = ("running", "ready", "promoted", "rolled_back", "aborted", "reverted")
 MIRROR_OUTCOMES = ("sent", "completed", "failed", "dropped_budget", "dropped_queue", "unpaired")
 
 
-def _buckets(bounds, counts, scale: float = 1.0) -> list[tuple[str, int]]:
+def _buckets(
+    bounds: Sequence[float], counts: Sequence[int], scale: float = 1.0
+) -> list[tuple[str, int]]:
     out = []
     running = 0
     for bound, count in zip(bounds, counts, strict=False):
         running += count
-        out.append((floatToGoString(round(bound * scale, 12)), running))
+        go_bound = floatToGoString(round(bound * scale, 12))  # type: ignore[no-untyped-call]  # untyped upstream
+        out.append((go_bound, running))
     out.append(("+Inf", running + counts[-1]))
     return out
 
@@ -39,7 +46,7 @@ def _latency(histogram: Histogram) -> tuple[list[tuple[str, int]], float]:
 
 
 class RolloutCollector(Collector):
-    def __init__(self, manager) -> None:
+    def __init__(self, manager: RolloutManager) -> None:
         self.manager = manager
 
     def collect(self) -> Iterator[Metric]:
@@ -109,10 +116,10 @@ class RolloutCollector(Collector):
                     successes = window.requests - window.errors
                     requests.add_metric([model, arm, traffic, "success"], successes)
                     requests.add_metric([model, arm, traffic, "error"], window.errors)
-            window = totals.pairs
-            pairs.add_metric([model, "agree"], window.agree)
-            pairs.add_metric([model, "disagree"], window.pairs - window.agree)
-            for output, counts in sorted(list(window.outputs.items())):  # one copy: the loop adds
+            paired = totals.pairs
+            pairs.add_metric([model, "agree"], paired.agree)
+            pairs.add_metric([model, "disagree"], paired.pairs - paired.agree)
+            for output, counts in sorted(list(paired.outputs.items())):  # one copy: the loop adds
                 output_pairs.add_metric([model, output, "agree"], counts.agree)
                 output_pairs.add_metric([model, output, "disagree"], counts.pairs - counts.agree)
                 if sum(counts.abs_error):

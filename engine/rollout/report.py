@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from html import escape
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .controller import Rollout
 
 ARMS = ("stable_served", "candidate_served", "stable_mirrored", "candidate_mirrored")
 COLOURS = {
@@ -34,7 +38,7 @@ ACTION_COLOURS = {
 }
 
 
-def report_document(rollout) -> dict:
+def report_document(rollout: Rollout) -> dict[str, Any]:
     histograms = rollout.histograms
     # Every arm counts into the same latency buckets (batching/stats.py's LATENCY_BOUNDS_NS).
     bounds = histograms.stable_served.bounds
@@ -71,7 +75,7 @@ svg{background:#fff;border:1px solid #ddd}svg text{font-size:11px;fill:#333}
 """
 
 
-def _fmt(value, digits: int = 2) -> str:
+def _fmt(value: object, digits: int = 2) -> str:
     if value is None:
         return "&ndash;"
     if isinstance(value, float):
@@ -79,7 +83,7 @@ def _fmt(value, digits: int = 2) -> str:
     return escape(str(value))
 
 
-def render_html(document: dict) -> str:
+def render_html(document: dict[str, Any]) -> str:
     status = document["status"]
     model = escape(document["model"])
     parts = [
@@ -108,7 +112,7 @@ def render_html(document: dict) -> str:
     return "\n".join(parts)
 
 
-def _summary_table(status: dict) -> str:
+def _summary_table(status: dict[str, Any]) -> str:
     totals = status["totals"]
     rows = []
     for arm in ("stable", "candidate"):
@@ -145,7 +149,7 @@ def _legend(items: list[tuple[str, str]]) -> str:
     )
 
 
-def _latency_chart(latency: dict) -> str:
+def _latency_chart(latency: dict[str, Any]) -> str:
     """Cumulative distribution per arm over the latency buckets (log-spaced x axis)."""
     bounds = latency["bounds_ms"]
     width, height, left, bottom, top = 760, 280, 50, 40, 15
@@ -206,7 +210,7 @@ def _latency_chart(latency: dict) -> str:
     )
 
 
-def _agreement_chart(timeline: list[dict]) -> str:
+def _agreement_chart(timeline: list[dict[str, Any]]) -> str:
     width, height, left, bottom, top = 760, 220, 50, 35, 15
     plot_w, plot_h = width - left - 20, height - bottom - top
     points = [p for p in timeline if p["agreement"] is not None]
@@ -255,7 +259,7 @@ def _agreement_chart(timeline: list[dict]) -> str:
     )
 
 
-def _decision_timeline(history: list[dict]) -> str:
+def _decision_timeline(history: list[dict[str, Any]]) -> str:
     width, height, left = 760, 120, 70
     plot_w = width - 2 * left
     span = max((h["t_s"] for h in history), default=1.0) or 1.0
@@ -285,7 +289,7 @@ def _decision_timeline(history: list[dict]) -> str:
     )
 
 
-def _history_table(history: list[dict]) -> str:
+def _history_table(history: list[dict[str, Any]]) -> str:
     rows = "".join(
         f'<tr><td class="l">{escape(h["time"])}</td><td>{h["t_s"]:.1f}</td><td class="l">'
         f'{escape(h["label"])}</td><td class="l">{escape(h["action"])}</td><td class="l">'
@@ -298,7 +302,7 @@ def _history_table(history: list[dict]) -> str:
     )
 
 
-def _outputs_table(pairs: dict) -> str:
+def _outputs_table(pairs: dict[str, Any]) -> str:
     outputs = pairs.get("outputs") or {}
     if not outputs:
         return ""

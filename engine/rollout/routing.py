@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from convoy.types import Response
 
 if TYPE_CHECKING:
+    from convoy.batching.protocol import ModelScheduler
+    from convoy.batching.stats import ModelStats
+    from convoy.config import ModelConfig
+
+    from ..repository import ModelVersion
     from .controller import Rollout
+
+#: What a side of a pair answered: (its response, None) or (None, its error).
+Answer = tuple[Response | None, BaseException | None]
 
 #: The response parameter naming the arm that served a request (its version is the response's
 #: model_version).
@@ -55,11 +66,13 @@ class RolloutRoute:
         self.rollout = rollout
 
     @property
-    def _entry(self):
-        return self.rollout.entry(self.rollout.stable)
+    def _entry(self) -> ModelVersion:
+        # The roll-out holds stable loaded (held_versions) while its route is published; were
+        # it gone, the attribute read on None fails as it always did.
+        return self.rollout.entry(self.rollout.stable)  # type: ignore[return-value]
 
     @property
-    def config(self):
+    def config(self) -> ModelConfig:
         return self._entry.config
 
     @property
@@ -80,11 +93,11 @@ class RolloutRoute:
         return entry is not None and entry.ready
 
     @property
-    def scheduler(self):
+    def scheduler(self) -> ModelScheduler | None:
         return self._entry.scheduler
 
     @property
-    def stats(self):
+    def stats(self) -> ModelStats:
         return self._entry.stats
 
     @property
@@ -98,7 +111,12 @@ class Pair:
     __slots__ = ("candidate_first", "generation", "inputs", "mirror", "primary", "request_id", "rollout")
 
     def __init__(
-        self, rollout: Rollout, candidate_first: bool, generation: int, request_id: str, inputs
+        self,
+        rollout: Rollout,
+        candidate_first: bool,
+        generation: int,
+        request_id: str,
+        inputs: dict[str, np.ndarray],
     ) -> None:
         self.rollout = rollout
         #: The client's request went to the candidate (the mirror to stable).
@@ -107,15 +125,15 @@ class Pair:
         self.request_id = request_id
         self.inputs = inputs
         #: (Response | None, error | None) of each side once it answered.
-        self.primary: tuple | None = None
-        self.mirror: tuple | None = None
+        self.primary: Answer | None = None
+        self.mirror: Answer | None = None
 
-    def primary_done(self, response, error) -> None:
+    def primary_done(self, response: Response | None, error: BaseException | None) -> None:
         self.primary = (response, error)
         if self.mirror is not None:
             self.rollout.paired(self)
 
-    def mirror_done(self, response, error) -> None:
+    def mirror_done(self, response: Response | None, error: BaseException | None) -> None:
         self.mirror = (response, error)
         if self.primary is not None:
             self.rollout.paired(self)
@@ -127,7 +145,17 @@ class RoutedOutcome:
 
     __slots__ = ("_arm", "_client", "_generation", "_pair", "_rollout", "_start_ns")
 
-    def __init__(self, client, rollout: Rollout, arm: str, start_ns: int, generation: int, pair) -> None:
+    def __init__(
+        self,
+        # The request's own future (asyncio's, concurrent.futures' or a DirectOutcome): used
+        # through the whole future API, beyond Request.future's OutcomeFuture.
+        client: Any,
+        rollout: Rollout,
+        arm: str,
+        start_ns: int,
+        generation: int,
+        pair: Pair | None,
+    ) -> None:
         self._client = client
         self._rollout = rollout
         self._arm = arm
@@ -136,21 +164,23 @@ class RoutedOutcome:
         self._pair = pair
 
     def done(self) -> bool:
-        return self._client.done()
+        done: bool = self._client.done()
+        return done
 
     def cancelled(self) -> bool:
-        return self._client.cancelled()
+        cancelled: bool = self._client.cancelled()
+        return cancelled
 
-    def result(self):
+    def result(self) -> Any:
         return self._client.result()
 
-    def exception(self):
+    def exception(self) -> Any:
         return self._client.exception()
 
     def cancel(self) -> Any:
         return self._client.cancel()
 
-    def add_done_callback(self, callback) -> None:
+    def add_done_callback(self, callback: Callable[[RoutedOutcome], object]) -> None:
         self._client.add_done_callback(lambda _client: callback(self))
 
     def set_result(self, response: Response) -> None:
@@ -188,13 +218,13 @@ class MirrorOutcome:
     def cancelled(self) -> bool:
         return False
 
-    def result(self):
+    def result(self) -> None:
         return self._result
 
-    def exception(self):
+    def exception(self) -> None:
         return None
 
-    def add_done_callback(self, callback) -> None:
+    def add_done_callback(self, callback: Callable[[MirrorOutcome], object]) -> None:
         if self._done:
             callback(self)
 

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from convoy.config import ModelConfig
 from convoy.errors import InvalidInput
 
 MODES = ("shadow", "canary", "ab")
 #: Default steps per mode.
-DEFAULT_STEPS: dict[str, tuple] = {
+DEFAULT_STEPS: dict[str, tuple[str | int, ...]] = {
     "shadow": ("shadow",),
     "canary": ("shadow", 1, 10, 50, 100),
     "ab": (50,),
@@ -145,9 +146,9 @@ class RolloutSpec:
     #: rollout.json only: "candidate" makes a new version folder (poll) the candidate.
     new_versions: str = "replace"
     #: The document it was parsed from (kept for the state file and the report).
-    document: dict = field(default_factory=dict, compare=False)
+    document: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """The spec as the status and report show it."""
         out = asdict(self)
         out.pop("document")
@@ -205,10 +206,13 @@ def _integer(value: Any, where: str, low: int, high: int = 1 << 62) -> int:
 def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InvalidInput(f"{where}: expected one of {', '.join(choices)}, got {value!r}"[:300])
-    return value
+    chosen: str = value  # one of `choices`
+    return chosen
 
 
-def _optional(fields: _Fields, name: str, default, read):
+def _optional(
+    fields: _Fields, name: str, default: float | None, read: Callable[[Any, str], float]
+) -> float | None:
     """A guard: absent -> its default, null -> off, else `read(value, path)`."""
     if name not in fields.value:
         return default
@@ -300,7 +304,7 @@ def parse_spec(document: Any, template: bool = False) -> RolloutSpec:
     )
 
 
-def _missing(name: str):
+def _missing(name: str) -> NoReturn:
     raise InvalidInput(f"{name}: required (the model version number)")
 
 
@@ -458,9 +462,9 @@ def output_rules(spec: RolloutSpec, config: ModelConfig) -> dict[str, OutputComp
     atol, rtol, cosine = compare.atol, compare.rtol, compare.min_cosine
     rules = {}
     for name, datatype in declared.items():
-        rule = compare.outputs.get(name)
-        if rule is None:
+        given = compare.outputs.get(name)
+        if given is None:
             kind = "float" if datatype in FLOAT_DATATYPES else "exact"
-            rule = OutputCompare(kind, atol=atol, rtol=rtol, min_cosine=cosine)
-        rules[name] = rule
+            given = OutputCompare(kind, atol=atol, rtol=rtol, min_cosine=cosine)
+        rules[name] = given
     return rules

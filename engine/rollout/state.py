@@ -14,17 +14,21 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from convoy.errors import InvalidConfig
+
+if TYPE_CHECKING:
+    from .controller import Rollout
 
 log = logging.getLogger("convoy.rollout")
 
 STATE_FORMAT = 1
 
 
-def read_state(path: Path) -> dict[str, dict]:
+def read_state(path: Path) -> dict[str, dict[str, Any]]:
     """The records of the file (empty when it does not exist yet); InvalidConfig naming the
     flag when it is not a state file."""
     if not path.exists():
@@ -39,7 +43,7 @@ def read_state(path: Path) -> dict[str, dict]:
     return records
 
 
-def record_of(rollout) -> dict:
+def record_of(rollout: Rollout) -> dict[str, Any]:
     until = None
     if rollout.previous_until_s is not None:
         until = time.time() + max(rollout.previous_until_s - time.monotonic(), 0.0)
@@ -60,7 +64,7 @@ def record_of(rollout) -> dict:
     }
 
 
-def write_state(path: Path, rollouts: dict) -> None:
+def write_state(path: Path, rollouts: dict[str, Rollout]) -> None:
     """Replace the file with every roll-out's record; a failure is logged, never raised (the
     roll-outs go on; the next transition tries again)."""
     document = {"format": STATE_FORMAT, "rollouts": {n: record_of(r) for n, r in rollouts.items()}}

