@@ -281,7 +281,7 @@ class Engine(EngineClient):
             raise
 
     # As `submit`: a view from `resolve` (a route's request names the version it was sent to).
-    def cancel(self, model: ModelVersion, request: Request) -> None:  # type: ignore[override]
+    def cancel(self, model: ModelVersion | RolloutRoute, request: Request) -> None:  # type: ignore[override]
         if self.cache is not None and self.cache.cancel(request):
             return
         if request.routed_to is not None:
