@@ -12,7 +12,6 @@ from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Generic, TypeVar
 
 #: Bucket upper bounds (inclusive) for request latency and compute time, in nanoseconds.
 LATENCY_BOUNDS_NS = tuple(
@@ -33,9 +32,6 @@ PADDING_RATIO_BOUNDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: Triton's default buckets for nv_inference_first_response_histogram_ms (100, 500, 2000,
 #: 5000 ms), in nanoseconds.
 FIRST_RESPONSE_BOUNDS_NS = tuple(ms * 1_000_000 for ms in (100, 500, 2000, 5000))
-
-#: What a histogram observes: nanoseconds, rows and tokens (int), or shares (float).
-N = TypeVar("N", int, float)
 
 #: Histogram family -> (ModelStats attribute, scale from the family's unit to the stored one),
 #: for `model_metrics.metric_control` bucket overrides (engine/model_config.py lists them).
@@ -64,7 +60,7 @@ class Duration:
 
 
 @dataclass(slots=True)
-class Histogram(Generic[N]):
+class Histogram:
     """Observations counted into fixed buckets (one bisect per add), plus their count and sum.
 
     `buckets[i]` counts values <= `bounds[i]` and above the bound before it; the last slot
@@ -72,9 +68,9 @@ class Histogram(Generic[N]):
     (`count`, `ns`), so the statistics API and the metrics' `_count`/`_sum` are the same numbers.
     """
 
-    bounds: tuple[N, ...]
+    bounds: tuple[int, ...]
     buckets: list[int] = field(default_factory=list)
-    total: N = 0
+    total: int = 0
 
     def __post_init__(self) -> None:
         if not self.buckets:
@@ -85,10 +81,10 @@ class Histogram(Generic[N]):
         return sum(self.buckets)
 
     @property
-    def ns(self) -> N:
+    def ns(self) -> int:
         return self.total
 
-    def add(self, value: N, _bisect: Callable[[tuple[N, ...], N], int] = bisect_left) -> None:
+    def add(self, value: int, _bisect: Callable[[tuple[int, ...], int], int] = bisect_left) -> None:
         # On the request path twice per request: the bucket and the sum only (the count is
         # summed when read), and bisect bound as a default argument (no global lookup).
         self.buckets[_bisect(self.bounds, value)] += 1
@@ -122,10 +118,10 @@ class CacheStats:
 @dataclass(slots=True)
 class ModelStats:
     #: Successful requests, receipt to response (the request-latency histogram).
-    success: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    success: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
     fail: Duration = field(default_factory=Duration)
     #: Time each executed request waited in the queue (the queue-wait histogram).
-    queue: Histogram[int] = field(default_factory=partial(Histogram, QUEUE_BOUNDS_NS))
+    queue: Histogram = field(default_factory=partial(Histogram, QUEUE_BOUNDS_NS))
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
@@ -143,17 +139,17 @@ class ModelStats:
     #: REJECTED failures by why: queue_full, timeout (queue policy timeout or client deadline).
     rejections: dict[str, int] = field(default_factory=dict)
     #: Compute time per executed batch (input + infer + output), and rows per executed batch.
-    batch_compute: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
-    batch_size: Histogram[int] = field(default_factory=partial(Histogram, BATCH_SIZE_BOUNDS))
+    batch_compute: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_size: Histogram = field(default_factory=partial(Histogram, BATCH_SIZE_BOUNDS))
     #: Each executed batch's compute stages (Triton's compute input / infer / output), per batch.
-    batch_input: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
-    batch_infer: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
-    batch_output: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_input: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_infer: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_output: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
     #: Padded and ragged models: tokens per executed batch (real + pad) and the pad's share.
-    batch_tokens: Histogram[int] = field(default_factory=partial(Histogram, TOKEN_BOUNDS))
-    padding_ratio: Histogram[float] = field(default_factory=partial(Histogram, PADDING_RATIO_BOUNDS))
+    batch_tokens: Histogram = field(default_factory=partial(Histogram, TOKEN_BOUNDS))
+    padding_ratio: Histogram = field(default_factory=partial(Histogram, PADDING_RATIO_BOUNDS))
     #: Decoupled models: receipt to the first response (Triton's first-response histogram).
-    first_response: Histogram[int] = field(default_factory=partial(Histogram, FIRST_RESPONSE_BOUNDS_NS))
+    first_response: Histogram = field(default_factory=partial(Histogram, FIRST_RESPONSE_BOUNDS_NS))
     cache: CacheStats = field(default_factory=CacheStats)
 
     @classmethod
@@ -162,7 +158,7 @@ class ModelStats:
         stats = cls()
         for family, bounds in buckets.items():
             attribute, scale = HISTOGRAM_ATTRIBUTES[family]
-            stored: tuple[float, ...] = tuple(round(b * scale) if scale != 1.0 else b for b in bounds)
+            stored = tuple(round(b * scale) if scale != 1.0 else b for b in bounds)
             setattr(stats, attribute, Histogram(stored))
         return stats
 

@@ -43,7 +43,7 @@ from .shared_memory import SharedMemoryRegistry
 log = logging.getLogger("convoy.engine")
 
 
-def _duration(d: Duration | Histogram[int]) -> dict[str, int]:
+def _duration(d: Duration | Histogram) -> dict[str, int]:
     return {"count": d.count, "ns": d.ns}
 
 
