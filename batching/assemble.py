@@ -18,6 +18,11 @@ from convoy.errors import ConvoyError, InferenceFailed
 from convoy.outputs import declared_types, missing, select_names
 from convoy.types import Request
 
+from .queue import BatchBudget
+
+#: A runtime's `batch_buffers(rows, like)`: the buffers to assemble a batch into, or None.
+BatchBuffers = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray] | None]
+
 
 def batch_key(request: Request) -> Hashable:
     """Requests may share a batch when every input has the same per-row shape and dtype (the
@@ -25,7 +30,7 @@ def batch_key(request: Request) -> Hashable:
     return tuple([(name, array.shape[1:], array.dtype) for name, array in request.inputs.items()])
 
 
-def merge(requests: list[Request], buffers: Callable | None = None) -> dict[str, np.ndarray]:
+def merge(requests: list[Request], buffers: BatchBuffers | None = None) -> dict[str, np.ndarray]:
     """The batch's inputs. A lone request's arrays pass through untouched (no copy) unless the
     runtime has buffers of its own (`buffers(rows, like)`, e.g. pinned memory), which every
     batch is assembled into."""
@@ -91,7 +96,7 @@ class Collation:
 
     #: What a batch may cost beyond its rows, and which unequal requests fill it (the queue's
     #: `BatchBudget`); None: rows only, equal keys only.
-    budget = None
+    budget: BatchBudget | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -103,7 +108,9 @@ class Collation:
         """Requests with equal keys may share a batch."""
         return batch_key(request)
 
-    def merge(self, requests: list[Request], buffers: Callable | None = None) -> dict[str, np.ndarray]:
+    def merge(
+        self, requests: list[Request], buffers: BatchBuffers | None = None
+    ) -> dict[str, np.ndarray]:
         return merge(requests, buffers)
 
     def split(

@@ -52,7 +52,7 @@ class InstancePool:
         self._on_available_change = on_available_change
         self._replaced = replaced
         self._unreplaced = unreplaced
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # --- state ------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ token budget (`max_batch_tokens`: rows x padded length) holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from convoy.errors import ConvoyError, InferenceFailed, InvalidInput
 from convoy.padding import Padding
 from convoy.types import Request
 
-from .assemble import Collation, split
+from .assemble import BatchBuffers, Collation, split
 
 
 class PaddedCollation(Collation):
@@ -31,8 +32,9 @@ class PaddedCollation(Collation):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        padding: Padding = config.padding
-        self.padding = padding
+        padding = config.padding
+        assert padding is not None  # collation_for picks this collation for padded models only
+        self.padding: Padding = padding
         self._padded = {entry.name: entry for entry in padding.inputs}
         self._first = padding.inputs[0]
         self._lengths_dtype = np.dtype(np.int32 if padding.lengths_datatype == "INT32" else np.int64)
@@ -47,7 +49,8 @@ class PaddedCollation(Collation):
     def length(self, request: Request) -> int:
         """A request's real length (the same along every padded input: `admit` checked)."""
         first = self._first
-        return request.inputs[first.name].shape[1 + first.axis]
+        length: int = request.inputs[first.name].shape[1 + first.axis]
+        return length
 
     def admit(self, request: Request) -> None:
         """Refuse a request whose padded inputs disagree on its length, or that is longer than
@@ -67,6 +70,7 @@ class PaddedCollation(Collation):
                     f"input '{entry.name}': length {this} differs from input '{first}' length "
                     f"{length}; padded inputs of model '{self.config.name}' share one length"
                 )
+        assert length is not None  # padding.inputs is never empty (__init__ reads its first)
         longest = self.padding.max_length
         if longest and length > longest:
             raise InvalidInput(
@@ -86,7 +90,8 @@ class PaddedCollation(Collation):
         return tuple(signature), self.padding.bucket_for(self.length(request))
 
     # --- the queue's budget ----------------------------------------------------------------------
-    def joins(self, lead: Hashable, key: Hashable) -> bool:
+    # Keys are `key`'s (shapes, padded length) pairs; Any: BatchBudget takes any Hashable key.
+    def joins(self, lead: Any, key: Any) -> bool:
         """A shorter request of the same shapes fills the leader's batch if its bucket is at
         most `fill_buckets` below the leader's (any shorter length without buckets)."""
         fill = self.padding.fill_buckets
@@ -97,12 +102,15 @@ class PaddedCollation(Collation):
             return True
         return buckets.index(lead[1]) - buckets.index(key[1]) <= fill
 
-    def cost(self, lead: Hashable, request: Request) -> int:
+    def cost(self, lead: Any, request: Request) -> int:
         """Tokens a request adds to the batch: its rows at the leader's padded length."""
-        return request.rows * lead[1]
+        padded_length: int = lead[1]
+        return request.rows * padded_length
 
     # --- merge and split ---------------------------------------------------------------------------
-    def merge(self, requests: list[Request], buffers: Callable | None = None) -> dict[str, np.ndarray]:
+    def merge(
+        self, requests: list[Request], buffers: BatchBuffers | None = None
+    ) -> dict[str, np.ndarray]:
         lengths = [self.length(request) for request in requests]
         padded_length = self.padding.bucket_for(max(lengths))
         rows = 0

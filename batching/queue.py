@@ -11,8 +11,8 @@ reached.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Hashable
-from typing import Protocol
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Protocol
 
 from convoy.types import Request, RequestState
 
@@ -40,7 +40,7 @@ def _live(request: Request) -> bool:
 class PriorityQueue:
     def __init__(self, capacities: list[int]) -> None:
         """`capacities[i]`: most live requests level i may hold."""
-        self._levels = [deque() for _ in capacities]
+        self._levels: list[deque[Request]] = [deque() for _ in capacities]
         self._delayed: deque[Request] = deque()
         self._capacities = capacities
         self._counts = [0] * len(capacities)
@@ -97,11 +97,11 @@ class PriorityQueue:
         request.delayed = True
         self._delayed.append(request)
 
-    def _queues(self):
+    def _queues(self) -> Iterator[deque[Request]]:
         yield from self._levels
         yield self._delayed
 
-    def _clean_head(self, fifo: deque, delayed: bool) -> Request | None:
+    def _clean_head(self, fifo: deque[Request], delayed: bool) -> Request | None:
         """Drop entries that left or moved until a live one heads the FIFO."""
         while fifo:
             head = fifo[0]
@@ -139,7 +139,7 @@ class PriorityQueue:
         leader's equals leave room, a second pass fills it with requests the budget lets join.
         """
         batch: list[Request] = []
-        progress = [0, 0, None]  # rows, cost, the leader's key
+        progress: list[Any] = [0, 0, None]  # rows, cost, the leader's key
         self._gather(batch, progress, max_rows, max_requests, key, scan_limit, budget, False)
         room = bool(batch) and len(batch) < max_requests and progress[0] < max_rows
         if budget is not None and room and (not budget.max_cost or progress[1] < budget.max_cost):
@@ -149,7 +149,7 @@ class PriorityQueue:
     def _gather(
         self,
         batch: list[Request],
-        progress: list,
+        progress: list[Any],
         max_rows: int,
         max_requests: int,
         key: Callable[[Request], Hashable],
@@ -159,6 +159,9 @@ class PriorityQueue:
     ) -> None:
         """One pass over the queues adding what fits to `batch`: key equals the leader's (or,
         `filling`, the budget `joins` it); `progress` (rows, cost, leader's key) carries over."""
+        rows: int
+        cost: int
+        lead: Hashable | None
         rows, cost, lead = progress
         max_cost = budget.max_cost if budget is not None else 0
         passed_over = 0
@@ -179,6 +182,7 @@ class PriorityQueue:
                     lead = request_key
                 fits = rows + request.rows <= max_rows
                 if filling:
+                    assert budget is not None  # take() fills only with a budget
                     fits = fits and request_key != lead and budget.joins(lead, request_key)
                 else:
                     fits = fits and request_key == lead

@@ -27,7 +27,7 @@ from convoy.errors import ConvoyError, InferenceFailed
 from convoy.outputs import declared_types, missing
 from convoy.types import DetachedFuture, Request
 
-from .assemble import Collation
+from .assemble import BatchBuffers, Collation
 
 
 def batch_input_tensor(batch_input: BatchInput, shapes: list[tuple[int, ...]]) -> np.ndarray:
@@ -84,7 +84,9 @@ class RaggedCollation(Collation):
             for name, array in request.inputs.items()
         )
 
-    def merge(self, requests: list[Request], buffers: Callable | None = None) -> dict[str, np.ndarray]:
+    def merge(
+        self, requests: list[Request], buffers: BatchBuffers | None = None
+    ) -> dict[str, np.ndarray]:
         """The batch's inputs. The runtime's dense batch buffers are not used: a ragged batch
         has no fixed row shape to stage into."""
         first = requests[0].inputs

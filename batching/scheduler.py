@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from convoy.config import ModelConfig, QueuePolicy, TimeoutAction
 from convoy.errors import (
@@ -58,6 +59,9 @@ from .queue import PriorityQueue
 from .slo import LatencyPlanner, PlanState
 from .stats import ModelStats
 from .usage import UsageMeter
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("convoy.batching")
 
@@ -154,7 +158,7 @@ class Scheduler:
         self._accepting = True
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self, grace: float = 30.0) -> None:
@@ -262,6 +266,7 @@ class Scheduler:
         # The queue policy's timeout acts as the policy says (REJECT or DELAY); the client's own
         # deadline always rejects.
         if timeout_us or request.deadline is not None:
+            assert self._loop is not None  # set by __aenter__; submit refuses before it
             to_loop_time = self._loop.time() - now / 1e9
             if timeout_us:
                 action = self._admission.policies[request.level].timeout_action
@@ -355,6 +360,7 @@ class Scheduler:
         answered, resubmitting) have run, so their requests join the next batch."""
         if not self._dispatch_pending:
             self._dispatch_pending = True
+            assert self._loop is not None  # set by __aenter__: dispatch follows a submit
             self._loop.call_soon(self._deferred_dispatch)
 
     def _deferred_dispatch(self) -> None:
@@ -367,6 +373,7 @@ class Scheduler:
                 return
             self._timer.cancel()
         self._timer_at_ns = at_ns
+        assert self._loop is not None  # set by __aenter__: dispatch follows a submit
         self._timer = self._loop.call_later(max(at_ns - time.monotonic_ns(), 0) / 1e9, self._on_timer)
 
     def _on_timer(self) -> None:
@@ -384,6 +391,7 @@ class Scheduler:
         self._executing[sequence] = batch
         started = time.monotonic_ns()
         running = RunningBatch(instance, batch, rows, reason, dispatched_ns, started, sequence)
+        assert self._loop is not None  # set by __aenter__: a batch comes from submitted requests
         if self._slo is not None:
             self._slo.started(sequence, rows, started)
         if self._execution_timeout:
@@ -398,8 +406,11 @@ class Scheduler:
             instance.run(self._finished, (running,), self._execute, running)
 
     # --- completion -------------------------------------------------------------------------------
-    def _finished(self, batch: RunningBatch, result, error) -> None:
-        """A batch came back from its instance (on the loop): split, record, deliver."""
+    def _finished(
+        self, batch: RunningBatch, result: tuple[int, Any] | None, error: BaseException | None
+    ) -> None:
+        """A batch came back from its instance (on the loop): split, record, deliver. `result`:
+        (when assembled, the outputs), or with `_per_request` (when started, each request's)."""
         start = batch.started_ns
         merged, outputs = result if result is not None else (start, None)
         if batch.sequence not in self._executing:
@@ -412,6 +423,7 @@ class Scheduler:
         try:
             if error is not None:
                 raise error
+            assert outputs is not None  # the batch function returned, as it raised no error
             if self._per_request:
                 outcomes = self._request_outcomes(batch, merged, inferred, outputs)
             else:
@@ -439,7 +451,9 @@ class Scheduler:
             outcomes = failed(batch.requests, failure)
         self._settle(batch, inferred, outcomes)
 
-    def _split_outcomes(self, batch: RunningBatch, merged: int, inferred: int, outputs) -> list[Outcome]:
+    def _split_outcomes(
+        self, batch: RunningBatch, merged: int, inferred: int, outputs: dict[str, np.ndarray]
+    ) -> list[Outcome]:
         """Each request's rows of the batch's outputs, and the batch recorded."""
         name = self.config.name
         parts = self._collation.split(outputs, batch.requests, self._batched)
@@ -469,13 +483,13 @@ class Scheduler:
         return StageTimes(batch.dispatched_ns, start, merged, inferred, done)
 
     def _request_outcomes(
-        self, batch: RunningBatch, merged: int, inferred: int, results
+        self, batch: RunningBatch, merged: int, inferred: int, results: list[Any]
     ) -> list[Outcome]:
         """A per-request runtime's results: each request's outputs, its own error, or neither
         (a decoupled request: its stream resolves its future at the final flag)."""
         name = self.config.name
         timings = self._record(batch, merged, inferred)
-        outcomes = []
+        outcomes: list[Outcome] = []
         for request, result in zip(batch.requests, results, strict=True):
             if result is None:
                 outcomes.append((request, None, None))

@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class SequenceFlags:
     end: bool
 
 
-def sequence_flags(model: str, parameters: dict) -> SequenceFlags:
+def sequence_flags(model: str, parameters: dict[str, Any]) -> SequenceFlags:
     """Validate the request parameters `sequence_id`, `sequence_start`, `sequence_end` (the one
     place they are checked; both front ends decode them into Request.parameters)."""
     value = parameters.get("sequence_id")
@@ -99,6 +100,10 @@ def sequence_flags(model: str, parameters: dict) -> SequenceFlags:
             raise InvalidInput(f"parameter '{name}': expected a boolean, got {flag!r}")
         flags.append(flag)
     return SequenceFlags(value, flags[0], flags[1])
+
+
+#: A sequence's key: (its correlation ID's type name, the ID), so 1 and "1" are two sequences.
+_SequenceKey = tuple[str, int | str]
 
 
 @dataclass(slots=True, eq=False)
@@ -152,7 +157,7 @@ class SequenceScheduler:
         usage: UsageMeter | None = None,
         replace_instance: ReplaceInstance | None = None,
         on_available_change: Callable[[], None] | None = None,
-        **_not_supported,
+        **_not_supported: object,
     ) -> None:
         """After a fatal runtime error (a lost worker process, a poisoned CUDA context) the
         lane's instance is swapped for one made by `replace_instance`; its sequences keep their
@@ -182,9 +187,9 @@ class SequenceScheduler:
             slots = self._policy.max_candidate_sequences or self._max_rows
         self._lanes = [_Lane(instance, [None] * slots) for instance in instances]
         self._max_queue_size = max_queue_size
-        self._sequences: dict[tuple, Sequence] = {}
+        self._sequences: dict[_SequenceKey, Sequence] = {}
         self._backlog: deque[Sequence] = deque()
-        self._released: OrderedDict[tuple, str] = OrderedDict()
+        self._released: OrderedDict[_SequenceKey, str] = OrderedDict()
         self._where: dict[Request, Sequence] = {}
         self._queued = 0
         self._executing_rows = 0
@@ -215,7 +220,7 @@ class SequenceScheduler:
         self._arm_sweeper()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self, grace: float = 30.0) -> None:
@@ -319,6 +324,7 @@ class SequenceScheduler:
         request.state = RequestState.QUEUED
         request.queued_ns = now
         sequence.pending.append(_Queued(request, start, flags.end))
+        assert self._loop is not None  # set by __aenter__; submit refuses before it
         sequence.last_active = self._loop.time()
         self._where[request] = sequence
         self._queued += 1
@@ -332,7 +338,7 @@ class SequenceScheduler:
             if ("int", value) not in self._sequences:
                 return value
 
-    def _not_started(self, key: tuple, correlation_id) -> str:
+    def _not_started(self, key: _SequenceKey, correlation_id: int | str) -> str:
         released = self._released.get(key)
         if released:
             return released
@@ -419,12 +425,14 @@ class SequenceScheduler:
 
     def _arm_sweeper(self) -> None:
         interval = min(max(self._idle_s / 4, 0.01), 1.0)
+        assert self._loop is not None  # set by __aenter__, which arms the first sweep
         self._sweeper = self._loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
         """Release sequences idle (nothing queued or running) for longer than the timeout."""
         if self._closed:
             return
+        assert self._loop is not None  # a sweep is armed after __aenter__
         now = self._loop.time()
         for sequence in list(self._sequences.values()):
             if sequence.pending or sequence.running:
@@ -526,6 +534,7 @@ class SequenceScheduler:
             if not lane.busy and not self._closed:
                 self._dispatch(lane)
 
+        assert self._loop is not None  # set by __aenter__: dispatch follows a submit
         self._timers[index] = self._loop.call_later(max(delay_ns, 0) / 1e9, fire)
 
     def _start(self, lane: _Lane, chosen: list[Sequence], reason: str, dispatched_ns: int) -> None:
@@ -563,7 +572,16 @@ class SequenceScheduler:
         lane.instance.submit(self._finished, context, inputs)
 
     def _finished(
-        self, lane, items, rows_of, reason, dispatched_ns, start, merged, outputs, error
+        self,
+        lane: _Lane,
+        items: list[tuple[Sequence, _Queued]],
+        rows_of: list[int],
+        reason: str,
+        dispatched_ns: int,
+        start: int,
+        merged: int,
+        outputs: dict[str, np.ndarray] | None,
+        error: BaseException | None,
     ) -> None:
         """A batch came back (on the loop): keep states, answer requests, advance sequences."""
         inferred = time.monotonic_ns()
@@ -573,11 +591,12 @@ class SequenceScheduler:
             lane.busy = False
         self._executing_rows -= len(items)
         name = self.config.name
-        answers: list = []
-        timings = None
+        answers: list[dict[str, np.ndarray]] = []
+        timings: StageTimes | None = None
         try:
             if error is not None:
                 raise error
+            assert outputs is not None  # the runtime's outputs, as it raised no error
             parts = split_outputs(self._policy, self._batched, name, outputs, rows_of)
             for (sequence, _queued), (answer, states) in zip(items, parts, strict=True):
                 sequence.state.update(states)
@@ -613,6 +632,7 @@ class SequenceScheduler:
         else:
             outcomes = [(queued.request, None, failure) for _, queued in items]
         deliver(self.stats, outcomes, dispatched_ns)
+        assert self._loop is not None  # set by __aenter__: a batch comes from submitted requests
         loop_now = self._loop.time()
         for sequence, queued in items:
             sequence.running = False
@@ -624,7 +644,14 @@ class SequenceScheduler:
         self._dispatch_all()
 
     # --- iterative sequences -------------------------------------------------------------------
-    def _start_requests(self, lane: _Lane, items: list, reason: str, dispatched_ns: int, start: int):
+    def _start_requests(
+        self,
+        lane: _Lane,
+        items: list[tuple[Sequence, _Queued]],
+        reason: str,
+        dispatched_ns: int,
+        start: int,
+    ) -> None:
         """Hand the chosen requests themselves to the instance (iterative sequences): each with
         its sequence flags (and control inputs, when the config asks for them) for this run."""
         batch = []
@@ -638,10 +665,20 @@ class SequenceScheduler:
                 request.inputs = assemble(self._policy, self._batched, 1, [member])
             batch.append(request)
         context = (lane, items, reason, dispatched_ns, start)
+        assert self._loop is not None  # set by __aenter__: a batch comes from submitted requests
         job = RequestsJob(lane.instance, batch, self._loop)
         lane.instance.run(self._finished_requests, context, execute_requests, job)
 
-    def _finished_requests(self, lane, items, reason, dispatched_ns, start, result, error) -> None:
+    def _finished_requests(
+        self,
+        lane: _Lane,
+        items: list[tuple[Sequence, _Queued]],
+        reason: str,
+        dispatched_ns: int,
+        start: int,
+        result: tuple[int, list[Any]] | None,
+        error: BaseException | None,
+    ) -> None:
         """An iterative batch came back: rescheduled requests queue again at the head of their
         sequence; the others are answered and end their sequence."""
         inferred = time.monotonic_ns()
@@ -651,8 +688,11 @@ class SequenceScheduler:
             lane.busy = False
         self._executing_rows -= len(items)
         name = self.config.name
-        outcomes: list = []
+        # Per request: its result (outputs, an error, RESCHEDULED or None), or the batch's error.
+        outcomes: list[Any] = []
+        timings: StageTimes | None
         if error is None:
+            assert result is not None  # (when started, results), as the batch raised no error
             merged, results = result
             done = time.monotonic_ns()
             timings = StageTimes(dispatched_ns, start, merged, inferred, done)
@@ -669,6 +709,7 @@ class SequenceScheduler:
             outcomes = [error] * len(items)
             timings = None
         now = time.monotonic_ns()
+        assert self._loop is not None  # set by __aenter__: a batch comes from submitted requests
         loop_now = self._loop.time()
         answered: list[Outcome] = []
         ended: list[Sequence] = []
@@ -695,7 +736,7 @@ class SequenceScheduler:
             return
         self._dispatch_all()
 
-    def _request_outcome(self, request: Request, result, timings: StageTimes | None) -> Outcome:
+    def _request_outcome(self, request: Request, result: Any, timings: StageTimes | None) -> Outcome:
         """What an iterative request gets from its result: its outputs, its error, or neither
         (answered through its stream, or its client left before it was rescheduled)."""
         if result is None or result is RESCHEDULED:

@@ -64,7 +64,7 @@ def assemble(
     return inputs
 
 
-def _control(control: SequenceControl, batched: bool, rows: int, members: list[Member]):
+def _control(control: SequenceControl, batched: bool, rows: int, members: list[Member]) -> np.ndarray:
     shape = (rows, 1) if batched else (1,)
     if control.kind == "CORRID":
         dtype = object if control.datatype == "BYTES" else NUMPY_DTYPE[control.datatype]
@@ -125,7 +125,7 @@ def split_outputs(
     return parts
 
 
-def _blank(shape: tuple, dtype) -> np.ndarray:
+def _blank(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A padding-filled batch buffer (zeros; empty bytes for BYTES)."""
     if dtype == np.dtype(object):
         return np.full(shape, b"", dtype=object)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -83,7 +84,7 @@ class Histogram:
     def ns(self) -> int:
         return self.total
 
-    def add(self, value: int, _bisect=bisect_left) -> None:
+    def add(self, value: int, _bisect: Callable[[tuple[int, ...], int], int] = bisect_left) -> None:
         # On the request path twice per request: the bucket and the sum only (the count is
         # summed when read), and bisect bound as a default argument (no global lookup).
         self.buckets[_bisect(self.bounds, value)] += 1

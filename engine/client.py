@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import enum
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from convoy import __version__
@@ -30,7 +30,7 @@ from convoy.errors import (
 )
 from convoy.protos import model_config_pb2 as mc
 from convoy.trace_settings import TraceControl
-from convoy.types import Request
+from convoy.types import Request, TensorSpec
 
 from .shared_memory import (
     SharedMemoryLease,
@@ -67,33 +67,47 @@ MAX_MODEL_NAME = 200
 
 
 class ModelView(Protocol):
-    """One served model version as a front end needs it: to validate a request and answer it."""
+    """One served model version as a front end needs it: to validate a request and answer it.
+    Read-only: a front end never changes it (implementations may use plain attributes)."""
 
-    config: ModelConfig
-    version: int
-    state: str
-    reason: str
+    @property
+    def config(self) -> ModelConfig: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+
     #: A roll-out splits requests for this model that name no version by the value of this
     #: request header (HTTP header / gRPC metadata key, lower case): the front end puts it in
     #: `Request.split_key`. "": no header (a roll-out then splits by API key).
-    split_header: str
-
+    @property
+    def split_header(self) -> str: ...
     @property
     def ready(self) -> bool: ...
 
 
 class ModelEntry(Protocol):
-    """A model (all its versions) in a ModelTable."""
+    """A model (all its versions) in a ModelTable (read-only, as ModelView)."""
 
-    name: str
-    state: str
-    reason: str
-    config: ModelConfig | None
-    config_proto: mc.ModelConfig | None
-    versions: Mapping[int, ModelView]
+    @property
+    def name(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def config(self) -> ModelConfig | None: ...
+    @property
+    def config_proto(self) -> mc.ModelConfig | None: ...
+    @property
+    def versions(self) -> Mapping[int, ModelView]: ...
+
     #: The version a roll-out serves requests naming none (its stable, or the version it
     #: promoted); None: the latest ready.
-    default_version: int | None
+    @property
+    def default_version(self) -> int | None: ...
 
 
 def check_name_length(name: str) -> None:
@@ -215,8 +229,8 @@ class EngineClient(abc.ABC):
             for number in sorted(versions, reverse=True):
                 if versions[number].ready:
                     return versions[number]
-        versions = (v.reason for v in model.versions.values() if v.reason)
-        reason = model.reason or next(versions, "") or model.state
+        reasons = (v.reason for v in model.versions.values() if v.reason)
+        reason = model.reason or next(reasons, "") or model.state
         raise Unavailable(f"model '{name}' is not ready: {reason}")
 
     @abc.abstractmethod
@@ -243,7 +257,7 @@ class EngineClient(abc.ABC):
             return False
         return self.accepting
 
-    def server_metadata(self) -> dict:
+    def server_metadata(self) -> dict[str, Any]:
         return {"name": self.server_name, "version": __version__, "extensions": EXTENSIONS}
 
     def _model(self, name: str, version: str = "") -> ModelEntry:
@@ -256,14 +270,14 @@ class EngineClient(abc.ABC):
             raise ModelNotFound(f"Request for unknown model: '{name}' has no version {version}")
         return model
 
-    def model_metadata(self, name: str, version: str = "") -> dict:
+    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
         model = self._model(name, version)
         config = model.config
         if config is None:
             raise Unavailable(f"model '{name}' is not ready: {model.reason}")
         batch = [-1] if config.max_batch_size > 0 else []
 
-        def describe(specs):
+        def describe(specs: Iterable[TensorSpec]) -> list[dict[str, Any]]:
             return [{"name": s.name, "datatype": s.datatype, "shape": [*batch, *s.dims]} for s in specs]
 
         return {
@@ -283,11 +297,11 @@ class EngineClient(abc.ABC):
 
     # --- answered by the engine ------------------------------------------------------------------
     @abc.abstractmethod
-    async def model_statistics(self, name: str = "", version: str = "") -> dict:
+    async def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
         """Triton's statistics extension, in its JSON shape."""
 
     @abc.abstractmethod
-    async def repository_index(self, ready_only: bool = False) -> list[dict]: ...
+    async def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]: ...
 
     @abc.abstractmethod
     async def load_model(
@@ -302,28 +316,28 @@ class EngineClient(abc.ABC):
 
     # --- roll-outs (engine/rollout): JSON in, JSON out, the admin API's documents ---------------
     @abc.abstractmethod
-    async def rollout_start(self, name: str, document: dict) -> dict:
+    async def rollout_start(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
         """Start a roll-out of `name` from its JSON spec (engine/rollout/spec.py); its status."""
 
     @abc.abstractmethod
-    async def rollout_status(self, name: str = "") -> dict:
+    async def rollout_status(self, name: str = "") -> dict[str, Any]:
         """One model's roll-out status, or {"rollouts": [...]} for every model that has one."""
 
     @abc.abstractmethod
-    async def rollout_promote(self, name: str) -> dict:
+    async def rollout_promote(self, name: str) -> dict[str, Any]:
         """Promote the candidate now (whatever step the roll-out is at)."""
 
     @abc.abstractmethod
-    async def rollout_abort(self, name: str) -> dict:
+    async def rollout_abort(self, name: str) -> dict[str, Any]:
         """Roll back a running roll-out, revert a promotion whose previous stable is still
         loaded, or release a rolled-back candidate."""
 
     @abc.abstractmethod
-    async def rollout_report(self, name: str) -> dict:
+    async def rollout_report(self, name: str) -> dict[str, Any]:
         """Everything the roll-out measured, for `convoy rollout report`."""
 
     @abc.abstractmethod
-    async def catalog_figures(self) -> dict:
+    async def catalog_figures(self) -> dict[str, Any]:
         """What the catalog page shows beyond the model table: live request rates and latency
         quantiles per model version, payload-log state ({"models": {...}, ...})."""
 
@@ -337,7 +351,7 @@ class EngineClient(abc.ABC):
     async def unregister_system_shared_memory(self, name: str = "") -> None: ...
 
     @abc.abstractmethod
-    async def system_shared_memory_status(self, name: str = "") -> list[dict]: ...
+    async def system_shared_memory_status(self, name: str = "") -> list[dict[str, Any]]: ...
 
     def check_client_shared_memory(self) -> None:
         """Registering and unregistering regions needs --allow-client-shm (Triton's rule and
@@ -345,7 +359,7 @@ class EngineClient(abc.ABC):
         if not self.allow_client_shm:
             raise Unsupported(CLIENT_SHM_DISABLED)
 
-    async def register_cuda_shared_memory(self, name: str, *_) -> None:
+    async def register_cuda_shared_memory(self, name: str, *_: object) -> None:
         self.check_client_shared_memory()
         raise cuda_shared_memory_unavailable(
             "this server has no GPU"
@@ -357,7 +371,7 @@ class EngineClient(abc.ABC):
         """Nothing can be registered, so there is nothing to unregister (not an error)."""
         self.check_client_shared_memory()
 
-    async def cuda_shared_memory_status(self, name: str = "") -> list[dict]:
+    async def cuda_shared_memory_status(self, name: str = "") -> list[dict[str, Any]]:
         if name:
             raise RegionNotFound(f"Unable to find cuda shared memory region: '{name}'")
         return []
@@ -378,13 +392,13 @@ class EngineClient(abc.ABC):
             check_name_length(model)
             raise InvalidInput(f"Request for unknown model : {model}")
 
-    def trace_settings(self, model: str = "") -> dict:
+    def trace_settings(self, model: str = "") -> dict[str, Any]:
         """The trace settings in force for `model` ("" global), as Triton's API answers them."""
         self._check_trace_model(model)
         return self.trace_control.settings(model)
 
     @abc.abstractmethod
-    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict[str, Any]:
         """Apply trace setting changes (None clears one) for `model` ("" global) in every
         process; the settings in force after them."""
 

@@ -19,21 +19,21 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from convoy.auth import Keyring, load_keys
-from convoy.batching.stats import quantile_ms
+from convoy.batching.stats import Duration, Histogram, quantile_ms
 from convoy.batching.usage import UsageMeter
 from convoy.config import ServerConfig
 from convoy.errors import ConvoyError, InvalidInput, ModelLoadFailed, Overloaded, Unavailable
 from convoy.logs import LogControl
 from convoy.trace_settings import TraceControl, trace_setup
-from convoy.types import Request
+from convoy.types import Request, StreamedResponse
 
-from .client import EngineClient, ModelEntry, ShutdownPhase, parse_version
+from .client import EngineClient, ShutdownPhase, parse_version
 from .ledger import UsageLedger
 from .metrics import Metrics
 from .overrides import parse_load_parameters
 from .payload_log import PayloadLog
 from .recent import Counts, RecentWindow
-from .repository import ModelRepository, ModelVersion, poll_failure
+from .repository import Model, ModelRepository, ModelVersion, poll_failure
 from .response_cache import ResponseCache, open_store, owner_of
 from .rollout.manager import RolloutManager
 from .rollout.metrics import RolloutCollector
@@ -43,7 +43,7 @@ from .shared_memory import SharedMemoryRegistry
 log = logging.getLogger("convoy.engine")
 
 
-def _duration(d) -> dict:
+def _duration(d: Duration | Histogram) -> dict[str, int]:
     return {"count": d.count, "ns": d.ns}
 
 
@@ -79,14 +79,14 @@ class Engine(EngineClient):
         self._lifetime = contextlib.AsyncExitStack()
         self.shared_memory = SharedMemoryRegistry()
         #: Called (on the loop) after log settings change, e.g. to tell other processes.
-        self.log_listeners: list[Callable[[dict], None]] = []
+        self.log_listeners: list[Callable[[dict[str, object]], None]] = []
         self.trace_control = TraceControl(
             trace_setup(
                 settings.trace_otlp_endpoint, settings.trace_console, settings.trace_config
             ).defaults
         )
         #: Called (on the loop) with the whole trace state after trace settings change.
-        self.trace_listeners: list[Callable[[dict], None]] = []
+        self.trace_listeners: list[Callable[[dict[str, Any]], None]] = []
         #: The catalog's live figures: recent traffic per version, counted from start.
         self.recent = RecentWindow(self._version_counts)
         #: The response cache (--cache-config), between every front end and the schedulers.
@@ -190,23 +190,26 @@ class Engine(EngineClient):
             await asyncio.sleep(0.01)
 
     # --- the model table -------------------------------------------------------------------------
-    def models(self) -> Mapping[str, ModelEntry]:
+    def models(self) -> Mapping[str, Model]:
         return self.repository.models
 
     def watch_models(self, listener: Callable[[], None]) -> None:
         self.repository.listeners.append(listener)
 
     # --- inference -------------------------------------------------------------------------------
-    def resolve(self, name: str, version: str = ""):
+    def resolve(self, name: str, version: str = "") -> ModelVersion | RolloutRoute:
         """As EngineClient.resolve; a request naming no version of a model under a running
         roll-out gets the roll-out's route (its split happens in `submit`)."""
         if not version:
-            route = self.rollouts.routes.get(name)
+            route: RolloutRoute | None = self.rollouts.routes.get(name)
             if route is not None and route.ready:
                 return route
-        return super().resolve(name, version)
+        found = super().resolve(name, version)
+        assert isinstance(found, ModelVersion)  # `models` holds the repository's versions only
+        return found
 
-    def submit(self, model: ModelVersion | RolloutRoute, request: Request) -> None:
+    # A view this engine's `resolve` returned, as EngineClient.submit says: a version or a route.
+    def submit(self, model: ModelVersion | RolloutRoute, request: Request) -> None:  # type: ignore[override]
         """Queue a request on its model's scheduler (loop thread); errors go to its future."""
         if self.keys is not None and request.principal is not None and not self.refusing:
             # Quotas are counted here, where every front end's requests meet.
@@ -216,11 +219,13 @@ class Engine(EngineClient):
                 if not request.future.done():
                     request.future.set_exception(exc)
                 if self.payload_log is not None and type(model) is not RolloutRoute:
+                    assert isinstance(model, ModelVersion)  # not a route: a version
                     self.payload_log.offer(model, request)
                 return
         if type(model) is RolloutRoute:
             model.rollout.submit(request, self._queue)
             return
+        assert isinstance(model, ModelVersion)  # not a route: a version
         self._queue(model, request)
 
     def _queue(self, model: ModelVersion, request: Request) -> None:
@@ -261,10 +266,13 @@ class Engine(EngineClient):
             for entry in model.versions.values()
             if entry.state in ("READY", "LOADING")
         }
+        assert self.cache is not None  # this listener is registered only with a cache
         self.cache.retain(served)
 
-    def _admit(self, model: ModelVersion, request: Request) -> None:
+    def _admit(self, model: ModelVersion | RolloutRoute, request: Request) -> None:
         """Take the request off its key's quota; a refusal (429) is a rejection in showback."""
+        # `submit` admits only with keys, a request from a principal.
+        assert self.keys is not None and request.principal is not None
         try:
             self.keys.admit_principal(request.principal)
         except Overloaded:
@@ -272,7 +280,8 @@ class Engine(EngineClient):
                 self.usage.record_rejection(model.config.name, str(model.version), request)
             raise
 
-    def cancel(self, model: ModelVersion, request: Request) -> None:
+    # As `submit`: a view from `resolve` (a route's request names the version it was sent to).
+    def cancel(self, model: ModelVersion | RolloutRoute, request: Request) -> None:  # type: ignore[override]
         if self.cache is not None and self.cache.cancel(request):
             return
         if request.routed_to is not None:
@@ -282,9 +291,12 @@ class Engine(EngineClient):
             scheduler.cancel(request)
 
     # --- statistics and repository -----------------------------------------------------------------
-    async def model_statistics(self, name: str = "", version: str = "") -> dict:
+    async def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+        models: list[Model]
         if name:
-            models = [self._model(name, version)]
+            found = self._model(name, version)
+            assert isinstance(found, Model)  # `models` holds the repository's models only
+            models = [found]
         else:
             models = [self.repository.models[n] for n in sorted(self.repository.models)]
         number = parse_version(version)
@@ -295,7 +307,7 @@ class Engine(EngineClient):
                     stats.append(_version_statistics(model.name, model.versions[each]))
         return {"model_stats": stats}
 
-    async def repository_index(self, ready_only: bool = False) -> list[dict]:
+    async def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         rows = self.repository.index()
         if ready_only:
             rows = [r for r in rows if r["state"] == "READY"]
@@ -330,19 +342,19 @@ class Engine(EngineClient):
         await self.repository.unload(name)
 
     # --- roll-outs ----------------------------------------------------------------------------------
-    async def rollout_start(self, name: str, document: dict) -> dict:
+    async def rollout_start(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
         return await self.rollouts.start(name, document)
 
-    async def rollout_status(self, name: str = "") -> dict:
+    async def rollout_status(self, name: str = "") -> dict[str, Any]:
         return self.rollouts.status(name)
 
-    async def rollout_promote(self, name: str) -> dict:
+    async def rollout_promote(self, name: str) -> dict[str, Any]:
         return self.rollouts.promote(name)
 
-    async def rollout_abort(self, name: str) -> dict:
+    async def rollout_abort(self, name: str) -> dict[str, Any]:
         return self.rollouts.abort(name)
 
-    async def rollout_report(self, name: str) -> dict:
+    async def rollout_report(self, name: str) -> dict[str, Any]:
         return self.rollouts.report(name)
 
     def _version_counts(self) -> dict[str, Counts]:
@@ -353,7 +365,7 @@ class Engine(EngineClient):
             for number, entry in model.versions.items()
         }
 
-    async def catalog_figures(self) -> dict:
+    async def catalog_figures(self) -> dict[str, Any]:
         current = self._version_counts()
         span, recent = self.recent.window(current)
         versions = {}
@@ -398,11 +410,11 @@ class Engine(EngineClient):
         self.shared_memory.unregister(name)
         self.repository.changed()
 
-    async def system_shared_memory_status(self, name: str = "") -> list[dict]:
+    async def system_shared_memory_status(self, name: str = "") -> list[dict[str, Any]]:
         return self.shared_memory.status(name)
 
     # --- trace settings ----------------------------------------------------------------------------
-    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict[str, Any]:
         self._check_trace_model(model)
         current = self.trace_control.update(model, changes)  # validates: a bad change raises first
         state = self.trace_control.state()
@@ -421,7 +433,7 @@ class Engine(EngineClient):
         return current
 
 
-def _version_statistics(name: str, entry: ModelVersion) -> dict:
+def _version_statistics(name: str, entry: ModelVersion) -> dict[str, Any]:
     s = entry.stats
     return {
         "name": name,
@@ -451,12 +463,14 @@ def _version_statistics(name: str, entry: ModelVersion) -> dict:
     }
 
 
-def _first_response_timer(model: ModelVersion, request: Request, sink):
+def _first_response_timer(
+    model: ModelVersion, request: Request, sink: Callable[[StreamedResponse], None]
+) -> Callable[[StreamedResponse], None]:
     """A decoupled request's sink that times its first response (Triton's first-response
     histogram), then passes every response on."""
     first = True
 
-    def stream(item) -> None:
+    def stream(item: StreamedResponse) -> None:
         nonlocal first
         if first:
             first = False

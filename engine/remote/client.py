@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +23,7 @@ from convoy.types import Request, Response, StageTimes, StreamedResponse
 from convoy.wire import Link, read_tensors, rebuild_error
 
 from ..arena import Arena
-from ..client import EngineClient, ModelEntry
+from ..client import EngineClient, ModelView
 from ..shared_memory import SharedMemoryRegistry
 from .messages import (
     Call,
@@ -122,7 +123,7 @@ class RemoteEngine(EngineClient):
         # table a process boundary needs); `_call_of` finds the id again for a cancel.
         self._in_flight: dict[int, Request] = {}
         self._call_of: dict[Request, int] = {}
-        self._calls: dict[int, asyncio.Future] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
         self._welcomed = asyncio.get_running_loop().create_future()
         self.shared_memory = SharedMemoryRegistry()
         #: Replaced on the engine's welcome (its settings' defaults), then follows its changes.
@@ -130,7 +131,7 @@ class RemoteEngine(EngineClient):
         #: Where large inputs go to the engine (None: every tensor travels in frames), and the
         #: blocks each request in flight holds there, by call id.
         self.arena: Arena | None = None
-        self._placed: dict[int, list] = {}
+        self._placed: dict[int, list[list[Any]]] = {}
         #: Set when the engine's side of the link is gone.
         self.lost = asyncio.Event()
 
@@ -142,16 +143,19 @@ class RemoteEngine(EngineClient):
         self.link = Link(ToFrontEnd, self._on_frame, self._on_lost)
         return self.link
 
-    async def connect(self, sock, timeout: float = 60.0) -> None:
+    async def connect(self, sock: socket.socket, timeout: float = 60.0) -> None:
         """Take the engine's end of a socket pair; return once the engine sent the settings."""
         loop = asyncio.get_running_loop()
         await loop.create_unix_connection(self.protocol, sock=sock)
         await asyncio.wait_for(self._welcomed, timeout)
+        # Both set by now: `link` by the connection (`protocol`), `settings` by the welcome.
+        assert self.settings is not None and self.link is not None
         self.arena = Arena.create(self.settings.ipc_arena_mb << 20)
         if self.arena is not None:
             self.link.send(SharedArena(name=self.arena.name, size=self.arena.size))
 
     def serving(self) -> None:
+        assert self.link is not None  # set by connect
         self.link.send(Up())
 
     def close(self) -> None:
@@ -162,7 +166,7 @@ class RemoteEngine(EngineClient):
             self.arena.close()
 
     # --- the model table -------------------------------------------------------------------------
-    def models(self) -> Mapping[str, ModelEntry]:
+    def models(self) -> Mapping[str, RemoteModel]:
         return self._table
 
     def watch_models(self, listener: Callable[[], None]) -> None:
@@ -173,15 +177,18 @@ class RemoteEngine(EngineClient):
 
     def resolve(self, name: str, version: str = "") -> RemoteVersion:
         found = super().resolve(name, version)
+        assert isinstance(found, RemoteVersion)  # the table (`models`) holds RemoteVersions only
         return found if version else found.as_latest
 
     # --- inference ---------------------------------------------------------------------------------
-    def submit(self, model: RemoteVersion, request: Request) -> None:
+    # A view this client's `resolve` returned, as EngineClient.submit says: a RemoteVersion.
+    def submit(self, model: RemoteVersion, request: Request) -> None:  # type: ignore[override]
         arena = None
         try:
             if self.refusing:
                 raise Unavailable("server is shutting down")
             link = self.link
+            assert link is not None  # set by connect, before any request
             if link.closed:
                 raise EngineDead("the engine process is gone")
             if link.congested:
@@ -225,7 +232,7 @@ class RemoteEngine(EngineClient):
         self._in_flight[call] = request
         self._call_of[request] = call
 
-    def cancel(self, model, request: Request) -> None:
+    def cancel(self, model: ModelView, request: Request) -> None:
         call = self._call_of.get(request)
         if call is not None and self.link is not None and not self.link.closed:
             self.link.send(Cancel(call=call))
@@ -234,6 +241,7 @@ class RemoteEngine(EngineClient):
         """The engine answered `call`: it reads none of its inputs any more."""
         placed = self._placed.pop(call, None)
         if placed is not None:
+            assert self.arena is not None  # blocks were placed in it
             self.arena.free(placed)
         request = self._in_flight.pop(call, None)
         if request is not None:
@@ -241,7 +249,8 @@ class RemoteEngine(EngineClient):
         return request
 
     # --- calls -------------------------------------------------------------------------------------
-    async def _call(self, method: str, *args):
+    async def _call(self, method: str, *args: object) -> Any:
+        """The engine's reply to `method(*args)` (as the EngineClient method returns it)."""
         if self.link is None or self.link.closed:
             raise EngineDead("the engine process is gone")
         call = next(self._ids)
@@ -253,11 +262,13 @@ class RemoteEngine(EngineClient):
         finally:
             self._calls.pop(call, None)
 
-    async def model_statistics(self, name: str = "", version: str = "") -> dict:
-        return await self._call("model_statistics", name, version)
+    async def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+        value: dict[str, Any] = await self._call("model_statistics", name, version)
+        return value
 
-    async def repository_index(self, ready_only: bool = False) -> list[dict]:
-        return await self._call("repository_index", ready_only)
+    async def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        value: list[dict[str, Any]] = await self._call("repository_index", ready_only)
+        return value
 
     async def load_model(
         self, name: str, parameters: dict[str, Any] | None = None, base64_files: bool = False
@@ -267,23 +278,29 @@ class RemoteEngine(EngineClient):
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await self._call("unload_model", name, parameters)
 
-    async def catalog_figures(self) -> dict:
-        return await self._call("catalog_figures")
+    async def catalog_figures(self) -> dict[str, Any]:
+        value: dict[str, Any] = await self._call("catalog_figures")
+        return value
 
-    async def rollout_start(self, name: str, document: dict) -> dict:
-        return await self._call("rollout_start", name, document)
+    async def rollout_start(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
+        value: dict[str, Any] = await self._call("rollout_start", name, document)
+        return value
 
-    async def rollout_status(self, name: str = "") -> dict:
-        return await self._call("rollout_status", name)
+    async def rollout_status(self, name: str = "") -> dict[str, Any]:
+        value: dict[str, Any] = await self._call("rollout_status", name)
+        return value
 
-    async def rollout_promote(self, name: str) -> dict:
-        return await self._call("rollout_promote", name)
+    async def rollout_promote(self, name: str) -> dict[str, Any]:
+        value: dict[str, Any] = await self._call("rollout_promote", name)
+        return value
 
-    async def rollout_abort(self, name: str) -> dict:
-        return await self._call("rollout_abort", name)
+    async def rollout_abort(self, name: str) -> dict[str, Any]:
+        value: dict[str, Any] = await self._call("rollout_abort", name)
+        return value
 
-    async def rollout_report(self, name: str) -> dict:
-        return await self._call("rollout_report", name)
+    async def rollout_report(self, name: str) -> dict[str, Any]:
+        value: dict[str, Any] = await self._call("rollout_report", name)
+        return value
 
     async def register_system_shared_memory(
         self, name: str, key: str, offset: int, byte_size: int
@@ -293,22 +310,26 @@ class RemoteEngine(EngineClient):
     async def unregister_system_shared_memory(self, name: str = "") -> None:
         await self._call("unregister_system_shared_memory", name)
 
-    async def system_shared_memory_status(self, name: str = "") -> list[dict]:
-        return await self._call("system_shared_memory_status", name)
+    async def system_shared_memory_status(self, name: str = "") -> list[dict[str, Any]]:
+        value: list[dict[str, Any]] = await self._call("system_shared_memory_status", name)
+        return value
 
     def log_settings(self) -> dict[str, object]:
+        assert self.log_control is not None  # set after connect, before a front end serves
         return self.log_control.settings()
 
     async def update_log_settings(self, changes: dict[str, object]) -> dict[str, object]:
         # The engine validates and applies them, then tells every front end (this one too).
-        return await self._call("update_log_settings", changes)
+        value: dict[str, object] = await self._call("update_log_settings", changes)
+        return value
 
-    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict:
+    async def update_trace_settings(self, model: str, changes: dict[str, object]) -> dict[str, Any]:
         # The engine checks the model, validates and applies, then tells every front end.
-        return await self._call("update_trace_settings", model, changes)
+        value: dict[str, Any] = await self._call("update_trace_settings", model, changes)
+        return value
 
     # --- messages from the engine ----------------------------------------------------------------------
-    def _on_frame(self, messages: list, data: memoryview) -> None:
+    def _on_frame(self, messages: list[Any], data: memoryview) -> None:
         for message in messages:
             kind = type(message)
             if kind is Result:
@@ -375,7 +396,7 @@ class RemoteEngine(EngineClient):
                 if not self._welcomed.done():
                     self._welcomed.set_result(None)
 
-    def _on_lost(self, exc) -> None:
+    def _on_lost(self, exc: Exception | None) -> None:
         """The engine is gone: every request and call in flight fails."""
         error = EngineDead("the engine process is gone")
         in_flight, self._in_flight = self._in_flight, {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convoy.config import ServerConfig
 from convoy.errors import ConvoyError, InvalidInput, Unavailable
@@ -30,11 +30,15 @@ from .messages import (
     SharedArena,
     Streamed,
     ToEngine,
+    ToFrontEnd,
     TraceState,
     Up,
     VersionState,
     Welcome,
 )
+
+if TYPE_CHECKING:
+    from ..rollout.routing import RolloutRoute
 
 log = logging.getLogger("convoy.engine.remote")
 
@@ -45,7 +49,7 @@ class _Outcome(DirectOutcome):
 
     __slots__ = ("_endpoint", "call", "model")
 
-    def __init__(self, endpoint: EngineEndpoint, call: int, model: ModelVersion) -> None:
+    def __init__(self, endpoint: EngineEndpoint, call: int, model: ModelVersion | RolloutRoute) -> None:
         super().__init__()
         self._endpoint = endpoint
         self.call = call
@@ -65,10 +69,10 @@ class EngineEndpoint:
         self.link: Link | None = None
         #: Requests of this front end not yet answered and the version each was submitted to,
         #: by call id (for cancels and its death).
-        self._in_flight: dict[int, tuple[Request, Any]] = {}
+        self._in_flight: dict[int, tuple[Request, ModelVersion | RolloutRoute]] = {}
         self.requests = 0
         #: Control-plane calls being answered.
-        self._calls: set[asyncio.Future] = set()
+        self._calls: set[asyncio.Future[None]] = set()
         self.lost = asyncio.Event()
         #: The front end's arena, mapped read-only (large inputs are read from it in place).
         self._shared: memoryview | None = None
@@ -78,6 +82,7 @@ class EngineEndpoint:
         return self.link
 
     def welcome(self, settings: ServerConfig, http_port: int, grpc_port: int) -> None:
+        assert self.link is not None  # set by `protocol` when the front end connected
         self.link.send(Welcome(settings=settings, http_port=http_port, grpc_port=grpc_port))
         self.link.send(TraceState(levels=self.engine.trace_control.state()))
         self.send_models()
@@ -86,18 +91,18 @@ class EngineEndpoint:
         if self.link is not None and not self.link.closed:
             self.link.send(model_table(self.engine))
 
-    def send(self, message) -> None:
+    def send(self, message: ToFrontEnd) -> None:
         if self.link is not None and not self.link.closed:
             self.link.send(message)
 
-    def _on_lost(self, exc) -> None:
+    def _on_lost(self, exc: Exception | None) -> None:
         """The front end is gone: its queued requests leave the queues (nobody waits)."""
         in_flight, self._in_flight = self._in_flight, {}
         for request, model in in_flight.values():
             self.engine.cancel(model, request)
         self.lost.set()
 
-    def _on_frame(self, messages: list, data: memoryview) -> None:
+    def _on_frame(self, messages: list[Any], data: memoryview) -> None:
         engine = self.engine
         for message in messages:
             kind = type(message)
@@ -109,6 +114,7 @@ class EngineEndpoint:
                     request, model = found
                     engine.cancel(model, request)
                     if request.stream is not None:
+                        assert isinstance(request.future, _Outcome)  # made by `_infer`
                         request.future.cancel()  # running: the model's is_cancelled() sees it
             elif kind is Call:
                 task = asyncio.ensure_future(self._call(message))
@@ -126,12 +132,16 @@ class EngineEndpoint:
         self.requests += 1
         try:
             model = engine.models().get(message.model)
-            entry = None if model is None else model.versions.get(message.version)
+            entry: ModelVersion | RolloutRoute | None = (
+                None if model is None else model.versions.get(message.version)
+            )
             route = engine.rollouts.routes.get(message.model) if message.latest else None
             if route is not None:
                 entry = engine.resolve(message.model)  # a running roll-out splits it
             elif entry is None or (
-                message.latest and (not entry.ready or model.default_version is not None)
+                # `model` is not None here: `entry` is one of its versions.
+                message.latest
+                and (not entry.ready or (model is not None and model.default_version is not None))
             ):
                 if not message.latest:
                     raise Unavailable(f"model '{message.model}' version {message.version} is not loaded")
@@ -188,13 +198,14 @@ class EngineEndpoint:
 
         return sink
 
-    def answer(self, outcome: _Outcome, response: Response | None, error) -> None:
+    def answer(self, outcome: _Outcome, response: Response | None, error: BaseException | None) -> None:
         self._in_flight.pop(outcome.call, None)
         link = self.link
         if link is None or link.closed:
             return
         if error is None:
             try:
+                assert response is not None  # no error: the request's response
                 writer = link.writer()
                 metas = writer.tensors(response.outputs)
             except Exception as exc:
@@ -206,7 +217,7 @@ class EngineEndpoint:
                         call=outcome.call,
                         model=response.model_name,
                         version=response.model_version,
-                        timings=None if timings is None else tuple(timings),
+                        timings=None if timings is None else (*timings,),
                         outputs=metas,
                         steps=response.steps,
                         parameters=response.parameters,
@@ -222,7 +233,7 @@ class EngineEndpoint:
             if message.method not in CALLS:
                 raise InvalidInput(f"'{message.method}' is not an engine call")
             value = await getattr(self.engine, message.method)(*message.args)
-            reply = Reply(call=message.call, value=value)
+            reply: Reply | Failure = Reply(call=message.call, value=value)
         except Exception as exc:
             if not isinstance(exc, ConvoyError):
                 log.exception("engine call %s failed", message.method)
