@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -86,7 +86,7 @@ def decode_entry(blob: bytes) -> CacheEntry:
 class RedisStore:
     """Batched, fail-open lookups and inserts against one Redis server."""
 
-    synchronous = False
+    synchronous: Literal[False] = False
 
     def __init__(self, settings: CacheSettings, clock: Callable[[], float] = time.monotonic) -> None:
         try:

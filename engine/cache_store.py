@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class FrequencySketch:
 class LocalStore:
     """Keyed entries under the global byte budget; see the module docstring."""
 
-    synchronous = True
+    synchronous: Literal[True] = True
 
     def __init__(
         self, size: int, default_ttl_s: float = 0.0, clock: Callable[[], float] = time.monotonic
