@@ -19,7 +19,6 @@ background coroutines of a decoupled `async def execute`) are not tracked.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import threading
 import time
@@ -34,6 +33,8 @@ from convoy.errors import InvalidInput, Unavailable
 from convoy.types import ModelCall, OutcomeFuture, Request, Response, StreamedResponse
 
 if TYPE_CHECKING:
+    import concurrent.futures
+
     from convoy.config import ModelConfig
     from convoy.engine.repository import ModelRepository, ModelVersion
 

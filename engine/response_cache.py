@@ -135,10 +135,8 @@ class _SubFuture:
         self._done = True
         self._cache._compute_failed(self.assembly, self.indices, exception)
 
-    def add_done_callback(
-        self, callback: Callable[[Any], object]
-    ) -> None:  # nobody awaits a sub-request
-        pass
+    def add_done_callback(self, callback: Callable[[Any], object]) -> None:
+        pass  # nobody awaits a sub-request
 
 
 def open_store(settings: CacheSettings) -> LocalStore | RedisStore:
