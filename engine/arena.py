@@ -34,6 +34,8 @@ _SMALLEST = 4 << 20
 #: Blocks start on cache-line boundaries.
 _ALIGN = 64
 _DIRECTORY = "/dev/shm"
+#: One block: [start, end, live], a list so that `free()` can mark it in place.
+Block = list[int]
 
 
 class Arena:
@@ -57,10 +59,10 @@ class Arena:
         finally:
             os.close(fd)
         #: Live and freed blocks in the order they were taken: [start, end, live].
-        self._blocks: deque[list] = deque()
+        self._blocks: deque[Block] = deque()
         self._head = 0
         #: Blocks taken since the last `take_placed()` (one request's tensors).
-        self._placed: list[list] = []
+        self._placed: list[Block] = []
         self.placed_bytes = 0
 
     @classmethod
@@ -99,7 +101,7 @@ class Arena:
         self.placed_bytes += nbytes
         return start
 
-    def take_placed(self) -> list[list] | None:
+    def take_placed(self) -> list[Block] | None:
         """The blocks placed since the last call (to free when their request is answered)."""
         placed, self._placed = self._placed, []
         return placed or None
@@ -129,7 +131,7 @@ class Arena:
         self._head = start + size
         return start
 
-    def free(self, placed: list[list]) -> None:
+    def free(self, placed: list[Block]) -> None:
         for block in placed:
             block[2] = False
         blocks = self._blocks

@@ -6,10 +6,21 @@ Errors go through `fail(field, message)`, which prefixes the file: ``batch_input
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from convoy.config import BatchInput, BatchOutput
 from convoy.datatypes import CONFIG_TO_V2
 from convoy.protos import model_config_pb2 as mc
 from convoy.types import TensorSpec
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+    from convoy.errors import InvalidConfig
+
+#: `fail(field, message)`: the error to raise, its message prefixed with the file.
+Fail = Callable[[str, str], "InvalidConfig"]
 
 #: BatchInput kinds Convoy computes (every kind Triton defines).
 BATCH_INPUT_KINDS = tuple(mc.BatchInput.Kind.keys())
@@ -23,7 +34,7 @@ def ragged_batching(
     inputs: tuple[TensorSpec, ...],
     outputs: tuple[TensorSpec, ...],
     backend: str,
-    fail,
+    fail: Fail,
 ) -> tuple[tuple[BatchInput, ...], tuple[BatchOutput, ...]]:
     """The config's batch inputs and outputs, after checking them and the ragged inputs."""
     batching = proto.max_batch_size > 0
@@ -65,8 +76,8 @@ def ragged_batching(
         for i, item in enumerate(proto.batch_input)
     )
     targets: set[str] = set()
-    for i, item in enumerate(batch_inputs):
-        for name in item.target_names:
+    for i, batch_input in enumerate(batch_inputs):
+        for name in batch_input.target_names:
             if name in targets:
                 raise fail(
                     f"batch_input[{i}].target_name",
@@ -88,14 +99,14 @@ def ragged_batching(
     return batch_inputs, tuple(batch_outputs)
 
 
-def _kind(enum, value: int, field: str, known: tuple[str, ...], fail) -> str:
+def _kind(enum: EnumTypeWrapper, value: int, field: str, known: tuple[str, ...], fail: Fail) -> str:
     try:
         return enum.Name(value)
     except ValueError:
         raise fail(f"{field}.kind", f"unknown kind {value}; expected one of {list(known)}") from None
 
 
-def _source(item, field: str, input_names: set[str], fail) -> str:
+def _source(item: mc.BatchInput | mc.BatchOutput, field: str, input_names: set[str], fail: Fail) -> str:
     sources = list(item.source_input)
     if len(sources) != 1:
         raise fail(f"{field}.source_input", f"expects exactly 1 source input, got {len(sources)}")
@@ -107,7 +118,7 @@ def _source(item, field: str, input_names: set[str], fail) -> str:
     return sources[0]
 
 
-def _targets(item, field: str, fail) -> tuple[str, ...]:
+def _targets(item: mc.BatchInput | mc.BatchOutput, field: str, fail: Fail) -> tuple[str, ...]:
     names = tuple(item.target_name)
     if not names or any(not name for name in names):
         raise fail(f"{field}.target_name", "must name at least one tensor, none empty")
@@ -116,7 +127,7 @@ def _targets(item, field: str, fail) -> tuple[str, ...]:
     return names
 
 
-def _batch_input(item, field: str, input_names: set[str], fail) -> BatchInput:
+def _batch_input(item: mc.BatchInput, field: str, input_names: set[str], fail: Fail) -> BatchInput:
     kind = _kind(mc.BatchInput.Kind, item.kind, field, BATCH_INPUT_KINDS, fail)
     targets = _targets(item, field, fail)
     for name in targets:
@@ -133,7 +144,14 @@ def _batch_input(item, field: str, input_names: set[str], fail) -> BatchInput:
     return BatchInput(kind, targets, CONFIG_TO_V2[type_name], source)
 
 
-def _batch_output(item, field: str, inputs, outputs, output_names: set[str], fail) -> BatchOutput:
+def _batch_output(
+    item: mc.BatchOutput,
+    field: str,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    output_names: set[str],
+    fail: Fail,
+) -> BatchOutput:
     kind = _kind(mc.BatchOutput.Kind, item.kind, field, BATCH_OUTPUT_KINDS, fail)
     targets = _targets(item, field, fail)
     source = _source(item, field, {spec.name for spec in inputs}, fail)

@@ -24,12 +24,25 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from convoy.datatypes import NUMPY_DTYPE
 from convoy.errors import InvalidInput, Unavailable
-from convoy.types import ModelCall, Request, Response, StreamedResponse
+from convoy.types import ModelCall, OutcomeFuture, Request, Response, StreamedResponse
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    from convoy.config import ModelConfig
+    from convoy.engine.repository import ModelRepository, ModelVersion
+
+
+class _Submitter(Protocol):
+    """Where a call's request goes: the server's InferenceService, or `_SchedulerSubmit`."""
+
+    def submit(self, entry: ModelVersion, request: Request, /) -> None: ...
 
 
 @dataclass(slots=True)
@@ -122,13 +135,13 @@ class BlsWaits:
 class LocalModelCaller:
     """`convoy.types.ModelCaller` over this process's repository and InferenceService."""
 
-    def __init__(self, repository) -> None:
+    def __init__(self, repository: ModelRepository) -> None:
         self._repository = repository
         #: The InferenceService, once the server built it (before that, calls go straight to
         #: the callee's scheduler).
-        self.service = None
+        self.service: _Submitter | None = None
         #: The server's event loop (set with the repository's services).
-        self.loop = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.waits = BlsWaits(self._instance_count)
         self._tokens = itertools.count(1)
 
@@ -143,8 +156,13 @@ class LocalModelCaller:
             return len(scheduler.instances)
         return entry.config.instance_count
 
-    def _request(self, call: ModelCall, future, stream) -> tuple:
-        service = self.service or _SchedulerSubmit()
+    def _request(
+        self,
+        call: ModelCall,
+        future: OutcomeFuture,
+        stream: Callable[[StreamedResponse], None] | None,
+    ) -> tuple[_Submitter, ModelVersion, Request]:
+        service: _Submitter = self.service or _SchedulerSubmit()
         entry = self._repository.get(call.model_name, call.model_version)
         config = entry.config
         if config.decoupled and stream is None:
@@ -174,13 +192,15 @@ class LocalModelCaller:
             stream=stream,
             bls_call=token,
         )
-        future.add_done_callback(lambda _: self.waits.end(token))
+        # A concurrent future (ModelCaller's callers) or infer's asyncio future: both have it.
+        future.add_done_callback(lambda _: self.waits.end(token))  # type: ignore[attr-defined]
         return service, entry, request
 
-    def _canceller(self, entry, request: Request) -> Callable[[], None]:
+    def _canceller(self, entry: ModelVersion, request: Request) -> Callable[[], None]:
         """Cancel `request` from any thread: a queued one is dropped (answered Cancelled); a
         running one sees is_cancelled(). Its wait no longer counts either way."""
         loop = self.loop
+        assert loop is not None  # set in services(), before model code gets this caller
 
         def on_loop() -> None:
             request.cancel_requested = True
@@ -193,13 +213,14 @@ class LocalModelCaller:
 
         return cancel
 
-    def submit_threadsafe(self, call: ModelCall, future) -> Callable[[], None]:
+    def submit_threadsafe(self, call: ModelCall, future: OutcomeFuture) -> Callable[[], None]:
         service, entry, request = self._request(call, future, None)
+        assert self.loop is not None  # set in services(), before model code gets this caller
         self.loop.call_soon_threadsafe(service.submit, entry, request)
         return self._canceller(entry, request)
 
     def stream_threadsafe(
-        self, call: ModelCall, sink: Callable[[StreamedResponse], None], future
+        self, call: ModelCall, sink: Callable[[StreamedResponse], None], future: OutcomeFuture
     ) -> Callable[[], None]:
         entry = self._repository.get(call.model_name, call.model_version)
         decoupled = entry.config.decoupled
@@ -209,12 +230,13 @@ class LocalModelCaller:
             # in the order added, so this comes before whatever the caller adds.)
             names = call.requested_outputs
 
-            def one(done) -> None:
+            def one(done: concurrent.futures.Future[Response]) -> None:
                 if not done.cancelled() and done.exception() is None:
                     response = _requested(done.result(), names)
                     sink(StreamedResponse(response.outputs, True, "", response.parameters or {}))
 
-            future.add_done_callback(one)
+            future.add_done_callback(one)  # type: ignore[attr-defined]  # a concurrent future
+        assert self.loop is not None  # set in services(), before model code gets this caller
         self.loop.call_soon_threadsafe(service.submit, entry, request)
         return self._canceller(entry, request)
 
@@ -236,7 +258,7 @@ class _SchedulerSubmit:
     straight to the callee's scheduler; a callee still loading answers Unavailable."""
 
     @staticmethod
-    def submit(entry, request: Request) -> None:
+    def submit(entry: ModelVersion, request: Request) -> None:
         try:
             if entry.scheduler is None:
                 raise Unavailable(f"model '{entry.config.name}' is not ready")
@@ -255,7 +277,7 @@ def _requested(response: Response, names: tuple[str, ...]) -> Response:
     return Response(outputs, response.model_name, response.model_version, None, response.parameters)
 
 
-def _check_inputs(config, inputs: dict[str, np.ndarray]) -> int:
+def _check_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
     """The rows the call carries; raises InvalidInput for what a front end would refuse."""
     rows = 1
     batched = config.max_batch_size > 0
@@ -279,9 +301,9 @@ def _check_inputs(config, inputs: dict[str, np.ndarray]) -> int:
         if len(shape) != len(spec.dims) or any(
             d != -1 and d != s for s, d in zip(shape, spec.dims, strict=True)
         ):
-            expected = [-1, *spec.dims] if batched else list(dims)
+            expected_shape = [-1, *spec.dims] if batched else list(dims)
             raise InvalidInput(
-                f"input '{name}' of model '{config.name}': expected shape {expected}, got "
+                f"input '{name}' of model '{config.name}': expected shape {expected_shape}, got "
                 f"{list(array.shape)}"
             )
         if batched:

@@ -53,7 +53,7 @@ def revision_digest(config_bytes: bytes, model_dir: Path, version: int) -> str:
     return digest.hexdigest()
 
 
-def _file_into(digest, file: Path, name: str) -> None:
+def _file_into(digest: hashlib.blake2b, file: Path, name: str) -> None:
     digest.update(name.encode() + b"\0")
     try:
         with file.open("rb") as handle:
@@ -86,19 +86,20 @@ def _header(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
     return f"{name}\0{datatype}\0{shape}\0".encode()
 
 
-def _data_into(digest, array: np.ndarray) -> None:
+def _data_into(digest: hashlib.blake2b, array: np.ndarray) -> None:
     if array.dtype.hasobject:
         for element in array.reshape(-1):
             data = element.encode() if isinstance(element, str) else bytes(element)
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
     elif array.flags.c_contiguous:
-        digest.update(array)  # the buffer itself: no copy
+        # (The ignores: ndarray is a buffer, but numpy's stubs say so only for Python 3.12+.)
+        digest.update(array)  # type: ignore[arg-type]  # the buffer itself: no copy
     else:
-        digest.update(np.ascontiguousarray(array))
+        digest.update(np.ascontiguousarray(array))  # type: ignore[arg-type]
 
 
-def request_key(prefix, config: ModelConfig, request: Request) -> bytes:
+def request_key(prefix: hashlib.blake2b, config: ModelConfig, request: Request) -> bytes:
     """One key for the whole request."""
     digest = prefix.copy()
     for name in sorted(request.inputs):
@@ -109,7 +110,7 @@ def request_key(prefix, config: ModelConfig, request: Request) -> bytes:
     return digest.digest()
 
 
-def row_keys(prefix, config: ModelConfig, request: Request) -> list[bytes]:
+def row_keys(prefix: hashlib.blake2b, config: ModelConfig, request: Request) -> list[bytes]:
     """One key per row of a batched request (the first dimension of every input)."""
     names = sorted(request.inputs)
     arrays = [request.inputs[name] for name in names]

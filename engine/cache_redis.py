@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -45,7 +46,8 @@ class _Tensor(msgspec.Struct, array_like=True):
 
 class _Stored(msgspec.Struct, array_like=True):
     outputs: list[_Tensor]
-    parameters: dict | None
+    # Any keys, as a bare dict decodes (a narrower type would make msgspec validate more).
+    parameters: dict[Any, Any] | None
     cost_ns: int
 
 
@@ -84,9 +86,9 @@ def decode_entry(blob: bytes) -> CacheEntry:
 class RedisStore:
     """Batched, fail-open lookups and inserts against one Redis server."""
 
-    synchronous = False
+    synchronous: Literal[False] = False
 
-    def __init__(self, settings: CacheSettings, clock=time.monotonic) -> None:
+    def __init__(self, settings: CacheSettings, clock: Callable[[], float] = time.monotonic) -> None:
         try:
             import redis.asyncio as aioredis
         except ImportError:
@@ -114,9 +116,9 @@ class RedisStore:
             timeout=seconds(settings.wait_timeout_ms),
         )
         self._client = aioredis.Redis(connection_pool=pool)
-        self._gets: list[tuple[list[bytes], Callable[[list], None]]] = []
+        self._gets: list[tuple[list[bytes], Callable[[list[CacheEntry | None]], None]]] = []
         self._puts: list[tuple[bytes, bytes, float]] = []
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._down_until = 0.0
         self._logged_at = -LOG_EVERY_S
         self._unlogged = 0
@@ -145,7 +147,7 @@ class RedisStore:
         await self._client.aclose()
 
     # --- the request path (loop thread) ----------------------------------------------------------
-    def get_many(self, keys: list[bytes], done: Callable[[list], None]) -> None:
+    def get_many(self, keys: list[bytes], done: Callable[[list[CacheEntry | None]], None]) -> None:
         """Look `keys` up; `done(entries)` runs on the loop with an entry or None per key."""
         if self._clock() < self._down_until:
             self.skipped += 1
@@ -173,7 +175,7 @@ class RedisStore:
         return 0
 
     # --- background ------------------------------------------------------------------------------
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -182,14 +184,15 @@ class RedisStore:
         await asyncio.sleep(0)  # the rest of this loop turn's lookups join the MGET
         batch, self._gets = self._gets, []
         keys = [KEY_PREFIX + key.hex().encode() for keys, _ in batch for key in keys]
-        values: list = [None] * len(keys)
+        # bytes or None per key (redis types them bytes | str: str only with decode_responses).
+        values: list[Any] = [None] * len(keys)
         try:
             values = await self._client.mget(keys)
         except self._redis_errors as exc:
             self._failed("get", exc)
         index = 0
         for wanted, done in batch:
-            entries = []
+            entries: list[CacheEntry | None] = []
             for blob in values[index : index + len(wanted)]:
                 entry = None
                 if blob is not None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,13 +34,15 @@ class CacheEntry:
 
     outputs: dict[str, np.ndarray]
     #: Response parameters the model set, or None.
-    parameters: dict | None
+    parameters: dict[str, Any] | None
     nbytes: int
     #: Estimated compute the entry saves each time it answers (ns).
     cost_ns: int
 
 
-def entry_from(outputs: dict[str, np.ndarray], parameters: dict | None, cost_ns: int) -> CacheEntry:
+def entry_from(
+    outputs: dict[str, np.ndarray], parameters: dict[str, Any] | None, cost_ns: int
+) -> CacheEntry:
     """An entry owning copies of `outputs` (a response's arrays view its whole batch)."""
     owned = {}
     size = ENTRY_OVERHEAD
@@ -121,9 +125,11 @@ class FrequencySketch:
 class LocalStore:
     """Keyed entries under the global byte budget; see the module docstring."""
 
-    synchronous = True
+    synchronous: Literal[True] = True
 
-    def __init__(self, size: int, default_ttl_s: float = 0.0, clock=time.monotonic) -> None:
+    def __init__(
+        self, size: int, default_ttl_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.size = size
         self.default_ttl_s = default_ttl_s
         self._clock = clock
@@ -184,18 +190,20 @@ class LocalStore:
         counts.inserted += 1
         return True
 
-    def _victims(self, candidate_key: bytes, size: int, owner: str, owner_budget: int) -> list | None:
+    def _victims(
+        self, candidate_key: bytes, size: int, owner: str, owner_budget: int
+    ) -> list[tuple[bytes, _Slot]] | None:
         """The entries to evict for `size` more bytes of `owner` (expired ones first, then the
         least recently used, of `owner` alone when its own budget is what is short); None when
         admission refuses the candidate."""
         now = self._clock()
-        victims: list = []
+        victims: list[tuple[bytes, _Slot]] = []
         chosen: set[bytes] = set()
         freed_owner = 0
         freed = 0
         candidate = None  # its frequency, looked up only if an unexpired entry must go
 
-        def take(key, slot) -> bool:
+        def take(key: bytes, slot: _Slot) -> bool:
             nonlocal freed, freed_owner, candidate
             if slot.expires and slot.expires <= now:
                 pass  # expired: free to evict

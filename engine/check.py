@@ -15,6 +15,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,9 +124,9 @@ def sample_inputs(config: ModelConfig, version_path: Path) -> tuple[dict[str, np
     if config.warmup:
         sample = config.warmup[0]
         rows = sample.batch_size if batching else 1
-        for name, spec in sample.inputs.items():
-            shape = (rows, *spec.dims) if batching else spec.dims
-            inputs[name] = warmup_array(spec, shape, version_path.parent / "warmup", rng)
+        for name, warmup_input in sample.inputs.items():
+            shape = (rows, *warmup_input.dims) if batching else warmup_input.dims
+            inputs[name] = warmup_array(warmup_input, shape, version_path.parent / "warmup", rng)
     else:
         rows = 1
         for spec in config.inputs:
@@ -195,7 +196,7 @@ def check_outputs(config: ModelConfig, outputs: dict[str, np.ndarray], rows: int
 
 
 # --- reports -------------------------------------------------------------------------------------
-def as_json(results: list[CheckResult]) -> list[dict]:
+def as_json(results: list[CheckResult]) -> list[dict[str, Any]]:
     return [asdict(r) | {"passed": r.passed} for r in results]
 
 

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,10 @@ from convoy.errors import (
 )
 from convoy.types import Request, RequestState, Response, StepTiming, TensorSpec
 
+if TYPE_CHECKING:
+    from convoy.engine.repository import ModelVersion
+    from convoy.runtimes.base import RuntimeInstance
+
 
 @dataclass(slots=True, eq=False)
 class _Run:
@@ -45,7 +50,7 @@ class _Run:
     #: Tensors each step still waits for.
     waiting: list[int]
     #: Steps submitted and not finished: step index -> (entry, step request).
-    running: dict[int, tuple] = field(default_factory=dict)
+    running: dict[int, tuple[ModelVersion, Request]] = field(default_factory=dict)
     finished_steps: int = 0
     done: bool = False
     timings: list[StepTiming] = field(default_factory=list)
@@ -59,8 +64,8 @@ class EnsembleScheduler:
         config: ModelConfig,
         version: str,
         plan: EnsemblePlan,
-        resolve: Callable[[str, str], object],
-        submit: Callable[[object, Request], None],
+        resolve: Callable[[str, str], ModelVersion],
+        submit: Callable[[ModelVersion, Request], None],
         stats: ModelStats,
         max_runs: int,
         step_limit: int = 0,
@@ -119,7 +124,7 @@ class EnsembleScheduler:
         return self._unready()
 
     @property
-    def instances(self) -> list:
+    def instances(self) -> list[RuntimeInstance]:
         return []
 
     @property
@@ -160,7 +165,10 @@ class EnsembleScheduler:
         if isinstance(future, asyncio.Future):
             future.add_done_callback(lambda _future: self._abandon(run))  # runs on the loop
         else:
-            future.add_done_callback(lambda _future: self._loop.call_soon_threadsafe(self._abandon, run))
+            loop = self._loop
+            assert loop is not None  # set in __aenter__, with _accepting
+            # A DirectOutcome or concurrent future: OutcomeFuture does not declare the method.
+            future.add_done_callback(lambda _future: loop.call_soon_threadsafe(self._abandon, run))  # type: ignore[attr-defined]
         for index, count in enumerate(run.waiting):
             if run.done:
                 break
@@ -198,7 +206,9 @@ class EnsembleScheduler:
                 if array is None:
                     continue  # an optional input the request left out
                 spec = model.input(input_name)
-                inputs[input_name] = _conform(array, spec, model, f"{label}: input '{input_name}'")
+                # Planned against the model at load; a model reloaded without the input fails
+                # in _conform (caught below).
+                inputs[input_name] = _conform(array, spec, model, f"{label}: input '{input_name}'")  # type: ignore[arg-type]
             rows = 1
             if model.max_batch_size > 0 and inputs:
                 rows = next(iter(inputs.values())).shape[0]
@@ -209,6 +219,7 @@ class EnsembleScheduler:
             self._fail(run, InferenceFailed(f"{label}: {type(exc).__name__}: {exc}"))
             return
         parent = run.request
+        assert self._loop is not None  # set in __aenter__, before any request is accepted
         future = self._loop.create_future()
         step_request = Request(
             id=parent.id,
@@ -227,7 +238,14 @@ class EnsembleScheduler:
         future.add_done_callback(lambda f: self._step_done(run, index, entry, step_request, f))
         self._submit(entry, step_request)
 
-    def _step_done(self, run: _Run, index: int, entry, step_request: Request, future) -> None:
+    def _step_done(
+        self,
+        run: _Run,
+        index: int,
+        entry: ModelVersion,
+        step_request: Request,
+        future: asyncio.Future[Response],
+    ) -> None:
         self._step_inflight[index] -= 1
         try:
             self._advance(run, index, entry, step_request, future)
@@ -238,7 +256,14 @@ class EnsembleScheduler:
                 if not held.done:
                     self._launch(held, index)
 
-    def _advance(self, run: _Run, index: int, entry, step_request: Request, future) -> None:
+    def _advance(
+        self,
+        run: _Run,
+        index: int,
+        entry: ModelVersion,
+        step_request: Request,
+        future: asyncio.Future[Response],
+    ) -> None:
         """A step finished: keep its outputs, start the steps they complete (or end the run)."""
         run.running.pop(index, None)
         if run.done:
@@ -271,8 +296,10 @@ class EnsembleScheduler:
                 self._fail(run, InferenceFailed(f"{label}: did not produce output '{output_name}'"))
                 return
             spec = model.output(output_name)
-            wanted = NUMPY_DTYPE[spec.datatype]
-            if spec.datatype != "BYTES" and array.dtype != wanted:
+            # Planned against the model at load; a model reloaded since without the output
+            # fails here (the ignores).
+            wanted = NUMPY_DTYPE[spec.datatype]  # type: ignore[union-attr]
+            if spec.datatype != "BYTES" and array.dtype != wanted:  # type: ignore[union-attr]
                 array = array.astype(wanted)
             run.tensors[tensor] = array
         run.finished_steps += 1
@@ -326,7 +353,7 @@ class EnsembleScheduler:
             if scheduler is not None:
                 scheduler.cancel(step_request)
             if not step_request.future.done():
-                step_request.future.cancel()
+                step_request.future.cancel()  # type: ignore[attr-defined]  # _launch's asyncio future
         run.running.clear()
         self.stats.record_failure(reason, time.monotonic_ns() - request.received_ns)
         completion.resolve(request, None, error)
@@ -344,7 +371,8 @@ def _prefixed(error: BaseException, label: str) -> ConvoyError:
         except TypeError:
             wrapped = InferenceFailed(f"{label}: {error}")
         if isinstance(error, Overloaded):
-            wrapped.retry_after = error.retry_after
+            # An Overloaded, or the InferenceFailed fallback, which carries it all the same.
+            wrapped.retry_after = error.retry_after  # type: ignore[attr-defined]
         return wrapped
     return InferenceFailed(f"{label}: {type(error).__name__}: {error}")
 

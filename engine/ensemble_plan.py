@@ -99,9 +99,9 @@ def plan_ensemble(
         )
     for tensor in {t for p in planned for t in p.reads}:
         if tensor not in known and tensor not in producers:
-            readers = [f"step[{p.index}]" for p in planned if tensor in p.reads]
+            reading = [f"step[{p.index}]" for p in planned if tensor in p.reads]
             raise fail(
-                f"ensemble tensor '{tensor}' read by {', '.join(readers)} is neither an "
+                f"ensemble tensor '{tensor}' read by {', '.join(reading)} is neither an "
                 "ensemble input nor written by any step"
             )
     # Order the steps (Kahn): a step is ready once every tensor it reads is known.
@@ -120,27 +120,29 @@ def plan_ensemble(
             step_batching = model.max_batch_size > 0
             label = f"step[{p.index}] (model '{p.step.model_name}')"
             for input_name, tensor in p.step.input_map.items():
-                spec = model.input(input_name)
+                input_spec = model.input(input_name)
+                assert input_spec is not None  # input_map was checked against the model above
                 datatype, shape, writer = known[tensor]
-                if datatype != spec.datatype:
+                if datatype != input_spec.datatype:
                     raise fail(
-                        f"{label}: input '{input_name}' expects {spec.datatype}, but "
+                        f"{label}: input '{input_name}' expects {input_spec.datatype}, but "
                         f"ensemble tensor '{tensor}' ({writer}) is {datatype}"
                     )
-                if not _compatible(shape, _full_shape(spec, step_batching)):
+                if not _compatible(shape, _full_shape(input_spec, step_batching)):
                     raise fail(
                         f"{label}: input '{input_name}' expects shape "
-                        f"{list(_full_shape(spec, step_batching))}, but ensemble tensor "
+                        f"{list(_full_shape(input_spec, step_batching))}, but ensemble tensor "
                         f"'{tensor}' ({writer}) has shape {list(shape)}"
                     )
-                if tensor in optional_inputs and not spec.optional:
+                if tensor in optional_inputs and not input_spec.optional:
                     raise fail(
                         f"{label}: input '{input_name}' is required, but ensemble input "
                         f"'{tensor}' that feeds it is optional"
                     )
             for output_name, tensor in p.step.output_map.items():
-                spec = model.output(output_name)
-                known[tensor] = (spec.datatype, _full_shape(spec, step_batching), label)
+                output_spec = model.output(output_name)
+                assert output_spec is not None  # output_map was checked against the model above
+                known[tensor] = (output_spec.datatype, _full_shape(output_spec, step_batching), label)
                 done.add(tensor)
     for spec in config.outputs:
         if spec.name not in producers:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -26,8 +27,8 @@ from prometheus_client.registry import Collector
 log = logging.getLogger("convoy.metrics")
 
 
-def load_pynvml():
-    """nvidia-ml-py's module (raises ImportError when it is not installed)."""
+def load_pynvml() -> Any:
+    """nvidia-ml-py's module, untyped (raises ImportError when it is not installed)."""
     import pynvml
 
     return pynvml
@@ -91,7 +92,8 @@ class GpuReading:
 class GpuReader:
     """Every visible GPU through an NVML module (`pynvml`, or a test's fake of it)."""
 
-    def __init__(self, nvml, handles: list, uuids: list[str]) -> None:
+    def __init__(self, nvml: Any, handles: list[Any], uuids: list[str]) -> None:
+        # `nvml` is pynvml (untyped) or a test's stand-in; `handles` are its opaque device handles.
         self._nvml = nvml
         self._devices = list(zip(uuids, handles, strict=True))
         #: Energy counter (mJ) at start per GPU; None where the GPU has no such counter, whose
@@ -107,7 +109,7 @@ class GpuReader:
                 self._integrated[uuid] = 0.0
 
     @classmethod
-    def open(cls, load_nvml: Callable = load_pynvml) -> tuple[GpuReader | None, str]:
+    def open(cls, load_nvml: Callable[[], Any] = load_pynvml) -> tuple[GpuReader | None, str]:
         """(a reader over every visible GPU, "") or (None, why there are no GPU metrics)."""
         try:
             nvml = load_nvml()
@@ -181,7 +183,7 @@ class GpuReader:
         return 0
 
 
-def _text(value) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -201,7 +203,7 @@ class HardwareMonitor(Collector):
         interval_s: float = 2.0,
         cpu: bool = True,
         gpu: bool = True,
-        load_nvml: Callable = load_pynvml,
+        load_nvml: Callable[[], Any] = load_pynvml,
         proc: Path = Path("/proc"),
     ) -> None:
         self.interval_s = interval_s

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -133,7 +134,7 @@ class UsageRow:
         return self.sums["compute_seconds"] * rate
 
 
-def read_ledger(paths: Iterable[Path]) -> Iterator[dict]:
+def read_ledger(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
     for path in paths:
         with Path(path).open("rb") as lines:
             for number, line in enumerate(lines, 1):
@@ -146,7 +147,7 @@ def read_ledger(paths: Iterable[Path]) -> Iterator[dict]:
 
 
 def summarise(
-    entries: Iterable[dict],
+    entries: Iterable[dict[str, Any]],
     period: str = "day",
     by_model: bool = True,
     since: str = "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -39,6 +40,10 @@ from convoy.engine.exposition import ExactCounter
 from convoy.engine.hardware_metrics import HardwareMonitor, load_pynvml
 from convoy.engine.payload_log import PayloadLog
 from convoy.engine.repository import ModelRepository, ModelVersion
+
+if TYPE_CHECKING:
+    from convoy.auth import Keyring
+    from convoy.runtimes.custom_metrics import CustomMetrics
 
 log = logging.getLogger("convoy.metrics")
 
@@ -355,7 +360,13 @@ class ModelCollector(Collector):
         yield from (partial, coalesced, rows, saved)
 
 
-def _histogram_family(name, documentation, histogram_of, scale, models) -> Metric:
+def _histogram_family(
+    name: str,
+    documentation: str,
+    histogram_of: Callable[[ModelStats], Histogram],
+    scale: float,
+    models: list[tuple[str, ModelVersion]],
+) -> Metric:
     family = HistogramMetricFamily(name, documentation, labels=LABELS)
     for model, entry in models:
         buckets, total = _cumulative(histogram_of(entry.stats), scale)
@@ -367,11 +378,13 @@ def _cumulative(histogram: Histogram, scale: float) -> tuple[list[tuple[str, int
     """Prometheus buckets (cumulative, `le` labels in the metric's unit) and the sum."""
     counts = list(histogram.buckets)  # one copy, so the buckets and +Inf agree
     total = histogram.total * scale
-    buckets = []
+    buckets: list[tuple[str, int]] = []
     running = 0
     for bound, count in zip(histogram.bounds, counts, strict=False):
         running += count
-        buckets.append((floatToGoString(round(bound * scale, 12)), running))
+        # (The ignores: prometheus_client leaves floatToGoString, which returns str, unannotated.)
+        le = floatToGoString(round(bound * scale, 12))  # type: ignore[no-untyped-call]
+        buckets.append((le, running))
     buckets.append(("+Inf", running + counts[-1]))
     return buckets, total
 
@@ -473,7 +486,7 @@ class UsageCollector(Collector):
 class QuotaCollector(Collector):
     """Requests refused by an API key's quota, per key name."""
 
-    def __init__(self, keys) -> None:
+    def __init__(self, keys: Keyring) -> None:
         self.keys = keys
 
     def collect(self) -> Iterator[Metric]:
@@ -490,7 +503,7 @@ class QuotaCollector(Collector):
 class CustomCollector(Collector):
     """Metric families model code defined (pb_utils.MetricFamily), read at scrape time."""
 
-    def __init__(self, custom) -> None:
+    def __init__(self, custom: CustomMetrics) -> None:
         self.custom = custom
 
     def collect(self) -> Iterator[Metric]:
@@ -501,7 +514,9 @@ class CustomCollector(Collector):
                     labels = dict(labels)
                     for bound, hits in zip([*bounds, float("inf")], counts, strict=False):
                         metric.add_sample(
-                            name + "_bucket", {**labels, "le": floatToGoString(bound)}, hits
+                            name + "_bucket",
+                            {**labels, "le": floatToGoString(bound)},  # type: ignore[no-untyped-call]
+                            hits,
                         )
                     metric.add_sample(name + "_count", labels, count)
                     metric.add_sample(name + "_sum", labels, total)
@@ -519,7 +534,8 @@ class CustomCollector(Collector):
 class CacheStoreCollector(Collector):
     """What the response cache's store holds and what it refused, evicted or failed to reach."""
 
-    def __init__(self, store) -> None:
+    # The LocalStore or the RedisStore: which one is read off its attributes.
+    def __init__(self, store: Any) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
@@ -584,10 +600,10 @@ class Metrics:
         repository: ModelRepository,
         usage: UsageMeter | None = None,
         payload_log: PayloadLog | None = None,
-        keys=None,
+        keys: Keyring | None = None,
         settings: MetricsSettings | None = None,
-        cache_store=None,
-        load_nvml=load_pynvml,
+        cache_store: Any = None,
+        load_nvml: Callable[[], Any] = load_pynvml,
     ) -> None:
         """`keys`: the server's convoy.auth.Keyring, for the quota counters; `cache_store`: the
         response cache's store; `load_nvml`: how NVML is imported (tests give a fake)."""

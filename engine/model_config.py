@@ -11,6 +11,7 @@ import itertools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format, text_format
 
@@ -38,7 +39,10 @@ from convoy.padding import parse_padding
 from convoy.protos import model_config_pb2 as mc
 from convoy.types import TensorSpec
 
-from .batch_io import ragged_batching
+from .batch_io import Fail, ragged_batching
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 #: Triton `platform` strings -> Convoy backend names.
 PLATFORM_TO_BACKEND = {
@@ -123,7 +127,7 @@ UNSUPPORTED_FIELDS: tuple[UnsupportedField, ...] = (
 )
 
 
-def _set_fields(message, path: str, shown: str = "") -> list[str]:
+def _set_fields(message: Message, path: str, shown: str = "") -> list[str]:
     """The places `path` is set in `message`, spelled with indices (``input[1].format``)."""
     head, _, rest = path.partition(".")
     repeated = head.endswith("[]")
@@ -136,14 +140,14 @@ def _set_fields(message, path: str, shown: str = "") -> list[str]:
     if repeated:
         if not rest:
             return [spelled]
-        found = []
+        found: list[str] = []
         for index, element in enumerate(value):
             found.extend(_set_fields(element, rest, f"{spelled}[{index}]"))
         return found
     return _set_fields(value, rest, spelled) if rest else [spelled]
 
 
-def refuse_unsupported(proto: mc.ModelConfig, fail) -> None:
+def refuse_unsupported(proto: mc.ModelConfig, fail: Fail) -> None:
     """Raise (through `fail(field, message)`) for the first field of UNSUPPORTED_FIELDS set."""
     for entry in UNSUPPORTED_FIELDS:
         places = _set_fields(proto, entry.path)
@@ -287,7 +291,7 @@ CACHE_PARAMETERS = (
 )
 
 
-def _boolean(value: str, field: str, fail) -> bool:
+def _boolean(value: str, field: str, fail: Fail) -> bool:
     lowered = value.strip().lower()
     if lowered in ("true", "1", "yes", "on"):
         return True
@@ -296,8 +300,16 @@ def _boolean(value: str, field: str, fail) -> bool:
     raise fail(field, f"expected true or false, got '{value}'")
 
 
-def _response_cache(proto, parameters, backend: str, dynamic, ragged: bool, fail):
-    """`response_cache { enable: true }` and the response_cache_* parameters, or None."""
+def _response_cache(
+    proto: mc.ModelConfig,
+    parameters: dict[str, str],
+    backend: str,
+    dynamic: DynamicBatching | None,
+    ragged: object,
+    fail: Fail,
+) -> ResponseCachePolicy | None:
+    """`response_cache { enable: true }` and the response_cache_* parameters, or None.
+    `ragged` is truthy when the model batches raggedly."""
     given = {k: v for k, v in parameters.items() if k.startswith("response_cache")}
     for key in given:
         if key not in CACHE_PARAMETERS:
@@ -342,7 +354,7 @@ def _response_cache(proto, parameters, backend: str, dynamic, ragged: bool, fail
     return ResponseCachePolicy(ttl_s=ttl, max_bytes=int(max_bytes), rows=rows, per_key=per_key)
 
 
-def _non_negative(value: str, field: str, fail) -> float:
+def _non_negative(value: str, field: str, fail: Fail) -> float:
     value = value.strip()
     if not value:
         return 0.0
@@ -370,7 +382,7 @@ HISTOGRAM_FAMILIES = {
 }
 
 
-def _metric_buckets(proto, fail) -> dict[str, tuple[float, ...]]:
+def _metric_buckets(proto: mc.ModelConfig, fail: Fail) -> dict[str, tuple[float, ...]]:
     """Triton's `model_metrics { metric_control [...] }`: bucket bounds per histogram family."""
     buckets: dict[str, tuple[float, ...]] = {}
     for index, control in enumerate(proto.model_metrics.metric_control):
@@ -401,7 +413,7 @@ def _metric_buckets(proto, fail) -> dict[str, tuple[float, ...]]:
     return buckets
 
 
-def _sample_rate(proto: mc.ModelConfig, fail) -> float:
+def _sample_rate(proto: mc.ModelConfig, fail: Fail) -> float:
     """The `payload_log_sample_rate` parameter: a fraction of requests, 0 (default) to 1."""
     parameter = proto.parameters.get("payload_log_sample_rate")
     value = parameter.string_value.strip() if parameter is not None else ""
@@ -425,7 +437,7 @@ DISPATCH_TRITON = "triton"
 DISPATCH_LATENCY_FIRST = "latency_first"
 
 
-def _latency_first(proto: mc.ModelConfig, latency_slo_ms: float, fail) -> bool:
+def _latency_first(proto: mc.ModelConfig, latency_slo_ms: float, fail: Fail) -> bool:
     """The `batch_dispatch` parameter: `triton` (the default: a batch waits up to
     max_queue_delay_microseconds for a preferred or the maximum size, as Triton's dynamic
     batcher does) or `latency_first` (it goes as soon as waiting cannot grow it). A latency
@@ -448,7 +460,7 @@ def _latency_first(proto: mc.ModelConfig, latency_slo_ms: float, fail) -> bool:
     return bool(latency_slo_ms) or value == DISPATCH_LATENCY_FIRST
 
 
-def _latency_slo(proto: mc.ModelConfig, dynamic, fail) -> float:
+def _latency_slo(proto: mc.ModelConfig, dynamic: DynamicBatching | None, fail: Fail) -> float:
     """The `latency_slo_ms` parameter: a p99 latency objective in ms, met by sizing dynamic
     batches (so it needs dynamic_batching); 0 (absent) means none."""
     parameter = proto.parameters.get("latency_slo_ms")
@@ -473,7 +485,9 @@ def _latency_slo(proto: mc.ModelConfig, dynamic, fail) -> float:
     return objective
 
 
-def _tensor_spec(tensor, field: str, fail, batching: bool) -> TensorSpec:
+def _tensor_spec(
+    tensor: mc.ModelInput | mc.ModelOutput, field: str, fail: Fail, batching: bool
+) -> TensorSpec:
     if not tensor.name:
         raise fail(f"{field}.name", "must be set")
     type_name = mc.DataType.Name(tensor.data_type)
@@ -496,7 +510,7 @@ def _tensor_spec(tensor, field: str, fail, batching: bool) -> TensorSpec:
     )
 
 
-def _queue_policy(policy, field: str, fail) -> QueuePolicy:
+def _queue_policy(policy: mc.ModelQueuePolicy, field: str, fail: Fail) -> QueuePolicy:
     if policy.max_queue_size < 0:
         raise fail(f"{field}.max_queue_size", f"must be >= 0, got {policy.max_queue_size}")
     return QueuePolicy(
@@ -507,7 +521,9 @@ def _queue_policy(policy, field: str, fail) -> QueuePolicy:
     )
 
 
-def _dynamic_batching(block, max_batch_size: int, fail) -> DynamicBatching:
+def _dynamic_batching(
+    block: mc.ModelDynamicBatching, max_batch_size: int, fail: Fail
+) -> DynamicBatching:
     preferred = tuple(sorted(set(block.preferred_batch_size)))
     for size in preferred:
         if not 1 <= size <= max_batch_size:
@@ -555,7 +571,13 @@ _CONTROL_KINDS = {
 _CORRID_TYPES = ("UINT64", "INT64", "UINT32", "INT32", "BYTES")
 
 
-def _sequence_batching(block, max_batch_size: int, inputs, fail, backend: str = "") -> SequenceBatching:
+def _sequence_batching(
+    block: mc.ModelSequenceBatching,
+    max_batch_size: int,
+    inputs: tuple[TensorSpec, ...],
+    fail: Fail,
+    backend: str = "",
+) -> SequenceBatching:
     """The `sequence_batching` block; anything Convoy does not implement is refused."""
     if block.iterative_sequence:
         if backend != "python":
@@ -586,7 +608,7 @@ def _sequence_batching(block, max_batch_size: int, inputs, fail, backend: str = 
             raise fail(field, f"'{name}' is used by more than one control or state input")
         taken.add(name)
 
-    controls = []
+    controls: list[SequenceControl] = []
     for i, item in enumerate(block.control_input):
         field = f"sequence_batching.control_input[{i}]"
         claim(f"{field}.name", item.name)
@@ -625,32 +647,33 @@ def _sequence_batching(block, max_batch_size: int, inputs, fail, backend: str = 
         controls.append(SequenceControl(item.name, kind, datatype, false_value, true_value))
 
     states = []
-    for i, item in enumerate(block.state):
+    for i, state in enumerate(block.state):
         field = f"sequence_batching.state[{i}]"
-        claim(f"{field}.input_name", item.input_name)
-        if not item.output_name:
+        claim(f"{field}.input_name", state.input_name)
+        if not state.output_name:
             raise fail(f"{field}.output_name", "must be set")
-        datatype = CONFIG_TO_V2.get(mc.DataType.Name(item.data_type))
-        if datatype is None or datatype == "BYTES":
+        state_datatype = CONFIG_TO_V2.get(mc.DataType.Name(state.data_type))
+        if state_datatype is None or state_datatype == "BYTES":
             raise fail(
                 f"{field}.data_type",
-                f"expected a numeric TYPE_*, got {mc.DataType.Name(item.data_type)}",
+                f"expected a numeric TYPE_*, got {mc.DataType.Name(state.data_type)}",
             )
-        dims = tuple(int(d) for d in item.dims)
+        dims = tuple(int(d) for d in state.dims)
         if not dims or any(d < 1 for d in dims):
             raise fail(
                 f"{field}.dims",
                 f"expected fixed dimensions >= 1, got {list(dims)} "
                 "(variable-sized state is not supported by Convoy)",
             )
-        if item.use_growable_memory:
+        if state.use_growable_memory:
             raise fail(f"{field}.use_growable_memory", "is not supported by Convoy")
-        for j, initial in enumerate(item.initial_state):
+        for j, initial in enumerate(state.initial_state):
             if initial.WhichOneof("state_data") != "zero_data":
                 raise fail(f"{field}.initial_state[{j}]", "only zero_data is supported by Convoy")
-        states.append(SequenceState(item.input_name, item.output_name, datatype, dims))
+        states.append(SequenceState(state.input_name, state.output_name, state_datatype, dims))
 
     strategy = block.WhichOneof("strategy_choice") or "direct"
+    preferred: tuple[int, ...]
     delay, utilization, candidates, preferred = 0, 0.0, 0, ()
     if strategy == "direct":
         delay = block.direct.max_queue_delay_microseconds
@@ -690,7 +713,7 @@ def _sequence_batching(block, max_batch_size: int, inputs, fail, backend: str = 
     )
 
 
-def _ensemble_scheduling(block, fail) -> EnsembleScheduling:
+def _ensemble_scheduling(block: mc.ModelEnsembling, fail: Fail) -> EnsembleScheduling:
     """The steps as written; the graph is checked against the composing models when they are
     loaded (engine/ensemble.py)."""
     if not block.step:
@@ -717,7 +740,7 @@ def _ensemble_scheduling(block, fail) -> EnsembleScheduling:
     return EnsembleScheduling(steps=tuple(steps), max_inflight_requests=block.max_inflight_requests)
 
 
-def _version_policy(proto: mc.ModelConfig, fail) -> VersionPolicy:
+def _version_policy(proto: mc.ModelConfig, fail: Fail) -> VersionPolicy:
     if not proto.HasField("version_policy"):
         return VersionPolicy()
     which = proto.version_policy.WhichOneof("policy_choice")
@@ -734,7 +757,7 @@ def _version_policy(proto: mc.ModelConfig, fail) -> VersionPolicy:
     return VersionPolicy(kind=VersionPolicyKind.LATEST, num_versions=num)
 
 
-def _warmup(sample, index: int, fail) -> WarmupSample:
+def _warmup(sample: mc.ModelWarmup, index: int, fail: Fail) -> WarmupSample:
     field = f"model_warmup[{index}]"
     inputs = {}
     for name, spec in sample.inputs.items():
@@ -818,9 +841,10 @@ def complete_proto(proto: mc.ModelConfig, config: ModelConfig) -> mc.ModelConfig
     return full
 
 
-def _fill_tensor(target, spec: TensorSpec) -> None:
+def _fill_tensor(target: mc.ModelInput | mc.ModelOutput, spec: TensorSpec) -> None:
     target.name = spec.name
-    target.data_type = mc.DataType.Value(V2_TO_CONFIG[spec.datatype])
+    # protobuf's stubs type Value() as int: it is a DataType number.
+    target.data_type = mc.DataType.Value(V2_TO_CONFIG[spec.datatype])  # type: ignore[assignment]
     target.dims.extend(spec.dims)
 
 
@@ -841,7 +865,8 @@ _INT64_FIELDS = frozenset(
 )
 
 
-def _numbers(value, key: str = ""):
+def _numbers(value: Any, key: str = "") -> Any:
+    """`value` (protobuf's JSON of a config) with the int64 fields as numbers."""
     if isinstance(value, dict):
         return {k: _numbers(v, k) for k, v in value.items()}
     if isinstance(value, list):
@@ -851,9 +876,12 @@ def _numbers(value, key: str = ""):
     return value
 
 
-def config_document(proto: mc.ModelConfig) -> dict:
+def config_document(proto: mc.ModelConfig) -> dict[str, Any]:
     """The config as Triton's JSON dict (proto field names, enums by name, numbers as numbers)."""
-    return _numbers(json_format.MessageToDict(proto, preserving_proto_field_name=True))
+    document: dict[str, Any] = _numbers(
+        json_format.MessageToDict(proto, preserving_proto_field_name=True)
+    )
+    return document
 
 
 #: What Triton's normalisation adds to every non-ensemble config before model code sees it.
@@ -863,12 +891,12 @@ _TRITON_DEFAULTS = {
 }
 
 
-def model_code_document(proto: mc.ModelConfig) -> dict:
+def model_code_document(proto: mc.ModelConfig) -> dict[str, Any]:
     """The config as Triton hands it to model code (auto_complete_config's ModelConfig,
     initialize's args["model_config"]): every field with its default too (`input: []`,
     `parameters: {}`, `max_batch_size: 0`, ...), and the version policy and pinned-memory
     settings Triton's normalisation fills in."""
-    document = _numbers(
+    document: dict[str, Any] = _numbers(
         json_format.MessageToDict(
             proto, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
@@ -879,7 +907,7 @@ def model_code_document(proto: mc.ModelConfig) -> dict:
     return document
 
 
-def without_filled_defaults(document: dict, proto: mc.ModelConfig) -> dict:
+def without_filled_defaults(document: dict[str, Any], proto: mc.ModelConfig) -> dict[str, Any]:
     """`document` (from model_code_document(proto), then edited by model code) less the defaults
     Triton's normalisation added, where model code left them as they were: what config.pbtxt
     did not say stays unsaid."""
@@ -890,7 +918,7 @@ def without_filled_defaults(document: dict, proto: mc.ModelConfig) -> dict:
     return document
 
 
-def proto_from_document(document: dict, where: Path) -> mc.ModelConfig:
+def proto_from_document(document: dict[str, Any], where: Path) -> mc.ModelConfig:
     """A config dict (as completed by model code) back into the proto; errors name the file."""
     try:
         return json_format.ParseDict(document, mc.ModelConfig())

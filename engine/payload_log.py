@@ -34,8 +34,10 @@ import logging.handlers
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -44,11 +46,19 @@ from convoy.config import ModelConfig
 from convoy.datatypes import bf16_bits_to_float32, declared_datatype
 from convoy.engine.repository import ModelVersion
 from convoy.errors import status_of
-from convoy.types import Request
+from convoy.types import Request, Response, TensorSpec
 
 log = logging.getLogger("convoy.payload_log")
 
 _STOP = object()
+
+
+class _Outcome(Protocol):
+    """A sampled request's future, done: what the writer reads of it."""
+
+    def cancelled(self) -> bool: ...
+    def exception(self) -> BaseException | None: ...
+    def result(self) -> Response: ...
 
 
 class _Pair:
@@ -68,16 +78,16 @@ class _Pair:
 
     def __init__(
         self,
-        wall,
-        config,
-        stable,
-        candidate,
-        request_id,
-        inputs,
-        stable_outputs,
-        candidate_outputs,
-        comparison,
-    ):
+        wall: float,
+        config: ModelConfig,
+        stable: int,
+        candidate: int,
+        request_id: str,
+        inputs: dict[str, np.ndarray],
+        stable_outputs: dict[str, np.ndarray],
+        candidate_outputs: dict[str, np.ndarray],
+        comparison: dict[str, Any],
+    ) -> None:
         self.wall = wall
         self.config = config
         self.stable = stable
@@ -116,7 +126,8 @@ class PayloadLog:
         self.max_elements = max_elements
         self.queue_size = queue_size
         directory.mkdir(parents=True, exist_ok=True)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        #: Outcome tuples (see `offer`), _Pairs and _STOP.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._handlers: dict[str, logging.handlers.RotatingFileHandler] = {}
         #: Requests seen per model, for count-based sampling (loop thread only).
@@ -160,7 +171,7 @@ class PayloadLog:
         # inputs once the request is answered, before the writer thread reads them.
         inputs = {name: np.array(array) for name, array in request.inputs.items()}
 
-        def done(_future) -> None:
+        def done(_future: object) -> None:
             if self._queue.qsize() >= self.queue_size:
                 self.dropped[model] = self.dropped.get(model, 0) + 1
                 return
@@ -169,7 +180,8 @@ class PayloadLog:
                 (time.time(), time.monotonic_ns(), config, entry.version, request, inputs, future)
             )
 
-        future.add_done_callback(done)
+        # A request's future on the loop (asyncio's or a DirectOutcome): both have it.
+        future.add_done_callback(done)  # type: ignore[attr-defined]
 
     def offer_pair(
         self,
@@ -180,7 +192,7 @@ class PayloadLog:
         inputs: dict[str, np.ndarray],
         stable_outputs: dict[str, np.ndarray],
         candidate_outputs: dict[str, np.ndarray],
-        comparison: dict,
+        comparison: dict[str, Any],
     ) -> None:
         """A roll-out's disagreeing pair (the roll-out sampled it); dropped and counted when the
         queue is full. `inputs` are the mirror's own copies, so nothing else reuses them."""
@@ -234,7 +246,9 @@ class PayloadLog:
                 else:
                     self._write(model, model_lines)
 
-    def _write(self, stem: str, lines: list[bytes], counts: dict | None = None, model: str = "") -> None:
+    def _write(
+        self, stem: str, lines: list[bytes], counts: dict[str, int] | None = None, model: str = ""
+    ) -> None:
         """Append `lines` to `<stem>.jsonl`, counting them in `counts[model]` (default: the
         model's written requests)."""
         counts = self.written if counts is None else counts
@@ -276,9 +290,9 @@ class PayloadLog:
         version: int,
         request: Request,
         inputs: dict[str, np.ndarray],
-        future,
-    ) -> dict:
-        record = {
+        future: _Outcome,
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(wall, UTC).isoformat(),
             "model": config.name,
             "version": str(version),
@@ -312,10 +326,12 @@ class PayloadLog:
         ]
         return record
 
-    def _pair_record(self, pair: _Pair) -> dict:
+    def _pair_record(self, pair: _Pair) -> dict[str, Any]:
         config = pair.config
 
-        def tensors(arrays, spec_of) -> list[dict]:
+        def tensors(
+            arrays: dict[str, np.ndarray], spec_of: Callable[[str], TensorSpec | None]
+        ) -> list[dict[str, Any]]:
             return [
                 self._tensor(name, declared_datatype(spec_of(name), array), array)
                 for name, array in arrays.items()
@@ -334,9 +350,9 @@ class PayloadLog:
             "candidate_outputs": tensors(pair.candidate_outputs, config.output),
         }
 
-    def _tensor(self, name: str, datatype: str, array: np.ndarray) -> dict:
+    def _tensor(self, name: str, datatype: str, array: np.ndarray) -> dict[str, Any]:
         flat = array.reshape(-1)
-        out: dict = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         total = flat.size
         if self.max_elements and total > self.max_elements:
             flat = flat[: self.max_elements]

@@ -35,7 +35,7 @@ class RecentWindow:
         self._snapshots: deque[tuple[float, dict[str, Counts]]] = deque(
             maxlen=int(window_s / step_s) + 4
         )
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """The first snapshot now (nothing counted yet), then one every `step_s` on the loop."""
@@ -61,7 +61,9 @@ class RecentWindow:
             snapshots.popleft()
         snapshots.append((now, self._read()))
 
-    def window(self, current: dict[str, Counts], now: float | None = None) -> tuple[float, dict]:
+    def window(
+        self, current: dict[str, Counts], now: float | None = None
+    ) -> tuple[float, dict[str, Counts]]:
         """(seconds covered, version key -> Counts over them); ({}, 0) before MIN_SPAN_S. A
         version absent from the oldest snapshot (loaded since) counts from zero."""
         now = time.monotonic() if now is None else now
@@ -71,7 +73,7 @@ class RecentWindow:
         span = now - then
         if span < MIN_SPAN_S:
             return 0.0, {}
-        recent = {}
+        recent: dict[str, Counts] = {}
         for key, (failures, buckets) in current.items():
             old_failures, old_buckets = old.get(key, (0, [0] * len(buckets)))
             if (

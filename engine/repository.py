@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -52,7 +52,7 @@ from convoy.errors import (
     Unavailable,
 )
 from convoy.protos import model_config_pb2 as mc
-from convoy.runtimes.base import RuntimeInstance, runtime_factory
+from convoy.runtimes.base import RuntimeFactory, RuntimeInstance, runtime_factory
 from convoy.runtimes.custom_metrics import CustomMetrics
 from convoy.runtimes.isolated import isolated_factory
 from convoy.runtimes.warmup import run_warmup
@@ -191,7 +191,7 @@ class ModelRepository:
         self.models: dict[str, Model] = {}
         self._locks: dict[str, _NameLock] = {}
         #: Loads started by `_ensure_loaded` (start-up, an ensemble's composing models).
-        self._loads: dict[str, asyncio.Task] = {}
+        self._loads: dict[str, asyncio.Task[Model]] = {}
         #: How an ensemble submits its steps: the Engine replaces this with its own submit,
         #: so step requests take the front ends' path.
         self.submit_step = _submit_to_scheduler
@@ -200,7 +200,7 @@ class ModelRepository:
         self.listeners: list[Callable[[], None]] = []
         #: --model-control-mode poll: the watcher and its task (None otherwise).
         self._poller: RepositoryPoller | None = None
-        self._poll_task: asyncio.Task | None = None
+        self._poll_task: asyncio.Task[None] | None = None
         #: Model code's calls to other models (BLS); the Engine sets its `service` (itself).
         self.model_caller = LocalModelCaller(self)
         #: Metric families model code defines (pb_utils.MetricFamily), exported on /metrics.
@@ -244,7 +244,7 @@ class ModelRepository:
             if self._loads.get(name) is task and task.done():
                 del self._loads[name]
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._poll_task is not None:
             self._poll_task.cancel()
             await asyncio.gather(self._poll_task, return_exceptions=True)
@@ -264,6 +264,7 @@ class ModelRepository:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         if version:
             number = parse_version(version)
+            assert number is not None  # None only for an empty version
             found = model.versions.get(number)
             if found is None:
                 raise ModelNotFound(
@@ -299,7 +300,7 @@ class ModelRepository:
         """Server readiness: every model asked for is ready (none failed to load)."""
         return all(m.state == "READY" for m in self.models.values())
 
-    def index(self) -> list[dict]:
+    def index(self) -> list[dict[str, str]]:
         rows = []
         for name in sorted(set(self.model_names()) | set(self.models)):
             model = self.models.get(name)
@@ -312,6 +313,7 @@ class ModelRepository:
                 entry = model.versions[number]
                 state, reason = entry.state, entry.reason
                 if state == "READY" and not entry.ready:
+                    assert entry.scheduler is not None  # READY yet not ready: it is unavailable
                     state, reason = "UNAVAILABLE", entry.scheduler.restart_reason
                 rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
         return rows
@@ -326,7 +328,7 @@ class ModelRepository:
         check_model_name(name)
 
     @contextlib.asynccontextmanager
-    async def _name_locked(self, name: str):
+    async def _name_locked(self, name: str) -> AsyncIterator[None]:
         """Hold `name`'s lock; the lock is dropped once nobody holds or awaits it, so names
         that were asked for once cost nothing afterwards."""
         entry = self._locks.get(name)
@@ -393,6 +395,7 @@ class ModelRepository:
                     log.error("model '%s' failed to load: %s", name, reason)
                 reason = self.relative(reason)  # the log keeps full paths; clients see these
                 if serving:
+                    assert previous is not None  # serving: previous has a ready version
                     previous.load_error = reason
                     previous.failed_polling = polling
                     return previous
@@ -444,6 +447,7 @@ class ModelRepository:
                 )
             failed_new = [entry for entry in fresh if not entry.ready]
             if failed_new and serving:
+                assert previous is not None  # serving: previous has a ready version
                 # Roll-out refused: the old versions keep every request.
                 reason = "; ".join(f"version {e.version}: {e.reason}" for e in failed_new)
                 for entry in fresh:
@@ -668,6 +672,7 @@ class ModelRepository:
     ) -> list[ModelVersion]:
         """Load the composing models not loaded yet, check the graph, start one executor per
         version. The ensemble is unavailable whenever a composing model is (checked live)."""
+        assert config.ensemble is not None  # called for ensembles only
         where = model_dir / "config.pbtxt"
         for index, step in enumerate(config.ensemble.steps):
             try:
@@ -712,7 +717,9 @@ class ModelRepository:
             entries.append(entry)
         return entries
 
-    async def _start_instance(self, factory, source: ModelVersionSource, index: int) -> RuntimeInstance:
+    async def _start_instance(
+        self, factory: RuntimeFactory, source: ModelVersionSource, index: int
+    ) -> RuntimeInstance:
         """Create, load and warm up instance `index` of a model version on its own thread."""
         config = source.config
         runtime = factory(source, index)
@@ -795,7 +802,7 @@ class ModelRepository:
         entry.instances = []
 
 
-def _factory(backend: str, model_dir: Path):
+def _factory(backend: str, model_dir: Path) -> RuntimeFactory:
     """The backend's runtime factory; an unknown or uninstalled backend names the config file."""
     try:
         return runtime_factory(backend)

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,11 +33,14 @@ from convoy.batching.completion import resolve
 from convoy.batching.usage import UsageMeter
 from convoy.config import CacheSettings
 from convoy.errors import Cancelled, DeadlineExceeded, InferenceFailed
-from convoy.types import Request, Response
+from convoy.types import Request, Response, StageTimes
 
 from .cache_key import key_prefix, request_key, row_keys
 from .cache_store import CacheEntry, LocalStore, entry_from
 from .repository import ModelVersion
+
+if TYPE_CHECKING:
+    from .cache_redis import RedisStore
 
 log = logging.getLogger("convoy.cache")
 
@@ -95,10 +99,10 @@ class _Assembly:
         self.reused_cost = 0
         self.computed = 0
         self.subs: list[Request] = []
-        self.timings = None
+        self.timings: StageTimes | None = None
         #: The computed response's own outputs and parameters when it answers the request whole.
-        self.direct: dict | None = None
-        self.parameters: dict | None = None
+        self.direct: dict[str, np.ndarray] | None = None
+        self.parameters: dict[str, Any] | None = None
         self.finished = False
         self.deadline_timer: asyncio.TimerHandle | None = None
 
@@ -123,7 +127,7 @@ class _SubFuture:
     def cancelled(self) -> bool:
         return False
 
-    def set_result(self, result) -> None:
+    def set_result(self, result: Response) -> None:
         self._done = True
         self._cache._computed(self.assembly, self.indices, result)
 
@@ -131,11 +135,11 @@ class _SubFuture:
         self._done = True
         self._cache._compute_failed(self.assembly, self.indices, exception)
 
-    def add_done_callback(self, callback) -> None:  # nobody awaits a sub-request
-        pass
+    def add_done_callback(self, callback: Callable[[Any], object]) -> None:
+        pass  # nobody awaits a sub-request
 
 
-def open_store(settings: CacheSettings):
+def open_store(settings: CacheSettings) -> LocalStore | RedisStore:
     if settings.kind == "redis":
         from .cache_redis import RedisStore
 
@@ -148,7 +152,7 @@ class ResponseCache:
 
     def __init__(
         self,
-        store,
+        store: LocalStore | RedisStore,
         schedule: Callable[[ModelVersion, Request], None],
         cancel: Callable[[ModelVersion, Request], None],
         usage: UsageMeter | None = None,
@@ -220,7 +224,7 @@ class ResponseCache:
             assembly.entry.stats.record_failure("CANCELED", time.monotonic_ns() - request.received_ns)
         return True
 
-    def _looked_up(self, assembly: _Assembly, found: list) -> None:
+    def _looked_up(self, assembly: _Assembly, found: list[CacheEntry | None]) -> None:
         assembly.lookup_ns = time.monotonic_ns() - assembly.started_ns
         if assembly.finished:
             return  # cancelled while Redis answered
@@ -291,6 +295,7 @@ class ResponseCache:
                 break
         entry = assembly.entry
         policy = entry.config.response_cache
+        assert policy is not None  # submit takes only requests to models with a policy
         owner = owner_of(entry)
         store = self.store
         cost = self._cost_per_row(entry)
@@ -395,7 +400,8 @@ class ResponseCache:
             result = "miss"
         else:
             result = "partial"
-        parts = assembly.parts
+        # Every part is filled now (pending is 0).
+        parts: list[CacheEntry] = assembly.parts  # type: ignore[assignment]
         parameters = None
         if assembly.direct is not None:
             outputs, parameters = assembly.direct, assembly.parameters

@@ -20,6 +20,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
+from typing import TypedDict
 
 from convoy.errors import AlreadyExists, InvalidInput, NoDevice, RegionNotFound
 
@@ -31,6 +32,15 @@ MAX_REGIONS = 4096
 RESERVED_PREFIX = "triton_python_backend_shm_region_"
 
 
+class RegionRow(TypedDict):
+    """A region's status as the extension lists it (and a --workers copy mirrors it)."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
 @dataclass(frozen=True, slots=True)
 class RegionStatus:
     name: str
@@ -38,7 +48,7 @@ class RegionStatus:
     offset: int
     byte_size: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> RegionRow:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
 
@@ -71,21 +81,23 @@ class SharedMemoryLease:
 
     def __init__(self, registry: SharedMemoryRegistry, region: _Region, ref: SharedMemoryRef) -> None:
         self._registry = registry
-        self._region = region
+        self._region: _Region | None = region
         self.ref = ref
 
     def read(self, what: str) -> bytes:
         """A copy of the `ref.byte_size` bytes the lease's ref names."""
         region, ref = self._region, self.ref
+        assert region is not None  # a lease is read before its request is answered and released
         start = _checked_start(region, ref, ref.byte_size, what)
         data = os.pread(region.fd, ref.byte_size, start)
         if len(data) != ref.byte_size:  # shrunk between fstat and pread
             raise _shrunk(region, ref, what)
         return data
 
-    def write(self, data, what: str) -> None:
+    def write(self, data: bytes | bytearray | memoryview, what: str) -> None:
         """Write `data` where the ref points; refused whole when it does not fit."""
         region, ref = self._region, self.ref
+        assert region is not None  # outputs are written before the request is answered and released
         size = memoryview(data).nbytes
         if size > ref.byte_size:
             raise InvalidInput(
@@ -192,7 +204,7 @@ class SharedMemoryRegistry:
         for fd in closing:
             os.close(fd)
 
-    def status(self, name: str = "") -> list[dict]:
+    def status(self, name: str = "") -> list[RegionRow]:
         with self._lock:
             if name:
                 region = self._regions.get(name)
@@ -204,7 +216,7 @@ class SharedMemoryRegistry:
     def close(self) -> None:
         self.unregister()
 
-    def mirror(self, regions: list[dict]) -> list[str]:
+    def mirror(self, regions: list[RegionRow]) -> list[str]:
         """Make this registry hold exactly `regions` (status rows of the registry that owns
         them: a --workers front end follows the engine's). A region dropped here stays open
         for the requests holding it. Returns the problems met (a segment gone since the owner
