@@ -12,6 +12,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, Generic, TypeVar
 
 #: Bucket upper bounds (inclusive) for request latency and compute time, in nanoseconds.
 LATENCY_BOUNDS_NS = tuple(
@@ -59,8 +60,12 @@ class Duration:
         self.ns += ns
 
 
+#: What a histogram counts: integers (nanoseconds, rows, tokens), or the padding ratio's fractions.
+Number = TypeVar("Number", int, float)
+
+
 @dataclass(slots=True)
-class Histogram:
+class Histogram(Generic[Number]):
     """Observations counted into fixed buckets (one bisect per add), plus their count and sum.
 
     `buckets[i]` counts values <= `bounds[i]` and above the bound before it; the last slot
@@ -68,9 +73,9 @@ class Histogram:
     (`count`, `ns`), so the statistics API and the metrics' `_count`/`_sum` are the same numbers.
     """
 
-    bounds: tuple[int, ...]
+    bounds: tuple[Number, ...]
     buckets: list[int] = field(default_factory=list)
-    total: int = 0
+    total: Number = 0
 
     def __post_init__(self) -> None:
         if not self.buckets:
@@ -81,10 +86,12 @@ class Histogram:
         return sum(self.buckets)
 
     @property
-    def ns(self) -> int:
+    def ns(self) -> Number:
         return self.total
 
-    def add(self, value: int, _bisect: Callable[[tuple[int, ...], int], int] = bisect_left) -> None:
+    def add(
+        self, value: Number, _bisect: Callable[[tuple[Number, ...], Number], int] = bisect_left
+    ) -> None:
         # On the request path twice per request: the bucket and the sum only (the count is
         # summed when read), and bisect bound as a default argument (no global lookup).
         self.buckets[_bisect(self.bounds, value)] += 1
@@ -118,10 +125,10 @@ class CacheStats:
 @dataclass(slots=True)
 class ModelStats:
     #: Successful requests, receipt to response (the request-latency histogram).
-    success: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    success: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
     fail: Duration = field(default_factory=Duration)
     #: Time each executed request waited in the queue (the queue-wait histogram).
-    queue: Histogram = field(default_factory=partial(Histogram, QUEUE_BOUNDS_NS))
+    queue: Histogram[int] = field(default_factory=partial(Histogram, QUEUE_BOUNDS_NS))
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
@@ -139,17 +146,17 @@ class ModelStats:
     #: REJECTED failures by why: queue_full, timeout (queue policy timeout or client deadline).
     rejections: dict[str, int] = field(default_factory=dict)
     #: Compute time per executed batch (input + infer + output), and rows per executed batch.
-    batch_compute: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
-    batch_size: Histogram = field(default_factory=partial(Histogram, BATCH_SIZE_BOUNDS))
+    batch_compute: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_size: Histogram[int] = field(default_factory=partial(Histogram, BATCH_SIZE_BOUNDS))
     #: Each executed batch's compute stages (Triton's compute input / infer / output), per batch.
-    batch_input: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
-    batch_infer: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
-    batch_output: Histogram = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_input: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_infer: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
+    batch_output: Histogram[int] = field(default_factory=partial(Histogram, LATENCY_BOUNDS_NS))
     #: Padded and ragged models: tokens per executed batch (real + pad) and the pad's share.
-    batch_tokens: Histogram = field(default_factory=partial(Histogram, TOKEN_BOUNDS))
-    padding_ratio: Histogram = field(default_factory=partial(Histogram, PADDING_RATIO_BOUNDS))
+    batch_tokens: Histogram[int] = field(default_factory=partial(Histogram, TOKEN_BOUNDS))
+    padding_ratio: Histogram[float] = field(default_factory=partial(Histogram, PADDING_RATIO_BOUNDS))
     #: Decoupled models: receipt to the first response (Triton's first-response histogram).
-    first_response: Histogram = field(default_factory=partial(Histogram, FIRST_RESPONSE_BOUNDS_NS))
+    first_response: Histogram[int] = field(default_factory=partial(Histogram, FIRST_RESPONSE_BOUNDS_NS))
     cache: CacheStats = field(default_factory=CacheStats)
 
     @classmethod
@@ -159,7 +166,8 @@ class ModelStats:
         for family, bounds in buckets.items():
             attribute, scale = HISTOGRAM_ATTRIBUTES[family]
             stored = tuple(round(b * scale) if scale != 1.0 else b for b in bounds)
-            setattr(stats, attribute, Histogram(stored))
+            histogram: Histogram[Any] = Histogram(stored)
+            setattr(stats, attribute, histogram)
         return stats
 
     def record_tokens(self, real: int, pad: int) -> None:

@@ -33,6 +33,7 @@ from convoy.trace_settings import TraceControl
 from convoy.types import Request, TensorSpec
 
 from .shared_memory import (
+    RegionRow,
     SharedMemoryLease,
     SharedMemoryRef,
     SharedMemoryRegistry,
@@ -351,7 +352,7 @@ class EngineClient(abc.ABC):
     async def unregister_system_shared_memory(self, name: str = "") -> None: ...
 
     @abc.abstractmethod
-    async def system_shared_memory_status(self, name: str = "") -> list[dict[str, Any]]: ...
+    async def system_shared_memory_status(self, name: str = "") -> list[RegionRow]: ...
 
     def check_client_shared_memory(self) -> None:
         """Registering and unregistering regions needs --allow-client-shm (Triton's rule and

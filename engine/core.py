@@ -38,12 +38,12 @@ from .response_cache import ResponseCache, open_store, owner_of
 from .rollout.manager import RolloutManager
 from .rollout.metrics import RolloutCollector
 from .rollout.routing import RolloutRoute
-from .shared_memory import SharedMemoryRegistry
+from .shared_memory import RegionRow, SharedMemoryRegistry
 
 log = logging.getLogger("convoy.engine")
 
 
-def _duration(d: Duration | Histogram) -> dict[str, int]:
+def _duration(d: Duration | Histogram[int]) -> dict[str, int]:
     return {"count": d.count, "ns": d.ns}
 
 
@@ -410,7 +410,7 @@ class Engine(EngineClient):
         self.shared_memory.unregister(name)
         self.repository.changed()
 
-    async def system_shared_memory_status(self, name: str = "") -> list[dict[str, Any]]:
+    async def system_shared_memory_status(self, name: str = "") -> list[RegionRow]:
         return self.shared_memory.status(name)
 
     # --- trace settings ----------------------------------------------------------------------------

@@ -96,7 +96,7 @@ _TRITON_COUNTERS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
 )
 
 #: Convoy's histograms: (name, help, histogram from the stats, scale from its unit to the metric's).
-_HISTOGRAMS: tuple[tuple[str, str, Callable[[ModelStats], Histogram], float], ...] = (
+_HISTOGRAMS: tuple[tuple[str, str, Callable[[ModelStats], Histogram[Any]], float], ...] = (
     (
         "convoy_request_latency_seconds",
         "Successful inference requests, receipt to response",
@@ -137,7 +137,7 @@ _HISTOGRAMS: tuple[tuple[str, str, Callable[[ModelStats], Histogram], float], ..
 )
 
 #: Padded and ragged models' batch-token histograms.
-_TOKEN_HISTOGRAMS: tuple[tuple[str, str, Callable[[ModelStats], Histogram], float], ...] = (
+_TOKEN_HISTOGRAMS: tuple[tuple[str, str, Callable[[ModelStats], Histogram[Any]], float], ...] = (
     (
         "convoy_batch_tokens",
         "Tokens per executed batch: rows x padded length (padded batching), or the elements "
@@ -363,7 +363,7 @@ class ModelCollector(Collector):
 def _histogram_family(
     name: str,
     documentation: str,
-    histogram_of: Callable[[ModelStats], Histogram],
+    histogram_of: Callable[[ModelStats], Histogram[Any]],
     scale: float,
     models: list[tuple[str, ModelVersion]],
 ) -> Metric:
@@ -374,7 +374,7 @@ def _histogram_family(
     return family
 
 
-def _cumulative(histogram: Histogram, scale: float) -> tuple[list[tuple[str, int]], float]:
+def _cumulative(histogram: Histogram[Any], scale: float) -> tuple[list[tuple[str, int]], float]:
     """Prometheus buckets (cumulative, `le` labels in the metric's unit) and the sum."""
     counts = list(histogram.buckets)  # one copy, so the buckets and +Inf agree
     total = histogram.total * scale

@@ -194,7 +194,7 @@ class ModelRepository:
         self._loads: dict[str, asyncio.Task[Model]] = {}
         #: How an ensemble submits its steps: the Engine replaces this with its own submit,
         #: so step requests take the front ends' path.
-        self.submit_step = _submit_to_scheduler
+        self.submit_step: Callable[[ModelVersion, Request], None] = _submit_to_scheduler
         #: Called (on the loop) whenever a model or version changes state, e.g. to tell the
         #: --workers front ends (engine/remote/endpoint.py).
         self.listeners: list[Callable[[], None]] = []

@@ -24,7 +24,7 @@ from convoy.wire import Link, read_tensors, rebuild_error
 
 from ..arena import Arena
 from ..client import EngineClient, ModelView
-from ..shared_memory import SharedMemoryRegistry
+from ..shared_memory import RegionRow, SharedMemoryRegistry
 from .messages import (
     Call,
     Cancel,
@@ -310,8 +310,8 @@ class RemoteEngine(EngineClient):
     async def unregister_system_shared_memory(self, name: str = "") -> None:
         await self._call("unregister_system_shared_memory", name)
 
-    async def system_shared_memory_status(self, name: str = "") -> list[dict[str, Any]]:
-        value: list[dict[str, Any]] = await self._call("system_shared_memory_status", name)
+    async def system_shared_memory_status(self, name: str = "") -> list[RegionRow]:
+        value: list[RegionRow] = await self._call("system_shared_memory_status", name)
         return value
 
     def log_settings(self) -> dict[str, object]:

@@ -15,6 +15,8 @@ from convoy.config import ModelConfig, ServerConfig
 from convoy.types import StepTiming
 from convoy.wire import ErrorInfo, TensorMeta
 
+from ..shared_memory import RegionRow
+
 
 # --- front end -> engine ---------------------------------------------------------------------------
 class Infer(msgspec.Struct, tag="infer", array_like=True, kw_only=True):
@@ -142,7 +144,7 @@ class Models(msgspec.Struct, tag="models", array_like=True, kw_only=True):
     started: bool
     accepting: bool
     models: list[ModelState]
-    regions: list[dict[str, Any]]
+    regions: list[RegionRow]
 
 
 class Welcome(msgspec.Struct, tag="welcome", array_like=True, kw_only=True):

@@ -40,7 +40,7 @@ def _buckets(
     return out
 
 
-def _latency(histogram: Histogram) -> tuple[list[tuple[str, int]], float]:
+def _latency(histogram: Histogram[int]) -> tuple[list[tuple[str, int]], float]:
     counts = list(histogram.buckets)
     return _buckets(histogram.bounds, counts, 1e-9), histogram.total * 1e-9
 

@@ -233,13 +233,13 @@ class ArmHistograms:
     """The whole roll-out's latency distribution per arm and kind (for the report and
     Prometheus): fixed buckets, so they never grow."""
 
-    stable_served: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
-    candidate_served: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
-    stable_mirrored: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
-    candidate_mirrored: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
+    stable_served: Histogram[int] = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
+    candidate_served: Histogram[int] = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
+    stable_mirrored: Histogram[int] = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
+    candidate_mirrored: Histogram[int] = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_NS))
 
-    def of(self, arm: str, mirrored: bool) -> Histogram:
-        histogram: Histogram = getattr(self, f"{arm}_{'mirrored' if mirrored else 'served'}")
+    def of(self, arm: str, mirrored: bool) -> Histogram[int]:
+        histogram: Histogram[int] = getattr(self, f"{arm}_{'mirrored' if mirrored else 'served'}")
         return histogram
 
 
