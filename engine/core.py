@@ -204,9 +204,8 @@ class Engine(EngineClient):
             route: RolloutRoute | None = self.rollouts.routes.get(name)
             if route is not None and route.ready:
                 return route
-        found = super().resolve(name, version)
-        assert isinstance(found, ModelVersion)  # `models` holds the repository's versions only
-        return found
+        # No isinstance check on the request path: `models` holds the repository's versions only.
+        return super().resolve(name, version)  # type: ignore[return-value]
 
     # A view this engine's `resolve` returned, as EngineClient.submit says: a version or a route.
     def submit(self, model: ModelVersion | RolloutRoute, request: Request) -> None:  # type: ignore[override]
@@ -218,14 +217,12 @@ class Engine(EngineClient):
             except ConvoyError as exc:
                 if not request.future.done():
                     request.future.set_exception(exc)
-                if self.payload_log is not None and type(model) is not RolloutRoute:
-                    assert isinstance(model, ModelVersion)  # not a route: a version
+                if self.payload_log is not None and not isinstance(model, RolloutRoute):
                     self.payload_log.offer(model, request)
                 return
-        if type(model) is RolloutRoute:
+        if isinstance(model, RolloutRoute):
             model.rollout.submit(request, self._queue)
             return
-        assert isinstance(model, ModelVersion)  # not a route: a version
         self._queue(model, request)
 
     def _queue(self, model: ModelVersion, request: Request) -> None:

@@ -176,8 +176,8 @@ class RemoteEngine(EngineClient):
         return self._engine_accepting and super().ready()
 
     def resolve(self, name: str, version: str = "") -> RemoteVersion:
-        found = super().resolve(name, version)
-        assert isinstance(found, RemoteVersion)  # the table (`models`) holds RemoteVersions only
+        # No isinstance check on the request path: the table (`models`) holds RemoteVersions only.
+        found: RemoteVersion = super().resolve(name, version)  # type: ignore[assignment]
         return found if version else found.as_latest
 
     # --- inference ---------------------------------------------------------------------------------
